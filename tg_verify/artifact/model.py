@@ -1,0 +1,93 @@
+"""The resolved artifact: which files make the model and which tensors they hold."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Layout = Literal["single", "indexed-shards", "shards", "adapter"]
+FileRole = Literal["weights", "index", "config", "adapter-config", "adapter-weights"]
+
+# Bytes per element of each safetensors dtype (sub-byte dtypes are rejected when decoding).
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
+_NATURAL = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """Sort key that orders `layers.2` before `layers.10` (digits compare as numbers)."""
+    return tuple(int(part) if part.isdigit() else part for part in _NATURAL.split(name))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as its header declares it. `begin`/`end` are absolute byte offsets in `file`."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str  # POSIX path relative to the artifact root
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """A file that belongs to the artifact, named by POSIX path relative to the root."""
+
+    path: str
+    size: int
+    role: FileRole
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A resolved model artifact.
+
+    `tensors` is in canonical order: natural sort of tensor names, independent of how the
+    weights were sharded, so the same weights stream identically from any layout.
+    """
+
+    root: Path
+    name: str  # display name: the directory name, or the file stem for a lone file
+    layout: Layout
+    files: tuple[ArtifactFile, ...]
+    tensors: tuple[TensorInfo, ...]
+    config: dict[str, Any] | None = None
+    adapter_config: dict[str, Any] | None = None
+    metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # file -> __metadata__
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def model_type(self) -> str | None:
+        value = (self.config or {}).get("model_type")
+        return value if isinstance(value, str) else None
+
+    @property
+    def total_params(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def tensor(self, name: str) -> TensorInfo:
+        for info in self.tensors:
+            if info.name == name:
+                return info
+        raise KeyError(name)
+
+    def path_of(self, relpath: str) -> Path:
+        return self.root / relpath

@@ -1,0 +1,87 @@
+"""Command line: `tg-verify POLICY.yml` (the main job) and the verbs. The only place that prints and exits.
+
+Exit codes: 0 success/PASS, 1 verdict FAIL, 2 bad input, 3 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from tg_verify import __version__
+from tg_verify.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, TgVerifyError
+
+# Each verb lives in tg_verify/commands/<module>.py: VERB (its name), ORDER (place in --help) and
+# register(subparsers), which adds the verb's parser with set_defaults(handler=run); run(args) -> int.
+
+
+def _command_modules() -> list[ModuleType]:
+    import tg_verify.commands as package
+
+    modules = [importlib.import_module(f"tg_verify.commands.{info.name}")
+               for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_")]
+    return sorted(modules, key=lambda m: (getattr(m, "ORDER", 100), m.VERB))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"tg-verify: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tg-verify", description=(
+        "Verify the declared lineage of a model artifact against reference fingerprints. "
+        "Run `tg-verify POLICY.yml` for the main job, or one of the verbs below."),
+        epilog="Exit codes: 0 success/PASS, 1 verdict FAIL, 2 bad input, 3 internal error.")
+    parser.add_argument("--version", action="version", version=f"tg-verify {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for module in _command_modules():
+        module.register(sub)
+    return parser
+
+
+def _normalise(argv: list[str]) -> list[str]:
+    """`tg-verify POLICY.yml [...]` is shorthand for `tg-verify verify POLICY.yml [...]`."""
+    verbs = {m.VERB for m in _command_modules()}
+    for i, arg in enumerate(argv):
+        if arg.startswith("-"):
+            continue
+        if arg not in verbs:
+            return argv[:i] + ["verify"] + argv[i:]
+        break
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = _normalise(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return int(args.handler(args))
+    except TgVerifyError as exc:
+        if args.debug:
+            raise
+        print(f"tg-verify: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("tg-verify: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one boundary that turns bugs into exit 3
+        if args.debug:
+            raise
+        print(f"tg-verify: internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
