@@ -1,0 +1,299 @@
+"""Lineage sketch: per-block token-probe matrices that survive derivation and re-parameterisation.
+
+The vocabulary is the one coordinate system a base shares with its derivatives. The sketch takes
+the embedding rows of k seeded token ids (the probe) and, per transformer block, evaluates the
+block's weights as bilinear forms on those tokens: k x k matrices that do not change under
+permutation or rotation of the residual stream, heads or MLP units, per-channel rescaling through
+norm gains, q/k and v/o rescaling, or fused-vs-split projections. See docs/lineage.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tg_verify.artifact.model import Artifact, TensorInfo
+from tg_verify.artifact.reader import TensorReader
+
+SKETCH_VERSION = "tgs1"
+DEFAULT_TOKENS = 32  # probe size k: k(k-1)=992 compared entries per unit, 2 KiB per unit in fp16
+DEFAULT_SEED = 0
+MAX_LAYERS = 256  # 4 units x 2 KiB x 256 layers, base64: under 3 MB, inside the 4 MB budget
+MIN_TOKENS, MAX_TOKENS = 8, 64
+
+# Roles of the per-layer units, in stored order, and whether their matrix is symmetric (a Gram).
+LAYER_ROLES: tuple[str, ...] = ("attn_qk", "attn_ov", "mlp_gate", "mlp_ud")
+GLOBAL_ROLES: tuple[str, ...] = ("embed", "head")
+SYMMETRIC_ROLES: frozenset[str] = frozenset({"embed", "head", "mlp_gate"})
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+# Projection leaf name -> which part of a block it is. Fused ones are split by config.
+_PARTS: dict[str, str] = {
+    "q_proj": "q", "wq": "q", "query": "q",
+    "k_proj": "k", "wk": "k", "key": "k",
+    "v_proj": "v", "wv": "v", "value": "v",
+    "qkv_proj": "qkv", "wqkv": "qkv",
+    "o_proj": "o", "wo": "o", "out_proj": "o", "dense": "o",
+    "gate_proj": "gate", "w1": "gate",
+    "up_proj": "up", "w3": "up", "fc1": "up",
+    "gate_up_proj": "gate_up",
+    "down_proj": "down", "w2": "down", "fc2": "down",
+}
+_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
+_HEADS = ("lm_head", "embed_out", "output")
+_ATTN_NORMS = ("input_layernorm", "attention_norm", "ln_1")
+_MLP_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ffn_norm", "ln_2")
+_FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_norm")
+
+
+def probe_ids(vocab: int, k: int, seed: int) -> np.ndarray:
+    """The k token ids with the smallest seeded hash among [0, vocab), ascending (a bottom-k sample).
+
+    Nested by construction: a grown vocabulary keeps every old probe id that still ranks in its
+    bottom k, so a base and its vocabulary-extended derivative share most of their probe.
+    """
+    ids = np.arange(vocab, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = ids + np.uint64((0x9E3779B97F4A7C15 * (seed + 1)) % 2**64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    chosen = np.argsort(x, kind="stable")[:min(k, vocab)]
+    return np.sort(chosen).astype(np.int64)
+
+
+def _setting(settings: Any, *names: str, default: Any) -> Any:
+    for name in names:
+        if isinstance(settings, Mapping) and name in settings:
+            return settings[name]
+        if not isinstance(settings, Mapping) and hasattr(settings, name):
+            return getattr(settings, name)
+    return default
+
+
+def _leaf(name: str) -> str:
+    parts = name.split(".")
+    return parts[-2] if len(parts) >= 2 else parts[0]
+
+
+def _layer_of(name: str) -> int | None:
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def encode_matrix(matrix: torch.Tensor) -> str:
+    """base64 of the matrix as little-endian float16, row-major."""
+    array = matrix.detach().to(torch.float32).clamp(-60000, 60000).numpy().astype("<f2")
+    return base64.b64encode(array.tobytes()).decode("ascii")
+
+
+def normalise(matrix: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """Remove per-token scale: cosine normalisation for Grams, row/column RMS for the others.
+
+    Token norms carry frequency effects that independent models share, so only the pattern of
+    the off-diagonal entries is compared.
+    """
+    m = matrix.to(torch.float64)
+    tiny = 1e-30
+    if symmetric:
+        d = m.diagonal().clamp_min(tiny).sqrt()
+        return (m / d[:, None] / d[None, :]).to(torch.float32)
+    rows = m.pow(2).mean(dim=1).sqrt().clamp_min(tiny)
+    m = m / rows[:, None]
+    cols = m.pow(2).mean(dim=0).sqrt().clamp_min(tiny)
+    return (m / cols[None, :]).to(torch.float32)
+
+
+@dataclass
+class _Block:
+    """Per-layer probe projections, kept until the layer's units can be formed."""
+
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class SketchBuilder:
+    """Builds the lineage sketch from the tensor stream the fingerprint extractor already reads.
+
+    `add` is called once per tensor in canonical order with its float32 weight; `finish` returns
+    the JSON-safe sketch. Cost: one [out, in] x [in, k] product per projection matrix.
+    """
+
+    def __init__(self, artifact: Artifact, reader: TensorReader, settings: Any = None) -> None:
+        self.k = int(_setting(settings, "sketch_tokens", "sketch_k", default=DEFAULT_TOKENS))
+        self.seed = int(_setting(settings, "sketch_seed", "seed", default=DEFAULT_SEED))
+        if not MIN_TOKENS <= self.k <= MAX_TOKENS:
+            raise ValueError(f"sketch_tokens must be in [{MIN_TOKENS}, {MAX_TOKENS}], got {self.k}")
+        self.notes: list[str] = []
+        self.config = artifact.config or {}
+        model_type = str(self.config.get("model_type") or "")
+        self._gain_offset = 1.0 if model_type.startswith("gemma") else 0.0
+        self._blocks: dict[int, _Block] = {}
+        self._units: dict[tuple[str, int], torch.Tensor] = {}
+        self._head_from_lm: torch.Tensor | None = None
+        self._head_from_embedding: torch.Tensor | None = None
+        self._layer_ids = sorted({i for t in artifact.tensors if (i := _layer_of(t.name)) is not None})
+        self._stored_layers = set(self._select_layers(self._layer_ids))
+        self._gains: dict[tuple[int | None, str], torch.Tensor] = {}
+        for info in artifact.tensors:
+            if len(info.shape) == 1 and info.name.endswith(".weight"):
+                leaf = _leaf(info.name)
+                if leaf in _ATTN_NORMS + _MLP_NORMS + _FINAL_NORMS:
+                    self._gains[(_layer_of(info.name), leaf)] = reader.float32(info) + self._gain_offset
+        self.embedding = self._find(artifact, _EMBEDDINGS)
+        self.vocab = 0
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.probe: torch.Tensor | None = None
+        if self.embedding is None:
+            self.notes.append("no token embedding found: sketch has no units")
+            return
+        self.vocab = self.embedding.shape[0]
+        self.ids = probe_ids(self.vocab, self.k, self.seed)
+        rows = reader.raw(self.embedding)[torch.from_numpy(self.ids)].to(torch.float32)
+        self.probe = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)  # what RMSNorm feeds forward
+        self._units[("embed", -1)] = self.probe @ self.probe.T
+        self.width = self.probe.shape[1]
+
+    @staticmethod
+    def _select_layers(layers: list[int]) -> list[int]:
+        if len(layers) <= MAX_LAYERS:
+            return layers
+        picks = np.linspace(0, len(layers) - 1, MAX_LAYERS).round().astype(int)
+        return [layers[i] for i in sorted(set(picks.tolist()))]
+
+    @staticmethod
+    def _find(artifact: Artifact, leaves: tuple[str, ...]) -> TensorInfo | None:
+        for info in artifact.tensors:
+            if (len(info.shape) == 2 and info.name.endswith(".weight") and _layer_of(info.name) is None
+                    and _leaf(info.name) in leaves):
+                return info
+        return None
+
+    def _gain(self, layer: int | None, leaves: tuple[str, ...]) -> torch.Tensor | None:
+        for leaf in leaves:
+            gain = self._gains.get((layer, leaf))
+            if gain is not None and gain.shape[0] == self.width:
+                return gain
+        return None
+
+    def _input_probe(self, gain: torch.Tensor | None) -> torch.Tensor:
+        assert self.probe is not None
+        return self.probe if gain is None else self.probe * gain[None, :]
+
+    def add(self, info: TensorInfo, weight: torch.Tensor) -> None:
+        """Take one tensor of the stream (float32); projections feed their block, others are skipped."""
+        if self.probe is None or len(info.shape) != 2 or not info.name.endswith(".weight"):
+            return
+        layer = _layer_of(info.name)
+        leaf = _leaf(info.name)
+        if layer is None:
+            if info == self.embedding:
+                probe = self._input_probe(self._gain(None, _FINAL_NORMS))
+                head = weight @ probe.T
+                self._head_from_embedding = head.T @ head
+            elif leaf in _HEADS and weight.shape[1] == self.width:
+                probe = self._input_probe(self._gain(None, _FINAL_NORMS))
+                head = weight @ probe.T
+                self._head_from_lm = head.T @ head
+            return
+        part = _PARTS.get(leaf)
+        if part is None or layer not in self._stored_layers:
+            return
+        block = self._blocks.setdefault(layer, _Block())
+        if part in ("o", "down"):
+            if weight.shape[0] == self.width:
+                block.parts[part] = self.probe @ weight  # [k, in]: reads the residual stream
+        elif weight.shape[1] == self.width:
+            norms = _ATTN_NORMS if part in ("q", "k", "v", "qkv") else _MLP_NORMS
+            projected = weight @ self._input_probe(self._gain(layer, norms)).T  # [out, k]
+            if part == "qkv":
+                self._split_qkv(block, projected)
+            elif part == "gate_up":
+                half = projected.shape[0] // 2
+                block.parts["gate"], block.parts["up"] = projected[:half], projected[half:]
+            else:
+                block.parts[part] = projected
+        if self._complete(block):
+            self._close(layer)
+
+    def _heads(self) -> tuple[int, int, int] | None:
+        heads = self.config.get("num_attention_heads")
+        if not isinstance(heads, int) or heads <= 0:
+            return None
+        kv = self.config.get("num_key_value_heads") or heads
+        head_dim = self.config.get("head_dim") or (self.width // heads)
+        if not isinstance(kv, int) or not isinstance(head_dim, int) or kv <= 0 or heads % kv:
+            return None
+        return heads, kv, head_dim
+
+    def _split_qkv(self, block: _Block, projected: torch.Tensor) -> None:
+        shape = self._heads()
+        if shape is None or projected.shape[0] != (shape[0] + 2 * shape[1]) * shape[2]:
+            self._note_once("fused qkv projection does not match the config's head counts: attention units skipped")
+            return
+        q_rows, kv_rows = shape[0] * shape[2], shape[1] * shape[2]
+        block.parts["q"] = projected[:q_rows]
+        block.parts["k"] = projected[q_rows:q_rows + kv_rows]
+        block.parts["v"] = projected[q_rows + kv_rows:]
+
+    @staticmethod
+    def _complete(block: _Block) -> bool:
+        return {"q", "k", "v", "o", "gate", "up", "down"} <= set(block.parts)
+
+    def _note_once(self, note: str) -> None:
+        if note not in self.notes:
+            self.notes.append(note)
+
+    def _close(self, layer: int) -> None:
+        """Form the layer's units from its probe projections and drop the buffers."""
+        parts = self._blocks.pop(layer).parts
+        shape = self._heads()
+        q, k, v, o = (parts.get(n) for n in ("q", "k", "v", "o"))
+        if q is not None and k is not None and shape is not None:
+            heads, kv, head_dim = shape
+            if q.shape[0] == heads * head_dim and k.shape[0] == kv * head_dim:
+                qh = q.reshape(heads, head_dim, -1)
+                kh = k.reshape(kv, head_dim, -1).repeat_interleave(heads // kv, dim=0)
+                self._units[("attn_qk", layer)] = torch.einsum("hdi,hdj->ij", qh, kh)
+                if v is not None and o is not None and v.shape[0] == kv * head_dim and o.shape[1] == heads * head_dim:
+                    vh = v.reshape(kv, head_dim, -1).repeat_interleave(heads // kv, dim=0)
+                    oh = o.reshape(o.shape[0], heads, head_dim)
+                    self._units[("attn_ov", layer)] = torch.einsum("ihd,hdj->ij", oh, vh)
+            else:
+                self._note_once("attention shapes do not match the config's head counts: attention units skipped")
+        elif q is not None:
+            self._note_once("no usable head counts in config.json: attention units skipped")
+        if parts.get("gate") is not None:
+            self._units[("mlp_gate", layer)] = parts["gate"].T @ parts["gate"]
+        if parts.get("up") is not None and parts.get("down") is not None \
+                and parts["down"].shape[1] == parts["up"].shape[0]:
+            self._units[("mlp_ud", layer)] = parts["down"] @ parts["up"]
+
+    def finish(self) -> dict[str, Any]:
+        """The JSON-safe sketch: probe ids, vocabulary size and one normalised k x k matrix per unit."""
+        for layer in sorted(self._blocks):
+            self._close(layer)
+        head = self._head_from_lm if self._head_from_lm is not None else self._head_from_embedding
+        if head is not None:
+            self._units[("head", -1)] = head
+        order = {role: n for n, role in enumerate(GLOBAL_ROLES + LAYER_ROLES)}
+        units = []
+        for (role, layer), matrix in sorted(self._units.items(), key=lambda kv: (kv[0][1], order[kv[0][0]])):
+            units.append({"role": role, "layer": None if layer < 0 else layer,
+                          "data": encode_matrix(normalise(matrix, role in SYMMETRIC_ROLES))})
+        if len(self._layer_ids) > MAX_LAYERS:
+            self.notes.append(f"{len(self._layer_ids)} layers: {len(self._stored_layers)} evenly spaced ones sketched")
+        return {
+            "version": SKETCH_VERSION,
+            "probe": {"seed": self.seed, "tokens": int(len(self.ids)), "vocab": int(self.vocab),
+                      "ids": [int(i) for i in self.ids]},
+            "dtype": "float16",
+            "layers": sorted({u["layer"] for u in units if u["layer"] is not None}),
+            "units": units,
+            "notes": list(self.notes),
+        }
