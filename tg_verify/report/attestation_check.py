@@ -1,0 +1,348 @@
+"""Offline check of a tg-verify attestation against a model directory (and optionally the policy).
+
+Recomputes every file digest and the model_signing root digest, compares the policy digest, and
+re-derives the verdict from the evidence the predicate records (distances vs thresholds, lineage
+decisions, attribution, reason codes). Signatures are not verified here: that is cosign's or
+`gh attestation verify`'s job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from tg_verify.artifact import Artifact, ArtifactFile, file_digests, resolve, root_digest
+from tg_verify.errors import (EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, ArtifactError, AttestationError, InputError)
+from tg_verify.report.attestation import (PREDICATE_TYPE, RESULTS, ROOT_ANNOTATION, SEVERITIES, STATEMENT_TYPE,
+                                          LoadedStatement)
+
+# Reason codes the predicate's evidence fully determines; any other recorded code is taken as recorded
+# (it can only make a verdict stricter, never turn FAILED into PASSED).
+DISTANCE_ABOVE_THRESHOLD = "TGV_DISTANCE_ABOVE_THRESHOLD"
+FAMILY_MISMATCH = "TGV_FAMILY_MISMATCH"
+OUT_OF_CLUSTER = "TGV_OUT_OF_CLUSTER"
+FORBIDDEN_MATCH = "TGV_FORBIDDEN_MATCH"
+FORBIDDEN_LINEAGE = "TGV_FORBIDDEN_LINEAGE"
+LINEAGE_NOT_ESTABLISHED = "TGV_LINEAGE_NOT_ESTABLISHED"
+DERIVABLE_CODES = frozenset({DISTANCE_ABOVE_THRESHOLD, FAMILY_MISMATCH, OUT_OF_CLUSTER, FORBIDDEN_MATCH,
+                             FORBIDDEN_LINEAGE, LINEAGE_NOT_ESTABLISHED})
+
+# Check kinds, in order of gravity: integrity (files, policy: tampering -> exit 2), evidence (the
+# recorded verdict does not follow from the recorded numbers -> exit 1), result (FAILED -> exit 1).
+INTEGRITY, EVIDENCE, RESULT = "integrity", "evidence", "result"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One comparison: what was checked, whether it held, and the detail a reviewer needs."""
+
+    kind: str
+    name: str
+    ok: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass
+class AttestationReport:
+    """All checks of one attestation; `exit_code` is 0 only when every check holds and it PASSED."""
+
+    source: str
+    wrapper: str
+    model: str
+    verification_result: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if any(not c.ok and c.kind == INTEGRITY for c in self.checks):
+            return EXIT_BAD_INPUT
+        if any(not c.ok for c in self.checks):
+            return EXIT_FAIL
+        return EXIT_OK
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "attestation": self.source, "wrapper": self.wrapper, "model": self.model,
+            "predicateType": PREDICATE_TYPE, "verificationResult": self.verification_result,
+            "ok": self.ok, "exitCode": self.exit_code, "signaturesVerified": False,
+            "checks": [c.to_dict() for c in self.checks],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure
+# ---------------------------------------------------------------------------------------------
+
+def _require(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise AttestationError(f"{where}: {message}")
+
+
+def _is_hex64(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _safe_relpath(name: Any) -> bool:
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        return False
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts and "." not in path.parts
+
+
+def validate_statement(statement: Mapping[str, Any], where: str) -> None:
+    """Check the in-toto Statement v1 structure and our predicate's required fields; raise on the first fault."""
+    _require(statement.get("_type") == STATEMENT_TYPE, where, f"_type must be {STATEMENT_TYPE}")
+    _require(statement.get("predicateType") == PREDICATE_TYPE, where,
+             f"predicateType {statement.get('predicateType')!r} is not {PREDICATE_TYPE}")
+    subjects = statement.get("subject")
+    _require(isinstance(subjects, list) and len(subjects) >= 2, where,
+             "subject must list the model files and the whole-model subject")
+    roots = 0
+    names: set[str] = set()
+    for n, subject in enumerate(subjects):
+        at = f"{where}: subject[{n}]"
+        _require(isinstance(subject, dict), at, "must be an object")
+        _require(isinstance(subject.get("name"), str), at, "name must be a string")
+        _require(isinstance(subject.get("digest"), dict) and _is_hex64(subject["digest"].get("sha256")), at,
+                 "digest.sha256 must be 64 lowercase hex digits")
+        _require(subject["name"] not in names, at, f"duplicate subject name {subject['name']!r}")
+        names.add(subject["name"])
+        annotations = subject.get("annotations") or {}
+        _require(isinstance(annotations, dict), at, "annotations must be an object")
+        if annotations.get(ROOT_ANNOTATION) is True:
+            roots += 1
+        else:
+            _require(_safe_relpath(subject["name"]), at,
+                     f"name {subject['name']!r} is not a relative POSIX path inside the model")
+    _require(roots == 1, where, f"exactly one subject must carry annotations.{ROOT_ANNOTATION}: true")
+    predicate = statement.get("predicate")
+    _require(isinstance(predicate, dict), where, "predicate must be an object")
+    at = f"{where}: predicate"
+    _require(predicate.get("verificationResult") in RESULTS, at, "verificationResult must be PASSED or FAILED")
+    policy = predicate.get("policy")
+    _require(isinstance(policy, dict) and isinstance(policy.get("digest"), dict)
+             and _is_hex64(policy["digest"].get("sha256")), at, "policy.digest.sha256 is missing or malformed")
+    fingerprint = predicate.get("fingerprint")
+    _require(isinstance(fingerprint, dict) and isinstance(fingerprint.get("digest"), dict)
+             and _is_hex64(fingerprint["digest"].get("sha256")), at, "fingerprint.digest.sha256 is missing")
+    _require(isinstance(fingerprint.get("parameters"), dict), at, "fingerprint.parameters must be an object")
+    _require(isinstance(predicate.get("timeVerified"), str), at, "timeVerified must be an RFC 3339 string")
+    references = predicate.get("references", [])
+    _require(isinstance(references, list), at, "references must be a list")
+    for n, ref in enumerate(references):
+        rat = f"{at}.references[{n}]"
+        _require(isinstance(ref, dict) and isinstance(ref.get("id"), str), rat, "must be an object with an id")
+        _require(_is_number(ref.get("distance")) and _is_number(ref.get("threshold")), rat,
+                 "distance and threshold must be numbers")
+        _require(isinstance(ref.get("withinThreshold"), bool), rat, "withinThreshold must be true or false")
+        _require(isinstance(ref.get("fingerprintDigest"), dict) and _is_hex64(ref["fingerprintDigest"].get("sha256")),
+                 rat, "fingerprintDigest.sha256 is missing or malformed")
+        lineage = ref.get("lineage")
+        if lineage is not None:
+            _require(isinstance(lineage, dict) and _is_number(lineage.get("score"))
+                     and _is_number(lineage.get("threshold")) and isinstance(lineage.get("derived"), bool),
+                     rat, "lineage needs numeric score and threshold and a boolean derived")
+    reasons = predicate.get("reasons", [])
+    _require(isinstance(reasons, list) and all(
+        isinstance(r, dict) and isinstance(r.get("code"), str) and r.get("severity") in SEVERITIES
+        for r in reasons), at, "reasons must be a list of {code, severity, message}")
+    attribution = predicate.get("attribution")
+    _require(attribution is None or isinstance(attribution, dict), at, "attribution must be an object")
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity: files and policy
+# ---------------------------------------------------------------------------------------------
+
+def _model_root(model: Path) -> tuple[Path, Artifact | None, str | None]:
+    """The directory subject names are relative to, the resolved artifact, and why resolving failed."""
+    root = model.parent if model.is_file() else model
+    try:
+        return root, resolve(model), None
+    except ArtifactError as exc:
+        return root, None, str(exc)
+
+
+def _hash_files(root: Path, names: list[str], progress: Callable[[int], None] | None) -> dict[str, str | None]:
+    """sha256 of each named file under root (None when it is missing or not a regular file)."""
+    present: list[ArtifactFile] = []
+    found: dict[str, str | None] = {}
+    for name in names:
+        path = root / name
+        try:
+            info = os.lstat(path)
+        except OSError:
+            found[name] = None
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            found[name] = None
+            continue
+        present.append(ArtifactFile(name, info.st_size, "weights"))
+    if present:
+        shell = Artifact(root=root, name=root.name, layout="single", files=tuple(present), tensors=())
+        found.update(file_digests(shell, progress))
+    return found
+
+
+def check_files(statement: Mapping[str, Any], model: Path,
+                progress: Callable[[int], None] | None = None) -> list[Check]:
+    """Recompute every subject's digest from disk, name missing/extra/changed files, check the root digest."""
+    checks: list[Check] = []
+    subjects = statement["subject"]
+    files = {s["name"]: s["digest"]["sha256"] for s in subjects if not (s.get("annotations") or {}).get(ROOT_ANNOTATION)}
+    root_subject = next(s for s in subjects if (s.get("annotations") or {}).get(ROOT_ANNOTATION))
+    root, artifact, problem = _model_root(model)
+    if problem is not None:
+        checks.append(Check(INTEGRITY, "artifact resolves", False, problem))
+    on_disk = _hash_files(root, sorted(files), progress)
+    for name in sorted(files):
+        actual = on_disk.get(name)
+        if actual is None:
+            checks.append(Check(INTEGRITY, f"file {name}", False, f"missing: {root / name} is not a regular file"))
+        elif actual != files[name]:
+            checks.append(Check(INTEGRITY, f"file {name}", False,
+                                f"sha256 mismatch: attested {files[name]}, found {actual}"))
+        else:
+            checks.append(Check(INTEGRITY, f"file {name}", True, f"sha256 {actual}"))
+    if artifact is not None:
+        extra = sorted(f.path for f in artifact.files if f.path not in files)
+        for name in extra:
+            checks.append(Check(INTEGRITY, f"file {name}", False,
+                                "extra: part of the model on disk but not a subject of the attestation"))
+    recorded_root = root_digest(files)
+    checks.append(Check(INTEGRITY, "root digest (recorded)", recorded_root == root_subject["digest"]["sha256"],
+                        f"subject {root_subject['name']!r} sha256 {root_subject['digest']['sha256']}, "
+                        f"computed from the file subjects {recorded_root}"))
+    predicate_root = ((statement["predicate"].get("candidate") or {}).get("rootDigest") or {}).get("sha256")
+    if predicate_root is not None:
+        checks.append(Check(INTEGRITY, "root digest (predicate)", predicate_root == recorded_root,
+                            f"predicate.candidate.rootDigest {predicate_root}"))
+    if all(on_disk.get(name) for name in files):
+        disk_root = root_digest({name: on_disk[name] or "" for name in files})
+        checks.append(Check(INTEGRITY, "root digest (disk)", disk_root == root_subject["digest"]["sha256"],
+                            f"model_signing digest of {root} is sha256:{disk_root}"))
+    return checks
+
+
+def check_policy(statement: Mapping[str, Any], policy: Path) -> Check:
+    """The policy file's sha256 against predicate.policy.digest."""
+    try:
+        actual = hashlib.sha256(policy.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise InputError(f"{policy}: cannot read the policy ({exc.strerror or exc})") from exc
+    recorded = statement["predicate"]["policy"]["digest"]["sha256"]
+    if actual == recorded:
+        return Check(INTEGRITY, "policy digest", True, f"{policy} sha256 {actual}")
+    return Check(INTEGRITY, "policy digest", False,
+                 f"{policy} sha256 {actual} differs from the attested policy {recorded}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evidence: re-derive the verdict from the recorded numbers
+# ---------------------------------------------------------------------------------------------
+
+def derive_reasons(predicate: Mapping[str, Any]) -> dict[str, str]:
+    """Reason code -> severity that the recorded evidence implies, for the codes evidence determines."""
+    declared = predicate.get("declaredLineage") or {}
+    rules = predicate.get("decisionRules") or {}
+    forbidden = set(declared.get("forbidden") or [])
+    derived: dict[str, str] = {}
+    for ref in predicate.get("references", []):
+        within = ref["distance"] <= ref["threshold"]
+        lineage = ref.get("lineage")
+        is_derived = lineage is not None and lineage["derived"]
+        if ref["id"] == declared.get("base"):
+            if not within:
+                derived[DISTANCE_ABOVE_THRESHOLD] = "error"
+            if lineage is not None and not is_derived and rules.get("requireLineage", True):
+                derived[LINEAGE_NOT_ESTABLISHED] = "error"
+        if ref["id"] in forbidden:
+            if within:
+                derived[FORBIDDEN_MATCH] = "error"
+            if is_derived:
+                derived[FORBIDDEN_LINEAGE] = "error"
+    attribution = predicate.get("attribution") or {}
+    family = declared.get("family")
+    if family is not None and attribution.get("family") is not None and attribution["family"] != family:
+        derived[FAMILY_MISMATCH] = "error"
+    if attribution.get("outOfCluster"):
+        derived[OUT_OF_CLUSTER] = "error" if rules.get("onOutOfCluster", "fail") == "fail" else "warning"
+    return derived
+
+
+def check_evidence(predicate: Mapping[str, Any]) -> list[Check]:
+    """The recorded flags, reasons and result must follow from the recorded numbers."""
+    checks: list[Check] = []
+    for ref in predicate.get("references", []):
+        within = ref["distance"] <= ref["threshold"]
+        if ref["withinThreshold"] != within:
+            checks.append(Check(EVIDENCE, f"reference {ref['id']}", False,
+                                f"withinThreshold={ref['withinThreshold']} but distance {ref['distance']} "
+                                f"vs threshold {ref['threshold']}"))
+        lineage = ref.get("lineage")
+        if lineage is not None and lineage["derived"] != (lineage["score"] >= lineage["threshold"]):
+            checks.append(Check(EVIDENCE, f"lineage {ref['id']}", False,
+                                f"derived={lineage['derived']} but score {lineage['score']} vs threshold "
+                                f"{lineage['threshold']}"))
+    attribution = predicate.get("attribution") or {}
+    if _is_number(attribution.get("distance")) and _is_number(attribution.get("threshold")):
+        outside = attribution["distance"] > attribution["threshold"]
+        if bool(attribution.get("outOfCluster")) != outside:
+            checks.append(Check(EVIDENCE, "attribution", False,
+                                f"outOfCluster={attribution.get('outOfCluster')} but distance "
+                                f"{attribution['distance']} vs threshold {attribution['threshold']}"))
+    recorded = {r["code"]: r["severity"] for r in predicate.get("reasons", [])}
+    expected = derive_reasons(predicate)
+    for code in sorted(DERIVABLE_CODES):
+        want, got = expected.get(code), recorded.get(code)
+        if want != got:
+            checks.append(Check(EVIDENCE, f"reason {code}", False,
+                                f"evidence implies {want or 'no such reason'}, attestation records "
+                                f"{got or 'none'}"))
+    has_error = any(sev == "error" for sev in recorded.values())
+    result = predicate["verificationResult"]
+    consistent = (result == "FAILED") == has_error
+    checks.append(Check(EVIDENCE, "verdict follows from reasons", consistent,
+                        f"{result} with {sum(s == 'error' for s in recorded.values())} error reason(s)"))
+    if not [c for c in checks if not c.ok]:
+        checks.insert(0, Check(EVIDENCE, "evidence", True,
+                               f"{len(predicate.get('references', []))} reference(s) and "
+                               f"{len(recorded)} reason(s) re-derived"))
+    return checks
+
+
+def verify_attestation(loaded: LoadedStatement, model: str | os.PathLike[str], *,
+                       policy: str | os.PathLike[str] | None = None,
+                       progress: Callable[[int], None] | None = None) -> AttestationReport:
+    """Every check of `loaded` against the model on disk (and the policy when given)."""
+    validate_statement(loaded.statement, loaded.source)
+    model_path = Path(model)
+    if not model_path.exists():
+        raise InputError(f"{model_path}: model path does not exist")
+    predicate = loaded.statement["predicate"]
+    report = AttestationReport(source=loaded.source, wrapper=loaded.wrapper, model=str(model_path),
+                               verification_result=predicate["verificationResult"])
+    report.checks.extend(check_files(loaded.statement, model_path, progress))
+    if policy is not None:
+        report.checks.append(check_policy(loaded.statement, Path(policy)))
+    report.checks.extend(check_evidence(predicate))
+    reasons = ", ".join(r["code"] for r in predicate.get("reasons", []) if r["severity"] == "error")
+    report.checks.append(Check(RESULT, "verificationResult", predicate["verificationResult"] == "PASSED",
+                               predicate["verificationResult"] + (f" ({reasons})" if reasons else "")))
+    return report
