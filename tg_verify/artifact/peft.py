@@ -1,0 +1,738 @@
+"""PEFT adapters (LoRA, DoRA, IA3) as candidates: checked against a base, merged onto it tensor by tensor.
+
+Public API (used by the pipeline, the fingerprint command and batch mode):
+- `open_merged(adapter, base) -> MergedReader`: a reader over the BASE's tensors that returns the merged
+  weights (what peft's `merge_and_unload()` gives), one tensor in memory at a time. Its `.artifact` is the
+  merged view to pass to `fingerprint_artifact(view, settings, reader=merged)`; its `.findings` are warnings.
+- `check_adapter(adapter, base_shapes) -> list[AdapterFinding]`: header-only fit check against tensor shapes.
+- `check_adapter_against_tensors(adapter, base_tensors) -> list[AdapterFinding]`: the same check against a
+  reference fingerprint's structural metadata (`Fingerprint.tensors`), for when the base weights are absent.
+- `check_base_name(adapter, declared) -> list[AdapterFinding]`: `base_model_name_or_path` versus the
+  declared base's names (a claim only: TGV_ADAPTER_BASE_NAME_MISMATCH is a warning the policy may make fatal).
+Malformed or unsupported adapters raise AdapterError subclasses; misfits against a base are findings
+(severity "error"), which `open_merged` turns into AdapterMismatchError.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+from typing import Any, Literal
+
+import torch
+
+from tg_verify.artifact.model import Artifact, TensorInfo
+from tg_verify.artifact.reader import TORCH_DTYPES, TensorReader
+from tg_verify.errors import AdapterError
+
+SUPPORTED_TYPES: tuple[str, ...] = ("LORA", "IA3")
+SUPPORTED_TEXT = "LoRA (incl. rsLoRA, DoRA on linear layers, rank/alpha patterns, lora_bias) and IA3"
+# Config fields of LoRA variants whose merge is not W + scale*B*A: refused rather than merged wrongly.
+LORA_UNSUPPORTED_FIELDS: dict[str, str] = {
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "layer_replication": "layer replication (it changes the base's layer structure)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "mica": "MiCA",
+    "kasa_config": "KaSA (kasa_config)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "megatron_config": "Megatron parallel LoRA (megatron_config)",
+}
+# Initialisations that rewrite the base weights: the saved adapter only fits that rewritten residual base.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# transformers architectures built from Conv1D (weights stored [in, out]); peft forces fan_in_fan_out there.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+
+_PARAM_KINDS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                          "ia3_l"})
+_STRIP_PREFIXES = ("base_model.model.", "base_model.")
+_WRAPPER_PARTS = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
+
+Severity = Literal["error", "warning", "info"]
+
+
+class UnsupportedAdapterError(AdapterError):
+    """An adapter type or feature whose merge tg-verify does not implement."""
+
+    code = "TGV_ADAPTER_UNSUPPORTED"
+
+
+class AdapterFormatError(AdapterError):
+    """An adapter whose config or tensor names are malformed or inconsistent with each other."""
+
+    code = "TGV_ADAPTER_FORMAT"
+
+
+class AdapterMismatchError(AdapterError):
+    """An adapter that does not fit the base it is merged onto (missing modules, misfit shapes)."""
+
+    code = "TGV_ADAPTER_MISMATCH"
+
+
+@dataclass(frozen=True)
+class AdapterFinding:
+    """One check result: a stable reason code, a severity and a one-line sentence naming what and where."""
+
+    code: str
+    severity: Severity
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "severity": self.severity, "message": self.message}
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class AdapterModule:
+    """The adapter tensors that act on one base module (a Linear or Embedding), by saved name."""
+
+    path: str  # module path as peft saw it (adapter key without prefix and parameter kind)
+    params: dict[str, TensorInfo] = field(default_factory=dict)  # e.g. 'lora_A.weight', 'ia3_l'
+
+
+@dataclass
+class AdapterSpec:
+    """A parsed, validated adapter: its type, merge settings and tensors grouped by module."""
+
+    artifact: Artifact
+    peft_type: str
+    config: dict[str, Any]
+    modules: dict[str, AdapterModule]
+    replacements: dict[str, TensorInfo]  # base tensor path -> saved full tensor (modules_to_save, biases)
+
+    @property
+    def base_name(self) -> str | None:
+        value = self.config.get("base_model_name_or_path")
+        return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _where(adapter: Artifact) -> str:
+    return str(adapter.root)
+
+
+def _split_key(name: str) -> tuple[str, str | None, str]:
+    """(module path, parameter kind or None, parameter suffix) of one saved adapter tensor name."""
+    for prefix in _STRIP_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    name = _WRAPPER_PARTS.sub("", name)
+    parts = name.split(".")
+    for index in range(len(parts) - 1, -1, -1):
+        if parts[index] in _PARAM_KINDS:
+            module = ".".join(parts[:index])
+            rest = parts[index + 1:]
+            if rest and rest[-1] in ("weight", "bias"):
+                suffix = rest[-1]
+                rest = rest[:-1]
+            else:
+                suffix = ""
+            if len(rest) > 1 or not module:
+                return name, None, ""
+            key = parts[index] + (f".{suffix}" if suffix else "")
+            return module, key, rest[0] if rest else ""
+    return name, None, ""
+
+
+def _check_type(config: dict[str, Any], where: str) -> str:
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or not peft_type:
+        raise AdapterFormatError(f"{where}: adapter_config.json lacks a 'peft_type' string "
+                                 f"(supported: {SUPPORTED_TEXT})")
+    normalised = peft_type.upper().replace("-", "_")
+    if normalised not in SUPPORTED_TYPES:
+        raise UnsupportedAdapterError(f"{where}: adapter type {peft_type} cannot be merged by tg-verify "
+                                      f"(supported: {SUPPORTED_TEXT}); merge it with peft and pass the full weights")
+    return normalised
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_fields(config: dict[str, Any], peft_type: str, where: str) -> None:
+    def expect(key: str, ok: bool, what: str) -> None:
+        if key in config and config[key] is not None and not ok:
+            raise AdapterFormatError(f"{where}: adapter_config.json field '{key}' must be {what}, "
+                                     f"got {config[key]!r}")
+
+    expect("fan_in_fan_out", isinstance(config.get("fan_in_fan_out"), bool), "true or false")
+    expect("modules_to_save", isinstance(config.get("modules_to_save"), list)
+           and all(isinstance(m, str) for m in config.get("modules_to_save") or []), "a list of module names")
+    target = config.get("target_modules")
+    expect("target_modules", isinstance(target, str) or (isinstance(target, list)
+                                                          and all(isinstance(t, str) for t in target)),
+           "a string or a list of strings")
+    if peft_type == "IA3":
+        ff = config.get("feedforward_modules")
+        expect("feedforward_modules", isinstance(ff, str) or (isinstance(ff, list)
+                                                              and all(isinstance(t, str) for t in ff)),
+               "a string or a list of strings")
+        return
+    r = config.get("r")
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        raise AdapterFormatError(f"{where}: adapter_config.json field 'r' must be a positive integer, got {r!r}")
+    if not _is_number(config.get("lora_alpha")):
+        raise AdapterFormatError(f"{where}: adapter_config.json field 'lora_alpha' must be a finite number, "
+                                 f"got {config.get('lora_alpha')!r}")
+    for key in ("use_rslora", "use_dora", "lora_bias"):
+        expect(key, isinstance(config.get(key), bool), "true or false")
+    for key, check, what in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                              "positive integers"),
+                             ("alpha_pattern", _is_number, "finite numbers")):
+        pattern = config.get(key)
+        expect(key, isinstance(pattern, dict) and all(isinstance(k, str) and check(v) for k, v in pattern.items()),
+               f"an object mapping module patterns to {what}")
+    bias = config.get("bias", "none")
+    if bias not in ("none", "all", "lora_only", None):
+        raise AdapterFormatError(f"{where}: adapter_config.json field 'bias' must be none, all or lora_only, "
+                                 f"got {bias!r}")
+    for key, what in LORA_UNSUPPORTED_FIELDS.items():
+        value = config.get(key)
+        if value not in (None, False, [], {}, ""):
+            raise UnsupportedAdapterError(f"{where}: {what} is not supported by tg-verify's merge "
+                                          f"(supported: {SUPPORTED_TEXT}); merge it with peft and pass the full weights")
+
+
+def parse_adapter(adapter: Artifact) -> AdapterSpec:
+    """Validate an adapter's config and group its tensors by the base module they act on (header only)."""
+    where = _where(adapter)
+    if adapter.layout != "adapter" or adapter.adapter_config is None:
+        raise AdapterFormatError(f"{where}: not a PEFT adapter (expected adapter_config.json + "
+                                 f"adapter_model.safetensors)")
+    config = dict(adapter.adapter_config)
+    peft_type = _check_type(config, where)
+    _check_fields(config, peft_type, where)
+    allowed = {"IA3": {"ia3_l"}, "LORA": {"lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A",
+                                          "lora_embedding_B"}}[peft_type]
+    if peft_type == "LORA" and config.get("use_dora"):
+        allowed = allowed | {"lora_magnitude_vector"}
+    modules: dict[str, AdapterModule] = {}
+    replacements: dict[str, TensorInfo] = {}
+    adapter_names: set[str] = set()
+    for info in adapter.tensors:
+        module, kind, adapter_name = _split_key(info.name)
+        if kind is None:
+            if any(part in _PARAM_KINDS for part in module.split(".")):
+                raise AdapterFormatError(f"{where}: adapter tensor '{info.name}' has an unrecognised layout")
+            if module in replacements:
+                raise AdapterFormatError(f"{where}: adapter tensors '{replacements[module].name}' and "
+                                         f"'{info.name}' both replace base tensor '{module}'")
+            replacements[module] = info
+            continue
+        if kind not in allowed:
+            raise AdapterFormatError(
+                f"{where}: adapter tensor '{info.name}' ({kind}) does not belong to a {peft_type} adapter"
+                + (" with use_dora=false" if kind == "lora_magnitude_vector" else ""))
+        if adapter_name:
+            adapter_names.add(adapter_name)
+        if info.dtype not in ("F32", "F16", "BF16", "F64"):
+            raise AdapterFormatError(f"{where}: adapter tensor '{info.name}' has dtype {info.dtype}; only "
+                                     f"floating-point adapter weights (F32, F16, BF16, F64) can be merged")
+        entry = modules.setdefault(module, AdapterModule(module))
+        if kind in entry.params:
+            raise AdapterFormatError(f"{where}: adapter holds two '{kind}' tensors for module '{module}'")
+        entry.params[kind] = info
+    if len(adapter_names) > 1:
+        raise AdapterFormatError(f"{where}: adapter_model.safetensors mixes several adapters "
+                                 f"({', '.join(sorted(adapter_names))}); save one adapter per directory")
+    for module in modules.values():
+        _check_module_params(module, peft_type, config, where)
+    if not modules and not replacements:
+        raise AdapterFormatError(f"{where}: adapter_model.safetensors holds no adapter tensors")
+    return AdapterSpec(adapter, peft_type, config, modules, replacements)
+
+
+def _check_module_params(module: AdapterModule, peft_type: str, config: dict[str, Any], where: str) -> None:
+    params = module.params
+    if peft_type == "IA3":
+        vector = params["ia3_l"]
+        if len(vector.shape) != 2 or 1 not in vector.shape:
+            raise AdapterFormatError(f"{where}: ia3_l of '{module.path}' has shape {list(vector.shape)}; "
+                                     f"expected [out, 1] or [1, in]")
+        return
+    embedding = "lora_embedding_A" in params or "lora_embedding_B" in params
+    a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+    if embedding and ("lora_A.weight" in params or "lora_B.weight" in params):
+        raise AdapterFormatError(f"{where}: module '{module.path}' has both linear and embedding LoRA tensors")
+    for key in (a_key, b_key):
+        if key not in params:
+            other = b_key if key == a_key else a_key
+            raise AdapterFormatError(f"{where}: module '{module.path}' has {other} but no {key}")
+    a, b = params[a_key], params[b_key]
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise UnsupportedAdapterError(f"{where}: LoRA tensors of '{module.path}' are {len(a.shape)}-D/"
+                                      f"{len(b.shape)}-D; only linear and embedding layers are merged "
+                                      f"(supported: {SUPPORTED_TEXT})")
+    rank_a, rank_b = a.shape[0], b.shape[1]
+    if rank_a != rank_b:
+        raise AdapterFormatError(f"{where}: module '{module.path}': {a_key} has rank {rank_a} but {b_key} "
+                                 f"has rank {rank_b}")
+    expected = _pattern_value(config.get("rank_pattern") or {}, module.path, config["r"])
+    if rank_a != expected:
+        raise AdapterFormatError(f"{where}: module '{module.path}' has rank {rank_a} but adapter_config.json "
+                                 f"says {expected} (r / rank_pattern)")
+    if embedding and config.get("use_dora"):
+        raise UnsupportedAdapterError(f"{where}: DoRA on the embedding '{module.path}' is not supported "
+                                      f"(supported: {SUPPORTED_TEXT})")
+    if "lora_B.bias" in params and not config.get("lora_bias"):
+        raise AdapterFormatError(f"{where}: module '{module.path}' has lora_B.bias but lora_bias is false")
+    if config.get("use_dora") and not embedding and "lora_magnitude_vector" not in params:
+        raise AdapterFormatError(f"{where}: use_dora is true but module '{module.path}' has no "
+                                 f"lora_magnitude_vector")
+
+
+def _pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
+    """peft's `get_pattern_key`: the first pattern P with `(.*\\.)?(P)$` matching the module key."""
+    for pattern in patterns:
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", key):
+                return patterns[pattern]
+        except re.error:
+            if key == pattern or key.endswith(f".{pattern}"):
+                return patterns[pattern]
+    return default
+
+
+def _is_feedforward(config: dict[str, Any], key: str) -> bool:
+    """peft's IA3 rule: a string is a full regex match, a list matches by suffix."""
+    ff = config.get("feedforward_modules")
+    if ff is None:
+        return False
+    if isinstance(ff, str):
+        try:
+            return bool(re.fullmatch(ff, key))
+        except re.error:
+            return False
+    return any(key.endswith(target) for target in ff)
+
+
+# ------------------------------------------------------------------------------------- planning (header)
+
+
+@dataclass(frozen=True)
+class LoraOp:
+    """W <- W + scaling * (B @ A) (transposed for fan_in_fan_out or embeddings); DoRA rescales rows."""
+
+    a: TensorInfo
+    b: TensorInfo
+    scaling: float
+    transpose: bool
+    magnitude: TensorInfo | None = None
+
+
+@dataclass(frozen=True)
+class LoraBiasOp:
+    """bias <- bias + scaling * lora_B.bias (lora_bias=True)."""
+
+    b_bias: TensorInfo
+    scaling: float
+
+
+@dataclass(frozen=True)
+class Ia3Op:
+    """W <- W * l, l broadcast over rows ([out, 1]) or columns ([1, in]); biases of non-feedforward layers too."""
+
+    vector: TensorInfo
+    transpose: bool
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one base tensor becomes the merged one: an optional wholesale replacement, then the ops in order."""
+
+    name: str
+    replacement: TensorInfo | None = None
+    ops: tuple[LoraOp | LoraBiasOp | Ia3Op, ...] = ()
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything a merge needs, worked out from headers: per-tensor plans, the merged shapes, findings."""
+
+    spec: AdapterSpec
+    tensors: dict[str, TensorPlan]
+    shapes: dict[str, tuple[int, ...]]  # merged shape of every tensor with a plan
+    findings: tuple[AdapterFinding, ...]
+    rewrite: tuple[int, str]  # (leading adapter path components dropped, base prefix added)
+
+    @property
+    def errors(self) -> list[AdapterFinding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+
+def _rewrites(paths: Sequence[str], base_names: Iterable[str]) -> list[tuple[int, str]]:
+    """Candidate (drop k leading components, add prefix P) rewrites from adapter module paths to base names."""
+    names = list(base_names)
+    candidates: list[tuple[int, str]] = [(0, "")]
+    for path in sorted(paths)[:8]:
+        parts = path.split(".")
+        for k in range(len(parts)):
+            tail = ".".join(parts[k:])
+            for name in names:
+                for suffix in (".weight", ""):
+                    full = tail + suffix
+                    if name == full or name.endswith("." + full):
+                        candidate = (k, name[: len(name) - len(full)])
+                        if candidate not in candidates:
+                            candidates.append(candidate)
+    return candidates
+
+
+def _apply_rewrite(path: str, rewrite: tuple[int, str]) -> str:
+    drop, prefix = rewrite
+    parts = path.split(".")
+    return prefix + ".".join(parts[drop:]) if drop < len(parts) else path
+
+
+def _choose_rewrite(spec: AdapterSpec, base_names: set[str]) -> tuple[int, str]:
+    """The rewrite under which most adapter modules find their base weight; identity wins ties."""
+    module_paths = list(spec.modules)
+    replacement_paths = list(spec.replacements)
+    if not module_paths and not replacement_paths:
+        return (0, "")
+
+    def score(rewrite: tuple[int, str]) -> int:
+        hits = sum(f"{_apply_rewrite(p, rewrite)}.weight" in base_names for p in module_paths)
+        return hits + sum(_apply_rewrite(p, rewrite) in base_names for p in replacement_paths)
+
+    best, best_score = (0, ""), score((0, ""))
+    for candidate in _rewrites(module_paths + replacement_paths, base_names):
+        value = score(candidate)
+        if value > best_score:
+            best, best_score = candidate, value
+    return best
+
+
+def plan_merge(spec: AdapterSpec, base_shapes: Mapping[str, Sequence[int]], *,
+               base_config: Mapping[str, Any] | None = None, base_label: str = "the base") -> MergePlan:
+    """Map every adapter tensor onto a base tensor and check shapes, from headers alone.
+
+    Misfits become findings of severity "error" (so a header-only check can report them all);
+    `open_merged` refuses to merge when there is any.
+    """
+    shapes = {name: tuple(int(d) for d in shape) for name, shape in base_shapes.items()}
+    names = set(shapes)
+    config = spec.config
+    where = _where(spec.artifact)
+    findings: list[AdapterFinding] = []
+    rewrite = _choose_rewrite(spec, names)
+    if rewrite != (0, ""):
+        drop, prefix = rewrite
+        findings.append(AdapterFinding("TGV_ADAPTER_NAME_REMAPPED", "info",
+                                       f"{where}: adapter module names were mapped onto {base_label}'s tensor names "
+                                       f"by dropping {drop} leading component(s) and adding prefix '{prefix}'"))
+    plans: dict[str, TensorPlan] = {}
+    merged_shapes: dict[str, tuple[int, ...]] = {}
+    tied = bool((base_config or {}).get("tie_word_embeddings"))
+
+    def missing(what: str, target: str) -> None:
+        hint = ""
+        if tied and target.split(".")[-2:-1] == ["lm_head"]:
+            hint = " (the base ties lm_head to the input embeddings; merge such an adapter with peft)"
+        findings.append(AdapterFinding("TGV_ADAPTER_MODULE_MISSING", "error",
+                                       f"{where}: {what}, but {base_label} has no tensor '{target}'{hint}"))
+
+    def add(name: str, *, replacement: TensorInfo | None = None, op: Any = None) -> None:
+        plan = plans.get(name, TensorPlan(name))
+        if replacement is not None:
+            plan = replace(plan, replacement=replacement)
+        if op is not None:
+            plan = replace(plan, ops=plan.ops + (op,))
+        plans[name] = plan
+
+    for path, info in sorted(spec.replacements.items()):
+        target = _apply_rewrite(path, rewrite)
+        if target not in shapes:
+            missing(f"adapter tensor '{info.name}' replaces '{path}'", target)
+            continue
+        base_shape = shapes[target]
+        if info.shape != base_shape:
+            resized = (len(info.shape) == len(base_shape) == 2 and info.shape[1:] == base_shape[1:])
+            if not resized:
+                findings.append(AdapterFinding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
+                                               f"{where}: adapter tensor '{info.name}' has shape {list(info.shape)} "
+                                               f"but {base_label}'s '{target}' is {list(base_shape)}"))
+                continue
+            findings.append(AdapterFinding("TGV_ADAPTER_RESIZED_TENSOR", "warning",
+                                           f"{where}: adapter tensor '{info.name}' resizes '{target}' from "
+                                           f"{list(base_shape)} to {list(info.shape)} (vocabulary resized)"))
+        merged_shapes[target] = info.shape
+        add(target, replacement=info)
+
+    conv1d = (base_config or {}).get("model_type") in CONV1D_MODEL_TYPES
+    fifo_config = bool(config.get("fan_in_fan_out"))
+    for path, module in sorted(spec.modules.items()):
+        weight_name = f"{_apply_rewrite(path, rewrite)}.weight"
+        if weight_name not in shapes:
+            missing(f"adapter targets module '{path}'", weight_name)
+            continue
+        shape = merged_shapes.get(weight_name, shapes[weight_name])
+        if len(shape) != 2:
+            findings.append(AdapterFinding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
+                                           f"{where}: adapter targets '{path}', whose weight '{weight_name}' is "
+                                           f"{len(shape)}-D {list(shape)}; only 2-D weights can be merged"))
+            continue
+        if spec.peft_type == "IA3":
+            vector = module.params["ia3_l"]
+            feedforward = _is_feedforward(config, path)
+            fifo = fifo_config or conv1d
+            out_dim, in_dim = (shape[1], shape[0]) if fifo else (shape[0], shape[1])
+            expected = (1, in_dim) if feedforward else (out_dim, 1)
+            if vector.shape != expected:
+                role = "feedforward (scales input columns)" if feedforward else "non-feedforward (scales output rows)"
+                findings.append(AdapterFinding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
+                                               f"{where}: ia3_l of '{path}' has shape {list(vector.shape)} but a "
+                                               f"{role} module of {base_label}'s {list(shape)} weight needs "
+                                               f"{list(expected)}"))
+                continue
+            add(weight_name, op=Ia3Op(vector, fifo))
+            bias_name = f"{_apply_rewrite(path, rewrite)}.bias"
+            if not feedforward and bias_name in shapes:
+                add(bias_name, op=Ia3Op(vector, False, bias=True))
+            continue
+        embedding = "lora_embedding_A" in module.params
+        a = module.params["lora_embedding_A" if embedding else "lora_A.weight"]
+        b = module.params["lora_embedding_B" if embedding else "lora_B.weight"]
+        rank = a.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        delta = (b.shape[0], a.shape[1])
+        if embedding:
+            transpose = True  # lora_embedding_B @ lora_embedding_A is [dim, vocab]; peft transposes it
+        elif conv1d or fifo_config:
+            transpose = True
+        elif delta != shape and delta[::-1] == shape:
+            transpose = True
+            findings.append(AdapterFinding("TGV_ADAPTER_FAN_IN_FAN_OUT_INFERRED", "warning",
+                                           f"{where}: LoRA of '{path}' fits {base_label}'s {list(shape)} weight only "
+                                           f"transposed; merged as fan_in_fan_out (a Conv1D-style layer)"))
+        else:
+            transpose = False
+        merged_delta = delta[::-1] if transpose else delta
+        if merged_delta != shape:
+            findings.append(AdapterFinding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
+                                           f"{where}: LoRA of '{path}' ({'B' if not embedding else 'embedding_B'} "
+                                           f"{list(b.shape)} x A {list(a.shape)}) gives a {list(merged_delta)} update "
+                                           f"but {base_label}'s '{weight_name}' is {list(shape)}"))
+            continue
+        magnitude = module.params.get("lora_magnitude_vector")
+        if magnitude is not None:
+            out_features = shape[1] if transpose else shape[0]
+            if magnitude.shape != (out_features,):
+                findings.append(AdapterFinding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
+                                               f"{where}: DoRA magnitude of '{path}' has shape {list(magnitude.shape)}"
+                                               f" but '{weight_name}' has {out_features} output features"))
+                continue
+        add(weight_name, op=LoraOp(a, b, scaling, transpose, magnitude))
+        if "lora_B.bias" in module.params:
+            bias_name = f"{_apply_rewrite(path, rewrite)}.bias"
+            b_bias = module.params["lora_B.bias"]
+            if bias_name not in shapes:
+                missing(f"lora_bias of '{path}' updates a bias", bias_name)
+            elif shapes[bias_name] != b_bias.shape:
+                findings.append(AdapterFinding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
+                                               f"{where}: lora_B.bias of '{path}' has shape {list(b_bias.shape)} but "
+                                               f"'{bias_name}' is {list(shapes[bias_name])}"))
+            else:
+                add(bias_name, op=LoraBiasOp(b_bias, scaling))
+
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        findings.append(AdapterFinding("TGV_ADAPTER_INIT_MODIFIES_BASE", "warning",
+                                       f"{where}: init_lora_weights={init!r} rewrites the base weights during "
+                                       f"training; unless the adapter was converted on save, merging it onto "
+                                       f"the original base does not reproduce the trained model"))
+    if not findings or all(f.severity != "error" for f in findings):
+        findings.append(AdapterFinding("TGV_ADAPTER_FITS", "info",
+                                       f"{where}: {spec.peft_type} adapter fits {base_label}: {len(spec.modules)} "
+                                       f"module(s) adapted, {len(spec.replacements)} tensor(s) replaced"))
+    for name, plan in plans.items():
+        merged_shapes.setdefault(name, shapes[name])
+    return MergePlan(spec, plans, merged_shapes, tuple(findings), rewrite)
+
+
+def check_adapter(adapter: Artifact, base_shapes: Mapping[str, Sequence[int]], *,
+                  base_config: Mapping[str, Any] | None = None, base_label: str = "the base") -> list[AdapterFinding]:
+    """Header-only check that `adapter` fits a base with these tensor shapes (errors, warnings, a summary)."""
+    return list(plan_merge(parse_adapter(adapter), base_shapes, base_config=base_config,
+                           base_label=base_label).findings)
+
+
+def check_adapter_against_tensors(adapter: Artifact, base_tensors: Sequence[Mapping[str, Any]], *,
+                                  base_label: str = "the declared base") -> list[AdapterFinding]:
+    """Check an adapter against a reference fingerprint's structural metadata (`Fingerprint.tensors`).
+
+    For when the base weights are not at hand: the adapter's targets and shapes must exist in the base.
+    """
+    spec = parse_adapter(adapter)
+    if not base_tensors:
+        return [AdapterFinding("TGV_ADAPTER_NO_STRUCTURE", "warning",
+                               f"{_where(adapter)}: {base_label}'s fingerprint records no tensor list (a legacy "
+                               f"fingerprint?), so the adapter's fit cannot be checked")]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for entry in base_tensors:
+        name, shape = entry.get("name"), entry.get("shape")
+        if not isinstance(name, str) or not isinstance(shape, (list, tuple)) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise AdapterFormatError(f"{base_label}: fingerprint tensor entry {entry!r:.80} lacks a name and "
+                                     f"an integer shape")
+        shapes[name] = tuple(shape)
+    return list(plan_merge(spec, shapes, base_label=base_label).findings)
+
+
+def _name_forms(name: str) -> set[str]:
+    text = name.strip().rstrip("/\\").lower()
+    if not text:
+        return set()
+    return {text, re.split(r"[/\\]", text)[-1]}
+
+
+def check_base_name(adapter: Artifact, declared: Sequence[str]) -> list[AdapterFinding]:
+    """Compare adapter_config's base_model_name_or_path with the declared base's names (id, path, model name).
+
+    Names are claims, not evidence: a mismatch is a warning (TGV_ADAPTER_BASE_NAME_MISMATCH) that a policy
+    can make fatal. Matching is case-insensitive on the full name or its last path component.
+    """
+    where = _where(adapter)
+    claim = (adapter.adapter_config or {}).get("base_model_name_or_path")
+    if not isinstance(claim, str) or not claim.strip():
+        return [AdapterFinding("TGV_ADAPTER_BASE_NAME_MISSING", "info",
+                               f"{where}: adapter_config.json does not name its base (base_model_name_or_path)")]
+    wanted = {form for name in declared if name for form in _name_forms(str(name))}
+    if _name_forms(claim) & wanted:
+        return []
+    shown = ", ".join(sorted({str(n) for n in declared if n})) or "(none given)"
+    return [AdapterFinding("TGV_ADAPTER_BASE_NAME_MISMATCH", "warning",
+                           f"{where}: adapter_config.json names base_model_name_or_path '{claim}', "
+                           f"which matches none of the declared base's names ({shown})")]
+
+
+# ------------------------------------------------------------------------------------------- merging
+
+
+class MergedReader(AbstractContextManager["MergedReader"]):
+    """Reads the base's tensors with the adapter merged in, one tensor at a time.
+
+    `raw(info)` gives the merged tensor in the base tensor's dtype: the update is computed in float32 from the
+    adapter's stored values and cast back once, as peft's `merge_and_unload()` does with its default
+    `autocast_adapter_dtype=True`; `float32(info)` is that result decoded to float32, so an adapter and the
+    same adapter merged and saved in the base dtype fingerprint identically. Untouched tensors pass through.
+    """
+
+    def __init__(self, adapter: Artifact, base: Artifact, plan: MergePlan) -> None:
+        self.adapter = adapter
+        self.base = base
+        self.plan = plan
+        self.findings: tuple[AdapterFinding, ...] = plan.findings
+        self._base_reader = TensorReader(base)
+        self._adapter_reader = TensorReader(adapter)
+        self._cache: tuple[str, torch.Tensor] | None = None
+        self._base_infos = {info.name: info for info in base.tensors}
+        tensors = []
+        for info in base.tensors:
+            shape = plan.shapes.get(info.name, info.shape)
+            if shape != info.shape:
+                nbytes = math.prod(shape) * (info.nbytes // max(info.numel, 1))
+                info = TensorInfo(info.name, info.dtype, shape, info.file, info.begin, info.begin + nbytes)
+            tensors.append(info)
+        self.artifact = Artifact(
+            root=adapter.root, name=adapter.name, layout="adapter", files=adapter.files, tensors=tuple(tensors),
+            config=base.config, adapter_config=adapter.adapter_config, metadata=adapter.metadata,
+            warnings=adapter.warnings + tuple(f.message for f in plan.findings if f.severity == "warning"))
+
+    def _adapter(self, info: TensorInfo) -> torch.Tensor:
+        return self._adapter_reader.float32(info)
+
+    def _merge(self, info: TensorInfo) -> torch.Tensor:
+        plan = self.plan.tensors[info.name]
+        base_info = self._base_infos[info.name]
+        dtype = TORCH_DTYPES.get(base_info.dtype)
+        if dtype is None or not dtype.is_floating_point:
+            raise AdapterMismatchError(f"{self.base.path_of(base_info.file)}: tensor '{info.name}' has dtype "
+                                       f"{base_info.dtype}; an adapter can only be merged into floating-point weights")
+        weight = self._adapter(plan.replacement) if plan.replacement is not None \
+            else self._base_reader.float32(base_info)
+        if plan.replacement is not None and plan.ops:
+            # peft loads the saved module into the base dtype before merging into it
+            weight = weight.to(dtype).to(torch.float32)
+        for op in plan.ops:
+            weight = self._apply(op, weight, dtype)
+        return weight.to(dtype)
+
+    def _apply(self, op: LoraOp | LoraBiasOp | Ia3Op, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(op, Ia3Op):
+            vector = self._adapter(op.vector)
+            if op.bias:
+                return weight * vector.reshape(weight.shape)
+            return weight * (vector.T if op.transpose else vector)
+        if isinstance(op, LoraBiasOp):
+            return weight + self._adapter(op.b_bias) * op.scaling
+        product = self._adapter(op.b) @ self._adapter(op.a)
+        delta = (product.T if op.transpose else product) * op.scaling
+        if op.magnitude is None:
+            return weight + delta
+        # DoRA: m * (W + dW) / ||W + dW|| with the norm over each output unit's inputs (peft's DoraLinearLayer)
+        oriented = (weight + delta).T if op.transpose else weight + delta
+        norm = torch.linalg.norm(oriented, dim=1)
+        factor = (self._adapter(op.magnitude) / norm).view(-1, 1)
+        return (factor.T if op.transpose else factor) * (weight + delta)
+
+    def raw(self, info: TensorInfo) -> torch.Tensor:
+        """The merged tensor in the base tensor's dtype (a pass-through view when the adapter leaves it alone)."""
+        if info.name not in self.plan.tensors:
+            return self._base_reader.raw(self._base_infos[info.name])
+        if self._cache is None or self._cache[0] != info.name:
+            self._cache = None
+            self._cache = (info.name, self._merge(info))
+        return self._cache[1]
+
+    def float32(self, info: TensorInfo) -> torch.Tensor:
+        """The merged tensor as a fresh float32 tensor."""
+        if info.name not in self.plan.tensors:
+            return self._base_reader.float32(self._base_infos[info.name])
+        return self.raw(info).to(torch.float32, copy=True)
+
+    def stream(self, infos: Iterable[TensorInfo] | None = None) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+        """Yield (info, float32 merged tensor) in canonical order, like TensorReader.stream."""
+        for info in (self.artifact.tensors if infos is None else infos):
+            yield info, self.float32(info)
+
+    def close(self) -> None:
+        self._cache = None
+        self._base_reader.close()
+        self._adapter_reader.close()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def open_merged(adapter: Artifact, base: Artifact) -> MergedReader:
+    """Check `adapter` against `base` (headers only) and return a reader of the merged weights.
+
+    Raises UnsupportedAdapterError / AdapterFormatError for adapters that cannot be merged and
+    AdapterMismatchError (listing the misfits) when the adapter does not fit this base.
+    """
+    if base.layout == "adapter":
+        raise AdapterFormatError(f"{base.root}: the base of adapter {adapter.root} is itself an adapter; "
+                                 f"merge it first and pass the full weights")
+    spec = parse_adapter(adapter)
+    label = f"base {base.root}"
+    plan = plan_merge(spec, {t.name: t.shape for t in base.tensors}, base_config=base.config, base_label=label)
+    errors = plan.errors
+    if errors:
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise AdapterMismatchError("; ".join(f.message for f in errors[:3]) + more)
+    return MergedReader(adapter, base, plan)
