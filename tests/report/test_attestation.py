@@ -11,40 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tg_verify.artifact import file_digests, resolve
 from tg_verify.atomic import canonical_json
 from tg_verify.errors import AttestationError
 from tg_verify.report import attestation as att
 from tg_verify.report.attestation_check import validate_statement
 
-T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+from attestation_helpers import T0, make_evidence
+
 T1 = dt.datetime(2026, 3, 4, 5, 6, 7, 890123, tzinfo=dt.timezone.utc)
-
-
-def make_evidence(model_dir: Path, **overrides) -> att.AttestationEvidence:
-    """Evidence for a PASS of `model_dir` against a declared base, as the verify pipeline would record it."""
-    artifact = resolve(model_dir)
-    files = att.subject_files(artifact, file_digests(artifact))
-    base = att.ReferenceEvidence(
-        id="base-1b", family="llama", fingerprint_sha256="a" * 64, distance=1.25, threshold=7.0,
-        role="declared-base",
-        lineage=att.LineageEvidence(score=0.93, threshold=0.2, derived=True, p_value=1e-12,
-                                    false_positive_rate=0.01, method="sketch/v1"))
-    other = att.ReferenceEvidence(
-        id="qwen-7b", family="qwen", fingerprint_sha256="b" * 64, distance=11.5, threshold=7.0,
-        role="forbidden",
-        lineage=att.LineageEvidence(score=0.01, threshold=0.2, derived=False, p_value=0.4,
-                                    false_positive_rate=0.01))
-    evidence = att.AttestationEvidence(
-        model_name=artifact.name, layout=artifact.layout, files=files,
-        policy_sha256=hashlib.sha256(b"version: 1\n").hexdigest(), policy_name="policy.yml",
-        fingerprint_sha256="c" * 64, fingerprint_settings={"seed": 0, "repeats": 30, "strategy": "random"},
-        feature_version="tg1", verdict="pass", reasons=(), references=(other, base),
-        attribution=att.AttributionEvidence(family="llama", base="base-1b", distance=1.25, margin=9.0,
-                                            threshold=7.0, out_of_cluster=False),
-        declared_base="base-1b", declared_family="llama", forbidden=("qwen-7b",),
-        features={"global_mean": 0.1234567890123, "num_layers": 2.0})
-    return replace(evidence, **overrides)
 
 
 VERSIONS = {"tg-verify": "0.1.0", "torch": "2.13.0"}
