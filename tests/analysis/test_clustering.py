@@ -1,0 +1,75 @@
+"""The paper's Table I study on labelled fingerprints."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tg_verify.analysis.clustering import (PAPER_ACCURACY, STRATEGIES, StudySettings, _hungarian_mapping,
+                                           _majority_mapping, clustering_study)
+from tg_verify.atomic import canonical_json
+from tg_verify.errors import InputError
+
+
+def test_every_strategy_is_scored_on_derivatives(family_set):
+    study = clustering_study(family_set)
+    assert [r.strategy for r in study.results] == list(STRATEGIES)
+    derivatives = sum(1 for r in family_set if not r.base)
+    for result in study.results:
+        assert result.evaluated == derivatives
+        assert result.accuracy == result.correct / derivatives
+        assert result.paper_accuracy == PAPER_ACCURACY[result.strategy]
+        assert len(result.clusters) == len(result.assigned) == len(family_set)
+        assert -1 <= result.adjusted_rand <= 1
+    centroid = study.result("centroid-kmeans")
+    assert centroid.accuracy == 1.0 and centroid.parent_accuracy == 1.0 and centroid.misclassified == []
+    assert centroid.n_clusters == len(study.bases)
+
+
+def test_misclassification_is_counted(family_set, make_fp):
+    """A derivative labelled 'qwen' sitting on the gemma base must count as wrong."""
+    gemma = next(r for r in family_set if r.id == "gemma-a")
+    values = np.array(gemma.fingerprint.vector(tuple(gemma.fingerprint.features)))
+    impostor = dataclasses.replace(family_set[-1], id="impostor", family="qwen", parent="qwen-a",
+                                   fingerprint=make_fp("impostor", values * 1.0001))
+    study = clustering_study([*family_set, impostor])
+    centroid = study.result("centroid-kmeans")
+    assert centroid.misclassified == ["impostor"]
+    assert centroid.correct == centroid.evaluated - 1
+
+
+def test_study_is_deterministic(family_set):
+    first = canonical_json(clustering_study(family_set).to_dict())
+    assert canonical_json(clustering_study(family_set).to_dict()) == first
+
+
+def test_pca_space_and_given_dbscan_eps(family_set):
+    study = clustering_study(family_set, StudySettings(space="pca", pca_components=2, dbscan_eps=0.5))
+    assert study.space["space"] == "pca"
+    assert study.result("dbscan").parameters["eps"] == 0.5
+    assert study.result("dbscan").parameters["eps_rule"] == "given"
+
+
+def test_projection_coordinates_are_recorded(family_set):
+    study = clustering_study(family_set)
+    xs = np.array([m.x for m in study.models])
+    assert xs.std() > 0 and len(study.projection_variance) == 2
+
+
+def test_needs_bases_and_derivatives(family_set):
+    with pytest.raises(InputError, match="derivatives to score"):
+        clustering_study([r for r in family_set if r.base])
+    with pytest.raises(InputError, match="at least two base"):
+        clustering_study([family_set[0], family_set[1]])
+
+
+def test_majority_and_hungarian_mappings():
+    clusters = np.array([0, 0, 0, 1, 1, 2, -1])
+    families = ["a", "a", "b", "a", "a", "b", "b"]
+    bases = [True, False, False, False, False, True, False]
+    assert _majority_mapping(clusters, families, bases) == {0: "a", 1: "a", 2: "b"}
+    hungarian = _hungarian_mapping(clusters, families)
+    assert sorted(hungarian.values()) == ["a", "b"] and len(hungarian) == 2
+    assert -1 not in hungarian
