@@ -1,13 +1,31 @@
-"""Artifact layer: resolve a model path, validate safetensors headers, stream tensors."""
+"""Artifact layer: resolve a model path, validate safetensors headers, stream tensors.
+
+`TensorReader` (and torch with it) is imported on first use, so header-only work such as
+`tg-verify inspect` starts without loading torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from tg_verify.artifact.categories import CATEGORIES, Category, categorize
 from tg_verify.artifact.digest import file_digests, root_digest
 from tg_verify.artifact.header import read_header
 from tg_verify.artifact.layout import resolve
 from tg_verify.artifact.model import Artifact, ArtifactFile, TensorInfo, natural_key
-from tg_verify.artifact.reader import TensorReader
+
+if TYPE_CHECKING:
+    from tg_verify.artifact.reader import TensorReader
 
 __all__ = [
     "Artifact", "ArtifactFile", "CATEGORIES", "Category", "TensorInfo", "TensorReader", "categorize",
     "file_digests", "natural_key", "read_header", "resolve", "root_digest",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TensorReader":
+        from tg_verify.artifact.reader import TensorReader
+
+        return TensorReader
+    raise AttributeError(f"module 'tg_verify.artifact' has no attribute {name!r}")

@@ -1,80 +1,38 @@
 """Safetensors header parsing and validation, treating every byte as untrusted.
 
-Mirrors the reference implementation's checks (safetensors `Metadata::validate`) and adds
-the ones it lacks: duplicate JSON keys, control characters in names, a stricter size cap.
+Mirrors the reference parser's checks (safetensors `read_metadata` + `Metadata::validate`, 1-10 in
+docs/artifact.md), each with its own error class, and adds what the reference lacks: duplicate JSON
+keys, NaN/Infinity literals, control characters or lone surrogates in names, a nesting bound checked
+before parsing, and a stricter size cap. No tensor data is read.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from tg_verify.artifact.errors import (DataTruncatedError, DuplicateKeyError, GapError, HeaderEncodingError,
+                                       HeaderJsonError, HeaderLengthError, HeaderNestingError, HeaderSchemaError,
+                                       HeaderTooLargeError, HeaderTooSmallError, MetadataError,
+                                       MisalignedSizeError, OffsetError, OverlapError, ShapeError,
+                                       SizeMismatchError, SizeOverflowError, TensorNameError, TrailingBytesError,
+                                       UnknownDtypeError, shown)
 from tg_verify.artifact.model import DTYPE_BITS
-from tg_verify.errors import HeaderError
+from tg_verify.artifact.safeio import open_regular, os_error, read_exactly, strict_json
 
-MAX_HEADER_BYTES = 25_000_000  # huggingface_hub's cap; the Rust reference allows 100 MB
-MAX_RANK = 8
-MAX_JSON_DEPTH = 4
-
-
-class HeaderTooSmallError(HeaderError):
-    code = "TGV_HEADER_TOO_SMALL"
-
-
-class HeaderTooLargeError(HeaderError):
-    code = "TGV_HEADER_TOO_LARGE"
-
-
-class HeaderLengthError(HeaderError):
-    code = "TGV_HEADER_LENGTH"
-
-
-class HeaderEncodingError(HeaderError):
-    code = "TGV_HEADER_ENCODING"
-
-
-class HeaderJsonError(HeaderError):
-    code = "TGV_HEADER_JSON"
-
-
-class HeaderSchemaError(HeaderError):
-    code = "TGV_HEADER_SCHEMA"
-
-
-class DuplicateTensorError(HeaderError):
-    code = "TGV_DUPLICATE_TENSOR"
-
-
-class TensorNameError(HeaderError):
-    code = "TGV_TENSOR_NAME"
-
-
-class UnknownDtypeError(HeaderError):
-    code = "TGV_UNKNOWN_DTYPE"
-
-
-class ShapeError(HeaderError):
-    code = "TGV_SHAPE"
-
-
-class OffsetError(HeaderError):
-    code = "TGV_OFFSETS"
-
-
-class SizeMismatchError(HeaderError):
-    code = "TGV_SIZE_MISMATCH"
-
-
-class CoverageError(HeaderError):
-    code = "TGV_COVERAGE"
-
-
-class MetadataError(HeaderError):
-    code = "TGV_METADATA"
+MAX_HEADER_BYTES = 25_000_000  # huggingface_hub's cap (SAFETENSORS_MAX_HEADER_LENGTH); the Rust reference allows 100 MB
+MAX_RANK = 8  # no published checkpoint stores a tensor of higher rank
+MAX_JSON_DEPTH = 4  # a valid header nests 3 deep: {name: {shape: [...]}}
+JSON_WHITESPACE = b" \t\r\n"
+ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = bytes.maketrans(b"[]{}", b"()()")
+_NON_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 @dataclass(frozen=True)
@@ -97,16 +55,7 @@ class Header:
     data_start: int  # 8 + header length
     tensors: tuple[RawTensor, ...]
     metadata: dict[str, str]
-    canonical: bool  # False when the JSON is whitespace-padded
-
-
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    seen: dict[str, object] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _Duplicate(key)
-        seen[key] = value
-    return seen
+    canonical: bool  # False when padded beyond the writer's 8-byte alignment (or leading whitespace)
 
 
 class _Duplicate(Exception):
@@ -115,119 +64,185 @@ class _Duplicate(Exception):
         self.key = key
 
 
-def _depth_ok(text: str) -> bool:
-    """Cheap nesting bound before json.loads, so deeply nested JSON cannot exhaust the stack."""
-    depth = 0
-    in_string = False
-    escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return False
-        elif ch in "]}":
-            depth -= 1
-    return True
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Duplicate(key)
+        seen[key] = value
+    return seen
+
+
+def nesting_ok(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when the JSON text's brackets (outside strings) balance within `limit` levels; linear, no recursion."""
+    brackets = _STRINGS.sub(b"", raw).translate(_BRACKETS, _NON_BRACKETS)
+    for _ in range(limit):
+        if not brackets:
+            return True
+        shorter = brackets.replace(b"()", b"")
+        if len(shorter) == len(brackets):
+            return False
+        brackets = shorter
+    return not brackets
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def read_header(path: str | os.PathLike[str], *, max_header_bytes: int = MAX_HEADER_BYTES) -> Header:
-    """Read and validate the header of one safetensors file without touching its data."""
-    path = Path(path)
-    where = str(path)
+def valid_name(text: str) -> bool:
+    """A tensor or file name we accept: non-empty, no control characters, no lone surrogates.
+
+    (Lone surrogates come from JSON escapes or undecodable file names and cannot be written back as UTF-8.)
+    """
+    if not text or (not text.isprintable() and any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)):
+        return False
     try:
-        with open(path, "rb") as handle:
-            file_size = os.fstat(handle.fileno()).st_size
-            if file_size < 8:
-                raise HeaderTooSmallError(f"{where}: file is {file_size} bytes, shorter than the 8-byte header length")
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > max_header_bytes:
-                raise HeaderTooLargeError(
-                    f"{where}: header length {length} exceeds the limit of {max_header_bytes} bytes")
-            if 8 + length > file_size:
-                raise HeaderLengthError(
-                    f"{where}: header length {length} runs past the end of the {file_size}-byte file")
-            raw = handle.read(length)
-    except HeaderError:
-        raise
-    except OSError as exc:
-        raise HeaderError(f"{where}: cannot read ({exc.strerror or exc})") from exc
-    if len(raw) != length:
-        raise HeaderLengthError(f"{where}: header truncated ({len(raw)} of {length} bytes)")
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def header_length(prefix: bytes, file_size: int, where: str, max_header_bytes: int = MAX_HEADER_BYTES) -> int:
+    """Checks 1-3: the 8-byte little-endian length, within the cap and within the file."""
+    if file_size < 8 or len(prefix) < 8:
+        raise HeaderTooSmallError(f"{where}: file is {file_size} bytes, shorter than the 8-byte header length")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > max_header_bytes:
+        raise HeaderTooLargeError(f"{where}: header length {length} exceeds the limit of {max_header_bytes} bytes")
+    if 8 + length > file_size:
+        raise HeaderLengthError(f"{where}: header length {length} runs past the end of the {file_size}-byte file")
+    return length
+
+
+def _document(raw: bytes, where: str) -> tuple[dict[str, Any], bool]:
+    """Checks 4-5 (encoding, JSON): the header object and whether it is canonical (unpadded)."""
     try:
-        text = raw.decode("utf-8")
+        raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise HeaderEncodingError(f"{where}: header is not valid UTF-8 (byte {exc.start})") from exc
-    stripped = text.strip(" \t\r\n")
-    if not stripped.startswith("{"):
-        raise HeaderJsonError(f"{where}: header is not a JSON object")
-    if not _depth_ok(stripped):
-        raise HeaderJsonError(f"{where}: header JSON nests deeper than {MAX_JSON_DEPTH} levels")
+        raise HeaderEncodingError(f"{where}: header is not valid UTF-8 (byte {exc.start})") from None
+    stripped = raw.strip(JSON_WHITESPACE)
+    if not stripped.startswith(b"{"):
+        raise HeaderJsonError(f"{where}: header is not a JSON object (expected '{{' after optional whitespace)")
+    if not nesting_ok(stripped):
+        raise HeaderNestingError(
+            f"{where}: header JSON nests deeper than {MAX_JSON_DEPTH} levels or has unbalanced brackets")
     try:
-        document = json.loads(stripped, object_pairs_hook=_reject_duplicates)
+        document = strict_json(stripped.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except _Duplicate as dup:
-        raise DuplicateTensorError(f"{where}: header names '{dup.key}' twice") from None
+        raise DuplicateKeyError(f"{where}: header has the key '{shown(dup.key)}' twice in one object") from None
     except (ValueError, RecursionError) as exc:
-        raise HeaderJsonError(f"{where}: header is not valid JSON ({exc})") from None
+        raise HeaderJsonError(f"{where}: header is not valid JSON ({shown(str(exc)[:120])})") from None
     if not isinstance(document, dict):
         raise HeaderJsonError(f"{where}: header is not a JSON object")
+    # The reference writer pads with up to 7 trailing spaces to align the data section to 8 bytes; that is
+    # canonical. Leading whitespace, or other or longer padding, is accepted but reported.
+    tail = raw[len(raw.rstrip(JSON_WHITESPACE)):]
+    return document, raw.startswith(b"{") and tail == b" " * len(tail) and len(tail) < 8
 
+
+def _metadata(spec: Any, where: str) -> dict[str, str]:
+    if not isinstance(spec, dict):
+        raise MetadataError(f"{where}: __metadata__ must be an object of strings to strings, "
+                            f"got {type(spec).__name__}")
+    for key, value in spec.items():
+        if not isinstance(value, str):
+            raise MetadataError(f"{where}: __metadata__['{shown(key)}'] must be a string, got {type(value).__name__}")
+        for text in (key, value):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise MetadataError(f"{where}: __metadata__ holds a lone surrogate in '{shown(key)}'") from None
+    return dict(spec)
+
+
+def _entry(name: str, spec: Any, data_len: int, where: str) -> RawTensor:
+    """One tensor entry: schema (check 5) and its own size arithmetic (checks 7-9)."""
+    if not valid_name(name):
+        raise TensorNameError(f"{where}: tensor name '{shown(name)}' is empty or holds control characters")
+    if not isinstance(spec, dict) or set(spec) != ENTRY_KEYS:
+        got = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
+        raise HeaderSchemaError(f"{where}: tensor '{shown(name)}': expected exactly the keys data_offsets, dtype, "
+                                f"shape, got {shown(got)}")
+    dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise UnknownDtypeError(f"{where}: tensor '{shown(name)}': unknown dtype {shown(repr(dtype)[:40])} "
+                                f"(expected one of {', '.join(DTYPE_BITS)})")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ShapeError(f"{where}: tensor '{shown(name)}': shape must be a list of at most {MAX_RANK} "
+                         f"non-negative integers, got {shown(repr(shape)[:80])}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets)
+            or offsets[1] < offsets[0]):
+        raise OffsetError(f"{where}: tensor '{shown(name)}': data_offsets must be [begin, end] with "
+                          f"0 <= begin <= end, got {shown(repr(offsets)[:80])}")
+    start, stop = offsets
+    nbits = math.prod(shape) * DTYPE_BITS[dtype]
+    if nbits >= 1 << 64:
+        raise SizeOverflowError(f"{where}: tensor '{shown(name)}': {dtype}{shape} is larger than 2^64 bits")
+    if nbits % 8:
+        raise MisalignedSizeError(f"{where}: tensor '{shown(name)}': {dtype}{shape} is {nbits} bits, "
+                                  f"not a whole number of bytes")
+    if stop - start != nbits // 8:
+        raise SizeMismatchError(f"{where}: tensor '{shown(name)}': {dtype}{shape} needs {nbits // 8} bytes but "
+                                f"data_offsets [{start}, {stop}] span {stop - start}")
+    if stop > data_len:
+        raise DataTruncatedError(f"{where}: tensor '{shown(name)}': data_offsets end at {stop} but the data section "
+                                 f"holds {data_len} bytes (file truncated or offsets past the end)")
+    return RawTensor(name, dtype, tuple(shape), start, stop)
+
+
+def parse_header(raw: bytes, file_size: int, where: str) -> tuple[tuple[RawTensor, ...], dict[str, str], bool]:
+    """Checks 4-10 on the header bytes of a file of `file_size` bytes: (tensors by offset, metadata, canonical)."""
+    document, canonical = _document(raw, where)
+    data_len = file_size - 8 - len(raw)
     metadata: dict[str, str] = {}
     entries: list[RawTensor] = []
     for name, spec in document.items():
         if name == "__metadata__":
-            if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
-                raise MetadataError(f"{where}: __metadata__ must map strings to strings")
-            metadata = dict(spec)
-            continue
-        if not name or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-            raise TensorNameError(f"{where}: tensor name {name!r} is empty or holds control characters")
-        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
-            raise HeaderSchemaError(
-                f"{where}: tensor '{name}': expected exactly the keys dtype, shape, data_offsets")
-        dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-            raise UnknownDtypeError(f"{where}: tensor '{name}': unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_int(d) and d >= 0 for d in shape):
-            raise ShapeError(
-                f"{where}: tensor '{name}': shape must be a list of at most {MAX_RANK} non-negative integers, got {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(_is_int(o) and o >= 0 for o in offsets) or offsets[1] < offsets[0]):
-            raise OffsetError(
-                f"{where}: tensor '{name}': data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
-        nbits = math.prod(shape) * DTYPE_BITS[dtype]
-        if nbits % 8:
-            raise SizeMismatchError(f"{where}: tensor '{name}': {shape} x {dtype} is not a whole number of bytes")
-        if offsets[1] - offsets[0] != nbits // 8:
-            raise SizeMismatchError(
-                f"{where}: tensor '{name}': {dtype}{shape} needs {nbits // 8} bytes but data_offsets span "
-                f"{offsets[1] - offsets[0]}")
-        entries.append(RawTensor(name, dtype, tuple(shape), offsets[0], offsets[1]))
-
+            metadata = _metadata(spec, where)
+        else:
+            entries.append(_entry(name, spec, data_len, where))
     entries.sort(key=lambda t: (t.start, t.stop))
-    cursor = 0
-    for entry in entries:
-        if entry.start != cursor:
-            kind = "overlaps the previous tensor" if entry.start < cursor else "leaves a gap after the previous tensor"
-            raise OffsetError(
-                f"{where}: tensor '{entry.name}': data_offsets start at {entry.start}, expected {cursor} ({kind})")
-        cursor = entry.stop
-    data_start = 8 + length
-    if data_start + cursor != file_size:
-        raise CoverageError(
-            f"{where}: tensors cover {cursor} data bytes but the file holds {file_size - data_start} "
-            f"({'truncated' if data_start + cursor > file_size else 'trailing bytes'})")
-    return Header(path=path, file_size=file_size, data_start=data_start, tensors=tuple(entries),
-                  metadata=metadata, canonical=(stripped == text))
+    cursor, previous = 0, None
+    for entry in entries:  # check 6: contiguous, from 0, no overlap and no hole
+        if entry.start < cursor:
+            raise OverlapError(f"{where}: tensor '{shown(entry.name)}': data_offsets start at {entry.start}, inside "
+                               f"'{shown(previous)}' which ends at {cursor} (expected {cursor})")
+        if entry.start > cursor:
+            after = f"after '{shown(previous)}'" if previous is not None else "at the start of the data section"
+            raise GapError(f"{where}: tensor '{shown(entry.name)}': data_offsets start at {entry.start}, leaving "
+                           f"{entry.start - cursor} unindexed bytes {after} (expected {cursor})")
+        cursor, previous = entry.stop, entry.name
+    if cursor != data_len:  # check 10 (cursor > data_len was refused per tensor above)
+        raise TrailingBytesError(f"{where}: tensors cover {cursor} data bytes but the file holds {data_len} "
+                                 f"after the header ({data_len - cursor} trailing bytes)")
+    return tuple(entries), metadata, canonical
+
+
+def read_header(path: str | os.PathLike[str], *, max_header_bytes: int = MAX_HEADER_BYTES) -> Header:
+    """Read and validate the header of one safetensors file without touching its data."""
+    path = Path(path)
+    where = shown(path)
+    fd, info = open_regular(path, "weights file")
+    try:
+        try:
+            prefix = read_exactly(fd, 8)
+            length = header_length(prefix, info.st_size, where, max_header_bytes)
+            raw = read_exactly(fd, length)
+        except OSError as exc:
+            raise os_error(path, exc, "weights file") from None
+    finally:
+        os.close(fd)
+    if len(raw) != length:
+        raise HeaderLengthError(f"{where}: header truncated while reading ({len(raw)} of {length} bytes)")
+    tensors, metadata, canonical = parse_header(raw, info.st_size, where)
+    return Header(path=path, file_size=info.st_size, data_start=8 + length, tensors=tensors, metadata=metadata,
+                  canonical=canonical)
+
+
+def validate_bytes(blob: bytes, where: str = "<bytes>", *, max_header_bytes: int = MAX_HEADER_BYTES
+                   ) -> tuple[tuple[RawTensor, ...], dict[str, str], bool]:
+    """All ten checks on an in-memory safetensors file (used by the fuzz suite and by tests)."""
+    length = header_length(blob[:8], len(blob), where, max_header_bytes)
+    return parse_header(blob[8:8 + length], len(blob), where)

@@ -1,242 +1,291 @@
-"""Resolve a path to an Artifact: single file, indexed shards, shards by name, PEFT adapter."""
+"""Resolve a path to an Artifact: single file, indexed shards, shards by name, PEFT adapter.
+
+The rules (what is accepted, what is refused, what is only warned about) are in docs/artifact.md.
+Every header is validated before the Artifact exists; no tensor data is read here.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import re
 import stat
 from pathlib import Path
 from typing import Any
 
-from tg_verify.artifact.header import Header, read_header
+from tg_verify.artifact.errors import (AdapterLayoutError, AmbiguousLayoutError, DuplicateTensorError,
+                                       IncompleteShardSetError, IndexFormatError, IndexMismatchError,
+                                       MissingShardError, NoModelError, NotRegularFileError, NotSafetensorsError,
+                                       PickleFormatError, ShardSetError, UnlistedShardError, UnreadableFileError,
+                                       shown)
+from tg_verify.artifact.header import Header, valid_name, read_header
 from tg_verify.artifact.model import Artifact, ArtifactFile, TensorInfo, natural_key
-from tg_verify.errors import ArtifactError
+from tg_verify.artifact.safeio import MAX_JSON_BYTES, load_json_file, read_json_file, stat_path
 
 INDEX_NAME = "model.safetensors.index.json"
+INDEX_SUFFIX = ".safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONFIG_NAME = "config.json"
-MAX_JSON_BYTES = 50_000_000
+SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
-# <prefix>-00001-of-00005.safetensors (Hugging Face) and <prefix>.00001-of-00005.safetensors
-SHARD_PATTERN = re.compile(r"^(?P<prefix>.+?)[-_.](?P<index>\d+)-of-(?P<total>\d+)\.safetensors$")
+# <prefix>-00001-of-00005.safetensors (Hugging Face, MLX, diffusers) and the rarer `_` / `.` separators.
+SHARD_PATTERN = re.compile(r"^(?P<prefix>.+?)[-_.](?P<index>[0-9]+)-of-(?P<total>[0-9]+)\.safetensors$")
+# consolidated.00.safetensors: Meta-style tensor-parallel slices (same names, split shapes), not a name split.
+TENSOR_PARALLEL_PATTERN = re.compile(r"^consolidated\.[0-9]+\.safetensors$")
 
-
-class IndexError_(ArtifactError):
-    code = "TGV_SHARD_INDEX"
-
-
-class ShardSetError(ArtifactError):
-    code = "TGV_SHARD_SET"
-
-
-class NoModelError(ArtifactError):
-    code = "TGV_NO_MODEL"
-
-
-class PickleFormatError(ArtifactError):
-    code = "TGV_PICKLE_REFUSED"
-
-
-def _check_regular(path: Path, what: str) -> os.stat_result:
-    """Refuse symlinks, FIFOs, devices: only regular files are read."""
-    try:
-        info = os.lstat(path)
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot access {what} ({exc.strerror or exc})") from exc
-    if stat.S_ISLNK(info.st_mode):
-        raise ArtifactError(f"{path}: {what} is a symbolic link; tg-verify reads regular files only")
-    if not stat.S_ISREG(info.st_mode):
-        raise ArtifactError(f"{path}: {what} is not a regular file")
-    return info
-
-
-def read_json_file(path: Path, what: str) -> dict[str, Any]:
-    """Read a small JSON object (config, index, adapter config) as untrusted input."""
-    info = _check_regular(path, what)
-    if info.st_size > MAX_JSON_BYTES:
-        raise ArtifactError(f"{path}: {what} is {info.st_size} bytes, over the {MAX_JSON_BYTES}-byte limit")
-    try:
-        document = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ArtifactError(f"{path}: {what} is not valid JSON ({str(exc)[:120]})") from None
-    if not isinstance(document, dict):
-        raise ArtifactError(f"{path}: {what} must be a JSON object")
-    return document
-
-
-def _tensor_infos(header: Header, relpath: str) -> list[TensorInfo]:
-    return [TensorInfo(t.name, t.dtype, t.shape, relpath, header.data_start + t.start, header.data_start + t.stop)
-            for t in header.tensors]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CONFIG_NAME", "INDEX_NAME", "MAX_JSON_BYTES", "PICKLE_SUFFIXES",
+           "SHARD_PATTERN", "SINGLE_NAME", "read_json_file", "resolve"]
 
 
 def _headers(root: Path, relpaths: list[str]) -> dict[str, Header]:
-    headers = {}
-    for rel in relpaths:
-        _check_regular(root / rel, "weights file")
-        headers[rel] = read_header(root / rel)
-    return headers
+    return {rel: read_header(root / rel) for rel in relpaths}
+
+
+def _symlink_note(root: Path, relpaths: list[str]) -> list[str]:
+    links = [rel for rel in relpaths if os.path.islink(root / rel)]
+    if not links:
+        return []
+    first = links[0]
+    return [f"followed symbolic links for {len(links)} file(s) (e.g. {shown(first)} -> "
+            f"{shown(os.readlink(root / first))}); digests are of the link targets"]
 
 
 def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], extra: list[ArtifactFile],
-              config: dict[str, Any] | None, adapter_config: dict[str, Any] | None = None,
-              expected: dict[str, str] | None = None) -> Artifact:
+              config: dict[str, Any] | None, warnings: list[str], adapter_config: dict[str, Any] | None = None,
+              expected: dict[str, str] | None = None, index_name: str = INDEX_NAME) -> Artifact:
+    """Merge validated headers into one Artifact: cross-file duplicate and index checks, canonical order."""
     tensors: list[TensorInfo] = []
     owner: dict[str, str] = {}
-    warnings: list[str] = []
+    notes = list(warnings)
     for rel, header in weights.items():
         if not header.canonical:
-            warnings.append(f"{rel}: header JSON is whitespace-padded (accepted, non-canonical)")
-        for info in _tensor_infos(header, rel):
-            if info.name in owner:
-                raise ArtifactError(f"{root / rel}: tensor '{info.name}' also appears in {owner[info.name]}")
-            owner[info.name] = rel
-            tensors.append(info)
+            notes.append(f"{shown(rel)}: header JSON has leading or extra whitespace padding (accepted; the reference writer pads only to 8 bytes)")
+        for raw in header.tensors:
+            if raw.name in owner:
+                raise DuplicateTensorError(f"{shown(root / rel)}: tensor '{shown(raw.name)}' is also stored in "
+                                           f"{shown(owner[raw.name])}; each tensor must live in exactly one file")
+            owner[raw.name] = rel
+            tensors.append(TensorInfo(raw.name, raw.dtype, raw.shape, rel, header.data_start + raw.start,
+                                      header.data_start + raw.stop))
     if expected is not None:
+        index_path = shown(root / index_name)
         for tensor_name, shard in expected.items():
             if tensor_name not in owner:
-                raise IndexError_(f"{root / INDEX_NAME}: weight_map names '{tensor_name}' in {shard}, which lacks it")
+                raise IndexMismatchError(f"{index_path}: weight_map puts '{shown(tensor_name)}' in {shown(shard)}, "
+                                         f"which does not contain it")
             if owner[tensor_name] != shard:
-                raise IndexError_(f"{root / INDEX_NAME}: weight_map puts '{tensor_name}' in {shard}, "
-                                  f"but it is in {owner[tensor_name]}")
+                raise IndexMismatchError(f"{index_path}: weight_map puts '{shown(tensor_name)}' in {shown(shard)}, "
+                                         f"but it is stored in {shown(owner[tensor_name])}")
         for tensor_name, rel in owner.items():
             if tensor_name not in expected:
-                raise IndexError_(f"{root / INDEX_NAME}: tensor '{tensor_name}' of {rel} is missing from weight_map")
+                raise IndexMismatchError(f"{index_path}: tensor '{shown(tensor_name)}' stored in {shown(rel)} is "
+                                         f"missing from weight_map")
     tensors.sort(key=lambda t: natural_key(t.name))
-    files = [ArtifactFile(rel, h.file_size, "adapter-weights" if layout == "adapter" else "weights")
-             for rel, h in weights.items()]
-    files.extend(extra)
-    files.sort(key=lambda f: f.path)
+    role = "adapter-weights" if layout == "adapter" else "weights"
+    files = [ArtifactFile(rel, h.file_size, role) for rel, h in weights.items()] + extra  # type: ignore[arg-type]
+    files.sort(key=lambda f: natural_key(f.path))
+    notes.extend(_symlink_note(root, [f.path for f in files]))
     return Artifact(root=root, name=name, layout=layout, files=tuple(files), tensors=tuple(tensors),  # type: ignore[arg-type]
                     config=config, adapter_config=adapter_config,
                     metadata={rel: h.metadata for rel, h in weights.items() if h.metadata},
-                    warnings=tuple(warnings))
+                    warnings=tuple(notes))
 
 
-def _config(root: Path, extra: list[ArtifactFile]) -> dict[str, Any] | None:
-    path = root / CONFIG_NAME
-    if not os.path.lexists(path):
+def _config(root: Path, entries: set[str], extra: list[ArtifactFile]) -> dict[str, Any] | None:
+    """config.json as metadata (model_type, dims): parsed as data, never executed."""
+    if CONFIG_NAME not in entries:
         return None
-    document = read_json_file(path, "config.json")
-    extra.append(ArtifactFile(CONFIG_NAME, path.stat().st_size, "config"))
+    document, size = load_json_file(root / CONFIG_NAME, "config.json")
+    extra.append(ArtifactFile(CONFIG_NAME, size, "config"))
     return document
 
 
-def _resolve_index(root: Path, name: str) -> Artifact:
-    index_path = root / INDEX_NAME
-    index = read_json_file(index_path, "shard index")
+def _ignored(files: list[str], why: str) -> list[str]:
+    if not files:
+        return []
+    listed = ", ".join(shown(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return [f"ignored {listed}: {why}"]
+
+
+def _index_entries(index_path: Path, index: dict[str, Any]) -> dict[str, str]:
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise IndexError_(f"{index_path}: 'weight_map' must be a non-empty object of tensor name -> shard file")
-    shards: set[str] = set()
+        raise IndexFormatError(f"{shown(index_path)}: 'weight_map' must be a non-empty object of tensor name -> "
+                               f"shard file name")
     for tensor_name, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard.endswith(".safetensors") or "/" in shard or "\\" in shard \
-                or shard in (".", ".."):
-            raise IndexError_(f"{index_path}: weight_map['{tensor_name}'] must be a .safetensors file name "
-                              f"in the same directory, got {shard!r}")
-        shards.add(shard)
-    for shard in sorted(shards):
-        if not os.path.lexists(root / shard):
-            raise IndexError_(f"{index_path}: shard {shard} named in weight_map does not exist")
-    present = {p.name for p in root.iterdir() if p.name.endswith(".safetensors") and p.name != ADAPTER_WEIGHTS}
-    unlisted = sorted(present - shards)
-    if unlisted:
-        raise IndexError_(f"{index_path}: shard file {unlisted[0]} is not mentioned in weight_map")
-    extra = [ArtifactFile(INDEX_NAME, index_path.stat().st_size, "index")]
-    config = _config(root, extra)
-    headers = _headers(root, sorted(shards, key=natural_key))
-    total = index.get("metadata", {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
-    artifact = _assemble(root, name, "indexed-shards", headers, extra, config, expected=dict(weight_map))
+        if not valid_name(tensor_name):
+            raise IndexFormatError(f"{shown(index_path)}: weight_map key '{shown(tensor_name)}' is not a valid "
+                                   f"tensor name (empty or control characters)")
+        if (not isinstance(shard, str) or not valid_name(shard) or not shard.endswith(SUFFIX)
+                or "/" in shard or "\\" in shard or shard.startswith(".")):
+            raise IndexFormatError(f"{shown(index_path)}: weight_map['{shown(tensor_name)}'] must name a "
+                                   f".safetensors file in the same directory, got {shown(repr(shard)[:80])}")
+    return dict(weight_map)
+
+
+def _resolve_index(root: Path, name: str, index_name: str, entries: set[str], warnings: list[str]) -> Artifact:
+    index_path = root / index_name
+    index, index_size = load_json_file(index_path, "shard index")
+    weight_map = _index_entries(index_path, index)
+    shards = sorted(set(weight_map.values()), key=natural_key)
+    for shard in shards:
+        if shard not in entries:
+            raise MissingShardError(f"{shown(index_path)}: shard {shown(shard)} named in weight_map does not exist")
+    present = sorted((e for e in entries if e.endswith(SUFFIX) and e != ADAPTER_WEIGHTS), key=natural_key)
+    unlisted = [e for e in present if e not in weight_map.values()]
+    stray = [e for e in unlisted if SHARD_PATTERN.match(e) or e == SINGLE_NAME]
+    if stray:
+        kind = UnlistedShardError if stray[0] != SINGLE_NAME else AmbiguousLayoutError
+        raise kind(f"{shown(index_path)}: {shown(stray[0])} is not mentioned in weight_map; remove it or fix the index "
+                   f"(a loader might read it instead of the indexed shards)")
+    warnings += _ignored(unlisted, f"not in {index_name}'s weight_map, so not part of this artifact and not "
+                                   f"verified (some runtimes load such files instead)")
+    extra = [ArtifactFile(index_name, index_size, "index")]
+    config = _config(root, entries, extra)
+    headers = _headers(root, shards)
+    artifact = _assemble(root, name, "indexed-shards", headers, extra, config, warnings, expected=weight_map,
+                         index_name=index_name)
+    metadata = index.get("metadata")
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
     if isinstance(total, int) and not isinstance(total, bool):
         actual = sum(t.nbytes for t in artifact.tensors)
         if total != actual:
-            artifact = Artifact(**{**artifact.__dict__, "warnings": artifact.warnings + (
-                f"{INDEX_NAME}: metadata.total_size {total} differs from the tensors' {actual} bytes",)})
+            artifact = dataclasses.replace(artifact, warnings=artifact.warnings + (
+                f"{index_name}: metadata.total_size {total} differs from the tensors' {actual} bytes (informational: "
+                f"writers compute it differently)",))
     return artifact
 
 
-def _resolve_pattern(root: Path, name: str, candidates: list[str]) -> Artifact:
+def _shard_sets(root: Path, files: list[str]) -> tuple[str, list[str]]:
+    """The one complete `<prefix>-i-of-N` set among `files`: (description, members in order)."""
     groups: dict[tuple[str, int], dict[int, str]] = {}
-    loose: list[str] = []
-    for file_name in candidates:
+    for file_name in files:
         match = SHARD_PATTERN.match(file_name)
-        if not match:
-            loose.append(file_name)
-            continue
+        assert match is not None
         key = (match["prefix"], int(match["total"]))
-        index = int(match["index"])
-        if index in groups.setdefault(key, {}):
-            raise ShardSetError(f"{root}: shard number {index} of {key[1]} appears twice")
-        groups[key][index] = file_name
-    if loose or len(groups) != 1:
-        raise ShardSetError(f"{root}: {len(candidates)} .safetensors files but no {INDEX_NAME} and no single "
-                            f"complete <prefix>-NNNNN-of-NNNNN.safetensors set "
-                            f"(found: {', '.join(sorted(candidates)[:5])}{' ...' if len(candidates) > 5 else ''})")
+        number = int(match["index"])
+        if number in groups.setdefault(key, {}):
+            raise IncompleteShardSetError(f"{shown(root)}: shard {number} of {key[1]} appears twice "
+                                          f"({shown(groups[key][number])} and {shown(file_name)})")
+        groups[key][number] = file_name
+    if len(groups) != 1:
+        sets = sorted(f"{shown(p)}-*-of-{t}" for p, t in groups)
+        raise ShardSetError(f"{shown(root)}: several shard sets ({', '.join(sets[:4])}) and no "
+                            f"{INDEX_NAME}; keep one set or add an index")
     (prefix, total), members = next(iter(groups.items()))
-    missing = [i for i in range(1, total + 1) if i not in members]
-    if missing or len(members) != total:
-        raise ShardSetError(f"{root}: shard set {prefix}-*-of-{total} is incomplete "
-                            f"(missing {', '.join(str(i) for i in missing[:5]) or 'numbers out of range'})")
+    described = f"{shown(prefix)}-*-of-{total}"
+    out_of_range = sorted(n for n in members if not 1 <= n <= total)
+    if total == 0 or out_of_range:
+        raise IncompleteShardSetError(f"{shown(root)}: shard set {described} has numbers outside 1..{total} "
+                                      f"({', '.join(map(str, out_of_range[:5])) or 'total is 0'})")
+    if len(members) != total:
+        missing = [n for n in range(1, min(total, len(members) + 6) + 1) if n not in members][:5]
+        raise MissingShardError(f"{shown(root)}: shard set {described} is incomplete: {total - len(members)} of "
+                                f"{total} missing (first: {', '.join(map(str, missing))})")
+    return described, [members[n] for n in range(1, total + 1)]
+
+
+def _resolve_directory(root: Path, name: str) -> Artifact:
+    try:
+        names = sorted(entry.name for entry in os.scandir(root))
+    except OSError as exc:
+        raise UnreadableFileError(f"{shown(root)}: cannot list directory ({exc.strerror or exc})") from None
+    entries = {n for n in names if valid_name(n)}
+    warnings = _ignored([n for n in names if n not in entries and n.endswith((SUFFIX, ".json"))],
+                        "file names that are not valid UTF-8 text are never read")
+    pickles = sorted((e for e in entries if e.endswith(PICKLE_SUFFIXES)), key=natural_key)
+    weights = sorted((e for e in entries if e.endswith(SUFFIX)), key=natural_key)
+    if pickles and (weights or ADAPTER_CONFIG in entries):
+        warnings += _ignored(pickles, "pickle-based weights are never loaded")
+    if ADAPTER_CONFIG in entries:
+        return _resolve_adapter(root, name, entries, warnings)
+    indexes = sorted(e for e in entries if e.endswith(INDEX_SUFFIX))
+    if INDEX_NAME in indexes:
+        warnings += _ignored([i for i in indexes if i != INDEX_NAME], f"only {INDEX_NAME} is used")
+        return _resolve_index(root, name, INDEX_NAME, entries, warnings)
+    if len(indexes) > 1:
+        raise AmbiguousLayoutError(f"{shown(root)}: several shard indexes ({', '.join(map(shown, indexes[:4]))}); "
+                                   f"keep one")
+    if indexes:
+        return _resolve_index(root, name, indexes[0], entries, warnings)
+    if ADAPTER_WEIGHTS in weights:
+        raise AdapterLayoutError(f"{shown(root)}: {ADAPTER_WEIGHTS} without {ADAPTER_CONFIG}; a PEFT adapter needs both")
+    shard_named = [w for w in weights if SHARD_PATTERN.match(w)]
+    others = [w for w in weights if w not in shard_named]
     extra: list[ArtifactFile] = []
-    config = _config(root, extra)
-    headers = _headers(root, [members[i] for i in range(1, total + 1)])
-    return _assemble(root, name, "shards", headers, extra, config)
+    if SINGLE_NAME in weights:
+        if shard_named:
+            raise AmbiguousLayoutError(f"{shown(root)}: both {SINGLE_NAME} and shards ({shown(shard_named[0])}, ...) "
+                                       f"without an index; keep one copy of the weights")
+        warnings += _ignored([w for w in others if w != SINGLE_NAME], f"{SINGLE_NAME} is the model; other "
+                                                                      f"files are not verified")
+        config = _config(root, entries, extra)
+        return _assemble(root, name, "single", _headers(root, [SINGLE_NAME]), extra, config, warnings)
+    if shard_named:
+        described, members = _shard_sets(root, shard_named)
+        warnings += _ignored(others, f"not part of the shard set {described}, so not verified")
+        config = _config(root, entries, extra)
+        return _assemble(root, name, "shards", _headers(root, members), extra, config, warnings)
+    if len(others) == 1:
+        config = _config(root, entries, extra)
+        return _assemble(root, name, "single", _headers(root, others), extra, config, warnings)
+    if others:
+        if all(TENSOR_PARALLEL_PATTERN.match(w) for w in others):
+            raise ShardSetError(f"{shown(root)}: {', '.join(others[:3])} are tensor-parallel slices (each holds part "
+                                f"of every tensor); convert to Hugging Face format (model-0000i-of-0000N.safetensors)")
+        raise ShardSetError(f"{shown(root)}: {len(others)} .safetensors files ({', '.join(map(shown, others[:3]))}"
+                            f"{', ...' if len(others) > 3 else ''}) but no index and no <prefix>-0000i-of-0000N "
+                            f"naming; pass one file, or add {INDEX_NAME}")
+    if pickles:
+        raise PickleFormatError(f"{shown(root)}: only pickle-based weights ({shown(pickles[0])}); tg-verify reads "
+                                f"safetensors only (pickle can execute code): convert them first")
+    raise NoModelError(f"{shown(root)}: no model found (expected {SINGLE_NAME}, {INDEX_NAME}, "
+                       f"<prefix>-0000i-of-0000N.safetensors shards or {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
 
 
-def _resolve_adapter(root: Path, name: str) -> Artifact:
-    config_path = root / ADAPTER_CONFIG
-    adapter_config = read_json_file(config_path, "adapter config")
-    weights = root / ADAPTER_WEIGHTS
-    if not os.path.lexists(weights):
-        if any(os.path.lexists(root / f"adapter_model{s}") for s in PICKLE_SUFFIXES):
-            raise PickleFormatError(f"{root}: adapter weights are in a pickle format; only {ADAPTER_WEIGHTS} is read")
-        raise ArtifactError(f"{root}: {ADAPTER_CONFIG} present but {ADAPTER_WEIGHTS} is missing")
-    extra = [ArtifactFile(ADAPTER_CONFIG, config_path.stat().st_size, "adapter-config")]
+def _resolve_adapter(root: Path, name: str, entries: set[str], warnings: list[str]) -> Artifact:
+    adapter_config, config_size = load_json_file(root / ADAPTER_CONFIG, "adapter config")
+    if ADAPTER_WEIGHTS not in entries:
+        if any(f"adapter_model{s}" in entries for s in PICKLE_SUFFIXES):
+            raise PickleFormatError(f"{shown(root)}: adapter weights are in a pickle format; only "
+                                    f"{ADAPTER_WEIGHTS} is read")
+        raise AdapterLayoutError(f"{shown(root)}: {ADAPTER_CONFIG} present but {ADAPTER_WEIGHTS} is missing")
+    extra = [ArtifactFile(ADAPTER_CONFIG, config_size, "adapter-config")]
+    others = sorted((e for e in entries if e.endswith(SUFFIX) and e != ADAPTER_WEIGHTS), key=natural_key)
+    warnings += _ignored(others, "a PEFT adapter directory is read as the adapter only")
     headers = _headers(root, [ADAPTER_WEIGHTS])
-    return _assemble(root, name, "adapter", headers, extra, None, adapter_config=adapter_config)
+    return _assemble(root, name, "adapter", headers, extra, None, warnings, adapter_config=adapter_config)
 
 
 def resolve(path: str | os.PathLike[str]) -> Artifact:
-    """Resolve `path` (a .safetensors file or a model directory) to a validated Artifact.
+    """Resolve `path` (a .safetensors file, a shard index, or a model directory) to a validated Artifact.
 
-    Every header is read and validated; no tensor data is touched.
+    Symbolic links are followed (Hugging Face cache snapshots are links into blobs/) and reported in
+    `warnings`; loops, FIFOs and devices are refused before any read. No tensor data is touched.
     """
     path = Path(path)
     if not os.path.lexists(path):
-        raise NoModelError(f"{path}: no such file or directory")
-    info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode):
-        raise ArtifactError(f"{path}: is a symbolic link; pass the real path")
-    if stat.S_ISREG(info.st_mode):
-        if not path.name.endswith(".safetensors"):
-            if path.name.endswith(PICKLE_SUFFIXES):
-                raise PickleFormatError(f"{path}: pickle-based weights are refused (code execution risk); "
-                                        f"convert to safetensors")
-            raise ArtifactError(f"{path}: not a .safetensors file")
+        raise NoModelError(f"{shown(path)}: no such file or directory")
+    info = stat_path(path, "model path")
+    if stat.S_ISDIR(info.st_mode):
+        return _resolve_directory(path, path.resolve().name or shown(path))
+    if not stat.S_ISREG(info.st_mode):
+        raise NotRegularFileError(f"{shown(path)}: not a regular file or directory (a FIFO, device or socket is "
+                                  f"never read)")
+    file_name = path.name
+    if file_name.endswith(INDEX_SUFFIX):
         root = path.parent
-        header = read_header(path)
-        return _assemble(root, path.stem, "single", {path.name: header}, [], None)
-    if not stat.S_ISDIR(info.st_mode):
-        raise ArtifactError(f"{path}: not a regular file or directory")
-    name = path.resolve().name
-    try:
-        entries = sorted(p.name for p in path.iterdir())
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot list directory ({exc.strerror or exc})") from exc
-    if ADAPTER_CONFIG in entries:
-        return _resolve_adapter(path, name)
-    if INDEX_NAME in entries:
-        return _resolve_index(path, name)
-    weights = [e for e in entries if e.endswith(".safetensors")]
-    if SINGLE_NAME in weights and len(weights) == 1:
-        extra: list[ArtifactFile] = []
-        config = _config(path, extra)
-        return _assemble(path, name, "single", _headers(path, [SINGLE_NAME]), extra, config)
-    if weights:
-        return _resolve_pattern(path, name, weights)
-    if any(e.endswith(PICKLE_SUFFIXES) for e in entries):
-        raise PickleFormatError(f"{path}: only pickle-based weights found; tg-verify reads safetensors only")
-    raise NoModelError(f"{path}: no model found (expected {SINGLE_NAME}, {INDEX_NAME}, shards or {ADAPTER_CONFIG})")
+        entries = {entry.name for entry in os.scandir(root)}
+        return _resolve_index(root, path.resolve().parent.name, file_name, entries, [])
+    if file_name.endswith(PICKLE_SUFFIXES):
+        raise PickleFormatError(f"{shown(path)}: pickle-based weights are refused (loading them can execute code); "
+                                f"convert to safetensors")
+    if not file_name.endswith(SUFFIX):
+        hint = " (pass the model directory)" if file_name.endswith(".json") else ""
+        raise NotSafetensorsError(f"{shown(path)}: not a .safetensors file{hint}")
+    header = read_header(path)
+    return _assemble(path.parent, file_name[: -len(SUFFIX)] or file_name, "single", {file_name: header}, [], None,
+                     [])

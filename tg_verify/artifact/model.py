@@ -11,7 +11,8 @@ from typing import Any, Literal
 Layout = Literal["single", "indexed-shards", "shards", "adapter"]
 FileRole = Literal["weights", "index", "config", "adapter-config", "adapter-weights"]
 
-# Bytes per element of each safetensors dtype (sub-byte dtypes are rejected when decoding).
+# Bits per element of every safetensors dtype (the reference's `Dtype` enum). Sub-byte and complex
+# dtypes pass header validation but are refused when decoding (UnsupportedDtypeError).
 DTYPE_BITS: dict[str, int] = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
     "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
@@ -19,12 +20,23 @@ DTYPE_BITS: dict[str, int] = {
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }
 
-_NATURAL = re.compile(r"(\d+)")
+# The dtypes TensorReader decodes to float32 (with torch >= 2.7; older torch lacks F8_E8M0 and the unsigned ones).
+DECODABLE_DTYPES: frozenset[str] = frozenset({
+    "BOOL", "U8", "I8", "I16", "I32", "I64", "U16", "U32", "U64", "F16", "BF16", "F32", "F64",
+    "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
+
+_NATURAL = re.compile(r"([0-9]+)")
 
 
 def natural_key(name: str) -> tuple[Any, ...]:
-    """Sort key that orders `layers.2` before `layers.10` (digits compare as numbers)."""
-    return tuple(int(part) if part.isdigit() else part for part in _NATURAL.split(name))
+    """Sort key that orders `layers.2` before `layers.10`: ASCII digit runs compare as numbers.
+
+    Numbers compare by (digits without leading zeros: length, then text), so runs of any length
+    work without int(); the full name breaks ties (`a01` vs `a1`), so the order is total.
+    """
+    parts = _NATURAL.split(name)
+    key = tuple((len(p.lstrip("0")), p.lstrip("0")) if i % 2 else p for i, p in enumerate(parts))
+    return key, name
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,25 @@
-"""Stream tensors from a resolved artifact: memory-mapped, one at a time, decoded to float32."""
+"""Stream tensors from a resolved artifact: memory-mapped, one at a time, decoded to float32.
+
+Peak memory is about one tensor: `raw()` is a zero-copy view of the mapped file, `float32()` one copy.
+"""
 
 from __future__ import annotations
 
 import mmap
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
 
 import torch
 
+from tg_verify.artifact.errors import FileChangedError, shown
 from tg_verify.artifact.model import Artifact, TensorInfo
-from tg_verify.errors import ArtifactError, UnsupportedDtypeError
+from tg_verify.artifact.safeio import open_regular, os_error
+from tg_verify.errors import InternalError, UnsupportedDtypeError, WeightValueError
 
-# safetensors dtype -> torch dtype that can be viewed directly from the bytes.
+# safetensors dtype -> torch dtype that can be viewed directly from the (little-endian) bytes.
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -22,65 +28,87 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
                      ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
                      ("F8_E8M0", "float8_e8m0fnu"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
+    if hasattr(torch, _attr):  # present in torch >= 2.1 (fp8) / 2.3 (unsigned) / 2.7 (e8m0)
         TORCH_DTYPES[_name] = getattr(torch, _attr)
+# Not decodable: F4, F6_E2M3, F6_E3M2 (packed sub-byte, need the quantisation scales) and C64 (complex).
+
+
+def decodable(dtype: str) -> bool:
+    """Whether `float32()` can decode tensors of this safetensors dtype with the installed torch."""
+    return dtype in TORCH_DTYPES
 
 
 class TensorReader(AbstractContextManager["TensorReader"]):
     """Memory-maps the artifact's weight files lazily; `raw()` views bytes, `float32()` decodes.
 
-    Maps are copy-on-write private (never written), so views are zero-copy and safe to hand to torch.
+    Maps are copy-on-write private (never written back), so views are zero-copy and safe to hand to
+    torch. A file whose size changed since `resolve` validated it is refused (FileChangedError).
     """
 
     def __init__(self, artifact: Artifact) -> None:
+        if sys.byteorder != "little":
+            raise InternalError("tg-verify reads safetensors (little-endian) on little-endian hosts only")
         self.artifact = artifact
         self._maps: dict[str, mmap.mmap] = {}
+        self._sizes = {f.path: f.size for f in artifact.files}
 
     def _map(self, relpath: str) -> mmap.mmap:
         if relpath not in self._maps:
             path = self.artifact.path_of(relpath)
+            fd, info = open_regular(path, "weights file")
             try:
-                with open(path, "rb") as handle:
-                    size = os.fstat(handle.fileno()).st_size
-                    expected = next(f.size for f in self.artifact.files if f.path == relpath)
-                    if size != expected:
-                        raise ArtifactError(f"{path}: file changed size since it was validated")
-                    self._maps[relpath] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                if info.st_size != self._sizes.get(relpath):
+                    raise FileChangedError(f"{shown(path)}: file is {info.st_size} bytes, not the "
+                                           f"{self._sizes.get(relpath)} validated by resolve(); it changed while open")
+                self._maps[relpath] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
             except OSError as exc:
-                raise ArtifactError(f"{path}: cannot map ({exc.strerror or exc})") from exc
+                raise os_error(path, exc, "weights file") from None
+            finally:
+                os.close(fd)
         return self._maps[relpath]
 
     def raw(self, info: TensorInfo) -> torch.Tensor:
-        """The tensor in its stored dtype, viewed (not copied) from the mapped file."""
+        """The tensor in its stored dtype, viewed (not copied) from the mapped file when aligned."""
         dtype = TORCH_DTYPES.get(info.dtype)
         if dtype is None:
             raise UnsupportedDtypeError(
-                f"{self.artifact.path_of(info.file)}: tensor '{info.name}' has dtype {info.dtype}, which tg-verify "
-                f"cannot decode (supported: {', '.join(sorted(TORCH_DTYPES))})")
+                f"{shown(self.artifact.path_of(info.file))}: tensor '{shown(info.name)}' has dtype {info.dtype}, "
+                f"which tg-verify cannot decode to float32 (supported: {', '.join(sorted(TORCH_DTYPES))})")
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
         buffer = self._map(info.file)
-        flat = torch.frombuffer(buffer, dtype=dtype, count=info.numel, offset=info.begin)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if info.begin % itemsize:  # writers need not align the data section; never hand torch a misaligned view
+            flat = torch.frombuffer(bytearray(buffer[info.begin:info.end]), dtype=dtype)
+        else:
+            flat = torch.frombuffer(buffer, dtype=dtype, count=info.numel, offset=info.begin)
         return flat.view(info.shape)
 
-    def float32(self, info: TensorInfo) -> torch.Tensor:
-        """The tensor decoded to a fresh float32 tensor."""
+    def float32(self, info: TensorInfo, *, finite: bool = False) -> torch.Tensor:
+        """The tensor decoded to a fresh float32 tensor; with `finite=True`, NaN/Inf is a WeightValueError."""
         raw = self.raw(info)
-        if raw.dtype == torch.float32:
-            return raw.clone()
-        return raw.to(torch.float32)
+        tensor = raw.clone() if raw.dtype == torch.float32 else raw.to(torch.float32)
+        if finite:
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise WeightValueError(
+                    f"{shown(self.artifact.path_of(info.file))}: tensor '{shown(info.name)}' holds {bad} NaN or "
+                    f"infinite value(s) of {info.numel}; a fingerprint of it would be meaningless")
+        return tensor
 
-    def stream(self, infos: Iterable[TensorInfo] | None = None) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+    def stream(self, infos: Iterable[TensorInfo] | None = None, *, finite: bool = False
+               ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
         """Yield (info, float32 tensor) one at a time, in canonical order by default."""
         for info in (self.artifact.tensors if infos is None else infos):
-            yield info, self.float32(info)
+            yield info, self.float32(info, finite=finite)
 
     def close(self) -> None:
+        """Release the maps (a map still viewed by a live tensor is released when that tensor goes)."""
         for buffer in self._maps.values():
             try:
                 buffer.close()
             except BufferError:
-                pass  # a view still references it; the map is released when the view goes
+                pass
         self._maps.clear()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

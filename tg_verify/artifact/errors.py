@@ -1,0 +1,250 @@
+"""The artifact layer's error catalogue: one class, one stable code per validation rule.
+
+Every class is an InputError (exit 2). docs/artifact.md lists the codes with the rule each enforces;
+callers may branch on `type(exc)` or `exc.code`, never on message text.
+"""
+
+from __future__ import annotations
+
+from tg_verify.errors import AdapterError, ArtifactError, HeaderError
+
+# --- resolving the path -------------------------------------------------------------------------------
+
+
+class NoModelError(ArtifactError):
+    """The path does not exist, or the directory holds no model in any supported layout."""
+
+    code = "TGV_NO_MODEL"
+
+
+class NotRegularFileError(ArtifactError):
+    """A FIFO, device, socket or directory where a regular file is needed (never opened for reading)."""
+
+    code = "TGV_NOT_REGULAR_FILE"
+
+
+class SymlinkLoopError(ArtifactError):
+    """A symbolic link that never reaches a file (a loop, or too many levels)."""
+
+    code = "TGV_SYMLINK_LOOP"
+
+
+class UnreadableFileError(ArtifactError):
+    """A file the operating system will not let us read (permissions, I/O error)."""
+
+    code = "TGV_UNREADABLE"
+
+
+class PickleFormatError(ArtifactError):
+    """Pickle-based weights (.bin, .pt, .pth, .ckpt, ...): refused, never loaded or scanned."""
+
+    code = "TGV_PICKLE_REFUSED"
+
+
+class NotSafetensorsError(ArtifactError):
+    """A file path that does not name a .safetensors file."""
+
+    code = "TGV_NOT_SAFETENSORS"
+
+
+class JsonFileError(ArtifactError):
+    """A side-car JSON file (config, shard index, adapter config) that is too big, not JSON, or not an object."""
+
+    code = "TGV_JSON_FILE"
+
+
+class AmbiguousLayoutError(ArtifactError):
+    """A directory that holds more than one candidate model (e.g. two shard indexes)."""
+
+    code = "TGV_AMBIGUOUS_LAYOUT"
+
+
+class IndexFormatError(ArtifactError):
+    """A shard index whose `weight_map` is missing, empty or names something other than a sibling shard."""
+
+    code = "TGV_SHARD_INDEX"
+
+
+class MissingShardError(ArtifactError):
+    """A shard named by the index (or by an N-of-M set) that is not on disk."""
+
+    code = "TGV_MISSING_SHARD"
+
+
+class UnlistedShardError(ArtifactError):
+    """A shard-named file that the index does not mention: refused, not silently ignored."""
+
+    code = "TGV_UNLISTED_SHARD"
+
+
+class IndexMismatchError(ArtifactError):
+    """`weight_map` and the shard headers disagree about which tensor lives where."""
+
+    code = "TGV_INDEX_MISMATCH"
+
+
+class ShardSetError(ArtifactError):
+    """Safetensors files without an index that do not form one complete `<prefix>-i-of-N` set."""
+
+    code = "TGV_SHARD_SET"
+
+
+class IncompleteShardSetError(ShardSetError):
+    """An `<prefix>-i-of-N` set with numbers missing, repeated or out of range."""
+
+    code = "TGV_INCOMPLETE_SHARDS"
+
+
+class DuplicateTensorError(ArtifactError):
+    """The same tensor name stored in two files of one artifact."""
+
+    code = "TGV_DUPLICATE_TENSOR"
+
+
+class AdapterLayoutError(AdapterError):
+    """A PEFT adapter directory without its safetensors weights."""
+
+    code = "TGV_ADAPTER_LAYOUT"
+
+
+class FileChangedError(ArtifactError):
+    """A file whose size changed between validation and reading (modified while open)."""
+
+    code = "TGV_FILE_CHANGED"
+
+
+# --- one safetensors header (checks 1-10 of the reference parser, plus tg-verify's own) ---------------
+
+
+class HeaderTooSmallError(HeaderError):
+    """File shorter than the 8-byte header length."""
+
+    code = "TGV_HEADER_TOO_SMALL"
+
+
+class HeaderTooLargeError(HeaderError):
+    """Header length above the cap (25 MB by default, as huggingface_hub)."""
+
+    code = "TGV_HEADER_TOO_LARGE"
+
+
+class HeaderLengthError(HeaderError):
+    """Header length that runs past the end of the file."""
+
+    code = "TGV_HEADER_LENGTH"
+
+
+class HeaderEncodingError(HeaderError):
+    """Header bytes that are not UTF-8."""
+
+    code = "TGV_HEADER_ENCODING"
+
+
+class HeaderJsonError(HeaderError):
+    """Header that is not one strict JSON object (NaN/Infinity literals are not JSON)."""
+
+    code = "TGV_HEADER_JSON"
+
+
+class HeaderNestingError(HeaderJsonError):
+    """Header JSON nested deeper than any valid header (refused before parsing)."""
+
+    code = "TGV_HEADER_NESTING"
+
+
+class DuplicateKeyError(HeaderError):
+    """A JSON key (tensor name or entry field) written twice: parsers disagree on which one wins."""
+
+    code = "TGV_DUPLICATE_KEY"
+
+
+class HeaderSchemaError(HeaderError):
+    """A tensor entry that is not exactly {dtype, shape, data_offsets}."""
+
+    code = "TGV_HEADER_SCHEMA"
+
+
+class TensorNameError(HeaderError):
+    """A tensor name that is empty or holds control characters or lone surrogates."""
+
+    code = "TGV_TENSOR_NAME"
+
+
+class UnknownDtypeError(HeaderError):
+    """A dtype outside the safetensors enumeration."""
+
+    code = "TGV_UNKNOWN_DTYPE"
+
+
+class ShapeError(HeaderError):
+    """A shape that is not a list of at most 8 non-negative integers."""
+
+    code = "TGV_SHAPE"
+
+
+class OffsetError(HeaderError):
+    """`data_offsets` that is not [begin, end] with 0 <= begin <= end."""
+
+    code = "TGV_OFFSETS"
+
+
+class SizeOverflowError(HeaderError):
+    """numel x dtype bits that does not fit in 64 bits (the reference's ValidationOverflow)."""
+
+    code = "TGV_SIZE_OVERFLOW"
+
+
+class MisalignedSizeError(HeaderError):
+    """A sub-byte dtype whose element count does not fill whole bytes (the reference's MisalignedSlice)."""
+
+    code = "TGV_MISALIGNED"
+
+
+class SizeMismatchError(HeaderError):
+    """`end - begin` differs from numel x dtype size (the reference's TensorInvalidInfo)."""
+
+    code = "TGV_SIZE_MISMATCH"
+
+
+class OverlapError(HeaderError):
+    """Two tensors whose byte ranges overlap (aliasing bytes is a denial-of-service vector)."""
+
+    code = "TGV_OVERLAP"
+
+
+class GapError(HeaderError):
+    """Bytes in the data section that no tensor covers (room for a polyglot payload)."""
+
+    code = "TGV_GAP"
+
+
+class CoverageError(HeaderError):
+    """The tensors do not end exactly at the end of the file."""
+
+    code = "TGV_COVERAGE"
+
+
+class DataTruncatedError(CoverageError):
+    """Tensor data that runs past the end of the file (truncated download, lying offsets)."""
+
+    code = "TGV_DATA_TRUNCATED"
+
+
+class TrailingBytesError(CoverageError):
+    """Bytes after the last tensor (a polyglot file, or a partially overwritten one)."""
+
+    code = "TGV_TRAILING_BYTES"
+
+
+class MetadataError(HeaderError):
+    """`__metadata__` that is not a map of strings to strings."""
+
+    code = "TGV_METADATA"
+
+
+def shown(value: object) -> str:
+    """Untrusted text (a tensor or file name) made safe for a one-line message: control characters escaped."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return repr(text)[1:-1]

@@ -1,0 +1,103 @@
+"""The `inspect` document: what an artifact holds, from its headers alone, as JSON-safe data.
+
+Built here (not in the CLI) so the tensor list and counts are one definition, identical for the
+same weights in every layout: per-file details live under `files`, never in `tensors`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from tg_verify.artifact.categories import CATEGORIES, categorize
+from tg_verify.artifact.errors import shown
+from tg_verify.artifact.digest import root_digest
+from tg_verify.artifact.model import DECODABLE_DTYPES, Artifact
+from tg_verify.errors import TgVerifyError
+
+SCHEMA = "tg-verify/inspect/v1"
+CHECKS = ("header-length", "utf8-json-object", "no-duplicate-keys", "known-dtypes", "shapes", "offsets-contiguous",
+          "sizes-match-dtype", "file-fully-covered", "metadata-strings", "layout-complete", "no-duplicate-tensors")
+CONFIG_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+               "tie_word_embeddings", "torch_dtype", "dtype")
+ADAPTER_KEYS = ("peft_type", "base_model_name_or_path", "r", "lora_alpha", "target_modules", "task_type")
+
+
+def _json_safe(value: Any) -> Any:
+    """A scalar or list of scalars from an untrusted JSON file, or None when it cannot be shown faithfully."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return shown(value)
+        return value
+    if isinstance(value, list) and all(isinstance(v, (str, int, float, bool)) for v in value) and len(value) <= 64:
+        return [_json_safe(v) for v in value]
+    return None
+
+
+def _excerpt(document: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any] | None:
+    if document is None:
+        return None
+    picked = {key: _json_safe(document[key]) for key in keys if key in document}
+    return {k: v for k, v in picked.items() if v is not None}
+
+
+def describe(artifact: Artifact, digests: dict[str, str] | None = None) -> dict[str, Any]:
+    """The inspect document for a resolved (hence valid) artifact; `digests` from file_digests() if hashed."""
+    per_file = Counter(t.file for t in artifact.tensors)
+    files = []
+    for entry in artifact.files:
+        item: dict[str, Any] = {"path": shown(entry.path), "role": entry.role, "size": entry.size}
+        if entry.role in ("weights", "adapter-weights"):
+            item["tensors"] = per_file[entry.path]
+        if digests is not None:
+            item["sha256"] = digests[entry.path]
+        files.append(item)
+    dtypes: dict[str, dict[str, int]] = {}
+    categories: dict[str, dict[str, int]] = {c: {"tensors": 0, "params": 0} for c in CATEGORIES}
+    tensors = []
+    for info in artifact.tensors:
+        category = categorize(info.name)
+        for bucket in (dtypes.setdefault(info.dtype, {"tensors": 0, "params": 0}), categories[category]):
+            bucket["tensors"] += 1
+            bucket["params"] += info.numel
+        tensors.append({"name": info.name, "dtype": info.dtype, "shape": list(info.shape), "params": info.numel,
+                        "category": category})
+    undecodable = sorted(d for d in dtypes if d not in DECODABLE_DTYPES)
+    warnings = list(artifact.warnings)
+    if undecodable:
+        warnings.append(f"dtype(s) {', '.join(undecodable)} cannot be decoded to float32: fingerprinting will refuse")
+    matrices = sum(1 for t in artifact.tensors if len(t.shape) == 2)
+    if not matrices:
+        warnings.append("no 2-D tensors: the TensorGuard fingerprint analyses matrices only and cannot be computed")
+    document: dict[str, Any] = {
+        "schema": SCHEMA,
+        "artifact": {"name": shown(artifact.name), "path": shown(artifact.root), "layout": artifact.layout,
+                     "model_type": _json_safe(artifact.model_type)},
+        "config": _excerpt(artifact.config, CONFIG_KEYS),
+        "adapter": _excerpt(artifact.adapter_config, ADAPTER_KEYS),
+        "files": files,
+        "tensor_count": len(artifact.tensors),
+        "total_params": artifact.total_params,
+        "total_bytes": sum(t.nbytes for t in artifact.tensors),
+        "matrices": matrices,
+        "dtypes": dict(sorted(dtypes.items())),
+        "categories": categories,
+        "tensors": tensors,
+        "metadata": {shown(k): v for k, v in sorted(artifact.metadata.items())},
+        "validation": {"status": "valid", "header_only": True, "checks": list(CHECKS), "warnings": warnings},
+    }
+    if digests is not None:
+        document["root_digest"] = root_digest(digests)
+    return document
+
+
+def describe_error(path: str, error: TgVerifyError) -> dict[str, Any]:
+    """The inspect document for an artifact that failed validation (still machine-readable)."""
+    return {"schema": SCHEMA, "artifact": {"path": shown(path)},
+            "validation": {"status": "invalid", "error": {"code": error.code, "type": type(error).__name__,
+                                                          "message": shown(str(error))}}}

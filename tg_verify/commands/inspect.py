@@ -1,0 +1,123 @@
+"""`tg-verify inspect PATH [--json] [--hash]`: what a model artifact holds, from its headers alone.
+
+Validates every safetensors header and the layout without reading tensor data; `--hash` adds the
+sha256 of every file (streamed, with a progress bar on a terminal). Invalid input exits 2 with one
+line on stderr, and with `--json` also prints a machine-readable error document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from tg_verify.artifact.digest import file_digests
+from tg_verify.artifact.layout import resolve
+from tg_verify.artifact.summary import describe, describe_error
+from tg_verify.atomic import canonical_json
+from tg_verify.errors import EXIT_OK, InputError
+from tg_verify.progress import progress_sink, wants_progress
+
+VERB = "inspect"
+ORDER = 40
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `inspect` parser."""
+    parser = subparsers.add_parser(
+        VERB, help="show and validate a model artifact's layout, files and tensors (header-only)",
+        description=("Resolve PATH (a .safetensors file, a shard index, or a model directory: single file, "
+                     "indexed shards, <prefix>-0000i-of-0000N shards, or a PEFT adapter), validate every "
+                     "safetensors header as untrusted input, and report layout, files, tensor and parameter "
+                     "counts, dtypes, model_type and tensors per category. Reads no tensor data unless --hash."),
+        epilog="Exit codes: 0 valid; 2 bad input (invalid or unreadable artifact); 3 internal error.")
+    parser.add_argument("path", metavar="PATH", help="model directory, .safetensors file or *.safetensors.index.json")
+    parser.add_argument("--json", action="store_true", help="print the canonical JSON document on stdout")
+    parser.add_argument("--hash", action="store_true", help="also compute the sha256 of every file and the root digest")
+    parser.add_argument("--tensors", action="store_true", help="list every tensor in the human-readable output")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar while hashing (default: on a terminal outside CI)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve, optionally hash, then print the document (JSON) or tables (human)."""
+    try:
+        artifact = resolve(args.path)
+        digests = None
+        if args.hash:
+            with progress_sink(wants_progress(args.progress)) as sink:
+                sink.start("sha256", float(sum(f.size for f in artifact.files)))
+                digests = file_digests(artifact, sink)
+    except InputError as error:
+        if args.json:
+            sys.stdout.write(canonical_json(describe_error(args.path, error)).decode("utf-8"))
+        raise
+    document = describe(artifact, digests)
+    if args.json:
+        sys.stdout.write(canonical_json(document).decode("utf-8"))
+    else:
+        _render(document, args.tensors)
+    return EXIT_OK
+
+
+def _size(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{nbytes} B"
+
+
+def _count(n: int) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n:,} ({n / scale:.2f}{suffix})"
+    return f"{n:,}"
+
+
+def _render(doc: dict[str, Any], list_tensors: bool) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=True)
+    art = doc["artifact"]
+    console.print(f"[bold]{escape(art['name'])}[/]  layout [bold]{art['layout']}[/]  "
+                  f"model_type [bold]{escape(str(art['model_type'] or '-'))}[/]  ({escape(art['path'])})")
+    files = Table(title="files", title_justify="left", show_edge=False)
+    for column in ("path", "role", "size", "tensors") + (("sha256",) if "root_digest" in doc else ()):
+        files.add_column(column, justify="right" if column in ("size", "tensors") else "left",
+                         overflow="fold", no_wrap=column not in ("path", "sha256"))
+    for item in doc["files"]:
+        row = [escape(item["path"]), item["role"], _size(item["size"]), str(item.get("tensors", ""))]
+        files.add_row(*row, *([item["sha256"]] if "root_digest" in doc else []))
+    console.print(files)
+    if "root_digest" in doc:
+        console.print(f"root digest (model_signing) sha256:{doc['root_digest']}")
+    console.print(f"tensors {doc['tensor_count']:,} (2-D {doc['matrices']:,})   parameters "
+                  f"{_count(doc['total_params'])}   tensor bytes {_size(doc['total_bytes'])}")
+    console.print("dtypes  " + ", ".join(f"{d} {v['tensors']} tensors / {_count(v['params'])}"
+                                         for d, v in doc["dtypes"].items()))
+    cats = Table(title="categories", title_justify="left", show_edge=False)
+    for column in ("category", "tensors", "params"):
+        cats.add_column(column, justify="left" if column == "category" else "right")
+    for name, value in doc["categories"].items():
+        cats.add_row(name, f"{value['tensors']:,}", f"{value['params']:,}")
+    console.print(cats)
+    if doc["adapter"]:
+        console.print("adapter " + ", ".join(f"{k}={escape(str(v))}" for k, v in doc["adapter"].items()))
+    if list_tensors:
+        table = Table(title="tensors (canonical order)", title_justify="left", show_edge=False)
+        for column in ("name", "dtype", "shape", "params", "category"):
+            table.add_column(column, justify="right" if column == "params" else "left", overflow="fold")
+        for t in doc["tensors"]:
+            table.add_row(escape(t["name"]), t["dtype"], "x".join(map(str, t["shape"])) or "scalar",
+                          f"{t['params']:,}", t["category"])
+        console.print(table)
+    validation = doc["validation"]
+    console.print(f"validation [bold green]{validation['status']}[/] ({len(validation['checks'])} checks, "
+                  f"header-only)")
+    for warning in validation["warnings"]:
+        console.print(f"[yellow]warning[/] {escape(warning)}")
