@@ -1,0 +1,304 @@
+"""The verdict: the declared lineage checked against the evidence, as findings with TGV_* codes.
+
+Each finding is machine-readable (code, severity) and human-readable (one sentence). The verdict is
+FAIL when any finding has severity "fail". docs/reasons.md documents every code in REASON_CODES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from tg_verify.policy import Policy
+
+Severity = Literal["fail", "warn", "info", "pass"]
+SEVERITY_ORDER: dict[str, int] = {"fail": 0, "warn": 1, "info": 2, "pass": 3}
+
+# code -> (default severity, what it means). Severities a policy can change say so.
+REASON_CODES: dict[str, tuple[str, str]] = {
+    "TGV_DISTANCE_ABOVE_THRESHOLD": ("fail", "the distance to the declared base exceeds its threshold"),
+    "TGV_DISTANCE_WITHIN_THRESHOLD": ("pass", "the distance to the declared base is within its threshold"),
+    "TGV_FAMILY_MISMATCH": ("fail", "the attributed family differs from the declared family"),
+    "TGV_FAMILY_MATCHES": ("pass", "the attributed family is the declared family"),
+    "TGV_OUT_OF_CLUSTER": ("fail", "the candidate is farther than the out-of-cluster threshold from every "
+                                   "cluster centre (policy on_out_of_cluster: fail | warn)"),
+    "TGV_IN_CLUSTER": ("pass", "the candidate lies within the out-of-cluster threshold of a cluster centre"),
+    "TGV_NEAREST_BASE_DIFFERS": ("warn", "the nearest base is another reference of the declared family "
+                                         "(policy on_base_mismatch: warn | fail)"),
+    "TGV_FORBIDDEN_MATCH": ("fail", "the candidate is attributed to a forbidden reference"),
+    "TGV_NO_FORBIDDEN_MATCH": ("pass", "the candidate is not attributed to any forbidden reference"),
+    "TGV_LINEAGE_ESTABLISHED": ("pass", "the lineage test shows the candidate derives from the declared base"),
+    "TGV_LINEAGE_NOT_ESTABLISHED": ("fail", "the lineage test does not show the candidate derives from the "
+                                            "declared base"),
+    "TGV_FORBIDDEN_LINEAGE": ("fail", "the lineage test shows the candidate derives from a forbidden reference"),
+    "TGV_NO_FORBIDDEN_LINEAGE": ("pass", "the lineage test shows no derivation from a forbidden reference"),
+    "TGV_LINEAGE_CONTRADICTS_FAMILY": ("fail", "the lineage test shows derivation from a reference of another "
+                                               "family than the declared one"),
+    "TGV_LINEAGE_UNAVAILABLE": ("warn", "a lineage test could not run: a fingerprint lacks the lineage sketch "
+                                        "(policy lineage.on_unavailable: warn | fail)"),
+    "TGV_LINEAGE_DISABLED": ("info", "the policy turned the lineage test off (lineage.enabled: false)"),
+    "TGV_ADAPTER_BASE_NAME_MISMATCH": ("warn", "the adapter's base_model_name_or_path disagrees with the declared "
+                                               "base (policy on_name_mismatch: warn | fail)"),
+    "TGV_ARTIFACT_WARNING": ("warn", "the candidate artifact was accepted with a warning (e.g. a non-canonical "
+                                     "header)"),
+    "TGV_COMPARISON_CAVEAT": ("info", "a caveat on how distances were computed (legacy references, degenerate "
+                                      "scaling)"),
+}
+
+
+class LineageLike(Protocol):
+    """What the verdict reads from a lineage test result (tg_verify.analysis.lineage.LineageResult)."""
+
+    score: float
+    threshold: float
+    p_value: float
+    false_positive_rate: float
+    derived: bool
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check's outcome: a TGV_* code, its severity, one sentence, and the reference it concerns."""
+
+    code: str
+    severity: Severity
+    message: str
+    subject: str | None = None  # a reference id, when the finding concerns one
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "severity": self.severity, "message": self.message, "subject": self.subject}
+
+
+@dataclass(frozen=True)
+class ReferenceEvidence:
+    """What was measured against one reference."""
+
+    id: str
+    family: str
+    distance: float
+    threshold: float
+    lineage: LineageLike | None = None
+    lineage_unavailable: str | None = None  # why no lineage test ran (None when it ran or was disabled)
+
+    @property
+    def within_threshold(self) -> bool:
+        return self.distance <= self.threshold
+
+
+@dataclass(frozen=True)
+class AttributionEvidence:
+    """The family attribution (nearest converged cluster centre) and the out-of-cluster decision."""
+
+    family: str
+    base: str
+    distance: float  # to the attributed cluster centre
+    out_of_cluster: bool
+    threshold: float  # the out-of-cluster threshold
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Everything the verdict is decided from; the pipeline gathers it, tests can build it directly."""
+
+    references: tuple[ReferenceEvidence, ...]
+    attribution: AttributionEvidence
+    adapter_name_mismatches: tuple[str, ...] = ()
+    artifact_warnings: tuple[str, ...] = ()
+    caveats: tuple[str, ...] = ()
+
+    def reference(self, ref_id: str) -> ReferenceEvidence:
+        for ref in self.references:
+            if ref.id == ref_id:
+                return ref
+        raise KeyError(ref_id)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """PASS or FAIL with every finding, failures first."""
+
+    passed: bool
+    findings: tuple[Finding, ...] = field(default_factory=tuple)
+
+    @property
+    def label(self) -> str:
+        """"pass" or "fail", as reports write it."""
+        return "pass" if self.passed else "fail"
+
+    @property
+    def reasons(self) -> tuple[Finding, ...]:
+        """The findings that are not passed checks: failures, warnings and notes."""
+        return tuple(f for f in self.findings if f.severity != "pass")
+
+    @property
+    def failures(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.severity == "fail")
+
+    @property
+    def warnings(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.severity == "warn")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdict": self.label, "reasons": [f.to_dict() for f in self.reasons],
+                "checks": [f.to_dict() for f in self.findings]}
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _lineage_text(result: LineageLike) -> str:
+    if not getattr(result, "comparable", True):
+        notes = "; ".join(getattr(result, "notes", []) or []) or "no common probe"
+        return f"not comparable ({notes})"
+    return (f"score {_fmt(result.score)} vs threshold {_fmt(result.threshold)}, p = {result.p_value:.4g}, "
+            f"stated false-positive rate {result.false_positive_rate:.2%}")
+
+
+class _Findings:
+    """Collects findings; `add` looks up the default severity unless the policy set one."""
+
+    def __init__(self) -> None:
+        self.items: list[Finding] = []
+
+    def add(self, code: str, message: str, subject: str | None = None, severity: str | None = None) -> None:
+        self.items.append(Finding(code, (severity or REASON_CODES[code][0]), message, subject))  # type: ignore[arg-type]
+
+
+def _declared_base(policy: Policy, ev: Evidence, out: _Findings) -> None:
+    base = policy.declared.base
+    if base is None:
+        return
+    ref = ev.reference(base)
+    if ref.within_threshold:
+        out.add("TGV_DISTANCE_WITHIN_THRESHOLD",
+                f"distance {_fmt(ref.distance)} to declared base '{base}' is within the threshold "
+                f"{_fmt(ref.threshold)}", base)
+    else:
+        out.add("TGV_DISTANCE_ABOVE_THRESHOLD",
+                f"distance {_fmt(ref.distance)} to declared base '{base}' exceeds the threshold {_fmt(ref.threshold)}",
+                base)
+    att = ev.attribution
+    if att.base != base and att.family == ref.family:
+        out.add("TGV_NEAREST_BASE_DIFFERS",
+                f"the nearest base is '{att.base}', not the declared '{base}' (both family '{ref.family}'); the "
+                f"paper's statistics rarely separate bases of one family, the lineage test does",
+                base, severity=policy.on_base_mismatch)
+
+
+def _family(policy: Policy, ev: Evidence, out: _Findings) -> None:
+    family = policy.declared_family
+    att = ev.attribution
+    if family is None:
+        return
+    if att.family == family:
+        out.add("TGV_FAMILY_MATCHES", f"attributed family '{att.family}' (nearest base '{att.base}') is the "
+                                      f"declared family")
+    else:
+        out.add("TGV_FAMILY_MISMATCH", f"attributed family '{att.family}' (nearest base '{att.base}') differs from "
+                                       f"the declared family '{family}'")
+
+
+def _cluster(policy: Policy, ev: Evidence, out: _Findings) -> None:
+    att = ev.attribution
+    if att.out_of_cluster:
+        out.add("TGV_OUT_OF_CLUSTER",
+                f"distance {_fmt(att.distance)} to the nearest cluster centre ('{att.family}') exceeds the "
+                f"out-of-cluster threshold {_fmt(att.threshold)}: possibly a new, heavily modified or "
+                f"quantised model", severity=policy.on_out_of_cluster)
+    else:
+        out.add("TGV_IN_CLUSTER", f"distance {_fmt(att.distance)} to the nearest cluster centre ('{att.family}') is "
+                                  f"within the out-of-cluster threshold {_fmt(att.threshold)}")
+
+
+def _forbidden(policy: Policy, ev: Evidence, out: _Findings) -> None:
+    if not policy.forbidden:
+        return
+    att = ev.attribution
+    if att.base in policy.forbidden and not att.out_of_cluster:
+        ref = ev.reference(att.base)
+        out.add("TGV_FORBIDDEN_MATCH", f"the candidate is attributed to forbidden reference '{att.base}' "
+                                       f"(distance {_fmt(ref.distance)})", att.base)
+    else:
+        out.add("TGV_NO_FORBIDDEN_MATCH", f"the candidate is not attributed to any forbidden reference "
+                                          f"({', '.join(policy.forbidden)})")
+
+
+def _derived_elsewhere(ev: Evidence, exclude: str) -> list[str]:
+    return [r.id for r in ev.references if r.id != exclude and r.lineage is not None and r.lineage.derived]
+
+
+def _unavailable(policy: Policy, ref: ReferenceEvidence, role: str, out: _Findings) -> bool:
+    if ref.lineage is not None:
+        return False
+    reason = ref.lineage_unavailable or "no lineage result"
+    out.add("TGV_LINEAGE_UNAVAILABLE", f"no lineage test against {role} '{ref.id}': {reason}", ref.id,
+            severity=policy.lineage.on_unavailable)
+    return True
+
+
+def _lineage(policy: Policy, ev: Evidence, out: _Findings) -> None:
+    if not policy.lineage.enabled:
+        out.add("TGV_LINEAGE_DISABLED", "the lineage test is off (lineage.enabled: false); the verdict rests on "
+                                        "the paper's distance and family attribution only")
+        return
+    base = policy.declared.base
+    if base is not None:
+        ref = ev.reference(base)
+        if not _unavailable(policy, ref, "declared base", out):
+            assert ref.lineage is not None
+            if ref.lineage.derived:
+                out.add("TGV_LINEAGE_ESTABLISHED", f"lineage to declared base '{base}' established: "
+                                                   f"{_lineage_text(ref.lineage)}", base)
+            else:
+                others = _derived_elsewhere(ev, base)
+                hint = f"; lineage points to {', '.join(repr(o) for o in others)} instead" if others else ""
+                out.add("TGV_LINEAGE_NOT_ESTABLISHED", f"lineage to declared base '{base}' not established: "
+                                                       f"{_lineage_text(ref.lineage)}{hint}", base)
+    for ref_id in policy.forbidden:
+        ref = ev.reference(ref_id)
+        if _unavailable(policy, ref, "forbidden reference", out):
+            continue
+        assert ref.lineage is not None
+        if ref.lineage.derived:
+            out.add("TGV_FORBIDDEN_LINEAGE", f"the candidate derives from forbidden reference '{ref_id}': "
+                                             f"{_lineage_text(ref.lineage)}", ref_id)
+        else:
+            out.add("TGV_NO_FORBIDDEN_LINEAGE", f"no derivation from forbidden reference '{ref_id}': "
+                                                f"{_lineage_text(ref.lineage)}", ref_id)
+    family = policy.declared_family
+    for ref in ev.references:
+        if ref.id in policy.forbidden or ref.lineage is None or not ref.lineage.derived:
+            continue
+        if family is not None and ref.family != family:
+            out.add("TGV_LINEAGE_CONTRADICTS_FAMILY",
+                    f"the candidate derives from '{ref.id}' of family '{ref.family}', not the declared family "
+                    f"'{family}': {_lineage_text(ref.lineage)}", ref.id)
+
+
+def decide(policy: Policy, evidence: Evidence) -> Verdict:
+    """Apply the policy's rules to the evidence. Pure: the same inputs give the same verdict."""
+    out = _Findings()
+    _declared_base(policy, evidence, out)
+    _family(policy, evidence, out)
+    _cluster(policy, evidence, out)
+    _forbidden(policy, evidence, out)
+    _lineage(policy, evidence, out)
+    for message in evidence.adapter_name_mismatches:
+        out.add("TGV_ADAPTER_BASE_NAME_MISMATCH", message, policy.declared.base, severity=policy.on_name_mismatch)
+    for message in evidence.artifact_warnings:
+        out.add("TGV_ARTIFACT_WARNING", message)
+    for message in evidence.caveats:
+        out.add("TGV_COMPARISON_CAVEAT", message)
+    findings = sorted(out.items, key=lambda f: SEVERITY_ORDER[f.severity])  # stable: rule order within a severity
+    return Verdict(passed=not any(f.severity == "fail" for f in findings), findings=tuple(findings))
+
+
+def summarize(findings: Sequence[Finding]) -> str:
+    """One line: the failing codes, or the warnings, or 'all checks passed'."""
+    failures = [f.code for f in findings if f.severity == "fail"]
+    if failures:
+        return "failed: " + ", ".join(dict.fromkeys(failures))
+    warnings = [f.code for f in findings if f.severity == "warn"]
+    return "passed with warnings: " + ", ".join(dict.fromkeys(warnings)) if warnings else "all checks passed"
