@@ -34,6 +34,9 @@ class NullProgress:
     def finish(self) -> None:
         pass
 
+    def describe(self, text: str) -> None:
+        pass
+
 
 class RichProgress:
     """A rich progress bar on stderr: task description, done/total, rate, elapsed time."""
@@ -58,6 +61,11 @@ class RichProgress:
     def advance(self, amount: float = 1.0) -> None:
         if self._task is not None:
             self._progress.advance(self._task, amount)
+
+    def describe(self, text: str) -> None:
+        """Replace the task's description (e.g. "model: 12/201 tensors"); optional beyond the protocol."""
+        if self._task is not None:
+            self._progress.update(self._task, description=text)
 
     def finish(self) -> None:
         if self._task is not None:

@@ -49,6 +49,8 @@ class Fingerprint:
     artifact: dict[str, Any] = field(default_factory=dict)  # layout, files [{path,size,sha256}], root_digest
     tensors: list[dict[str, Any]] = field(default_factory=list)  # [{name, shape, size, category}]
     sketch: dict[str, Any] | None = None  # lineage sketch (fingerprint/sketch.py), JSON-safe
+    # Which tensors fed which feature, empty categories, degenerate tensors (docs/method.md).
+    extraction: dict[str, Any] | None = None
     legacy: bool = False
     source: str = ""  # where it was read from (not serialised)
 
@@ -70,6 +72,8 @@ class Fingerprint:
         }
         if self.sketch is not None:
             document["sketch"] = self.sketch
+        if self.extraction is not None:
+            document["extraction"] = self.extraction
         return document
 
     def to_json_bytes(self) -> bytes:
@@ -116,7 +120,7 @@ def from_dict(document: Any, source: str = "<fingerprint>") -> Fingerprint:
         raise FingerprintFormatError(
             f"{source}: format_version {document.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
     known = {"schema", "format_version", "feature_version", "model_name", "features", "settings", "tool",
-             "artifact", "tensors", "legacy", "sketch"}
+             "artifact", "tensors", "legacy", "sketch", "extraction"}
     extra = sorted(set(document) - known)
     if extra:
         raise FingerprintFormatError(f"{source}: unknown fields {', '.join(extra)}")
@@ -141,12 +145,16 @@ def from_dict(document: Any, source: str = "<fingerprint>") -> Fingerprint:
     sketch = document.get("sketch")
     if sketch is not None and not isinstance(sketch, dict):
         raise FingerprintFormatError(f"{source}: 'sketch' must be an object")
+    extraction = document.get("extraction")
+    if extraction is not None and not isinstance(extraction, dict):
+        raise FingerprintFormatError(f"{source}: 'extraction' must be an object")
     legacy = document.get("legacy", False)
     if not isinstance(legacy, bool):
         raise FingerprintFormatError(f"{source}: 'legacy' must be true or false")
     return Fingerprint(model_name=name, features=_features(document.get("features"), source),
                        settings=document["settings"], feature_version=feature_version, tool=document["tool"],
-                       artifact=document["artifact"], tensors=tensors, sketch=sketch, legacy=legacy, source=source)
+                       artifact=document["artifact"], tensors=tensors, sketch=sketch, extraction=extraction, legacy=legacy,
+                       source=source)
 
 
 def _from_legacy(document: dict[str, Any], source: str) -> Fingerprint:

@@ -1,0 +1,271 @@
+"""Fingerprint an artifact: one streamed pass over its tensors, hashing its files alongside.
+
+Per tensor: the paper's gradient statistics in closed form (gradient.py) from the responses to
+seeded inputs (noise.py, responses.py), structural metadata, and the lineage sketch; then the 16
+features are aggregated as docs/method.md defines. Only one tensor is in float32 at a time.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from tg_verify import __version__
+from tg_verify.artifact import Artifact, TensorInfo, TensorReader, categorize, file_digests, root_digest
+from tg_verify.errors import UsageError, WeightValueError
+from tg_verify.fingerprint import noise
+from tg_verify.fingerprint.document import FEATURE_NAMES, Fingerprint
+from tg_verify.fingerprint.gradient import TensorStats, tensor_statistics
+from tg_verify.fingerprint.responses import ResponseEngine, resolve_device
+from tg_verify.fingerprint.settings import FingerprintSettings
+from tg_verify.fingerprint.sketch import SketchBuilder
+from tg_verify.progress import NullProgress, ProgressSink
+
+# Safetensors dtypes whose values are real numbers a gradient can be taken against. Integer
+# tensors (quantised packs, index buffers) have no Linear meaning and are not analysed.
+FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ",
+                                          "F8_E5M2FNUZ"})
+CATEGORY_FEATURES: tuple[str, ...] = ("attention", "ffn", "embedding")
+CATEGORY_SAMPLE = 3  # "up to three layers from each category" (§III-C)
+# A decoder block index in a tensor name: model.layers.7., transformer.h.7., blocks.7., ...
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
+
+
+class TensorSource(Protocol):
+    """What the extractor reads weights through: a TensorReader, or e.g. a merged-adapter reader."""
+
+    def raw(self, info: TensorInfo) -> torch.Tensor: ...
+
+    def float32(self, info: TensorInfo) -> torch.Tensor: ...
+
+
+def analysis_kind(info: TensorInfo) -> str:
+    """How a tensor enters the fingerprint: "gradient" (rank >= 2 real-valued) or why it does not."""
+    if info.numel == 0:
+        return "empty"
+    if len(info.shape) < 2:
+        return "one-dimensional"
+    if info.dtype not in FLOAT_DTYPES:
+        return "not-float"
+    return "gradient"
+
+
+def tensor_inputs(settings: FingerprintSettings, name: str, strategy: str, width: int) -> np.ndarray:
+    """The float32 inputs of a weight-independent strategy, [repeats, width] (values exactly as used)."""
+    x = noise.base_inputs(settings, name, width) + noise.additive_noise(settings, name, strategy, width)
+    return x.astype(np.float32)
+
+
+def _nonfinite_error(source: TensorSource, info: TensorInfo, engine: ResponseEngine) -> WeightValueError:
+    where = f"{info.file}: tensor '{info.name}'"
+    if not engine.finite():
+        return WeightValueError(f"{where} holds NaN or infinite values; a fingerprint of it would be meaningless")
+    return WeightValueError(f"{where}: its response to unit-scale inputs overflows float32 (weights of "
+                            f"magnitude near 1e38); a fingerprint of it would be meaningless")
+
+
+def gradient_response(engine: ResponseEngine, source: TensorSource, info: TensorInfo,
+                      settings: FingerprintSettings, strategy: str) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs x [repeats, in] and responses o = x Wᵀ [repeats, out] for the loaded tensor (float64)."""
+    width = info.shape[-1]
+    if strategy == "adversarial":
+        x0 = noise.base_inputs(settings, info.name, width).astype(np.float32)
+        clean = engine.respond(x0)
+        if not np.isfinite(clean).all():
+            raise _nonfinite_error(source, info, engine)
+        targets = noise.pseudo_targets(settings, info.name, clean.shape[1])
+        direction = engine.input_gradient(noise.softmax_minus_onehot(clean, targets))
+        x = noise.fgsm(x0.astype(np.float64), direction, settings.epsilon).astype(np.float32)
+    else:
+        x = tensor_inputs(settings, info.name, strategy, width)
+    responses = engine.respond(x)
+    if not np.isfinite(responses).all():
+        raise _nonfinite_error(source, info, engine)
+    return x.astype(np.float64), responses
+
+
+def evenly_spaced(count: int, wanted: int = CATEGORY_SAMPLE) -> list[int]:
+    """Indices floor(linspace(0, count-1, wanted)), de-duplicated: the release's uniform layer sample."""
+    if count <= 0:
+        return []
+    return sorted({int(v) for v in np.linspace(0, count - 1, wanted)})
+
+
+def count_layers(names: list[str]) -> tuple[int, str | None]:
+    """Model depth: distinct block indices under the name prefix that has the most (the decoder stack)."""
+    stacks: dict[str, set[int]] = {}
+    for name in names:
+        match = _BLOCK.search(name)
+        if match:
+            stacks.setdefault(name[:match.start(1)], set()).add(int(match.group(1)))
+    if not stacks:
+        return 0, None
+    prefix = max(sorted(stacks), key=lambda p: len(stacks[p]))
+    return len(stacks[prefix]), prefix
+
+
+def aggregate(analysed: list[tuple[str, TensorStats]], all_names: list[str], total_params: int
+              ) -> tuple[dict[str, float], dict[str, Any]]:
+    """The 16 features from per-tensor statistics, and the record of which tensors fed which feature."""
+    if not analysed:
+        raise WeightValueError("no tensor could be analysed")
+    features: dict[str, float] = {}
+    for stat in ("mean", "std", "norm", "skewness", "kurtosis"):
+        features[f"global_{stat}"] = float(np.mean([getattr(s, stat) for _, s in analysed]))
+    chosen: dict[str, list[str]] = {}
+    empty: list[str] = []
+    for category in CATEGORY_FEATURES:
+        members = [(name, s) for name, s in analysed if categorize(name) == category]
+        picks = [members[i] for i in evenly_spaced(len(members))]
+        chosen[category] = [name for name, _ in picks]
+        if not picks:
+            empty.append(category)
+        for stat in ("mean", "std", "norm"):
+            features[f"{category}_{stat}"] = float(np.mean([getattr(s, stat) for _, s in picks])) if picks else 0.0
+    layers, stack = count_layers(all_names)
+    features["total_params"] = float(total_params)
+    features["num_layers"] = float(layers)
+    summary = {"analysed_tensors": len(analysed), "category_tensors": chosen, "empty_categories": empty,
+               "layer_stack": stack}
+    return {n: features[n] for n in FEATURE_NAMES}, summary
+
+
+class _Progress:
+    """Thread-safe adapter over a ProgressSink: one bar over bytes fingerprinted and bytes hashed."""
+
+    def __init__(self, sink: ProgressSink, tensors: int) -> None:
+        self.sink = sink
+        self.tensors = tensors
+        self.done = 0
+        self._lock = threading.Lock()
+        self._describe: Callable[[str], None] | None = getattr(sink, "describe", None)
+        self._last = 0.0
+
+    def advance(self, amount: int) -> None:
+        with self._lock:
+            self.sink.advance(amount)
+
+    def tensor_done(self, label: str, amount: int) -> None:
+        with self._lock:
+            self.done += 1
+            self.sink.advance(amount)
+            now = time.monotonic()
+            if self._describe is not None and (now - self._last > 0.1 or self.done == self.tensors):
+                self._last = now
+                self._describe(f"{label}: {self.done}/{self.tensors} tensors")
+
+
+class _Cancelled(Exception):
+    """Stops the background hashing when fingerprinting fails."""
+
+
+def _start_hashing(artifact: Artifact, progress: _Progress, stop: threading.Event
+                   ) -> tuple[ThreadPoolExecutor, Future[dict[str, str]]]:
+    def advance(count: int) -> None:
+        if stop.is_set():
+            raise _Cancelled()
+        progress.advance(count)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tg-verify-sha256")
+    return pool, pool.submit(file_digests, artifact, advance)
+
+
+def fingerprint_artifact(artifact: Artifact, settings: FingerprintSettings | None = None, *,
+                         reader: TensorSource | None = None, progress: ProgressSink | None = None,
+                         model_name: str | None = None, digests: dict[str, str] | None = None) -> Fingerprint:
+    """Fingerprint `artifact` (TensorGuard features, metadata, file digests, sketch) in one streamed pass.
+
+    `reader` defaults to a TensorReader over the artifact; any object with `.raw(info)` and
+    `.float32(info)` for the artifact's tensors works. `digests` (path -> sha256) skips hashing when
+    the caller already has them; otherwise the files are hashed on a second thread meanwhile.
+    """
+    settings = settings or FingerprintSettings()
+    if digests is not None and any(f.path not in digests for f in artifact.files):
+        missing = sorted(f.path for f in artifact.files if f.path not in digests)
+        raise UsageError(f"{artifact.root}: digests given for fingerprinting lack {', '.join(missing)}")
+    device = resolve_device(settings.device)
+    sink = progress or NullProgress()
+    label = model_name or artifact.name
+    kinds = [analysis_kind(info) for info in artifact.tensors]
+    tensor_bytes = sum(info.nbytes for info in artifact.tensors)
+    hash_bytes = 0 if digests is not None else sum(f.size for f in artifact.files)
+    sink.start(f"fingerprint {label}", total=tensor_bytes + hash_bytes)
+    tracker = _Progress(sink, len(artifact.tensors))
+    owned = reader is None
+    source: TensorSource = TensorReader(artifact) if reader is None else reader
+    stop = threading.Event()
+    pool, hashing = (None, None) if digests is not None else _start_hashing(artifact, tracker, stop)
+    try:
+        builder = SketchBuilder(artifact, source, settings) if settings.sketch else None  # type: ignore[arg-type]
+        capacity = max((info.numel for info, kind in zip(artifact.tensors, kinds) if kind == "gradient"), default=0)
+        engine = ResponseEngine(device, capacity, keep_host=builder is not None)
+        release = getattr(source, "release", None)
+        records: list[dict[str, Any]] = []
+        analysed: list[tuple[str, TensorStats]] = []
+        for info, kind in zip(artifact.tensors, kinds):
+            record: dict[str, Any] = {"name": info.name, "shape": list(info.shape), "size": info.numel,
+                                      "category": categorize(info.name), "dtype": info.dtype, "analysis": kind}
+            weight: torch.Tensor | None = None
+            if kind == "gradient":
+                strategy = noise.strategy_for(settings, info.name)
+                engine.load(source.raw(info))
+                x, responses = gradient_response(engine, source, info, settings, strategy)
+                stats = tensor_statistics(responses, x)
+                record["strategy"] = strategy
+                if stats is None:
+                    record["analysis"] = "degenerate"
+                else:
+                    record["stats"] = stats.to_dict()
+                    if stats.degenerate_repeats:
+                        record["degenerate_repeats"] = stats.degenerate_repeats
+                    analysed.append((info.name, stats))
+                if builder is not None:
+                    weight = engine.host_weight().view(info.shape)
+            elif kind == "one-dimensional" and info.dtype in FLOAT_DTYPES:
+                weight = source.float32(info)
+                if not bool(torch.isfinite(weight).all()):
+                    raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
+                                           f"a fingerprint of it would be meaningless")
+            if builder is not None and weight is not None:
+                builder.add(info, weight)
+            del weight
+            if release is not None:
+                release(info)
+            records.append(record)
+            tracker.tensor_done(label, info.nbytes)
+        if not any(kind == "gradient" for kind in kinds):
+            raise WeightValueError(f"{artifact.root}: no tensor of rank 2 or more with a floating-point dtype; "
+                                   f"nothing to fingerprint")
+        if not analysed:
+            raise WeightValueError(f"{artifact.root}: every weight matrix gives a zero response (all-zero weights?); "
+                                   f"nothing to fingerprint")
+        features, summary = aggregate(analysed, [info.name for info in artifact.tensors], artifact.total_params)
+        summary["degenerate_tensors"] = [r["name"] for r in records if r["analysis"] == "degenerate"]
+        summary["skipped_tensors"] = {k: kinds.count(k) for k in ("one-dimensional", "not-float", "empty")}
+        summary["strategies"] = {s: sum(1 for r in records if r.get("strategy") == s and r["analysis"] == "gradient")
+                                 for s in sorted({r["strategy"] for r in records if "strategy" in r})}
+        sketch = builder.finish() if builder is not None else None
+        if hashing is not None:
+            digests = hashing.result()
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+        if owned:
+            source.close()  # type: ignore[attr-defined]
+    assert digests is not None
+    files = [{"path": f.path, "role": f.role, "sha256": digests[f.path], "size": f.size} for f in artifact.files]
+    return Fingerprint(
+        model_name=label, features=features, settings={**settings.to_dict(), "device": device.type},
+        tool={"name": "tg-verify", "version": __version__, "torch": torch.__version__.split("+")[0]},
+        artifact={"layout": artifact.layout, "files": files, "root_digest": root_digest(digests)},
+        tensors=records, sketch=sketch, extraction=summary)

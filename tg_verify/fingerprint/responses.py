@@ -1,0 +1,134 @@
+"""The one heavy computation: responses o = X Wᵀ of a weight to all repeats at once, streamed.
+
+On CPU the stored weight (bf16, fp16, fp32, ...) is converted to float32 in row blocks into a
+buffer that is allocated once and reused, and each block is multiplied while it is still in cache:
+no fresh per-tensor float32 allocation (whose page faults cost more than the arithmetic), no
+autograd, no second copy. The block size depends only on the row width, so results never depend on
+the buffer mode or the thread count. On CUDA the weight is copied to the device once per tensor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Rows per block = BLOCK_ELEMENTS // row width: 4 MiB of float32, measured fastest on the 2-core
+# runner among 2^16..2^22 (bench/fingerprint_speed.py); fixed, because blocking changes rounding.
+BLOCK_ELEMENTS = 1 << 20
+# MKL's skinny sgemm runs ~30% faster when the repeat dimension is a multiple of 16.
+REPEAT_ALIGNMENT = 16
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when present, else CPU; `cuda` without CUDA is a usage error."""
+    from tg_verify.errors import UsageError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available to torch here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _padded(matrix: np.ndarray) -> torch.Tensor:
+    """[repeats, n] float32 -> [n, repeats rounded up to REPEAT_ALIGNMENT] contiguous, zero columns added."""
+    repeats, width = matrix.shape
+    padded = -(-repeats // REPEAT_ALIGNMENT) * REPEAT_ALIGNMENT
+    out = torch.zeros((width, padded), dtype=torch.float32)
+    out[:, :repeats] = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)).t()
+    return out
+
+
+class ResponseEngine:
+    """Multiplies one tensor at a time by the repeat inputs; optionally keeps its float32 copy.
+
+    `keep_host=True` converts each tensor into a host buffer of `capacity` elements (for consumers
+    that need the whole float32 weight, such as the lineage sketch); otherwise only one block of
+    float32 exists at a time and later passes re-convert from the stored bytes.
+    """
+
+    def __init__(self, device: torch.device, capacity: int, keep_host: bool) -> None:
+        self.device = device
+        self.keep_host = keep_host
+        self._host = torch.empty(max(1, capacity) if keep_host else 0, dtype=torch.float32)
+        self._device_buffer = (torch.empty(max(1, capacity), dtype=torch.float32, device=device)
+                               if device.type != "cpu" else None)
+        self._block: torch.Tensor | None = None
+        self._raw: torch.Tensor | None = None
+        self._host_ready = False
+        self._on_device: torch.Tensor | None = None
+
+    # -- loading -----------------------------------------------------------------------------------
+    def load(self, raw: torch.Tensor) -> None:
+        """Select the next tensor (in its stored dtype, any rank >= 2); nothing is converted yet."""
+        self._raw = raw.reshape(-1, raw.shape[-1])
+        self._host_ready = False
+        self._on_device = None
+        if self._device_buffer is not None:
+            rows, cols = self._raw.shape
+            self._on_device = self._device_buffer[:rows * cols].view(rows, cols)
+            self._on_device.copy_(self._raw)
+
+    def _rows_per_block(self) -> int:
+        assert self._raw is not None
+        return max(1, BLOCK_ELEMENTS // max(1, self._raw.shape[1]))
+
+    def _blocks(self):  # type: ignore[no-untyped-def]
+        """Yield (row0, row1, float32 block): from the host copy if ready, else converted now."""
+        assert self._raw is not None
+        rows, cols = self._raw.shape
+        step = self._rows_per_block()
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            if self.keep_host:
+                block = self._host[start * cols:stop * cols].view(stop - start, cols)
+                if not self._host_ready:
+                    block.copy_(self._raw[start:stop])
+            else:
+                if self._block is None or self._block.numel() < step * cols:
+                    self._block = torch.empty(step * cols, dtype=torch.float32)
+                block = self._block[:(stop - start) * cols].view(stop - start, cols)
+                block.copy_(self._raw[start:stop])
+            yield start, stop, block
+        if self.keep_host:
+            self._host_ready = True
+
+    # -- the products --------------------------------------------------------------------------------
+    def respond(self, inputs: np.ndarray) -> np.ndarray:
+        """o = X Wᵀ for X [repeats, in] (float32 values); returns [repeats, out] float64."""
+        assert self._raw is not None
+        repeats = inputs.shape[0]
+        right = _padded(inputs)
+        if self._on_device is not None:
+            out = (self._on_device @ right.to(self.device)).cpu()
+        else:
+            out = torch.empty((self._raw.shape[0], right.shape[1]), dtype=torch.float32)
+            for start, stop, block in self._blocks():
+                torch.mm(block, right, out=out[start:stop])
+        return out[:, :repeats].t().numpy().astype(np.float64)
+
+    def input_gradient(self, coefficients: np.ndarray) -> np.ndarray:
+        """C W for C [repeats, out]: the FGSM input gradient when C = softmax(o) - e_t. [repeats, in] float64."""
+        assert self._raw is not None
+        repeats = coefficients.shape[0]
+        left = _padded(coefficients)  # [out, padded repeats]
+        if self._on_device is not None:
+            return (left.to(self.device).t() @ self._on_device)[:repeats].double().cpu().numpy()
+        total = torch.zeros((left.shape[1], self._raw.shape[1]), dtype=torch.float64)
+        for start, stop, block in self._blocks():
+            total += torch.mm(left[start:stop].t(), block)
+        return total[:repeats].numpy()
+
+    def host_weight(self) -> torch.Tensor:
+        """The whole tensor in float32 on the host (keep_host only); valid until the next `load`."""
+        assert self._raw is not None and self.keep_host
+        if not self._host_ready:
+            for _ in self._blocks():
+                pass
+        rows, cols = self._raw.shape
+        return self._host[:rows * cols].view(rows, cols)
+
+    def finite(self) -> bool:
+        """Whether every stored value of the current tensor is finite (used to name NaN/Inf precisely)."""
+        assert self._raw is not None
+        return bool(torch.isfinite(self._raw).all())
