@@ -21,12 +21,12 @@ def make_evidence(model_dir: Path, **overrides) -> att.AttestationEvidence:
         id="base-1b", family="llama", fingerprint_sha256="a" * 64, distance=1.25, threshold=7.0,
         role="declared-base",
         lineage=att.LineageEvidence(score=0.93, threshold=0.2, derived=True, p_value=1e-12,
-                                    false_positive_rate=0.01, method="sketch/v1"))
+                                    false_positive_rate=0.01, method="sketch/v1", alpha=0.01))
     other = att.ReferenceEvidence(
         id="qwen-7b", family="qwen", fingerprint_sha256="b" * 64, distance=11.5, threshold=7.0,
         role="forbidden",
         lineage=att.LineageEvidence(score=0.01, threshold=0.2, derived=False, p_value=0.4,
-                                    false_positive_rate=0.01))
+                                    false_positive_rate=0.01, alpha=0.01))
     evidence = att.AttestationEvidence(
         model_name=artifact.name, layout=artifact.layout, files=files,
         policy_sha256=hashlib.sha256(b"version: 1\n").hexdigest(), policy_name="policy.yml",

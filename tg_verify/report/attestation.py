@@ -66,6 +66,8 @@ class LineageEvidence:
     p_value: float | None = None
     false_positive_rate: float | None = None
     method: str | None = None
+    alpha: float | None = None  # derived iff comparable and p_value <= alpha and score >= threshold
+    comparable: bool = True
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class Reason:
     code: str
     severity: str
     message: str
+    subject: str | None = None  # the reference id the reason concerns, if any
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,9 @@ class AttestationEvidence:
     policy_uri: str | None = None
     base_files: tuple[SubjectFile, ...] = ()  # adapters: the base the adapter was merged onto
     base_name: str | None = None
+    # Further policy rules the verdict applied (onBaseMismatch, onNameMismatch, lineageOnUnavailable, ...),
+    # recorded so a consumer can re-derive every reason code.
+    decision_rules: Mapping[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +195,7 @@ def _lineage(evidence: LineageEvidence | None) -> dict[str, Any] | None:
     return _drop_none({
         "method": evidence.method, "score": _number(evidence.score), "threshold": _number(evidence.threshold),
         "pValue": _number(evidence.p_value), "falsePositiveRate": _number(evidence.false_positive_rate),
-        "derived": bool(evidence.derived),
+        "alpha": _number(evidence.alpha), "comparable": bool(evidence.comparable), "derived": bool(evidence.derived),
     })
 
 
@@ -265,14 +271,16 @@ def build_predicate(evidence: AttestationEvidence, *, time_verified: _dt.datetim
         }),
         "declaredLineage": _drop_none({"base": evidence.declared_base, "family": evidence.declared_family,
                                        "forbidden": sorted(evidence.forbidden)}),
-        "decisionRules": _drop_none({"onOutOfCluster": evidence.on_out_of_cluster,
+        "decisionRules": _drop_none({**json.loads(canonical_json(dict(evidence.decision_rules))),
+                                     "onOutOfCluster": evidence.on_out_of_cluster,
                                      "requireLineage": bool(evidence.require_lineage),
                                      "distanceSpace": evidence.distance_space}),
         "references": references,
         "attribution": _attribution(evidence.attribution, evidence.declared_family),
         "verificationResult": "PASSED" if evidence.verdict == "pass" else "FAILED",
-        "reasons": sorted(({"code": r.code, "severity": r.severity, "message": r.message}
-                           for r in evidence.reasons), key=lambda r: (r["code"], r["message"])),
+        "reasons": sorted((_drop_none({"code": r.code, "severity": r.severity, "message": r.message,
+                                       "subject": r.subject}) for r in evidence.reasons),
+                          key=lambda r: (r["code"], r.get("subject") or "", r["message"])),
     }
     return _drop_none(predicate)
 

@@ -21,16 +21,24 @@ from tg_verify.errors import (EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, ArtifactError,
 from tg_verify.report.attestation import (PREDICATE_TYPE, RESULTS, ROOT_ANNOTATION, SEVERITIES, STATEMENT_TYPE,
                                           LoadedStatement)
 
-# Reason codes the predicate's evidence fully determines; any other recorded code is taken as recorded
-# (it can only make a verdict stricter, never turn FAILED into PASSED).
+# Reason codes the predicate's evidence fully determines (mirroring tg_verify.verdict.decide); any
+# other recorded code (adapter name mismatch, artifact warnings, caveats) is taken as recorded: it
+# can only add reasons, never turn FAILED into PASSED.
 DISTANCE_ABOVE_THRESHOLD = "TGV_DISTANCE_ABOVE_THRESHOLD"
 FAMILY_MISMATCH = "TGV_FAMILY_MISMATCH"
 OUT_OF_CLUSTER = "TGV_OUT_OF_CLUSTER"
+NEAREST_BASE_DIFFERS = "TGV_NEAREST_BASE_DIFFERS"
 FORBIDDEN_MATCH = "TGV_FORBIDDEN_MATCH"
 FORBIDDEN_LINEAGE = "TGV_FORBIDDEN_LINEAGE"
 LINEAGE_NOT_ESTABLISHED = "TGV_LINEAGE_NOT_ESTABLISHED"
-DERIVABLE_CODES = frozenset({DISTANCE_ABOVE_THRESHOLD, FAMILY_MISMATCH, OUT_OF_CLUSTER, FORBIDDEN_MATCH,
-                             FORBIDDEN_LINEAGE, LINEAGE_NOT_ESTABLISHED})
+LINEAGE_UNAVAILABLE = "TGV_LINEAGE_UNAVAILABLE"
+LINEAGE_CONTRADICTS_FAMILY = "TGV_LINEAGE_CONTRADICTS_FAMILY"
+LINEAGE_DISABLED = "TGV_LINEAGE_DISABLED"
+DERIVABLE_CODES = frozenset({DISTANCE_ABOVE_THRESHOLD, FAMILY_MISMATCH, OUT_OF_CLUSTER, NEAREST_BASE_DIFFERS,
+                             FORBIDDEN_MATCH, FORBIDDEN_LINEAGE, LINEAGE_NOT_ESTABLISHED, LINEAGE_UNAVAILABLE,
+                             LINEAGE_CONTRADICTS_FAMILY, LINEAGE_DISABLED})
+# Policy actions (fail | warn) as the predicate's reason severities.
+_SEVERITY = {"fail": "error", "warn": "warning", "info": "info"}
 
 # Check kinds, in order of gravity: integrity (files, policy: tampering -> exit 2), evidence (the
 # recorded verdict does not follow from the recorded numbers -> exit 1), result (FAILED -> exit 1).
@@ -258,32 +266,73 @@ def check_policy(statement: Mapping[str, Any], policy: Path) -> Check:
 # ---------------------------------------------------------------------------------------------
 
 def derive_reasons(predicate: Mapping[str, Any]) -> dict[str, str]:
-    """Reason code -> severity that the recorded evidence implies, for the codes evidence determines."""
+    """Reason code -> severity that the recorded evidence implies, for the codes evidence determines.
+
+    The same rules as tg_verify.verdict.decide, applied to the numbers and rules the predicate records.
+    """
     declared = predicate.get("declaredLineage") or {}
     rules = predicate.get("decisionRules") or {}
-    forbidden = set(declared.get("forbidden") or [])
-    derived: dict[str, str] = {}
-    for ref in predicate.get("references", []):
-        within = ref["distance"] <= ref["threshold"]
-        lineage = ref.get("lineage")
-        is_derived = lineage is not None and lineage["derived"]
-        if ref["id"] == declared.get("base"):
-            if not within:
-                derived[DISTANCE_ABOVE_THRESHOLD] = "error"
-            if lineage is not None and not is_derived and rules.get("requireLineage", True):
-                derived[LINEAGE_NOT_ESTABLISHED] = "error"
-        if ref["id"] in forbidden:
-            if within:
-                derived[FORBIDDEN_MATCH] = "error"
-            if is_derived:
-                derived[FORBIDDEN_LINEAGE] = "error"
+    refs = {ref["id"]: ref for ref in predicate.get("references", [])}
+    base, family = declared.get("base"), declared.get("family")
+    forbidden = list(declared.get("forbidden") or [])
     attribution = predicate.get("attribution") or {}
-    family = declared.get("family")
+    lineage_on = bool(rules.get("requireLineage", True))
+    derived: dict[str, str] = {}
+
+    def add(code: str, action: str = "fail") -> None:
+        severity = _SEVERITY.get(action, "error")
+        current = derived.get(code)
+        if current is None or _SEVERITY_RANK[severity] < _SEVERITY_RANK[current]:
+            derived[code] = severity
+
+    def is_derived(ref: Mapping[str, Any]) -> bool:
+        return bool((ref.get("lineage") or {}).get("derived"))
+
+    if base is not None and base in refs:
+        ref = refs[base]
+        if ref["distance"] > ref["threshold"]:
+            add(DISTANCE_ABOVE_THRESHOLD)
+        if attribution.get("base") is not None and attribution["base"] != base \
+                and attribution.get("family") == ref.get("family"):
+            add(NEAREST_BASE_DIFFERS, rules.get("onBaseMismatch", "warn"))
     if family is not None and attribution.get("family") is not None and attribution["family"] != family:
-        derived[FAMILY_MISMATCH] = "error"
+        add(FAMILY_MISMATCH)
     if attribution.get("outOfCluster"):
-        derived[OUT_OF_CLUSTER] = "error" if rules.get("onOutOfCluster", "fail") == "fail" else "warning"
+        add(OUT_OF_CLUSTER, rules.get("onOutOfCluster", "fail"))
+    if forbidden and attribution.get("base") in forbidden and not attribution.get("outOfCluster"):
+        add(FORBIDDEN_MATCH)
+    if not lineage_on:
+        add(LINEAGE_DISABLED, "info")
+        return derived
+    unavailable = rules.get("lineageOnUnavailable", "warn")
+    if base is not None and base in refs:
+        if refs[base].get("lineage") is None:
+            add(LINEAGE_UNAVAILABLE, unavailable)
+        elif not is_derived(refs[base]):
+            add(LINEAGE_NOT_ESTABLISHED)
+    for ref_id in forbidden:
+        if ref_id not in refs:
+            continue
+        if refs[ref_id].get("lineage") is None:
+            add(LINEAGE_UNAVAILABLE, unavailable)
+        elif is_derived(refs[ref_id]):
+            add(FORBIDDEN_LINEAGE)
+    for ref in refs.values():
+        if ref["id"] not in forbidden and is_derived(ref) and family is not None and ref.get("family") != family:
+            add(LINEAGE_CONTRADICTS_FAMILY)
     return derived
+
+
+_SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
+
+
+def _lineage_decision(lineage: Mapping[str, Any]) -> bool | None:
+    """What `derived` must be from the recorded numbers (None when the predicate lacks what decides it)."""
+    if not lineage.get("comparable", True):
+        return False
+    if _is_number(lineage.get("alpha")) and _is_number(lineage.get("pValue")):
+        return lineage["pValue"] <= lineage["alpha"] and lineage["score"] >= lineage["threshold"]
+    return None if lineage["derived"] is False else lineage["score"] >= lineage["threshold"]
 
 
 def check_evidence(predicate: Mapping[str, Any]) -> list[Check]:
@@ -296,10 +345,11 @@ def check_evidence(predicate: Mapping[str, Any]) -> list[Check]:
                                 f"withinThreshold={ref['withinThreshold']} but distance {ref['distance']} "
                                 f"vs threshold {ref['threshold']}"))
         lineage = ref.get("lineage")
-        if lineage is not None and lineage["derived"] != (lineage["score"] >= lineage["threshold"]):
+        expected = None if lineage is None else _lineage_decision(lineage)
+        if expected is not None and lineage["derived"] != expected:
             checks.append(Check(EVIDENCE, f"lineage {ref['id']}", False,
                                 f"derived={lineage['derived']} but score {lineage['score']} vs threshold "
-                                f"{lineage['threshold']}"))
+                                f"{lineage['threshold']}, p {lineage.get('pValue')} vs alpha {lineage.get('alpha')}"))
     attribution = predicate.get("attribution") or {}
     if _is_number(attribution.get("distance")) and _is_number(attribution.get("threshold")):
         outside = attribution["distance"] > attribution["threshold"]
@@ -307,7 +357,11 @@ def check_evidence(predicate: Mapping[str, Any]) -> list[Check]:
             checks.append(Check(EVIDENCE, "attribution", False,
                                 f"outOfCluster={attribution.get('outOfCluster')} but distance "
                                 f"{attribution['distance']} vs threshold {attribution['threshold']}"))
-    recorded = {r["code"]: r["severity"] for r in predicate.get("reasons", [])}
+    recorded: dict[str, str] = {}
+    for reason in predicate.get("reasons", []):  # the most severe entry of each code
+        current = recorded.get(reason["code"])
+        if current is None or _SEVERITY_RANK[reason["severity"]] < _SEVERITY_RANK[current]:
+            recorded[reason["code"]] = reason["severity"]
     expected = derive_reasons(predicate)
     for code in sorted(DERIVABLE_CODES):
         want, got = expected.get(code), recorded.get(code)
