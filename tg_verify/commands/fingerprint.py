@@ -1,0 +1,100 @@
+"""`tg-verify fingerprint MODEL -o FILE.json`: the TensorGuard fingerprint of one model artifact.
+
+Streams the weights once (features, structural metadata, lineage sketch) while hashing the files,
+and writes one deterministic JSON document atomically. `run()` dispatches on the mode, so further
+modes (batch) plug in beside `_run_single`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tg_verify.artifact import resolve
+from tg_verify.atomic import write_bytes
+from tg_verify.errors import EXIT_OK, UsageError
+from tg_verify.fingerprint.document import load
+from tg_verify.fingerprint.settings import DEVICE_CHOICES, STRATEGY_CHOICES, FingerprintSettings
+from tg_verify.progress import progress_sink, wants_progress
+
+VERB = "fingerprint"
+ORDER = 20
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `fingerprint` parser."""
+    parser = subparsers.add_parser(
+        VERB, help="fingerprint a model artifact (TensorGuard features, file digests, lineage sketch)",
+        description=("Compute the TensorGuard fingerprint of MODEL (a .safetensors file, a shard index or a model "
+                     "directory) in one streamed pass over its weights, hash its files, and write a versioned, "
+                     "deterministic JSON document. The method and every choice the paper leaves open are in "
+                     "docs/method.md."),
+        epilog="Exit codes: 0 written; 2 bad input (unreadable model, NaN weights, bad flags); 3 internal error.")
+    parser.add_argument("model", metavar="MODEL", nargs="?", help="model directory, .safetensors file or index")
+    parser.add_argument("-o", "--output", metavar="FILE.json", help="where to write the fingerprint")
+    parser.add_argument("--name", help="model_name recorded in the document (default: the artifact's name)")
+    parser.add_argument("--settings-from", metavar="FINGERPRINT.json",
+                        help="reuse the extraction settings of an existing fingerprint (so the two compare); "
+                             "explicit flags below override them")
+    parser.add_argument("--seed", type=int, default=None, help="seed of every random draw (default 0)")
+    parser.add_argument("--repeats", type=int, default=None, help="seeded inputs per tensor, averaged (default 30)")
+    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default=None,
+                        help="noise strategy; 'random' (default) draws one per tensor from the seed")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default=None,
+                        help="where the products run; auto (default) uses CUDA when present")
+    parser.add_argument("--no-sketch", dest="sketch", action="store_false", default=None,
+                        help="leave out the lineage sketch (smaller document; lineage tests then impossible)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar (default: on a terminal outside CI)")
+    parser.set_defaults(handler=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> FingerprintSettings:
+    """FingerprintSettings from the flags, on top of --settings-from when given."""
+    base: dict[str, Any] = {}
+    if getattr(args, "settings_from", None):
+        reference = load(args.settings_from)
+        if reference.legacy:
+            raise UsageError(f"{args.settings_from}: a legacy fingerprint records no settings to reuse")
+        base = {k: v for k, v in reference.settings.items() if k != "device"}
+    overrides = {key: getattr(args, key) for key in ("seed", "repeats", "strategy", "device", "sketch")
+                 if getattr(args, key, None) is not None}
+    return FingerprintSettings.from_dict(base, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch: one model to one file (further modes add their branch here)."""
+    return _run_single(args)
+
+
+def _run_single(args: argparse.Namespace) -> int:
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+
+    if not args.model:
+        raise UsageError("fingerprint: give MODEL (a model directory, .safetensors file or index)")
+    if not args.output:
+        raise UsageError("fingerprint: give -o FILE.json, where to write the fingerprint")
+    settings = settings_from_args(args)
+    started = time.perf_counter()
+    artifact = resolve(args.model)
+    with progress_sink(wants_progress(args.progress)) as sink:
+        fingerprint = fingerprint_artifact(artifact, settings, progress=sink, model_name=args.name)
+    path = write_bytes(args.output, fingerprint.to_json_bytes())
+    print(summary_line(path, fingerprint, time.perf_counter() - started))
+    for warning in artifact.warnings:
+        print(f"tg-verify: warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def summary_line(path: Path, fingerprint: Any, seconds: float) -> str:
+    """One line: what was fingerprinted, how much of it, where the document went."""
+    extraction = fingerprint.extraction or {}
+    params = int(fingerprint.features["total_params"])
+    files = len(fingerprint.artifact.get("files", []))
+    sketch = "with sketch" if fingerprint.sketch is not None else "no sketch"
+    return (f"{path}: fingerprint of {fingerprint.model_name} ({len(fingerprint.tensors)} tensors, "
+            f"{extraction.get('analysed_tensors', 0)} analysed, {params:,} parameters, {files} files bound by "
+            f"sha256, {sketch}, device {fingerprint.settings.get('device')}) in {seconds:.1f}s")
