@@ -7,6 +7,8 @@ Public API (used by the pipeline, the fingerprint command and batch mode):
 - `check_adapter(adapter, base_shapes) -> list[AdapterFinding]`: header-only fit check against tensor shapes.
 - `check_adapter_against_tensors(adapter, base_tensors) -> list[AdapterFinding]`: the same check against a
   reference fingerprint's structural metadata (`Fingerprint.tensors`), for when the base weights are absent.
+- `base_record(base, digests) -> dict`: what a merged adapter's fingerprint records about its base, as
+  `Fingerprint.artifact["base"] = {name, layout, files: [{path, size, sha256}], root_digest}`.
 - `check_base_name(adapter, declared) -> list[AdapterFinding]`: `base_model_name_or_path` versus the
   declared base's names (a claim only: TGV_ADAPTER_BASE_NAME_MISMATCH is a warning the policy may make fatal).
 Malformed or unsupported adapters raise AdapterError subclasses; misfits against a base are findings
@@ -25,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from tg_verify.artifact.digest import root_digest
 from tg_verify.artifact.model import Artifact, TensorInfo
 from tg_verify.artifact.reader import TORCH_DTYPES, TensorReader
 from tg_verify.errors import AdapterError
@@ -385,7 +388,9 @@ def _rewrites(paths: Sequence[str], base_names: Iterable[str]) -> list[tuple[int
                     full = tail + suffix
                     if name == full or name.endswith("." + full):
                         candidate = (k, name[: len(name) - len(full)])
-                        if candidate not in candidates:
+                        # only structural prefixes move ('model.', 'transformer.'), never layer indices
+                        moved = parts[:k] + candidate[1].split(".")
+                        if candidate not in candidates and not any(p.isdigit() for p in moved):
                             candidates.append(candidate)
     return candidates
 
@@ -404,8 +409,11 @@ def _choose_rewrite(spec: AdapterSpec, base_names: set[str]) -> tuple[int, str]:
         return (0, "")
 
     def score(rewrite: tuple[int, str]) -> int:
-        hits = sum(f"{_apply_rewrite(p, rewrite)}.weight" in base_names for p in module_paths)
-        return hits + sum(_apply_rewrite(p, rewrite) in base_names for p in replacement_paths)
+        targets = [f"{_apply_rewrite(p, rewrite)}.weight" for p in module_paths]
+        targets += [_apply_rewrite(p, rewrite) for p in replacement_paths]
+        if len(set(targets)) != len(targets):
+            return -1  # two adapter entries onto one base tensor: not a renaming
+        return sum(t in base_names for t in targets)
 
     best, best_score = (0, ""), score((0, ""))
     for candidate in _rewrites(module_paths + replacement_paths, base_names):
@@ -736,3 +744,16 @@ def open_merged(adapter: Artifact, base: Artifact) -> MergedReader:
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
         raise AdapterMismatchError("; ".join(f.message for f in errors[:3]) + more)
     return MergedReader(adapter, base, plan)
+
+
+def base_record(base: Artifact, digests: Mapping[str, str]) -> dict[str, Any]:
+    """The base's identity for a merged adapter's fingerprint (`artifact.base`): name, layout, file digests.
+
+    No absolute paths, so the same adapter and base give the same document on every machine.
+    """
+    missing = [f.path for f in base.files if f.path not in digests]
+    if missing:
+        raise AdapterFormatError(f"{base.root}: no digest given for base file {missing[0]}")
+    return {"name": base.name, "layout": base.layout,
+            "files": [{"path": f.path, "size": f.size, "sha256": digests[f.path]} for f in base.files],
+            "root_digest": root_digest({f.path: digests[f.path] for f in base.files})}
