@@ -87,14 +87,15 @@ def _render(doc: dict[str, Any], list_tensors: bool) -> None:
     console.print(f"[bold]{escape(art['name'])}[/]  layout [bold]{art['layout']}[/]  "
                   f"model_type [bold]{escape(str(art['model_type'] or '-'))}[/]  ({escape(art['path'])})")
     files = Table(title="files", title_justify="left", show_edge=False)
-    for column in ("path", "role", "size", "tensors") + (("sha256",) if "root_digest" in doc else ()):
-        files.add_column(column, justify="right" if column in ("size", "tensors") else "left",
-                         overflow="fold", no_wrap=column not in ("path", "sha256"))
+    for column in ("path", "role", "size", "tensors"):
+        files.add_column(column, justify="right" if column in ("size", "tensors") else "left", overflow="fold")
     for item in doc["files"]:
-        row = [escape(item["path"]), item["role"], _size(item["size"]), str(item.get("tensors", ""))]
-        files.add_row(*row, *([item["sha256"]] if "root_digest" in doc else []))
+        files.add_row(escape(item["path"]), item["role"], _size(item["size"]), str(item.get("tensors", "")))
     console.print(files)
-    if "root_digest" in doc:
+    if "root_digest" in doc:  # sha256sum format, so `sha256sum -c` can re-check the files
+        console.print("sha256 (sha256sum -c format)")
+        for item in doc["files"]:
+            console.print(f"{item['sha256']}  {escape(item['path'])}", overflow="ignore", crop=False)
         console.print(f"root digest (model_signing) sha256:{doc['root_digest']}")
     console.print(f"tensors {doc['tensor_count']:,} (2-D {doc['matrices']:,})   parameters "
                   f"{_count(doc['total_params'])}   tensor bytes {_size(doc['total_bytes'])}")
