@@ -1,0 +1,107 @@
+"""`tg-verify POLICY.yml` (= `tg-verify verify POLICY.yml`): the main job, a lineage verdict for a release gate.
+
+Prints a summary (or the JSON report with --json), writes the report, the attestation, the candidate's
+fingerprint and the Markdown summary when asked, and appends the summary to $GITHUB_STEP_SUMMARY.
+Exit 0 PASS, 1 FAIL, 2 bad input (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tg_verify.atomic import canonical_json, write_bytes
+from tg_verify.fingerprint.settings import DEVICE_CHOICES
+from tg_verify.pipeline import VerificationResult, VerifyOptions, default_cache_dir, verify
+from tg_verify.policy import Policy, load_policy
+from tg_verify.progress import progress_sink, wants_progress
+
+VERB = "verify"
+ORDER = 10
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `verify` parser (also reached as `tg-verify POLICY.yml`)."""
+    parser = subparsers.add_parser(
+        VERB, help="check a model's declared lineage against a policy (the main job: tg-verify POLICY.yml)",
+        description=("Fingerprint the candidate named in POLICY.yml, measure it against the policy's reference "
+                     "fingerprints (distance, family attribution, lineage test) and decide PASS or FAIL with "
+                     "reasons. The policy schema is in docs/policy.md, the reason codes in docs/reasons.md."),
+        epilog="Exit codes: 0 PASS, 1 FAIL, 2 bad input (no output written), 3 internal error.")
+    parser.add_argument("policy", metavar="POLICY.yml", help="the policy file")
+    parser.add_argument("--report", metavar="FILE", help="write the JSON report here (overrides outputs.report)")
+    parser.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of the summary")
+    parser.add_argument("--attestation", metavar="FILE",
+                        help="write an in-toto attestation here (overrides outputs.attestation)")
+    parser.add_argument("--summary", metavar="FILE", help="write the Markdown summary here (overrides outputs.summary)")
+    parser.add_argument("--fingerprint-out", metavar="FILE",
+                        help="write the candidate's fingerprint here (overrides outputs.fingerprint)")
+    parser.add_argument("--candidate", metavar="PATH", help="verify this model instead of the policy's candidate.path")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, help="where fingerprints are computed (default: the "
+                                                                 "policy's fingerprint.device, else auto)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="cache of reference fingerprints made from `model:` paths "
+                                                           "(default $TG_VERIFY_CACHE_DIR or ~/.cache/tg-verify)")
+    parser.add_argument("--no-cache", action="store_true", help="fingerprint `model:` references on every run")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars (default: on a terminal outside CI)")
+    parser.set_defaults(handler=run)
+
+
+def _target(flag: str | None, configured: Path | None) -> Path | None:
+    return Path(flag) if flag else configured
+
+
+def render_outputs(result: VerificationResult, *, report: Path | None, attestation: Path | None,
+                   summary: Path | None, fingerprint: Path | None) -> dict[Path, bytes]:
+    """Every output file's bytes, built before any is written (so a failure writes nothing)."""
+    from tg_verify.report import json_report, markdown
+
+    outputs: dict[Path, bytes] = {}
+    if report is not None:
+        outputs[report] = json_report.report_bytes(result)
+    if attestation is not None:
+        from tg_verify.report.attestation import build_statement
+
+        outputs[attestation] = canonical_json(build_statement(result))
+    if summary is not None:
+        outputs[summary] = markdown.render(result).encode("utf-8")
+    if fingerprint is not None:
+        outputs[fingerprint] = result.candidate.fingerprint.to_json_bytes()
+    return outputs
+
+
+def run_policy(args: argparse.Namespace) -> tuple[Policy, VerificationResult]:
+    """Load the policy and run it with the command line's overrides."""
+    policy = load_policy(args.policy, candidate_override=args.candidate)
+    cache = None if args.no_cache else (Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    with progress_sink(wants_progress(args.progress)) as sink:
+        result = verify(policy, VerifyOptions(device=args.device, cache_dir=cache, progress=sink))
+    return policy, result
+
+
+def run(args: argparse.Namespace) -> int:
+    """Verify, print, write outputs; the exit code is the verdict's."""
+    from rich.console import Console
+
+    from tg_verify.report import console, json_report, markdown
+    from tg_verify.report.github import append_step_summary
+
+    policy, result = run_policy(args)
+    outputs = render_outputs(
+        result, report=_target(args.report, policy.outputs.report),
+        attestation=_target(args.attestation, policy.outputs.attestation),
+        summary=_target(args.summary, policy.outputs.summary),
+        fingerprint=_target(args.fingerprint_out, policy.outputs.fingerprint))
+    for path, data in outputs.items():
+        write_bytes(path, data)
+    append_step_summary(markdown.render(result))
+    if args.json:
+        sys.stdout.buffer.write(json_report.report_bytes(result))
+        sys.stdout.flush()
+    else:
+        out = Console(highlight=False)
+        console.render(result, out)
+        for path in outputs:
+            out.print(f"wrote {path}", style="dim")
+    return result.exit_code

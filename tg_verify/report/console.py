@@ -1,0 +1,139 @@
+"""The console summary of a verify run (rich): candidate, declared lineage, attribution, distances,
+lineage evidence, checks, and the verdict in one glance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from tg_verify.pipeline import ReferenceOutcome, VerificationResult
+from tg_verify.verdict import Finding, summarize
+
+MARKS: dict[str, tuple[str, str]] = {"fail": ("✗ FAIL", "bold red"), "warn": ("! WARN", "bold yellow"),
+                                     "info": ("i INFO", "cyan"), "pass": ("✓ pass", "green")}
+
+
+def short_digest(digest: str, length: int = 12) -> str:
+    """The first `length` hex digits of a digest, for display."""
+    return digest[:length] + "…" if len(digest) > length else digest
+
+
+def lineage_cell(ref: ReferenceOutcome) -> Text:
+    """Lineage evidence against one reference: the score and the decision."""
+    result = ref.lineage
+    if result is None:
+        return Text("off" if ref.lineage_unavailable is None else "unavailable", style="dim")
+    if not getattr(result, "comparable", True):
+        return Text("not comparable", style="yellow")
+    text = Text(f"{result.score:.3f} ")
+    if result.derived:
+        text.append("derived", style="bold red" if ref.forbidden else "bold green")
+    else:
+        text.append("not derived", style="yellow" if ref.declared else "dim")
+    return text
+
+
+def _span(values: list[float], fmt: str) -> str:
+    low, high = min(values), max(values)
+    return format(low, fmt) if low == high else f"{format(low, fmt)}–{format(high, fmt)}"
+
+
+def lineage_caption(result: VerificationResult) -> str | None:
+    """How the lineage decision is made, once for the table: threshold, alpha, stated false-positive rate."""
+    tested = [r.lineage for r in result.references
+              if r.lineage is not None and getattr(r.lineage, "comparable", True)]
+    if not tested:
+        return None
+    return (f"lineage: derived when p ≤ {result.policy.lineage.alpha:g} and score ≥ threshold "
+            f"{_span([t.threshold for t in tested], '.3f')}; stated false-positive rate "
+            f"{_span([t.false_positive_rate for t in tested], '.2%')}")
+
+
+def _overview(result: VerificationResult) -> Table:
+    policy, cand, cls = result.policy, result.candidate, result.classification
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    files = f"{len(cand.files)} file{'s' if len(cand.files) != 1 else ''}"
+    origin = {"model": "fingerprinted in this run", "fingerprint": "from a fingerprint file (files not re-hashed)",
+              "model+fingerprint": "fingerprint file, digests checked against the files"}.get(cand.source, cand.source)
+    grid.add_row("Candidate", Text(f"{cand.name}  ({cand.layout}, {files}, root sha256 "
+                                   f"{short_digest(cand.root_digest)}; {origin})"))
+    if cand.base:
+        grid.add_row("Merged onto", Text(f"{cand.base.get('name')} (root sha256 "
+                                         f"{short_digest(str(cand.base.get('root_digest', '')))})"))
+    declared = []
+    if policy.declared.base:
+        declared.append(f"base {policy.declared.base}")
+    if policy.declared_family:
+        declared.append(f"family {policy.declared_family}")
+    if policy.declared.relation:
+        declared.append(f"relation {policy.declared.relation}")
+    grid.add_row("Declared", Text(" · ".join(declared)))
+    if policy.forbidden:
+        grid.add_row("Forbidden", Text(", ".join(policy.forbidden)))
+    cluster = (Text(f"OUT OF CLUSTER (> {cls.threshold:g})", style="bold yellow") if cls.out_of_cluster
+               else Text(f"in cluster (≤ {cls.threshold:g})"))
+    attribution = Text(f"family {cls.family} · nearest base {cls.base} · distance {cls.distance:.3f} · ")
+    attribution.append_text(cluster)
+    if cls.margin is not None:
+        attribution.append(f" · margin {cls.margin:.3f}")
+    grid.add_row("Attribution", attribution)
+    grid.add_row("Policy", Text(f"{policy.path} (sha256 {short_digest(policy.sha256)})", style="dim"))
+    return grid
+
+
+def _distances(result: VerificationResult) -> Table:
+    space = result.classification.space.get("space", "standardized") if result.classification.space else "?"
+    table = Table(title=f"Distances ({space} feature space) and lineage evidence", title_justify="left",
+                  caption=lineage_caption(result), caption_justify="left")
+    for name, justify in (("reference", "left"), ("family", "left"), ("role", "left"), ("distance", "right"),
+                          ("limit", "right"), ("lineage", "left"), ("p", "right")):
+        table.add_column(name, justify=justify, no_wrap=name not in ("reference", "family"))  # type: ignore[arg-type]
+    for ref in sorted(result.references, key=lambda r: (r.distance, r.spec.id)):
+        over = not ref.within_threshold
+        role = "declared" if ref.declared else "forbidden" if ref.forbidden else ""
+        table.add_row(Text(ref.spec.id, style="bold" if ref.declared else "red" if ref.forbidden else ""),
+                      ref.spec.family, role,
+                      Text(f"{ref.distance:.3f}", style="bold red" if over and ref.declared else ""),
+                      f"{ref.threshold:g}", lineage_cell(ref),
+                      "" if ref.lineage is None else f"{ref.lineage.p_value:.3g}")
+    return table
+
+
+def _findings(findings: tuple[Finding, ...]) -> Table:
+    table = Table.grid(padding=(0, 1))
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column()
+    for finding in findings:
+        mark, style = MARKS[finding.severity]
+        table.add_row(Text(mark, style=style), Text(finding.code, style="bold"), Text(finding.message))
+    return table
+
+
+def _verdict_line(result: VerificationResult) -> Text:
+    label = "PASS" if result.passed else "FAIL"
+    text = Text(f" {label} ", style="bold white on green" if result.passed else "bold white on red")
+    text.append(f"  {summarize(result.verdict.findings)}  ·  exit {result.exit_code}  ·  "
+                f"{result.timings.get('total', 0.0):.1f} s")
+    return text
+
+
+def render(result: VerificationResult, console: Console) -> None:
+    """Print the summary to `console`."""
+    parts: list[Any] = [_overview(result)]
+    console.print(Panel(Group(*parts), title="tg-verify", title_align="left",
+                        border_style="green" if result.passed else "red"))
+    console.print(_distances(result))
+    console.print(Text("Checks", style="bold"))
+    console.print(_findings(result.verdict.findings))
+    if any(ref.lineage_unavailable for ref in result.references):
+        for ref in result.references:
+            if ref.lineage_unavailable:
+                console.print(Text(f"  lineage vs {ref.spec.id}: {ref.lineage_unavailable}", style="dim"))
+    console.print(_verdict_line(result))

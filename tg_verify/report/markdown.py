@@ -1,0 +1,87 @@
+"""The Markdown summary of a verify run, for $GITHUB_STEP_SUMMARY and pull-request comments.
+
+A verdict table a reviewer reads in the run page, the reasons, the distance table (bounded in rows),
+and the details (checks, settings, digests) folded in <details>. Size-bounded by construction.
+"""
+
+from __future__ import annotations
+
+from tg_verify.pipeline import ReferenceOutcome, VerificationResult
+from tg_verify.verdict import summarize
+
+MAX_REFERENCE_ROWS = 200
+MAX_FILE_ROWS = 200
+ICONS = {"fail": "❌", "warn": "⚠️", "info": "ℹ️", "pass": "✅"}
+
+
+def cell(text: object) -> str:
+    """Text made safe for one Markdown table cell (pipes escaped, one line)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def code(text: object) -> str:
+    """Inline code that cannot be broken out of by backticks in the value."""
+    value = cell(text).replace("`", "'")
+    return f"`{value}`"
+
+
+def _lineage(ref: ReferenceOutcome) -> str:
+    result = ref.lineage
+    if result is None:
+        return "unavailable" if ref.lineage_unavailable else "off"
+    if not getattr(result, "comparable", True):
+        return "not comparable: " + "; ".join(getattr(result, "notes", []) or [])
+    decision = "**derived**" if result.derived else "not derived"
+    return (f"{result.score:.3f} / {result.threshold:.3f}, p={result.p_value:.3g}, "
+            f"FPR {result.false_positive_rate:.1%}: {decision}")
+
+
+def render(result: VerificationResult) -> str:
+    """The summary as GitHub-flavoured Markdown."""
+    policy, cand, cls = result.policy, result.candidate, result.classification
+    label = "PASS" if result.passed else "FAIL"
+    lines = [f"## {ICONS['pass' if result.passed else 'fail']} tg-verify: {label} — {cell(cand.name)}", "",
+             f"{cell(summarize(result.verdict.findings))}", "",
+             "| | |", "|---|---|",
+             f"| Candidate | {code(cand.name)} ({cand.layout}, {len(cand.files)} files, root sha256 "
+             f"{code(cand.root_digest[:16])}) |"]
+    declared = ", ".join(x for x in (f"base {code(policy.declared.base)}" if policy.declared.base else "",
+                                     f"family {code(policy.declared_family)}" if policy.declared_family else "") if x)
+    lines.append(f"| Declared | {declared} |")
+    if policy.forbidden:
+        lines.append(f"| Forbidden | {', '.join(code(f) for f in policy.forbidden)} |")
+    cluster = f"out of cluster (> {cls.threshold:g})" if cls.out_of_cluster else f"in cluster (≤ {cls.threshold:g})"
+    lines.append(f"| Attribution | family {code(cls.family)}, nearest base {code(cls.base)}, distance "
+                 f"{cls.distance:.3f}, {cluster} |")
+    declared_ref = result.declared_reference
+    if declared_ref is not None:
+        lines.append(f"| Distance to declared base | {declared_ref.distance:.3f} (threshold {declared_ref.threshold:g}) |")
+        lines.append(f"| Lineage to declared base | {cell(_lineage(declared_ref))} |")
+    lines.append(f"| Verdict | **{label}** |")
+    lines.append("")
+    reasons = result.verdict.reasons
+    if reasons:
+        lines += ["### Reasons", ""]
+        lines += [f"- {ICONS[f.severity]} {code(f.code)} {cell(f.message)}" for f in reasons]
+        lines.append("")
+    lines += ["### References", "", "| reference | family | role | distance | threshold | lineage (score / "
+              "threshold, p, FPR) |", "|---|---|---|---:|---:|---|"]
+    refs = sorted(result.references, key=lambda r: (r.distance, r.spec.id))
+    for ref in refs[:MAX_REFERENCE_ROWS]:
+        lines.append(f"| {code(ref.spec.id)} | {cell(ref.spec.family)} | {ref.role} | {ref.distance:.3f} | "
+                     f"{ref.threshold:g} | {cell(_lineage(ref))} |")
+    if len(refs) > MAX_REFERENCE_ROWS:
+        lines.append(f"| … {len(refs) - MAX_REFERENCE_ROWS} more in the JSON report | | | | | |")
+    lines += ["", "<details><summary>Checks, fingerprint settings and file digests</summary>", ""]
+    lines += [f"- {ICONS[f.severity]} {code(f.code)} {cell(f.message)}" for f in result.verdict.findings]
+    lines += ["", f"Policy {code(policy.path.name)} sha256 {code(policy.sha256)}; fingerprint sha256 "
+              f"{code(cand.fingerprint_digest)}; feature version {code(result.feature_version)}; settings "
+              f"{code(', '.join(f'{k}={v}' for k, v in sorted(result.settings.items())))}", "",
+              "| file | sha256 |", "|---|---|"]
+    for entry in cand.files[:MAX_FILE_ROWS]:
+        lines.append(f"| {code(entry['path'])} | {code(entry['sha256'])} |")
+    if len(cand.files) > MAX_FILE_ROWS:
+        lines.append(f"| … {len(cand.files) - MAX_FILE_ROWS} more in the JSON report | |")
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(result.tool.items()))
+    lines += ["", f"{cell(versions)}; {result.timings.get('total', 0.0):.1f} s", "", "</details>", ""]
+    return "\n".join(lines)
