@@ -1,0 +1,277 @@
+"""`tg-verify action`: the GitHub Action's entrypoint. Reads INPUT_* variables, runs the verify pipeline.
+
+It writes what `tg-verify POLICY.yml` writes (JSON report, in-toto Statement) plus the predicate
+alone for actions/attest, step outputs to $GITHUB_OUTPUT (random heredoc delimiters), the Markdown
+verdict to $GITHUB_STEP_SUMMARY (size-bounded), `::error`/`::warning` annotations on the policy
+file, and `::group::` around each long phase. Exit 0 PASS, 1 FAIL, 2 bad input, like the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from tg_verify.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, InputError, TgVerifyError, UsageError
+from tg_verify.report import github
+
+VERB = "action"
+ORDER = 90
+
+# action.yml input -> the `tg-verify verify` flag it becomes. The entrypoint builds a verify command
+# line from the inputs and parses it with the real verify parser, so the Action accepts exactly what
+# the CLI accepts; a test keeps action.yml, this table and the verify flags in step.
+FLAG_INPUTS: dict[str, str] = {
+    "candidate": "--candidate",
+    "report": "--report",
+    "attestation": "--attestation",
+    "device": "--device",
+    "cache": "--cache-dir",
+}
+# Inputs that are not verify flags: the policy (verify's positional), extra flags, and Actions glue.
+OTHER_INPUTS = ("policy", "args", "predicate", "summary")
+# Inputs the composite wrapper consumes itself (how to run the image); never seen by this entrypoint.
+WRAPPER_INPUTS = ("runner", "image", "gpus")
+# verify flags that make no sense in a workflow step.
+REFUSED_FLAGS = ("--json", "--progress", "--no-progress")
+TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off", "")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        VERB, help="GitHub Action entrypoint: verify using INPUT_* environment variables",
+        description=("Run as the tg-verify GitHub Action runs it: read INPUT_POLICY, INPUT_CANDIDATE, INPUT_REPORT, "
+                     "INPUT_ATTESTATION, INPUT_PREDICATE, INPUT_DEVICE, INPUT_CACHE, INPUT_ARGS and INPUT_SUMMARY, "
+                     "verify as `tg-verify verify` with the matching flags, and write $GITHUB_OUTPUT, "
+                     "$GITHUB_STEP_SUMMARY and workflow-command annotations."),
+        epilog="Exit codes: 0 PASS, 1 FAIL, 2 bad input, 3 internal error.")
+    parser.set_defaults(handler=run)
+
+
+@dataclass(frozen=True)
+class ActionInputs:
+    """The Action's inputs: the verify command line they make, and the Action-only settings."""
+
+    argv: tuple[str, ...]  # arguments of `tg-verify verify`
+    policy: Path
+    predicate: Path | None
+    summary: bool
+
+
+def read_input(name: str, environ: Mapping[str, str]) -> str:
+    """An input as the runner passes it: INPUT_<NAME> uppercased; hyphens kept (Docker) or as underscores."""
+    upper = name.upper()
+    for key in (f"INPUT_{upper}", f"INPUT_{upper.replace('-', '_')}"):
+        if key in environ:
+            return environ[key].strip()
+    return ""
+
+
+def parse_inputs(environ: Mapping[str, str]) -> ActionInputs:
+    """Validate INPUT_* values and turn them into a verify command line; raise UsageError naming the input."""
+    policy = read_input("policy", environ)
+    if not policy:
+        raise UsageError("input 'policy' is required (the policy YAML file)")
+    argv: list[str] = [policy]
+    for name in ("policy", *FLAG_INPUTS, "predicate"):
+        value = read_input(name, environ)
+        if value.startswith("-"):
+            raise UsageError(f"input '{name}' looks like a flag ({value!r}); give a path or value")
+        if "\n" in value:
+            raise UsageError(f"input '{name}' must be a single line")
+        if name in FLAG_INPUTS and value:
+            argv += [FLAG_INPUTS[name], value]
+    try:
+        extra = shlex.split(read_input("args", environ))
+    except ValueError as exc:
+        raise UsageError(f"input 'args' cannot be split into flags ({exc})") from None
+    for token in extra:
+        flag = token.split("=", 1)[0]
+        if flag in FLAG_INPUTS.values():
+            raise UsageError(f"input 'args' sets {flag}; use the input "
+                             f"'{next(k for k, v in FLAG_INPUTS.items() if v == flag)}' instead")
+        if flag in REFUSED_FLAGS:
+            raise UsageError(f"input 'args': {flag} is not available in the Action")
+    if extra and not extra[0].startswith("-"):
+        raise UsageError(f"input 'args' must hold flags, not {extra[0]!r}")
+    summary = read_input("summary", environ).lower() or "true"
+    if summary not in TRUE + FALSE:
+        raise UsageError(f"input 'summary' must be true or false, not {summary!r}")
+    predicate = read_input("predicate", environ)
+    return ActionInputs(argv=tuple(argv + extra), policy=Path(policy), predicate=Path(predicate) if predicate else None,
+                        summary=summary in TRUE)
+
+
+def verify_namespace(inputs: ActionInputs) -> argparse.Namespace:
+    """Parse the inputs' command line with the real `tg-verify verify` parser."""
+    from tg_verify.cli import build_parser
+
+    try:
+        return build_parser().parse_args(["verify", *inputs.argv])
+    except SystemExit:
+        raise UsageError("the inputs do not make a valid `tg-verify verify` command line "
+                         f"({' '.join(shlex.quote(a) for a in inputs.argv)}); see the message above") from None
+
+
+def _default_dir(environ: Mapping[str, str]) -> Path:
+    return Path(environ.get("RUNNER_TEMP") or ".") / "tg-verify"
+
+
+class GroupProgress:
+    """A progress sink that opens one `::group::` per phase, so long phases fold in the job log."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._open = False
+
+    def start(self, description: str, total: float | None) -> None:
+        self._close()
+        self._out.write(github.group_start(description) + "\n")
+        self._out.flush()
+        self._open = True
+
+    def advance(self, amount: float = 1.0) -> None:
+        pass
+
+    def describe(self, text: str) -> None:
+        pass
+
+    def finish(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._open:
+            self._out.write(github.group_end() + "\n")
+            self._out.flush()
+            self._open = False
+
+
+def _policy_line(policy: Path, needle: str | None) -> int | None:
+    """1-based line of the first policy line mentioning `needle` (a reference id), for annotations."""
+    if not needle:
+        return None
+    try:
+        lines = policy.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for number, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0]
+        if needle in text.replace('"', " ").replace("'", " ").split() or text.strip().endswith(f" {needle}"):
+            return number
+    return None
+
+
+def _error_file(message: str, policy: Path | None, environ: Mapping[str, str]) -> str | None:
+    """The file a bad-input message is about: its leading path when that exists, else the policy."""
+    head = message.split(": ", 1)[0]
+    if head and os.path.exists(head):
+        return github.workspace_relative(head, environ)
+    if policy is not None and policy.exists():
+        return github.workspace_relative(policy, environ)
+    return None
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else str(value))
+
+
+def outputs_for(result: Any, report: Path, attestation: Path, predicate: Path) -> dict[str, str]:
+    """The step outputs of a verify result (see action.yml `outputs`)."""
+    from tg_verify.report.attestation import PREDICATE_TYPE
+
+    declared = result.declared_reference
+    lineage = getattr(declared, "lineage", None) if declared is not None else None
+    reasons = [f.code for f in result.verdict.reasons if f.severity in ("fail", "warn")]
+    return {
+        "verdict": result.verdict.label,
+        "distance": _fmt(declared.distance) if declared is not None else "",
+        "family": _fmt(result.classification.family),
+        "lineage-score": _fmt(lineage.score) if lineage is not None else "",
+        "reasons": ",".join(dict.fromkeys(reasons)),
+        "report-path": str(report),
+        "attestation-path": str(attestation),
+        "predicate-path": str(predicate),
+        "predicate-type": PREDICATE_TYPE,
+        "fingerprint-digest": f"sha256:{result.candidate.fingerprint_digest}",
+        "root-digest": f"sha256:{result.candidate.root_digest}",
+    }
+
+
+def annotations_for(result: Any, policy: Path, environ: Mapping[str, str]) -> list[str]:
+    """One ::error per failing reason and one ::warning per warning, anchored in the policy file."""
+    lines = []
+    file = github.workspace_relative(policy, environ)
+    levels = {"fail": "error", "warn": "warning"}
+    for finding in result.verdict.reasons:
+        level = levels.get(finding.severity)
+        if level is None:
+            continue
+        line = _policy_line(policy, finding.subject) or _policy_line(policy, "declared:")
+        lines.append(github.annotation(level, f"{finding.code}: {finding.message}", file=file, line=line,  # type: ignore[arg-type]
+                                       title=f"tg-verify {'FAIL' if level == 'error' else 'warning'}"))
+    return lines
+
+
+def execute(inputs: ActionInputs, environ: Mapping[str, str], out: TextIO) -> int:
+    """Verify as `tg-verify verify` would, then add the Actions glue; return the exit code."""
+    from rich.console import Console
+
+    from tg_verify.atomic import canonical_json, write_bytes
+    from tg_verify.commands.verify import render_outputs
+    from tg_verify.pipeline import VerifyOptions, default_cache_dir, verify
+    from tg_verify.policy import load_policy
+    from tg_verify.report import console, markdown
+
+    args = verify_namespace(inputs)
+    policy = load_policy(args.policy, candidate_override=args.candidate)
+    default = _default_dir(environ)
+    report = Path(args.report) if args.report else policy.outputs.report or default / "report.json"
+    attestation = Path(args.attestation) if args.attestation else policy.outputs.attestation or \
+        default / "attestation.json"
+    predicate = inputs.predicate or default / "predicate.json"
+    cache = None if args.no_cache else (Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    progress = GroupProgress(out)
+    try:
+        result = verify(policy, VerifyOptions(device=args.device, cache_dir=cache, progress=progress))
+    finally:
+        progress.finish()
+    files = render_outputs(
+        result, report=report, attestation=attestation,
+        summary=Path(args.summary) if args.summary else policy.outputs.summary,
+        fingerprint=Path(args.fingerprint_out) if args.fingerprint_out else policy.outputs.fingerprint)
+    files[predicate] = canonical_json(json.loads(files[attestation])["predicate"])
+    for path, data in files.items():
+        write_bytes(path, data)
+    console.render(result, Console(file=out, force_terminal=False, width=120, soft_wrap=True, highlight=False))
+    for line in annotations_for(result, policy.path, environ):
+        out.write(line + "\n")
+    if inputs.summary:
+        github.append_step_summary(markdown.render(result), environ)
+    github.write_outputs(outputs_for(result, report, attestation, predicate), environ)
+    out.flush()
+    return result.exit_code
+
+
+def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None, out: TextIO | None = None) -> int:
+    env = os.environ if environ is None else environ
+    stream = sys.stdout if out is None else out
+    inputs: ActionInputs | None = None
+    try:
+        inputs = parse_inputs(env)
+        return execute(inputs, env, stream)
+    except TgVerifyError as exc:
+        if getattr(args, "debug", False):
+            raise
+        level_code = exc.exit_code if isinstance(exc, InputError) else EXIT_INTERNAL
+        title = "tg-verify: bad input" if level_code == EXIT_BAD_INPUT else "tg-verify: internal error"
+        file = _error_file(str(exc), inputs.policy if inputs else None, env)
+        stream.write(github.annotation("error", str(exc), file=file, title=title) + "\n")
+        github.write_outputs({"verdict": "", "error": str(exc).splitlines()[0][:1000]}, env)
+        stream.flush()
+        return level_code
