@@ -1,0 +1,471 @@
+"""Derivations and evasions of a checkpoint, for the lineage bench and tests.
+
+A Checkpoint is a transformers config plus a state dict. Derivations (fine-tunes, adapter merges,
+casts, quantisation, vocabulary growth, layer surgery, merges) change the function; evasions
+(permutations, rescaling, rotation, re-publication under another architecture) must not, and
+`same_function` checks that they do not before they count.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tg_verify.tiny import save_model
+
+
+@dataclass
+class Checkpoint:
+    """A model as config + weights; `model()` rebuilds a float32 torch module from them."""
+
+    config: Any
+    state: dict[str, torch.Tensor]
+
+    def clone(self) -> Checkpoint:
+        return Checkpoint(copy.deepcopy(self.config), {k: v.detach().clone() for k, v in self.state.items()})
+
+    def model(self) -> torch.nn.Module:
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_config(self.config)
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in self.state.items()}, strict=False)
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        if unexpected or [m for m in missing if not (tied and m == "lm_head.weight")]:
+            raise ValueError(f"state does not fit the config: missing {missing}, unexpected {unexpected}")
+        model.eval()
+        return model
+
+    def save(self, directory: str | Path, layout: str = "single") -> Path:
+        """Write it as a Hugging Face directory, keeping the stored dtype of the weights."""
+        dtypes = {v.dtype for v in self.state.values()}
+        model = self.model()
+        if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
+            model = model.to(dtype)
+        return save_model(model, directory, layout)  # type: ignore[arg-type]
+
+    @property
+    def heads(self) -> tuple[int, int, int]:
+        c = self.config
+        kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return c.num_attention_heads, kv, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    @property
+    def layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def gemma(self) -> bool:
+        return str(self.config.model_type).startswith("gemma")
+
+
+def from_model(model: torch.nn.Module) -> Checkpoint:
+    """Snapshot a transformers model (lm_head dropped when tied, as on disk)."""
+    state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return Checkpoint(copy.deepcopy(model.config), state)
+
+
+def logits(ckpt: Checkpoint, inputs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return ckpt.model()(input_ids=inputs).logits
+
+
+def same_function(a: Checkpoint, b: Checkpoint, seed: int = 0, tolerance: float = 1e-3) -> float:
+    """Max |logit difference| on a few random inputs; raises AssertionError above `tolerance`."""
+    vocab = min(a.config.vocab_size, b.config.vocab_size)
+    inputs = torch.randint(0, vocab, (3, 12), generator=torch.Generator().manual_seed(seed))
+    la, lb = logits(a, inputs), logits(b, inputs)
+    scale = float(la.abs().max())
+    diff = float((la - lb[..., :la.shape[-1]]).abs().max())
+    if diff > tolerance * max(1.0, scale):
+        raise AssertionError(f"transform changed the function: max logit difference {diff:.3g} (scale {scale:.3g})")
+    return diff
+
+
+# ---------------------------------------------------------------- access to blocks (fused or split)
+
+def _p(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def get_qkv(ck: Checkpoint, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    s, p = ck.state, _p(i)
+    if p + "self_attn.qkv_proj.weight" in s:
+        heads, kv, hd = ck.heads
+        w = s[p + "self_attn.qkv_proj.weight"]
+        return w[:heads * hd], w[heads * hd:(heads + kv) * hd], w[(heads + kv) * hd:]
+    return tuple(s[p + f"self_attn.{n}_proj.weight"] for n in "qkv")  # type: ignore[return-value]
+
+
+def set_qkv(ck: Checkpoint, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    s, p = ck.state, _p(i)
+    if p + "self_attn.qkv_proj.weight" in s:
+        s[p + "self_attn.qkv_proj.weight"] = torch.cat([q, k, v])
+    else:
+        for n, w in zip("qkv", (q, k, v)):
+            s[p + f"self_attn.{n}_proj.weight"] = w
+
+
+def get_gate_up(ck: Checkpoint, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    s, p = ck.state, _p(i)
+    if p + "mlp.gate_up_proj.weight" in s:
+        w = s[p + "mlp.gate_up_proj.weight"]
+        return w[:w.shape[0] // 2], w[w.shape[0] // 2:]
+    return s[p + "mlp.gate_proj.weight"], s[p + "mlp.up_proj.weight"]
+
+
+def set_gate_up(ck: Checkpoint, i: int, gate: torch.Tensor, up: torch.Tensor) -> None:
+    s, p = ck.state, _p(i)
+    if p + "mlp.gate_up_proj.weight" in s:
+        s[p + "mlp.gate_up_proj.weight"] = torch.cat([gate, up])
+    else:
+        s[p + "mlp.gate_proj.weight"], s[p + "mlp.up_proj.weight"] = gate, up
+
+
+def norm_keys(ck: Checkpoint) -> list[tuple[str, list[str]]]:
+    """Each RMSNorm gain with the input-side weights it feeds (the head only when untied)."""
+    result = []
+    for i in range(ck.layers):
+        p = _p(i)
+        attn = [p + "self_attn.qkv_proj.weight"] if p + "self_attn.qkv_proj.weight" in ck.state else \
+            [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+        mlp = [p + "mlp.gate_up_proj.weight"] if p + "mlp.gate_up_proj.weight" in ck.state else \
+            [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+        result += [(p + "input_layernorm.weight", attn), (p + "post_attention_layernorm.weight", mlp)]
+    result.append(("model.norm.weight", ["lm_head.weight"] if "lm_head.weight" in ck.state else []))
+    return result
+
+
+def get_gain(ck: Checkpoint, key: str) -> torch.Tensor:
+    return ck.state[key] + (1.0 if ck.gemma else 0.0)
+
+
+def set_gain(ck: Checkpoint, key: str, gain: torch.Tensor) -> None:
+    ck.state[key] = gain - (1.0 if ck.gemma else 0.0)
+
+
+def untie(ck: Checkpoint) -> None:
+    """Give a tied model its own lm_head (same values), so the head can change independently."""
+    if getattr(ck.config, "tie_word_embeddings", False):
+        ck.state["lm_head.weight"] = ck.state["model.embed_tokens.weight"].clone()
+        ck.config.tie_word_embeddings = False
+
+
+# ---------------------------------------------------------------- evasions (function-preserving)
+
+def permute_mlp(ck: Checkpoint, seed: int = 1) -> Checkpoint:
+    """Permute every layer's MLP hidden units consistently (gate/up rows, down columns)."""
+    out, g = ck.clone(), torch.Generator().manual_seed(seed)
+    for i in range(out.layers):
+        gate, up = get_gate_up(out, i)
+        perm = torch.randperm(gate.shape[0], generator=g)
+        set_gate_up(out, i, gate[perm], up[perm])
+        key = _p(i) + "mlp.down_proj.weight"
+        out.state[key] = out.state[key][:, perm]
+    return out
+
+
+def permute_heads(ck: Checkpoint, seed: int = 2) -> Checkpoint:
+    """Permute key/value groups and the query heads inside each group, with o_proj and biases."""
+    out, g = ck.clone(), torch.Generator().manual_seed(seed)
+    heads, kv, hd = out.heads
+    size = heads // kv
+    for i in range(out.layers):
+        groups = torch.randperm(kv, generator=g)
+        q_order = torch.cat([groups[a] * size + torch.randperm(size, generator=g) for a in range(kv)])
+        q_rows = (q_order[:, None] * hd + torch.arange(hd)).reshape(-1)
+        kv_rows = (groups[:, None] * hd + torch.arange(hd)).reshape(-1)
+        q, k, v = get_qkv(out, i)
+        set_qkv(out, i, q[q_rows], k[kv_rows], v[kv_rows])
+        p = _p(i) + "self_attn."
+        for n, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+            if p + f"{n}_proj.bias" in out.state:
+                out.state[p + f"{n}_proj.bias"] = out.state[p + f"{n}_proj.bias"][rows]
+        out.state[p + "o_proj.weight"] = out.state[p + "o_proj.weight"][:, q_rows]
+    return out
+
+
+def scale_mlp_units(ck: Checkpoint, seed: int = 6) -> Checkpoint:
+    """Scale each MLP unit's up row by s and its down column by 1/s (gated MLPs are linear in up)."""
+    out, g = ck.clone(), torch.Generator().manual_seed(seed)
+    for i in range(out.layers):
+        gate, up = get_gate_up(out, i)
+        scale = torch.exp(torch.randn(up.shape[0], generator=g))
+        set_gate_up(out, i, gate, up * scale[:, None])
+        key = _p(i) + "mlp.down_proj.weight"
+        out.state[key] = out.state[key] / scale[None, :]
+    return out
+
+
+def mix_attention(ck: Checkpoint, seed: int = 7) -> Checkpoint:
+    """Per key/value group: q *= a, k /= a (scores unchanged), v -> A v, o -> o A^-1 (A invertible)."""
+    out, g = ck.clone(), torch.Generator().manual_seed(seed)
+    heads, kv, hd = out.heads
+    size = heads // kv
+    for i in range(out.layers):
+        q, k, v = (w.clone() for w in get_qkv(out, i))
+        p = _p(i) + "self_attn."
+        o = out.state[p + "o_proj.weight"].clone()
+        for group in range(kv):
+            a = float(torch.exp(torch.randn(1, generator=g)))
+            mix = torch.eye(hd, dtype=torch.float64) + 0.5 * torch.randn(hd, hd, generator=g, dtype=torch.float64)
+            rows = slice(group * hd, (group + 1) * hd)
+            q_rows = slice(group * size * hd, (group + 1) * size * hd)
+            q[q_rows] *= a
+            k[rows] /= a
+            v[rows] = (mix @ v[rows].double()).float()
+            for key, sl, factor in (("q", q_rows, a), ("k", rows, 1 / a)):
+                if p + f"{key}_proj.bias" in out.state:
+                    out.state[p + f"{key}_proj.bias"][sl] *= factor
+            if p + "v_proj.bias" in out.state:
+                out.state[p + "v_proj.bias"][rows] = (mix @ out.state[p + "v_proj.bias"][rows].double()).float()
+            inverse = torch.linalg.inv(mix)
+            for head in range(group * size, (group + 1) * size):
+                cols = slice(head * hd, (head + 1) * hd)
+                o[:, cols] = (o[:, cols].double() @ inverse).float()
+        set_qkv(out, i, q, k, v)
+        out.state[p + "o_proj.weight"] = o
+    return out
+
+
+def _residual_maps(ck: Checkpoint) -> tuple[list[str], list[str], list[str]]:
+    """(weights that read the residual stream: columns, weights that write it: rows, norm gains)."""
+    readers = [w for _, ws in norm_keys(ck) for w in ws]
+    writers = [_p(i) + n for i in range(ck.layers) for n in ("self_attn.o_proj.weight", "mlp.down_proj.weight")]
+    return readers, writers, [n for n, _ in norm_keys(ck)]
+
+
+def permute_residual(ck: Checkpoint, seed: int = 3) -> Checkpoint:
+    """Permute the hidden dimension across every tensor (embedding, readers, writers, gains)."""
+    out = ck.clone()
+    perm = torch.randperm(out.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    readers, writers, gains = _residual_maps(out)
+    out.state["model.embed_tokens.weight"] = out.state["model.embed_tokens.weight"][:, perm]
+    for key in readers:
+        out.state[key] = out.state[key][:, perm]
+    for key in writers:
+        out.state[key] = out.state[key][perm]
+    for key in gains:
+        out.state[key] = out.state[key][perm]
+    return out
+
+
+def rescale_through_norms(ck: Checkpoint, seed: int = 4) -> Checkpoint:
+    """Per-channel rescaling: every norm gain g -> g*s, the weights it feeds W -> W diag(1/s)."""
+    out, g = ck.clone(), torch.Generator().manual_seed(seed)
+    untie(out)
+    for gain_key, weights in norm_keys(out):
+        scale = torch.exp(torch.randn(out.config.hidden_size, generator=g) * 0.7)
+        set_gain(out, gain_key, get_gain(out, gain_key) * scale)
+        for key in weights:
+            out.state[key] = out.state[key] / scale[None, :]
+    return out
+
+
+def rotate_residual(ck: Checkpoint, seed: int = 5) -> Checkpoint:
+    """Orthogonal rotation of the residual stream after absorbing every norm gain into its readers."""
+    out = ck.clone()
+    untie(out)
+    d = out.config.hidden_size
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))[None, :]
+    for gain_key, weights in norm_keys(out):
+        gain = get_gain(out, gain_key).double()
+        for key in weights:
+            out.state[key] = (out.state[key].double() * gain[None, :]).float()
+        set_gain(out, gain_key, torch.ones(d))
+    readers, writers, _ = _residual_maps(out)
+    for key in ["model.embed_tokens.weight", *readers]:
+        out.state[key] = (out.state[key].double() @ q).float()
+    for key in writers:
+        out.state[key] = (q.T @ out.state[key].double()).float()
+    return out
+
+
+def republish(ck: Checkpoint) -> Checkpoint:
+    """The same function under another model_type: phi3 -> llama (fused projections split),
+    gemma -> llama (gains and embedding scale made explicit), qwen2 -> llama (biases kept),
+    mistral -> llama, llama -> mistral."""
+    import transformers
+
+    c = ck.config
+    out = ck.clone()
+    heads, kv, hd = ck.heads
+    common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                  num_hidden_layers=c.num_hidden_layers, num_attention_heads=heads, num_key_value_heads=kv,
+                  head_dim=hd, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+                  rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+                  tie_word_embeddings=getattr(c, "tie_word_embeddings", False),
+                  hidden_act=getattr(c, "hidden_act", None) or getattr(c, "hidden_activation", "silu"))
+    kind = c.model_type
+    if kind == "llama":
+        out.config = transformers.MistralConfig(**{k: v for k, v in common.items() if k != "head_dim"},
+                                                sliding_window=None)
+        return out
+    if kind == "qwen2":
+        common["attention_bias"] = True
+        for i in range(out.layers):
+            out.state[_p(i) + "self_attn.o_proj.bias"] = torch.zeros(c.hidden_size)
+    if kind == "phi3":
+        for i in range(out.layers):
+            q, k, v = get_qkv(ck, i)
+            gate, up = get_gate_up(ck, i)
+            p = _p(i)
+            del out.state[p + "self_attn.qkv_proj.weight"], out.state[p + "mlp.gate_up_proj.weight"]
+            for n, w in (("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v),
+                         ("mlp.gate_proj", gate), ("mlp.up_proj", up)):
+                out.state[p + n + ".weight"] = w.clone()
+    if ck.gemma:
+        untie(out)
+        for key, _ in norm_keys(out):
+            out.state[key] = ck.state[key] + 1.0
+        normaliser = torch.tensor(c.hidden_size ** 0.5, dtype=torch.float32)
+        out.state["model.embed_tokens.weight"] = ck.state["model.embed_tokens.weight"] * normaliser
+        common["tie_word_embeddings"] = False
+    out.config = transformers.LlamaConfig(**common)
+    return out
+
+
+# ---------------------------------------------------------------- derivations (change the function)
+
+def train(ck: Checkpoint, tokens: np.ndarray, steps: int, lr: float, seed: int, batch: int = 16,
+          length: int = 64) -> Checkpoint:
+    """Full-parameter AdamW training on random windows of `tokens` (order set by `seed`)."""
+    model = ck.model()
+    _fit(model, model.parameters(), tokens, steps, lr, seed, batch, length)
+    return _snapshot(model, ck)
+
+
+def _fit(model: torch.nn.Module, params: Any, tokens: np.ndarray, steps: int, lr: float, seed: int,
+         batch: int, length: int) -> None:
+    rng = np.random.default_rng(seed)
+    optimiser = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    data = torch.from_numpy(tokens.astype(np.int64))
+    for _ in range(steps):
+        starts = rng.integers(0, len(tokens) - length - 1, size=batch)
+        inputs = torch.stack([data[s:s + length] for s in starts])
+        loss = model(input_ids=inputs, labels=inputs).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+
+
+def _snapshot(model: torch.nn.Module, like: Checkpoint) -> Checkpoint:
+    state = {k: v.detach().clone().float() for k, v in model.state_dict().items() if k in like.state}
+    return Checkpoint(copy.deepcopy(like.config), state)
+
+
+def _targets(ck: Checkpoint) -> tuple[list[str], list[str]]:
+    if ck.config.model_type == "phi3":
+        return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], ["down_proj"]
+    return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], ["down_proj"]
+
+
+def adapter_merge(ck: Checkpoint, tokens: np.ndarray, kind: str, steps: int, seed: int) -> Checkpoint:
+    """Train a LoRA (r=8) or IA3 adapter with peft, then merge it into the weights."""
+    import peft
+
+    torch.manual_seed(seed)
+    model = ck.model()
+    targets, feedforward = _targets(ck)
+    if kind == "lora":
+        config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0)
+        lr = 2e-3
+    else:
+        config = peft.IA3Config(target_modules=[t for t in targets if t[0] in "kvd" or t == "qkv_proj"],
+                                feedforward_modules=feedforward)
+        lr = 1e-2
+    wrapped = peft.get_peft_model(model, config)
+    _fit(wrapped, wrapped.parameters(), tokens, steps, lr, seed, 16, 64)
+    return _snapshot(wrapped.merge_and_unload(), ck)
+
+
+def cast(ck: Checkpoint, dtype: torch.dtype) -> Checkpoint:
+    """Store every tensor in `dtype` (bf16/fp16), as a re-upload in half precision does."""
+    out = ck.clone()
+    out.state = {k: v.to(dtype) for k, v in out.state.items()}
+    return out
+
+
+def int8_roundtrip(ck: Checkpoint) -> Checkpoint:
+    """Symmetric per-row absmax int8 quantise-dequantise of every matrix (norms kept)."""
+    out = ck.clone()
+    for key, value in out.state.items():
+        if value.dim() == 2:
+            scale = value.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+            out.state[key] = torch.round(value / scale).clamp(-127, 127) * scale
+    return out
+
+
+def extend_vocab(ck: Checkpoint, extra: int, seed: int) -> Checkpoint:
+    """Grow embedding (and head) by `extra` rows initialised around the mean row, as tokenizer
+    extensions do."""
+    out = ck.clone()
+    g = torch.Generator().manual_seed(seed)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if key in out.state:
+            w = out.state[key]
+            new = w.mean(0, keepdim=True) + w.std(0, keepdim=True) * 0.1 * torch.randn(extra, w.shape[1], generator=g)
+            out.state[key] = torch.cat([w, new])
+    out.config.vocab_size = ck.config.vocab_size + extra
+    return out
+
+
+def _renumber(ck: Checkpoint, order: list[int]) -> Checkpoint:
+    out = ck.clone()
+    kept = {k: v for k, v in out.state.items() if not k.startswith("model.layers.")}
+    for new, old in enumerate(order):
+        prefix = _p(old)
+        kept.update({_p(new) + k[len(prefix):]: v.clone() for k, v in out.state.items() if k.startswith(prefix)})
+    out.state = kept
+    out.config.num_hidden_layers = len(order)
+    if getattr(out.config, "layer_types", None):
+        out.config.layer_types = [out.config.layer_types[0]] * len(order)
+    return out
+
+
+def drop_layer(ck: Checkpoint, index: int) -> Checkpoint:
+    return _renumber(ck, [i for i in range(ck.layers) if i != index])
+
+
+def duplicate_layer(ck: Checkpoint, index: int) -> Checkpoint:
+    order = list(range(ck.layers))
+    return _renumber(ck, order[:index + 1] + [index] + order[index + 1:])
+
+
+def average(a: Checkpoint, b: Checkpoint) -> Checkpoint:
+    """Uniform weight average (model soup) of two checkpoints of one architecture."""
+    out = a.clone()
+    out.state = {k: (a.state[k].float() + b.state[k].float()) / 2 for k in a.state}
+    return out
+
+
+EVASIONS: dict[str, Callable[[Checkpoint], Checkpoint]] = {
+    "permute-mlp": permute_mlp,
+    "permute-heads": permute_heads,
+    "permute-residual": permute_residual,
+    "rescale-norms": rescale_through_norms,
+    "rotate-residual": rotate_residual,
+    "republish": republish,
+    # beyond the issue's list: rescalings inside blocks that also leave the function unchanged
+    "scale-mlp-units": scale_mlp_units,
+    "mix-attention": mix_attention,
+}
+
+
+def all_evasions(ck: Checkpoint) -> Checkpoint:
+    """Every evasion at once, in sequence."""
+    for transform in (permute_mlp, permute_heads, permute_residual, rescale_through_norms, rotate_residual,
+                      scale_mlp_units, mix_attention):
+        ck = transform(ck)
+    return republish(ck)
+
