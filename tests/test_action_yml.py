@@ -1,0 +1,173 @@
+"""action.yml stays in step with the entrypoint and the CLI, never interpolates inputs into shell,
+and its wrapper script really requests GPUs, falls back to CPU, and passes inputs by name."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tg_verify.cli import build_parser
+from tg_verify.commands import action
+
+ROOT = Path(__file__).resolve().parents[1]
+ACTION = yaml.safe_load((ROOT / "action.yml").read_text())
+STEP = ACTION["runs"]["steps"][0]
+
+
+def verify_flags() -> set[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return {opt for a in sub.choices["verify"]._actions for opt in a.option_strings}
+
+
+def test_every_input_is_known_to_the_entrypoint_or_the_wrapper():
+    declared = set(ACTION["inputs"])
+    assert declared == set(action.FLAG_INPUTS) | set(action.OTHER_INPUTS) | set(action.WRAPPER_INPUTS)
+    assert ACTION["inputs"]["policy"]["required"] is True
+    for name, spec in ACTION["inputs"].items():
+        assert spec.get("description"), name
+        assert isinstance(spec.get("default", ""), str), f"{name}: defaults must be strings"
+
+
+def test_flag_inputs_map_to_real_verify_flags():
+    flags = verify_flags()
+    for name, flag in action.FLAG_INPUTS.items():
+        assert flag in flags, f"input {name!r} maps to {flag}, which `tg-verify verify` does not have"
+    for flag in action.REFUSED_FLAGS:
+        assert flag in flags or flag == "--no-progress"
+
+
+def test_outputs_match_what_the_entrypoint_writes():
+    class Ref:
+        distance, lineage = 1.0, type("L", (), {"score": 0.9})()
+
+    class Result:
+        declared_reference = Ref()
+        verdict = type("V", (), {"label": "pass", "reasons": ()})()
+        classification = type("C", (), {"family": "llama"})()
+        candidate = type("Cand", (), {"fingerprint_digest": "a" * 64, "root_digest": "b" * 64})()
+
+    written = set(action.outputs_for(Result(), Path("r"), Path("a"), Path("p"))) | {"error"}
+    assert written == set(ACTION["outputs"])
+    for name, spec in ACTION["outputs"].items():
+        assert spec["value"] == f"${{{{ steps.tg-verify.outputs.{name} }}}}"
+
+
+def test_composite_passes_inputs_through_the_environment_only():
+    assert ACTION["runs"]["using"] == "composite"
+    script = STEP["run"]
+    assert "${{" not in script, "inputs must never be interpolated into the shell script"
+    env = STEP["env"]
+    for name in set(action.FLAG_INPUTS) | set(action.OTHER_INPUTS):
+        assert env[f"INPUT_{name.upper()}"] == f"${{{{ inputs.{name} }}}}"
+        assert f"--env INPUT_{name.upper()}" in script, f"INPUT_{name.upper()} is not passed into the container"
+    for name in action.WRAPPER_INPUTS:
+        assert env[f"TGV_{name.upper()}"] == f"${{{{ inputs.{name} }}}}"
+    assert STEP["shell"] == "bash"
+    subprocess.run(["bash", "-n", "-c", script], check=True)
+
+
+FAKE_DOCKER = """#!/bin/bash
+# Records each call; `info` reports the runtimes in $FAKE_RUNTIMES; `run --gpus` exits $FAKE_GPU_STATUS.
+printf '%s\\n' "$*" >> "$FAKE_LOG"
+case "$1" in
+  info) echo "$FAKE_RUNTIMES" ;;
+  build) echo "sha256:built" ;;
+  run)
+    echo "policy=$INPUT_POLICY args=$INPUT_ARGS" >> "$FAKE_LOG"
+    for arg in "$@"; do if [ "$arg" = "--gpus" ]; then exit "${FAKE_GPU_STATUS:-0}"; fi; done
+    exit "${FAKE_CPU_STATUS:-0}" ;;
+esac
+"""
+
+
+def run_wrapper(tmp_path: Path, **env: str) -> tuple[int, str, list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    docker = bin_dir / "docker"
+    docker.write_text(FAKE_DOCKER)
+    docker.chmod(docker.stat().st_mode | stat.S_IEXEC)
+    log = tmp_path / "docker.log"
+    log.write_text("")
+    base = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "RUNNER_TEMP": str(tmp_path / "temp"),
+            "GITHUB_WORKSPACE": str(tmp_path), "GITHUB_ACTION_PATH": str(ROOT), "FAKE_RUNTIMES": "{}",
+            "INPUT_POLICY": "gate.yml; touch pwned", "INPUT_ARGS": "$(touch pwned)"}
+    for name in set(STEP["env"]) - set(base):
+        base.setdefault(name, "")
+    base.update({"TGV_RUNNER": "docker", "TGV_GPUS": "all"})
+    base.update(env)
+    proc = subprocess.run(["bash", "-c", STEP["run"]], env=base, cwd=tmp_path, capture_output=True, text=True)
+    assert not (tmp_path / "pwned").exists(), "an input was evaluated by the shell"
+    return proc.returncode, proc.stdout + proc.stderr, log.read_text().splitlines()
+
+
+def test_gpu_runtime_present_requests_gpus(tmp_path):
+    code, out, calls = run_wrapper(tmp_path, FAKE_RUNTIMES='{"nvidia":{},"runc":{}}', TGV_IMAGE="ghcr.io/x/tg@sha256:1")
+    assert code == 0, out
+    runs = [c for c in calls if c.startswith("run ")]
+    assert len(runs) == 1 and "--gpus all" in runs[0] and runs[0].endswith("ghcr.io/x/tg@sha256:1 action")
+    assert f"--volume {tmp_path}:{tmp_path}" in runs[0] and "--user " in runs[0]
+    assert "policy=gate.yml; touch pwned args=$(touch pwned)" in calls  # values arrive verbatim
+    assert not any(c.startswith("build") for c in calls)
+
+
+def test_no_gpu_runtime_runs_on_cpu_with_a_notice(tmp_path):
+    code, out, calls = run_wrapper(tmp_path, TGV_IMAGE="img")
+    assert code == 0
+    assert "::notice title=tg-verify::no NVIDIA container runtime" in out
+    assert all("--gpus" not in c for c in calls)
+
+
+def test_gpu_start_failure_falls_back_to_cpu(tmp_path):
+    code, out, calls = run_wrapper(tmp_path, FAKE_RUNTIMES='{"nvidia":{}}', FAKE_GPU_STATUS="125", TGV_IMAGE="img")
+    assert code == 0
+    assert "::warning title=tg-verify::could not start the container with --gpus all" in out
+    runs = [c for c in calls if c.startswith("run ")]
+    assert len(runs) == 2 and "--gpus" in runs[0] and "--gpus" not in runs[1]
+
+
+@pytest.mark.parametrize("status", ["1", "2"])
+def test_verdict_exit_code_is_the_step_result(tmp_path, status):
+    code, _, _ = run_wrapper(tmp_path, TGV_IMAGE="img", FAKE_CPU_STATUS=status)
+    assert code == int(status)
+
+
+def test_cpu_device_or_gpus_none_never_requests_gpus(tmp_path):
+    for env in ({"INPUT_DEVICE": "cpu"}, {"TGV_GPUS": "none"}):
+        _, _, calls = run_wrapper(tmp_path, FAKE_RUNTIMES='{"nvidia":{}}', TGV_IMAGE="img", **env)
+        assert all("--gpus" not in c for c in calls if c.startswith("run "))
+
+
+def test_empty_image_builds_the_action_dockerfile(tmp_path):
+    code, out, calls = run_wrapper(tmp_path)
+    assert code == 0
+    assert calls[0] == f"build --quiet --tag tg-verify-action:local {ROOT}"
+    assert "::group::Building the tg-verify image" in out and "::endgroup::" in out
+
+
+def test_unknown_runner_is_bad_input(tmp_path):
+    code, out, _ = run_wrapper(tmp_path, TGV_RUNNER="kubernetes")
+    assert code == 2 and "::error title=tg-verify::input 'runner' must be docker or local" in out
+
+
+def test_dockerfile_follows_the_docker_action_rules():
+    text = (ROOT / "Dockerfile").read_text()
+    instructions = [line.split()[0].upper() for line in text.splitlines() if line.strip() and not line.startswith("#")
+                    and not line.startswith(" ")]
+    assert instructions[0] in ("FROM", "ARG")
+    assert "USER" not in instructions and "WORKDIR" not in instructions
+    assert re.search(r'^ENTRYPOINT \["tg-verify"\]$', text, re.M), "exec-form ENTRYPOINT [\"tg-verify\"]"
+    base = re.search(r"^FROM (\S+)", text, re.M)
+    assert base and re.search(r":\d+\.\d+\.\d+-cuda", base.group(1)) and "@sha256:" in base.group(1)
+    pins = re.findall(r'"([a-z0-9_.-]+)==([0-9][^"]*)"', text)
+    pinned = {name for name, _ in pins}
+    assert {"safetensors", "transformers", "peft", "scikit-learn", "numpy", "pyyaml", "rich"} <= pinned
+    assert "torch" not in pinned  # torch comes from the CUDA base image, never a CPU wheel from PyPI
+    dockerignore = (ROOT / ".dockerignore").read_text().split()
+    assert ".git" in dockerignore and ".venv" in dockerignore
