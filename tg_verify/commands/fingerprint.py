@@ -49,6 +49,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="leave out the lineage sketch (smaller document; lineage tests then impossible)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: on a terminal outside CI)")
+    adapters = parser.add_argument_group("adapters and batch mode (docs/adapters.md)")
+    adapters.add_argument("--base", metavar="PATH",
+                          help="base model a PEFT adapter (MODEL, or adapters in --batch) is merged onto before "
+                               "fingerprinting; the document records the base's file digests too")
+    adapters.add_argument("--batch", metavar="DIR", nargs="+",
+                          help="fingerprint every model: each DIR is a model directory, or a folder searched for "
+                               "model directories; up-to-date fingerprints in --out-dir are skipped, broken models "
+                               "are reported at the end (exit 2 if any failed)")
+    adapters.add_argument("--out-dir", metavar="OUT", help="where --batch writes <model>-<hash>.json files")
+    adapters.add_argument("--force", action="store_true",
+                          help="with --batch: recompute even up-to-date fingerprints")
     parser.set_defaults(handler=run)
 
 
@@ -66,12 +77,45 @@ def settings_from_args(args: argparse.Namespace) -> FingerprintSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch: one model to one file (further modes add their branch here)."""
+    """Dispatch: one model to one file, or --batch many models into --out-dir."""
+    if getattr(args, "batch", None):
+        return _run_batch(args)
+    if getattr(args, "out_dir", None) or getattr(args, "force", False):
+        raise UsageError("fingerprint: --out-dir and --force go with --batch DIR [DIR ...]")
     return _run_single(args)
 
 
+def _run_batch(args: argparse.Namespace) -> int:
+    from tg_verify.batch import BatchOutcome, run_batch
+
+    if args.model or args.output or args.name:
+        raise UsageError("fingerprint: --batch takes model directories itself; drop MODEL, -o and --name")
+    if not args.out_dir:
+        raise UsageError("fingerprint: --batch needs --out-dir OUT, where the fingerprints go")
+    settings = settings_from_args(args)
+
+    def report(outcome: BatchOutcome) -> None:
+        if outcome.status == "failed":
+            print(f"tg-verify: FAILED {outcome.source}: {outcome.message}", file=sys.stderr)
+            return
+        print(f"{outcome.status:8} {outcome.source} -> {outcome.output} ({outcome.message}, "
+              f"{outcome.seconds:.1f}s)")
+        for warning in outcome.warnings:
+            print(f"tg-verify: warning: {outcome.source}: {warning}", file=sys.stderr)
+
+    with progress_sink(wants_progress(args.progress)) as sink:
+        result = run_batch(args.batch, args.out_dir, settings, base=args.base, force=args.force, progress=sink,
+                           on_outcome=report)
+    failed = [o for o in result.outcomes if o.status == "failed"]
+    print(f"{len(result.outcomes)} models: {result.count('computed')} computed, {result.count('skipped')} "
+          f"up to date, {len(failed)} failed")
+    for outcome in failed:
+        print(f"tg-verify: failed: {outcome.source}: [{outcome.code}] {outcome.message}", file=sys.stderr)
+    return result.exit_code
+
+
 def _run_single(args: argparse.Namespace) -> int:
-    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.batch import fingerprint_model
 
     if not args.model:
         raise UsageError("fingerprint: give MODEL (a model directory, .safetensors file or index)")
@@ -80,11 +124,14 @@ def _run_single(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     started = time.perf_counter()
     artifact = resolve(args.model)
+    if args.base and artifact.layout != "adapter":
+        raise UsageError(f"fingerprint: {args.model} is a full model, not a PEFT adapter; --base is for adapters")
     with progress_sink(wants_progress(args.progress)) as sink:
-        fingerprint = fingerprint_artifact(artifact, settings, progress=sink, model_name=args.name)
+        result = fingerprint_model(artifact, settings, base=args.base, progress=sink, model_name=args.name)
+    fingerprint = result.fingerprint
     path = write_bytes(args.output, fingerprint.to_json_bytes())
     print(summary_line(path, fingerprint, time.perf_counter() - started))
-    for warning in artifact.warnings:
+    for warning in result.warnings:
         print(f"tg-verify: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
