@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import shutil
 from dataclasses import replace
@@ -78,20 +79,48 @@ def test_missing_and_extra_files_are_named(release, capsys):
     assert "model-00004-of-00003.safetensors is not mentioned in weight_map" in problems["artifact resolves"]
 
 
-def test_extra_weight_file_in_resolved_artifact_is_named(tiny_models, tmp_path, capsys):
+def test_file_on_disk_that_was_not_attested_is_named(tiny_models, tmp_path, capsys):
     model = shutil.copytree(tiny_models["llama"]["single"], tmp_path / "model")
-    statement = att.build_statement(make_evidence(model), time_verified=T0)
-    statement["subject"] = [s for s in statement["subject"] if s["name"] != "config.json"]
-    # Keep the statement internally consistent so only the extra file is reported.
-    files = {s["name"]: s["digest"]["sha256"] for s in statement["subject"] if not s.get("annotations")}
-    from tg_verify.artifact import root_digest
-    statement["subject"][-1]["digest"]["sha256"] = root_digest(files)
-    statement["predicate"]["candidate"]["rootDigest"]["sha256"] = root_digest(files)
+    # An attestation of the same model made before config.json was added to it.
+    evidence = make_evidence(model)
+    statement = att.build_statement(replace(evidence, files=tuple(f for f in evidence.files if f.path != "config.json")),
+                                    time_verified=T0)
     path = att.write_statement(tmp_path / "a.json", statement)
     code, report = run_json(capsys, str(path), str(model))
     assert code == 2
     assert set(failed(report)) == {"file config.json"}
     assert failed(report)["file config.json"].startswith("extra")
+
+
+def test_statement_made_by_actions_attest_around_our_predicate_verifies(release, capsys, tmp_path):
+    """actions/attest names subjects by basename, has no root subject, and wraps our predicate."""
+    model, policy, attestation = release
+    ours = json.loads(attestation.read_text())
+    theirs = {"_type": ours["_type"], "predicateType": att.PREDICATE_TYPE, "predicate": ours["predicate"],
+              "subject": [{"name": p.name, "digest": {"sha256": hashlib.sha256(p.read_bytes()).hexdigest()}}
+                          for p in sorted(model.glob("*.safetensors"))]}
+    bundle = {"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+              "dsseEnvelope": {"payloadType": att.PAYLOAD_TYPE, "signatures": [{"sig": "AAAA"}],
+                               "payload": base64.b64encode(canonical_json(theirs)).decode()}}
+    path = tmp_path / "bundle.sigstore.json"
+    path.write_text(json.dumps(bundle))
+    code, report = run_json(capsys, str(path), str(model), "--policy", str(policy))
+    assert code == 0 and report["wrapper"] == "sigstore-bundle", failed(report)
+    # A subject whose digest is not an attested file's is named.
+    theirs["subject"][0]["digest"]["sha256"] = "0" * 64
+    bundle["dsseEnvelope"]["payload"] = base64.b64encode(canonical_json(theirs)).decode()
+    path.write_text(json.dumps(bundle))
+    code, report = run_json(capsys, str(path), str(model))
+    assert code == 2 and "is not the digest of an attested file" in failed(report)[f"subject {theirs['subject'][0]['name']}"]
+
+
+def test_root_subject_that_disagrees_is_named(release, capsys):
+    model, _, attestation = release
+    statement = json.loads(attestation.read_text())
+    statement["subject"][-1]["digest"]["sha256"] = "1" * 64
+    attestation.write_bytes(canonical_json(statement))
+    code, report = run_json(capsys, str(attestation), str(model))
+    assert code == 2 and "predicate records" in failed(report)["root subject"]
 
 
 def test_other_policy_is_rejected(release, capsys, tmp_path):

@@ -43,6 +43,9 @@ def test_statement_is_in_toto_v1_with_one_subject_per_file_and_a_root_subject(ti
     expected = hashlib.sha256(b"".join(hashlib.sha256((model / n).read_bytes()).digest() for n in on_disk))
     assert root[0]["digest"]["sha256"] == expected.hexdigest()
     assert statement["predicate"]["candidate"]["rootDigest"]["sha256"] == expected.hexdigest()
+    # The predicate lists the same files and digests, so it stands on its own inside another Statement.
+    assert {f["name"]: f["digest"]["sha256"] for f in statement["predicate"]["candidate"]["files"]} == \
+        {s["name"]: s["digest"]["sha256"] for s in files}
 
 
 def test_predicate_fields_are_lower_camel_case_and_carry_the_evidence(tiny_models):
@@ -173,9 +176,14 @@ def test_structure_validation_names_the_fault(tiny_models):
     for mutate, message in [
         (lambda s: s.update(_type="https://in-toto.io/Statement/v0.1"), "_type"),
         (lambda s: s.update(predicateType="https://slsa.dev/provenance/v1"), "predicateType"),
-        (lambda s: s["subject"][0].update(name="../etc/passwd"), "relative POSIX path"),
+        (lambda s: s["predicate"]["candidate"]["files"][0].update(name="../etc/passwd"), "relative POSIX path"),
+        (lambda s: s["predicate"]["candidate"]["files"][0].update(name="/etc/passwd"), "relative POSIX path"),
+        (lambda s: s["predicate"]["candidate"]["files"][1].update(name=s["predicate"]["candidate"]["files"][0]["name"]),
+         "duplicate file"),
+        (lambda s: s["predicate"]["candidate"]["files"][0].pop("digest"), "digest.sha256"),
         (lambda s: s["subject"][0]["digest"].update(sha256="XYZ"), "digest.sha256"),
-        (lambda s: s["subject"][-1].pop("annotations"), "exactly one subject"),
+        (lambda s: s["subject"][0].update(annotations={att.ROOT_ANNOTATION: True}), "at most one subject"),
+        (lambda s: s.update(subject=[]), "non-empty"),
         (lambda s: s["predicate"].update(verificationResult="OK"), "verificationResult"),
         (lambda s: s["predicate"]["references"][0].update(distance="1"), "numbers"),
     ]:

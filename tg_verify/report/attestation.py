@@ -246,7 +246,8 @@ def build_predicate(evidence: AttestationEvidence, *, time_verified: _dt.datetim
         "format": "safetensors",
         "rootDigest": {"sha256": root_digest_of(files)},
         "serialization": {"method": "files", "hashType": "sha256", "allowSymlinks": False},
-        "files": [_drop_none({"name": f.path, "role": f.role, "size": f.size}) for f in files],
+        "files": [_drop_none({"name": f.path, "digest": {"sha256": f.sha256}, "role": f.role, "size": f.size})
+                  for f in files],
     }
     if evidence.base_files:
         base_files = sorted(evidence.base_files, key=lambda f: f.path)

@@ -119,26 +119,18 @@ def validate_statement(statement: Mapping[str, Any], where: str) -> None:
     _require(statement.get("predicateType") == PREDICATE_TYPE, where,
              f"predicateType {statement.get('predicateType')!r} is not {PREDICATE_TYPE}")
     subjects = statement.get("subject")
-    _require(isinstance(subjects, list) and len(subjects) >= 2, where,
-             "subject must list the model files and the whole-model subject")
+    _require(isinstance(subjects, list) and len(subjects) >= 1, where, "subject must be a non-empty list")
     roots = 0
-    names: set[str] = set()
     for n, subject in enumerate(subjects):
         at = f"{where}: subject[{n}]"
         _require(isinstance(subject, dict), at, "must be an object")
         _require(isinstance(subject.get("name"), str), at, "name must be a string")
         _require(isinstance(subject.get("digest"), dict) and _is_hex64(subject["digest"].get("sha256")), at,
                  "digest.sha256 must be 64 lowercase hex digits")
-        _require(subject["name"] not in names, at, f"duplicate subject name {subject['name']!r}")
-        names.add(subject["name"])
         annotations = subject.get("annotations") or {}
         _require(isinstance(annotations, dict), at, "annotations must be an object")
-        if annotations.get(ROOT_ANNOTATION) is True:
-            roots += 1
-        else:
-            _require(_safe_relpath(subject["name"]), at,
-                     f"name {subject['name']!r} is not a relative POSIX path inside the model")
-    _require(roots == 1, where, f"exactly one subject must carry annotations.{ROOT_ANNOTATION}: true")
+        roots += annotations.get(ROOT_ANNOTATION) is True
+    _require(roots <= 1, where, f"at most one subject may carry annotations.{ROOT_ANNOTATION}")
     predicate = statement.get("predicate")
     _require(isinstance(predicate, dict), where, "predicate must be an object")
     at = f"{where}: predicate"
@@ -146,6 +138,21 @@ def validate_statement(statement: Mapping[str, Any], where: str) -> None:
     policy = predicate.get("policy")
     _require(isinstance(policy, dict) and isinstance(policy.get("digest"), dict)
              and _is_hex64(policy["digest"].get("sha256")), at, "policy.digest.sha256 is missing or malformed")
+    candidate = predicate.get("candidate")
+    _require(isinstance(candidate, dict) and isinstance(candidate.get("rootDigest"), dict)
+             and _is_hex64(candidate["rootDigest"].get("sha256")), at, "candidate.rootDigest.sha256 is missing")
+    files = candidate.get("files")
+    _require(isinstance(files, list) and len(files) >= 1, at, "candidate.files must list the attested files")
+    names: set[str] = set()
+    for n, entry in enumerate(files):
+        fat = f"{at}.candidate.files[{n}]"
+        _require(isinstance(entry, dict) and _safe_relpath(entry.get("name")), fat,
+                 f"name {entry.get('name') if isinstance(entry, dict) else entry!r} is not a relative POSIX path "
+                 "inside the model")
+        _require(isinstance(entry.get("digest"), dict) and _is_hex64(entry["digest"].get("sha256")), fat,
+                 "digest.sha256 must be 64 lowercase hex digits")
+        _require(entry["name"] not in names, fat, f"duplicate file {entry['name']!r}")
+        names.add(entry["name"])
     fingerprint = predicate.get("fingerprint")
     _require(isinstance(fingerprint, dict) and isinstance(fingerprint.get("digest"), dict)
              and _is_hex64(fingerprint["digest"].get("sha256")), at, "fingerprint.digest.sha256 is missing")
@@ -208,13 +215,45 @@ def _hash_files(root: Path, names: list[str], progress: Callable[[int], None] | 
     return found
 
 
+def recorded_files(predicate: Mapping[str, Any]) -> dict[str, str]:
+    """The attested files (relative path -> sha256) from predicate.candidate.files."""
+    return {f["name"]: f["digest"]["sha256"] for f in predicate["candidate"]["files"]}
+
+
+def _check_subjects(statement: Mapping[str, Any], files: Mapping[str, str], root: str) -> list[Check]:
+    """Every subject must be an attested file or the model's root digest.
+
+    tg-verify's own Statement names files by relative path and adds the root subject; a Statement
+    made by actions/attest around our predicate names them by basename (and has no root subject).
+    """
+    checks: list[Check] = []
+    for subject in statement["subject"]:
+        name, digest = subject["name"], subject["digest"]["sha256"]
+        if (subject.get("annotations") or {}).get(ROOT_ANNOTATION) or (digest == root and name not in files):
+            ok = digest == root
+            detail = f"whole-model subject {name!r}: sha256 {digest}" + ("" if ok else f", predicate records {root}")
+            checks.append(Check(INTEGRITY, "root subject", ok, detail))
+            continue
+        matches = [path for path, sha in files.items()
+                   if sha == digest and (path == name or PurePosixPath(path).name == name)]
+        if not matches:
+            checks.append(Check(INTEGRITY, f"subject {name}", False,
+                                f"sha256 {digest} is not the digest of an attested file named {name!r}"))
+    return checks
+
+
 def check_files(statement: Mapping[str, Any], model: Path,
                 progress: Callable[[int], None] | None = None) -> list[Check]:
-    """Recompute every subject's digest from disk, name missing/extra/changed files, check the root digest."""
+    """Recompute every attested file's digest from disk, name missing/extra/changed files, check the root digest."""
     checks: list[Check] = []
-    subjects = statement["subject"]
-    files = {s["name"]: s["digest"]["sha256"] for s in subjects if not (s.get("annotations") or {}).get(ROOT_ANNOTATION)}
-    root_subject = next(s for s in subjects if (s.get("annotations") or {}).get(ROOT_ANNOTATION))
+    predicate = statement["predicate"]
+    files = recorded_files(predicate)
+    recorded_root = root_digest(files)
+    predicate_root = predicate["candidate"]["rootDigest"]["sha256"]
+    checks.append(Check(INTEGRITY, "root digest (recorded)", predicate_root == recorded_root,
+                        f"predicate.candidate.rootDigest {predicate_root}, computed from the attested files "
+                        f"{recorded_root}"))
+    checks.extend(_check_subjects(statement, files, predicate_root))
     root, artifact, problem = _model_root(model)
     if problem is not None:
         checks.append(Check(INTEGRITY, "artifact resolves", False, problem))
@@ -229,21 +268,12 @@ def check_files(statement: Mapping[str, Any], model: Path,
         else:
             checks.append(Check(INTEGRITY, f"file {name}", True, f"sha256 {actual}"))
     if artifact is not None:
-        extra = sorted(f.path for f in artifact.files if f.path not in files)
-        for name in extra:
+        for name in sorted(f.path for f in artifact.files if f.path not in files):
             checks.append(Check(INTEGRITY, f"file {name}", False,
-                                "extra: part of the model on disk but not a subject of the attestation"))
-    recorded_root = root_digest(files)
-    checks.append(Check(INTEGRITY, "root digest (recorded)", recorded_root == root_subject["digest"]["sha256"],
-                        f"subject {root_subject['name']!r} sha256 {root_subject['digest']['sha256']}, "
-                        f"computed from the file subjects {recorded_root}"))
-    predicate_root = ((statement["predicate"].get("candidate") or {}).get("rootDigest") or {}).get("sha256")
-    if predicate_root is not None:
-        checks.append(Check(INTEGRITY, "root digest (predicate)", predicate_root == recorded_root,
-                            f"predicate.candidate.rootDigest {predicate_root}"))
+                                "extra: part of the model on disk but not attested"))
     if all(on_disk.get(name) for name in files):
         disk_root = root_digest({name: on_disk[name] or "" for name in files})
-        checks.append(Check(INTEGRITY, "root digest (disk)", disk_root == root_subject["digest"]["sha256"],
+        checks.append(Check(INTEGRITY, "root digest (disk)", disk_root == predicate_root,
                             f"model_signing digest of {root} is sha256:{disk_root}"))
     return checks
 
