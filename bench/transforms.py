@@ -72,6 +72,16 @@ def from_model(model: torch.nn.Module) -> Checkpoint:
     return Checkpoint(copy.deepcopy(model.config), state)
 
 
+def fingerprint_of(ck: Checkpoint, directory: str | Path, layout: str = "single") -> Any:
+    """Save `ck` and fingerprint it with the product's extractor (features and sketch), on the CPU."""
+    from tg_verify.artifact import resolve
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.fingerprint.settings import FingerprintSettings
+
+    path = ck.save(directory, layout)
+    return fingerprint_artifact(resolve(path), FingerprintSettings(device="cpu"), model_name=Path(path).name)
+
+
 def logits(ckpt: Checkpoint, inputs: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return ckpt.model()(input_ids=inputs).logits

@@ -20,12 +20,14 @@ import torch
 
 from tg_verify.artifact.model import Artifact, TensorInfo
 from tg_verify.artifact.reader import TensorReader
+from tg_verify.errors import UsageError
 
 SKETCH_VERSION = "tgs1"
 DEFAULT_TOKENS = 32  # probe size k: k(k-1)=992 compared entries per unit, 2 KiB per unit in fp16
 DEFAULT_SEED = 0
-MAX_LAYERS = 256  # 4 units x 2 KiB x 256 layers, base64: under 3 MB, inside the 4 MB budget
+MAX_LAYERS = 256  # at k=32: 4 units x 2 KiB x 256 layers, base64: 2.8 MB
 MIN_TOKENS, MAX_TOKENS = 8, 64
+SIZE_BUDGET = 3_500_000  # base64 bytes of unit data; with ids and field names the sketch stays under 4 MB
 
 # Roles of the per-layer units, in stored order, and whether their matrix is symmetric (a Gram).
 LAYER_ROLES: tuple[str, ...] = ("attn_qk", "attn_ov", "mlp_gate", "mlp_ud")
@@ -68,13 +70,16 @@ def probe_ids(vocab: int, k: int, seed: int) -> np.ndarray:
     return np.sort(chosen).astype(np.int64)
 
 
-def _setting(settings: Any, *names: str, default: Any) -> Any:
-    for name in names:
-        if isinstance(settings, Mapping) and name in settings:
-            return settings[name]
-        if not isinstance(settings, Mapping) and hasattr(settings, name):
-            return getattr(settings, name)
-    return default
+def layer_budget(k: int) -> int:
+    """How many layers a sketch with probe size k may hold and stay inside SIZE_BUDGET."""
+    unit = 4 * -(-2 * k * k // 3)  # base64 length of one k x k float16 matrix
+    return max(1, min(MAX_LAYERS, (SIZE_BUDGET // unit - len(GLOBAL_ROLES)) // len(LAYER_ROLES)))
+
+
+def _setting(settings: Any, name: str, default: Any) -> Any:
+    if isinstance(settings, Mapping):
+        return settings.get(name, default)
+    return getattr(settings, name, default)
 
 
 def _leaf(name: str) -> str:
@@ -125,10 +130,11 @@ class SketchBuilder:
     """
 
     def __init__(self, artifact: Artifact, reader: TensorReader, settings: Any = None) -> None:
-        self.k = int(_setting(settings, "sketch_tokens", "sketch_k", default=DEFAULT_TOKENS))
-        self.seed = int(_setting(settings, "sketch_seed", "seed", default=DEFAULT_SEED))
+        # The probe seed is not the fingerprint's noise seed: any two sketches must share a probe.
+        self.k = int(_setting(settings, "sketch_tokens", default=DEFAULT_TOKENS))
+        self.seed = int(_setting(settings, "sketch_seed", default=DEFAULT_SEED))
         if not MIN_TOKENS <= self.k <= MAX_TOKENS:
-            raise ValueError(f"sketch_tokens must be in [{MIN_TOKENS}, {MAX_TOKENS}], got {self.k}")
+            raise UsageError(f"sketch settings: sketch_tokens must be in [{MIN_TOKENS}, {MAX_TOKENS}], got {self.k}")
         self.notes: list[str] = []
         self.config = artifact.config or {}
         model_type = str(self.config.get("model_type") or "")
@@ -138,7 +144,7 @@ class SketchBuilder:
         self._head_from_lm: torch.Tensor | None = None
         self._head_from_embedding: torch.Tensor | None = None
         self._layer_ids = sorted({i for t in artifact.tensors if (i := _layer_of(t.name)) is not None})
-        self._stored_layers = set(self._select_layers(self._layer_ids))
+        self._stored_layers = set(self._select_layers(self._layer_ids, layer_budget(self.k)))
         self._gains: dict[tuple[int | None, str], torch.Tensor] = {}
         for info in artifact.tensors:
             if len(info.shape) == 1 and info.name.endswith(".weight"):
@@ -146,6 +152,7 @@ class SketchBuilder:
                 if leaf in _ATTN_NORMS + _MLP_NORMS + _FINAL_NORMS:
                     self._gains[(_layer_of(info.name), leaf)] = reader.float32(info) + self._gain_offset
         self.embedding = self._find(artifact, _EMBEDDINGS)
+        self._tied = self._find(artifact, _HEADS) is None  # then the embedding is also the output head
         self.vocab = 0
         self.ids = np.zeros(0, dtype=np.int64)
         self.probe: torch.Tensor | None = None
@@ -160,10 +167,10 @@ class SketchBuilder:
         self.width = self.probe.shape[1]
 
     @staticmethod
-    def _select_layers(layers: list[int]) -> list[int]:
-        if len(layers) <= MAX_LAYERS:
+    def _select_layers(layers: list[int], budget: int) -> list[int]:
+        if len(layers) <= budget:
             return layers
-        picks = np.linspace(0, len(layers) - 1, MAX_LAYERS).round().astype(int)
+        picks = np.linspace(0, len(layers) - 1, budget).round().astype(int)
         return [layers[i] for i in sorted(set(picks.tolist()))]
 
     @staticmethod
@@ -192,7 +199,7 @@ class SketchBuilder:
         layer = _layer_of(info.name)
         leaf = _leaf(info.name)
         if layer is None:
-            if info == self.embedding:
+            if info == self.embedding and self._tied:
                 probe = self._input_probe(self._gain(None, _FINAL_NORMS))
                 head = weight @ probe.T
                 self._head_from_embedding = head.T @ head
@@ -286,7 +293,7 @@ class SketchBuilder:
         for (role, layer), matrix in sorted(self._units.items(), key=lambda kv: (kv[0][1], order[kv[0][0]])):
             units.append({"role": role, "layer": None if layer < 0 else layer,
                           "data": encode_matrix(normalise(matrix, role in SYMMETRIC_ROLES))})
-        if len(self._layer_ids) > MAX_LAYERS:
+        if len(self._stored_layers) < len(self._layer_ids):
             self.notes.append(f"{len(self._layer_ids)} layers: {len(self._stored_layers)} evenly spaced ones sketched")
         return {
             "version": SKETCH_VERSION,
