@@ -1,0 +1,239 @@
+"""The verify pipeline on tiny models: true derivatives pass, wrong declarations fail with the right codes,
+and every input path (fingerprint files, on-the-fly models, cache, legacy, adapters) behaves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tg_verify import demo
+from tg_verify.artifact import file_digests, resolve, root_digest
+from tg_verify.errors import DigestMismatchError, IncompatibleFingerprintsError, InputError
+from tg_verify.fingerprint.document import FEATURE_NAMES, load
+from tg_verify.pipeline import VerificationResult, VerifyOptions, verify
+from tg_verify.policy import load_policy
+
+BASE, QWEN, GEMMA = demo.BASE_ID, "demo-qwen2-base", "demo-gemma-base"
+
+
+@pytest.fixture(scope="session")
+def demo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's models, reference fingerprints and policies, built once per session (shared by modules)."""
+    tree, _ = demo.ensure(tmp_path_factory.getbasetemp() / "tg-demo")
+    return tree
+
+
+def references(tree: Path, *, model_for: tuple[str, ...] = (), legacy: dict[str, Path] | None = None) -> str:
+    rows = []
+    for ref_id, family, folder in ((BASE, "llama", "base"), (QWEN, "qwen2", "qwen2"), (GEMMA, "gemma", "gemma")):
+        if legacy and ref_id in legacy:
+            source = f"fingerprint: {legacy[ref_id]}"
+        elif ref_id in model_for:
+            source = f"model: {tree / 'models' / folder}"
+        else:
+            source = f"fingerprint: {tree / 'refs' / f'{ref_id}.json'}"
+        rows.append(f"  - id: {ref_id}\n    family: {family}\n    {source}\n")
+    return "references:\n" + "".join(rows)
+
+
+def run(tmp_path: Path, tree: Path, candidate: str, declared: str, extra: str = "", refs: str | None = None,
+        options: VerifyOptions | None = None) -> VerificationResult:
+    policy = tmp_path / "policy.yml"
+    policy.write_text(f"version: 1\ncandidate:\n{candidate}\ndeclared:\n{declared}\n"
+                      f"{refs if refs is not None else references(tree)}on_out_of_cluster: warn\n{extra}")
+    return verify(load_policy(policy), options)
+
+
+def fails(result: VerificationResult) -> set[str]:
+    return {f.code for f in result.verdict.failures}
+
+
+def model(tree: Path, name: str) -> str:
+    return f"  path: {tree / 'models' / name}"
+
+
+def test_true_derivative_passes_and_records_the_evidence(demo_tree: Path, tmp_path: Path) -> None:
+    result = run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}")
+    assert result.passed and result.exit_code == 0, result.verdict.findings
+    passed = {f.code for f in result.verdict.findings if f.severity == "pass"}
+    assert {"TGV_DISTANCE_WITHIN_THRESHOLD", "TGV_FAMILY_MATCHES", "TGV_LINEAGE_ESTABLISHED"} <= passed
+    artifact = resolve(demo_tree / "models" / "finetune")
+    digests = file_digests(artifact)
+    assert {f["path"]: f["sha256"] for f in result.candidate.files} == digests
+    assert result.candidate.root_digest == root_digest(digests) and result.candidate.files_verified
+    declared = result.declared_reference
+    assert declared is not None and declared.lineage is not None and declared.lineage.derived
+    assert declared.fingerprint_digest == load(demo_tree / "refs" / f"{BASE}.json").digest()
+    assert result.classification.family == "llama"
+    assert set(result.timings) >= {"load", "candidate", "references", "analysis", "lineage", "total"}
+    assert result.tool["tg-verify"] and result.settings == result.candidate.fingerprint.settings
+
+
+def test_unrelated_model_claiming_the_base_fails_on_lineage(demo_tree: Path, tmp_path: Path) -> None:
+    result = run(tmp_path, demo_tree, model(demo_tree, "unrelated"), f"  base: {BASE}")
+    assert not result.passed and result.exit_code == 1
+    assert "TGV_LINEAGE_NOT_ESTABLISHED" in fails(result)
+
+
+def test_wrong_declared_base_fails(demo_tree: Path, tmp_path: Path) -> None:
+    result = run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {QWEN}")
+    assert {"TGV_FAMILY_MISMATCH", "TGV_LINEAGE_NOT_ESTABLISHED"} <= fails(result)
+    assert "TGV_LINEAGE_CONTRADICTS_FAMILY" in fails(result)  # it derives from the llama base
+
+
+def test_wrong_declared_family_fails(demo_tree: Path, tmp_path: Path) -> None:
+    result = run(tmp_path, demo_tree, model(demo_tree, "finetune"), "  family: gemma")
+    assert "TGV_FAMILY_MISMATCH" in fails(result)
+
+
+def test_forbidden_base_is_caught_by_attribution_and_lineage(demo_tree: Path, tmp_path: Path) -> None:
+    result = run(tmp_path, demo_tree, model(demo_tree, "finetune"), "  family: llama",
+                 extra=f"forbidden: [{BASE}]\n")
+    assert fails(result) == {"TGV_FORBIDDEN_MATCH", "TGV_FORBIDDEN_LINEAGE"}
+    clean = run(tmp_path, demo_tree, model(demo_tree, "unrelated"), "  family: llama", extra=f"forbidden: [{BASE}]\n")
+    assert "TGV_FORBIDDEN_LINEAGE" not in fails(clean)
+
+
+@pytest.fixture(scope="module")
+def finetune_fp(demo_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+
+    path = tmp_path_factory.mktemp("fp") / "finetune.json"
+    fp = fingerprint_artifact(resolve(demo_tree / "models" / "finetune"), model_name="finetune")
+    path.write_bytes(fp.to_json_bytes())
+    return path
+
+
+def test_candidate_given_as_a_fingerprint_file(demo_tree: Path, tmp_path: Path, finetune_fp: Path) -> None:
+    result = run(tmp_path, demo_tree, f"  fingerprint: {finetune_fp}", f"  base: {BASE}")
+    assert result.passed and result.candidate.source == "fingerprint" and not result.candidate.files_verified
+    assert result.candidate.fingerprint_digest == load(finetune_fp).digest()
+    assert {f["path"] for f in result.candidate.files} == {"config.json", "model.safetensors"}
+
+
+def test_path_and_fingerprint_must_agree(demo_tree: Path, tmp_path: Path, finetune_fp: Path) -> None:
+    both = f"{model(demo_tree, 'finetune')}\n  fingerprint: {finetune_fp}"
+    result = run(tmp_path, demo_tree, both, f"  base: {BASE}")
+    assert result.passed and result.candidate.source == "model+fingerprint" and result.candidate.files_verified
+    tampered = tmp_path / "tampered"
+    shutil.copytree(demo_tree / "models" / "finetune", tampered)
+    config = json.loads((tampered / "config.json").read_text())
+    config["torch_dtype"] = "bfloat16"
+    (tampered / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DigestMismatchError, match=r"policy.yml: candidate.path: .*config.json has sha256"):
+        run(tmp_path, demo_tree, f"  path: {tampered}\n  fingerprint: {finetune_fp}", f"  base: {BASE}")
+
+
+def test_settings_that_differ_from_the_references_are_an_input_error(demo_tree: Path, tmp_path: Path) -> None:
+    with pytest.raises(IncompatibleFingerprintsError, match=r"policy.yml: references\[0\].fingerprint: .*repeats"):
+        run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}",
+            extra="fingerprint: {repeats: 3, sketch: false}\n")
+
+
+def test_model_references_are_fingerprinted_and_cached(demo_tree: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    options = VerifyOptions(cache_dir=cache)
+    refs = references(demo_tree, model_for=(BASE,))
+    first = run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}", refs=refs, options=options)
+    assert first.passed and first.reference(BASE).source == "model"
+    entries = list(cache.glob("*.json"))
+    assert len(entries) == 1
+    second = run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}", refs=refs, options=options)
+    assert second.reference(BASE).source == "cache"
+    assert second.reference(BASE).fingerprint_digest == first.reference(BASE).fingerprint_digest
+    entries[0].write_text("{ damaged")
+    third = run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}", refs=refs, options=options)
+    assert third.reference(BASE).source == "model" and third.passed
+
+
+def test_legacy_reference_has_no_lineage_and_the_policy_decides(demo_tree: Path, tmp_path: Path) -> None:
+    fp = load(demo_tree / "refs" / f"{BASE}.json")
+    legacy = tmp_path / "legacy.json"
+    legacy.write_text(json.dumps({**{n: fp.features[n] for n in FEATURE_NAMES}, "model_name": BASE}))
+    refs = references(demo_tree, legacy={BASE: legacy})
+    result = run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}", refs=refs)
+    assert result.passed
+    warned = {f.code for f in result.verdict.warnings}
+    assert "TGV_LINEAGE_UNAVAILABLE" in warned
+    assert result.reference(BASE).lineage is None and "legacy" in str(result.reference(BASE).lineage_unavailable)
+    strict = run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}", refs=refs,
+                 extra="lineage: {on_unavailable: fail}\n")
+    assert "TGV_LINEAGE_UNAVAILABLE" in fails(strict)
+
+
+def test_candidate_that_resolves_to_nothing(demo_tree: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"policy.yml: candidate.path: .*empty: no model found"):
+        run(tmp_path, demo_tree, f"  path: {tmp_path / 'empty'}", f"  base: {BASE}")
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(demo_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter (peft) trained-looking on the demo base, saved the way peft saves it."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from tg_verify.tiny import build_model
+
+    base = build_model("llama", seed=0)
+    base.load_state_dict(load_file(str(demo_tree / "models" / "base" / "model.safetensors")), strict=False)
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    directory = tmp_path_factory.mktemp("adapter") / "adapter"
+    wrapped.save_pretrained(str(directory))
+    return directory
+
+
+def test_adapter_candidate_is_merged_onto_its_base(demo_tree: Path, tmp_path: Path, lora_adapter: Path) -> None:
+    candidate = f"  path: {lora_adapter}\n  base_model: {demo_tree / 'models' / 'base'}"
+    result = run(tmp_path, demo_tree, candidate, f"  base: {BASE}\n  relation: adapter")
+    assert result.passed, result.verdict.findings
+    assert result.candidate.layout == "adapter"
+    assert {f["path"] for f in result.candidate.files} == {"adapter_config.json", "adapter_model.safetensors"}
+    base_files = {f["path"] for f in (result.candidate.base or {}).get("files", [])}
+    assert base_files == {"config.json", "model.safetensors"}
+    assert result.candidate.fingerprint.artifact["base"]["root_digest"] == result.candidate.base["root_digest"]
+
+
+def test_adapter_base_name_mismatch_is_a_warning_the_policy_can_make_fatal(
+        demo_tree: Path, tmp_path: Path, lora_adapter: Path) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "meta-llama/Llama-3.1-8B"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    candidate = f"  path: {adapter}\n  base_model: {demo_tree / 'models' / 'base'}"
+    warned = run(tmp_path, demo_tree, candidate, f"  base: {BASE}")
+    assert warned.passed and "TGV_ADAPTER_BASE_NAME_MISMATCH" in {f.code for f in warned.verdict.warnings}
+    strict = run(tmp_path, demo_tree, candidate, f"  base: {BASE}", extra="on_name_mismatch: fail\n")
+    assert "TGV_ADAPTER_BASE_NAME_MISMATCH" in fails(strict)
+
+
+def test_adapter_without_a_base_is_an_input_error(demo_tree: Path, tmp_path: Path, lora_adapter: Path) -> None:
+    with pytest.raises(InputError, match="is a PEFT adapter; set candidate.base_model"):
+        run(tmp_path, demo_tree, f"  path: {lora_adapter}", f"  base: {BASE}")
+
+
+def test_attestation_evidence_carries_the_result(demo_tree: Path, tmp_path: Path) -> None:
+    from tg_verify.report.attestation import build_statement
+
+    result = run(tmp_path, demo_tree, model(demo_tree, "unrelated"), f"  base: {BASE}")
+    statement = build_statement(result)
+    predicate = statement["predicate"]
+    subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
+    assert subjects["model.safetensors"] == next(f["sha256"] for f in result.candidate.files
+                                                 if f["path"] == "model.safetensors")
+    assert predicate["verificationResult"] == "FAILED"
+    assert "TGV_LINEAGE_NOT_ESTABLISHED" in {r["code"] for r in predicate["reasons"]}
+    assert predicate["policy"]["digest"]["sha256"] == result.policy.sha256
+    refs = {r["id"]: r for r in predicate["references"]}
+    assert refs[BASE]["fingerprintDigest"]["sha256"] == result.reference(BASE).fingerprint_digest
+    assert refs[BASE]["lineage"]["derived"] is False
