@@ -177,3 +177,26 @@ def test_inputs_become_a_verify_command_line():
 def test_docker_style_hyphenated_input_names_are_read():
     assert action.read_input("fingerprint-out", {"INPUT_FINGERPRINT-OUT": " x "}) == "x"
     assert action.read_input("fingerprint-out", {"INPUT_FINGERPRINT_OUT": "y"}) == "y"
+
+
+def test_bad_input_is_noted_in_the_job_summary(workspace, tmp_path, monkeypatch):
+    env = runner_env(workspace, tmp_path, policy="missing.yml")
+    run_action(env, monkeypatch, workspace)
+    summary = Path(env["GITHUB_STEP_SUMMARY"]).read_text()
+    assert "tg-verify could not verify" in summary and "missing.yml" in summary
+
+
+def test_internal_error_is_annotated_and_exits_3(workspace, tmp_path, monkeypatch):
+    import tg_verify.pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tg_verify.pipeline, "verify", broken)
+    env = runner_env(workspace, tmp_path, policy="pass.yml", summary="false")
+    env["RUNNER_DEBUG"] = "1"
+    code, log = run_action(env, monkeypatch, workspace)
+    assert code == 3
+    assert log.startswith("::error title=tg-verify%3A internal error::internal error: RuntimeError: boom")
+    assert "Traceback" in log  # debug logging on a re-run shows where
+    assert read_outputs(env["GITHUB_OUTPUT"])["error"].startswith("internal error")

@@ -83,8 +83,8 @@ def test_file_on_disk_that_was_not_attested_is_named(tiny_models, tmp_path, caps
     model = shutil.copytree(tiny_models["llama"]["single"], tmp_path / "model")
     # An attestation of the same model made before config.json was added to it.
     evidence = make_evidence(model)
-    statement = att.build_statement(replace(evidence, files=tuple(f for f in evidence.files if f.path != "config.json")),
-                                    time_verified=T0)
+    kept = tuple(f for f in evidence.files if f.path != "config.json")
+    statement = att.build_statement(replace(evidence, files=kept), time_verified=T0)
     path = att.write_statement(tmp_path / "a.json", statement)
     code, report = run_json(capsys, str(path), str(model))
     assert code == 2
@@ -111,7 +111,8 @@ def test_statement_made_by_actions_attest_around_our_predicate_verifies(release,
     bundle["dsseEnvelope"]["payload"] = base64.b64encode(canonical_json(theirs)).decode()
     path.write_text(json.dumps(bundle))
     code, report = run_json(capsys, str(path), str(model))
-    assert code == 2 and "is not the digest of an attested file" in failed(report)[f"subject {theirs['subject'][0]['name']}"]
+    name = theirs["subject"][0]["name"]
+    assert code == 2 and "is not the digest of an attested file" in failed(report)[f"subject {name}"]
 
 
 def test_root_subject_that_disagrees_is_named(release, capsys):
@@ -185,3 +186,29 @@ def test_malformed_attestation_is_a_one_line_error(release, capsys, tmp_path):
     assert main(["verify-attestation", str(path), str(model)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.json" in err[0] and "predicateType" in err[0]
+
+
+def test_adapter_base_model_is_checked_with_base(tiny_models, tmp_path, capsys):
+    model = shutil.copytree(tiny_models["llama"]["single"], tmp_path / "adapter")
+    base = shutil.copytree(tiny_models["llama"]["shards"], tmp_path / "base")
+    base_files = make_evidence(base).files
+    statement = att.build_statement(make_evidence(model, layout="adapter", base_files=base_files, base_name="base"),
+                                    time_verified=T0)
+    path = att.write_statement(tmp_path / "a.json", statement)
+    assert main(["verify-attestation", str(path), str(model)]) == 0
+    assert "pass --base DIR" in capsys.readouterr().out
+    code, report = run_json(capsys, str(path), str(model), "--base", str(base))
+    assert code == 0 and report["recordsBaseModel"]
+    assert {c["name"] for c in report["checks"]} >= {f"base file {f.path}" for f in base_files}
+    shard = next(base.glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    code, report = run_json(capsys, str(path), str(model), "--base", str(base))
+    assert code == 2 and "sha256 mismatch" in failed(report)[f"base file {shard.name}"]
+
+
+def test_base_given_for_a_full_model_is_refused(release, capsys):
+    model, _, attestation = release
+    code, report = run_json(capsys, str(attestation), str(model), "--base", str(model))
+    assert code == 2 and "records no base model" in failed(report)["base model"]

@@ -13,12 +13,13 @@ import json
 import os
 import shlex
 import sys
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from tg_verify.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, InputError, TgVerifyError, UsageError
+from tg_verify.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, TgVerifyError, UsageError
 from tg_verify.report import github
 
 VERB = "action"
@@ -213,7 +214,8 @@ def annotations_for(result: Any, policy: Path, environ: Mapping[str, str]) -> li
         if level is None:
             continue
         line = _policy_line(policy, finding.subject) or _policy_line(policy, "declared:")
-        lines.append(github.annotation(level, f"{finding.code}: {finding.message}", file=file, line=line,  # type: ignore[arg-type]
+        lines.append(github.annotation(level, f"{finding.code}: {finding.message}",  # type: ignore[arg-type]
+                                       file=file, line=line,
                                        title=f"tg-verify {'FAIL' if level == 'error' else 'warning'}"))
     return lines
 
@@ -258,20 +260,33 @@ def execute(inputs: ActionInputs, environ: Mapping[str, str], out: TextIO) -> in
     return result.exit_code
 
 
+def _bad_input_summary(message: str) -> str:
+    fenced = message.replace("`" * 3, "'" * 3)
+    return f"### ❌ tg-verify could not verify\n\n```\n{fenced}\n```\n"
+
+
 def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None, out: TextIO | None = None) -> int:
+    """Entrypoint: an error becomes one ::error annotation, an `error` output and a summary note."""
     env = os.environ if environ is None else environ
     stream = sys.stdout if out is None else out
     inputs: ActionInputs | None = None
     try:
         inputs = parse_inputs(env)
         return execute(inputs, env, stream)
-    except TgVerifyError as exc:
+    except Exception as exc:  # noqa: BLE001 - the Action's boundary: every failure must reach the run page
+        known = isinstance(exc, TgVerifyError)
+        code = exc.exit_code if known else EXIT_INTERNAL  # type: ignore[union-attr]
+        message = str(exc) if known else (f"internal error: {type(exc).__name__}: {exc} "
+                                          "(re-run with debug logging for a traceback)")
+        title = "tg-verify: bad input" if code == EXIT_BAD_INPUT else "tg-verify: internal error"
+        file = _error_file(message, inputs.policy if inputs else None, env) if code == EXIT_BAD_INPUT else None
+        stream.write(github.annotation("error", message, file=file, title=title) + "\n")
+        stream.flush()
+        github.write_outputs({"verdict": "", "error": message.splitlines()[0][:1000]}, env)
+        if inputs is None or inputs.summary:
+            github.append_step_summary(_bad_input_summary(message), env)
+        if env.get("RUNNER_DEBUG") == "1":  # "Enable debug logging" on a re-run
+            stream.write(traceback.format_exc())
         if getattr(args, "debug", False):
             raise
-        level_code = exc.exit_code if isinstance(exc, InputError) else EXIT_INTERNAL
-        title = "tg-verify: bad input" if level_code == EXIT_BAD_INPUT else "tg-verify: internal error"
-        file = _error_file(str(exc), inputs.policy if inputs else None, env)
-        stream.write(github.annotation("error", str(exc), file=file, title=title) + "\n")
-        github.write_outputs({"verdict": "", "error": str(exc).splitlines()[0][:1000]}, env)
-        stream.flush()
-        return level_code
+        return code

@@ -34,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("attestation", metavar="ATTESTATION", help="Statement, DSSE envelope or Sigstore bundle")
     parser.add_argument("model", metavar="MODEL", help="the model directory (or single .safetensors file)")
     parser.add_argument("--policy", metavar="POLICY.yml", help="also check that this policy is the attested one")
+    parser.add_argument("--base", metavar="DIR",
+                        help="for an adapter: also check the base model it was merged onto against the attestation")
     parser.add_argument("--json", action="store_true", help="print the checks as JSON on stdout")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar while hashing (default: on a terminal outside CI)")
@@ -45,6 +47,8 @@ def _render(report: AttestationReport) -> str:
     for check in report.checks:
         mark = "ok  " if check.ok else "FAIL"
         lines.append(f"  {mark} {check.name}: {check.detail}")
+    if report.has_base and not any(c.name.startswith("base file") for c in report.checks):
+        lines.append("  note: the candidate is an adapter; pass --base DIR to check the base model it was merged onto")
     verdict = "VERIFIED" if report.ok else "NOT VERIFIED"
     lines.append(f"{verdict}: attested {report.verification_result}; exit {report.exit_code}")
     lines.append(f"note: {SIGNATURE_NOTE}")
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_attestation(args.attestation)
     with progress_sink(wants_progress(args.progress)) as sink:
         sink.start("hashing model files", None)
-        report = verify_attestation(loaded, args.model, policy=args.policy, progress=sink.advance)
+        report = verify_attestation(loaded, args.model, policy=args.policy, base=args.base,
+                                    progress=sink.advance)
     if args.json:
         sys.stdout.write(canonical_json(report.to_dict()).decode("utf-8"))
     else:

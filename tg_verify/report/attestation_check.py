@@ -67,6 +67,7 @@ class AttestationReport:
     model: str
     verification_result: str
     checks: list[Check] = field(default_factory=list)
+    has_base: bool = False  # an adapter whose base model is recorded
 
     @property
     def exit_code(self) -> int:
@@ -84,7 +85,7 @@ class AttestationReport:
         return {
             "attestation": self.source, "wrapper": self.wrapper, "model": self.model,
             "predicateType": PREDICATE_TYPE, "verificationResult": self.verification_result,
-            "ok": self.ok, "exitCode": self.exit_code, "signaturesVerified": False,
+            "ok": self.ok, "exitCode": self.exit_code, "signaturesVerified": False, "recordsBaseModel": self.has_base,
             "checks": [c.to_dict() for c in self.checks],
         }
 
@@ -278,6 +279,31 @@ def check_files(statement: Mapping[str, Any], model: Path,
     return checks
 
 
+def check_base(predicate: Mapping[str, Any], base: Path,
+               progress: Callable[[int], None] | None = None) -> list[Check]:
+    """An adapter's base model (predicate.candidate.base) against the base directory on disk."""
+    recorded = predicate["candidate"].get("base")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("files"), list):
+        return [Check(INTEGRITY, "base model", False, "--base was given but the attestation records no base model "
+                                                     "(the candidate is not an adapter)")]
+    files: dict[str, str] = {}
+    for entry in recorded["files"]:
+        if not (isinstance(entry, dict) and _safe_relpath(entry.get("name")) and isinstance(entry.get("digest"), dict)
+                and _is_hex64(entry["digest"].get("sha256"))):
+            raise AttestationError(f"predicate.candidate.base.files: malformed entry {entry!r}")
+        files[entry["name"]] = entry["digest"]["sha256"]
+    root = base.parent if base.is_file() else base
+    on_disk = _hash_files(root, sorted(files), progress)
+    checks = []
+    for name in sorted(files):
+        actual = on_disk.get(name)
+        ok = actual == files[name]
+        detail = f"sha256 {actual}" if ok else ("missing" if actual is None else
+                                                 f"sha256 mismatch: attested {files[name]}, found {actual}")
+        checks.append(Check(INTEGRITY, f"base file {name}", ok, detail))
+    return checks
+
+
 def check_policy(statement: Mapping[str, Any], policy: Path) -> Check:
     """The policy file's sha256 against predicate.policy.digest."""
     try:
@@ -413,6 +439,7 @@ def check_evidence(predicate: Mapping[str, Any]) -> list[Check]:
 
 def verify_attestation(loaded: LoadedStatement, model: str | os.PathLike[str], *,
                        policy: str | os.PathLike[str] | None = None,
+                       base: str | os.PathLike[str] | None = None,
                        progress: Callable[[int], None] | None = None) -> AttestationReport:
     """Every check of `loaded` against the model on disk (and the policy when given)."""
     validate_statement(loaded.statement, loaded.source)
@@ -421,8 +448,11 @@ def verify_attestation(loaded: LoadedStatement, model: str | os.PathLike[str], *
         raise InputError(f"{model_path}: model path does not exist")
     predicate = loaded.statement["predicate"]
     report = AttestationReport(source=loaded.source, wrapper=loaded.wrapper, model=str(model_path),
-                               verification_result=predicate["verificationResult"])
+                               verification_result=predicate["verificationResult"],
+                               has_base=isinstance(predicate["candidate"].get("base"), dict))
     report.checks.extend(check_files(loaded.statement, model_path, progress))
+    if base is not None:
+        report.checks.extend(check_base(predicate, Path(base), progress))
     if policy is not None:
         report.checks.append(check_policy(loaded.statement, Path(policy)))
     report.checks.extend(check_evidence(predicate))

@@ -23,7 +23,8 @@ SUMMARY_LIMIT_BYTES = 1024 * 1024
 SUMMARY_MARGIN_BYTES = 8 * 1024
 # Outputs are capped at 1 MB per job; a single value larger than this is a bug on our side.
 OUTPUT_VALUE_LIMIT_BYTES = 64 * 1024
-TRUNCATION_NOTE = "\n\n> **Summary truncated** to stay under GitHub's 1 MiB step-summary limit; the full report is in the JSON report file.\n"
+TRUNCATION_NOTE = ("\n\n> **Summary truncated** to stay under GitHub's 1 MiB step-summary limit; "
+                   "the full report is in the JSON report file.\n")
 
 
 def escape_data(value: str) -> str:
