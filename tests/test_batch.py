@@ -186,6 +186,12 @@ def test_resume_skips_up_to_date_and_redoes_changed(zoo: dict[str, Path], tmp_pa
     assert {o.message for o in other_settings.outcomes} == {"recomputed: made with other settings"}
     forced = run_batch([registry], out, FingerprintSettings(device="cpu", repeats=5, sketch=False), force=True)
     assert {o.status for o in forced.outcomes} == {"computed"}
+    qwen = registry / "org-b"
+    sketched = run_batch([qwen], out, FingerprintSettings(device="cpu", repeats=5))
+    assert [o.message for o in sketched.outcomes] == ["recomputed: lineage sketch missing"]
+    assert load(sketched.outcomes[0].output).sketch is not None
+    unsketched = run_batch([qwen], out, FingerprintSettings(device="cpu", repeats=5, sketch=False))
+    assert [o.status for o in unsketched.outcomes] == ["skipped"]  # a sketch more than asked for is kept
 
 
 def test_broken_models_are_reported_and_the_rest_done(zoo: dict[str, Path], tmp_path: Path,

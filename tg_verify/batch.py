@@ -203,8 +203,8 @@ def _up_to_date(fp: Fingerprint, settings: FingerprintSettings, artifact: Artifa
         return False, f"feature version {fp.feature_version} is not the current {FEATURE_VERSION}"
     if semantic(fp.settings) != settings.compatibility_key():
         return False, "made with other settings"
-    if (fp.sketch is not None) != settings.sketch:
-        return False, "sketch " + ("missing" if settings.sketch else "not wanted")
+    if settings.sketch and fp.sketch is None:
+        return False, "lineage sketch missing"
     recorded_base = fp.artifact.get("base")
     if (base is None) != (recorded_base is None):
         return False, "adapter base " + ("added" if base is not None else "dropped")

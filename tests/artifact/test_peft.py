@@ -194,8 +194,10 @@ def test_reader_keeps_one_merged_tensor(llama: tuple[torch.nn.Module, Path], tmp
                 cached.add(reader._cache[0])
                 assert reader._cache[0] == info.name or info.name not in reader.plan.tensors
         assert cached == {n for n in reader.plan.tensors}
-        first = reader.artifact.tensors[0]
-        assert reader.raw(first).data_ptr() == reader.raw(first).data_ptr()
+        merged = next(t for t in reader.artifact.tensors if t.name in reader.plan.tensors)
+        assert reader.raw(merged) is reader.raw(merged)  # computed once while in use
+        reader.release(merged)
+        assert reader._cache is None
 
 
 def test_merged_view_carries_adapter_files_and_base_config(llama: tuple[torch.nn.Module, Path],
@@ -373,6 +375,14 @@ def test_malformed_or_unsupported_lora(config: dict[str, Any], tensors: dict[str
     adapter = resolve(_adapter_dir(tmp_path, {"peft_type": "LORA", **config}, tensors))
     with pytest.raises(error, match=pattern):
         check_adapter(adapter, {"model.layers.0.self_attn.q_proj.weight": (64, 64)})
+
+
+def test_kohya_style_keys_are_refused(tmp_path: Path) -> None:
+    keys = {"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(2, 8),
+            "lora_unet_down_blocks_0.lora_up.weight": torch.zeros(8, 2)}
+    adapter = resolve(_adapter_dir(tmp_path, {"peft_type": "LORA", "r": 2, "lora_alpha": 2}, keys))
+    with pytest.raises(UnsupportedAdapterError, match="kohya"):
+        check_adapter(adapter, {})
 
 
 def test_missing_peft_type_and_non_adapter(tmp_path: Path, llama: tuple[torch.nn.Module, Path]) -> None:

@@ -54,6 +54,8 @@ BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # transformers architectures built from Conv1D (weights stored [in, out]); peft forces fan_in_fan_out there.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
 
+# Parameter names of adapter formats that are not PEFT's (kohya/diffusers LoRA, LyCORIS LoHa/LoKr).
+_FOREIGN_KINDS = frozenset({"lora_down", "lora_up", "hada_w1_a", "hada_w1_b", "lokr_w1", "lokr_w2", "oft_blocks"})
 _PARAM_KINDS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                           "ia3_l"})
 _STRIP_PREFIXES = ("base_model.model.", "base_model.")
@@ -224,6 +226,10 @@ def parse_adapter(adapter: Artifact) -> AdapterSpec:
     replacements: dict[str, TensorInfo] = {}
     adapter_names: set[str] = set()
     for info in adapter.tensors:
+        if _FOREIGN_KINDS & set(info.name.split(".")):
+            raise UnsupportedAdapterError(f"{where}: adapter tensor '{info.name}' is in a kohya/LyCORIS-style "
+                                          f"format, not PEFT's; only PEFT adapters are merged "
+                                          f"(supported: {SUPPORTED_TEXT})")
         module, kind, adapter_name = _split_key(info.name)
         if kind is None:
             if any(part in _PARAM_KINDS for part in module.split(".")):
@@ -716,6 +722,11 @@ class MergedReader(AbstractContextManager["MergedReader"]):
         """Yield (info, float32 merged tensor) in canonical order, like TensorReader.stream."""
         for info in (self.artifact.tensors if infos is None else infos):
             yield info, self.float32(info)
+
+    def release(self, info: TensorInfo) -> None:
+        """Drop the merged copy of `info` once the caller is done with it (the extractor calls this)."""
+        if self._cache is not None and self._cache[0] == info.name:
+            self._cache = None
 
     def close(self) -> None:
         self._cache = None
