@@ -27,6 +27,17 @@ def _command_modules() -> list[ModuleType]:
     return sorted(modules, key=lambda m: (getattr(m, "ORDER", 100), m.VERB))
 
 
+def _command_module(verb: str) -> ModuleType | None:
+    """The module of one verb, imported alone (`inspect` must not pay for the imports of `verify`)."""
+    import tg_verify.commands as package
+
+    name = verb.replace("-", "_")
+    if name.startswith("_") or name not in {info.name for info in pkgutil.iter_modules(package.__path__)}:
+        return None
+    module = importlib.import_module(f"tg_verify.commands.{name}")
+    return module if getattr(module, "VERB", None) == verb else None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -34,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="tg-verify", description=(
         "Verify the declared lineage of a model artifact against reference fingerprints. "
         "Run `tg-verify POLICY.yml` for the main job, or one of the verbs below."),
@@ -42,18 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tg-verify {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    for module in _command_modules():
+    single = _command_module(verb) if verb else None
+    for module in [single] if single else _command_modules():
         module.register(sub)
     return parser
 
 
 def _normalise(argv: list[str]) -> list[str]:
     """`tg-verify POLICY.yml [...]` is shorthand for `tg-verify verify POLICY.yml [...]`."""
-    verbs = {m.VERB for m in _command_modules()}
     for i, arg in enumerate(argv):
         if arg.startswith("-"):
             continue
-        if arg not in verbs:
+        if _command_module(arg) is None and arg not in {m.VERB for m in _command_modules()}:
             return argv[:i] + ["verify"] + argv[i:]
         break
     return argv
@@ -61,7 +72,8 @@ def _normalise(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = _normalise(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser()
+    verb = next((arg for arg in args_list if not arg.startswith("-")), None)
+    parser = build_parser(verb)
     try:
         args = parser.parse_args(args_list)
     except SystemExit as exc:
