@@ -7,8 +7,11 @@ import hashlib
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from tg_verify.artifact import file_digests, resolve
 from tg_verify.report import attestation as att
+from tg_verify.tiny import build_model, save_model
 
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
 
@@ -37,3 +40,36 @@ def make_evidence(model_dir: Path, **overrides) -> att.AttestationEvidence:
         declared_base="base-1b", declared_family="llama", forbidden=("qwen-7b",),
         features={"global_mean": 0.1234567890123, "num_layers": 2.0})
     return replace(evidence, **overrides)
+
+
+POLICY = """version: 1
+candidate:
+  path: ./candidate
+declared:
+  base: {base}
+  family: {family}
+references:
+  - id: llama-base
+    family: llama
+    model: ./llama-base
+  - id: qwen-base
+    family: qwen2
+    model: ./qwen-base
+forbidden: [{forbidden}]
+"""
+
+
+def build_workspace(root: Path) -> Path:
+    """A repository checkout: two bases, a fine-tune of the llama base, a passing and a failing policy."""
+    base = build_model("llama", seed=0)
+    save_model(base, root / "llama-base", "single")
+    save_model(build_model("qwen2", seed=1), root / "qwen-base", "single")
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # a light fine-tune: every weight nudged by 2% of its tensor's spread
+        for p in base.parameters():
+            if p.numel() > 1:
+                p.add_(torch.randn(p.shape, generator=generator) * p.std() * 0.02)
+    save_model(base, root / "candidate", "indexed-shards")
+    (root / "pass.yml").write_text(POLICY.format(base="llama-base", family="llama", forbidden="qwen-base"))
+    (root / "fail.yml").write_text(POLICY.format(base="qwen-base", family="qwen2", forbidden="llama-base"))
+    return root

@@ -8,47 +8,17 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
+from attestation_helpers import build_workspace
 from tg_verify.cli import main
 from tg_verify.commands import action
 from tg_verify.errors import UsageError
 from tg_verify.report.attestation import PREDICATE_TYPE
-from tg_verify.tiny import build_model, save_model
-
-POLICY = """version: 1
-candidate:
-  path: ./candidate
-declared:
-  base: {base}
-  family: {family}
-references:
-  - id: llama-base
-    family: llama
-    model: ./llama-base
-  - id: qwen-base
-    family: qwen2
-    model: ./qwen-base
-forbidden: [{forbidden}]
-"""
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """A repository checkout: two bases, a fine-tune of the llama base, a passing and a failing policy."""
-    root = tmp_path_factory.mktemp("workspace")
-    base = build_model("llama", seed=0)
-    save_model(base, root / "llama-base", "single")
-    save_model(build_model("qwen2", seed=1), root / "qwen-base", "single")
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # a light fine-tune: every weight nudged by 2% of its tensor's spread
-        for p in base.parameters():
-            if p.numel() > 1:
-                p.add_(torch.randn(p.shape, generator=generator) * p.std() * 0.02)
-    save_model(base, root / "candidate", "indexed-shards")
-    (root / "pass.yml").write_text(POLICY.format(base="llama-base", family="llama", forbidden="qwen-base"))
-    (root / "fail.yml").write_text(POLICY.format(base="qwen-base", family="qwen2", forbidden="llama-base"))
-    return root
+    return build_workspace(tmp_path_factory.mktemp("workspace"))
 
 
 def runner_env(workspace: Path, tmp_path: Path, **inputs: str) -> dict[str, str]:

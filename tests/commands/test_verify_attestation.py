@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from attestation_helpers import T0, make_evidence
+from attestation_helpers import T0, build_workspace, make_evidence
 from tg_verify.atomic import canonical_json
 from tg_verify.cli import main
 from tg_verify.report import attestation as att
@@ -212,3 +212,21 @@ def test_base_given_for_a_full_model_is_refused(release, capsys):
     model, _, attestation = release
     code, report = run_json(capsys, str(attestation), str(model), "--base", str(model))
     assert code == 2 and "records no base model" in failed(report)["base model"]
+
+
+def test_real_verify_runs_round_trip_and_differ_only_in_time(tmp_path, capsys):
+    """`tg-verify POLICY.yml --attestation` twice: same bytes but timeVerified; both verify; a FAIL exits 1."""
+    ws = build_workspace(tmp_path)
+    cache = str(tmp_path / "cache")
+    for name in ("one.json", "two.json"):
+        assert main([str(ws / "pass.yml"), "--attestation", str(tmp_path / name), "--cache-dir", cache]) == 0
+    one, two = (json.loads((tmp_path / n).read_text()) for n in ("one.json", "two.json"))
+    two["predicate"]["timeVerified"] = one["predicate"]["timeVerified"]
+    assert canonical_json(one) == canonical_json(two)
+    capsys.readouterr()
+    code, report = run_json(capsys, str(tmp_path / "one.json"), str(ws / "candidate"), "--policy", str(ws / "pass.yml"))
+    assert code == 0, failed(report)
+    assert main([str(ws / "fail.yml"), "--attestation", str(tmp_path / "fail.json"), "--cache-dir", cache]) == 1
+    capsys.readouterr()
+    code, report = run_json(capsys, str(tmp_path / "fail.json"), str(ws / "candidate"), "--policy", str(ws / "fail.yml"))
+    assert code == 1 and set(failed(report)) == {"verificationResult"}  # FAILED, and its evidence is consistent
