@@ -1,0 +1,148 @@
+"""`tg-verify POLICY.yml` end to end: exit codes, console and JSON output, output files, step summary, and
+bad input (one line naming file and field, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tg_verify import demo
+from tg_verify.cli import main
+from tg_verify.fingerprint.document import load
+from tg_verify.policy import MAX_POLICY_BYTES
+
+BASE = demo.BASE_ID
+
+
+@pytest.fixture(scope="session")
+def demo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's models, reference fingerprints and policies, built once per session (shared by modules)."""
+    tree, _ = demo.ensure(tmp_path_factory.getbasetemp() / "tg-demo")
+    return tree
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TG_VERIFY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
+def policy_text(tree: Path, candidate: str, base: str = BASE, outputs: str = "") -> str:
+    refs = "".join(f"  - id: {ref_id}\n    family: {family}\n    fingerprint: {tree / 'refs' / f'{ref_id}.json'}\n"
+                   for ref_id, family in ((BASE, "llama"), ("demo-qwen2-base", "qwen2"),
+                                          ("demo-gemma-base", "gemma")))
+    return (f"version: 1\ncandidate:\n  path: {tree / 'models' / candidate}\ndeclared:\n  base: {base}\n"
+            f"references:\n{refs}on_out_of_cluster: warn\n{outputs}")
+
+
+def write_policy(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.yml"
+    path.write_text(text)
+    return path
+
+
+def test_pass_writes_report_attestation_summary_and_fingerprint(demo_tree: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    summary_file = tmp_path / "step_summary.md"
+    summary_file.write_text("# earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary_file))
+    policy = write_policy(tmp_path, policy_text(demo_tree, "finetune", outputs="outputs:\n  report: out/report.json\n"))
+    code = main([str(policy), "--attestation", str(tmp_path / "att.json"), "--summary", str(tmp_path / "s.md"),
+                 "--fingerprint-out", str(tmp_path / "cand.json"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "PASS" in out and "TGV_LINEAGE_ESTABLISHED" in out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())  # relative to the policy file
+    assert report["verdict"] == "pass" and report["policy"]["sha256"]
+    assert {c["code"] for c in report["checks"]} >= {"TGV_DISTANCE_WITHIN_THRESHOLD", "TGV_LINEAGE_ESTABLISHED"}
+    assert report["candidate"]["root_digest"] and report["fingerprint"]["settings"]["repeats"] == 30
+    assert set(report["timings"]) >= {"total"} and report["tool"]["tg-verify"]
+    statement = json.loads((tmp_path / "att.json").read_text())
+    assert statement["_type"] == "https://in-toto.io/Statement/v1"
+    assert statement["predicate"]["verificationResult"] == "PASSED"
+    fingerprint = load(tmp_path / "cand.json")
+    assert fingerprint.digest() == report["candidate"]["fingerprint_digest"]
+    step = summary_file.read_text()
+    assert step.startswith("# earlier step\n") and "tg-verify: PASS" in step
+    assert (tmp_path / "s.md").read_text() in step
+
+
+def test_fail_exit_1_and_json_on_stdout(demo_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = write_policy(tmp_path, policy_text(demo_tree, "unrelated"))
+    code = main(["verify", str(policy), "--json", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1
+    report = json.loads(captured.out)
+    assert report["verdict"] == "fail"
+    assert "TGV_LINEAGE_NOT_ESTABLISHED" in {r["code"] for r in report["reasons"]}
+    declared = next(r for r in report["references"] if r["declared"])
+    assert declared["lineage"]["derived"] is False and declared["lineage"]["false_positive_rate"] is not None
+
+
+def test_candidate_override_from_the_command_line(demo_tree: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    policy = write_policy(tmp_path, policy_text(demo_tree, "unrelated"))
+    code = main([str(policy), "--candidate", str(demo_tree / "models" / "finetune"), "--json"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["candidate"]["path"] == str(demo_tree / "models" / "finetune")
+
+
+def _alias_bomb() -> str:
+    lines = ['a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    return "\n".join(lines) + "\n"
+
+
+BAD_INPUT = {
+    "missing policy": (None, r"nope\.yml: no such policy file"),
+    "malformed yaml": (lambda t: "version: 1\ncandidate: {path: [\n", r"policy\.yml: line \d+, column \d+"),
+    "wrong type": (lambda t: t.replace("on_out_of_cluster: warn", "on_out_of_cluster: 3"),
+                   r"policy\.yml: on_out_of_cluster: expected a string"),
+    "unknown reference id": (lambda t: t.replace(f"  base: {BASE}", "  base: llama-70b"),
+                             r"policy\.yml: declared\.base: unknown reference id 'llama-70b'"),
+    "missing reference file": (lambda t: t.replace("demo-gemma-base.json", "absent.json"),
+                               r"policy\.yml: references\[2\]\.fingerprint: .*absent\.json does not exist"),
+    "candidate resolves to nothing": (lambda t: t.replace("models/finetune", "refs"),
+                                      r"policy\.yml: candidate\.path: .*refs: no model found"),
+    "alias bomb": (lambda t: _alias_bomb(), r"policy\.yml: line 1, column \d+: anchors and aliases"),
+    "huge file": (lambda t: t + "#" * MAX_POLICY_BYTES + "\n", r"policy\.yml: \d+ bytes is over the"),
+    "unknown key": (lambda t: t + "thresholds: {max_distanse: 3}\n",
+                    r"policy\.yml: thresholds\.max_distanse: unknown key"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, demo_tree: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    change, expected = BAD_INPUT[case]
+    report = tmp_path / "report.json"
+    if change is None:
+        policy = tmp_path / "nope.yml"
+    else:
+        policy = write_policy(tmp_path, change(policy_text(demo_tree, "finetune",
+                                                           outputs="outputs:\n  attestation: att.json\n")))
+    code = main([str(policy), "--report", str(report)])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert re.search(expected, lines[0]), lines[0]
+    assert lines[0].startswith("tg-verify: ")
+    assert captured.out == ""
+    assert not report.exists() and not (tmp_path / "att.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_malformed_reference_fingerprint_names_the_field(demo_tree: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"schema": 1')
+    text = policy_text(demo_tree, "finetune").replace(str(demo_tree / "refs" / "demo-gemma-base.json"), str(broken))
+    code = main([str(write_policy(tmp_path, text)), "--report", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "references[2].fingerprint" in err and "not valid JSON" in err
+    assert not (tmp_path / "r.json").exists()
