@@ -116,6 +116,18 @@ def test_broken_policy_annotation_points_at_the_policy(workspace, tmp_path, monk
     assert code == 2 and "file=broken.yml" in log.splitlines()[0]
 
 
+def test_broken_weights_file_annotation_points_at_that_file(workspace, tmp_path, monkeypatch):
+    broken = workspace / "broken-model"
+    broken.mkdir()
+    for source in (workspace / "candidate").iterdir():
+        data = source.read_bytes()
+        (broken / source.name).write_bytes(data[: len(data) // 2] if source.name.startswith("model-00002") else data)
+    env = runner_env(workspace, tmp_path, policy="pass.yml", candidate="broken-model")
+    code, log = run_action(env, monkeypatch, workspace)
+    assert code == 2
+    assert log.splitlines()[0].startswith("::error file=broken-model/model-00002-of-00003.safetensors,")
+
+
 @pytest.mark.parametrize("inputs, message", [
     ({}, "input 'policy' is required"),
     ({"policy": "p.yml", "report": "--json"}, "looks like a flag"),

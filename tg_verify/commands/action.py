@@ -169,11 +169,17 @@ def _policy_line(policy: Path, needle: str | None) -> int | None:
 
 
 def _error_file(message: str, policy: Path | None, environ: Mapping[str, str]) -> str | None:
-    """The file a bad-input message is about: its leading path when that exists, else the policy."""
-    head = message.split(": ", 1)[0]
-    if head and os.path.exists(head):
-        return github.workspace_relative(head, environ)
-    if policy is not None and policy.exists():
+    """The file a message is about: the innermost existing file its `path: ...: ` prefixes name, else the policy.
+
+    `policy.yml: candidate.path: model/x.safetensors: tensor 'w': ...` annotates the weights file,
+    the file that is wrong; a message about the policy itself annotates the policy.
+    """
+    segments = message.split(": ")[:-1]
+    for segment in reversed(segments):
+        for candidate in (Path(segment), policy.parent / segment if policy is not None else None):
+            if candidate is not None and segment and candidate.is_file():
+                return github.workspace_relative(candidate, environ)
+    if policy is not None and policy.is_file():
         return github.workspace_relative(policy, environ)
     return None
 
@@ -205,15 +211,18 @@ def outputs_for(result: Any, report: Path, attestation: Path, predicate: Path) -
 
 
 def annotations_for(result: Any, policy: Path, environ: Mapping[str, str]) -> list[str]:
-    """One ::error per failing reason and one ::warning per warning, anchored in the policy file."""
+    """One ::error per failing reason and one ::warning per warning, anchored in the policy (or the file named)."""
     lines = []
-    file = github.workspace_relative(policy, environ)
+    policy_file = github.workspace_relative(policy, environ)
     levels = {"fail": "error", "warn": "warning"}
     for finding in result.verdict.reasons:
         level = levels.get(finding.severity)
         if level is None:
             continue
-        line = _policy_line(policy, finding.subject) or _policy_line(policy, "declared:")
+        file = _error_file(finding.message, policy, environ)  # e.g. an artifact warning names its file
+        line = None
+        if file == policy_file:
+            line = _policy_line(policy, finding.subject) or _policy_line(policy, "declared:")
         lines.append(github.annotation(level, f"{finding.code}: {finding.message}",  # type: ignore[arg-type]
                                        file=file, line=line,
                                        title=f"tg-verify {'FAIL' if level == 'error' else 'warning'}"))
