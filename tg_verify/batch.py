@@ -12,11 +12,11 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from tg_verify.artifact import Artifact, file_digests, resolve
+from tg_verify.artifact import Artifact, file_digests, natural_key, resolve
 from tg_verify.artifact.layout import ADAPTER_CONFIG, INDEX_NAME, PICKLE_SUFFIXES
 from tg_verify.artifact.peft import AdapterFinding, base_record, check_base_name, open_merged
 from tg_verify.atomic import write_bytes, write_json
@@ -120,7 +120,7 @@ def discover(inputs: Sequence[str | os.PathLike[str]], *, exclude: Sequence[Path
         try:
             children = sorted((e for e in os.scandir(directory)
                                if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)),
-                              key=lambda e: _natural(e.name))
+                              key=lambda e: natural_key(e.name))
         except OSError as exc:
             raise UsageError(f"{directory}: cannot list directory ({exc.strerror or exc})") from exc
         for child in children:
@@ -136,12 +136,6 @@ def discover(inputs: Sequence[str | os.PathLike[str]], *, exclude: Sequence[Path
         for model in walk(path, 0):
             add(model)
     return found
-
-
-def _natural(name: str) -> tuple[Any, ...]:
-    from tg_verify.artifact import natural_key
-
-    return natural_key(name)
 
 
 def output_stem(model: Path) -> str:
@@ -363,7 +357,7 @@ def run_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLi
             outcome = BatchOutcome(model, output, "failed", f"internal error: {type(exc).__name__}: {exc}",
                                    "TGV_INTERNAL", EXIT_INTERNAL)
         model_sink.finish()
-        outcome = BatchOutcome(**{**outcome.__dict__, "seconds": time.perf_counter() - started})
+        outcome = replace(outcome, seconds=time.perf_counter() - started)
         outcomes.append(outcome)
         if on_outcome is not None:
             on_outcome(outcome)
