@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,11 +96,13 @@ class Artifact:
     def total_params(self) -> int:
         return sum(t.numel for t in self.tensors)
 
+    @cached_property
+    def _by_name(self) -> dict[str, TensorInfo]:
+        return {info.name: info for info in self.tensors}
+
     def tensor(self, name: str) -> TensorInfo:
-        for info in self.tensors:
-            if info.name == name:
-                return info
-        raise KeyError(name)
+        """The tensor called `name` (KeyError if absent)."""
+        return self._by_name[name]
 
     def path_of(self, relpath: str) -> Path:
         return self.root / relpath
