@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import sys
+import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -94,10 +95,13 @@ def parse_inputs(environ: Mapping[str, str]) -> ActionInputs:
         raise UsageError(f"input 'args' cannot be split into flags ({exc})") from None
     for token in extra:
         flag = token.split("=", 1)[0]
-        if flag in FLAG_INPUTS.values():
-            raise UsageError(f"input 'args' sets {flag}; use the input "
-                             f"'{next(k for k, v in FLAG_INPUTS.items() if v == flag)}' instead")
-        if flag in REFUSED_FLAGS:
+        if not flag.startswith("--") or len(flag) < 3:
+            continue
+        # argparse accepts unambiguous prefixes (--rep for --report), so match prefixes too.
+        for name, full in FLAG_INPUTS.items():
+            if full.startswith(flag):
+                raise UsageError(f"input 'args' sets {full}; use the input '{name}' instead")
+        if any(full.startswith(flag) for full in REFUSED_FLAGS):
             raise UsageError(f"input 'args': {flag} is not available in the Action")
     if extra and not extra[0].startswith("-"):
         raise UsageError(f"input 'args' must hold flags, not {extra[0]!r}")
@@ -125,32 +129,50 @@ def _default_dir(environ: Mapping[str, str]) -> Path:
 
 
 class GroupProgress:
-    """A progress sink that opens one `::group::` per phase, so long phases fold in the job log."""
+    """A progress sink for the job log: one `::group::` per phase holding a progress line every
+    `interval` seconds (so a long GPU phase shows it is alive) and a closing line with size and time."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, interval: float = 15.0) -> None:
         self._out = out
+        self._interval = interval
         self._open = False
+        self._title = ""
+        self._total: float | None = None
+        self._done = 0.0
+        self._last_text = ""
+        self._started = self._printed = 0.0
+
+    def _write(self, line: str) -> None:
+        self._out.write(line + "\n")
+        self._out.flush()
 
     def start(self, description: str, total: float | None) -> None:
         self._close()
-        self._out.write(github.group_start(description) + "\n")
-        self._out.flush()
-        self._open = True
+        self._write(github.group_start(description))
+        self._open, self._title, self._total, self._done, self._last_text = True, description, total, 0.0, ""
+        self._started = self._printed = time.monotonic()
 
     def advance(self, amount: float = 1.0) -> None:
-        pass
+        self._done += amount
 
     def describe(self, text: str) -> None:
-        pass
+        self._last_text = text
+        now = time.monotonic()
+        if now - self._printed >= self._interval:
+            self._printed = now
+            self._write(f"{text} ({now - self._started:.0f} s)")
 
     def finish(self) -> None:
         self._close()
 
     def _close(self) -> None:
-        if self._open:
-            self._out.write(github.group_end() + "\n")
-            self._out.flush()
-            self._open = False
+        if not self._open:
+            return
+        elapsed = time.monotonic() - self._started
+        size = f", {self._done / 1e6:.1f} MB read" if self._total else ""
+        self._write(f"{self._last_text or self._title}{size} in {elapsed:.1f} s")
+        self._write(github.group_end())
+        self._open = False
 
 
 def _policy_line(policy: Path, needle: str | None) -> int | None:
