@@ -256,7 +256,7 @@ KILLABLE = textwrap.dedent("""
 
 def test_batch_killed_half_way_resumes_without_redoing_finished_models(tmp_path: Path) -> None:
     registry = tmp_path / "registry"
-    for number in range(4):
+    for number in range(6):  # enough that the kill lands mid-batch even on a slow, loaded machine
         save_model(build_model("llama", seed=20 + number), registry / f"model-{number}")
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -273,7 +273,7 @@ def test_batch_killed_half_way_resumes_without_redoing_finished_models(tmp_path:
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     finished = {p: p.stat().st_mtime_ns for p in out.glob("*.json")}
-    assert 1 <= len(finished) < 4
+    assert 1 <= len(finished) < 6
     for path in finished:
         load(path)  # every fingerprint present is complete and valid
     assert not [p for p in out.iterdir() if p.is_file() and p.suffix == ".json" and p not in finished]
@@ -283,4 +283,4 @@ def test_batch_killed_half_way_resumes_without_redoing_finished_models(tmp_path:
     assert {o.source.name for o in resumed.outcomes if o.status == "skipped"} == done_before
     assert {o.status for o in resumed.outcomes if o.source.name not in done_before} == {"computed"}
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished models were not redone
-    assert len(list(out.glob("*.json"))) == 4
+    assert len(list(out.glob("*.json"))) == 6
