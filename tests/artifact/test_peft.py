@@ -130,6 +130,21 @@ def test_merge_in_bf16_matches_peft(tmp_path: Path) -> None:
     assert_merge_equals(tmp_path / "adapter", base_dir, expected)
 
 
+def test_bf16_adapter_loaded_by_peft_from_disk_merges_identically(tmp_path: Path) -> None:
+    """The reference as users run it: from_pretrained(base) + PeftModel.from_pretrained(adapter) + merge."""
+    import transformers
+
+    model = build_model("llama", seed=8).to(torch.bfloat16)
+    base_dir = save_model(model, tmp_path / "base")
+    make_adapter(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "gate_proj"]),
+                 tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}, str(weights))  # stored bf16
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.bfloat16)
+    merged = peft.PeftModel.from_pretrained(loaded, str(tmp_path / "adapter")).merge_and_unload()
+    assert_merge_equals(tmp_path / "adapter", base_dir, {k: v.detach() for k, v in merged.state_dict().items()})
+
+
 def test_lora_bias_and_ia3_bias_on_qwen2(qwen2: tuple[torch.nn.Module, Path], tmp_path: Path) -> None:
     model, base_dir = qwen2
     expected = make_adapter(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"],
