@@ -82,6 +82,25 @@ def fingerprint_of(ck: Checkpoint, directory: str | Path, layout: str = "single"
     return fingerprint_artifact(resolve(path), FingerprintSettings(device="cpu"), model_name=Path(path).name)
 
 
+def sketch_fingerprint_of(ck: Checkpoint, directory: str | Path, layout: str = "single") -> Any:
+    """Save `ck` and build only its lineage sketch (what the lineage test reads), for fast tests.
+
+    The paper's features are not computed: they are zero here and must not be compared.
+    """
+    from tg_verify.artifact import TensorReader, resolve
+    from tg_verify.fingerprint.document import FEATURE_NAMES, Fingerprint
+    from tg_verify.fingerprint.sketch import SketchBuilder
+
+    artifact = resolve(ck.save(directory, layout))
+    with TensorReader(artifact) as reader:
+        builder = SketchBuilder(artifact, reader, None)
+        for info, weight in reader.stream():
+            builder.add(info, weight)
+        sketch = builder.finish()
+    return Fingerprint(model_name=artifact.name, features={n: 0.0 for n in FEATURE_NAMES},
+                       settings={"sketch_only": True}, sketch=sketch)
+
+
 def logits(ckpt: Checkpoint, inputs: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return ckpt.model()(input_ids=inputs).logits

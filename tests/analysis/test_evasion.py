@@ -1,0 +1,67 @@
+"""Evasions: each transform is proven function-preserving, changes the model, and is still detected.
+
+Sketch-only fingerprints keep this fast; tests/analysis/test_lineage.py goes through the extractor.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tg_verify.analysis.lineage import lineage_test
+from tg_verify.fingerprint.document import Fingerprint
+from tg_verify.tiny import ARCHITECTURES, build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.transforms import (EVASIONS, Checkpoint, all_evasions, from_model, same_function,  # noqa: E402
+                              sketch_fingerprint_of)
+
+CASES = {**EVASIONS, "all-at-once": all_evasions}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Checkpoint, Fingerprint, Fingerprint]]:
+    """Per architecture: the base checkpoint, its fingerprint, and an independent twin's fingerprint."""
+    root = tmp_path_factory.mktemp("evasion")
+    result = {}
+    for number, arch in enumerate(ARCHITECTURES):
+        base = from_model(build_model(arch, seed=number, size="small"))
+        twin = from_model(build_model(arch, seed=100 + number, size="small"))
+        result[arch] = (base, sketch_fingerprint_of(base, root / arch), sketch_fingerprint_of(twin, root / f"{arch}-twin"))
+    return result
+
+
+def _changed(a: Checkpoint, b: Checkpoint) -> bool:
+    if set(a.state) != set(b.state) or a.config.model_type != b.config.model_type:
+        return True
+    return any(not torch.equal(a.state[k], b.state[k]) for k in a.state)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_evasion_is_function_preserving_and_still_detected(arch: str, name: str, tmp_path: Path,
+                                                           zoo: dict[str, tuple[Checkpoint, Fingerprint, Fingerprint]]
+                                                           ) -> None:
+    base, base_fp, _ = zoo[arch]
+    evaded = CASES[name](base)
+    assert _changed(base, evaded), "the transform left the model as it was"
+    same_function(base, evaded)  # raises when the logits differ
+    result = lineage_test(sketch_fingerprint_of(evaded, tmp_path / "evaded"), base_fp, permutations=99)
+    assert result.derived and result.score > 0.99, result.to_dict()
+
+
+def test_republished_model_type_really_changes(zoo: dict[str, tuple[Checkpoint, Fingerprint, Fingerprint]]) -> None:
+    for arch, (base, _, _) in zoo.items():
+        moved = CASES["republish"](base)
+        assert moved.config.model_type != base.config.model_type
+        if arch == "phi3":
+            assert "model.layers.0.self_attn.q_proj.weight" in moved.state
+            assert "model.layers.0.self_attn.qkv_proj.weight" not in moved.state
+
+
+def test_independent_twins_are_not_derived(zoo: dict[str, tuple[Checkpoint, Fingerprint, Fingerprint]]) -> None:
+    for arch, (_, base_fp, twin_fp) in zoo.items():
+        result = lineage_test(twin_fp, base_fp, permutations=99)
+        assert not result.derived and result.score < 0.3, (arch, result.to_dict())
