@@ -21,6 +21,9 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     except OSError as exc:
         raise InputError(f"{target}: cannot write output ({exc.strerror or exc})") from exc
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
