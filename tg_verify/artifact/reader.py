@@ -102,6 +102,23 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         for info in (self.artifact.tensors if infos is None else infos):
             yield info, self.float32(info, finite=finite)
 
+    def release(self, info: TensorInfo) -> None:
+        """Drop the mapped pages of a tensor already consumed, so a streamed pass keeps ~one tensor resident.
+
+        The maps are private and never written, so the kernel re-reads the pages from the file if they
+        are touched again: views stay valid, only resident memory (RSS) shrinks.
+        """
+        buffer = self._maps.get(info.file)
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if buffer is None or advice is None or info.end <= info.begin:
+            return
+        start = info.begin - info.begin % mmap.PAGESIZE
+        stop = min(len(buffer), info.end)
+        try:
+            buffer.madvise(advice, start, stop - start)
+        except (OSError, ValueError):
+            pass  # advice only: memory use is higher, results are unchanged
+
     def close(self) -> None:
         """Release the maps (a map still viewed by a live tensor is released when that tensor goes)."""
         for buffer in self._maps.values():
