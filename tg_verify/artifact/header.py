@@ -61,16 +61,19 @@ class _Duplicate(Exception):
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _Duplicate(key)
-        seen[key] = value
-    return seen
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Duplicate(key)
+            seen.add(key)
+    return document
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _naturals(values: Any) -> bool:
+    """A list of non-negative integers (JSON integers only: no booleans, no floats)."""
+    return type(values) is list and all(type(v) is int and v >= 0 for v in values)
 
 
 def valid_name(text: str) -> bool:
@@ -78,8 +81,16 @@ def valid_name(text: str) -> bool:
 
     (Lone surrogates come from JSON escapes or undecodable file names and cannot be written back as UTF-8.)
     """
-    if not text or (not text.isprintable() and any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)):
+    if not text:
         return False
+    if text.isprintable():
+        return text.isascii() or _encodable(text)
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text):
+        return False
+    return _encodable(text)
+
+
+def _encodable(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -146,7 +157,7 @@ def _entry(name: str, spec: Any, data_len: int, where: str) -> RawTensor:
     """One tensor entry: schema (check 5) and its own size arithmetic (checks 7-9)."""
     if not valid_name(name):
         raise TensorNameError(f"{where}: tensor name '{shown(name)}' is empty or holds control characters")
-    if not isinstance(spec, dict) or set(spec) != ENTRY_KEYS:
+    if type(spec) is not dict or spec.keys() != ENTRY_KEYS:
         got = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
         raise HeaderSchemaError(f"{where}: tensor '{shown(name)}': expected exactly the keys data_offsets, dtype, "
                                 f"shape, got {shown(got)}")
@@ -154,11 +165,10 @@ def _entry(name: str, spec: Any, data_len: int, where: str) -> RawTensor:
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise UnknownDtypeError(f"{where}: tensor '{shown(name)}': unknown dtype {shown(repr(dtype)[:40])} "
                                 f"(expected one of {', '.join(DTYPE_BITS)})")
-    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_int(d) and d >= 0 for d in shape):
+    if not _naturals(shape) or len(shape) > MAX_RANK:
         raise ShapeError(f"{where}: tensor '{shown(name)}': shape must be a list of at most {MAX_RANK} "
                          f"non-negative integers, got {shown(repr(shape)[:80])}")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets)
-            or offsets[1] < offsets[0]):
+    if not _naturals(offsets) or len(offsets) != 2 or offsets[1] < offsets[0]:
         raise OffsetError(f"{where}: tensor '{shown(name)}': data_offsets must be [begin, end] with "
                           f"0 <= begin <= end, got {shown(repr(offsets)[:80])}")
     start, stop = offsets
