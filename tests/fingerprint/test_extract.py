@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -57,10 +58,18 @@ class RecordingSink:
 def test_byte_identical_twice_and_across_thread_counts(tiny_models):
     artifact = resolve(tiny_models["llama"]["single"])
     settings = FingerprintSettings()  # the defaults, sketch included
-    first = fingerprint_artifact(artifact, settings).to_json_bytes()
-    assert fingerprint_artifact(artifact, settings).to_json_bytes() == first
-    torch.set_num_threads(2)  # the autouse fixture restores the count
-    assert fingerprint_artifact(artifact, settings).to_json_bytes() == first
+    first = fingerprint_artifact(artifact, settings, threads=1).to_json_bytes()
+    assert fingerprint_artifact(artifact, settings, threads=1).to_json_bytes() == first
+    assert fingerprint_artifact(artifact, settings, threads=2).to_json_bytes() == first
+    assert torch.get_num_threads() == 1  # restored (the autouse fixture pins 1)
+
+
+def test_threads_follow_the_hashing_policy():
+    from tg_verify.fingerprint.extract import compute_threads
+
+    torch.set_num_threads(2)
+    assert compute_threads(hashing=False) == 2
+    assert compute_threads(hashing=True) == max(1, min(2, (os.cpu_count() or 1) - 1))
 
 
 def test_document_round_trips_byte_identically(tiny_models, tmp_path):

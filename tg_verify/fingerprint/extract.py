@@ -7,10 +7,12 @@ features are aggregated as docs/method.md defines. Only one tensor is in float32
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -162,6 +164,30 @@ class _Progress:
                 self._describe(f"{label}: {self.done}/{self.tensors} tensors")
 
 
+def compute_threads(hashing: bool) -> int:
+    """Torch threads for the products: the current setting, less one core when sha256 runs beside them.
+
+    On a 2-core runner that means one compute thread next to the hashing thread: both cores busy and
+    no OpenMP barrier waiting for a thread that the hashing (or a neighbour process) has descheduled.
+    """
+    current = torch.get_num_threads()
+    if not hashing:
+        return current
+    return max(1, min(current, (os.cpu_count() or 1) - 1))
+
+
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 class _Cancelled(Exception):
     """Stops the background hashing when fingerprinting fails."""
 
@@ -179,13 +205,23 @@ def _start_hashing(artifact: Artifact, progress: _Progress, stop: threading.Even
 
 def fingerprint_artifact(artifact: Artifact, settings: FingerprintSettings | None = None, *,
                          reader: TensorSource | None = None, progress: ProgressSink | None = None,
-                         model_name: str | None = None, digests: dict[str, str] | None = None) -> Fingerprint:
+                         model_name: str | None = None, digests: dict[str, str] | None = None,
+                         threads: int | None = None) -> Fingerprint:
     """Fingerprint `artifact` (TensorGuard features, metadata, file digests, sketch) in one streamed pass.
 
     `reader` defaults to a TensorReader over the artifact; any object with `.raw(info)` and
     `.float32(info)` for the artifact's tensors works. `digests` (path -> sha256) skips hashing when
     the caller already has them; otherwise the files are hashed on a second thread meanwhile.
+    `threads` sets torch's intra-op threads for the duration (default: `compute_threads`); results
+    do not depend on it.
     """
+    with _torch_threads(threads or compute_threads(hashing=digests is None)):
+        return _fingerprint(artifact, settings, reader, progress, model_name, digests)
+
+
+def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reader: TensorSource | None,
+                 progress: ProgressSink | None, model_name: str | None, digests: dict[str, str] | None
+                 ) -> Fingerprint:
     settings = settings or FingerprintSettings()
     if digests is not None and any(f.path not in digests for f in artifact.files):
         missing = sorted(f.path for f in artifact.files if f.path not in digests)
