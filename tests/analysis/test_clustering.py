@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tg_verify.analysis.clustering import (PAPER_ACCURACY, STRATEGIES, StudySettings, _hungarian_mapping,
-                                           _majority_mapping, clustering_study)
+from tg_verify.analysis.clustering import (PAPER_ACCURACY, SEED_RUNS, STRATEGIES, StudySettings, _hungarian_mapping,
+                                           _majority_mapping, clustering_study, lineage_groups)
 from tg_verify.atomic import canonical_json
 from tg_verify.errors import InputError
 
@@ -25,7 +25,25 @@ def test_every_strategy_is_scored_on_derivatives(family_set):
         assert -1 <= result.adjusted_rand <= 1
     centroid = study.result("centroid-kmeans")
     assert centroid.accuracy == 1.0 and centroid.parent_accuracy == 1.0 and centroid.misclassified == []
-    assert centroid.n_clusters == len(study.bases)
+    assert centroid.n_clusters == len(study.bases) and centroid.adjusted_rand == 1.0
+    for name in ("kmeans", "gmm"):
+        seeds = study.result(name).seed_accuracies
+        assert seeds is not None and len(seeds) == SEED_RUNS and all(0 <= a <= 1 for a in seeds)
+    assert study.result("hierarchical").seed_accuracies is None
+
+
+def test_lineage_groups_follow_parents_or_fall_back_to_families(family_set):
+    groups = lineage_groups(family_set)
+    assert groups[:2] == ["llama-a", "llama-a"] and "qwen-a" in groups
+    orphan = dataclasses.replace(family_set[1], parent=None)
+    assert lineage_groups([family_set[0], orphan]) == ["llama", "llama"]
+
+
+def test_hungarian_accuracy_penalises_two_clusters_claiming_one_group(family_set):
+    """Hierarchical clustering that split one lineage group in two would score lower under Hungarian."""
+    study = clustering_study(family_set)
+    for result in study.results:
+        assert result.hungarian_accuracy <= result.accuracy + 1e-12 or result.strategy == "centroid-kmeans"
 
 
 def test_misclassification_is_counted(family_set, make_fp):
