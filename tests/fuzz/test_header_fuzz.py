@@ -28,7 +28,7 @@ from tg_verify.artifact.layout import resolve
 from tg_verify.artifact.model import DTYPE_BITS
 from tg_verify.errors import InputError
 
-EXAMPLES = int(os.environ.get("TG_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("TG_FUZZ_EXAMPLES", "400"))
 settings.register_profile("tg-fuzz", max_examples=EXAMPLES, derandomize="TG_FUZZ_EXAMPLES" not in os.environ,
                           deadline=None, database=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
