@@ -1,0 +1,96 @@
+"""Console, JSON and Markdown renderings of real verify results: content, escaping, bounds."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from tg_verify import demo
+from tg_verify.atomic import canonical_json
+from tg_verify.pipeline import VerificationResult, verify
+from tg_verify.policy import load_policy
+from tg_verify.report import console, json_report, markdown
+
+
+@pytest.fixture(scope="session")
+def demo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's models, reference fingerprints and policies, built once per session (shared by modules)."""
+    tree, _ = demo.ensure(tmp_path_factory.getbasetemp() / "tg-demo")
+    return tree
+
+
+@pytest.fixture(scope="module")
+def results(demo_tree: Path) -> dict[str, VerificationResult]:
+    return {name: verify(load_policy(demo_tree / "policies" / f"{name}.yml")) for name in ("pass", "fail")}
+
+
+def render_console(result: VerificationResult, width: int = 100) -> str:
+    buffer = io.StringIO()
+    console.render(result, Console(file=buffer, width=width, force_terminal=False, highlight=False))
+    return buffer.getvalue()
+
+
+def test_console_shows_candidate_declaration_attribution_distances_lineage_and_verdict(
+        results: dict[str, VerificationResult]) -> None:
+    text = render_console(results["fail"])
+    result = results["fail"]
+    for expected in (result.candidate.name, f"base {demo.BASE_ID}", f"family {result.classification.family}",
+                     "TGV_LINEAGE_NOT_ESTABLISHED", "not derived", "stated false-positive rate", " FAIL ",
+                     "exit 1", f"{result.declared_reference.distance:.3f}"):
+        assert expected in text, expected
+    passed = render_console(results["pass"])
+    assert " PASS " in passed and "derived" in passed and "all checks passed" in passed
+
+
+def test_console_fits_a_narrow_terminal(results: dict[str, VerificationResult]) -> None:
+    text = render_console(results["pass"], width=60)
+    assert max(len(line) for line in text.splitlines()) <= 60
+
+
+def test_json_report_is_canonical_and_complete(results: dict[str, VerificationResult]) -> None:
+    result = results["fail"]
+    data = json_report.report_bytes(result)
+    document = json.loads(data)
+    assert canonical_json(document) == data
+    assert document["verdict"] == "fail" and document["report_version"] == json_report.REPORT_VERSION
+    assert document["declared"] == {"base": demo.BASE_ID, "family": "llama", "relation": "finetune", "forbidden": []}
+    assert [r["id"] for r in document["references"]] == [r.spec.id for r in result.references]
+    declared = next(r for r in document["references"] if r["role"] == "declared-base")
+    assert declared["distance"] == result.declared_reference.distance
+    assert declared["lineage"]["derived"] is False and "units" in declared["lineage"]
+    assert document["candidate"]["files"] == [dict(f) for f in result.candidate.files]
+    assert document["fingerprint"]["feature_version"] == result.feature_version
+    assert document["attribution"]["centroids"] and document["tool"]["tg-verify"]
+    assert [r["code"] for r in document["reasons"]] == [f.code for f in result.verdict.reasons]
+
+
+def test_markdown_summary_has_the_verdict_table_and_details(results: dict[str, VerificationResult]) -> None:
+    text = markdown.render(results["fail"])
+    assert text.startswith("## ❌ tg-verify: FAIL")
+    assert "| Verdict | **FAIL** |" in text and "`TGV_LINEAGE_NOT_ESTABLISHED`" in text
+    assert text.count("<details>") == text.count("</details>") == 1
+    assert results["fail"].candidate.fingerprint_digest in text
+    assert markdown.render(results["pass"]).startswith("## ✅ tg-verify: PASS")
+
+
+def test_markdown_escapes_table_cells_and_bounds_rows(results: dict[str, VerificationResult]) -> None:
+    result = results["pass"]
+    hostile = replace(result.candidate, name="evil | name `with` ticks\nand newline")
+    many = tuple(replace(result.references[0], spec=replace(result.references[0].spec, id=f"ref-{i}"),
+                         declared=False) for i in range(markdown.MAX_REFERENCE_ROWS + 50))
+    text = markdown.render(replace(result, candidate=hostile, references=(*result.references, *many)))
+    candidate_row = next(line for line in text.splitlines() if line.startswith("| Candidate |"))
+    assert candidate_row.count(" | ") == 1 and "\\|" in candidate_row  # the pipe is escaped, not a column
+    assert "`evil \\| name 'with' ticks and newline`" in candidate_row
+    assert f"… {len(result.references) + 50} more in the JSON report" in text
+    assert len(text.encode()) < 200_000
+
+
+def test_cell_and_code_helpers() -> None:
+    assert markdown.cell("a|b\n c") == "a\\|b c"
+    assert markdown.code("x`y") == "`x'y`"
