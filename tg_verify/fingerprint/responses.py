@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# Rows per block = BLOCK_ELEMENTS // row width: 4 MiB of float32, measured fastest on the 2-core
-# runner among 2^16..2^22 (bench/fingerprint_speed.py); fixed, because blocking changes rounding.
+# Rows per block = BLOCK_ELEMENTS // row width: 4 MiB of float32, L2/L3-resident while multiplied;
+# on the 2-core runner 2^20 beat 2^22 and 2^24 by ~15% single-threaded (docs/benchmarks.md). Fixed:
+# the blocking of the FGSM input-gradient sum changes its rounding.
 BLOCK_ELEMENTS = 1 << 20
 # MKL's skinny sgemm runs ~30% faster when the repeat dimension is a multiple of 16.
 REPEAT_ALIGNMENT = 16

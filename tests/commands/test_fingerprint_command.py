@@ -1,0 +1,73 @@
+"""`tg-verify fingerprint`: writes one document atomically, prints one line, maps failures to exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tg_verify.cli import main
+from tg_verify.fingerprint.document import load
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_writes_a_loadable_document_and_one_summary_line(tiny_models, tmp_path, capsys):
+    out = tmp_path / "sub" / "fp.json"
+    assert main(["fingerprint", str(tiny_models["llama"]["indexed-shards"]), "-o", str(out), "--repeats", "4",
+                 "--seed", "7", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and str(out) in lines[0] and "analysed" in lines[0]
+    fingerprint = load(out)
+    assert fingerprint.settings["seed"] == 7 and fingerprint.settings["repeats"] == 4
+    assert fingerprint.sketch is not None and fingerprint.model_name == "indexed-shards"
+    assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_settings_from_an_existing_fingerprint_and_flags_override(tiny_models, tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    model = str(tiny_models["qwen2"]["single"])
+    assert main(["fingerprint", model, "-o", str(first), "--repeats", "3", "--strategy", "gaussian",
+                 "--no-sketch", "--name", "q"]) == 0
+    assert main(["fingerprint", model, "-o", str(second), "--settings-from", str(first), "--no-sketch",
+                 "--name", "q"]) == 0
+    assert first.read_bytes() == second.read_bytes()
+    third = tmp_path / "c.json"
+    assert main(["fingerprint", model, "-o", str(third), "--settings-from", str(first), "--seed", "2",
+                 "--no-sketch"]) == 0
+    recorded = json.loads(third.read_text())["settings"]
+    assert (recorded["repeats"], recorded["strategy"], recorded["seed"]) == (3, "gaussian", 2)
+
+
+def test_nan_weights_exit_2_with_one_line(tmp_path, capsys):
+    weight = torch.randn(8, 16)
+    weight[0, 0] = float("nan")
+    save_file({"model.layers.0.mlp.up_proj.weight": weight}, str(tmp_path / "model.safetensors"))
+    assert main(["fingerprint", str(tmp_path / "model.safetensors"), "-o", str(tmp_path / "fp.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "up_proj" in err[0] and "NaN" in err[0]
+    assert not (tmp_path / "fp.json").exists()
+
+
+@pytest.mark.parametrize("argv", [["fingerprint"], ["fingerprint", "MODEL"], ["fingerprint", "MODEL", "-o", "x.json",
+                                                                                 "--repeats", "0"]])
+def test_usage_errors_exit_2(argv, tiny_models, tmp_path):
+    argv = [str(tiny_models["llama"]["single"]) if a == "MODEL" else a for a in argv]
+    argv = [str(tmp_path / a) if a.endswith(".json") else a for a in argv]
+    assert main(argv) == 2
+
+
+def test_cuda_without_cuda_is_a_usage_error(tiny_models, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: covered by the device check")
+    assert main(["fingerprint", str(tiny_models["llama"]["single"]), "-o", str(tmp_path / "x.json"),
+                 "--device", "cuda"]) == 2
+    assert "CUDA" in capsys.readouterr().err
