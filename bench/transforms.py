@@ -1,6 +1,7 @@
 """Derivations and evasions of a checkpoint, for the lineage bench and tests.
 
-A Checkpoint is a transformers config plus a state dict. Derivations (fine-tunes, adapter merges,
+A Checkpoint is a transformers config plus a state dict (bench/zoo.py's module-level derivations
+apply through `Checkpoint.model()` and `from_model`). Derivations (fine-tunes, adapter merges,
 casts, quantisation, vocabulary growth, layer surgery, merges) change the function; evasions
 (permutations, rescaling, rotation, re-publication under another architecture) must not, and
 `same_function` checks that they do not before they count.
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from tg_verify.tiny import save_model
@@ -65,8 +65,8 @@ class Checkpoint:
 
 
 def from_model(model: torch.nn.Module) -> Checkpoint:
-    """Snapshot a transformers model (lm_head dropped when tied, as on disk)."""
-    state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    """Snapshot a transformers model in its dtype (lm_head dropped when tied, as on disk)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     return Checkpoint(copy.deepcopy(model.config), state)
@@ -363,76 +363,23 @@ def republish(ck: Checkpoint) -> Checkpoint:
 
 
 # ---------------------------------------------------------------- derivations (change the function)
+# Fine-tunes, LoRA merges, casts and int8 round trips are bench/zoo.py's (on modules); these add
+# what the zoo lacks: IA3 merges, vocabulary growth, layer surgery and weight averaging.
 
-def train(ck: Checkpoint, tokens: np.ndarray, steps: int, lr: float, seed: int, batch: int = 16,
-          length: int = 64) -> Checkpoint:
-    """Full-parameter AdamW training on random windows of `tokens` (order set by `seed`)."""
-    model = ck.model()
-    _fit(model, model.parameters(), tokens, steps, lr, seed, batch, length)
-    return _snapshot(model, ck)
+def ia3_merge(model: torch.nn.Module, tokens: torch.Tensor, steps: int, lr: float, seed: int, **kwargs: int
+              ) -> torch.nn.Module:
+    """IA3 on attention k/v and the MLP down projection of a copy of `model`, trained, then merged."""
+    from peft import IA3Config, get_peft_model
 
-
-def _fit(model: torch.nn.Module, params: Any, tokens: np.ndarray, steps: int, lr: float, seed: int,
-         batch: int, length: int) -> None:
-    rng = np.random.default_rng(seed)
-    optimiser = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    data = torch.from_numpy(tokens.astype(np.int64))
-    for _ in range(steps):
-        starts = rng.integers(0, len(tokens) - length - 1, size=batch)
-        inputs = torch.stack([data[s:s + length] for s in starts])
-        loss = model(input_ids=inputs, labels=inputs).loss
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    model.eval()
-
-
-def _snapshot(model: torch.nn.Module, like: Checkpoint) -> Checkpoint:
-    state = {k: v.detach().clone().float() for k, v in model.state_dict().items() if k in like.state}
-    return Checkpoint(copy.deepcopy(like.config), state)
-
-
-def _targets(ck: Checkpoint) -> tuple[list[str], list[str]]:
-    if ck.config.model_type == "phi3":
-        return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], ["down_proj"]
-    return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], ["down_proj"]
-
-
-def adapter_merge(ck: Checkpoint, tokens: np.ndarray, kind: str, steps: int, seed: int) -> Checkpoint:
-    """Train a LoRA (r=8) or IA3 adapter with peft, then merge it into the weights."""
-    import peft
+    from bench.zoo import train
 
     torch.manual_seed(seed)
-    model = ck.model()
-    targets, feedforward = _targets(ck)
-    if kind == "lora":
-        config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0)
-        lr = 2e-3
-    else:
-        config = peft.IA3Config(target_modules=[t for t in targets if t[0] in "kvd" or t == "qkv_proj"],
-                                feedforward_modules=feedforward)
-        lr = 1e-2
-    wrapped = peft.get_peft_model(model, config)
-    _fit(wrapped, wrapped.parameters(), tokens, steps, lr, seed, 16, 64)
-    return _snapshot(wrapped.merge_and_unload(), ck)
-
-
-def cast(ck: Checkpoint, dtype: torch.dtype) -> Checkpoint:
-    """Store every tensor in `dtype` (bf16/fp16), as a re-upload in half precision does."""
-    out = ck.clone()
-    out.state = {k: v.to(dtype) for k, v in out.state.items()}
-    return out
-
-
-def int8_roundtrip(ck: Checkpoint) -> Checkpoint:
-    """Symmetric per-row absmax int8 quantise-dequantise of every matrix (norms kept)."""
-    out = ck.clone()
-    for key, value in out.state.items():
-        if value.dim() == 2:
-            scale = value.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-            out.state[key] = torch.round(value / scale).clamp(-127, 127) * scale
-    return out
+    fused = any(name.endswith("qkv_proj") for name, _ in model.named_modules())
+    targets = ["qkv_proj", "down_proj"] if fused else ["k_proj", "v_proj", "down_proj"]
+    peft_model = get_peft_model(copy.deepcopy(model), IA3Config(target_modules=targets,
+                                                                feedforward_modules=["down_proj"]))
+    train(peft_model, tokens, steps, lr, seed, **kwargs)
+    return peft_model.merge_and_unload()
 
 
 def extend_vocab(ck: Checkpoint, extra: int, seed: int) -> Checkpoint:

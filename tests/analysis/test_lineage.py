@@ -19,8 +19,9 @@ from tg_verify.fingerprint.document import Fingerprint
 from tg_verify.tiny import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.transforms import (Checkpoint, average, cast, drop_layer, duplicate_layer, extend_vocab,  # noqa: E402
-                              fingerprint_of, from_model, int8_roundtrip)
+from bench.transforms import (Checkpoint, average, drop_layer, duplicate_layer, extend_vocab,  # noqa: E402
+                              fingerprint_of, from_model)
+from bench.zoo import cast, int8_roundtrip  # noqa: E402
 
 FAST = {"permutations": 199}
 
@@ -64,9 +65,9 @@ def test_identical_is_derived_with_a_stated_threshold_and_rate(base: Fingerprint
 
 
 DERIVATIONS: dict[str, Callable[[Checkpoint], Checkpoint]] = {
-    "int8": int8_roundtrip,
-    "bf16": lambda ck: cast(ck, torch.bfloat16),
-    "fp16": lambda ck: cast(ck, torch.float16),
+    "int8": lambda ck: from_model(int8_roundtrip(ck.model())),
+    "bf16": lambda ck: from_model(cast(ck.model(), torch.bfloat16)),
+    "fp16": lambda ck: from_model(cast(ck.model(), torch.float16)),
     "perturbed-20%": lambda ck: perturbed(ck, 0.2, 1),
     "vocab+64": lambda ck: extend_vocab(ck, 64, 1),
     "drop-layer": lambda ck: drop_layer(ck, 1),
