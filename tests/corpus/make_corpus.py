@@ -99,7 +99,8 @@ CASES: dict[str, tuple[str, Callable[[], bytes | Tree]]] = {
         SHARD1: _shard({**A, "c.weight": ("F32", [1])}), SHARD2: _shard(B)}),
     "dir-index-path-traversal": ("TGV_SHARD_INDEX", lambda: {
         "model.safetensors.index.json": _index({"a.weight": "../outside.safetensors"}), SHARD1: _shard(A)}),
-    "dir-index-not-json": ("TGV_JSON_FILE", lambda: {"model.safetensors.index.json": b"{weight_map:", SHARD1: _shard(A)}),
+    "dir-index-not-json": ("TGV_JSON_FILE", lambda: {"model.safetensors.index.json": b"{weight_map:",
+                                                     SHARD1: _shard(A)}),
     "dir-index-bad-shard-header": ("TGV_TRAILING_BYTES", lambda: {
         "model.safetensors.index.json": _index({"a.weight": SHARD1, "b.weight": SHARD2}),
         SHARD1: _shard(A), SHARD2: _shard(B) + b"\0"}),

@@ -242,9 +242,12 @@ class MetadataError(HeaderError):
     code = "TGV_METADATA"
 
 
-def shown(value: object) -> str:
-    """Untrusted text (a tensor or file name) made safe for a one-line message: control characters escaped."""
+def shown(value: object, limit: int = 400) -> str:
+    """Untrusted text (a tensor or file name) made safe for a one-line message: control characters escaped,
+    cut to `limit` characters."""
     text = str(value)
+    if len(text) > limit:
+        text = text[:limit] + f"...({len(text) - limit} more characters)"
     if text.isprintable():
         return text
     return repr(text)[1:-1]

@@ -160,7 +160,7 @@ def _entry(name: str, spec: Any, data_len: int, where: str) -> RawTensor:
     if type(spec) is not dict or spec.keys() != ENTRY_KEYS:
         got = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
         raise HeaderSchemaError(f"{where}: tensor '{shown(name)}': expected exactly the keys data_offsets, dtype, "
-                                f"shape, got {shown(got)}")
+                                f"shape, got {shown(repr(got), 120)}")
     dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise UnknownDtypeError(f"{where}: tensor '{shown(name)}': unknown dtype {shown(repr(dtype)[:40])} "

@@ -62,7 +62,8 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
     notes = list(warnings)
     for rel, header in weights.items():
         if not header.canonical:
-            notes.append(f"{shown(rel)}: header JSON has leading or extra whitespace padding (accepted; the reference writer pads only to 8 bytes)")
+            notes.append(f"{shown(rel)}: header JSON has leading or extra whitespace padding (accepted; the "
+                         f"reference writer pads only to 8 bytes)")
         for raw in header.tensors:
             if raw.name in owner:
                 raise DuplicateTensorError(f"{shown(root / rel)}: tensor '{shown(raw.name)}' is also stored in "
@@ -88,7 +89,8 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
     files = [ArtifactFile(rel, h.file_size, role) for rel, h in weights.items()] + extra  # type: ignore[arg-type]
     files.sort(key=lambda f: natural_key(f.path))
     notes.extend(_symlink_note(root, [f.path for f in files]))
-    return Artifact(root=root, name=name, layout=layout, files=tuple(files), tensors=tuple(tensors),  # type: ignore[arg-type]
+    return Artifact(root=root, name=name, layout=layout,  # type: ignore[arg-type]
+                    files=tuple(files), tensors=tuple(tensors),
                     config=config, adapter_config=adapter_config,
                     metadata={rel: h.metadata for rel, h in weights.items() if h.metadata},
                     warnings=tuple(notes))
@@ -212,7 +214,8 @@ def _resolve_directory(root: Path, name: str) -> Artifact:
     if indexes:
         return _resolve_index(root, name, indexes[0], entries, warnings)
     if ADAPTER_WEIGHTS in weights:
-        raise AdapterLayoutError(f"{shown(root)}: {ADAPTER_WEIGHTS} without {ADAPTER_CONFIG}; a PEFT adapter needs both")
+        raise AdapterLayoutError(f"{shown(root)}: {ADAPTER_WEIGHTS} without {ADAPTER_CONFIG}; a PEFT adapter "
+                                 f"needs both")
     shard_named = [w for w in weights if SHARD_PATTERN.match(w)]
     others = [w for w in weights if w not in shard_named]
     extra: list[ArtifactFile] = []
@@ -278,7 +281,10 @@ def resolve(path: str | os.PathLike[str]) -> Artifact:
     file_name = path.name
     if file_name.endswith(INDEX_SUFFIX):
         root = path.parent
-        entries = {entry.name for entry in os.scandir(root)}
+        try:
+            entries = {entry.name for entry in os.scandir(root)}
+        except OSError as exc:
+            raise UnreadableFileError(f"{shown(root)}: cannot list directory ({exc.strerror or exc})") from None
         return _resolve_index(root, path.resolve().parent.name, file_name, entries, [])
     if file_name.endswith(PICKLE_SUFFIXES):
         raise PickleFormatError(f"{shown(path)}: pickle-based weights are refused (loading them can execute code); "

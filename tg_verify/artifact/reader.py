@@ -77,8 +77,7 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
         buffer = self._map(info.file)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if info.begin % itemsize:  # writers need not align the data section; never hand torch a misaligned view
+        if info.begin % dtype.itemsize:  # writers need not align the data section; never hand torch a misaligned view
             flat = torch.frombuffer(bytearray(buffer[info.begin:info.end]), dtype=dtype)
         else:
             flat = torch.frombuffer(buffer, dtype=dtype, count=info.numel, offset=info.begin)
