@@ -116,3 +116,15 @@ def test_cli_subprocess_never_prints_a_traceback(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "tg_verify", "inspect", str(fifo)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_hostile_config_values_never_break_the_json(tmp_path: Path, tiny_models: dict[str, dict[str, Path]],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "model.safetensors").write_bytes((tiny_models["llama"]["single"] / "model.safetensors").read_bytes())
+    (tmp_path / "config.json").write_text('{"model_type": "\\ud800x", "hidden_size": 1e400, "vocab_size": -1e400, '
+                                          '"architectures": ["A", 1e999, "\\udfff"], "num_hidden_layers": {"a": 1}}')
+    code, out, _ = _inspect(capsys, str(tmp_path), "--json")
+    doc = json.loads(out)
+    assert code == 0 and "hidden_size" not in doc["config"] and "num_hidden_layers" not in doc["config"]
+    assert doc["config"]["architectures"][0] == "A" and len(doc["config"]["architectures"]) == 2
+    _inspect(capsys, str(tmp_path))  # the human renderer copes too

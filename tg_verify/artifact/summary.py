@@ -6,6 +6,7 @@ same weights in every layout: per-file details live under `files`, never in `ten
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -26,8 +27,10 @@ ADAPTER_KEYS = ("peft_type", "base_model_name_or_path", "r", "lora_alpha", "targ
 
 def _json_safe(value: Any) -> Any:
     """A scalar or list of scalars from an untrusted JSON file, or None when it cannot be shown faithfully."""
-    if isinstance(value, bool) or value is None or isinstance(value, (int, float)):
+    if isinstance(value, bool) or value is None or isinstance(value, int):
         return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None  # JSON's 1e400 parses to inf
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -35,7 +38,7 @@ def _json_safe(value: Any) -> Any:
             return shown(value)
         return value
     if isinstance(value, list) and all(isinstance(v, (str, int, float, bool)) for v in value) and len(value) <= 64:
-        return [_json_safe(v) for v in value]
+        return [item for item in map(_json_safe, value) if item is not None]
     return None
 
 

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from tg_verify.artifact.digest import file_digests
+from tg_verify.artifact.errors import shown
 from tg_verify.artifact.layout import resolve
 from tg_verify.artifact.summary import describe, describe_error
 from tg_verify.atomic import canonical_json
@@ -82,20 +83,23 @@ def _render(doc: dict[str, Any], list_tensors: bool) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    def text(value: object) -> str:  # untrusted strings: control characters escaped, markup escaped
+        return escape(shown(value))
+
     console = Console(highlight=False, soft_wrap=True)
     art = doc["artifact"]
-    console.print(f"[bold]{escape(art['name'])}[/]  layout [bold]{art['layout']}[/]  "
-                  f"model_type [bold]{escape(str(art['model_type'] or '-'))}[/]  ({escape(art['path'])})")
+    console.print(f"[bold]{text(art['name'])}[/]  layout [bold]{art['layout']}[/]  "
+                  f"model_type [bold]{text(art['model_type'] or '-')}[/]  ({text(art['path'])})")
     files = Table(title="files", title_justify="left", show_edge=False)
     for column in ("path", "role", "size", "tensors"):
         files.add_column(column, justify="right" if column in ("size", "tensors") else "left", overflow="fold")
     for item in doc["files"]:
-        files.add_row(escape(item["path"]), item["role"], _size(item["size"]), str(item.get("tensors", "")))
+        files.add_row(text(item["path"]), item["role"], _size(item["size"]), str(item.get("tensors", "")))
     console.print(files)
     if "root_digest" in doc:  # sha256sum format, so `sha256sum -c` can re-check the files
         console.print("sha256 (sha256sum -c format)")
         for item in doc["files"]:
-            console.print(f"{item['sha256']}  {escape(item['path'])}", overflow="ignore", crop=False)
+            console.print(f"{item['sha256']}  {text(item['path'])}", overflow="ignore", crop=False)
         console.print(f"root digest (model_signing) sha256:{doc['root_digest']}")
     console.print(f"tensors {doc['tensor_count']:,} (2-D {doc['matrices']:,})   parameters "
                   f"{_count(doc['total_params'])}   tensor bytes {_size(doc['total_bytes'])}")
@@ -108,17 +112,17 @@ def _render(doc: dict[str, Any], list_tensors: bool) -> None:
         cats.add_row(name, f"{value['tensors']:,}", f"{value['params']:,}")
     console.print(cats)
     if doc["adapter"]:
-        console.print("adapter " + ", ".join(f"{k}={escape(str(v))}" for k, v in doc["adapter"].items()))
+        console.print("adapter " + ", ".join(f"{k}={text(v)}" for k, v in doc["adapter"].items()))
     if list_tensors:
         table = Table(title="tensors (canonical order)", title_justify="left", show_edge=False)
         for column in ("name", "dtype", "shape", "params", "category"):
             table.add_column(column, justify="right" if column == "params" else "left", overflow="fold")
         for t in doc["tensors"]:
-            table.add_row(escape(t["name"]), t["dtype"], "x".join(map(str, t["shape"])) or "scalar",
+            table.add_row(text(t["name"]), t["dtype"], "x".join(map(str, t["shape"])) or "scalar",
                           f"{t['params']:,}", t["category"])
         console.print(table)
     validation = doc["validation"]
     console.print(f"validation [bold green]{validation['status']}[/] ({len(validation['checks'])} checks, "
                   f"header-only)")
     for warning in validation["warnings"]:
-        console.print(f"[yellow]warning[/] {escape(warning)}")
+        console.print(f"[yellow]warning[/] {text(warning)}")
