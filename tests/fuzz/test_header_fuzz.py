@@ -25,7 +25,8 @@ from stcraft import assemble, small_valid, tensors_file
 
 from tg_verify.artifact.header import read_header, validate_bytes
 from tg_verify.artifact.layout import resolve
-from tg_verify.artifact.model import DTYPE_BITS
+from tg_verify.artifact.model import DTYPE_BITS, natural_key
+from tg_verify.cli import main
 from tg_verify.errors import InputError
 
 EXAMPLES = int(os.environ.get("TG_FUZZ_EXAMPLES", "400"))
@@ -220,3 +221,54 @@ def test_shard_indexes(weight_map: dict[str, Any], metadata: Any) -> None:
         except InputError:
             return
         assert [t.name for t in artifact.tensors] == ["a", "b"]
+
+
+FILE_NAMES = st.sampled_from(["model.safetensors", "model-00001-of-00002.safetensors",
+                              "model-00002-of-00002.safetensors", "model-00003-of-00002.safetensors",
+                              "model-00001-of-00001.safetensors", "other-00001-of-00002.safetensors",
+                              "model.00002-of-00002.safetensors", "consolidated.safetensors",
+                              "consolidated.00.safetensors", "adapter_model.safetensors", "pytorch_model.bin",
+                              "x.safetensors.index.json", "config.json", "adapter_config.json"])
+
+
+@settings(max_examples=max(20, EXAMPLES // 5))
+@given(st.dictionaries(FILE_NAMES, st.sampled_from(["a", "b", "ab", "junk", "json"]), min_size=1, max_size=6))
+def test_directory_layouts(tree: dict[str, str]) -> None:
+    """Any mix of real-world file names resolves to one consistent artifact, the same every time, or an InputError."""
+    contents = {"a": tensors_file({"a": ("F32", [1])}), "b": tensors_file({"b": ("F32", [1])}),
+                "ab": tensors_file({"a": ("F32", [1]), "b": ("F32", [1])}), "junk": b"\x00" * 5,
+                "json": b'{"weight_map": {"a": "model-00001-of-00002.safetensors"}, "peft_type": "LORA"}'}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name, kind in tree.items():
+            (root / name).write_bytes(contents[kind])
+        try:
+            first = resolve(root)
+        except InputError:
+            return
+        names = [t.name for t in first.tensors]
+        assert len(names) == len(set(names)) and names == sorted(names, key=natural_key)
+        assert resolve(root) == first
+
+
+@given(st.lists(st.text(max_size=8), max_size=12), st.randoms(use_true_random=False))
+def test_canonical_order_is_total(names: list[str], rng: Any) -> None:
+    shuffled = names[:]
+    rng.shuffle(shuffled)
+    assert sorted(shuffled, key=natural_key) == sorted(names, key=natural_key)
+
+
+@settings(max_examples=max(20, EXAMPLES // 5))
+@given(mutated())
+def test_cli_exit_codes(blob: bytes) -> None:
+    """Through the real CLI entry point: exit 0 or 2 with one line, never 3 (an internal error)."""
+    import contextlib
+    import io
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        path.write_bytes(blob)
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = main(["inspect", "--json", str(path)])
+        assert code in (0, 2) and err.getvalue().count("\n") == (code == 2)
