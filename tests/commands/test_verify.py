@@ -146,3 +146,16 @@ def test_malformed_reference_fingerprint_names_the_field(demo_tree: Path, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and "references[2].fingerprint" in err and "not valid JSON" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_outputs_that_would_overwrite_inputs_or_each_other_are_refused(demo_tree: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    policy = write_policy(tmp_path, policy_text(demo_tree, "finetune"))
+    before = policy.read_bytes()
+    assert main([str(policy), "--report", str(policy)]) == 2
+    assert "the report output would overwrite the policy file" in capsys.readouterr().err
+    assert policy.read_bytes() == before
+    same = str(tmp_path / "out.json")
+    assert main([str(policy), "--report", same, "--attestation", same]) == 2
+    assert "the report and attestation outputs name the same file" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()

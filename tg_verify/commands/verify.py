@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from tg_verify.atomic import canonical_json, write_bytes
+from tg_verify.errors import UsageError
 from tg_verify.fingerprint.settings import DEVICE_CHOICES
 from tg_verify.pipeline import VerificationResult, VerifyOptions, default_cache_dir, verify
 from tg_verify.policy import Policy, load_policy
@@ -71,9 +72,45 @@ def render_outputs(result: VerificationResult, *, report: Path | None, attestati
     return outputs
 
 
+def check_output_paths(policy: Policy, result: VerificationResult | None, targets: dict[str, Path | None]) -> None:
+    """Refuse outputs that would overwrite an input (the policy, a fingerprint, a model file) or each other.
+
+    Called before the run (without `result`) to fail fast, and after it with the candidate's files.
+    """
+    inputs = {policy.path.resolve(): "the policy file"}
+    for ref in policy.references:
+        if ref.fingerprint is not None:
+            inputs[ref.fingerprint.resolve()] = f"{ref.field}.fingerprint"
+    if policy.candidate.fingerprint is not None:
+        inputs[policy.candidate.fingerprint.resolve()] = "candidate.fingerprint"
+    if result is not None and result.candidate.path is not None:
+        root = result.candidate.path if result.candidate.path.is_dir() else result.candidate.path.parent
+        for entry in result.candidate.files:
+            inputs[(root / entry["path"]).resolve()] = f"candidate file {entry['path']}"
+    seen: dict[Path, str] = {}
+    for kind, path in targets.items():
+        if path is None:
+            continue
+        resolved = path.resolve()
+        if resolved in inputs:
+            raise UsageError(f"{path}: the {kind} output would overwrite {inputs[resolved]}; choose another path")
+        if resolved in seen:
+            raise UsageError(f"{path}: the {seen[resolved]} and {kind} outputs name the same file")
+        seen[resolved] = kind
+
+
+def output_targets(args: argparse.Namespace, policy: Policy) -> dict[str, Path | None]:
+    """Where each output goes: the flag, else the policy's `outputs:` entry, else nowhere."""
+    return {"report": _target(args.report, policy.outputs.report),
+            "attestation": _target(args.attestation, policy.outputs.attestation),
+            "summary": _target(args.summary, policy.outputs.summary),
+            "fingerprint": _target(args.fingerprint_out, policy.outputs.fingerprint)}
+
+
 def run_policy(args: argparse.Namespace) -> tuple[Policy, VerificationResult]:
     """Load the policy and run it with the command line's overrides."""
     policy = load_policy(args.policy, candidate_override=args.candidate)
+    check_output_paths(policy, None, output_targets(args, policy))
     cache = None if args.no_cache else (Path(args.cache_dir) if args.cache_dir else default_cache_dir())
     with progress_sink(wants_progress(args.progress)) as sink:
         result = verify(policy, VerifyOptions(device=args.device, cache_dir=cache, progress=sink))
@@ -88,11 +125,9 @@ def run(args: argparse.Namespace) -> int:
     from tg_verify.report.github import append_step_summary
 
     policy, result = run_policy(args)
-    outputs = render_outputs(
-        result, report=_target(args.report, policy.outputs.report),
-        attestation=_target(args.attestation, policy.outputs.attestation),
-        summary=_target(args.summary, policy.outputs.summary),
-        fingerprint=_target(args.fingerprint_out, policy.outputs.fingerprint))
+    targets = output_targets(args, policy)
+    check_output_paths(policy, result, targets)
+    outputs = render_outputs(result, **targets)
     for path, data in outputs.items():
         write_bytes(path, data)
     append_step_summary(markdown.render(result))
