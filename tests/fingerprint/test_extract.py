@@ -106,7 +106,8 @@ def test_bf16_cast_stays_within_the_documented_distance(arch, tiny_model_objects
 def test_nan_weight_is_a_weight_value_error_naming_the_tensor(tmp_path):
     w = torch.randn(8, 16)
     w[3, 5] = float("nan")
-    path = _write(tmp_path, {"model.layers.0.mlp.down_proj.weight": w, "model.embed_tokens.weight": torch.randn(32, 16)})
+    path = _write(tmp_path, {"model.layers.0.mlp.down_proj.weight": w,
+                             "model.embed_tokens.weight": torch.randn(32, 16)})
     with pytest.raises(WeightValueError, match="model.layers.0.mlp.down_proj.weight.*NaN"):
         fingerprint_artifact(resolve(path), FAST)
 

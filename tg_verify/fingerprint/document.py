@@ -153,8 +153,8 @@ def from_dict(document: Any, source: str = "<fingerprint>") -> Fingerprint:
         raise FingerprintFormatError(f"{source}: 'legacy' must be true or false")
     return Fingerprint(model_name=name, features=_features(document.get("features"), source),
                        settings=document["settings"], feature_version=feature_version, tool=document["tool"],
-                       artifact=document["artifact"], tensors=tensors, sketch=sketch, extraction=extraction, legacy=legacy,
-                       source=source)
+                       artifact=document["artifact"], tensors=tensors, sketch=sketch, extraction=extraction,
+                       legacy=legacy, source=source)
 
 
 def _from_legacy(document: dict[str, Any], source: str) -> Fingerprint:
