@@ -237,3 +237,11 @@ def test_attestation_evidence_carries_the_result(demo_tree: Path, tmp_path: Path
     refs = {r["id"]: r for r in predicate["references"]}
     assert refs[BASE]["fingerprintDigest"]["sha256"] == result.reference(BASE).fingerprint_digest
     assert refs[BASE]["lineage"]["derived"] is False
+
+
+def test_legacy_candidate_fingerprint_is_refused(demo_tree: Path, tmp_path: Path) -> None:
+    fp = load(demo_tree / "refs" / f"{BASE}.json")
+    legacy = tmp_path / "legacy-candidate.json"
+    legacy.write_text(json.dumps({n: fp.features[n] for n in FEATURE_NAMES}))
+    with pytest.raises(InputError, match=r"candidate.fingerprint: .* legacy format"):
+        run(tmp_path, demo_tree, f"  fingerprint: {legacy}", f"  base: {BASE}")

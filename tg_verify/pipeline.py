@@ -480,6 +480,37 @@ def _load_recorded(policy: Policy) -> tuple[Fingerprint | None, dict[str, Finger
     return candidate, refs
 
 
+def check_policy(policy: Policy) -> list[str]:
+    """Validate what can be checked without reading weights: fingerprint files load and compare.
+
+    Returns notes (e.g. references that will be fingerprinted on the fly, legacy references).
+    Raises the same input errors a full run would for these files.
+    """
+    candidate, refs = _load_recorded(policy)
+    notes: list[str] = []
+    anchor = candidate or next((fp for fp in refs.values() if not fp.legacy), None)
+    for ref in policy.references:
+        if ref.fingerprint is None:
+            notes.append(f"{ref.field} ({ref.id}) will be fingerprinted from {ref.model}")
+            continue
+        fp = refs[ref.id]
+        if fp.legacy:
+            notes.append(f"{ref.field} ({ref.id}) is a legacy fingerprint: no lineage test against it")
+        elif fp.sketch is None:
+            notes.append(f"{ref.field} ({ref.id}) has no lineage sketch: no lineage test against it")
+        if anchor is not None and fp is not anchor:
+            _check_compatible(policy, anchor, ref, fp, ref.source_field)
+    if policy.fingerprint and anchor is not None and not anchor.legacy:
+        settings = settings_dict(_choose_settings(policy, [], None))
+        recorded = {k: v for k, v in anchor.settings.items() if k != "device"}
+        wanted = {k: v for k, v in settings.items() if k != "device"}
+        if recorded != wanted:
+            raise IncompatibleFingerprintsError(
+                f"{policy.path}: fingerprint: the settings block differs from the settings recorded in "
+                f"{anchor.source}; fingerprints made with it would not compare")
+    return notes
+
+
 def verify(policy: Policy, options: VerifyOptions | None = None) -> VerificationResult:
     """Run the policy: fingerprint what needs it, measure, test lineage, decide. Raises on bad input."""
     options = options or VerifyOptions()

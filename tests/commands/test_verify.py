@@ -159,3 +159,31 @@ def test_outputs_that_would_overwrite_inputs_or_each_other_are_refused(demo_tree
     assert main([str(policy), "--report", same, "--attestation", same]) == 2
     assert "the report and attestation outputs name the same file" in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_check_policy_reads_no_weights(demo_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = policy_text(demo_tree, "finetune").replace(
+        f"fingerprint: {demo_tree / 'refs' / 'demo-gemma-base.json'}", f"model: {demo_tree / 'models' / 'gemma'}")
+    policy = write_policy(tmp_path, text)
+    assert main([str(policy), "--check-policy"]) == 0
+    out = capsys.readouterr().out
+    assert "valid policy (version 1; 3 references; declares base demo-llama-base, family llama)" in out
+    assert "references[2] (demo-gemma-base) will be fingerprinted from" in out
+    assert not (tmp_path / "cache").exists()  # nothing was fingerprinted
+    mismatched = write_policy(tmp_path, policy_text(demo_tree, "finetune") + "fingerprint: {repeats: 3}\n")
+    assert main([str(mismatched), "--check-policy"]) == 2
+    assert "fingerprint: the settings block differs from the settings recorded in" in capsys.readouterr().err
+
+
+def test_an_output_over_a_candidate_file_is_refused(demo_tree: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_tree / "models" / "finetune", model)
+    before = (model / "config.json").read_bytes()
+    policy = write_policy(tmp_path, policy_text(demo_tree, "finetune").replace(
+        str(demo_tree / "models" / "finetune"), str(model)))
+    assert main([str(policy), "--summary", str(model / "config.json")]) == 2
+    assert "the summary output would overwrite candidate file config.json" in capsys.readouterr().err
+    assert (model / "config.json").read_bytes() == before

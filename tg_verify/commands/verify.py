@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-cache", action="store_true", help="fingerprint `model:` references on every run")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: on a terminal outside CI)")
+    parser.add_argument("--check-policy", action="store_true",
+                        help="only validate the policy and the fingerprint files it names (no model is read); "
+                             "exit 0 when valid, 2 otherwise")
     parser.set_defaults(handler=run)
 
 
@@ -117,6 +120,22 @@ def run_policy(args: argparse.Namespace) -> tuple[Policy, VerificationResult]:
     return policy, result
 
 
+def check_only(args: argparse.Namespace) -> int:
+    """--check-policy: validate the policy and its fingerprint files, read no weights."""
+    from tg_verify.pipeline import check_policy
+
+    policy = load_policy(args.policy, candidate_override=args.candidate)
+    check_output_paths(policy, None, output_targets(args, policy))
+    notes = check_policy(policy)
+    declared = ", ".join(x for x in (f"base {policy.declared.base}" if policy.declared.base else "",
+                                     f"family {policy.declared_family}") if x)
+    print(f"{policy.path}: valid policy (version {policy.version}; {len(policy.references)} references; "
+          f"declares {declared})")
+    for note in notes:
+        print(f"  note: {note}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Verify, print, write outputs; the exit code is the verdict's."""
     from rich.console import Console
@@ -124,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     from tg_verify.report import console, json_report, markdown
     from tg_verify.report.github import append_step_summary
 
+    if args.check_policy:
+        return check_only(args)
     policy, result = run_policy(args)
     targets = output_targets(args, policy)
     check_output_paths(policy, result, targets)
