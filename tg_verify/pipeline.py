@@ -129,19 +129,20 @@ class VerificationResult:
 
         severity = {"fail": "error", "warn": "warning", "info": "info"}
         cand = self.candidate
-        # a test whose sketches were not comparable has no score to record; its reason says why
-        lineage = {r.spec.id: r.lineage if r.lineage is not None and getattr(r.lineage, "comparable", True)
-                   else None for r in self.references}
-        refs = tuple(at.ReferenceEvidence(
-            id=r.spec.id, family=r.spec.family, fingerprint_sha256=r.fingerprint_digest, distance=r.distance,
-            threshold=r.threshold, role=r.role,
-            lineage=None if lineage[r.spec.id] is None else at.LineageEvidence(
-                score=lineage[r.spec.id].score, threshold=lineage[r.spec.id].threshold,
-                derived=bool(lineage[r.spec.id].derived), p_value=lineage[r.spec.id].p_value,
-                false_positive_rate=lineage[r.spec.id].false_positive_rate,
-                method=getattr(lineage[r.spec.id], "method", None), alpha=getattr(lineage[r.spec.id], "alpha", None),
-                comparable=bool(getattr(lineage[r.spec.id], "comparable", True))))
-            for r in self.references)
+
+        def lineage(result: Any) -> Any:
+            # a test whose sketches were not comparable has no score to record; its reason says why
+            if result is None or not getattr(result, "comparable", True):
+                return None
+            return at.LineageEvidence(score=result.score, threshold=result.threshold, derived=bool(result.derived),
+                                      p_value=result.p_value, false_positive_rate=result.false_positive_rate,
+                                      method=getattr(result, "method", None), alpha=getattr(result, "alpha", None),
+                                      comparable=True)
+
+        refs = tuple(at.ReferenceEvidence(id=r.spec.id, family=r.spec.family, fingerprint_sha256=r.fingerprint_digest,
+                                          distance=r.distance, threshold=r.threshold, role=r.role,
+                                          lineage=lineage(r.lineage))
+                     for r in self.references)
         cls = self.classification
         base = cand.base or {}
         return at.AttestationEvidence(
@@ -439,8 +440,8 @@ def _reference_fingerprint(policy: Policy, ref: ReferenceSpec, settings: Any, op
         return fp, "model"
 
 
-def _check_compatible(policy: Policy, candidate: Fingerprint, ref: ReferenceSpec, fp: Fingerprint,
-                      where: str) -> None:
+def _check_compatible(policy: Policy, candidate: Fingerprint, fp: Fingerprint, where: str) -> None:
+    """Fingerprints made differently are never compared: an input error naming the policy field."""
     try:
         comparability([candidate, fp])
     except IncompatibleFingerprintsError as exc:
@@ -499,7 +500,7 @@ def check_policy(policy: Policy) -> list[str]:
         elif fp.sketch is None:
             notes.append(f"{ref.field} ({ref.id}) has no lineage sketch: no lineage test against it")
         if anchor is not None and fp is not anchor:
-            _check_compatible(policy, anchor, ref, fp, ref.source_field)
+            _check_compatible(policy, anchor, fp, ref.source_field)
     if policy.fingerprint and anchor is not None and not anchor.legacy:
         settings = settings_dict(_choose_settings(policy, [], None))
         recorded = {k: v for k, v in anchor.settings.items() if k != "device"}
@@ -525,7 +526,7 @@ def verify(policy: Policy, options: VerifyOptions | None = None) -> Verification
     with clock.phase("references"):
         for ref in policy.references:
             fp, source = _reference_fingerprint(policy, ref, settings, options, recorded_refs)
-            _check_compatible(policy, candidate.fingerprint, ref, fp,
+            _check_compatible(policy, candidate.fingerprint, fp,
                               ref.source_field if ref.fingerprint is not None else f"{ref.field}.model")
             fingerprints[ref.id] = (fp, source)
     with clock.phase("analysis"):
