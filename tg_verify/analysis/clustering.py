@@ -34,8 +34,8 @@ from tg_verify.errors import InputError
 
 STRATEGIES: tuple[str, ...] = ("centroid-kmeans", "hierarchical", "gmm", "kmeans", "dbscan")
 STRATEGY_TITLES: dict[str, str] = {
-    "centroid-kmeans": "Centroid-initialised K-Means", "hierarchical": "Hierarchical clustering (Ward)",
-    "gmm": "Gaussian mixture", "kmeans": "Standard K-Means (random init)", "dbscan": "DBSCAN",
+    "centroid-kmeans": "Centroid-init K-Means", "hierarchical": "Hierarchical (Ward)", "gmm": "GMM",
+    "kmeans": "Standard K-Means", "dbscan": "DBSCAN",
 }
 # Table I of the paper (58 models: 8 bases, 50 derivatives, five families).
 PAPER_ACCURACY: dict[str, float] = {"centroid-kmeans": 0.94, "hierarchical": 0.78, "gmm": 0.76, "kmeans": 0.54,

@@ -92,14 +92,15 @@ def write_clustering_plots(study: ClusteringStudy, out_dir: str | os.PathLike[st
     colours = _family_colours(study.families)
     written = []
     for result in study.results:
-        figure, axes = plt.subplots(figsize=(7, 5.5))
+        figure, axes = plt.subplots(figsize=(7, 5.5), constrained_layout=True)
         _scatter(axes, study, result, colours)
         _legend(axes, study.families, colours)
         written.append(_save(figure, out / f"clustering-{result.strategy}.png"))
     panels = len(study.results) + 1
     columns = 3
     rows = (panels + columns - 1) // columns
-    figure, grid = plt.subplots(rows, columns, figsize=(6 * columns, 5 * rows), squeeze=False)
+    figure, grid = plt.subplots(rows, columns, figsize=(6 * columns, 5 * rows), squeeze=False,
+                                constrained_layout=True)
     cells = list(grid.flat)
     _scatter(cells[0], study, None, colours)
     _legend(cells[0], study.families, colours)
@@ -120,7 +121,7 @@ def write_sensitivity_plot(study: PerturbationStudy, path: str | os.PathLike[str
     rows = (len(strategies) + columns - 1) // columns
     width = max(8.0, 0.25 * len(study.layers) + 2)
     figure, grid = plt.subplots(rows, columns, figsize=(width * columns / 2, 3.6 * rows), squeeze=False,
-                                sharey=True)
+                                sharey=True, constrained_layout=True)
     cells = list(grid.flat)
     colours = [CATEGORY_COLOURS.get(category, CATEGORY_COLOURS["unknown"]) for category in study.categories]
     positions = range(len(study.layers))
@@ -141,5 +142,4 @@ def write_sensitivity_plot(study: PerturbationStudy, path: str | os.PathLike[str
     cells[0].legend(handles=[Patch(color=CATEGORY_COLOURS[c], label=c) for c in present], fontsize="small")
     figure.suptitle(f"Per-layer gradient sensitivity of {study.model_name} "
                     f"(mean Frobenius norm over {study.repeats} repeats)")
-    figure.tight_layout()
     return _save(figure, path)
