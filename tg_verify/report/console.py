@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
@@ -90,18 +91,19 @@ def _overview(result: VerificationResult) -> Table:
 def _distances(result: VerificationResult) -> Table:
     space = result.classification.space.get("space", "standardized") if result.classification.space else "?"
     table = Table(title=f"Distances ({space} feature space) and lineage evidence", title_justify="left",
-                  caption=lineage_caption(result), caption_justify="left")
-    for name, justify in (("reference", "left"), ("family", "left"), ("role", "left"), ("distance", "right"),
-                          ("limit", "right"), ("lineage", "left"), ("p", "right")):
-        table.add_column(name, justify=justify, no_wrap=name not in ("reference", "family"))  # type: ignore[arg-type]
+                  caption=lineage_caption(result), caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    for name, justify in (("reference", "left"), ("family", "left"), ("role", "left"),
+                          ("distance", "right"), ("lineage", "left"), ("p", "right")):
+        table.add_column(name, justify=justify, no_wrap=name != "family")  # type: ignore[arg-type]
     for ref in sorted(result.references, key=lambda r: (r.distance, r.spec.id)):
         over = not ref.within_threshold
         role = "declared" if ref.declared else "forbidden" if ref.forbidden else ""
         table.add_row(Text(ref.spec.id, style="bold" if ref.declared else "red" if ref.forbidden else ""),
                       ref.spec.family, role,
-                      Text(f"{ref.distance:.3f}", style="bold red" if over and ref.declared else ""),
-                      f"{ref.threshold:g}", lineage_cell(ref),
-                      "" if ref.lineage is None else f"{ref.lineage.p_value:.3g}")
+                      Text(f"{ref.distance:.3f} {'>' if over else '≤'} {ref.threshold:g}",
+                           style="bold red" if over and ref.declared else ""),
+                      lineage_cell(ref), "" if ref.lineage is None else f"{ref.lineage.p_value:.3g}")
     return table
 
 
