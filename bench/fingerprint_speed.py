@@ -9,6 +9,8 @@ Writes a synthetic Llama-shaped bf16 checkpoint (TinyLlama-1.1B shapes by defaul
   sha256sum    coreutils sha256sum over the files; hashlib  the same in Python (what tg-verify runs)
   fingerprint  resolve + fingerprint_artifact as the CLI runs it (features + sketch + sha256 on a 2nd thread)
   features     the same without hashing and without the sketch, one thread (the TensorGuard computation alone)
+  +sketch      features + lineage sketch, one thread, no hashing
+  +sha256      features + sha256 on the second thread, no sketch
   baseline     transformers from_pretrained (float32) + literal L.backward() per repeat for the same
                statistics (skewness/kurtosis from 500k sampled entries, as the paper); backward passes
                timed on a subset of tensors and repeats, extrapolated per byte and to 30 repeats
@@ -198,12 +200,15 @@ def child(kind: str, directory: Path, subset: int, repeats: int, params: float) 
         print(json.dumps({"params": write_checkpoint(directory, layers), "layers": layers}))
         return
     t0 = time.perf_counter()
-    if kind in ("fingerprint", "features"):
+    cpu_at_start = 0.0
+    if kind in ("fingerprint", "features", "+sketch", "+sha256"):
         import tg_verify.fingerprint.extract  # noqa: F401  (import start-up, reported separately)
     elif kind == "baseline":
         import torch  # noqa: F401
         import transformers  # noqa: F401
     import_s = time.perf_counter() - t0
+    start_usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_at_start = start_usage.ru_utime + start_usage.ru_stime  # CPU seconds of the step, imports excluded
     if kind == "read":
         result = measure_read(directory)
     elif kind == "sha256sum":
@@ -217,11 +222,29 @@ def child(kind: str, directory: Path, subset: int, repeats: int, params: float) 
         result = measure_fingerprint(directory, hashing=True, sketch=True)
     elif kind == "features":
         result = measure_fingerprint(directory, hashing=False, sketch=False)
+    elif kind == "+sketch":
+        result = measure_fingerprint(directory, hashing=False, sketch=True)
+    elif kind == "+sha256":
+        result = measure_fingerprint(directory, hashing=True, sketch=False)
     else:
         result = measure_baseline(directory, subset, repeats)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     result["import_s"] = import_s
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime - cpu_at_start
     print(json.dumps(result))
+
+
+QUICK_STEPS = ("read", "sha256sum", "hashlib", "features", "+sketch", "+sha256", "fingerprint")
+
+
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Median wall time (the run itself, so its other fields stay consistent); RSS is the max over runs."""
+    ordered = sorted(runs, key=lambda r: r["wall_s"])
+    chosen = dict(ordered[len(ordered) // 2])
+    chosen["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    chosen["walls"] = [round(r["wall_s"], 2) for r in runs]
+    return chosen
 
 
 def run_child(kind: str, directory: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -240,7 +263,8 @@ def measure_sha256sum(directory: Path) -> dict[str, float]:
     started = time.perf_counter()
     subprocess.run(["sha256sum", *map(str, weight_files(directory))], capture_output=True, check=True)
     wall = time.perf_counter() - started
-    return {"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def main() -> None:
@@ -249,6 +273,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="where to write the checkpoint (default: a temp dir under bench/out)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
     parser.add_argument("--subset", type=int, default=6, help="tensors the autograd baseline times (extrapolated)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the quick steps (median)")
     parser.add_argument("--skip-baseline", action="store_true", help="leave out the transformers baseline")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -269,19 +294,23 @@ def main() -> None:
               f"shards, {size / 1e9:.2f} GB, written in {time.perf_counter() - started:.1f}s  ({directory})")
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
         measure_read(directory)  # warm the page cache
-        results = {"read": run_child("read", directory, args), "sha256sum": run_child("sha256sum", directory, args),
-                   "hashlib": run_child("hashlib", directory, args),
-                   "features": run_child("features", directory, args),
-                   "fingerprint": run_child("fingerprint", directory, args)}
+        # Interleaved rounds, median per step: a shared machine's load drifts within a minute.
+        rounds: dict[str, list[dict[str, float]]] = {kind: [] for kind in QUICK_STEPS}
+        for _ in range(args.rounds):
+            for kind in QUICK_STEPS:
+                rounds[kind].append(run_child(kind, directory, args))
+        results = {kind: _median(runs) for kind, runs in rounds.items()}
         if not args.skip_baseline:
             results["baseline"] = run_child("baseline", directory, args)
         read = results["read"]["wall_s"]
-        print(f"\n{'step':<12} {'wall s':>8} {'GB/s':>7} {'x read':>7} {'x hashlib':>9} {'peak RSS MB':>12} "
-              f"{'import s':>9}")
+        print(f"\nmedian of {args.rounds} interleaved rounds (all walls in brackets); baseline once")
+        print(f"{'step':<12} {'wall s':>8} {'GB/s':>7} {'x read':>7} {'x hashlib':>9} {'peak RSS MB':>12} "
+              f"{'import s':>9} {'cpu s':>7}")
         for kind, result in results.items():
             wall = result["wall_s"]
             print(f"{kind:<12} {wall:8.2f} {size / wall / 1e9:7.2f} {wall / read:7.2f} "
-                  f"{wall / results['hashlib']['wall_s']:9.2f} {result['peak_rss_mb']:12.0f} {result['import_s']:9.2f}")
+                  f"{wall / results['hashlib']['wall_s']:9.2f} {result['peak_rss_mb']:12.0f} {result['import_s']:9.2f}"
+                  f" {result.get('cpu_s', float('nan')):7.2f}  {result.get('walls', '')}")
         if "baseline" in results:
             b = results["baseline"]
             print(f"\nbaseline: from_pretrained float32 {b['load_s']:.1f}s + backward passes timed on "
