@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.zoo import DEFAULT_OUT, DERIVATIVES, build_zoo, fingerprint_zoo  # noqa: E402
+from bench.zoo import (DEFAULT_OUT, DERIVATIVES, Recipe, ZooModel, _load, _seed, build_zoo, corpus,  # noqa: E402
+                       fingerprint_zoo, train)
+from tg_verify.analysis.attribution import classify  # noqa: E402
 from tg_verify.analysis.clustering import StudySettings, clustering_study  # noqa: E402
 from tg_verify.analysis.compat import comparability  # noqa: E402
 from tg_verify.analysis.references import build_references, load_fingerprints, read_labels  # noqa: E402
@@ -32,10 +34,61 @@ def _row(cells: list[str], widths: list[int]) -> str:
     return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
 
+STRESS_STEPS: tuple[int, ...] = (100, 200, 400)
+
+
+def stress(models: list[ZooModel], references: list, out: Path) -> None:
+    """Fine-tune each small base along one trajectory (heavy recipe's data and rate) and classify checkpoints."""
+    import torch
+
+    recipe = Recipe()
+    text = corpus("heavy", recipe.corpus_bytes)
+    bases = [m for m in models if m.parent is None and m.id.endswith("-small")]
+    results: dict[int, list[tuple[bool, bool, float]]] = defaultdict(list)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for base in bases:
+            model = _load(base.path)
+            done = 0
+            for steps in STRESS_STEPS:
+                name = f"{base.id}-stress{steps}"
+                checkpoint = ZooModel(name, base.family, base.id, out / "stress" / recipe.digest() / name, "stress")
+                if not (checkpoint.path / "model.safetensors").exists():
+                    from tg_verify.tiny import save_model
+
+                    if done < steps:
+                        train(model, text, steps - done, recipe.heavy_lr, _seed(base.id, "stress", str(steps)),
+                              recipe.batch, recipe.context)
+                    done = steps
+                    save_model(model, checkpoint.path)
+                else:
+                    model = _load(checkpoint.path)
+                    done = steps
+                [path] = fingerprint_zoo([checkpoint], out / "stress" / recipe.digest())
+                from tg_verify.fingerprint.document import load
+
+                result = classify(load(path), references)
+                own = next(r.distance for r in result.references if r.id == base.id)
+                results[steps].append((result.family == base.family, result.base == base.id, own))
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\nstress: small bases fine-tuned longer (lr {recipe.heavy_lr:g}; the zoo's heavy fine-tune is "
+          f"{recipe.heavy_steps} steps), each checkpoint classified against the 80-model zoo")
+    for steps in STRESS_STEPS:
+        rows = results[steps]
+        print(f"  {steps:4d} steps: family {sum(r[0] for r in rows)}/{len(rows)}, own base {sum(r[1] for r in rows)}/"
+              f"{len(rows)}, distance to own base median {np.median([r[2] for r in rows]):.2f} "
+              f"max {max(r[2] for r in rows):.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--plots", action="store_true", help="also write the study's PNGs under OUT/study-*")
+    parser.add_argument("--stress", action="store_true",
+                        help="also fine-tune the small bases much longer (checkpoints at STRESS_STEPS) and classify "
+                             "each checkpoint against the zoo: where does attribution break? (a few minutes more)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     models = build_zoo(args.out)
@@ -100,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"derivatives to the nearest other base: min {min(nearest_other):.2f}, median {np.median(nearest_other):.2f}; "
           f"between bases: min {min(between):.2f}, median {np.median(between):.2f}; threshold 7 "
           f"{'never' if max(max(v) for v in own.values()) <= 7 else 'sometimes'} exceeded by a derivative")
+    if args.stress:
+        stress(models, references, args.out)
     print(f"\ntotal {time.perf_counter() - started:.1f}s")
     return 0
 

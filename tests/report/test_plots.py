@@ -27,7 +27,7 @@ def _references() -> list[Reference]:
 
 
 def test_clustering_plots_are_pngs_per_strategy_and_an_overview(tmp_path):
-    study = clustering_study(_references())
+    study = clustering_study(_references(), strategies=("centroid-kmeans", "dbscan"))
     written = plots.write_clustering_plots(study, tmp_path)
     assert {p.name for p in written} == {f"clustering-{r.strategy}.png" for r in study.results} | {
         "clustering-overview.png"}
