@@ -245,3 +245,15 @@ def test_legacy_candidate_fingerprint_is_refused(demo_tree: Path, tmp_path: Path
     legacy.write_text(json.dumps({n: fp.features[n] for n in FEATURE_NAMES}))
     with pytest.raises(InputError, match=r"candidate.fingerprint: .* legacy format"):
         run(tmp_path, demo_tree, f"  fingerprint: {legacy}", f"  base: {BASE}")
+
+
+def test_derivative_reference_moves_its_base_cluster_and_can_be_declared(demo_tree: Path, tmp_path: Path,
+                                                                         finetune_fp: Path) -> None:
+    refs = references(demo_tree) + (f"  - id: known-finetune\n    family: llama\n    parent: {BASE}\n"
+                                    f"    fingerprint: {finetune_fp}\n")
+    result = run(tmp_path, demo_tree, model(demo_tree, "finetune"), "  base: known-finetune", refs=refs)
+    assert result.passed, result.verdict.findings
+    assert result.classification.base == BASE  # clusters are named by their base
+    cluster = next(c for c in result.classification.centroids if c.base == BASE)
+    assert sorted(cluster.members) == sorted([BASE, "known-finetune"])
+    assert result.reference("known-finetune").distance == pytest.approx(0.0, abs=1e-9)

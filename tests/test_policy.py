@@ -213,3 +213,20 @@ def test_output_path_that_is_a_directory(workspace: Path) -> None:
 def test_missing_candidate_override(workspace: Path) -> None:
     with pytest.raises(PolicyError, match="candidate path .* does not exist"):
         load_policy(write(workspace, GOOD), candidate_override=workspace / "absent")
+
+
+def test_derivative_references_name_a_parent_of_their_family(workspace: Path) -> None:
+    text = GOOD.replace("  - id: qwen2.5-7b\n    family: qwen\n",
+                        "  - id: llama-legal-v1\n    family: llama\n    parent: llama-3.2-1b\n"
+                        "    fingerprint: refs/cand.json\n  - id: qwen2.5-7b\n    family: qwen\n")
+    policy = load_policy(write(workspace, text))
+    assert policy.reference("llama-legal-v1").parent == "llama-3.2-1b"
+    assert policy.root_of("llama-legal-v1") == "llama-3.2-1b" and policy.root_of("qwen2.5-7b") == "qwen2.5-7b"
+    with pytest.raises(PolicyError, match=r"references\[1\].parent: parent 'llama-3.2-1b' is family 'llama'"):
+        load_policy(write(workspace, text.replace("family: llama\n    parent", "family: qwen\n    parent")))
+    with pytest.raises(PolicyError, match=r"references\[1\].parent: unknown reference id 'nope'"):
+        load_policy(write(workspace, text.replace("parent: llama-3.2-1b", "parent: nope")))
+    looped = text.replace("  - id: llama-3.2-1b\n    family: llama\n",
+                          "  - id: llama-3.2-1b\n    family: llama\n    parent: llama-legal-v1\n")
+    with pytest.raises(PolicyError, match="loops back"):
+        load_policy(write(workspace, looped))

@@ -160,3 +160,16 @@ def test_failures_come_first_and_every_code_is_known() -> None:
 def test_every_code_is_documented(code: str) -> None:
     docs = Path(__file__).resolve().parents[1] / "docs" / "reasons.md"
     assert f"`{code}`" in docs.read_text(encoding="utf-8")
+
+
+def test_declared_derivative_is_compared_with_the_base_of_its_cluster() -> None:
+    refs = (*make_policy().references, ReferenceSpec(id="tuned", family="llama", index=4,
+                                                     fingerprint=Path("t.json"), parent="base"))
+    policy = make_policy(references=refs, declared=Declared(base="tuned"))
+    evidence = make_evidence(derived=("tuned",))
+    evidence = replace(evidence, references=(*evidence.references, ReferenceEvidence(
+        id="tuned", family="llama", distance=0.5, threshold=7.0, lineage=lineage(True))))
+    assert "TGV_NEAREST_BASE_DIFFERS" not in codes(decide(policy, evidence))  # attributed to 'base', its root
+    moved = replace(evidence, attribution=replace(evidence.attribution, base="sibling"))
+    finding = next(f for f in decide(policy, moved).findings if f.code == "TGV_NEAREST_BASE_DIFFERS")
+    assert "'base' (the base of the declared 'tuned')" in finding.message

@@ -530,8 +530,8 @@ def verify(policy: Policy, options: VerifyOptions | None = None) -> Verification
                               ref.source_field if ref.fingerprint is not None else f"{ref.field}.model")
             fingerprints[ref.id] = (fp, source)
     with clock.phase("analysis"):
-        references = [Reference(id=r.id, family=r.family, fingerprint=fingerprints[r.id][0])
-                      for r in policy.references]
+        references = [Reference(id=r.id, family=r.family, fingerprint=fingerprints[r.id][0], base=r.parent is None,
+                                parent=r.parent) for r in policy.references]
         classification = classify(candidate.fingerprint, references,
                                   ClassifierSettings(threshold=policy.thresholds.out_of_cluster))
     distances = {row.id: row.distance for row in classification.references}

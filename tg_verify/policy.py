@@ -53,6 +53,7 @@ class ReferenceSpec:
     fingerprint: Path | None = None
     model: Path | None = None
     max_distance: float | None = None  # per-reference override of thresholds.max_distance
+    parent: str | None = None  # a known derivative of another reference: it moves that base's cluster centre
 
     @property
     def field(self) -> str:
@@ -133,6 +134,13 @@ class Policy:
         if self.declared.family is not None:
             return self.declared.family
         return self.reference(self.declared.base).family if self.declared.base else None
+
+    def root_of(self, ref_id: str) -> str:
+        """The base at the end of a reference's parent chain (itself for a base)."""
+        ref = self.reference(ref_id)
+        while ref.parent is not None:
+            ref = self.reference(ref.parent)
+        return ref.id
 
     def threshold_for(self, ref: ReferenceSpec) -> float:
         return ref.max_distance if ref.max_distance is not None else self.thresholds.max_distance
@@ -314,7 +322,7 @@ def _references(check: _Checker, raw: Any) -> tuple[ReferenceSpec, ...]:
     seen: dict[str, int] = {}
     for i, item in enumerate(raw):
         where = f"references[{i}]"
-        doc = check.mapping(item, where, ("id", "family", "fingerprint", "model", "max_distance"),
+        doc = check.mapping(item, where, ("id", "family", "fingerprint", "model", "max_distance", "parent"),
                             required=("id", "family"))
         ref_id = check.string(doc["id"], f"{where}.id")
         if ref_id in seen:
@@ -327,9 +335,33 @@ def _references(check: _Checker, raw: Any) -> tuple[ReferenceSpec, ...]:
         model = check.path_value(doc["model"], f"{where}.model") if "model" in doc else None
         limit = check.number(doc["max_distance"], f"{where}.max_distance", low=0.0, high=1e6, low_open=True) \
             if "max_distance" in doc else None
+        parent = check.string(doc["parent"], f"{where}.parent") if "parent" in doc else None
         refs.append(ReferenceSpec(id=ref_id, family=family, index=i, fingerprint=fingerprint, model=model,
-                                  max_distance=limit))
+                                  max_distance=limit, parent=parent))
+    _check_parents(check, refs)
     return tuple(refs)
+
+
+def _check_parents(check: _Checker, refs: list[ReferenceSpec]) -> None:
+    """A derivative's parent is another reference of the same family, and parent chains end at a base."""
+    by_id = {r.id: r for r in refs}
+    for ref in refs:
+        if ref.parent is None:
+            continue
+        where = f"{ref.field}.parent"
+        parent = by_id.get(ref.parent)
+        if parent is None:
+            raise check.fail(where, f"unknown reference id {ref.parent!r} (known: {', '.join(sorted(by_id))})")
+        if parent.family != ref.family:
+            raise check.fail(where, f"parent {parent.id!r} is family {parent.family!r}, not {ref.family!r}")
+        seen = {ref.id}
+        while parent.parent is not None:
+            if parent.id in seen:
+                raise check.fail(where, f"parent chain of {ref.id!r} loops back to {parent.id!r}")
+            seen.add(parent.id)
+            parent = by_id[parent.parent]
+        if parent.id in seen:
+            raise check.fail(where, f"parent chain of {ref.id!r} loops back to {parent.id!r}")
 
 
 def _declared(check: _Checker, raw: Any, refs: tuple[ReferenceSpec, ...]) -> Declared:

@@ -180,9 +180,11 @@ def _declared_base(policy: Policy, ev: Evidence, out: _Findings) -> None:
                 f"distance {_fmt(ref.distance)} to declared base '{base}' exceeds the threshold {_fmt(ref.threshold)}",
                 base)
     att = ev.attribution
-    if att.base != base and att.family == ref.family:
+    root = policy.root_of(base)
+    if att.base != root and att.family == ref.family:
+        declared = f"'{base}'" if root == base else f"'{root}' (the base of the declared '{base}')"
         out.add("TGV_NEAREST_BASE_DIFFERS",
-                f"the nearest base is '{att.base}', not the declared '{base}' (both family '{ref.family}'); the "
+                f"the nearest base is '{att.base}', not {declared} (both family '{ref.family}'); the "
                 f"paper's statistics rarely separate bases of one family, the lineage test does",
                 base, severity=policy.on_base_mismatch)
 
