@@ -36,7 +36,7 @@ def _reference(ref: ReferenceOutcome) -> dict[str, Any]:
     return {
         "id": spec.id, "family": spec.family, "role": ref.role, "declared": ref.declared, "forbidden": ref.forbidden,
         "source": ref.source, "path": _path(spec.fingerprint if spec.fingerprint is not None else spec.model),
-        "model_name": ref.fingerprint.model_name, "legacy": ref.fingerprint.legacy,
+        "parent": spec.parent, "model_name": ref.fingerprint.model_name, "legacy": ref.fingerprint.legacy,
         "fingerprint_digest": ref.fingerprint_digest, "distance": ref.distance, "threshold": ref.threshold,
         "within_threshold": ref.within_threshold, "lineage": lineage_dict(ref.lineage),
         "lineage_unavailable": ref.lineage_unavailable,
