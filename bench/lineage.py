@@ -1,0 +1,364 @@
+"""Lineage bench: TPR per relation type and FPR on independent twins, sketch test vs the paper's method.
+
+For each of the five tiny architectures, two independently trained roots (a base and its twin:
+same config, different seed and data order, trained on Python stdlib source tokenised with a
+512-token bigram vocabulary so every probe token is a real, used token). Each root gets every
+derivative (fine-tunes, adapter merges, casts, quantisation, re-sharding, vocabulary growth, layer
+surgery, weight averaging) and every evasion (verified function-preserving first). Positives: each
+derivative against its own root. Negatives: each derivative against the other root of its
+architecture (twins and their fine-tunes are not derived from the base), the roots against each
+other, and roots of different architectures. The paper's method on the same pairs: Euclidean
+distance in the standardised 15-feature space fitted on the ten roots (derived when <= 7), and the
+nearest-root rule.
+
+    python bench/lineage.py [--work bench/out/lineage] [--quick] [--cost]
+
+Prints Markdown tables; writes WORK/results.json. Models and fingerprints are cached in WORK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import transforms as T  # noqa: E402
+from bench.zoo import cast, corpus, fine_tune, int8_roundtrip, lora_merge  # noqa: E402
+from tg_verify.analysis.lineage import lineage_test  # noqa: E402
+from tg_verify.analysis.space import FeatureSpace, euclidean  # noqa: E402
+from tg_verify.fingerprint.document import VECTOR_FEATURES, Fingerprint, load  # noqa: E402
+from tg_verify.tiny import ARCHITECTURES, build_model  # noqa: E402
+
+VOCAB = 512
+PAPER_THRESHOLD = 7.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every knob of the bench; its digest keys the model cache."""
+
+    corpus_bytes: int = 600_000
+    size: str = "medium"
+    pretrain_steps: int = 150
+    pretrain_lr: float = 3e-3
+    light_steps: int = 20
+    light_lr: float = 2e-4
+    heavy_steps: int = 150  # as many steps as pretraining, at a third of its rate, on other text
+    heavy_lr: float = 1e-3
+    adapter_steps: int = 50
+    lora_lr: float = 2e-3
+    ia3_lr: float = 1e-2
+    vocab_extra: int = 64
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+QUICK = Recipe(corpus_bytes=200_000, pretrain_steps=60, light_steps=10, heavy_steps=60, adapter_steps=20)
+
+
+# -- text: a 512-token bigram vocabulary, so every token id is used ---------------------------------
+
+def bigram_tokenizer(text: torch.Tensor) -> np.ndarray:
+    """A table (65536 -> id or -1): the bytes that occur, then the commonest byte pairs up to VOCAB ids."""
+    data = text.numpy().astype(np.int64)
+    present = np.flatnonzero(np.bincount(data, minlength=256))
+    pairs = np.bincount(data[:-1] * 256 + data[1:], minlength=65536)
+    top = [p for p in np.argsort(-pairs, kind="stable") if pairs[p] > 0][:VOCAB - len(present)]
+    table = np.full(65536 + 256, -1, dtype=np.int64)
+    ids = np.random.default_rng(0).permutation(VOCAB)  # ids unrelated to frequency rank
+    for n, byte in enumerate(present):
+        table[65536 + byte] = ids[n]
+    for n, pair in enumerate(top):
+        table[pair] = ids[len(present) + n]
+    return table
+
+
+def tokenize(text: torch.Tensor, table: np.ndarray) -> torch.Tensor:
+    """Greedy left-to-right: a known byte pair becomes one token, otherwise the byte (unknown bytes
+    become the first byte id)."""
+    data = text.numpy().astype(np.int64)
+    known = table[data[:-1] * 256 + data[1:]] >= 0
+    # inside each run of mergeable positions, greedy merging takes every other one
+    start = np.where(known & ~np.concatenate([[False], known[:-1]]), np.arange(len(known)), 0)
+    run_start = np.maximum.accumulate(start)
+    take = known & ((np.arange(len(known)) - run_start) % 2 == 0)
+    take = np.concatenate([take, [False]])
+    covered = np.concatenate([[False], take[:-1]])
+    out = np.where(take, table[data * 256 + np.roll(data, -1)], table[65536 + data])
+    out = out[~covered]
+    fallback = table[65536 + int(data[0])]
+    return torch.from_numpy(np.where(out < 0, fallback, out))
+
+
+# -- the models ------------------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """One bench model: id, architecture, its root id, relation to the root, kind, fingerprint."""
+
+    id: str
+    arch: str
+    root: str
+    relation: str  # "root" or the derivation/evasion name
+    kind: str  # root | derivative | evasion
+    fingerprint: Fingerprint | None = None
+
+
+def load_checkpoint(directory: Path) -> T.Checkpoint:
+    import transformers
+    from safetensors.torch import load_file
+
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    return T.Checkpoint(config, state)
+
+
+class Bench:
+    """Builds (or reloads) every model, fingerprints it, and runs the pairs."""
+
+    def __init__(self, work: Path, recipe: Recipe, log: Callable[[str], None]) -> None:
+        self.work, self.recipe, self.log = work / recipe.digest(), recipe, log
+        (self.work / "models").mkdir(parents=True, exist_ok=True)
+        (self.work / "fingerprints").mkdir(parents=True, exist_ok=True)
+        text = {part: corpus(part, recipe.corpus_bytes) for part in ("pretrain", "light", "heavy", "lora")}
+        table = bigram_tokenizer(text["pretrain"])
+        self.tokens = {part: tokenize(t, table) for part, t in text.items()}
+        self.entries: list[Entry] = []
+
+    def _model(self, entry: Entry, make: Callable[[], T.Checkpoint], layout: str = "single") -> T.Checkpoint | None:
+        directory = self.work / "models" / entry.id
+        fp_path = self.work / "fingerprints" / f"{entry.id}.json"
+        ck = None
+        if not (directory / "config.json").exists():
+            started = time.perf_counter()
+            ck = make()
+            ck.save(directory, layout)
+            self.log(f"  built {entry.id} in {time.perf_counter() - started:.1f}s")
+        if not fp_path.exists():
+            from tg_verify.artifact import resolve
+            from tg_verify.fingerprint.extract import fingerprint_artifact
+            from tg_verify.fingerprint.settings import FingerprintSettings
+
+            fp = fingerprint_artifact(resolve(directory), FingerprintSettings(device="cpu"), model_name=entry.id)
+            fp_path.write_bytes(fp.to_json_bytes())
+        entry.fingerprint = load(fp_path)
+        self.entries.append(entry)
+        return ck
+
+    def checkpoint(self, entry_id: str) -> T.Checkpoint:
+        return load_checkpoint(self.work / "models" / entry_id)
+
+    def build(self, archs: tuple[str, ...]) -> None:
+        r = self.recipe
+        for number, arch in enumerate(archs):
+            for root_kind, seed in (("base", 10 * number), ("twin", 10 * number + 1000)):
+                root_id = f"{arch}-{root_kind}"
+                self.log(f"{root_id}:")
+
+                def pretrain(arch: str = arch, seed: int = seed) -> T.Checkpoint:
+                    model = build_model(arch, seed=seed, size=r.size)
+                    return T.from_model(fine_tune(model, self.tokens["pretrain"], r.pretrain_steps, r.pretrain_lr,
+                                                  seed))
+                self._model(Entry(root_id, arch, root_id, "root", "root"), pretrain)
+                root = self.checkpoint(root_id)
+                self._derivatives(arch, root_id, root, seed)
+                for name, evasion in {**T.EVASIONS, "all-at-once": T.all_evasions}.items():
+                    def evade(root: T.Checkpoint = root, evasion: Callable = evasion) -> T.Checkpoint:
+                        out = evasion(root)
+                        T.same_function(root, out)  # an evasion counts only when it preserves the function
+                        return out
+                    self._model(Entry(f"{root_id}~{name}", arch, root_id, name, "evasion"), evade)
+
+    def _derivatives(self, arch: str, root_id: str, root: T.Checkpoint, seed: int) -> None:
+        r, tok = self.recipe, self.tokens
+
+        def light(ck: T.Checkpoint, s: int, part: str = "light") -> T.Checkpoint:
+            return T.from_model(fine_tune(ck.model(), tok[part], r.light_steps, r.light_lr, s))
+
+        recipes: dict[str, tuple[Callable[[], T.Checkpoint], str]] = {
+            "ft-light": (lambda: light(root, seed + 1), "single"),
+            "ft-heavy": (lambda: T.from_model(fine_tune(root.model(), tok["heavy"], r.heavy_steps, r.heavy_lr,
+                                                        seed + 2)), "single"),
+            "lora-merge": (lambda: T.from_model(lora_merge(root.model(), tok["lora"], r.adapter_steps, r.lora_lr,
+                                                           seed + 3)), "single"),
+            "ia3-merge": (lambda: T.from_model(T.ia3_merge(root.model(), tok["lora"], r.adapter_steps, r.ia3_lr,
+                                                           seed + 4)), "single"),
+            "bf16": (lambda: T.from_model(cast(root.model(), torch.bfloat16)), "single"),
+            "fp16": (lambda: T.from_model(cast(root.model(), torch.float16)), "single"),
+            "int8": (lambda: T.from_model(int8_roundtrip(root.model())), "single"),
+            "resharded": (lambda: root.clone(), "indexed-shards"),
+            "vocab-extended": (lambda: light(T.extend_vocab(root, r.vocab_extra, seed + 5), seed + 6), "single"),
+            "dropped-layer": (lambda: light(T.drop_layer(root, root.layers // 2), seed + 7), "single"),
+            "duplicated-layer": (lambda: light(T.duplicate_layer(root, root.layers // 2), seed + 8), "single"),
+            "merge-avg": (lambda: T.average(light(root, seed + 1), light(root, seed + 9, "heavy")), "single"),
+        }
+        for name, (make, layout) in recipes.items():
+            self._model(Entry(f"{root_id}~{name}", arch, root_id, name, "derivative"), make, layout)
+
+    # -- measurement --------------------------------------------------------------------------------
+
+    def pairs(self) -> list[tuple[Entry, Entry, bool, str]]:
+        """(candidate, reference root, truly derived, group)."""
+        roots = {e.id: e for e in self.entries if e.kind == "root"}
+        result = []
+        for entry in self.entries:
+            own = roots[entry.root]
+            other_id = entry.root.replace("-base", "-twin") if entry.root.endswith("-base") \
+                else entry.root.replace("-twin", "-base")
+            if entry.kind != "root":
+                result.append((entry, own, True, entry.relation))
+            if other_id in roots:
+                group = "twin root" if entry.kind == "root" else f"other root's {entry.kind}"
+                result.append((entry, roots[other_id], False, group))
+        for a in roots.values():
+            for b in roots.values():
+                if a.arch != b.arch:
+                    result.append((a, b, False, "other architecture"))
+        return result
+
+    def run(self, permutations: int) -> dict[str, Any]:
+        roots = [e for e in self.entries if e.kind == "root"]
+        space = FeatureSpace.fit([e.fingerprint for e in roots], VECTOR_FEATURES)  # type: ignore[misc]
+        root_points = space.transform([e.fingerprint for e in roots])  # type: ignore[misc]
+        rows = []
+        started = time.perf_counter()
+        for candidate, reference, truth, group in self.pairs():
+            assert candidate.fingerprint is not None and reference.fingerprint is not None
+            result = lineage_test(candidate.fingerprint, reference.fingerprint, permutations=permutations)
+            point = space.transform([candidate.fingerprint])
+            distances = euclidean(point, root_points)[0]
+            ref_index = roots.index(reference)
+            others = [d for i, d in enumerate(distances) if roots[i].id != candidate.id]
+            nearest = distances[ref_index] <= min(others) if others else True
+            rows.append({"candidate": candidate.id, "reference": reference.id, "truth": truth, "group": group,
+                         "kind": candidate.kind, "score": result.score, "p_value": result.p_value,
+                         "threshold": result.threshold, "fpr": result.false_positive_rate,
+                         "derived": result.derived, "comparable": result.comparable,
+                         "paper_distance": float(distances[ref_index]),
+                         "paper_derived": bool(distances[ref_index] <= PAPER_THRESHOLD),
+                         "nearest_derived": bool(nearest), "notes": result.notes})
+        elapsed = time.perf_counter() - started
+        return {"recipe": asdict(self.recipe), "permutations": permutations, "rows": rows,
+                "seconds_per_test": elapsed / max(len(rows), 1)}
+
+
+# -- reporting -------------------------------------------------------------------------------------
+
+def _rate(rows: list[dict[str, Any]], key: str) -> str:
+    hits = sum(1 for r in rows if r[key])
+    return f"{hits}/{len(rows)} ({100 * hits / len(rows):.0f}%)" if rows else "-"
+
+
+def report(results: dict[str, Any]) -> str:
+    rows = results["rows"]
+    lines = ["### True derivatives (TPR: called derived)", "",
+             "| relation | pairs | sketch lineage test | min score | paper: distance <= 7 | paper: nearest root |",
+             "|---|---|---|---|---|---|"]
+    by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_group[(row["truth"], row["group"])].append(row)  # type: ignore[index]
+    positives = [r for r in rows if r["truth"]]
+    for (truth, group), members in sorted(by_group.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        if truth:
+            lines.append(f"| {group} | {len(members)} | {_rate(members, 'derived')} | "
+                         f"{min(m['score'] for m in members):.3f} | {_rate(members, 'paper_derived')} | "
+                         f"{_rate(members, 'nearest_derived')} |")
+    lines.append(f"| **all derivatives and evasions** | {len(positives)} | {_rate(positives, 'derived')} | "
+                 f"{min(m['score'] for m in positives):.3f} | {_rate(positives, 'paper_derived')} | "
+                 f"{_rate(positives, 'nearest_derived')} |")
+    negatives = [r for r in rows if not r["truth"]]
+    lines += ["", "### Unrelated pairs (FPR: called derived)", "",
+              "| pairs | count | sketch lineage test | max score | p <= 0.01 | paper: distance <= 7 | paper: nearest root |",
+              "|---|---|---|---|---|---|---|"]
+    for (truth, group), members in sorted(by_group.items(), key=lambda kv: kv[0][1]):
+        if not truth:
+            significant = [dict(m, sig=m["p_value"] <= 0.01) for m in members]
+            lines.append(f"| {group} | {len(members)} | {_rate(members, 'derived')} | "
+                         f"{max(m['score'] for m in members):.3f} | {_rate(significant, 'sig')} | "
+                         f"{_rate(members, 'paper_derived')} | {_rate(members, 'nearest_derived')} |")
+    lines.append(f"| **all unrelated** | {len(negatives)} | {_rate(negatives, 'derived')} | "
+                 f"{max(m['score'] for m in negatives):.3f} | "
+                 f"{_rate([dict(m, sig=m['p_value'] <= 0.01) for m in negatives], 'sig')} | "
+                 f"{_rate(negatives, 'paper_derived')} | {_rate(negatives, 'nearest_derived')} |")
+    twin_p = [r["p_value"] for r in negatives]
+    lines += ["", f"Scores: derivatives median {statistics.median(r['score'] for r in positives):.3f}; "
+                  f"unrelated median {statistics.median(r['score'] for r in negatives):.3f}. "
+                  f"Unrelated p-values: median {statistics.median(twin_p):.3f}, "
+                  f"share <= 0.05: {np.mean(np.array(twin_p) <= 0.05):.2f}. "
+                  f"{results['permutations']} permutations, {results['seconds_per_test']:.2f} s per test."]
+    return "\n".join(lines)
+
+
+def cost(repeats: int = 3) -> str:
+    """Sketch overhead: fingerprint time with and without the sketch on a 45M-parameter llama, same run."""
+    import tempfile
+
+    from tg_verify.artifact import resolve
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.fingerprint.settings import FingerprintSettings
+    from tg_verify.tiny import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model("llama", hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                            num_attention_heads=8, num_key_value_heads=4, vocab_size=32000)
+        params = sum(p.numel() for p in model.parameters())
+        artifact = resolve(save_model(model, Path(tmp) / "m"))
+        times: dict[bool, list[float]] = {False: [], True: []}
+        size = 0
+        for _ in range(repeats):
+            for sketch in (False, True):
+                started = time.perf_counter()
+                fp = fingerprint_artifact(artifact, FingerprintSettings(device="cpu", sketch=sketch))
+                times[sketch].append(time.perf_counter() - started)
+                if sketch:
+                    size = len(json.dumps(fp.sketch))
+    without, with_sketch = min(times[False]), min(times[True])
+    return (f"sketch cost on a {params / 1e6:.0f}M-parameter llama (4 layers, vocab 32000), best of {repeats}: "
+            f"{without:.2f}s without, {with_sketch:.2f}s with the sketch: x{with_sketch / without:.3f} "
+            f"(+{100 * (with_sketch / without - 1):.1f}%); sketch {size / 1e3:.0f} kB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "lineage")
+    parser.add_argument("--archs", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
+    parser.add_argument("--quick", action="store_true", help="short training, for a smoke run")
+    parser.add_argument("--permutations", type=int, default=999)
+    parser.add_argument("--cost", action="store_true", help="also measure the sketch's share of fingerprint time")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    bench = Bench(args.work, QUICK if args.quick else Recipe(), log)
+    bench.build(tuple(args.archs))
+    results = bench.run(args.permutations)
+    (bench.work / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    print(report(results))
+    if args.cost:
+        print()
+        print(cost())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
