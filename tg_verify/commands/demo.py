@@ -46,21 +46,26 @@ def run(args: argparse.Namespace) -> int:
     if args.rebuild and (directory / demo.DEMO_VERSION).exists():
         shutil.rmtree(directory / demo.DEMO_VERSION)
     start = time.perf_counter()
+
+    def log(message: str) -> None:
+        out.print(f"demo: {message}", style="dim", markup=False)
+
     with progress_sink(wants_progress(args.progress)) as sink:
-        tree, built = demo.ensure(directory, sink, log=lambda message: out.print(f"demo: {message}", style="dim"))
-        out.print(f"demo: {'built' if built else 'reusing'} models, references and policies in {tree}", style="dim")
+        tree, built = demo.ensure(directory, sink, log=log)
+        log(f"{'built' if built else 'reusing'} models, references and policies in {tree}")
         runs = demo.run(directory, sink)
     for number, item in enumerate(runs, start=1):
         expected = "PASS" if item.case.expect_pass else "FAIL"
         out.print(Rule(f"[bold]{number}. {item.case.name}[/] (expected {expected})"))
-        out.print(f"[dim]{item.case.story}\npolicy: {item.case.policy}[/]")
+        out.print(f"{item.case.story}\npolicy: {item.case.policy}", style="dim", markup=False)
         console_report.render(item.result, out)
     ok = all(item.as_expected for item in runs)
     out.print(Rule())
     verdicts = ", ".join(f"{item.case.name}: {item.result.verdict.label.upper()}" for item in runs)
     if ok:
         out.print(f"[bold green]demo: both verdicts as expected[/] ({verdicts}; {time.perf_counter() - start:.1f} s)")
-        out.print(f"next: read {tree / 'policies' / 'pass.yml'}, then docs/policy.md to write your own policy")
+        out.print(f"next: read {tree / 'policies' / 'pass.yml'}, then docs/policy.md to write your own policy",
+                  markup=False)
     else:
         out.print(f"[bold red]demo: unexpected verdict[/] ({verdicts})")
     return 0 if ok else 1

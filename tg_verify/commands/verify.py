@@ -159,5 +159,5 @@ def run(args: argparse.Namespace) -> int:
         out = Console(highlight=False)
         console.render(result, out)
         for path in outputs:
-            out.print(f"wrote {path}", style="dim")
+            out.print(f"wrote {path}", style="dim", markup=False)
     return result.exit_code
