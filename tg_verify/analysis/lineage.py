@@ -12,6 +12,9 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +146,14 @@ def parse_sketch(sketch: Any, where: str) -> ParsedSketch:
     return ParsedSketch(seed=seed, vocab=vocab, ids=np.asarray(ids, dtype=np.int64), units=units)
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence numpy's all-NaN-slice warnings: unmatched units are NaN on purpose and skipped."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def _standardised(matrix: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """The sub-matrix on `keep`, off-diagonal entries centred and scaled to unit norm, diagonal 0."""
     sub = matrix[np.ix_(keep, keep)].astype(np.float64)
@@ -263,7 +274,7 @@ def lineage_test(candidate: Fingerprint, reference: Fingerprint, *, alpha: float
             role_sims.append(sims)
         layer_roles = [s for (role, *_), s in zip(stacks, role_sims) if role in LAYER_ROLES]
         if layer_roles and cand_layers and ref_layers:
-            with np.errstate(invalid="ignore"), _quiet():
+            with _quiet():
                 layer_sims = np.nanmean(np.stack(layer_roles), axis=0)
             mask = _align(layer_sims)
         else:
@@ -313,17 +324,3 @@ def _matched_units(stacks: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
     order = {role: n for n, role in enumerate(GLOBAL_ROLES + LAYER_ROLES)}
     units.sort(key=lambda u: (-1 if u.candidate_layer is None else u.candidate_layer, order[u.role]))
     return units
-
-
-class _quiet:
-    """Silence numpy's 'all-NaN slice' warnings inside a block (they are expected and handled)."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc: object) -> None:
-        self._catch.__exit__(*exc)
