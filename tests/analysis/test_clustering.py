@@ -91,3 +91,13 @@ def test_majority_and_hungarian_mappings():
     hungarian = _hungarian_mapping(clusters, families)
     assert sorted(hungarian.values()) == ["a", "b"] and len(hungarian) == 2
     assert -1 not in hungarian
+
+
+def test_legacy_fingerprints_join_the_study_with_a_caveat(family_set, make_fp):
+    old = family_set[1]
+    values = np.array(old.fingerprint.vector(tuple(old.fingerprint.features)))
+    legacy = dataclasses.replace(old, id="legacy-ft", fingerprint=make_fp("legacy-ft", values, legacy=True))
+    study = clustering_study([*family_set, legacy])
+    assert "num_layers" not in study.space["features"]
+    assert any("legacy" in c for c in study.caveats)
+    assert "legacy-ft" not in study.result("centroid-kmeans").misclassified

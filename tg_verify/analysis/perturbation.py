@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tg_verify.artifact import Artifact, TensorReader, categorize, resolve
-from tg_verify.errors import WeightValueError
+from tg_verify.errors import UsageError, WeightValueError
 from tg_verify.fingerprint import noise
 from tg_verify.fingerprint.extract import analysis_kind, gradient_response
 from tg_verify.fingerprint.gradient import STAT_NAMES, repeat_statistics
@@ -73,10 +73,13 @@ def perturbation_study(model: str | os.PathLike[str] | Artifact, settings: Finge
     """Sensitivity of each attention/MLP matrix of `model` under the five strategies and "random".
 
     `max_blocks` keeps the first N decoder blocks (None: all). Raises WeightValueError when the model
-    has no attention or MLP matrix to study.
+    has no attention or MLP matrix to study, UsageError for a PEFT adapter.
     """
     settings = settings or FingerprintSettings()
     artifact = model if isinstance(model, Artifact) else resolve(model)
+    if artifact.layout == "adapter":
+        raise UsageError(f"{artifact.root}: is a PEFT adapter; the perturbation study needs a full model "
+                         "(merge the adapter onto its base first)")
     chosen = [info for info in artifact.tensors
               if analysis_kind(info) == "gradient" and categorize(info.name) in STUDY_CATEGORIES]
     if max_blocks is not None:
