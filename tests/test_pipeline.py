@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -124,7 +125,7 @@ def test_path_and_fingerprint_must_agree(demo_tree: Path, tmp_path: Path, finetu
     config = json.loads((tampered / "config.json").read_text())
     config["torch_dtype"] = "bfloat16"
     (tampered / "config.json").write_text(json.dumps(config))
-    with pytest.raises(DigestMismatchError, match=r"policy.yml: candidate.path: .*config.json has sha256"):
+    with pytest.raises(DigestMismatchError, match=r"policy.yml: candidate.path: .*model file config.json has sha256"):
         run(tmp_path, demo_tree, f"  path: {tampered}\n  fingerprint: {finetune_fp}", f"  base: {BASE}")
 
 
@@ -257,3 +258,22 @@ def test_derivative_reference_moves_its_base_cluster_and_can_be_declared(demo_tr
     cluster = next(c for c in result.classification.centroids if c.base == BASE)
     assert sorted(cluster.members) == sorted([BASE, "known-finetune"])
     assert result.reference("known-finetune").distance == pytest.approx(0.0, abs=1e-9)
+
+
+def test_adapter_fingerprint_must_match_the_base_it_is_checked_with(demo_tree: Path, tmp_path: Path,
+                                                                   lora_adapter: Path) -> None:
+    from tg_verify.artifact.peft import base_record, open_merged
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+
+    adapter, base = resolve(lora_adapter), resolve(demo_tree / "models" / "base")
+    with open_merged(adapter, base) as merged:
+        fp = fingerprint_artifact(merged.artifact, reader=merged, model_name="adapter")
+    record = base_record(base, file_digests(base))
+    fp_path = tmp_path / "adapter-fp.json"
+    fp_path.write_bytes(replace(fp, artifact={**fp.artifact, "base": record}).to_json_bytes())
+    ok = f"  path: {lora_adapter}\n  fingerprint: {fp_path}\n  base_model: {demo_tree / 'models' / 'base'}"
+    result = run(tmp_path, demo_tree, ok, f"  base: {BASE}")
+    assert result.passed and result.candidate.base == record
+    wrong = f"  path: {lora_adapter}\n  fingerprint: {fp_path}\n  base_model: {demo_tree / 'models' / 'finetune'}"
+    with pytest.raises(DigestMismatchError, match=r"candidate.base_model: .* base file model.safetensors has sha256"):
+        run(tmp_path, demo_tree, wrong, f"  base: {BASE}")

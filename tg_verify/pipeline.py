@@ -281,23 +281,38 @@ def _fingerprint(artifact: Artifact, settings: Any, *, name: str, options: Verif
                                 digests=digests)
 
 
-def _check_digests(fp: Fingerprint, digests: dict[str, str], where: str) -> None:
-    """The fingerprint's recorded file digests must name exactly the files present, with their content."""
-    recorded = fp.file_digests
+def _check_digests(recorded: dict[str, str], digests: dict[str, str], where: str, what: str = "model") -> None:
+    """Recorded file digests (path -> sha256) must name exactly the files present, with their content."""
     if not recorded:
         raise DigestMismatchError(f"{where}: the fingerprint records no file digests, so it cannot be bound to "
-                                  f"the model files")
+                                  f"the {what} files")
     missing = sorted(set(recorded) - set(digests))
     extra = sorted(set(digests) - set(recorded))
     changed = sorted(p for p in set(recorded) & set(digests) if recorded[p] != digests[p])
     if changed:
         p = changed[0]
-        raise DigestMismatchError(f"{where}: {p} has sha256 {digests[p][:16]}..., the fingerprint records "
-                                  f"{recorded[p][:16]}... (the fingerprint was made from other files)")
+        raise DigestMismatchError(f"{where}: {what} file {p} has sha256 {digests[p][:16]}..., the fingerprint "
+                                  f"records {recorded[p][:16]}... (the fingerprint was made from other files)")
     if missing:
-        raise DigestMismatchError(f"{where}: the fingerprint records {missing[0]}, which the model lacks")
+        raise DigestMismatchError(f"{where}: the fingerprint records {missing[0]}, which the {what} lacks")
     if extra:
-        raise DigestMismatchError(f"{where}: the model has {extra[0]}, which the fingerprint does not record")
+        raise DigestMismatchError(f"{where}: the {what} has {extra[0]}, which the fingerprint does not record")
+
+
+def _check_recorded_base(policy: Policy, adapter: Artifact, recorded_fp: Fingerprint) -> None:
+    """An adapter's fingerprint records the base it was merged onto; a base named here must be that one."""
+    record = recorded_fp.artifact.get("base")
+    if not isinstance(record, dict):
+        return
+    try:
+        base_path, field_name = _adapter_base(policy, adapter)
+    except InputError:
+        return  # no base at hand: the recorded base stands as recorded
+    with _context(f"{policy.path}: {field_name}"):
+        digests = file_digests(resolve(base_path))
+    recorded = {f["path"]: f["sha256"] for f in record.get("files", []) if isinstance(f, dict) and f.get("sha256")}
+    where = f"{policy.path}: {field_name}: candidate.fingerprint {policy.candidate.fingerprint}"
+    _check_digests(recorded, digests, where, "base")
 
 
 # ------------------------------------------------------------------------------------- candidate
@@ -390,7 +405,7 @@ def _candidate(policy: Policy, settings: Any, recorded_fp: Fingerprint | None, o
         digests = file_digests(artifact)
         name = spec.name or artifact.name
         if recorded_fp is not None:
-            _check_digests(recorded_fp, digests, f"candidate.fingerprint {spec.fingerprint}")
+            _check_digests(recorded_fp.file_digests, digests, f"candidate.fingerprint {spec.fingerprint}")
             mismatches = _name_mismatches(policy, artifact, spec.base_model) if artifact.layout == "adapter" else ()
             opened = OpenedCandidate(artifact=artifact, files=_files(artifact, digests), digests=digests,
                                      base=recorded_fp.artifact.get("base"), name_mismatches=mismatches,
@@ -408,6 +423,8 @@ def _candidate(policy: Policy, settings: Any, recorded_fp: Fingerprint | None, o
             if opened.base is not None:
                 fp = replace(fp, artifact={**fp.artifact, "base": opened.base})
             source = "model"
+    if recorded_fp is not None and artifact.layout == "adapter":
+        _check_recorded_base(policy, artifact, recorded_fp)
     return CandidateOutcome(
         name=name, fingerprint=fp, fingerprint_digest=fp.digest(), source=source, path=spec.path,
         fingerprint_path=spec.fingerprint, layout=artifact.layout, files=opened.files,
