@@ -71,3 +71,15 @@ def test_cuda_without_cuda_is_a_usage_error(tiny_models, tmp_path, capsys):
     assert main(["fingerprint", str(tiny_models["llama"]["single"]), "-o", str(tmp_path / "x.json"),
                  "--device", "cuda"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_an_adapter_without_its_base_is_refused(tmp_path, capsys):
+    import json as _json
+
+    (tmp_path / "adapter_config.json").write_text(_json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                               "target_modules": ["q_proj"]}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 16),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(16, 2)},
+              str(tmp_path / "adapter_model.safetensors"))
+    assert main(["fingerprint", str(tmp_path), "-o", str(tmp_path / "fp.json")]) == 2
+    assert "adapter" in capsys.readouterr().err
