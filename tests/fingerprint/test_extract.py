@@ -65,11 +65,12 @@ def test_byte_identical_twice_and_across_thread_counts(tiny_models):
 
 
 def test_threads_follow_the_hashing_policy():
-    from tg_verify.fingerprint.extract import compute_threads
+    from tg_verify.fingerprint.extract import compute_threads, usable_cores
 
     torch.set_num_threads(2)
     assert compute_threads(hashing=False) == 2
-    assert compute_threads(hashing=True) == max(1, min(2, (os.cpu_count() or 1) - 1))
+    assert compute_threads(hashing=True) == max(1, min(2, usable_cores() - 1))
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
 
 
 def test_document_round_trips_byte_identically(tiny_models, tmp_path):

@@ -173,7 +173,15 @@ def compute_threads(hashing: bool) -> int:
     current = torch.get_num_threads()
     if not hashing:
         return current
-    return max(1, min(current, (os.cpu_count() or 1) - 1))
+    return max(1, min(current, usable_cores() - 1))
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask, which containers narrow), else the CPU count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @contextmanager
