@@ -64,6 +64,8 @@ def test_a_single_file_a_directory_and_an_index_path(tiny_models: dict[str, dict
     assert _listing(by_file) == _listing(resolve(single))
     indexed = tiny_models["llama"]["indexed-shards"]
     assert _listing(resolve(indexed / "model.safetensors.index.json")) == _listing(by_file)
+    one_shard = resolve(indexed / "model-00002-of-00003.safetensors")
+    assert any("shard 2 of 3" in w and "pass the directory" in w for w in one_shard.warnings)
 
 
 def test_other_file_names_and_extra_copies(tmp_path: Path) -> None:

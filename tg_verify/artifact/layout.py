@@ -293,5 +293,8 @@ def resolve(path: str | os.PathLike[str]) -> Artifact:
         hint = " (pass the model directory)" if file_name.endswith(".json") else ""
         raise NotSafetensorsError(f"{shown(path)}: not a .safetensors file{hint}")
     header = read_header(path)
+    match = SHARD_PATTERN.match(file_name)
+    notes = [f"{shown(file_name)} is shard {int(match['index'])} of {int(match['total'])}: only its tensors are "
+             f"included; pass the directory to check the whole model"] if match else []
     return _assemble(path.parent, file_name[: -len(SUFFIX)] or file_name, "single", {file_name: header}, [], None,
-                     [])
+                     notes)
