@@ -105,8 +105,14 @@ def test_forbidden_match_and_forbidden_lineage() -> None:
     policy = make_policy(forbidden=("leaked",))
     clean = decide(policy, make_evidence())
     assert clean.passed and {"TGV_NO_FORBIDDEN_MATCH", "TGV_NO_FORBIDDEN_LINEAGE"} <= codes(clean, "pass")
-    by_distance = decide(policy, make_evidence({"leaked": 0.5}, attributed=("llama", "leaked")))
-    assert "TGV_FORBIDDEN_MATCH" in codes(by_distance, "fail")
+    by_distance = decide(policy, make_evidence({"leaked": 0.5}, attributed=("llama", "leaked"), derived=("leaked",)))
+    assert {"TGV_FORBIDDEN_MATCH", "TGV_FORBIDDEN_LINEAGE"} <= codes(by_distance, "fail")
+    no_sketch = decide(policy, make_evidence({"leaked": 0.5}, attributed=("llama", "leaked"), no_sketch=("leaked",)))
+    assert "TGV_FORBIDDEN_MATCH" in codes(no_sketch, "fail")
+    refuted = decide(policy, make_evidence({"leaked": 0.5}, attributed=("llama", "leaked")))
+    assert "TGV_FORBIDDEN_MATCH" in codes(refuted, "warn") and refuted.passed  # lineage outweighs attribution
+    finding = next(f for f in refuted.findings if f.code == "TGV_FORBIDDEN_MATCH")
+    assert "but the lineage test shows no derivation" in finding.message
     by_lineage = decide(policy, make_evidence(derived=("base", "leaked")))
     assert codes(by_lineage, "fail") == {"TGV_FORBIDDEN_LINEAGE"}
 
