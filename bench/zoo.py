@@ -278,8 +278,11 @@ def _load(directory: Path) -> torch.nn.Module:
     config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     model = transformers.AutoModelForCausalLM.from_config(config)
     state = load_file(str(directory / "model.safetensors"))
-    model.load_state_dict(state, strict=False)
-    if getattr(config, "tie_word_embeddings", False):
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(config, "tie_word_embeddings", False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
+        raise RuntimeError(f"{directory}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
+    if tied:
         model.tie_weights()
     model.eval()
     return model
