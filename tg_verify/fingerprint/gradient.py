@@ -31,6 +31,7 @@ class TensorStats:
     degenerate_repeats: int  # repeats left out: zero response, or constant gradient
 
     def to_dict(self) -> dict[str, float]:
+        """The five statistics by name, as recorded per tensor in the document."""
         return {name: getattr(self, name) for name in STAT_NAMES}
 
 
