@@ -277,3 +277,34 @@ def test_adapter_fingerprint_must_match_the_base_it_is_checked_with(demo_tree: P
     wrong = f"  path: {lora_adapter}\n  fingerprint: {fp_path}\n  base_model: {demo_tree / 'models' / 'finetune'}"
     with pytest.raises(DigestMismatchError, match=r"candidate.base_model: .* base file model.safetensors has sha256"):
         run(tmp_path, demo_tree, wrong, f"  base: {BASE}")
+
+
+def test_attestation_evidence_re_derives_for_refuted_forbidden_match_and_declared_derivative(
+        demo_tree: Path, tmp_path: Path, finetune_fp: Path) -> None:
+    from tg_verify.report.attestation import build_statement
+    from tg_verify.report.attestation_check import check_evidence
+
+    refuted = run(tmp_path, demo_tree, model(demo_tree, "unrelated"), "  family: llama", extra=f"forbidden: [{BASE}]\n")
+    if refuted.classification.base == BASE:  # attributed to the forbidden base; lineage says not derived
+        assert "TGV_FORBIDDEN_MATCH" in {f.code for f in refuted.verdict.warnings}
+    refs = references(demo_tree) + (f"  - id: known-finetune\n    family: llama\n    parent: {BASE}\n"
+                                    f"    fingerprint: {finetune_fp}\n")
+    derivative = run(tmp_path, demo_tree, model(demo_tree, "finetune"), "  base: known-finetune", refs=refs)
+    for result in (refuted, derivative):
+        failed = [c for c in check_evidence(build_statement(result)["predicate"]) if not c.ok]
+        assert not failed, failed
+
+
+def test_not_comparable_lineage_is_recorded_without_numbers(demo_tree: Path, tmp_path: Path) -> None:
+    import math
+
+    from tg_verify.analysis.lineage import LineageResult
+    from tg_verify.report.attestation import build_statement
+
+    result = run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}")
+    blank = LineageResult(score=math.nan, threshold=math.nan, p_value=1.0, false_positive_rate=math.nan,
+                          derived=False, comparable=False, notes=["probe seeds differ"])
+    refs = tuple(replace(r, lineage=blank) if r.declared else r for r in result.references)
+    predicate = build_statement(replace(result, references=refs))["predicate"]
+    recorded = next(r for r in predicate["references"] if r["id"] == BASE)["lineage"]
+    assert recorded["comparable"] is False and recorded["derived"] is False and "score" not in recorded

@@ -8,6 +8,7 @@ fingerprint cache (when given a cache directory).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -130,14 +131,18 @@ class VerificationResult:
         severity = {"fail": "error", "warn": "warning", "info": "info"}
         cand = self.candidate
 
+        def finite(value: Any) -> float | None:
+            return float(value) if value is not None and math.isfinite(float(value)) else None
+
         def lineage(result: Any) -> Any:
-            # a test whose sketches were not comparable has no score to record; its reason says why
-            if result is None or not getattr(result, "comparable", True):
+            # a test whose sketches were not comparable has no score: recorded as comparable=False, not derived
+            if result is None:
                 return None
-            return at.LineageEvidence(score=result.score, threshold=result.threshold, derived=bool(result.derived),
-                                      p_value=result.p_value, false_positive_rate=result.false_positive_rate,
+            return at.LineageEvidence(score=finite(result.score), threshold=finite(result.threshold),  # type: ignore[arg-type]
+                                      derived=bool(result.derived), p_value=finite(result.p_value),
+                                      false_positive_rate=finite(result.false_positive_rate),
                                       method=getattr(result, "method", None), alpha=getattr(result, "alpha", None),
-                                      comparable=True)
+                                      comparable=bool(getattr(result, "comparable", True)))
 
         refs = tuple(at.ReferenceEvidence(id=r.spec.id, family=r.spec.family, fingerprint_sha256=r.fingerprint_digest,
                                           distance=r.distance, threshold=r.threshold, role=r.role,
@@ -165,7 +170,9 @@ class VerificationResult:
             base_files=tuple(at.SubjectFile(path=f["path"], sha256=f["sha256"], size=f.get("size"),
                                             role=f.get("role")) for f in base.get("files", ())),
             base_name=base.get("name"),
-            decision_rules={"onBaseMismatch": self.policy.on_base_mismatch,
+            decision_rules={**({"declaredBaseRoot": self.policy.root_of(self.policy.declared.base)}
+                               if self.policy.declared.base else {}),
+                            "onBaseMismatch": self.policy.on_base_mismatch,
                             "onNameMismatch": self.policy.on_name_mismatch,
                             "lineageOnUnavailable": self.policy.lineage.on_unavailable})
 
