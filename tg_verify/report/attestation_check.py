@@ -348,7 +348,8 @@ def derive_reasons(predicate: Mapping[str, Any]) -> dict[str, str]:
         ref = refs[base]
         if ref["distance"] > ref["threshold"]:
             add(DISTANCE_ABOVE_THRESHOLD)
-        if attribution.get("base") is not None and attribution["base"] != base \
+        root = rules.get("declaredBaseRoot", base)  # a declared derivative is compared with its cluster's base
+        if attribution.get("base") is not None and attribution["base"] != root \
                 and attribution.get("family") == ref.get("family"):
             add(NEAREST_BASE_DIFFERS, rules.get("onBaseMismatch", "warn"))
     if family is not None and attribution.get("family") is not None and attribution["family"] != family:
@@ -356,7 +357,10 @@ def derive_reasons(predicate: Mapping[str, Any]) -> dict[str, str]:
     if attribution.get("outOfCluster"):
         add(OUT_OF_CLUSTER, rules.get("onOutOfCluster", "fail"))
     if forbidden and attribution.get("base") in forbidden and not attribution.get("outOfCluster"):
-        add(FORBIDDEN_MATCH)
+        # a comparable lineage test that finds no derivation outweighs the attribution (verdict._forbidden)
+        tested = (refs.get(attribution["base"]) or {}).get("lineage")
+        refuted = lineage_on and tested is not None and tested.get("comparable", True) and not tested.get("derived")
+        add(FORBIDDEN_MATCH, "warn" if refuted else "fail")
     if not lineage_on:
         add(LINEAGE_DISABLED, "info")
         return derived
