@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     built = time.perf_counter()
     fingerprint_zoo(models, args.out)
     fingerprinted = time.perf_counter()
-    references, _ = build_references(load_fingerprints([args.out / "fingerprints"]), read_labels(args.out / "labels.yml"))
+    fingerprints = load_fingerprints([args.out / "fingerprints"])
+    references, _ = build_references(fingerprints, read_labels(args.out / "labels.yml"))
     kinds = {m.id: m.kind for m in models}
     print(f"zoo: {len(references)} models, {sum(r.base for r in references)} bases, "
           f"{sum(not r.base for r in references)} derivatives, {len({r.family for r in references})} families "
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     between = [float(distances[i, j]) for i in bases for j in bases if i < j]
     print("\nstandardised distance of derivatives to their own base (max by kind): "
           + ", ".join(f"{k} {max(own[k]):.2f}" for k in DERIVATIVES if k in own))
-    print(f"derivatives to the nearest other base: min {min(nearest_other):.2f}, median {np.median(nearest_other):.2f}; "
+    print(f"derivatives to the nearest other base: min {min(nearest_other):.2f}, "
+          f"median {np.median(nearest_other):.2f}; "
           f"between bases: min {min(between):.2f}, median {np.median(between):.2f}; threshold 7 "
           f"{'never' if max(max(v) for v in own.values()) <= 7 else 'sometimes'} exceeded by a derivative")
     if args.stress:

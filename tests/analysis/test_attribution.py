@@ -120,6 +120,6 @@ def test_needs_a_base(family_set, make_fp):
 
 def test_identical_bases_are_reported(family_set, make_fp):
     twin = dataclasses.replace(family_set[0], id="llama-twin")
-    result = classify(make_fp("x", np.array(family_set[0].fingerprint.vector(tuple(family_set[0].fingerprint.features)))),
-                      [*family_set, twin])
+    values = np.array(family_set[0].fingerprint.vector(tuple(family_set[0].fingerprint.features)))
+    result = classify(make_fp("x", values), [*family_set, twin])
     assert any("identical fingerprints" in c for c in result.caveats)

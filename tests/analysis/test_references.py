@@ -44,7 +44,8 @@ def test_legacy_flat_files_load_as_references(tmp_path):
 
 def test_labels_short_and_long_forms(tmp_path):
     path = tmp_path / "labels.yml"
-    path.write_text("llama-1b: llama\nacme-ft: {family: llama, parent: llama-1b}\nqwen-7b: {family: qwen, base: true}\n")
+    path.write_text("llama-1b: llama\nacme-ft: {family: llama, parent: llama-1b}\n"
+                    "qwen-7b: {family: qwen, base: true}\n")
     labels = read_labels(path)
     assert labels["llama-1b"].base and labels["llama-1b"].family == "llama"
     assert not labels["acme-ft"].base and labels["acme-ft"].parent == "llama-1b"

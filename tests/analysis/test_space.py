@@ -33,7 +33,8 @@ def test_pca_distances_never_exceed_standardized_ones(family_set):
     fps = [r.fingerprint for r in family_set]
     full = FeatureSpace.fit(fps, VECTOR_FEATURES)
     pca = FeatureSpace.fit(fps, VECTOR_FEATURES, space="pca", pca_components=2)
-    d_full, d_pca = euclidean(full.transform(fps), full.transform(fps)), euclidean(pca.transform(fps), pca.transform(fps))
+    d_full = euclidean(full.transform(fps), full.transform(fps))
+    d_pca = euclidean(pca.transform(fps), pca.transform(fps))
     assert pca.transform(fps).shape == (len(fps), 2)
     assert np.all(d_pca <= d_full + 1e-9)
     assert pca.explained_variance is not None and 0 < sum(pca.explained_variance) <= 1 + 1e-12

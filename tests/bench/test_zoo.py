@@ -10,7 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.zoo import cast, corpus, fine_tune, int8_roundtrip, lora_merge, reshard, train, write_labels, ZooModel  # noqa: E402
+from bench.zoo import (ZooModel, cast, corpus, fine_tune, int8_roundtrip, lora_merge, reshard,  # noqa: E402
+                       train, write_labels)
 from tg_verify.analysis.references import read_labels  # noqa: E402
 from tg_verify.artifact import TensorReader, resolve  # noqa: E402
 from tg_verify.tiny import build_model, save_model  # noqa: E402

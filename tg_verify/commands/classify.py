@@ -94,12 +94,14 @@ def render(console: Any, result: Classification, lineage: list[dict[str, Any]]) 
     from rich.table import Table
 
     if result.out_of_cluster:
-        console.print(f"[bold]{escape(result.model_name)}[/bold]: [bold yellow]OUT OF CLUSTER[/bold yellow] — nearest "
-                      f"family {escape(result.family)} (base {escape(result.base)}) at {result.distance:.3f} > threshold "
-                      f"{result.threshold:g}: a new model, or one modified beyond the known families")
+        name, family, base = escape(result.model_name), escape(result.family), escape(result.base)
+        console.print(f"[bold]{name}[/bold]: [bold yellow]OUT OF CLUSTER[/bold yellow] — nearest family {family} "
+                      f"(base {base}) at {result.distance:.3f} > threshold {result.threshold:g}: a new model, or one "
+                      "modified beyond the known families")
     else:
-        console.print(f"[bold]{escape(result.model_name)}[/bold]: family [bold green]{escape(result.family)}[/bold green] "
-                      f"(cluster of base {escape(result.base)}) at distance {result.distance:.3f} ≤ {result.threshold:g}")
+        name, family, base = escape(result.model_name), escape(result.family), escape(result.base)
+        console.print(f"[bold]{name}[/bold]: family [bold green]{family}[/bold green] (cluster of base {base}) at "
+                      f"distance {result.distance:.3f} ≤ {result.threshold:g}")
     confidence = []
     if result.margin is not None:
         confidence.append(f"margin to runner-up {result.margin:.3f}, ratio {result.ratio:.3f}")
