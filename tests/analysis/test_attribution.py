@@ -123,3 +123,12 @@ def test_identical_bases_are_reported(family_set, make_fp):
     values = np.array(family_set[0].fingerprint.vector(tuple(family_set[0].fingerprint.features)))
     result = classify(make_fp("x", values), [*family_set, twin])
     assert any("identical fingerprints" in c for c in result.caveats)
+
+
+def test_candidate_that_is_a_reference_is_flagged(family_set, make_fp):
+    qwen = next(r for r in family_set if r.id == "qwen-a")
+    qwen.fingerprint.artifact["root_digest"] = "ab" * 32
+    candidate = _derivative_of(make_fp, qwen)
+    assert not any("classified against itself" in c for c in classify(candidate, family_set).caveats)
+    candidate.artifact["root_digest"] = "ab" * 32
+    assert any("qwen-a (same root digest)" in c for c in classify(candidate, family_set).caveats)

@@ -150,6 +150,11 @@ def classify(candidate: Fingerprint, references: Sequence[Reference],
     nearest_ref = int(np.argmin(to_refs))
     caveats = [*compat.caveats, *space.caveats, *duplicate_bases(points, bases, [r.id for r in references])]
     caveats.extend(_candidate_caveats(candidate, space))
+    root = candidate.artifact.get("root_digest")
+    same = [r.id for r in references if root and r.fingerprint.artifact.get("root_digest") == root]
+    if same:
+        caveats.append(f"the candidate's files are those of reference {', '.join(same)} (same root digest): it is "
+                       "classified against itself")
     members = [[references[i].id for i in np.flatnonzero(kmeans.labels_ == k)] for k in range(len(bases))]
     centroid_rows = sorted((CentroidDistance(base=references[b].id, family=references[b].family,
                                              distance=float(to_centres[k]), members=members[k])
