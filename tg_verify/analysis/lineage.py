@@ -33,6 +33,9 @@ DEFAULT_ALPHA = 0.01
 DEFAULT_MIN_SCORE = 0.5
 DEFAULT_PERMUTATIONS = 999
 MIN_COMMON_TOKENS = 16  # fewer shared probe tokens than this: not comparable
+# Layers are compared within a band around the proportional diagonal, half-width |Lc - Lr| + slack:
+# pure layer deletions or insertions never leave it, and deep models cost Lc x band, not Lc x Lr.
+BAND_SLACK = 4
 _CHUNK_ELEMENTS = 8_000_000
 
 
@@ -175,21 +178,31 @@ def _not_comparable(note: str, alpha: float, min_score: float, notes: list[str] 
                          min_score=min_score)
 
 
+def _band(lc: int, lr: int) -> list[tuple[int, int]]:
+    """Per candidate layer, the [lo, hi) range of reference layers it is compared with."""
+    width = min(lr, 2 * (abs(lc - lr) + BAND_SLACK) + 1)
+    windows = []
+    for c in range(lc):
+        centre = round(c * (lr - 1) / (lc - 1)) if lc > 1 else 0
+        lo = min(max(centre - width // 2, 0), lr - width)
+        windows.append((lo, lo + width))
+    return windows
+
+
 def _align(sims: np.ndarray) -> np.ndarray:
     """Monotone layer alignment maximising the summed similarity (gaps free), for a batch at once.
 
     sims: (B, Lc, Lr) layer-pair similarities. Returns a boolean (B, Lc, Lr) mask of matched pairs.
+    Row by row: best[i, j] = max(best[i-1, j], best[i-1, j-1] + s[i-1, j-1], best[i, j-1]); the last
+    term is a running maximum along j, so each row is three vector operations over (B, Lr).
     """
     batch, lc, lr = sims.shape
-    gain = np.nan_to_num(sims, nan=0.0)
+    gain = np.nan_to_num(sims, nan=0.0).astype(np.float64)
     best = np.zeros((batch, lc + 1, lr + 1))
-    choice = np.zeros((batch, lc + 1, lr + 1), dtype=np.int8)  # 0 match, 1 skip candidate, 2 skip reference
     for i in range(1, lc + 1):
-        for j in range(1, lr + 1):
-            diagonal = best[:, i - 1, j - 1] + gain[:, i - 1, j - 1]
-            up, left = best[:, i - 1, j], best[:, i, j - 1]
-            best[:, i, j] = np.maximum(diagonal, np.maximum(up, left))
-            choice[:, i, j] = np.where(diagonal >= np.maximum(up, left), 0, np.where(up >= left, 1, 2))
+        candidate = best[:, i - 1, :].copy()
+        candidate[:, 1:] = np.maximum(candidate[:, 1:], best[:, i - 1, :-1] + gain[:, i - 1, :])
+        best[:, i, :] = np.maximum.accumulate(candidate, axis=1)
     mask = np.zeros((batch, lc, lr), dtype=bool)
     rows = np.arange(batch)
     i, j = np.full(batch, lc), np.full(batch, lr)
@@ -197,11 +210,13 @@ def _align(sims: np.ndarray) -> np.ndarray:
         active = (i > 0) & (j > 0)
         if not active.any():
             break
-        step = choice[rows, i, j]
-        match = active & (step == 0)
+        here = best[rows, i, j]
+        diagonal = best[rows, i - 1, j - 1] + gain[rows, np.maximum(i - 1, 0), np.maximum(j - 1, 0)]
+        match = active & (diagonal >= here)
+        up = active & ~match & (best[rows, i - 1, j] >= here)
         mask[rows[match], i[match] - 1, j[match] - 1] = True
-        i = np.where(active & (step != 2), i - 1, i)
-        j = np.where(active & (step != 1), j - 1, j)
+        i = np.where(match | up, i - 1, i)
+        j = np.where(active & ~up, j - 1, j)
     return mask
 
 
@@ -253,23 +268,28 @@ def lineage_test(candidate: Fingerprint, reference: Fingerprint, *, alpha: float
         layers_r: list[int | None] = [None] if role in GLOBAL_ROLES else list(ref_layers)
         ref_stack = np.nan_to_num(stack(ref, role, layers_r, ref_keep))
         ref_missing = np.array([(role, layer) not in ref.units for layer in layers_r])
-        stacks.append((role, stack(cand, role, layers_c, cand_keep), ref_stack, ref_missing))
+        cand_stack = stack(cand, role, layers_c, cand_keep)
+        stacks.append((role, np.nan_to_num(cand_stack), np.isnan(cand_stack[:, 0]), ref_stack, ref_missing))
 
     rng = np.random.default_rng(seed)
     orders = np.stack([np.arange(n)] + [rng.permutation(n) for _ in range(permutations)])
     gather = (orders[:, :, None] * n + orders[:, None, :]).reshape(len(orders), n * n)
     lc, lr = max(len(cand_layers), 1), max(len(ref_layers), 1)
-    per_perm = sum(s[1].shape[0] * n * n for s in stacks) + len(LAYER_ROLES) * lc * lr
+    windows = _band(lc, lr)
+    per_perm = n * n + 2 * len(stacks) * lc * lr
     chunk = max(1, _CHUNK_ELEMENTS // max(per_perm, 1))
     scores = np.empty(len(orders))
     observed: tuple[np.ndarray, list[np.ndarray]] | None = None
     for start in range(0, len(orders), chunk):
         index = gather[start:start + chunk]
         role_sims = []
-        for role, cand_stack, ref_stack, ref_missing in stacks:
-            permuted = cand_stack[:, index]  # (Lc, B, n^2); NaN rows stay NaN
-            sims = np.einsum("cbx,rx->bcr", np.nan_to_num(permuted), ref_stack)
-            sims[:, np.isnan(cand_stack[:, 0]), :] = np.nan
+        batch = len(index)
+        for role, cand_stack, cand_missing, ref_stack, ref_missing in stacks:
+            sims = np.full((batch, cand_stack.shape[0], ref_stack.shape[0]), np.nan, dtype=np.float32)
+            for c, (lo, hi) in enumerate(windows if role in LAYER_ROLES else [(0, 1)]):
+                # one candidate unit under every permutation at once, against its band of reference units
+                sims[:, c, lo:hi] = cand_stack[c][index] @ ref_stack[lo:hi].T
+            sims[:, cand_missing, :] = np.nan
             sims[:, :, ref_missing] = np.nan
             role_sims.append(sims)
         layer_roles = [s for (role, *_), s in zip(stacks, role_sims) if role in LAYER_ROLES]
@@ -308,7 +328,7 @@ def lineage_test(candidate: Fingerprint, reference: Fingerprint, *, alpha: float
                          tokens=n, permutations=permutations)
 
 
-def _matched_units(stacks: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+def _matched_units(stacks: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
                    observed: tuple[np.ndarray, list[np.ndarray]], cand_layers: list[int],
                    ref_layers: list[int]) -> list[UnitMatch]:
     mask, sims = observed
