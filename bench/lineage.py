@@ -307,8 +307,18 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+COST_SHAPES: dict[str, dict[str, int]] = {
+    # vocabulary-heavy like a 1B model (embedding + head are most of the weights)
+    "vocab-heavy": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                        num_key_value_heads=4, vocab_size=32000),
+    # layer-heavy like a 7B model (blocks are most of the weights)
+    "layer-heavy": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                        num_key_value_heads=4, vocab_size=8000),
+}
+
+
 def cost(repeats: int = 3) -> str:
-    """Sketch overhead: fingerprint time with and without the sketch on a 45M-parameter llama, same run."""
+    """Sketch overhead: fingerprint time with and without the sketch, interleaved in one run, best of `repeats`."""
     import tempfile
 
     from tg_verify.artifact import resolve
@@ -316,24 +326,28 @@ def cost(repeats: int = 3) -> str:
     from tg_verify.fingerprint.settings import FingerprintSettings
     from tg_verify.tiny import save_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = build_model("llama", hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                            num_attention_heads=8, num_key_value_heads=4, vocab_size=32000)
-        params = sum(p.numel() for p in model.parameters())
-        artifact = resolve(save_model(model, Path(tmp) / "m"))
-        times: dict[bool, list[float]] = {False: [], True: []}
-        size = 0
-        for _ in range(repeats):
-            for sketch in (False, True):
-                started = time.perf_counter()
-                fp = fingerprint_artifact(artifact, FingerprintSettings(device="cpu", sketch=sketch))
-                times[sketch].append(time.perf_counter() - started)
-                if sketch:
-                    size = len(json.dumps(fp.sketch))
-    without, with_sketch = min(times[False]), min(times[True])
-    return (f"sketch cost on a {params / 1e6:.0f}M-parameter llama (4 layers, vocab 32000), best of {repeats}: "
-            f"{without:.2f}s without, {with_sketch:.2f}s with the sketch: x{with_sketch / without:.3f} "
-            f"(+{100 * (with_sketch / without - 1):.1f}%); sketch {size / 1e3:.0f} kB")
+    lines = []
+    for name, shape in COST_SHAPES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            model = build_model("llama", **shape)
+            params = sum(p.numel() for p in model.parameters())
+            artifact = resolve(save_model(model, Path(tmp) / "m"))
+            del model
+            times: dict[bool, list[float]] = {False: [], True: []}
+            size = 0
+            for _ in range(repeats):
+                for sketch in (False, True):
+                    started = time.perf_counter()
+                    fp = fingerprint_artifact(artifact, FingerprintSettings(device="cpu", sketch=sketch))
+                    times[sketch].append(time.perf_counter() - started)
+                    if sketch:
+                        size = len(json.dumps(fp.sketch))
+        without, with_sketch = min(times[False]), min(times[True])
+        lines.append(f"| {name} | {params / 1e6:.0f}M | {without:.2f}s | {with_sketch:.2f}s | "
+                     f"x{with_sketch / without:.3f} (+{100 * (with_sketch / without - 1):.1f}%) | {size / 1e3:.0f} kB |")
+    return "\n".join(["### Sketch cost (fingerprint time, best of %d, same run)" % repeats, "",
+                      "| model | parameters | without sketch | with sketch | ratio | sketch size |",
+                      "|---|---|---|---|---|---|", *lines])
 
 
 def main(argv: list[str] | None = None) -> int:

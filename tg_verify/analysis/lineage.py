@@ -172,6 +172,19 @@ def _standardised(matrix: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return out.reshape(-1)
 
 
+def _residualised(rows: np.ndarray, geometry: np.ndarray) -> np.ndarray:
+    """Remove from each standardised unit what the model's own token geometry (its embed unit) explains.
+
+    Independently trained models learn similar token geometry; every unit inherits some of it
+    through the probe. What is left is the part of the block a derivative inherits and a twin
+    does not. Rows stay centred with unit norm (NaN rows stay NaN).
+    """
+    out = rows - (rows @ geometry)[:, None] * geometry[None, :]
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norms > 1e-6, out / norms, np.nan)
+
+
 def _not_comparable(note: str, alpha: float, min_score: float, notes: list[str] | None = None) -> LineageResult:
     return LineageResult(score=math.nan, threshold=math.nan, p_value=1.0, false_positive_rate=math.nan,
                          derived=False, notes=[*(notes or []), note], comparable=False, alpha=alpha,
@@ -256,10 +269,17 @@ def lineage_test(candidate: Fingerprint, reference: Fingerprint, *, alpha: float
     cand_layers = sorted({layer for (_, layer) in cand.units if layer is not None})
     ref_layers = sorted({layer for (_, layer) in ref.units if layer is not None})
 
+    geometry = ("embed", None) in cand.units and ("embed", None) in ref.units
+    if not geometry:
+        notes.append("no embedding unit in both sketches: units not corrected for shared token geometry")
+
     def stack(parsed: ParsedSketch, role: str, layers: list[int | None], keep: np.ndarray) -> np.ndarray:
         n2 = len(keep) ** 2
-        return np.stack([_standardised(parsed.units[(role, layer)], keep) if (role, layer) in parsed.units
-                         else np.full(n2, np.nan) for layer in layers]).astype(np.float32)
+        rows = np.stack([_standardised(parsed.units[(role, layer)], keep) if (role, layer) in parsed.units
+                         else np.full(n2, np.nan) for layer in layers])
+        if geometry and role != "embed":
+            rows = _residualised(rows, _standardised(parsed.units[("embed", None)], keep))
+        return rows.astype(np.float32)
 
     n = len(common)
     stacks = []
@@ -300,7 +320,8 @@ def lineage_test(candidate: Fingerprint, reference: Fingerprint, *, alpha: float
         else:
             mask = np.zeros((len(index), lc, lr), dtype=bool)
         pooled = [np.where(mask, s, np.nan).reshape(len(index), -1) for s in layer_roles]
-        pooled += [s.reshape(len(index), -1) for (role, *_), s in zip(stacks, role_sims) if role in GLOBAL_ROLES]
+        pooled += [s.reshape(len(index), -1) for (role, *_), s in zip(stacks, role_sims)
+                   if role in GLOBAL_ROLES and (role != "embed" or not geometry)]
         with _quiet():
             scores[start:start + len(index)] = np.nanmedian(np.concatenate(pooled, axis=1), axis=1)
         if start == 0:

@@ -27,6 +27,7 @@ DEFAULT_TOKENS = 32  # probe size k: k(k-1)=992 compared entries per unit, 2 KiB
 DEFAULT_SEED = 0
 MAX_LAYERS = 256  # at k=32: 4 units x 2 KiB x 256 layers, base64: 2.8 MB
 MIN_TOKENS, MAX_TOKENS = 8, 64
+HEAD_ROWS = 4096  # output-head rows (tokens) summed in the head unit: a seeded nested sample, for cost
 SIZE_BUDGET = 3_500_000  # base64 bytes of unit data; with ids and field names the sketch stays under 4 MB
 
 # Roles of the per-layer units, in stored order, and whether their matrix is symmetric (a Gram).
@@ -143,6 +144,7 @@ class SketchBuilder:
         self._units: dict[tuple[str, int], torch.Tensor] = {}
         self._head_from_lm: torch.Tensor | None = None
         self._head_from_embedding: torch.Tensor | None = None
+        self._head_rows = torch.zeros(0, dtype=torch.int64)
         self._layer_ids = sorted({i for t in artifact.tensors if (i := _layer_of(t.name)) is not None})
         self._stored_layers = set(self._select_layers(self._layer_ids, layer_budget(self.k)))
         self._gains: dict[tuple[int | None, str], torch.Tensor] = {}
@@ -161,6 +163,8 @@ class SketchBuilder:
             return
         self.vocab = self.embedding.shape[0]
         self.ids = probe_ids(self.vocab, self.k, self.seed)
+        # the head unit sums over output tokens; a nested sample of them keeps it cheap on big vocabularies
+        self._head_rows = torch.from_numpy(probe_ids(self.vocab, HEAD_ROWS, self.seed + 1))
         rows = reader.raw(self.embedding)[torch.from_numpy(self.ids)].to(torch.float32)
         self.probe = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)  # what RMSNorm feeds forward
         self._units[("embed", -1)] = self.probe @ self.probe.T
@@ -200,13 +204,9 @@ class SketchBuilder:
         leaf = _leaf(info.name)
         if layer is None:
             if info == self.embedding and self._tied:
-                probe = self._input_probe(self._gain(None, _FINAL_NORMS))
-                head = weight @ probe.T
-                self._head_from_embedding = head.T @ head
+                self._head_from_embedding = self._head_unit(weight)
             elif leaf in _HEADS and weight.shape[1] == self.width:
-                probe = self._input_probe(self._gain(None, _FINAL_NORMS))
-                head = weight @ probe.T
-                self._head_from_lm = head.T @ head
+                self._head_from_lm = self._head_unit(weight)
             return
         part = _PARTS.get(leaf)
         if part is None or layer not in self._stored_layers:
@@ -227,6 +227,11 @@ class SketchBuilder:
                 block.parts[part] = projected
         if self._complete(block):
             self._close(layer)
+
+    def _head_unit(self, weight: torch.Tensor) -> torch.Tensor:
+        rows = self._head_rows[self._head_rows < weight.shape[0]]
+        head = weight[rows] @ self._input_probe(self._gain(None, _FINAL_NORMS)).T
+        return head.T @ head
 
     def _heads(self) -> tuple[int, int, int] | None:
         heads = self.config.get("num_attention_heads")
@@ -298,7 +303,7 @@ class SketchBuilder:
         return {
             "version": SKETCH_VERSION,
             "probe": {"seed": self.seed, "tokens": int(len(self.ids)), "vocab": int(self.vocab),
-                      "ids": [int(i) for i in self.ids]},
+                      "ids": [int(i) for i in self.ids], "head_rows": int(len(self._head_rows))},
             "dtype": "float16",
             "layers": sorted({u["layer"] for u in units if u["layer"] is not None}),
             "units": units,
