@@ -175,3 +175,17 @@ def test_bad_arguments_raise(base: Fingerprint) -> None:
         lineage_test(base, base, alpha=0)
     with pytest.raises(ValueError, match="permutations"):
         lineage_test(base, base, permutations=0)
+
+
+def test_shared_token_geometry_alone_is_not_lineage(make: Callable[..., Fingerprint], base_ck: Checkpoint,
+                                                    base: Fingerprint) -> None:
+    """An independent model given the base's token geometry (its embedding, rotated) is not derived:
+    every unit is corrected for the model's own geometry, and the embed unit is reported, not scored."""
+    other = from_model(build_model("llama", seed=77, size="medium"))
+    rotation, _ = torch.linalg.qr(torch.randn(96, 96, generator=torch.Generator().manual_seed(0)))
+    other.state["model.embed_tokens.weight"] = base_ck.state["model.embed_tokens.weight"] @ rotation
+    result = lineage_test(make(other), base, **FAST)
+    assert next(u.similarity for u in result.units if u.role == "embed") > 0.99
+    # uncorrected, the random head and gate Grams mirror the shared geometry (similarity about 0.7 to 1)
+    assert all(abs(u.similarity) < 0.3 for u in result.units if u.role != "embed"), result.to_dict()
+    assert not result.derived and abs(result.score) < 0.2
