@@ -1,7 +1,8 @@
 """Lineage test: is a candidate derived from THIS reference? From the two fingerprints' sketches alone.
 
 Per matched unit, the similarity is the Pearson correlation of the off-diagonal entries of the two
-normalised token-probe matrices (fingerprint/sketch.py); layers are matched by a monotone
+normalised token-probe matrices (fingerprint/sketch.py), each first corrected for its own model's
+token geometry (which independently trained models share); layers are matched by a monotone
 alignment, so a dropped or duplicated layer costs one unit. The score is the median over matched
 units. Its null distribution (no token-level correspondence) comes from relabelling the candidate's
 probe tokens at random, running the same alignment and median each time. See docs/lineage.md.
