@@ -128,3 +128,58 @@ def test_hostile_config_values_never_break_the_json(tmp_path: Path, tiny_models:
     assert code == 0 and "hidden_size" not in doc["config"] and "num_hidden_layers" not in doc["config"]
     assert doc["config"]["architectures"][0] == "A" and len(doc["config"]["architectures"]) == 2
     _inspect(capsys, str(tmp_path))  # the human renderer copes too
+
+
+def _lora_adapter(base_arch: str, directory: Path, base_name: str) -> Path:
+    """A small LoRA adapter of the tiny `base_arch` model (random adapter weights), saved by peft."""
+    import peft
+
+    from tg_verify.tiny import build_model
+
+    wrapped = peft.get_peft_model(build_model(base_arch, seed=0), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    wrapped.save_pretrained(str(directory))
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base_name
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def _reference(path: Path, out: Path, name: str) -> Path:
+    from tg_verify.artifact import resolve
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.fingerprint.settings import FingerprintSettings
+
+    document = fingerprint_artifact(resolve(path), FingerprintSettings(repeats=2, sketch=False), model_name=name)
+    out.write_bytes(document.to_json_bytes())
+    return out
+
+
+def test_against_checks_an_adapters_fit_to_a_reference_fingerprint_without_base_weights(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tg_verify.tiny import build_model, save_model
+
+    adapter = _lora_adapter("llama", tmp_path / "adapter", "tiny-llama")
+    same = _reference(save_model(build_model("llama", seed=0), tmp_path / "base"), tmp_path / "base.json",
+                      "tiny-llama")
+    other = _reference(save_model(build_model("llama", seed=0, size="medium"), tmp_path / "wider"),
+                       tmp_path / "wider.json", "wide-llama")
+
+    code, out, _ = _inspect(capsys, str(adapter), "--against", str(same), "--json")
+    fit = json.loads(out)["adapter_fit"]
+    assert code == 0 and fit["result"] == "pass" and fit["reference"] == "tiny-llama"
+    assert not [f for f in fit["findings"] if f["severity"] == "error"]
+
+    code, out, _ = _inspect(capsys, str(adapter), "--against", str(other), "--json")
+    fit = json.loads(out)["adapter_fit"]
+    assert code == 1 and fit["result"] == "fail"
+    codes = {f["code"] for f in fit["findings"]}
+    assert any(f["severity"] == "error" for f in fit["findings"]), codes
+    assert "TGV_ADAPTER_BASE_NAME_MISMATCH" in codes  # the adapter names tiny-llama, the reference wide-llama
+
+
+def test_against_refuses_a_full_model(tiny_models: dict[str, dict[str, Path]], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    reference = _reference(tiny_models["llama"]["single"], tmp_path / "ref.json", "tiny-llama")
+    code, _, err = _inspect(capsys, str(tiny_models["llama"]["single"]), "--against", str(reference))
+    assert code == 2 and "--against checks a PEFT adapter" in err and "Traceback" not in err

@@ -1,7 +1,8 @@
-"""`tg-verify inspect PATH [--json] [--hash]`: what a model artifact holds, from its headers alone.
+"""`tg-verify inspect PATH [--json] [--hash] [--against FP]`: what a model artifact holds, from its headers alone.
 
 Validates every safetensors header and the layout without reading tensor data; `--hash` adds the
-sha256 of every file (streamed, with a progress bar on a terminal). Invalid input exits 2 with one
+sha256 of every file (streamed, with a progress bar on a terminal); `--against` checks an adapter's fit to
+a reference fingerprint's tensor list (exit 1 when it does not fit). Invalid input exits 2 with one
 line on stderr, and with `--json` also prints a machine-readable error document on stdout.
 """
 
@@ -14,9 +15,12 @@ from typing import Any
 from tg_verify.artifact.digest import file_digests
 from tg_verify.artifact.errors import shown
 from tg_verify.artifact.layout import resolve
+from tg_verify.artifact.model import Artifact
+from tg_verify.artifact.peft import check_adapter_against_tensors, check_base_name
 from tg_verify.artifact.summary import describe, describe_error
 from tg_verify.atomic import canonical_json
-from tg_verify.errors import EXIT_OK, InputError
+from tg_verify.errors import EXIT_FAIL, EXIT_OK, InputError, UsageError
+from tg_verify.fingerprint.document import load as load_fingerprint
 from tg_verify.progress import progress_sink, wants_progress
 
 VERB = "inspect"
@@ -38,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tensors", action="store_true", help="list every tensor in the human-readable output")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar while hashing (default: on a terminal outside CI)")
+    parser.add_argument("--against", metavar="FP.json",
+                        help="for a PEFT adapter: check that its targets and shapes exist in the base this "
+                             "reference fingerprint describes (no base weights needed); exit 1 when they do not")
     parser.set_defaults(handler=run)
 
 
@@ -55,11 +62,28 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(canonical_json(describe_error(args.path, error)).decode("utf-8"))
         raise
     document = describe(artifact, digests)
+    status = EXIT_OK
+    if args.against:
+        document["adapter_fit"] = _adapter_fit(artifact, args.against)
+        status = EXIT_FAIL if document["adapter_fit"]["result"] == "fail" else EXIT_OK
     if args.json:
         sys.stdout.write(canonical_json(document).decode("utf-8"))
     else:
         _render(document, args.tensors)
-    return EXIT_OK
+    return status
+
+
+def _adapter_fit(artifact: Artifact, fingerprint_path: str) -> dict[str, Any]:
+    """Header-only fit of an adapter to a reference fingerprint's structural metadata (issue 7, item 3)."""
+    if artifact.layout != "adapter":
+        raise UsageError(f"{artifact.root}: --against checks a PEFT adapter, but this is a {artifact.layout} model")
+    reference = load_fingerprint(fingerprint_path)
+    findings = check_adapter_against_tensors(artifact, reference.tensors,
+                                             base_label=f"{reference.model_name} ({fingerprint_path})")
+    findings += check_base_name(artifact, [reference.model_name])
+    failed = any(f.severity == "error" for f in findings)
+    return {"reference": reference.model_name, "fingerprint": fingerprint_path,
+            "result": "fail" if failed else "pass", "findings": [f.to_dict() for f in findings]}
 
 
 def _size(nbytes: int) -> str:
@@ -126,3 +150,9 @@ def _render(doc: dict[str, Any], list_tensors: bool) -> None:
                   f"header-only)")
     for warning in validation["warnings"]:
         console.print(f"[yellow]warning[/] {text(warning)}")
+    fit = doc.get("adapter_fit")
+    if fit:
+        style = "bold green" if fit["result"] == "pass" else "bold red"
+        console.print(f"adapter fit against {text(fit['reference'])}: [{style}]{fit['result'].upper()}[/]")
+        for finding in fit["findings"]:
+            console.print(f"  {finding['severity']} {finding['code']}: {text(finding['message'])}")
