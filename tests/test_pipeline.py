@@ -129,6 +129,25 @@ def test_path_and_fingerprint_must_agree(demo_tree: Path, tmp_path: Path, finetu
         run(tmp_path, demo_tree, f"  path: {tampered}\n  fingerprint: {finetune_fp}", f"  base: {BASE}")
 
 
+def test_a_pinned_reference_must_be_exactly_the_pinned_file_or_model(demo_tree: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    ref_file = demo_tree / "refs" / f"{BASE}.json"
+    good = hashlib.sha256(ref_file.read_bytes()).hexdigest()
+    pinned = references(demo_tree).replace(f"fingerprint: {ref_file}\n", f"fingerprint: {ref_file}\n    sha256: {good}\n")
+    assert run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}", refs=pinned).passed
+    swapped = pinned.replace(good, "f" * 64)
+    with pytest.raises(DigestMismatchError, match=r"references\[0\]\.sha256: fingerprint file .* has sha256"):
+        run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}", refs=swapped)
+    on_the_fly = references(demo_tree, model_for=(QWEN,))
+    wrong_model_pin = on_the_fly.replace(f"model: {demo_tree / 'models' / 'qwen2'}\n",
+                                         f"model: {demo_tree / 'models' / 'qwen2'}\n    sha256: {'e' * 64}\n")
+    assert wrong_model_pin != on_the_fly
+    with pytest.raises(DigestMismatchError, match=r"references\[1\]\.sha256: model .* \(root digest\)"):
+        run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}", refs=wrong_model_pin,
+            options=VerifyOptions(cache_dir=None))
+
+
 def test_settings_that_differ_from_the_references_are_an_input_error(demo_tree: Path, tmp_path: Path) -> None:
     with pytest.raises(IncompatibleFingerprintsError, match=r"policy.yml: references\[0\].fingerprint: .*repeats"):
         run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}",

@@ -158,6 +158,8 @@ BAD_CASES = [
     (GOOD.replace("references:", "references: &r").replace("forbidden: [qwen2.5-7b]", "forbidden: *r"),
      "anchors and aliases"),
     ("a: " + "[" * 40 + "]" * 40 + "\n", "nesting deeper"),
+    (GOOD.replace("    fingerprint: refs/qwen.json\n", "    fingerprint: refs/qwen.json\n    sha256: abc\n"),
+     "references[1].sha256: expected a sha256 digest"),
 ]
 
 
@@ -170,6 +172,13 @@ def test_bad_policies_are_one_line_naming_file_and_field(workspace: Path, text: 
     assert message.startswith(str(path)), message
     assert expected in message, message
     assert "\n" not in message
+
+
+def test_reference_pin_accepts_a_prefixed_digest_in_any_case(workspace: Path) -> None:
+    digest = "AB" * 32
+    text = GOOD.replace("    fingerprint: refs/qwen.json\n", f"    fingerprint: refs/qwen.json\n    sha256: sha256:{digest}\n")
+    policy = load_policy(write(workspace, text))
+    assert policy.references[1].sha256 == digest.lower() and policy.references[0].sha256 is None
 
 
 def test_alias_bomb_is_refused_before_expansion(workspace: Path) -> None:

@@ -450,6 +450,7 @@ def _reference_fingerprint(policy: Policy, ref: ReferenceSpec, settings: Any, op
     with _context(f"{policy.path}: {ref.field}.model"):
         artifact = resolve(ref.model)
         digests = file_digests(artifact)
+        _check_pin(policy, ref, root_digest(digests), f"model {ref.model} (root digest)")
         cache = FingerprintCache(options.cache_dir) if options.cache_dir is not None else None
         key = cache.key(digests, settings_dict(settings), ref.id) if cache else ""
         cached = cache.get(key, digests) if cache else None
@@ -502,7 +503,17 @@ def _load_recorded(policy: Policy) -> tuple[Fingerprint | None, dict[str, Finger
         if ref.fingerprint is not None:
             with _context(f"{policy.path}: {ref.field}.fingerprint"):
                 refs[ref.id] = load(ref.fingerprint)
+            if ref.sha256 is not None:
+                actual = hashlib.sha256(ref.fingerprint.read_bytes()).hexdigest()
+                _check_pin(policy, ref, actual, f"fingerprint file {ref.fingerprint}")
     return candidate, refs
+
+
+def _check_pin(policy: Policy, ref: ReferenceSpec, actual: str, what: str) -> None:
+    """A reference pinned by `sha256:` must be exactly that file (or model): a swapped reference is bad input."""
+    if ref.sha256 is not None and actual != ref.sha256:
+        raise DigestMismatchError(f"{policy.path}: {ref.field}.sha256: {what} has sha256 {actual[:16]}..., the "
+                                  f"policy pins {ref.sha256[:16]}...")
 
 
 def check_policy(policy: Policy) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import math
 import os
 from collections.abc import Callable
@@ -54,6 +55,7 @@ class ReferenceSpec:
     model: Path | None = None
     max_distance: float | None = None  # per-reference override of thresholds.max_distance
     parent: str | None = None  # a known derivative of another reference: it moves that base's cluster centre
+    sha256: str | None = None  # pin: sha256 of the fingerprint file's bytes, or the model's root digest
 
     @property
     def field(self) -> str:
@@ -322,8 +324,8 @@ def _references(check: _Checker, raw: Any) -> tuple[ReferenceSpec, ...]:
     seen: dict[str, int] = {}
     for i, item in enumerate(raw):
         where = f"references[{i}]"
-        doc = check.mapping(item, where, ("id", "family", "fingerprint", "model", "max_distance", "parent"),
-                            required=("id", "family"))
+        doc = check.mapping(item, where, ("id", "family", "fingerprint", "model", "max_distance", "parent",
+                                          "sha256"), required=("id", "family"))
         ref_id = check.string(doc["id"], f"{where}.id")
         if ref_id in seen:
             raise check.fail(f"{where}.id", f"duplicate id {ref_id!r} (also references[{seen[ref_id]}])")
@@ -336,10 +338,20 @@ def _references(check: _Checker, raw: Any) -> tuple[ReferenceSpec, ...]:
         limit = check.number(doc["max_distance"], f"{where}.max_distance", low=0.0, high=1e6, low_open=True) \
             if "max_distance" in doc else None
         parent = check.string(doc["parent"], f"{where}.parent") if "parent" in doc else None
+        pin = _sha256_pin(check, doc["sha256"], f"{where}.sha256") if "sha256" in doc else None
         refs.append(ReferenceSpec(id=ref_id, family=family, index=i, fingerprint=fingerprint, model=model,
-                                  max_distance=limit, parent=parent))
+                                  max_distance=limit, parent=parent, sha256=pin))
     _check_parents(check, refs)
     return tuple(refs)
+
+
+def _sha256_pin(check: _Checker, raw: Any, where: str) -> str:
+    """A pinned digest: 64 hex digits, optionally prefixed `sha256:`; returned lower-case without prefix."""
+    value = check.string(raw, where).strip().lower()
+    value = value[len("sha256:"):] if value.startswith("sha256:") else value
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise check.fail(where, "expected a sha256 digest: 64 hex digits, optionally prefixed 'sha256:'")
+    return value
 
 
 def _check_parents(check: _Checker, refs: list[ReferenceSpec]) -> None:
