@@ -9,6 +9,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ FORMAT_VERSION = 1
 FEATURE_VERSION = "tg1"
 LEGACY_FEATURE_VERSION = "tensorguard-release"
 MAX_DOCUMENT_BYTES = 64_000_000
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # The paper's feature names (Fig. 2), in its order.
 FEATURE_NAMES: tuple[str, ...] = (
@@ -91,9 +94,13 @@ class Fingerprint:
 def _finite_number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FingerprintFormatError(f"{where}: expected a number, got {type(value).__name__}")
-    if not math.isfinite(float(value)):
-        raise FingerprintFormatError(f"{where}: expected a finite number, got {value}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise FingerprintFormatError(f"{where}: expected a finite number, got {str(value)[:40]}")
+    return number
 
 
 def _features(raw: Any, where: str) -> dict[str, float]:
@@ -136,7 +143,7 @@ def from_dict(document: Any, source: str = "<fingerprint>") -> Fingerprint:
     files = document["artifact"].get("files", [])
     if not isinstance(files, list) or not all(
             isinstance(f, dict) and isinstance(f.get("path"), str)
-            and (f.get("sha256") is None or (isinstance(f.get("sha256"), str) and len(f["sha256"]) == 64))
+            and (f.get("sha256") is None or (isinstance(f.get("sha256"), str) and _SHA256.fullmatch(f["sha256"])))
             for f in files):
         raise FingerprintFormatError(f"{source}: artifact.files must be a list of {{path, size, sha256}}")
     tensors = document.get("tensors")
@@ -174,7 +181,10 @@ def load(path: str | os.PathLike[str]) -> Fingerprint:
     """Read and validate a fingerprint file."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise FingerprintFormatError(f"{path}: not a regular file")
+        size = info.st_size
         if size > MAX_DOCUMENT_BYTES:
             raise FingerprintFormatError(f"{path}: {size} bytes is over the {MAX_DOCUMENT_BYTES}-byte limit")
         text = path.read_bytes().decode("utf-8")
@@ -188,8 +198,23 @@ def load(path: str | os.PathLike[str]) -> Fingerprint:
     def reject_constant(value: str) -> Any:
         raise FingerprintFormatError(f"{path}: non-finite number {value} is not allowed")
 
+    def finite_float(value: str) -> float:
+        number = float(value)
+        if not math.isfinite(number):
+            raise FingerprintFormatError(f"{path}: number {value[:40]} overflows to infinity")
+        return number
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        document: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in document:
+                raise FingerprintFormatError(f"{path}: duplicate key {key[:80]!r}")
+            document[key] = value
+        return document
+
     try:
-        document = json.loads(text, parse_constant=reject_constant)
+        document = json.loads(text, parse_constant=reject_constant, parse_float=finite_float,
+                              object_pairs_hook=unique_keys)
     except FingerprintFormatError:
         raise
     except (ValueError, RecursionError) as exc:
