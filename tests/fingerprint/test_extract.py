@@ -277,3 +277,68 @@ def test_settings_and_provenance_are_recorded(tiny_models):
     assert [f["path"] for f in fingerprint.artifact["files"]] == [f.path for f in artifact.files]
     assert fingerprint.artifact["layout"] == "shards"
     assert {r["name"] for r in fingerprint.tensors} == {t.name for t in artifact.tensors}
+
+
+def _decoded_units(sketch: dict) -> dict[tuple[str, int | None], np.ndarray]:
+    import base64
+
+    k = sketch["probe"]["tokens"]
+    return {(u["role"], u["layer"]): np.frombuffer(base64.b64decode(u["data"]), dtype="<f2").astype(np.float32)
+            .reshape(k, k) for u in sketch["units"]}
+
+
+def _direct_sketch(artifact) -> dict:
+    """The sketch from whole float32 weights (SketchBuilder.add), the definition the fused pass must match."""
+    from tg_verify.artifact import TensorReader
+    from tg_verify.fingerprint.sketch import SketchBuilder
+
+    with TensorReader(artifact) as reader:
+        builder = SketchBuilder(artifact, reader, None)
+        for info, weight in reader.stream():
+            builder.add(info, weight)
+        return builder.finish()
+
+
+def test_fused_sketch_is_the_direct_sketch(arch, tiny_models):
+    """The products taken inside the response pass give byte-identical units when a tensor is one block."""
+    artifact = resolve(tiny_models[arch]["single"])
+    fused = fingerprint_artifact(artifact, FingerprintSettings(repeats=6)).sketch
+    assert fused == _direct_sketch(artifact)
+
+
+def test_fused_sketch_over_many_row_blocks_matches_to_fp16(monkeypatch, tiny_models):
+    """Tiny row blocks split every tensor (embedding, o/down, fused qkv/gate_up): the left products then
+    accumulate block by block, which may move a unit by an fp16 rounding step, never more."""
+    from tg_verify.fingerprint import responses
+
+    monkeypatch.setattr(responses, "BLOCK_ELEMENTS", 1 << 10)
+    for arch in ("llama", "phi3", "gemma"):
+        artifact = resolve(tiny_models[arch]["single"])
+        direct = _direct_sketch(artifact)
+        fused = fingerprint_artifact(artifact, FingerprintSettings(repeats=6)).sketch
+        assert {k: v for k, v in fused.items() if k != "units"} == {k: v for k, v in direct.items() if k != "units"}
+        expected, got = _decoded_units(direct), _decoded_units(fused)
+        assert got.keys() == expected.keys()
+        for key, matrix in expected.items():
+            assert np.allclose(got[key], matrix, rtol=2e-3, atol=2e-3), (arch, key)
+
+
+def test_response_pass_products_equal_whole_weight_products(monkeypatch):
+    """respond_and_project: responses bitwise those of respond; W Rᵀ and L W as from the whole weight."""
+    from tg_verify.fingerprint import responses
+
+    monkeypatch.setattr(responses, "BLOCK_ELEMENTS", 1 << 9)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 24, generator=generator).to(torch.bfloat16)
+    inputs = torch.randn(6, 24, generator=generator).numpy()
+    right, left = torch.randn(5, 24, generator=generator), torch.randn(5, 40, generator=generator)
+    engine = responses.ResponseEngine(torch.device("cpu"), weight.numel(), keep_host=False)
+    engine.load(weight)
+    alone = engine.respond(inputs)
+    together, right_product, left_product = engine.respond_and_project(inputs, right, left)
+    assert np.array_equal(alone, together)
+    w = weight.to(torch.float32)
+    assert right_product is not None and left_product is not None
+    assert torch.allclose(right_product, w @ right.T, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(left_product, left @ w, rtol=1e-5, atol=1e-5)
+    assert engine.respond_and_project(inputs)[1:] == (None, None)

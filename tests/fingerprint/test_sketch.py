@@ -117,3 +117,24 @@ def test_no_embedding_gives_an_empty_sketch_with_a_note(tmp_path: Path) -> None:
     save_file({"encoder.block.weight": torch.randn(8, 8)}, str(tmp_path / "model.safetensors"))
     sketch = sketch_of(tmp_path)
     assert sketch["units"] == [] and "no token embedding" in sketch["notes"][0]
+
+
+def test_probes_name_the_products_each_tensor_feeds(tiny_models: dict[str, dict[str, Path]]) -> None:
+    """Input-side projections and the head take a right probe, o/down a left one, everything else none."""
+    from tg_verify.errors import InternalError
+
+    artifact = resolve(tiny_models["llama"]["single"])
+    with TensorReader(artifact) as reader:
+        builder = SketchBuilder(artifact, reader, None)
+    by_leaf = {info.name.split(".")[-2]: info for info in artifact.tensors}
+    k, width = builder.k, builder.width
+    for leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"):
+        right = builder.right_probe(by_leaf[leaf])
+        assert right is not None and right.shape == (k, width) and builder.left_probe(by_leaf[leaf]) is None
+    for leaf in ("o_proj", "down_proj"):
+        left = builder.left_probe(by_leaf[leaf])
+        assert left is not None and left.shape == (k, width) and builder.right_probe(by_leaf[leaf]) is None
+    for leaf in ("embed_tokens", "input_layernorm"):  # untied embedding; norms are read up front
+        assert builder.right_probe(by_leaf[leaf]) is None and builder.left_probe(by_leaf[leaf]) is None
+    with pytest.raises(InternalError, match="o_proj"):
+        builder.add_products(by_leaf["o_proj"], right=torch.zeros(width, k))

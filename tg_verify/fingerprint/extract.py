@@ -2,7 +2,8 @@
 
 Per tensor: the paper's gradient statistics in closed form (gradient.py) from the responses to
 seeded inputs (noise.py, responses.py), structural metadata, and the lineage sketch; then the 16
-features are aggregated as docs/method.md defines. Only one tensor is in float32 at a time.
+features are aggregated as docs/method.md defines. Only one row block of a tensor is in float32 at
+a time: the sketch's products come out of the same block-wise pass as the responses.
 """
 
 from __future__ import annotations
@@ -76,6 +77,15 @@ def _nonfinite_error(source: TensorSource, info: TensorInfo, engine: ResponseEng
 def gradient_response(engine: ResponseEngine, source: TensorSource, info: TensorInfo,
                       settings: FingerprintSettings, strategy: str) -> tuple[np.ndarray, np.ndarray]:
     """Inputs x [repeats, in] and responses o = x Wᵀ [repeats, out] for the loaded tensor (float64)."""
+    x, responses, _, _ = gradient_response_and_products(engine, source, info, settings, strategy)
+    return x, responses
+
+
+def gradient_response_and_products(engine: ResponseEngine, source: TensorSource, info: TensorInfo,
+                                   settings: FingerprintSettings, strategy: str, right: torch.Tensor | None = None,
+                                   left: torch.Tensor | None = None
+                                   ) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None, torch.Tensor | None]:
+    """`gradient_response`, plus the sketch's products W rightᵀ and left W computed in the same pass."""
     width = info.shape[-1]
     if strategy == "adversarial":
         x0 = noise.base_inputs(settings, info.name, width).astype(np.float32)
@@ -87,10 +97,10 @@ def gradient_response(engine: ResponseEngine, source: TensorSource, info: Tensor
         x = noise.fgsm(x0.astype(np.float64), direction, settings.epsilon).astype(np.float32)
     else:
         x = tensor_inputs(settings, info.name, strategy, width)
-    responses = engine.respond(x)
+    responses, right_product, left_product = engine.respond_and_project(x, right, left)
     if not np.isfinite(responses).all():
         raise _nonfinite_error(source, info, engine)
-    return x.astype(np.float64), responses
+    return x.astype(np.float64), responses, right_product, left_product
 
 
 def evenly_spaced(count: int, wanted: int = CATEGORY_SAMPLE) -> list[int]:
@@ -249,18 +259,19 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     try:
         builder = SketchBuilder(artifact, source, settings) if settings.sketch else None  # type: ignore[arg-type]
         capacity = max((info.numel for info, kind in zip(artifact.tensors, kinds) if kind == "gradient"), default=0)
-        engine = ResponseEngine(device, capacity, keep_host=builder is not None)
+        engine = ResponseEngine(device, capacity, keep_host=False)
         release = getattr(source, "release", None)
         records: list[dict[str, Any]] = []
         analysed: list[tuple[str, TensorStats]] = []
         for info, kind in zip(artifact.tensors, kinds):
             record: dict[str, Any] = {"name": info.name, "shape": list(info.shape), "size": info.numel,
                                       "category": categorize(info.name), "dtype": info.dtype, "analysis": kind}
-            weight: torch.Tensor | None = None
             if kind == "gradient":
                 strategy = noise.strategy_for(settings, info.name)
                 engine.load(source.raw(info))
-                x, responses = gradient_response(engine, source, info, settings, strategy)
+                right, left = (builder.right_probe(info), builder.left_probe(info)) if builder is not None else (None, None)
+                x, responses, right_product, left_product = gradient_response_and_products(
+                    engine, source, info, settings, strategy, right, left)
                 stats = tensor_statistics(responses, x)
                 record["strategy"] = strategy
                 if stats is None:
@@ -271,15 +282,11 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
                         record["degenerate_repeats"] = stats.degenerate_repeats
                     analysed.append((info.name, stats))
                 if builder is not None:
-                    weight = engine.host_weight().view(info.shape)
+                    builder.add_products(info, right=right_product, left=left_product)
             elif kind == "one-dimensional" and info.dtype in FLOAT_DTYPES:
-                weight = source.float32(info)
-                if not bool(torch.isfinite(weight).all()):
+                if not bool(torch.isfinite(source.float32(info)).all()):
                     raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
                                            f"a fingerprint of it would be meaningless")
-            if builder is not None and weight is not None:
-                builder.add(info, weight)
-            del weight
             if release is not None:
                 release(info)
             records.append(record)

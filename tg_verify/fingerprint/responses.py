@@ -97,16 +97,40 @@ class ResponseEngine:
     # -- the products --------------------------------------------------------------------------------
     def respond(self, inputs: np.ndarray) -> np.ndarray:
         """o = X Wᵀ for X [repeats, in] (float32 values); returns [repeats, out] float64."""
+        return self.respond_and_project(inputs)[0]
+
+    def respond_and_project(self, inputs: np.ndarray, right: torch.Tensor | None = None,
+                            left: torch.Tensor | None = None
+                            ) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
+        """Responses X Wᵀ, and in the same pass W rightᵀ ([out, k]) and left W ([k, in]) when given.
+
+        `right` [k, in] is stacked beside the repeat inputs in one right-hand side, so one GEMM per
+        block serves both; `left` [k, out] is multiplied by each block while it is still in cache.
+        The responses are bitwise those of `respond` alone (columns of one GEMM are independent).
+        """
         assert self._raw is not None
         repeats = inputs.shape[0]
-        right = _padded(inputs)
+        rhs = _padded(inputs)
+        padded = rhs.shape[1]
+        if right is not None:
+            rhs = torch.cat([rhs, right.to(torch.float32).t()], dim=1)
+        left_product: torch.Tensor | None = None
         if self._on_device is not None:
-            out = (self._on_device @ right.to(self.device)).cpu()
+            out = (self._on_device @ rhs.to(self.device)).cpu()
+            if left is not None:
+                left_product = (left.to(self.device, torch.float32) @ self._on_device).cpu()
         else:
-            out = torch.empty((self._raw.shape[0], right.shape[1]), dtype=torch.float32)
+            out = torch.empty((self._raw.shape[0], rhs.shape[1]), dtype=torch.float32)
+            if left is not None:
+                left = left.to(torch.float32)
+                left_product = torch.zeros((left.shape[0], self._raw.shape[1]), dtype=torch.float32)
             for start, stop, block in self._blocks():
-                torch.mm(block, right, out=out[start:stop])
-        return out[:, :repeats].t().numpy().astype(np.float64)
+                torch.mm(block, rhs, out=out[start:stop])
+                if left_product is not None:
+                    left_product.addmm_(left[:, start:stop], block)
+        responses = out[:, :repeats].t().numpy().astype(np.float64)
+        right_product = out[:, padded:].contiguous() if right is not None else None
+        return responses, right_product, left_product
 
     def input_gradient(self, coefficients: np.ndarray) -> np.ndarray:
         """C W for C [repeats, out]: the FGSM input gradient when C = softmax(o) - e_t. [repeats, in] float64."""

@@ -20,7 +20,7 @@ import torch
 
 from tg_verify.artifact.model import Artifact, TensorInfo
 from tg_verify.artifact.reader import TensorReader
-from tg_verify.errors import UsageError
+from tg_verify.errors import InternalError, UsageError
 
 SKETCH_VERSION = "tgs1"
 DEFAULT_TOKENS = 32  # probe size k: k(k-1)=992 compared entries per unit, 2 KiB per unit in fp16
@@ -126,8 +126,9 @@ class _Block:
 class SketchBuilder:
     """Builds the lineage sketch from the tensor stream the fingerprint extractor already reads.
 
-    `add` is called once per tensor in canonical order with its float32 weight; `finish` returns
-    the JSON-safe sketch. Cost: one [out, in] x [in, k] product per projection matrix.
+    Per tensor in canonical order the extractor asks for `right_probe` / `left_probe`, computes
+    the products in its own block-wise pass over the weight and hands them to `add_products`
+    (`add` does the same from a whole float32 weight); `finish` returns the JSON-safe sketch.
     """
 
     def __init__(self, artifact: Artifact, reader: TensorReader, settings: Any = None) -> None:
@@ -196,42 +197,80 @@ class SketchBuilder:
         assert self.probe is not None
         return self.probe if gain is None else self.probe * gain[None, :]
 
-    def add(self, info: TensorInfo, weight: torch.Tensor) -> None:
-        """Take one tensor of the stream (float32); projections feed their block, others are skipped."""
+    def _role(self, info: TensorInfo) -> tuple[str, int | None, str | None] | None:
+        """How a tensor feeds the sketch: ("right" | "left", layer, part), or None when it does not."""
         if self.probe is None or len(info.shape) != 2 or not info.name.endswith(".weight"):
-            return
+            return None
         layer = _layer_of(info.name)
         leaf = _leaf(info.name)
+        out, width = info.shape
         if layer is None:
             if info == self.embedding and self._tied:
-                self._head_from_embedding = self._head_unit(weight)
-            elif leaf in _HEADS and weight.shape[1] == self.width:
-                self._head_from_lm = self._head_unit(weight)
-            return
+                return "right", None, "head"
+            if leaf in _HEADS and width == self.width:
+                return "right", None, "head"
+            return None
         part = _PARTS.get(leaf)
         if part is None or layer not in self._stored_layers:
+            return None
+        if part in ("o", "down"):
+            return ("left", layer, part) if out == self.width else None
+        return ("right", layer, part) if width == self.width else None
+
+    def right_probe(self, info: TensorInfo) -> torch.Tensor | None:
+        """The [k, in] matrix Ê diag(g) whose product W (Ê diag(g))ᵀ the sketch needs, or None.
+
+        Input-side projections (q, k, v, gate, up, fused ones) and the output head read the
+        residual stream through their norm's gain; the extractor returns the product to `add_products`.
+        """
+        role = self._role(info)
+        if role is None or role[0] != "right":
+            return None
+        _, layer, part = role
+        if part == "head":
+            return self._input_probe(self._gain(None, _FINAL_NORMS))
+        return self._input_probe(self._gain(layer, _ATTN_NORMS if part in ("q", "k", "v", "qkv") else _MLP_NORMS))
+
+    def left_probe(self, info: TensorInfo) -> torch.Tensor | None:
+        """The [k, out] probe Ê whose product Ê W the sketch needs (o_proj, down_proj), or None."""
+        role = self._role(info)
+        return self.probe if role is not None and role[0] == "left" else None
+
+    def add(self, info: TensorInfo, weight: torch.Tensor) -> None:
+        """Take one tensor of the stream as a whole float32 weight: form its products and add them."""
+        right, left = self.right_probe(info), self.left_probe(info)
+        self.add_products(info, right=None if right is None else weight @ right.T,
+                          left=None if left is None else left @ weight)
+
+    def add_products(self, info: TensorInfo, right: torch.Tensor | None = None,
+                     left: torch.Tensor | None = None) -> None:
+        """Take one tensor's products: W (right_probe)ᵀ [out, k] and/or left_probe W [k, in], as asked."""
+        role = self._role(info)
+        if role is None:
+            return
+        side, layer, part = role
+        product = right if side == "right" else left
+        if product is None:
+            raise InternalError(f"sketch: tensor '{info.name}' needs its {side} probe product, none was given")
+        if layer is None:
+            rows = self._head_rows[self._head_rows < product.shape[0]]
+            head = product[rows]
+            unit = head.T @ head
+            if info == self.embedding and self._tied:
+                self._head_from_embedding = unit
+            else:
+                self._head_from_lm = unit
             return
         block = self._blocks.setdefault(layer, _Block())
-        if part in ("o", "down"):
-            if weight.shape[0] == self.width:
-                block.parts[part] = self.probe @ weight  # [k, in]: reads the residual stream
-        elif weight.shape[1] == self.width:
-            norms = _ATTN_NORMS if part in ("q", "k", "v", "qkv") else _MLP_NORMS
-            projected = weight @ self._input_probe(self._gain(layer, norms)).T  # [out, k]
-            if part == "qkv":
-                self._split_qkv(block, projected)
-            elif part == "gate_up":
-                half = projected.shape[0] // 2
-                block.parts["gate"], block.parts["up"] = projected[:half], projected[half:]
-            else:
-                block.parts[part] = projected
+        if part == "qkv":
+            self._split_qkv(block, product)
+        elif part == "gate_up":
+            half = product.shape[0] // 2
+            block.parts["gate"], block.parts["up"] = product[:half], product[half:]
+        else:
+            block.parts[part] = product
         if self._complete(block):
             self._close(layer)
-
-    def _head_unit(self, weight: torch.Tensor) -> torch.Tensor:
-        rows = self._head_rows[self._head_rows < weight.shape[0]]
-        head = weight[rows] @ self._input_probe(self._gain(None, _FINAL_NORMS)).T
-        return head.T @ head
 
     def _heads(self) -> tuple[int, int, int] | None:
         heads = self.config.get("num_attention_heads")
