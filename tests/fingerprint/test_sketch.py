@@ -131,6 +131,9 @@ def test_probes_name_the_products_each_tensor_feeds(tiny_models: dict[str, dict[
     for leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"):
         right = builder.right_probe(by_leaf[leaf])
         assert right is not None and right.shape == (k, width) and builder.left_probe(by_leaf[leaf]) is None
+    head_rows = builder.right_rows(by_leaf["lm_head"])  # the head's nested token sample, here all 512 rows
+    assert head_rows is not None and torch.equal(head_rows, torch.arange(by_leaf["lm_head"].shape[0]))
+    assert builder.right_rows(by_leaf["q_proj"]) is None
     for leaf in ("o_proj", "down_proj"):
         left = builder.left_probe(by_leaf[leaf])
         assert left is not None and left.shape == (k, width) and builder.right_probe(by_leaf[leaf]) is None

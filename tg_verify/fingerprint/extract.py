@@ -83,7 +83,7 @@ def gradient_response(engine: ResponseEngine, source: TensorSource, info: Tensor
 
 def gradient_response_and_products(engine: ResponseEngine, source: TensorSource, info: TensorInfo,
                                    settings: FingerprintSettings, strategy: str, right: torch.Tensor | None = None,
-                                   left: torch.Tensor | None = None
+                                   left: torch.Tensor | None = None, right_rows: torch.Tensor | None = None
                                    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None, torch.Tensor | None]:
     """`gradient_response`, plus the sketch's products W rightᵀ and left W computed in the same pass."""
     width = info.shape[-1]
@@ -97,7 +97,7 @@ def gradient_response_and_products(engine: ResponseEngine, source: TensorSource,
         x = noise.fgsm(x0.astype(np.float64), direction, settings.epsilon).astype(np.float32)
     else:
         x = tensor_inputs(settings, info.name, strategy, width)
-    responses, right_product, left_product = engine.respond_and_project(x, right, left)
+    responses, right_product, left_product = engine.respond_and_project(x, right, left, right_rows)
     if not np.isfinite(responses).all():
         raise _nonfinite_error(source, info, engine)
     return x.astype(np.float64), responses, right_product, left_product
@@ -269,9 +269,10 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
             if kind == "gradient":
                 strategy = noise.strategy_for(settings, info.name)
                 engine.load(source.raw(info))
-                right, left = (builder.right_probe(info), builder.left_probe(info)) if builder is not None else (None, None)
+                right, left, rows = ((builder.right_probe(info), builder.left_probe(info), builder.right_rows(info))
+                                     if builder is not None else (None, None, None))
                 x, responses, right_product, left_product = gradient_response_and_products(
-                    engine, source, info, settings, strategy, right, left)
+                    engine, source, info, settings, strategy, right, left, rows)
                 stats = tensor_statistics(responses, x)
                 record["strategy"] = strategy
                 if stats is None:

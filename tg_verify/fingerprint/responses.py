@@ -100,36 +100,49 @@ class ResponseEngine:
         return self.respond_and_project(inputs)[0]
 
     def respond_and_project(self, inputs: np.ndarray, right: torch.Tensor | None = None,
-                            left: torch.Tensor | None = None
+                            left: torch.Tensor | None = None, right_rows: torch.Tensor | None = None
                             ) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
         """Responses X Wᵀ, and in the same pass W rightᵀ ([out, k]) and left W ([k, in]) when given.
 
         `right` [k, in] is stacked beside the repeat inputs in one right-hand side, so one GEMM per
-        block serves both; `left` [k, out] is multiplied by each block while it is still in cache.
+        block serves both; with `right_rows` (ascending row ids) only those rows are multiplied by it,
+        giving [len(right_rows), k]. `left` [k, out] is multiplied by each block while it is in cache.
         The responses are bitwise those of `respond` alone (columns of one GEMM are independent).
         """
         assert self._raw is not None
         repeats = inputs.shape[0]
         rhs = _padded(inputs)
         padded = rhs.shape[1]
-        if right is not None:
-            rhs = torch.cat([rhs, right.to(torch.float32).t()], dim=1)
+        stacked = right is not None and right_rows is None
+        if stacked:
+            rhs = torch.cat([rhs, right.to(torch.float32).t()], dim=1)  # type: ignore[union-attr]
+        sampled = right.to(torch.float32) if right is not None and right_rows is not None else None
+        right_product: torch.Tensor | None = None
         left_product: torch.Tensor | None = None
         if self._on_device is not None:
             out = (self._on_device @ rhs.to(self.device)).cpu()
+            if sampled is not None:
+                right_product = (self._on_device[right_rows.to(self.device)] @ sampled.to(self.device).t()).cpu()
             if left is not None:
                 left_product = (left.to(self.device, torch.float32) @ self._on_device).cpu()
         else:
             out = torch.empty((self._raw.shape[0], rhs.shape[1]), dtype=torch.float32)
+            if sampled is not None:
+                right_product = torch.empty((len(right_rows), sampled.shape[0]), dtype=torch.float32)
             if left is not None:
                 left = left.to(torch.float32)
                 left_product = torch.zeros((left.shape[0], self._raw.shape[1]), dtype=torch.float32)
             for start, stop, block in self._blocks():
                 torch.mm(block, rhs, out=out[start:stop])
+                if sampled is not None:
+                    lo, hi = (int(torch.searchsorted(right_rows, edge)) for edge in (start, stop))
+                    if hi > lo:
+                        torch.mm(block[right_rows[lo:hi] - start], sampled.t(), out=right_product[lo:hi])
                 if left_product is not None:
                     left_product.addmm_(left[:, start:stop], block)
         responses = out[:, :repeats].t().numpy().astype(np.float64)
-        right_product = out[:, padded:].contiguous() if right is not None else None
+        if stacked:
+            right_product = out[:, padded:].contiguous()
         return responses, right_product, left_product
 
     def input_gradient(self, coefficients: np.ndarray) -> np.ndarray:

@@ -236,15 +236,24 @@ class SketchBuilder:
         role = self._role(info)
         return self.probe if role is not None and role[0] == "left" else None
 
+    def right_rows(self, info: TensorInfo) -> torch.Tensor | None:
+        """The rows of W (ascending) whose right product the sketch uses, when not all: the head's sample."""
+        role = self._role(info)
+        if role is None or role[2] != "head":
+            return None
+        return self._head_rows[self._head_rows < info.shape[0]]
+
     def add(self, info: TensorInfo, weight: torch.Tensor) -> None:
         """Take one tensor of the stream as a whole float32 weight: form its products and add them."""
-        right, left = self.right_probe(info), self.left_probe(info)
-        self.add_products(info, right=None if right is None else weight @ right.T,
+        right, left, rows = self.right_probe(info), self.left_probe(info), self.right_rows(info)
+        rows_of = weight if rows is None else weight[rows]
+        self.add_products(info, right=None if right is None else rows_of @ right.T,
                           left=None if left is None else left @ weight)
 
     def add_products(self, info: TensorInfo, right: torch.Tensor | None = None,
                      left: torch.Tensor | None = None) -> None:
-        """Take one tensor's products: W (right_probe)ᵀ [out, k] and/or left_probe W [k, in], as asked."""
+        """Take one tensor's products, as its probes ask: W (right_probe)ᵀ [out, k] over `right_rows`
+        (all rows when None) and/or left_probe W [k, in]."""
         role = self._role(info)
         if role is None:
             return
@@ -253,9 +262,10 @@ class SketchBuilder:
         if product is None:
             raise InternalError(f"sketch: tensor '{info.name}' needs its {side} probe product, none was given")
         if layer is None:
-            rows = self._head_rows[self._head_rows < product.shape[0]]
-            head = product[rows]
-            unit = head.T @ head
+            rows = self.right_rows(info)
+            if rows is None or product.shape[0] != len(rows):
+                raise InternalError(f"sketch: head tensor '{info.name}' needs its product over the sampled rows")
+            unit = product.T @ product
             if info == self.embedding and self._tied:
                 self._head_from_embedding = unit
             else:
