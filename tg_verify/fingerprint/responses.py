@@ -43,9 +43,10 @@ def _padded(matrix: np.ndarray) -> torch.Tensor:
 class ResponseEngine:
     """Multiplies one tensor at a time by the repeat inputs; optionally keeps its float32 copy.
 
-    `keep_host=True` converts each tensor into a host buffer of `capacity` elements (for consumers
-    that need the whole float32 weight, such as the lineage sketch); otherwise only one block of
-    float32 exists at a time and later passes re-convert from the stored bytes.
+    `keep_host=True` converts each tensor into a host buffer of `capacity` elements (for a consumer
+    that needs the whole float32 weight; the fingerprint no longer does: the lineage sketch's products
+    come from `respond_and_project`); otherwise only one block of float32 exists at a time and later
+    passes re-convert from the stored bytes.
     """
 
     def __init__(self, device: torch.device, capacity: int, keep_host: bool) -> None:
