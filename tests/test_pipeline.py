@@ -327,3 +327,16 @@ def test_not_comparable_lineage_is_recorded_without_numbers(demo_tree: Path, tmp
     predicate = build_statement(replace(result, references=refs))["predicate"]
     recorded = next(r for r in predicate["references"] if r["id"] == BASE)["lineage"]
     assert recorded["comparable"] is False and recorded["derived"] is False and "score" not in recorded
+
+
+def test_the_verdict_does_not_depend_on_the_order_of_the_references(demo_tree: Path, tmp_path: Path) -> None:
+    rows = references(demo_tree).split("  - id: ")
+    reordered = rows[0] + "".join("  - id: " + row for row in reversed(rows[1:]))
+    assert reordered != references(demo_tree)
+    for candidate in ("finetune", "unrelated"):
+        forward = run(tmp_path, demo_tree, model(demo_tree, candidate), f"  base: {BASE}")
+        backward = run(tmp_path, demo_tree, model(demo_tree, candidate), f"  base: {BASE}", refs=reordered)
+        assert backward.passed == forward.passed and fails(backward) == fails(forward)
+        assert {r.spec.id: r.distance for r in backward.references} == pytest.approx(
+            {r.spec.id: r.distance for r in forward.references}, rel=1e-9)
+        assert backward.classification.family == forward.classification.family

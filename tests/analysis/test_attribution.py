@@ -132,3 +132,16 @@ def test_candidate_that_is_a_reference_is_flagged(family_set, make_fp):
     assert not any("classified against itself" in c for c in classify(candidate, family_set).caveats)
     candidate.artifact["root_digest"] = "ab" * 32
     assert any("qwen-a (same root digest)" in c for c in classify(candidate, family_set).caveats)
+
+
+def test_attribution_does_not_depend_on_the_order_of_the_references(family_set, make_fp):
+    """Issue 9: a policy's verdict never depends on the order its references (or a directory's files) come in."""
+    for target in family_set:
+        candidate = _derivative_of(make_fp, target)
+        forward = classify(candidate, family_set)
+        backward = classify(candidate, list(reversed(family_set)))
+        assert (backward.family, backward.base, backward.out_of_cluster) == \
+            (forward.family, forward.base, forward.out_of_cluster)
+        assert backward.distance == pytest.approx(forward.distance, rel=1e-9, abs=1e-12)
+        by_id = {c.base: c.distance for c in forward.centroids}
+        assert {c.base: c.distance for c in backward.centroids} == pytest.approx(by_id, rel=1e-9, abs=1e-12)
