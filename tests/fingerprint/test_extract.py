@@ -332,7 +332,7 @@ def test_response_pass_products_equal_whole_weight_products(monkeypatch):
     weight = torch.randn(40, 24, generator=generator).to(torch.bfloat16)
     inputs = torch.randn(6, 24, generator=generator).numpy()
     right, left = torch.randn(5, 24, generator=generator), torch.randn(5, 40, generator=generator)
-    engine = responses.ResponseEngine(torch.device("cpu"), weight.numel(), keep_host=False)
+    engine = responses.ResponseEngine(torch.device("cpu"), weight.numel())
     engine.load(weight)
     alone = engine.respond(inputs)
     together, right_product, left_product = engine.respond_and_project(inputs, right, left)

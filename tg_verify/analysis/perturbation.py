@@ -89,7 +89,7 @@ def perturbation_study(model: str | os.PathLike[str] | Artifact, settings: Finge
         raise WeightValueError(f"{artifact.root}: no attention or MLP weight matrix to study")
     sink = progress or NullProgress()
     sink.start(f"perturbation study of {artifact.name}", total=len(chosen))
-    engine = ResponseEngine(resolve_device(settings.device), max(info.numel for info in chosen), keep_host=False)
+    engine = ResponseEngine(resolve_device(settings.device), max(info.numel for info in chosen))
     scores = {s: np.zeros(len(chosen)) for s in STUDY_STRATEGIES}
     drawn: dict[str, str] = {}
     per_strategy = {s: replace(settings, strategy=s) for s in STUDY_STRATEGIES}

@@ -259,7 +259,7 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     try:
         builder = SketchBuilder(artifact, source, settings) if settings.sketch else None  # type: ignore[arg-type]
         capacity = max((info.numel for info, kind in zip(artifact.tensors, kinds) if kind == "gradient"), default=0)
-        engine = ResponseEngine(device, capacity, keep_host=False)
+        engine = ResponseEngine(device, capacity)
         release = getattr(source, "release", None)
         records: list[dict[str, Any]] = []
         analysed: list[tuple[str, TensorStats]] = []

@@ -41,30 +41,24 @@ def _padded(matrix: np.ndarray) -> torch.Tensor:
 
 
 class ResponseEngine:
-    """Multiplies one tensor at a time by the repeat inputs; optionally keeps its float32 copy.
+    """Multiplies one tensor at a time by the repeat inputs, one cache-sized float32 block at a time.
 
-    `keep_host=True` converts each tensor into a host buffer of `capacity` elements (for a consumer
-    that needs the whole float32 weight; the fingerprint no longer does: the lineage sketch's products
-    come from `respond_and_project`); otherwise only one block of float32 exists at a time and later
-    passes re-convert from the stored bytes.
+    Only one block of float32 exists at a time; a later pass (FGSM) re-converts from the stored bytes.
+    The lineage sketch's products come from the same pass (`respond_and_project`).
     """
 
-    def __init__(self, device: torch.device, capacity: int, keep_host: bool) -> None:
+    def __init__(self, device: torch.device, capacity: int) -> None:
         self.device = device
-        self.keep_host = keep_host
-        self._host = torch.empty(max(1, capacity) if keep_host else 0, dtype=torch.float32)
         self._device_buffer = (torch.empty(max(1, capacity), dtype=torch.float32, device=device)
                                if device.type != "cpu" else None)
         self._block: torch.Tensor | None = None
         self._raw: torch.Tensor | None = None
-        self._host_ready = False
         self._on_device: torch.Tensor | None = None
 
     # -- loading -----------------------------------------------------------------------------------
     def load(self, raw: torch.Tensor) -> None:
         """Select the next tensor (in its stored dtype, any rank >= 2); nothing is converted yet."""
         self._raw = raw.reshape(-1, raw.shape[-1])
-        self._host_ready = False
         self._on_device = None
         if self._device_buffer is not None:
             rows, cols = self._raw.shape
@@ -76,24 +70,17 @@ class ResponseEngine:
         return max(1, BLOCK_ELEMENTS // max(1, self._raw.shape[1]))
 
     def _blocks(self):  # type: ignore[no-untyped-def]
-        """Yield (row0, row1, float32 block): from the host copy if ready, else converted now."""
+        """Yield (row0, row1, float32 block), each converted now into one reused buffer."""
         assert self._raw is not None
         rows, cols = self._raw.shape
         step = self._rows_per_block()
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            if self.keep_host:
-                block = self._host[start * cols:stop * cols].view(stop - start, cols)
-                if not self._host_ready:
-                    block.copy_(self._raw[start:stop])
-            else:
-                if self._block is None or self._block.numel() < step * cols:
-                    self._block = torch.empty(step * cols, dtype=torch.float32)
-                block = self._block[:(stop - start) * cols].view(stop - start, cols)
-                block.copy_(self._raw[start:stop])
+            if self._block is None or self._block.numel() < step * cols:
+                self._block = torch.empty(step * cols, dtype=torch.float32)
+            block = self._block[:(stop - start) * cols].view(stop - start, cols)
+            block.copy_(self._raw[start:stop])
             yield start, stop, block
-        if self.keep_host:
-            self._host_ready = True
 
     # -- the products --------------------------------------------------------------------------------
     def respond(self, inputs: np.ndarray) -> np.ndarray:
@@ -157,15 +144,6 @@ class ResponseEngine:
         for start, stop, block in self._blocks():
             total += torch.mm(left[start:stop].t(), block)
         return total[:repeats].numpy()
-
-    def host_weight(self) -> torch.Tensor:
-        """The whole tensor in float32 on the host (keep_host only); valid until the next `load`."""
-        assert self._raw is not None and self.keep_host
-        if not self._host_ready:
-            for _ in self._blocks():
-                pass
-        rows, cols = self._raw.shape
-        return self._host[:rows * cols].view(rows, cols)
 
     def finite(self) -> bool:
         """Whether every stored value of the current tensor is finite (used to name NaN/Inf precisely)."""
