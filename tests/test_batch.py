@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import shutil
 import signal
@@ -22,9 +20,9 @@ from tg_verify.cli import main
 from tg_verify.errors import AdapterError, UsageError
 from tg_verify.fingerprint.document import load
 from tg_verify.fingerprint.settings import FingerprintSettings
-from tg_verify.tiny import build_model, save_model
+from tg_verify.tiny import build_model, save_lora_adapter, save_model
 
-peft = pytest.importorskip("peft")
+pytest.importorskip("peft")
 FAST = FingerprintSettings(device="cpu", repeats=4, sketch=False)
 
 
@@ -35,26 +33,9 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def save_lora(base: torch.nn.Module, adapter_dir: Path, merged_dir: Path | None = None, *,
               base_name: str | None = None, seed: int = 1) -> Path:
-    """A LoRA adapter of `base` with random (trained-like) weights; optionally also its peft merge, saved whole.
-
-    The recipe for policy tests too: `save_lora(build_model("llama", seed=0), dir)` gives an adapter of that base.
-    """
-    wrapped = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    wrapped.save_pretrained(str(adapter_dir), save_embedding_layers=False)
-    if base_name is not None:
-        config_path = adapter_dir / "adapter_config.json"
-        document = json.loads(config_path.read_text())
-        document["base_model_name_or_path"] = base_name
-        config_path.write_text(json.dumps(document))
-    if merged_dir is not None:
-        save_model(wrapped.merge_and_unload(), merged_dir)
-    return adapter_dir
+    """A LoRA adapter of `base` with random (trained-like) weights; optionally also its peft merge, saved whole."""
+    return save_lora_adapter(base, adapter_dir, targets=("q_proj", "v_proj", "down_proj"), seed=seed, scale=0.05,
+                             base_name=base_name, merged_dir=merged_dir)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from tg_verify import demo
 from tg_verify.artifact import file_digests, resolve, root_digest
@@ -194,22 +193,13 @@ def test_candidate_that_resolves_to_nothing(demo_tree: Path, tmp_path: Path) -> 
 @pytest.fixture(scope="module")
 def lora_adapter(demo_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter (peft) trained-looking on the demo base, saved the way peft saves it."""
-    peft = pytest.importorskip("peft")
     from safetensors.torch import load_file
 
-    from tg_verify.tiny import build_model
+    from tg_verify.tiny import build_model, save_lora_adapter
 
     base = build_model("llama", seed=0)
     base.load_state_dict(load_file(str(demo_tree / "models" / "base" / "model.safetensors")), strict=False)
-    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    directory = tmp_path_factory.mktemp("adapter") / "adapter"
-    wrapped.save_pretrained(str(directory))
-    return directory
+    return save_lora_adapter(base, tmp_path_factory.mktemp("adapter") / "adapter", seed=5)
 
 
 def test_adapter_candidate_is_merged_onto_its_base(demo_tree: Path, tmp_path: Path, lora_adapter: Path) -> None:

@@ -82,3 +82,35 @@ def save_model(model: torch.nn.Module, directory: str | os.PathLike[str], layout
         (directory / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
     return directory
+
+
+def save_lora_adapter(base: torch.nn.Module, directory: str | os.PathLike[str], *,
+                      targets: tuple[str, ...] = ("q_proj", "v_proj"), rank: int = 4, alpha: int = 8,
+                      seed: int = 1, scale: float = 0.02, base_name: str | None = None,
+                      merged_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Save a peft LoRA adapter of `base` whose A and B are seeded random (a trained-looking update).
+
+    `base` is not modified. `base_name` overrides adapter_config's base_model_name_or_path; with
+    `merged_dir`, peft's own `merge_and_unload()` of the same adapter is saved there as full weights.
+    """
+    import copy
+
+    import peft
+
+    wrapped = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=rank, lora_alpha=alpha,
+                                                                        target_modules=list(targets)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    directory = Path(directory)
+    wrapped.save_pretrained(str(directory), save_embedding_layers=False)
+    if base_name is not None:
+        config_path = directory / "adapter_config.json"
+        document = json.loads(config_path.read_text())
+        document["base_model_name_or_path"] = base_name
+        config_path.write_text(json.dumps(document))
+    if merged_dir is not None:
+        save_model(wrapped.merge_and_unload(), merged_dir)
+    return directory

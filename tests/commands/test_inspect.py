@@ -132,17 +132,10 @@ def test_hostile_config_values_never_break_the_json(tmp_path: Path, tiny_models:
 
 def _lora_adapter(base_arch: str, directory: Path, base_name: str) -> Path:
     """A small LoRA adapter of the tiny `base_arch` model (random adapter weights), saved by peft."""
-    import peft
+    from tg_verify.tiny import build_model, save_lora_adapter
 
-    from tg_verify.tiny import build_model
-
-    wrapped = peft.get_peft_model(build_model(base_arch, seed=0), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
-    wrapped.save_pretrained(str(directory))
-    config = json.loads((directory / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = base_name
-    (directory / "adapter_config.json").write_text(json.dumps(config))
-    return directory
+    return save_lora_adapter(build_model(base_arch, seed=0), directory, targets=("q_proj", "down_proj"),
+                             base_name=base_name)
 
 
 def _reference(path: Path, out: Path, name: str) -> Path:

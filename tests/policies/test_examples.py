@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from tg_verify import demo
 from tg_verify.artifact import resolve
@@ -38,7 +37,7 @@ def extras(demo_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     from safetensors.torch import load_file
 
     from tg_verify.fingerprint.extract import fingerprint_artifact
-    from tg_verify.tiny import build_model, save_model
+    from tg_verify.tiny import build_model, save_lora_adapter, save_model
 
     root = tmp_path_factory.mktemp("extras")
     made: dict[str, Path] = {}
@@ -50,17 +49,9 @@ def extras(demo_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     qwen.load_state_dict(load_file(str(demo_tree / "models" / "qwen2" / "model.safetensors")), strict=False)
     made["qwen2-finetune"] = save_model(demo.train(qwen, demo.corpus(1), steps=8, seed=9, lr=1e-3),
                                         root / "qwen2-finetune")
-    peft = pytest.importorskip("peft")
     llama = build_model("llama", seed=0)
     llama.load_state_dict(load_file(str(demo_tree / "models" / "base" / "model.safetensors")), strict=False)
-    wrapped = peft.get_peft_model(llama, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    wrapped.save_pretrained(str(root / "adapter"))
-    made["adapter"] = root / "adapter"
+    made["adapter"] = save_lora_adapter(llama, root / "adapter", seed=3)
     return made
 
 
