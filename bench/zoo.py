@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tg_verify.tiny import ARCHITECTURES, build_model, save_model  # noqa: E402
+from tg_verify.tiny import ARCHITECTURES, build_model, one_thread, save_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "out" / "zoo"
 SIZES: tuple[str, ...] = ("small", "medium")
@@ -212,12 +212,8 @@ def build_zoo(out: Path = DEFAULT_OUT, recipe: Recipe = Recipe(), force: bool = 
     """Build (or reuse, when the recipe is unchanged) the zoo's models under `out`/models; write labels.yml."""
     # One thread: these models are far too small for intra-op parallelism to pay, and on a shared
     # machine extra threads only contend (measured 10-20x slower per step with 2 threads under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _build(out, recipe, force, architectures, sizes, log)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _build(out: Path, recipe: Recipe, force: bool, architectures: tuple[str, ...], sizes: tuple[str, ...],

@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from tg_verify.errors import InputError
 from tg_verify.pipeline import VerificationResult, VerifyOptions, verify
 from tg_verify.policy import load_policy
 from tg_verify.progress import NullProgress, ProgressSink
-from tg_verify.tiny import build_model, save_model
+from tg_verify.tiny import build_model, one_thread, save_model
 
 DEMO_VERSION = "demo-v1"  # bump when what the demo builds changes: older caches are then rebuilt
 BASE_ID = "demo-llama-base"
@@ -77,20 +76,9 @@ def corpus(part: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a busy machine extra threads cost 10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def train(model: torch.nn.Module, tokens: np.ndarray, steps: int, seed: int, lr: float = 3e-3) -> torch.nn.Module:
     """A few AdamW steps of next-token prediction on random windows of `tokens` (seeded, in place)."""
-    with _one_thread():
+    with one_thread():
         return _train(model, tokens, steps, seed, lr)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +24,18 @@ _SIZES: dict[str, dict[str, int]] = {
     "medium": {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 6,
                "num_key_value_heads": 2},
 }
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread, then restore: tiny models gain nothing from threads, and on a busy
+    machine each extra thread's barrier waits cost ~10x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def tiny_config(arch: str, size: str = "small", vocab_size: int = 512, **overrides: Any) -> Any:

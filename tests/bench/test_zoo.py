@@ -14,7 +14,13 @@ from bench.zoo import (ZooModel, cast, corpus, fine_tune, int8_roundtrip, lora_m
                        train, write_labels)
 from tg_verify.analysis.references import read_labels  # noqa: E402
 from tg_verify.artifact import TensorReader, resolve  # noqa: E402
-from tg_verify.tiny import build_model, save_model  # noqa: E402
+from tg_verify.tiny import build_model, one_thread, save_model  # noqa: E402
+
+
+@pytest.fixture()
+def single_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +36,8 @@ def test_corpus_parts_are_disjoint_bytes_of_source(text):
         corpus("nope", 10)
 
 
+@pytest.mark.usefixtures("single_thread")
 def test_training_lowers_the_loss_and_is_deterministic(text):
-    torch.set_num_threads(1)
     a, b = build_model("llama", seed=3), build_model("llama", seed=3)
     first = train(a, text, 1, 3e-3, seed=0, batch=4, context=32)
     last = train(a, text, 15, 3e-3, seed=0, batch=4, context=32)

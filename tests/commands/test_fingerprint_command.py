@@ -10,14 +10,13 @@ from safetensors.torch import save_file
 
 from tg_verify.cli import main
 from tg_verify.fingerprint.document import load
+from tg_verify.tiny import one_thread
 
 
 @pytest.fixture(autouse=True)
 def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 def test_writes_a_loadable_document_and_one_summary_line(tiny_models, tmp_path, capsys):
