@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from collections.abc import Callable
 from typing import Union
@@ -32,30 +33,56 @@ def file_digests(artifact: Artifact, progress: Progress = None) -> dict[str, str
     """
     advance = _advance(progress)
     digests: dict[str, str] = {}
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
     for entry in artifact.files:
         path = artifact.path_of(entry.path)
         fd, info = open_regular(path, "artifact file")
-        digest = hashlib.sha256()
-        total = 0
         try:
-            with os.fdopen(fd, "rb", buffering=0, closefd=True) as handle:
-                while True:
-                    count = handle.readinto(buffer)
-                    if not count:
-                        break
-                    digest.update(view[:count])
-                    total += count
-                    if advance is not None:
-                        advance(count)
+            if info.st_size != entry.size:
+                raise FileChangedError(f"{shown(path)}: file is {info.st_size} bytes, not the {entry.size} "
+                                       f"validated by resolve(); the file changed while being verified")
+            digests[entry.path] = _sha256(fd, entry.size, advance)
+            if os.fstat(fd).st_size != entry.size:
+                raise FileChangedError(f"{shown(path)}: file size changed while it was hashed; "
+                                       f"the file changed while being verified")
         except OSError as exc:
             raise os_error(path, exc, "artifact file") from None
-        if total != entry.size or info.st_size != entry.size:
-            raise FileChangedError(f"{shown(path)}: read {total} bytes, not the {entry.size} validated by resolve(); "
-                                   f"the file changed while being verified")
-        digests[entry.path] = digest.hexdigest()
+        finally:
+            os.close(fd)
     return digests
+
+
+def _sha256(fd: int, size: int, advance: Callable[[int], None] | None) -> str:
+    """sha256 of the first `size` bytes of `fd`, hashed from a read-only map (no copy into a buffer).
+
+    Reading into a buffer costs a page-cache copy per byte, a third of the hashing time on the
+    2-core runner; each chunk's pages are dropped from the map once hashed, so resident memory
+    stays one chunk.
+    """
+    digest = hashlib.sha256()
+    if size == 0:
+        return digest.hexdigest()
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            for start in range(0, size, CHUNK):
+                stop = min(size, start + CHUNK)
+                digest.update(view[start:stop])
+                _drop(mapped, start, stop - start)
+                if advance is not None:
+                    advance(stop - start)
+        finally:
+            view.release()
+    return digest.hexdigest()
+
+
+def _drop(mapped: mmap.mmap, start: int, length: int) -> None:
+    """Advise the kernel that a hashed range will not be read again through this map (RSS stays small)."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is not None:
+        try:
+            mapped.madvise(advice, start, length)
+        except (OSError, ValueError):
+            pass  # advice only
 
 
 def root_digest(digests: dict[str, str]) -> str:
