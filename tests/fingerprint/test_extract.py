@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tg_verify.artifact import resolve
+from tg_verify.artifact import file_digests, resolve
 from tg_verify.errors import UsageError, WeightValueError
 from tg_verify.fingerprint.document import FEATURE_NAMES, load
 from tg_verify.fingerprint.extract import count_layers, evenly_spaced, fingerprint_artifact
@@ -64,12 +64,28 @@ def test_byte_identical_twice_and_across_thread_counts(tiny_models):
     assert torch.get_num_threads() == 1  # restored (the autouse fixture pins 1)
 
 
-def test_threads_follow_the_hashing_policy():
-    from tg_verify.fingerprint.extract import compute_threads, usable_cores
+def test_tensors_shared_by_threads_give_the_same_bytes(tiny_models, monkeypatch):
+    """1, 2 and 4 threads share the tensors; with 64-element blocks the block sums are long ones too."""
+    from tg_verify.fingerprint import responses
 
-    torch.set_num_threads(2)
-    assert compute_threads(hashing=False) == 2
-    assert compute_threads(hashing=True) == max(1, min(2, usable_cores() - 1))
+    monkeypatch.setattr(responses, "BLOCK_ELEMENTS", 64)
+    artifact = resolve(tiny_models["qwen2"]["shards"])
+    settings = FingerprintSettings(repeats=6)  # FGSM tensors included: their input gradient is a block sum
+    first = fingerprint_artifact(artifact, settings, threads=1)
+    assert "adversarial" in first.extraction["strategies"]
+    for threads in (2, 4):
+        assert fingerprint_artifact(artifact, settings, threads=threads).to_json_bytes() == first.to_json_bytes()
+    unhashed = fingerprint_artifact(artifact, settings, threads=1, digests=file_digests(artifact))  # no helper
+    assert unhashed.to_json_bytes() == first.to_json_bytes()
+
+
+def test_helper_threads_follow_the_cores_and_the_hashing():
+    from tg_verify.fingerprint.extract import helper_threads, usable_cores
+
+    assert helper_threads(1, hashing=False) == 0  # one core, nothing to hash: no thread at all
+    assert helper_threads(1, hashing=True) == 1  # the files are hashed on a helper even then
+    assert helper_threads(2, hashing=True) == helper_threads(2, hashing=False) == 1
+    assert helper_threads(8, hashing=True) == 7
     assert 1 <= usable_cores() <= (os.cpu_count() or 1)
 
 

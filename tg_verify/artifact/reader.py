@@ -8,6 +8,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -51,8 +52,13 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         self.artifact = artifact
         self._maps: dict[str, mmap.mmap] = {}
         self._sizes = {f.path: f.size for f in artifact.files}
+        self._lock = threading.Lock()  # the extractor reads tensors from several threads
 
     def _map(self, relpath: str) -> mmap.mmap:
+        with self._lock:
+            return self._map_locked(relpath)
+
+    def _map_locked(self, relpath: str) -> mmap.mmap:
         if relpath not in self._maps:
             path = self.artifact.path_of(relpath)
             fd, info = open_regular(path, "weights file")

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,6 +29,7 @@ from tg_verify.fingerprint.gradient import TensorStats, tensor_statistics
 from tg_verify.fingerprint.responses import ResponseEngine, resolve_device
 from tg_verify.fingerprint.settings import FingerprintSettings
 from tg_verify.fingerprint.sketch import SketchBuilder
+from tg_verify.fingerprint.workers import WorkerPool
 from tg_verify.progress import NullProgress, ProgressSink
 
 # Safetensors dtypes whose values are real numbers a gradient can be taken against. Integer
@@ -174,24 +175,21 @@ class _Progress:
                 self._describe(f"{label}: {self.done}/{self.tensors} tensors")
 
 
-def compute_threads(hashing: bool) -> int:
-    """Torch threads for the products: the current setting, less one core when sha256 runs beside them.
-
-    On a 2-core runner that means one compute thread next to the hashing thread: both cores busy and
-    no OpenMP barrier waiting for a thread that the hashing (or a neighbour process) has descheduled.
-    """
-    current = torch.get_num_threads()
-    if not hashing:
-        return current
-    return max(1, min(current, usable_cores() - 1))
-
-
 def usable_cores() -> int:
     """CPUs this process may run on (its affinity mask, which containers narrow), else the CPU count."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def helper_threads(workers: int, hashing: bool) -> int:
+    """Helper threads beside the calling one: `workers` computing in all, and always one to hash the files.
+
+    With two or more workers the hashing helper is one of them: it takes tensors once the files are
+    done, so on a 2-core runner both cores compute after hashing instead of one idling.
+    """
+    return max(workers - 1, 1 if hashing else 0)
 
 
 @contextmanager
@@ -210,15 +208,13 @@ class _Cancelled(Exception):
     """Stops the background hashing when fingerprinting fails."""
 
 
-def _start_hashing(artifact: Artifact, progress: _Progress, stop: threading.Event
-                   ) -> tuple[ThreadPoolExecutor, Future[dict[str, str]]]:
+def _hashing(artifact: Artifact, progress: _Progress, stop: threading.Event) -> Callable[[], dict[str, str]]:
     def advance(count: int) -> None:
         if stop.is_set():
             raise _Cancelled()
         progress.advance(count)
 
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tg-verify-sha256")
-    return pool, pool.submit(file_digests, artifact, advance)
+    return lambda: file_digests(artifact, advance)
 
 
 def fingerprint_artifact(artifact: Artifact, settings: FingerprintSettings | None = None, *,
@@ -229,17 +225,45 @@ def fingerprint_artifact(artifact: Artifact, settings: FingerprintSettings | Non
 
     `reader` defaults to a TensorReader over the artifact; any object with `.raw(info)` and
     `.float32(info)` for the artifact's tensors works. `digests` (path -> sha256) skips hashing when
-    the caller already has them; otherwise the files are hashed on a second thread meanwhile.
-    `threads` sets torch's intra-op threads for the duration (default: `compute_threads`); results
-    do not depend on it.
+    the caller already has them; otherwise a helper thread hashes the files meanwhile and then joins
+    the products. `threads` is how many threads compute (default: the usable cores); torch's own
+    intra-op threads are set to one for the duration. Results do not depend on either.
     """
-    with _torch_threads(threads or compute_threads(hashing=digests is None)):
-        return _fingerprint(artifact, settings, reader, progress, model_name, digests)
+    workers = max(1, threads or usable_cores())
+    with _torch_threads(1):
+        return _fingerprint(artifact, settings, reader, progress, model_name, digests, workers)
+
+
+@dataclass(frozen=True)
+class _TensorResult:
+    """What one weight matrix contributes: its strategy, statistics and sketch products."""
+
+    strategy: str
+    stats: TensorStats | None
+    right: torch.Tensor | None
+    left: torch.Tensor | None
+
+
+def _tensor_result(engine: ResponseEngine, source: TensorSource, info: TensorInfo, settings: FingerprintSettings,
+                   builder: SketchBuilder | None, release: Callable[[TensorInfo], None] | None) -> _TensorResult:
+    """Statistics and sketch products of one weight matrix; its stored bytes are released afterwards."""
+    strategy = noise.strategy_for(settings, info.name)
+    engine.load(source.raw(info))
+    try:
+        right, left, rows = ((builder.right_probe(info), builder.left_probe(info), builder.right_rows(info))
+                             if builder is not None else (None, None, None))
+        x, responses, right_product, left_product = gradient_response_and_products(
+            engine, source, info, settings, strategy, right, left, rows)
+        return _TensorResult(strategy, tensor_statistics(responses, x), right_product, left_product)
+    finally:
+        engine.unload()
+        if release is not None:
+            release(info)
 
 
 def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reader: TensorSource | None,
-                 progress: ProgressSink | None, model_name: str | None, digests: dict[str, str] | None
-                 ) -> Fingerprint:
+                 progress: ProgressSink | None, model_name: str | None, digests: dict[str, str] | None,
+                 workers: int) -> Fingerprint:
     settings = settings or FingerprintSettings()
     if digests is not None and any(f.path not in digests for f in artifact.files):
         missing = sorted(f.path for f in artifact.files if f.path not in digests)
@@ -255,43 +279,55 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     owned = reader is None
     source: TensorSource = TensorReader(artifact) if reader is None else reader
     stop = threading.Event()
-    pool, hashing = (None, None) if digests is not None else _start_hashing(artifact, tracker, stop)
+    hashing = digests is None
+    # On CUDA one thread drives the device (whole-tensor products); a helper is then only there to hash.
+    compute = workers if device.type == "cpu" else 1
+    pool = WorkerPool(helper_threads(compute, hashing), _hashing(artifact, tracker, stop) if hashing else None,
+                      prelude_joins=compute > 1)
     try:
         builder = SketchBuilder(artifact, source, settings) if settings.sketch else None  # type: ignore[arg-type]
         capacity = max((info.numel for info, kind in zip(artifact.tensors, kinds) if kind == "gradient"), default=0)
-        engine = ResponseEngine(device, capacity)
+        engines: list[ResponseEngine | None] = [None] * pool.workers
         release = getattr(source, "release", None)
         records: list[dict[str, Any]] = []
-        analysed: list[tuple[str, TensorStats]] = []
         for info, kind in zip(artifact.tensors, kinds):
-            record: dict[str, Any] = {"name": info.name, "shape": list(info.shape), "size": info.numel,
-                                      "category": categorize(info.name), "dtype": info.dtype, "analysis": kind}
+            records.append({"name": info.name, "shape": list(info.shape), "size": info.numel,
+                            "category": categorize(info.name), "dtype": info.dtype, "analysis": kind})
             if kind == "gradient":
-                strategy = noise.strategy_for(settings, info.name)
-                engine.load(source.raw(info))
-                right, left, rows = ((builder.right_probe(info), builder.left_probe(info), builder.right_rows(info))
-                                     if builder is not None else (None, None, None))
-                x, responses, right_product, left_product = gradient_response_and_products(
-                    engine, source, info, settings, strategy, right, left, rows)
-                stats = tensor_statistics(responses, x)
-                record["strategy"] = strategy
-                if stats is None:
-                    record["analysis"] = "degenerate"
-                else:
-                    record["stats"] = stats.to_dict()
-                    if stats.degenerate_repeats:
-                        record["degenerate_repeats"] = stats.degenerate_repeats
-                    analysed.append((info.name, stats))
-                if builder is not None:
-                    builder.add_products(info, right=right_product, left=left_product)
-            elif kind == "one-dimensional" and info.dtype in FLOAT_DTYPES:
+                continue
+            if kind == "one-dimensional" and info.dtype in FLOAT_DTYPES:
                 if not bool(torch.isfinite(source.float32(info)).all()):
                     raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
                                            f"a fingerprint of it would be meaningless")
             if release is not None:
                 release(info)
-            records.append(record)
             tracker.tensor_done(label, info.nbytes)
+        matrices = [n for n, kind in enumerate(kinds) if kind == "gradient"]
+        analysed: list[tuple[str, TensorStats]] = []
+
+        def work(item: int, worker: int) -> _TensorResult:
+            info = artifact.tensors[matrices[item]]
+            engine = engines[worker]
+            if engine is None:
+                engine = engines[worker] = ResponseEngine(device, capacity)
+            return _tensor_result(engine, source, info, settings, builder, release)
+
+        def fold(item: int, result: _TensorResult) -> None:
+            info = artifact.tensors[matrices[item]]
+            record = records[matrices[item]]
+            record["strategy"] = result.strategy
+            if result.stats is None:
+                record["analysis"] = "degenerate"
+            else:
+                record["stats"] = result.stats.to_dict()
+                if result.stats.degenerate_repeats:
+                    record["degenerate_repeats"] = result.stats.degenerate_repeats
+                analysed.append((info.name, result.stats))
+            if builder is not None:
+                builder.add_products(info, right=result.right, left=result.left)
+            tracker.tensor_done(label, info.nbytes)
+
+        pool.run(len(matrices), work, fold)
         if not any(kind == "gradient" for kind in kinds):
             raise WeightValueError(f"{artifact.root}: no tensor of rank 2 or more with a floating-point dtype; "
                                    f"nothing to fingerprint")
@@ -304,14 +340,13 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
         summary["strategies"] = {s: sum(1 for r in records if r.get("strategy") == s and r["analysis"] == "gradient")
                                  for s in sorted({r["strategy"] for r in records if "strategy" in r})}
         sketch = builder.finish() if builder is not None else None
-        if hashing is not None:
-            digests = hashing.result()
+        if hashing:
+            digests = pool.prelude_result()
     except BaseException:
         stop.set()
         raise
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
+        pool.close()
         if owned:
             source.close()  # type: ignore[attr-defined]
     assert digests is not None

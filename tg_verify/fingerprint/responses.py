@@ -3,14 +3,20 @@
 On CPU the stored weight (bf16, fp16, fp32, ...) is converted to float32 in row blocks into a
 buffer that is allocated once and reused, and each block is multiplied while it is still in cache:
 no fresh per-tensor float32 allocation (whose page faults cost more than the arithmetic), no
-autograd, no second copy. The block size depends only on the row width, so results never depend on
-the buffer mode or the thread count. On CUDA the weight is copied to the device once per tensor.
+autograd, no second copy. The block size depends only on the row width, and sums over blocks are
+taken in block order, so results never depend on the buffer or on threads. One engine
+serves one thread. On CUDA the weight is copied to the device once per tensor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
 import torch
+
+T = TypeVar("T")
 
 # Rows per block = BLOCK_ELEMENTS // row width: 4 MiB of float32, L2/L3-resident while multiplied;
 # on the 2-core runner 2^20 beat 2^22 and 2^24 by ~15% single-threaded (docs/benchmarks.md). Fixed:
@@ -51,7 +57,7 @@ class ResponseEngine:
         self.device = device
         self._device_buffer = (torch.empty(max(1, capacity), dtype=torch.float32, device=device)
                                if device.type != "cpu" else None)
-        self._block: torch.Tensor | None = None
+        self._buffer: torch.Tensor | None = None
         self._raw: torch.Tensor | None = None
         self._on_device: torch.Tensor | None = None
 
@@ -65,22 +71,31 @@ class ResponseEngine:
             self._on_device = self._device_buffer[:rows * cols].view(rows, cols)
             self._on_device.copy_(self._raw)
 
+    def unload(self) -> None:
+        """Forget the current tensor (so its stored bytes can be released)."""
+        self._raw = None
+        self._on_device = None
+
     def _rows_per_block(self) -> int:
         assert self._raw is not None
         return max(1, BLOCK_ELEMENTS // max(1, self._raw.shape[1]))
 
-    def _blocks(self):  # type: ignore[no-untyped-def]
-        """Yield (row0, row1, float32 block), each converted now into one reused buffer."""
+    def _each_block(self, work: Callable[[int, int, torch.Tensor], T], fold: Callable[[T], None] | None = None
+                    ) -> None:
+        """work(row0, row1, float32 block) for each block in order, converted into the one reused buffer;
+        fold(value) after each, in block order."""
         assert self._raw is not None
         rows, cols = self._raw.shape
         step = self._rows_per_block()
+        if self._buffer is None or self._buffer.numel() < min(rows, step) * cols:
+            self._buffer = torch.empty(min(rows, step) * cols, dtype=torch.float32)
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            if self._block is None or self._block.numel() < step * cols:
-                self._block = torch.empty(step * cols, dtype=torch.float32)
-            block = self._block[:(stop - start) * cols].view(stop - start, cols)
+            block = self._buffer[:(stop - start) * cols].view(stop - start, cols)
             block.copy_(self._raw[start:stop])
-            yield start, stop, block
+            value = work(start, stop, block)
+            if fold is not None:
+                fold(value)
 
     # -- the products --------------------------------------------------------------------------------
     def respond(self, inputs: np.ndarray) -> np.ndarray:
@@ -94,7 +109,8 @@ class ResponseEngine:
 
         `right` [k, in] is stacked beside the repeat inputs in one right-hand side, so one GEMM per
         block serves both; with `right_rows` (ascending row ids) only those rows are multiplied by it,
-        giving [len(right_rows), k]. `left` [k, out] is multiplied by each block while it is in cache.
+        giving [len(right_rows), k]. `left` [k, out] is multiplied by each block while it is in cache,
+        accumulated in block order.
         The responses are bitwise those of `respond` alone (columns of one GEMM are independent).
         """
         assert self._raw is not None
@@ -117,17 +133,20 @@ class ResponseEngine:
             out = torch.empty((self._raw.shape[0], rhs.shape[1]), dtype=torch.float32)
             if sampled is not None:
                 right_product = torch.empty((len(right_rows), sampled.shape[0]), dtype=torch.float32)
-            if left is not None:
-                left = left.to(torch.float32)
-                left_product = torch.zeros((left.shape[0], self._raw.shape[1]), dtype=torch.float32)
-            for start, stop, block in self._blocks():
+            left32 = left.to(torch.float32) if left is not None else None
+            if left32 is not None:
+                left_product = torch.zeros((left32.shape[0], self._raw.shape[1]), dtype=torch.float32)
+
+            def work(start: int, stop: int, block: torch.Tensor) -> None:
                 torch.mm(block, rhs, out=out[start:stop])
                 if sampled is not None:
                     lo, hi = (int(torch.searchsorted(right_rows, edge)) for edge in (start, stop))
                     if hi > lo:
                         torch.mm(block[right_rows[lo:hi] - start], sampled.t(), out=right_product[lo:hi])
                 if left_product is not None:
-                    left_product.addmm_(left[:, start:stop], block)
+                    left_product.addmm_(left32[:, start:stop], block)  # accumulated in block order
+
+            self._each_block(work)
         responses = out[:, :repeats].t().numpy().astype(np.float64)
         if stacked:
             right_product = out[:, padded:].contiguous()
@@ -141,8 +160,8 @@ class ResponseEngine:
         if self._on_device is not None:
             return (left.to(self.device).t() @ self._on_device)[:repeats].double().cpu().numpy()
         total = torch.zeros((left.shape[1], self._raw.shape[1]), dtype=torch.float64)
-        for start, stop, block in self._blocks():
-            total += torch.mm(left[start:stop].t(), block)
+
+        self._each_block(lambda start, stop, block: torch.mm(left[start:stop].t(), block), total.add_)
         return total[:repeats].numpy()
 
     def finite(self) -> bool:
