@@ -44,7 +44,7 @@ def stress(models: list[ZooModel], references: list, out: Path) -> None:
     recipe = Recipe()
     text = corpus("heavy", recipe.corpus_bytes)
     bases = [m for m in models if m.parent is None and m.id.endswith("-small")]
-    results: dict[int, list[tuple[bool, bool, float]]] = defaultdict(list)
+    results: dict[int, list[tuple[bool, bool, float, str]]] = defaultdict(list)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -70,7 +70,9 @@ def stress(models: list[ZooModel], references: list, out: Path) -> None:
 
                 result = classify(load(path), references)
                 own = next(r.distance for r in result.references if r.id == base.id)
-                results[steps].append((result.family == base.family, result.base == base.id, own))
+                placed = (f"{name} -> {result.family} cluster (base {result.base}, {result.distance:.2f}"
+                          f"{', out of cluster' if result.out_of_cluster else ''}; own base at {own:.2f})")
+                results[steps].append((result.family == base.family, result.base == base.id, own, placed))
     finally:
         torch.set_num_threads(threads)
     print(f"\nstress: small bases fine-tuned longer (lr {recipe.heavy_lr:g}; the zoo's heavy fine-tune is "
@@ -80,6 +82,9 @@ def stress(models: list[ZooModel], references: list, out: Path) -> None:
         print(f"  {steps:4d} steps: family {sum(r[0] for r in rows)}/{len(rows)}, own base {sum(r[1] for r in rows)}/"
               f"{len(rows)}, distance to own base median {np.median([r[2] for r in rows]):.2f} "
               f"max {max(r[2] for r in rows):.2f}")
+        for row in rows:
+            if not (row[0] and row[1]):
+                print(f"         {row[3]}")
 
 
 def main(argv: list[str] | None = None) -> int:

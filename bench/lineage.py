@@ -120,6 +120,18 @@ class Entry:
     fingerprint: Fingerprint | None = None
 
 
+def _current(fp_path: Path) -> bool:
+    """Whether a cached fingerprint exists and was made by the current feature version and probe size."""
+    from tg_verify.fingerprint import sketch as sk
+    from tg_verify.fingerprint.document import FEATURE_VERSION
+
+    if not fp_path.exists():
+        return False
+    cached = load(fp_path)
+    return (cached.feature_version == FEATURE_VERSION and cached.sketch is not None
+            and cached.sketch["probe"]["tokens"] == sk.DEFAULT_TOKENS)
+
+
 def load_checkpoint(directory: Path) -> T.Checkpoint:
     import transformers
     from safetensors.torch import load_file
@@ -152,7 +164,7 @@ class Bench:
             ck = make()
             ck.save(directory, layout)
             self.log(f"  built {entry.id} in {time.perf_counter() - started:.1f}s")
-        if not fp_path.exists():
+        if not _current(fp_path):
             from tg_verify.artifact import resolve
             from tg_verify.fingerprint.extract import fingerprint_artifact
             from tg_verify.fingerprint.settings import FingerprintSettings

@@ -301,35 +301,31 @@ def fingerprint_zoo(models: list[ZooModel], out: Path = DEFAULT_OUT, settings: o
                     force: bool = False, log: Callable[[str], None] = lambda message: None) -> list[Path]:
     """Fingerprint every zoo model into OUT/fingerprints/<id>.json (model_name = id); reuse up-to-date files.
 
-    A cached document is reused when its settings and recorded file digests still match the model.
+    A cached document is reused when its feature version, settings and recorded file digests still match.
     """
     from tg_verify.artifact import file_digests, resolve
     from tg_verify.atomic import write_bytes
-    from tg_verify.fingerprint.document import load
+    from tg_verify.fingerprint.document import FEATURE_VERSION, load
     from tg_verify.fingerprint.extract import fingerprint_artifact
     from tg_verify.fingerprint.settings import FingerprintSettings
 
     chosen = settings if isinstance(settings, FingerprintSettings) else FingerprintSettings(device="cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     paths = []
-    try:
-        for model in models:
-            path = out / "fingerprints" / f"{model.id}.json"
-            artifact = resolve(model.path)
-            if path.exists() and not force:
-                cached = load(path)
-                if (cached.settings == chosen.to_dict() | {"device": cached.settings.get("device")}
-                        and cached.file_digests == file_digests(artifact)):
-                    paths.append(path)
-                    continue
-            started = time.perf_counter()
-            fingerprint = fingerprint_artifact(artifact, chosen, model_name=model.id)
-            write_bytes(path, fingerprint.to_json_bytes())
-            log(f"{model.id}: fingerprinted ({time.perf_counter() - started:.2f}s)")
-            paths.append(path)
-    finally:
-        torch.set_num_threads(threads)
+    for model in models:
+        path = out / "fingerprints" / f"{model.id}.json"
+        artifact = resolve(model.path)
+        if path.exists() and not force:
+            cached = load(path)
+            if (cached.feature_version == FEATURE_VERSION
+                    and cached.settings == chosen.to_dict() | {"device": cached.settings.get("device")}
+                    and cached.file_digests == file_digests(artifact)):
+                paths.append(path)
+                continue
+        started = time.perf_counter()
+        fingerprint = fingerprint_artifact(artifact, chosen, model_name=model.id)
+        write_bytes(path, fingerprint.to_json_bytes())
+        log(f"{model.id}: fingerprinted ({time.perf_counter() - started:.2f}s)")
+        paths.append(path)
     return paths
 
 

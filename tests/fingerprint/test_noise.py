@@ -12,9 +12,9 @@ WIDTH = 96
 
 
 def _spectrum_support(signal: np.ndarray) -> np.ndarray:
-    """Indices of the rFFT bins that carry energy in any row."""
+    """Indices of the rFFT bins that carry energy in any row (above float32 rounding)."""
     power = np.abs(np.fft.rfft(signal, axis=-1)).max(axis=0)
-    return np.flatnonzero(power > 1e-9 * power.max())
+    return np.flatnonzero(power > 1e-4 * power.max())  # float32 inputs: rounding leaks ~1e-6 into empty bins
 
 
 def test_base_inputs_are_standard_normal_and_independent_per_repeat():
@@ -57,7 +57,7 @@ def test_gaussian_noise_is_scaled_standard_normal():
     settings = FingerprintSettings(repeats=200)
     added = noise.additive_noise(settings, "w", "gaussian", 400)
     assert abs(added.std() - 0.1) < 0.002
-    np.testing.assert_allclose(added, 0.1 * noise.standard_normal(noise.stream(0, "w", "noise"), 200, 400))
+    np.testing.assert_allclose(added, 0.1 * noise.standard_normal(noise.stream(0, "w", "noise"), 200, 400), rtol=1e-6)
 
 
 def test_structural_keeps_the_lowest_quarter_of_the_band_at_unit_scale():
@@ -65,14 +65,14 @@ def test_structural_keeps_the_lowest_quarter_of_the_band_at_unit_scale():
     bins = WIDTH // 2 + 1  # 49
     assert _spectrum_support(added).max() == int(bins * 0.25) - 1
     raw = noise.standard_normal(noise.stream(0, "w", "noise"), 30, WIDTH)
-    np.testing.assert_allclose(np.fft.rfft(added)[:, :12], np.fft.rfft(raw)[:, :12], atol=1e-9)
+    np.testing.assert_allclose(np.fft.rfft(added)[:, :12], np.fft.rfft(raw)[:, :12], atol=1e-5)
 
 
 def test_low_frequency_keeps_the_lowest_eighth_scaled():
     added = noise.additive_noise(FingerprintSettings(), "w", "low-frequency", WIDTH)
     assert _spectrum_support(added).max() == int((WIDTH // 2 + 1) * 0.125) - 1
     raw = noise.standard_normal(noise.stream(0, "w", "noise"), 30, WIDTH)
-    np.testing.assert_allclose(np.fft.rfft(added)[:, :6], 0.1 * np.fft.rfft(raw)[:, :6], atol=1e-9)
+    np.testing.assert_allclose(np.fft.rfft(added)[:, :6], 0.1 * np.fft.rfft(raw)[:, :6], atol=1e-6)
 
 
 def test_high_frequency_keeps_the_upper_half_scaled():
@@ -93,7 +93,7 @@ def test_fgsm_closed_form_equals_autograd_cross_entropy():
     torch.manual_seed(0)
     weight = torch.randn(40, 24, dtype=torch.float64)
     settings = FingerprintSettings(repeats=6)
-    x0 = noise.base_inputs(settings, "w", 24)
+    x0 = noise.base_inputs(settings, "w", 24).astype(np.float64)
     targets = noise.pseudo_targets(settings, "w", 40)
     assert targets.min() >= 0 and targets.max() < 40
     closed = noise.softmax_minus_onehot(x0 @ weight.numpy().T, targets) @ weight.numpy()
@@ -105,11 +105,20 @@ def test_fgsm_closed_form_equals_autograd_cross_entropy():
 
 
 def test_normals_do_not_depend_on_library_samplers():
-    """Box-Muller over the raw Philox stream: pinned values, so a NumPy upgrade cannot move fingerprints."""
+    """Box-Muller over the raw Philox stream (24-bit halves of one draw per pair), not a NumPy sampler."""
     values = noise.standard_normal(noise.stream(0, "pin", "x0"), 1, 4)[0]
-    raw = noise.stream(0, "pin", "x0").bit_generator.random_raw(4)
-    u = (raw >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
-    radius = np.sqrt(-2 * np.log1p(-u[0::2]))
-    expected = np.array([radius[0] * np.cos(2 * np.pi * u[1]), radius[0] * np.sin(2 * np.pi * u[1]),
-                         radius[1] * np.cos(2 * np.pi * u[3]), radius[1] * np.sin(2 * np.pi * u[3])])
-    np.testing.assert_array_equal(values, expected)
+    raw = noise.stream(0, "pin", "x0").bit_generator.random_raw(2)
+    top = (raw >> np.uint64(40)).astype(np.float64)
+    angle = 2 * np.pi * ((raw >> np.uint64(16)) & np.uint64(0xFFFFFF)).astype(np.float64) / 2 ** 24
+    radius = np.sqrt(-2 * np.log((2 ** 24 - top) / 2 ** 24))
+    expected = np.array([radius[0] * np.cos(angle[0]), radius[0] * np.sin(angle[0]),
+                         radius[1] * np.cos(angle[1]), radius[1] * np.sin(angle[1])])
+    assert values.dtype == np.float32
+    np.testing.assert_allclose(values, expected, rtol=1e-6, atol=1e-6)  # float32 evaluation of the same draw
+
+
+def test_normal_tails_are_finite_and_bounded():
+    """The largest 24-bit draw gives radius sqrt(2 * 24 ln 2) ~ 5.77, never ln 0 or infinity."""
+    values = noise.standard_normal(noise.stream(3, "tails", "x0"), 200, 5000)
+    assert np.isfinite(values).all() and np.abs(values).max() <= np.sqrt(2 * 24 * np.log(2)) + 1e-5
+    assert 4.0 < np.abs(values).max()  # the tail is reached, not clipped at a few sigma

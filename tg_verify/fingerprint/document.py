@@ -22,7 +22,7 @@ SCHEMA = "https://tg-verify.dev/schemas/fingerprint"
 FORMAT_VERSION = 1
 # Bumped whenever the meaning of any feature changes; documents of different feature versions
 # are never compared.
-FEATURE_VERSION = "tg1"
+FEATURE_VERSION = "tg2"  # tg2: float32 Box-Muller inputs (tg1: float64); same distribution, other draws
 LEGACY_FEATURE_VERSION = "tensorguard-release"
 MAX_DOCUMENT_BYTES = 64_000_000
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -3,8 +3,10 @@
 Every random draw comes from a Philox stream keyed by sha256(seed, tensor name, purpose), so a
 tensor's inputs never depend on which other tensors exist, their order or the shard layout. Normals
 come from Box-Muller over the raw 64-bit stream (whose bits NumPy keeps stable across releases),
-not from a library sampler whose algorithm may change. Row r of every draw is repeat r, so the
-first k repeats are the same whatever `repeats` is.
+not from a library sampler whose algorithm may change, and are computed in float32: the inputs are
+float32 anyway, and float32 SIMD log/cos/sin make the inputs ~3x cheaper than float64 (they were a
+quarter of the CPU fingerprint's time). Row r of every draw is repeat r, so the first k repeats are
+the same whatever `repeats` is.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import numpy as np
 
 from tg_verify.fingerprint.settings import NOISE_STRATEGIES, FingerprintSettings
 
-_TWO_PI = 2.0 * math.pi
-_UNIT = 2.0 ** -53
+# One raw 64-bit draw gives one Box-Muller pair: two 24-bit uniforms (a float32 holds 24 bits exactly).
+_BITS = 24
+_SCALE = np.float32(2.0 ** -_BITS)
+_ANGLE = np.float32(2.0 * math.pi * 2.0 ** -_BITS)
+_MASK = np.uint64((1 << _BITS) - 1)
 
 
 def stream(seed: int, name: str, purpose: str) -> np.random.Generator:
@@ -27,19 +32,24 @@ def stream(seed: int, name: str, purpose: str) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=key))
 
 
-def uniform(generator: np.random.Generator, count: int) -> np.ndarray:
-    """`count` float64 uniforms in [0, 1) from the top 53 bits of the raw stream."""
-    raw = generator.bit_generator.random_raw(count)
-    return (raw >> np.uint64(11)).astype(np.float64) * _UNIT
-
-
 def standard_normal(generator: np.random.Generator, rows: int, width: int) -> np.ndarray:
-    """[rows, width] float64 standard normals by Box-Muller; row r uses only the r-th slice of the stream."""
+    """[rows, width] float32 standard normals by Box-Muller; row r uses only the r-th slice of the stream.
+
+    Draw i of the stream makes the pair (2i, 2i+1): radius from its top 24 bits h as
+    sqrt(-2 ln((2^24 - h) / 2^24)) (never ln 0; tails reach 5.8 sigma), angle from the next 24 bits.
+    """
     pairs = (width + 1) // 2
-    u = uniform(generator, rows * pairs * 2).reshape(rows, pairs, 2)
-    radius = np.sqrt(-2.0 * np.log1p(-u[..., 0]))  # 1 - u in (0, 1]: never log(0)
-    angle = _TWO_PI * u[..., 1]
-    normals = np.stack((radius * np.cos(angle), radius * np.sin(angle)), axis=-1)
+    raw = generator.bit_generator.random_raw(rows * pairs)
+    radius = (np.float32(2 ** _BITS) - (raw >> np.uint64(64 - _BITS)).astype(np.float32)) * _SCALE
+    np.log(radius, out=radius)
+    radius *= np.float32(-2.0)
+    np.sqrt(radius, out=radius)
+    angle = ((raw >> np.uint64(64 - 2 * _BITS)) & _MASK).astype(np.float32)
+    angle *= _ANGLE
+    normals = np.empty((rows * pairs, 2), dtype=np.float32)
+    np.cos(angle, out=normals[:, 0])
+    np.sin(angle, out=normals[:, 1])
+    normals *= radius[:, None]
     return normals.reshape(rows, pairs * 2)[:, :width]
 
 
@@ -58,9 +68,9 @@ def band_count(width: int, fraction: float) -> int:
 
 
 def band_pass(noise: np.ndarray, fraction: float, side: str) -> np.ndarray:
-    """Keep the lowest (side="low") or highest (side="high") `fraction` of each row's rFFT bins."""
+    """Keep the lowest (side="low") or highest (side="high") `fraction` of each row's rFFT bins (float64)."""
     width = noise.shape[-1]
-    spectrum = np.fft.rfft(noise, axis=-1)
+    spectrum = np.fft.rfft(noise.astype(np.float64), axis=-1)
     keep = band_count(width, fraction)
     mask = np.zeros(spectrum.shape[-1], dtype=bool)
     if side == "low":
@@ -71,22 +81,24 @@ def band_pass(noise: np.ndarray, fraction: float, side: str) -> np.ndarray:
 
 
 def base_inputs(settings: FingerprintSettings, name: str, width: int) -> np.ndarray:
-    """x0 ~ N(0, 1): one independent row per repeat, [repeats, width] float64."""
+    """x0 ~ N(0, 1): one independent row per repeat, [repeats, width] float32."""
     return standard_normal(stream(settings.seed, name, "x0"), settings.repeats, width)
 
 
 def additive_noise(settings: FingerprintSettings, name: str, strategy: str, width: int) -> np.ndarray:
-    """The perturbation added to x0 by a weight-independent strategy, [repeats, width] float64."""
+    """The perturbation added to x0 by a weight-independent strategy, [repeats, width] float32."""
     noise = standard_normal(stream(settings.seed, name, "noise"), settings.repeats, width)
     if strategy == "gaussian":
-        return settings.noise_scale * noise
-    if strategy == "structural":
-        return settings.structural_scale * band_pass(noise, settings.structural_band, "low")
-    if strategy == "low-frequency":
-        return settings.noise_scale * band_pass(noise, settings.low_band, "low")
-    if strategy == "high-frequency":
-        return settings.noise_scale * band_pass(noise, settings.high_band, "high")
-    raise ValueError(f"{strategy!r} is not an additive noise strategy")
+        added = settings.noise_scale * noise.astype(np.float64)
+    elif strategy == "structural":
+        added = settings.structural_scale * band_pass(noise, settings.structural_band, "low")
+    elif strategy == "low-frequency":
+        added = settings.noise_scale * band_pass(noise, settings.low_band, "low")
+    elif strategy == "high-frequency":
+        added = settings.noise_scale * band_pass(noise, settings.high_band, "high")
+    else:
+        raise ValueError(f"{strategy!r} is not an additive noise strategy")
+    return added.astype(np.float32)
 
 
 def pseudo_targets(settings: FingerprintSettings, name: str, classes: int) -> np.ndarray:
