@@ -7,10 +7,11 @@ Writes a synthetic Llama-shaped bf16 checkpoint (TinyLlama-1.1B shapes by defaul
 
   read         plain sequential read of every file (the I/O floor)
   sha256sum    coreutils sha256sum over the files; hashlib  the same in Python (what tg-verify runs)
-  fingerprint  resolve + fingerprint_artifact as the CLI runs it (features + sketch + sha256 on a 2nd thread)
+  fingerprint  resolve + fingerprint_artifact as the CLI runs it: features + sketch, one thread per core,
+               one of them hashing (sha256) the files first
   features     the same without hashing and without the sketch, one thread (the TensorGuard computation alone)
   +sketch      features + lineage sketch, one thread, no hashing
-  +sha256      features + sha256 on the second thread, no sketch
+  +sha256      features + sha256, threads as the CLI, no sketch
   baseline     transformers from_pretrained (float32) + literal L.backward() per repeat for the same
                statistics (skewness/kurtosis from 500k sampled entries, as the paper); backward passes
                timed on a subset of tensors and repeats, extrapolated per byte and to 30 repeats
@@ -319,8 +320,12 @@ def main() -> None:
             print(f"speed-up of fingerprint over the autograd baseline: "
                   f"{b['wall_s'] / results['fingerprint']['wall_s']:.1f}x "
                   f"(features alone: {b['wall_s'] / results['features']['wall_s']:.1f}x)")
+        for kind in ("features", "fingerprint"):  # each round's own read: the load drifts between rounds
+            ratios = sorted(f["wall_s"] / r["wall_s"] for f, r in zip(rounds[kind], rounds["read"]))
+            print(f"{kind} / read within each round: {', '.join(f'{x:.2f}' for x in ratios)}; "
+                  f"median {ratios[len(ratios) // 2]:.2f}x")
         print(f"targets: fingerprint <= 3x read: features {results['features']['wall_s'] / read:.2f}x, with sha256 + "
-              f"sketch {results['fingerprint']['wall_s'] / read:.2f}x; peak RSS <= 2500 MB: "
+              f"sketch {results['fingerprint']['wall_s'] / read:.2f}x (medians); peak RSS <= 2500 MB: "
               f"{results['fingerprint']['peak_rss_mb']:.0f} MB")
         print(f"machine load average at end: {os.getloadavg()[0]:.1f}")
     finally:

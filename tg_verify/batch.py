@@ -51,18 +51,18 @@ class ModelFingerprint:
 def fingerprint_model(path: str | os.PathLike[str] | Artifact, settings: FingerprintSettings, *,
                       base: str | os.PathLike[str] | Artifact | None = None, progress: ProgressSink | None = None,
                       model_name: str | None = None, declared_base_names: Sequence[str] = (),
-                      base_digests: dict[str, str] | None = None) -> ModelFingerprint:
+                      base_digests: dict[str, str] | None = None, threads: int | None = None) -> ModelFingerprint:
     """Fingerprint a model; an adapter is merged onto `base` first and its document records the base files.
 
     A full model given a `base` ignores it. `declared_base_names` (e.g. the policy's base id and path)
     are compared with the adapter's base_model_name_or_path, a warning finding on mismatch.
-    `base_digests` saves re-hashing a base shared by many adapters.
+    `base_digests` saves re-hashing a base shared by many adapters. `threads`: as `fingerprint_artifact`.
     """
     from tg_verify.fingerprint.extract import fingerprint_artifact
 
     artifact = path if isinstance(path, Artifact) else resolve(path)
     if artifact.layout != "adapter":
-        fp = fingerprint_artifact(artifact, settings, progress=progress, model_name=model_name)
+        fp = fingerprint_artifact(artifact, settings, progress=progress, model_name=model_name, threads=threads)
         return ModelFingerprint(fp, artifact)
     if base is None:
         claimed = (artifact.adapter_config or {}).get("base_model_name_or_path")
@@ -74,7 +74,7 @@ def fingerprint_model(path: str | os.PathLike[str] | Artifact, settings: Fingerp
     with open_merged(artifact, base_artifact) as merged:
         findings = [f for f in merged.findings if f.severity != "info"] + check_base_name(artifact, names)
         fp = fingerprint_artifact(merged.artifact, settings, reader=merged, progress=progress,
-                                  model_name=model_name or artifact.name)
+                                  model_name=model_name or artifact.name, threads=threads)
     fp.artifact["base"] = base_record(base_artifact, base_digests or file_digests(base_artifact))
     return ModelFingerprint(fp, artifact, base_artifact, findings)
 
@@ -317,13 +317,18 @@ def _size(path: Path) -> int:
 
 def run_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
               settings: FingerprintSettings, *, base: str | os.PathLike[str] | None = None, force: bool = False,
-              progress: ProgressSink | None = None,
+              progress: ProgressSink | None = None, threads: int | None = None,
               on_outcome: Callable[[BatchOutcome], None] | None = None) -> BatchResult:
     """Fingerprint every model named by `inputs` into `out_dir`, resuming where a previous run stopped.
 
     Each fingerprint is written atomically to OUT/<name>-<hash>.json, then its state (file stats) to
     OUT/.tg-batch/, so a killed run leaves only complete fingerprints. Adapters are merged onto `base`.
+    `threads`: as `fingerprint_artifact` (checked here, once, not per model).
     """
+    from tg_verify.fingerprint.extract import check_threads
+
+    if threads is not None:
+        check_threads(threads)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: --out-dir exists and is not a directory")
@@ -350,7 +355,7 @@ def run_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLi
         started = time.perf_counter()
         try:
             outcome = _one(model, output, out / STATE_DIR / f"{stem}.state", settings, base_artifact, base_error,
-                           force, model_sink, base_share, base_digests)
+                           force, model_sink, base_share, base_digests, threads)
         except TgVerifyError as exc:
             outcome = BatchOutcome(model, output, "failed", str(exc), exc.code, exc.exit_code)
         except Exception as exc:  # noqa: BLE001 - one broken model must not stop the batch
@@ -366,7 +371,7 @@ def run_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLi
 
 def _one(model: Path, output: Path, state_path: Path, settings: FingerprintSettings, base: Artifact | None,
          base_error: TgVerifyError | None, force: bool, sink: _ModelProgress, base_share: int,
-         base_digests: dict[str, str]) -> BatchOutcome:
+         base_digests: dict[str, str], threads: int | None) -> BatchOutcome:
     artifact = resolve(model)
     if artifact.layout == "adapter":
         if base_error is not None:
@@ -394,7 +399,8 @@ def _one(model: Path, output: Path, state_path: Path, settings: FingerprintSetti
         recompute = "computed" if not force else "recomputed (--force)"
     if base is not None and not base_digests:
         base_digests.update(file_digests(base))
-    result = fingerprint_model(artifact, settings, base=base, progress=sink, base_digests=base_digests or None)
+    result = fingerprint_model(artifact, settings, base=base, progress=sink, base_digests=base_digests or None,
+                               threads=threads)
     data = result.fingerprint.to_json_bytes()
     write_bytes(output, data)
     _write_state(state_path, model, artifact, base, data)

@@ -42,9 +42,10 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    """How to run (not what to check): device override, cache, progress sink."""
+    """How to run (not what to check): device override, threads, cache, progress sink."""
 
     device: str | None = None
+    threads: int | None = None  # threads that fingerprint (None: the usable cores, at most 8)
     cache_dir: Path | None = None  # None: fingerprint references on every run
     progress: ProgressSink = field(default_factory=NullProgress)
 
@@ -285,7 +286,7 @@ def _fingerprint(artifact: Artifact, settings: Any, *, name: str, options: Verif
     from tg_verify.fingerprint.extract import fingerprint_artifact
 
     return fingerprint_artifact(artifact, settings, reader=reader, progress=options.progress, model_name=name,
-                                digests=digests)
+                                digests=digests, threads=options.threads)
 
 
 def _check_digests(recorded: dict[str, str], digests: dict[str, str], where: str, what: str = "model") -> None:

@@ -56,12 +56,23 @@ def test_nan_weights_exit_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "fp.json").exists()
 
 
-@pytest.mark.parametrize("argv", [["fingerprint"], ["fingerprint", "MODEL"], ["fingerprint", "MODEL", "-o", "x.json",
-                                                                                 "--repeats", "0"]])
+@pytest.mark.parametrize("argv", [["fingerprint"], ["fingerprint", "MODEL"],
+                                  ["fingerprint", "MODEL", "-o", "x.json", "--repeats", "0"],
+                                  ["fingerprint", "MODEL", "-o", "x.json", "--threads", "0"],
+                                  ["fingerprint", "MODEL", "-o", "x.json", "--threads", "two"],
+                                  ["verify", "p.yml", "--threads", "9999"]])
 def test_usage_errors_exit_2(argv, tiny_models, tmp_path):
     argv = [str(tiny_models["llama"]["single"]) if a == "MODEL" else a for a in argv]
     argv = [str(tmp_path / a) if a.endswith(".json") else a for a in argv]
     assert main(argv) == 2
+
+
+def test_thread_count_does_not_change_the_document(tiny_models, tmp_path):
+    model = str(tiny_models["phi3"]["shards"])
+    outputs = [tmp_path / f"t{n}.json" for n in (1, 3)]
+    for n, out in zip((1, 3), outputs):
+        assert main(["fingerprint", model, "-o", str(out), "--repeats", "5", "--threads", str(n)]) == 0
+    assert outputs[0].read_bytes() == outputs[1].read_bytes()
 
 
 def test_cuda_without_cuda_is_a_usage_error(tiny_models, tmp_path, capsys):

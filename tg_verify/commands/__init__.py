@@ -1,1 +1,23 @@
 """One module per CLI verb; cli.py discovers them. Each turns library results into output."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """`--threads N`: how many threads fingerprint (results never depend on it)."""
+    parser.add_argument("--threads", metavar="N", type=_threads, default=None,
+                        help="threads that compute fingerprints (default: the usable cores, container CPU quota "
+                             "included, at most 8); the result does not depend on it")
+
+
+def _threads(text: str) -> int:
+    from tg_verify.errors import UsageError
+    from tg_verify.fingerprint.extract import check_threads
+
+    try:
+        return check_threads(int(text))
+    except (ValueError, UsageError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}" if isinstance(exc, UsageError)
+                                         else f"{text!r} is not an integer") from None

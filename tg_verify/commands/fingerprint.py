@@ -15,6 +15,7 @@ from typing import Any
 
 from tg_verify.artifact import resolve
 from tg_verify.atomic import write_bytes
+from tg_verify.commands import add_threads_option
 from tg_verify.errors import EXIT_OK, UsageError
 from tg_verify.fingerprint.document import load
 from tg_verify.fingerprint.settings import DEVICE_CHOICES, STRATEGY_CHOICES, FingerprintSettings
@@ -47,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="where the products run; auto (default) uses CUDA when present")
     parser.add_argument("--no-sketch", dest="sketch", action="store_false", default=None,
                         help="leave out the lineage sketch (smaller document; lineage tests then impossible)")
+    add_threads_option(parser)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: on a terminal outside CI)")
     adapters = parser.add_argument_group("adapters and batch mode (docs/adapters.md)")
@@ -105,7 +107,7 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     with progress_sink(wants_progress(args.progress)) as sink:
         result = run_batch(args.batch, args.out_dir, settings, base=args.base, force=args.force, progress=sink,
-                           on_outcome=report)
+                           threads=args.threads, on_outcome=report)
     failed = [o for o in result.outcomes if o.status == "failed"]
     print(f"{len(result.outcomes)} models: {result.count('computed')} computed, {result.count('skipped')} "
           f"up to date, {len(failed)} failed")
@@ -127,7 +129,8 @@ def _run_single(args: argparse.Namespace) -> int:
     if args.base and artifact.layout != "adapter":
         raise UsageError(f"fingerprint: {args.model} is a full model, not a PEFT adapter; --base is for adapters")
     with progress_sink(wants_progress(args.progress)) as sink:
-        result = fingerprint_model(artifact, settings, base=args.base, progress=sink, model_name=args.name)
+        result = fingerprint_model(artifact, settings, base=args.base, progress=sink, model_name=args.name,
+                                   threads=args.threads)
     fingerprint = result.fingerprint
     path = write_bytes(args.output, fingerprint.to_json_bytes())
     print(summary_line(path, fingerprint, time.perf_counter() - started))

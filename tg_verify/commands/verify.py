@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from tg_verify.atomic import canonical_json, write_bytes
+from tg_verify.commands import add_threads_option
 from tg_verify.errors import UsageError
 from tg_verify.fingerprint.settings import DEVICE_CHOICES
 from tg_verify.pipeline import VerificationResult, VerifyOptions, default_cache_dir, verify
@@ -41,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--candidate", metavar="PATH", help="verify this model instead of the policy's candidate.path")
     parser.add_argument("--device", choices=DEVICE_CHOICES, help="where fingerprints are computed (default: the "
                                                                  "policy's fingerprint.device, else auto)")
+    add_threads_option(parser)
     parser.add_argument("--cache-dir", metavar="DIR", help="cache of reference fingerprints made from `model:` paths "
                                                            "(default $TG_VERIFY_CACHE_DIR or ~/.cache/tg-verify)")
     parser.add_argument("--no-cache", action="store_true", help="fingerprint `model:` references on every run")
@@ -116,7 +118,7 @@ def run_policy(args: argparse.Namespace) -> tuple[Policy, VerificationResult]:
     check_output_paths(policy, None, output_targets(args, policy))
     cache = None if args.no_cache else (Path(args.cache_dir) if args.cache_dir else default_cache_dir())
     with progress_sink(wants_progress(args.progress)) as sink:
-        result = verify(policy, VerifyOptions(device=args.device, cache_dir=cache, progress=sink))
+        result = verify(policy, VerifyOptions(device=args.device, threads=args.threads, cache_dir=cache, progress=sink))
     return policy, result
 
 

@@ -8,6 +8,7 @@ a time: the sketch's products come out of the same block-wise pass as the respon
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,6 +40,10 @@ FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3"
                                           "F8_E5M2FNUZ"})
 CATEGORY_FEATURES: tuple[str, ...] = ("attention", "ffn", "embedding")
 CATEGORY_SAMPLE = 3  # "up to three layers from each category" (§III-C)
+# Default thread cap: the streamed pass is bound by memory bandwidth well before 8 cores, and each
+# thread holds one tensor's products (an adapter's merged tensor too). `threads=` lifts it.
+MAX_AUTO_THREADS = 8
+MAX_THREADS = 256
 # A decoder block index in a tensor name: model.layers.7., transformer.h.7., blocks.7., ...
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
 
@@ -175,12 +181,45 @@ class _Progress:
                 self._describe(f"{label}: {self.done}/{self.tensors} tensors")
 
 
-def usable_cores() -> int:
-    """CPUs this process may run on (its affinity mask, which containers narrow), else the CPU count."""
+def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity mask (or the CPU count), narrowed by a cgroup CPU quota.
+
+    A container started with `--cpus 2` on a 64-core host still sees 64 CPUs in its affinity mask;
+    only the cgroup's quota says 2, and 64 threads sharing a quota of 2 would mostly wait.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else max(1, cores)
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of the cgroup at `root` in CPUs (v2 `cpu.max`, or v1 CFS quota / period); None if unlimited."""
+    try:
+        if (root / "cpu.max").is_file():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = root / "cpu"
+        if (v1 / "cpu.cfs_quota_us").is_file():
+            quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+            return None if quota_us <= 0 else quota_us / int((v1 / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, ZeroDivisionError):
+        return None  # unreadable or malformed: no quota known
+    return None
+
+
+def default_threads() -> int:
+    """Threads the fingerprint uses unless told: the usable cores, at most MAX_AUTO_THREADS."""
+    return min(usable_cores(), MAX_AUTO_THREADS)
+
+
+def check_threads(threads: object) -> int:
+    """A thread count given by a user: an integer in [1, MAX_THREADS], else a UsageError."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise UsageError(f"threads must be an integer in [1, {MAX_THREADS}], got {threads!r}")
+    return threads
 
 
 def helper_threads(workers: int, hashing: bool) -> int:
@@ -226,10 +265,10 @@ def fingerprint_artifact(artifact: Artifact, settings: FingerprintSettings | Non
     `reader` defaults to a TensorReader over the artifact; any object with `.raw(info)` and
     `.float32(info)` for the artifact's tensors works. `digests` (path -> sha256) skips hashing when
     the caller already has them; otherwise a helper thread hashes the files meanwhile and then joins
-    the products. `threads` is how many threads compute (default: the usable cores); torch's own
+    the products. `threads` is how many threads compute (default: `default_threads()`); torch's own
     intra-op threads are set to one for the duration. Results do not depend on either.
     """
-    workers = max(1, threads or usable_cores())
+    workers = check_threads(threads) if threads is not None else default_threads()
     with _torch_threads(1):
         return _fingerprint(artifact, settings, reader, progress, model_name, digests, workers)
 
