@@ -53,10 +53,13 @@ class ResponseEngine:
     The lineage sketch's products come from the same pass (`respond_and_project`).
     """
 
-    def __init__(self, device: torch.device, capacity: int) -> None:
+    def __init__(self, device: torch.device, capacity: int, whole: bool | None = None) -> None:
+        """`whole` (default: on any device but the CPU) copies each tensor whole into one float32 buffer
+        of `capacity` elements on `device` and multiplies it there; on the CPU it runs the same code,
+        which is how the GPU path is tested without a GPU."""
         self.device = device
-        self._device_buffer = (torch.empty(max(1, capacity), dtype=torch.float32, device=device)
-                               if device.type != "cpu" else None)
+        whole = device.type != "cpu" if whole is None else whole
+        self._device_buffer = torch.empty(max(1, capacity), dtype=torch.float32, device=device) if whole else None
         self._buffer: torch.Tensor | None = None
         self._raw: torch.Tensor | None = None
         self._on_device: torch.Tensor | None = None

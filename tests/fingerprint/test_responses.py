@@ -1,0 +1,69 @@
+"""ResponseEngine: the whole-tensor (device) path agrees with the blocked CPU path, run here on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tg_verify.artifact import TensorReader, resolve
+from tg_verify.fingerprint import extract, responses
+from tg_verify.fingerprint.extract import fingerprint_artifact, gradient_response_and_products
+from tg_verify.fingerprint.settings import FingerprintSettings
+from tg_verify.fingerprint.sketch import SketchBuilder
+from tg_verify.tiny import ARCHITECTURES
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_whole_tensor_path_gives_the_blocked_products(arch, tiny_models, monkeypatch):
+    """Every matrix, every strategy drawn, sketch products included; 64-element blocks make long block sums."""
+    monkeypatch.setattr(responses, "BLOCK_ELEMENTS", 64)
+    artifact = resolve(tiny_models[arch]["single"])
+    settings = FingerprintSettings(repeats=6)
+    matrices = [info for info in artifact.tensors if extract.analysis_kind(info) == "gradient"]
+    capacity = max(info.numel for info in matrices)
+    with TensorReader(artifact) as reader:
+        builder = SketchBuilder(artifact, reader, settings)
+        engines = {"blocked": responses.ResponseEngine(CPU, capacity),
+                   "whole": responses.ResponseEngine(CPU, capacity, whole=True)}
+        seen: set[str] = set()
+        for info in matrices:
+            strategy = extract.noise.strategy_for(settings, info.name)
+            seen.add(strategy)
+            probes = builder.right_probe(info), builder.left_probe(info), builder.right_rows(info)
+            got = {}
+            for name, engine in engines.items():
+                engine.load(reader.raw(info))
+                got[name] = gradient_response_and_products(engine, reader, info, settings, strategy, *probes)
+                engine.unload()
+            (xb, ob, rb, lb), (xw, ow, rw, lw) = got["blocked"], got["whole"]
+            if strategy != "adversarial":
+                np.testing.assert_array_equal(xb, xw)
+            else:  # a sign of a near-zero input-gradient coordinate may differ with the summation order
+                assert np.mean(xb != xw) < 0.01
+            np.testing.assert_allclose(ow, ob, rtol=1e-4, atol=1e-5 * np.abs(ob).max())
+            for blocked, whole in ((rb, rw), (lb, lw)):
+                assert (blocked is None) == (whole is None)
+                if blocked is not None:
+                    torch.testing.assert_close(whole, blocked, rtol=1e-4, atol=1e-5 * float(blocked.abs().max()))
+    assert "adversarial" in seen and len(seen) >= 3
+
+
+def test_fingerprint_through_the_whole_tensor_path_matches(tiny_models, monkeypatch):
+    """The extractor as it runs with --device cuda (one computing thread, whole tensors), on the CPU."""
+    artifact = resolve(tiny_models["llama"]["indexed-shards"])
+    settings = FingerprintSettings(repeats=8)
+    blocked = fingerprint_artifact(artifact, settings, threads=1)
+
+    class Whole(responses.ResponseEngine):
+        def __init__(self, device: torch.device, capacity: int) -> None:
+            super().__init__(device, capacity, whole=True)
+
+    monkeypatch.setattr(extract, "ResponseEngine", Whole)
+    whole = fingerprint_artifact(artifact, settings, threads=1)
+    for name, value in blocked.features.items():
+        assert whole.features[name] == pytest.approx(value, rel=1e-5, abs=1e-9), name
+    assert whole.file_digests == blocked.file_digests
+    assert [u["role"] for u in whole.sketch["units"]] == [u["role"] for u in blocked.sketch["units"]]
