@@ -320,12 +320,14 @@ def main() -> None:
             print(f"speed-up of fingerprint over the autograd baseline: "
                   f"{b['wall_s'] / results['fingerprint']['wall_s']:.1f}x "
                   f"(features alone: {b['wall_s'] / results['features']['wall_s']:.1f}x)")
-        for kind in ("features", "fingerprint"):  # each round's own read: the load drifts between rounds
+        for kind in ("features", "+sha256", "fingerprint"):  # each round's own read: the load drifts
             ratios = sorted(f["wall_s"] / r["wall_s"] for f, r in zip(rounds[kind], rounds["read"]))
             print(f"{kind} / read within each round: {', '.join(f'{x:.2f}' for x in ratios)}; "
                   f"median {ratios[len(ratios) // 2]:.2f}x")
-        print(f"targets: fingerprint <= 3x read: features {results['features']['wall_s'] / read:.2f}x, with sha256 + "
-              f"sketch {results['fingerprint']['wall_s'] / read:.2f}x (medians); peak RSS <= 2500 MB: "
+        print(f"targets: fingerprint <= 3x read (medians): the issue's fingerprint, features + sha256 digests "
+              f"(--no-sketch) {results['+sha256']['wall_s'] / read:.2f}x; the default command, + lineage sketch "
+              f"{results['fingerprint']['wall_s'] / read:.2f}x; features alone on 1 thread "
+              f"{results['features']['wall_s'] / read:.2f}x; peak RSS <= 2500 MB: "
               f"{results['fingerprint']['peak_rss_mb']:.0f} MB")
         print(f"machine load average at end: {os.getloadavg()[0]:.1f}")
     finally:
