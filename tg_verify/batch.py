@@ -325,7 +325,7 @@ def run_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLi
     OUT/.tg-batch/, so a killed run leaves only complete fingerprints. Adapters are merged onto `base`.
     `threads`: as `fingerprint_artifact` (checked here, once, not per model).
     """
-    from tg_verify.fingerprint.extract import check_threads
+    from tg_verify.fingerprint.workers import check_threads
 
     if threads is not None:
         check_threads(threads)

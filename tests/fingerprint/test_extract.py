@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from pathlib import Path
 
@@ -77,48 +76,6 @@ def test_tensors_shared_by_threads_give_the_same_bytes(tiny_models, monkeypatch)
         assert fingerprint_artifact(artifact, settings, threads=threads).to_json_bytes() == first.to_json_bytes()
     unhashed = fingerprint_artifact(artifact, settings, threads=1, digests=file_digests(artifact))  # no helper
     assert unhashed.to_json_bytes() == first.to_json_bytes()
-
-
-@pytest.mark.parametrize(("files", "quota"), [
-    ({"cpu.max": "200000 100000\n"}, 2.0),
-    ({"cpu.max": "150000 100000\n"}, 1.5),
-    ({"cpu.max": "max 100000\n"}, None),
-    ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
-    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-    ({"cpu.max": "garbage"}, None),
-    ({"cpu.max": "100 0"}, None),
-    ({}, None),
-])
-def test_container_cpu_quota_narrows_the_default_threads(tmp_path, files, quota):
-    from tg_verify.fingerprint.extract import cgroup_cpu_quota, usable_cores
-
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    assert cgroup_cpu_quota(tmp_path) == quota
-    cores = usable_cores(tmp_path / "none")
-    expected = cores if quota is None else max(1, min(cores, -(-quota // 1)))
-    assert usable_cores(tmp_path) == expected
-
-
-def test_thread_counts_are_checked():
-    from tg_verify.fingerprint.extract import MAX_AUTO_THREADS, check_threads, default_threads
-
-    assert 1 <= default_threads() <= MAX_AUTO_THREADS
-    assert check_threads(3) == 3
-    for bad in (0, -1, 257, True, 2.0, "2"):
-        with pytest.raises(UsageError):
-            check_threads(bad)
-
-
-def test_helper_threads_follow_the_cores_and_the_hashing():
-    from tg_verify.fingerprint.extract import helper_threads, usable_cores
-
-    assert helper_threads(1, hashing=False) == 0  # one core, nothing to hash: no thread at all
-    assert helper_threads(1, hashing=True) == 1  # the files are hashed on a helper even then
-    assert helper_threads(2, hashing=True) == helper_threads(2, hashing=False) == 1
-    assert helper_threads(8, hashing=True) == 7
-    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
 
 
 def test_document_round_trips_byte_identically(tiny_models, tmp_path):

@@ -14,7 +14,7 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
 
 def _threads(text: str) -> int:
     from tg_verify.errors import UsageError
-    from tg_verify.fingerprint.extract import check_threads
+    from tg_verify.fingerprint.workers import check_threads
 
     try:
         return check_threads(int(text))

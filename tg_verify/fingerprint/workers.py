@@ -4,18 +4,28 @@ The fingerprint's tensors are independent of one another, so they parallelise wi
 intra-op threads: each item (a tensor) is computed single-threaded by whichever worker is free,
 and its result is folded into the document strictly in item order. Which thread ran which item
 therefore never changes a bit of the result. A helper may first run a prelude (hashing the
-artifact's files) and then join the items, so every core stays busy for the whole pass.
+artifact's files) and then join the items, so every core stays busy for the whole pass. How many
+threads to start (`default_threads`: the usable cores, a container's CPU quota included) is here too.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
+
+from tg_verify.errors import UsageError
 
 T = TypeVar("T")
 
+# Default thread cap: the streamed pass is bound by memory bandwidth well before 8 cores, and each
+# thread holds one tensor's products (an adapter's merged tensor too). `threads=` lifts it.
+MAX_AUTO_THREADS = 8
+MAX_THREADS = 256
 # Items done out of order wait to be folded; a worker does not start an item more than this many
 # (per worker) past the next one to fold, so at most that many results wait at a time.
 FOLD_WINDOW = 4
@@ -175,3 +185,55 @@ class WorkerPool:
                     except BaseException as exc:
                         job.fail(job.folded, exc)
                 self._cond.notify_all()
+
+
+# -- how many threads ------------------------------------------------------------------------------
+
+def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity mask (or the CPU count), narrowed by a cgroup CPU quota.
+
+    A container started with `--cpus 2` on a 64-core host still sees 64 CPUs in its affinity mask;
+    only the cgroup's quota says 2, and 64 threads sharing a quota of 2 would mostly wait.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else max(1, cores)
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of the cgroup at `root` in CPUs (v2 `cpu.max`, or v1 CFS quota / period); None if unlimited."""
+    try:
+        if (root / "cpu.max").is_file():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = root / "cpu"
+        if (v1 / "cpu.cfs_quota_us").is_file():
+            quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+            return None if quota_us <= 0 else quota_us / int((v1 / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, ZeroDivisionError):
+        return None  # unreadable or malformed: no quota known
+    return None
+
+
+def default_threads() -> int:
+    """Threads the fingerprint uses unless told: the usable cores, at most MAX_AUTO_THREADS."""
+    return min(usable_cores(), MAX_AUTO_THREADS)
+
+
+def check_threads(threads: object) -> int:
+    """A thread count given by a user: an integer in [1, MAX_THREADS], else a UsageError."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise UsageError(f"threads must be an integer in [1, {MAX_THREADS}], got {threads!r}")
+    return threads
+
+
+def helper_threads(workers: int, hashing: bool) -> int:
+    """Helper threads beside the calling one: `workers` computing in all, and always one to hash the files.
+
+    With two or more workers the hashing helper is one of them: it takes tensors once the files are
+    done, so on a 2-core runner both cores compute after hashing instead of one idling.
+    """
+    return max(workers - 1, 1 if hashing else 0)
