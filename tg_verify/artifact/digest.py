@@ -10,7 +10,7 @@ from typing import Union
 
 from tg_verify.artifact.errors import FileChangedError, shown
 from tg_verify.artifact.model import Artifact
-from tg_verify.artifact.safeio import open_regular, os_error
+from tg_verify.artifact.safeio import drop_pages, open_regular, os_error
 from tg_verify.progress import ProgressSink
 
 CHUNK = 1 << 24
@@ -67,22 +67,12 @@ def _sha256(fd: int, size: int, advance: Callable[[int], None] | None) -> str:
             for start in range(0, size, CHUNK):
                 stop = min(size, start + CHUNK)
                 digest.update(view[start:stop])
-                _drop(mapped, start, stop - start)
+                drop_pages(mapped, start, stop)
                 if advance is not None:
                     advance(stop - start)
         finally:
             view.release()
     return digest.hexdigest()
-
-
-def _drop(mapped: mmap.mmap, start: int, length: int) -> None:
-    """Advise the kernel that a hashed range will not be read again through this map (RSS stays small)."""
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    if advice is not None:
-        try:
-            mapped.madvise(advice, start, length)
-        except (OSError, ValueError):
-            pass  # advice only
 
 
 def root_digest(digests: dict[str, str]) -> str:

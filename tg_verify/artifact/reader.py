@@ -17,7 +17,7 @@ import torch
 
 from tg_verify.artifact.errors import FileChangedError, shown
 from tg_verify.artifact.model import Artifact, TensorInfo
-from tg_verify.artifact.safeio import open_regular, os_error
+from tg_verify.artifact.safeio import drop_pages, open_regular, os_error
 from tg_verify.errors import InternalError, UnsupportedDtypeError, WeightValueError
 
 # safetensors dtype -> torch dtype that can be viewed directly from the (little-endian) bytes.
@@ -114,15 +114,8 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         are touched again: views stay valid, only resident memory (RSS) shrinks.
         """
         buffer = self._maps.get(info.file)
-        advice = getattr(mmap, "MADV_DONTNEED", None)
-        if buffer is None or advice is None or info.end <= info.begin:
-            return
-        start = info.begin - info.begin % mmap.PAGESIZE
-        stop = min(len(buffer), info.end)
-        try:
-            buffer.madvise(advice, start, stop - start)
-        except (OSError, ValueError):
-            pass  # advice only: memory use is higher, results are unchanged
+        if buffer is not None and info.end > info.begin:
+            drop_pages(buffer, info.begin, info.end)
 
     def close(self) -> None:
         """Release the maps (a map still viewed by a live tensor is released when that tensor goes)."""

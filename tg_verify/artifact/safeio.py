@@ -2,12 +2,14 @@
 
 A FIFO would block a read forever and a device can be endless; both are refused on `stat`, before
 `open`, and re-checked on the opened descriptor (O_NONBLOCK) so a swap in between cannot slip through.
+Files read through maps (the reader, the hashing) drop the pages they are done with (`drop_pages`).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import stat
 from pathlib import Path
@@ -118,3 +120,17 @@ def load_json_file(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> tu
 def read_json_file(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
     """The JSON object in `path`, validated as in `load_json_file`."""
     return load_json_file(path, what, max_bytes)[0]
+
+
+def drop_pages(buffer: mmap.mmap, start: int, stop: int) -> None:
+    """Advise the kernel to unmap [start, stop) of a map (page-aligned down): resident memory shrinks, and
+    pages touched again are re-read from the file. Advice only: where it fails, memory use is higher and
+    results are unchanged."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None:
+        return
+    aligned = start - start % mmap.PAGESIZE
+    try:
+        buffer.madvise(advice, aligned, min(len(buffer), stop) - aligned)
+    except (OSError, ValueError):
+        pass
