@@ -62,8 +62,7 @@ def analysis_kind(info: TensorInfo) -> str:
 
 def tensor_inputs(settings: FingerprintSettings, name: str, strategy: str, width: int) -> np.ndarray:
     """The float32 inputs of a weight-independent strategy, [repeats, width] (values exactly as used)."""
-    x = noise.base_inputs(settings, name, width) + noise.additive_noise(settings, name, strategy, width)
-    return x.astype(np.float32)
+    return noise.base_inputs(settings, name, width) + noise.additive_noise(settings, name, strategy, width)
 
 
 def _nonfinite_error(source: TensorSource, info: TensorInfo, engine: ResponseEngine) -> WeightValueError:
@@ -88,7 +87,7 @@ def gradient_response_and_products(engine: ResponseEngine, source: TensorSource,
     """`gradient_response`, plus the sketch's products W rightᵀ and left W computed in the same pass."""
     width = info.shape[-1]
     if strategy == "adversarial":
-        x0 = noise.base_inputs(settings, info.name, width).astype(np.float32)
+        x0 = noise.base_inputs(settings, info.name, width)
         clean = engine.respond(x0)
         if not np.isfinite(clean).all():
             raise _nonfinite_error(source, info, engine)
