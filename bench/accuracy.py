@@ -21,8 +21,18 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.zoo import (DEFAULT_OUT, DERIVATIVES, Recipe, ZooModel, _load, _seed, build_zoo, corpus,  # noqa: E402
-                       fingerprint_zoo, train)
+from bench.zoo import (  # noqa: E402
+    DEFAULT_OUT,
+    DERIVATIVES,
+    Recipe,
+    ZooModel,
+    _load,
+    _seed,
+    build_zoo,
+    corpus,
+    fingerprint_zoo,
+    train,
+)
 from tg_verify.analysis.attribution import classify  # noqa: E402
 from tg_verify.analysis.clustering import StudySettings, clustering_study  # noqa: E402
 from tg_verify.analysis.compat import comparability  # noqa: E402

@@ -92,7 +92,7 @@ def write_checkpoint(directory: Path, layers: int) -> int:
             tensors[name] = (torch.ones(shape) if len(shape) == 1 else
                              torch.randn(shape, generator=generator).mul_(0.02)).to(torch.bfloat16)
         save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
-        weight_map.update({name: file_name for name in group})
+        weight_map.update(dict.fromkeys(group, file_name))
         del tensors
     total = sum(2 * int(torch.Size(s).numel()) for s in shapes.values())
     (directory / "model.safetensors.index.json").write_text(json.dumps(

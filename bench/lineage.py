@@ -298,7 +298,8 @@ def report(results: dict[str, Any]) -> str:
                  f"{_rate(positives, 'nearest_derived')} |")
     negatives = [r for r in rows if not r["truth"]]
     lines += ["", "### Unrelated pairs (FPR: called derived)", "",
-              "| pairs | count | sketch lineage test | max score | p <= 0.01 | paper: distance <= 7 | paper: nearest root |",
+              "| pairs | count | sketch lineage test | max score | p <= 0.01 | paper: distance <= 7 "
+              "| paper: nearest root |",
               "|---|---|---|---|---|---|---|"]
     for (truth, group), members in sorted(by_group.items(), key=lambda kv: kv[0][1]):
         if not truth:
@@ -321,11 +322,11 @@ def report(results: dict[str, Any]) -> str:
 
 COST_SHAPES: dict[str, dict[str, int]] = {
     # vocabulary-heavy like a 1B model (embedding + head are most of the weights)
-    "vocab-heavy": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                        num_key_value_heads=4, vocab_size=32000),
+    "vocab-heavy": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
+                        "num_key_value_heads": 4, "vocab_size": 32000},
     # layer-heavy like a 7B model (blocks are most of the weights)
-    "layer-heavy": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                        num_key_value_heads=4, vocab_size=8000),
+    "layer-heavy": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8, "num_attention_heads": 16,
+                        "num_key_value_heads": 4, "vocab_size": 8000},
 }
 
 
@@ -356,8 +357,9 @@ def cost(repeats: int = 3) -> str:
                         size = len(json.dumps(fp.sketch))
         without, with_sketch = min(times[False]), min(times[True])
         lines.append(f"| {name} | {params / 1e6:.0f}M | {without:.2f}s | {with_sketch:.2f}s | "
-                     f"x{with_sketch / without:.3f} (+{100 * (with_sketch / without - 1):.1f}%) | {size / 1e3:.0f} kB |")
-    return "\n".join(["### Sketch cost (fingerprint time, best of %d, same run)" % repeats, "",
+                     f"x{with_sketch / without:.3f} (+{100 * (with_sketch / without - 1):.1f}%) | "
+                     f"{size / 1e3:.0f} kB |")
+    return "\n".join([f"### Sketch cost (fingerprint time, best of {repeats}, same run)", "",
                       "| model | parameters | without sketch | with sketch | ratio | sketch size |",
                       "|---|---|---|---|---|---|", *lines])
 

@@ -97,7 +97,7 @@ def sketch_fingerprint_of(ck: Checkpoint, directory: str | Path, layout: str = "
         for info, weight in reader.stream():
             builder.add(info, weight)
         sketch = builder.finish()
-    return Fingerprint(model_name=artifact.name, features={n: 0.0 for n in FEATURE_NAMES},
+    return Fingerprint(model_name=artifact.name, features=dict.fromkeys(FEATURE_NAMES, 0.0),
                        settings={"sketch_only": True}, sketch=sketch)
 
 
@@ -327,12 +327,12 @@ def republish(ck: Checkpoint) -> Checkpoint:
     c = ck.config
     out = ck.clone()
     heads, kv, hd = ck.heads
-    common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                  num_hidden_layers=c.num_hidden_layers, num_attention_heads=heads, num_key_value_heads=kv,
-                  head_dim=hd, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-                  rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
-                  tie_word_embeddings=getattr(c, "tie_word_embeddings", False),
-                  hidden_act=getattr(c, "hidden_act", None) or getattr(c, "hidden_activation", "silu"))
+    common = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+                  "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+                  "head_dim": hd, "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
+                  "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+                  "tie_word_embeddings": getattr(c, "tie_word_embeddings", False),
+                  "hidden_act": getattr(c, "hidden_act", None) or getattr(c, "hidden_activation", "silu")}
     kind = c.model_type
     if kind == "llama":
         out.config = transformers.MistralConfig(**{k: v for k, v in common.items() if k != "head_dim"},

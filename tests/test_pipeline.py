@@ -133,7 +133,8 @@ def test_a_pinned_reference_must_be_exactly_the_pinned_file_or_model(demo_tree: 
 
     ref_file = demo_tree / "refs" / f"{BASE}.json"
     good = hashlib.sha256(ref_file.read_bytes()).hexdigest()
-    pinned = references(demo_tree).replace(f"fingerprint: {ref_file}\n", f"fingerprint: {ref_file}\n    sha256: {good}\n")
+    pinned = references(demo_tree).replace(f"fingerprint: {ref_file}\n",
+                                           f"fingerprint: {ref_file}\n    sha256: {good}\n")
     assert run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}", refs=pinned).passed
     swapped = pinned.replace(good, "f" * 64)
     with pytest.raises(DigestMismatchError, match=r"references\[0\]\.sha256: fingerprint file .* has sha256"):

@@ -176,7 +176,8 @@ def test_bad_policies_are_one_line_naming_file_and_field(workspace: Path, text: 
 
 def test_reference_pin_accepts_a_prefixed_digest_in_any_case(workspace: Path) -> None:
     digest = "AB" * 32
-    text = GOOD.replace("    fingerprint: refs/qwen.json\n", f"    fingerprint: refs/qwen.json\n    sha256: sha256:{digest}\n")
+    text = GOOD.replace("    fingerprint: refs/qwen.json\n",
+                        f"    fingerprint: refs/qwen.json\n    sha256: sha256:{digest}\n")
     policy = load_policy(write(workspace, text))
     assert policy.references[1].sha256 == digest.lower() and policy.references[0].sha256 is None
 

@@ -9,8 +9,7 @@ import pytest
 
 from tg_verify.analysis.lineage import LineageResult
 from tg_verify.policy import CandidateSpec, Declared, LineagePolicy, Policy, ReferenceSpec
-from tg_verify.verdict import (REASON_CODES, AttributionEvidence, Evidence, ReferenceEvidence, Verdict, decide,
-                               summarize)
+from tg_verify.verdict import REASON_CODES, AttributionEvidence, Evidence, ReferenceEvidence, Verdict, decide, summarize
 
 REFS = (("base", "llama"), ("sibling", "llama"), ("other", "qwen"), ("leaked", "llama"))
 

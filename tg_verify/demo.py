@@ -140,11 +140,13 @@ def build(directory: Path, progress: ProgressSink | None = None, log: Callable[[
         say(f"fine-tuning it on other text ({STEPS // 2} steps)")
         save_model(train(base, corpus(1), steps=STEPS // 2, seed=1, lr=1e-3), staging / "models" / "finetune")
         say(f"training an unrelated llama of the same shape (other seed and data order, {STEPS} steps)")
-        save_model(train(build_model("llama", seed=1), corpus(0), steps=STEPS, seed=2), staging / "models" / "unrelated")
+        unrelated = train(build_model("llama", seed=1), corpus(0), steps=STEPS, seed=2)
+        save_model(unrelated, staging / "models" / "unrelated")
         folders = [(BASE_ID, "base")]
         for ref_id, arch, seed in OTHER_REFERENCES:
             say(f"training a tiny {arch} base as another family ({STEPS} steps)")
-            save_model(train(build_model(arch, seed=seed), corpus(0), steps=STEPS, seed=seed), staging / "models" / arch)
+            other = train(build_model(arch, seed=seed), corpus(0), steps=STEPS, seed=seed)
+            save_model(other, staging / "models" / arch)
             folders.append((ref_id, arch))
         settings = FingerprintSettings(device="cpu")
         for ref_id, folder in folders:

@@ -90,7 +90,7 @@ def save_model(model: torch.nn.Module, directory: str | os.PathLike[str], layout
     for number, group in enumerate(groups, start=1):
         file_name = f"model-{number:05d}-of-{shards:05d}.safetensors"
         save_file({k: state[k] for k in group}, str(directory / file_name), metadata={"format": "pt"})
-        weight_map.update({k: file_name for k in group})
+        weight_map.update(dict.fromkeys(group, file_name))
     if layout == "indexed-shards":
         total = sum(v.numel() * v.element_size() for v in state.values())
         (directory / "model.safetensors.index.json").write_text(

@@ -7,8 +7,16 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tg_verify.analysis.clustering import (PAPER_ACCURACY, SEED_RUNS, STRATEGIES, StudySettings, _hungarian_mapping,
-                                           _majority_mapping, clustering_study, lineage_groups)
+from tg_verify.analysis.clustering import (
+    PAPER_ACCURACY,
+    SEED_RUNS,
+    STRATEGIES,
+    StudySettings,
+    _hungarian_mapping,
+    _majority_mapping,
+    clustering_study,
+    lineage_groups,
+)
 from tg_verify.atomic import canonical_json
 from tg_verify.errors import InputError
 

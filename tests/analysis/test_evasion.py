@@ -16,8 +16,7 @@ from tg_verify.fingerprint.document import Fingerprint
 from tg_verify.tiny import ARCHITECTURES, build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.transforms import (EVASIONS, Checkpoint, all_evasions, from_model, same_function,  # noqa: E402
-                              sketch_fingerprint_of)
+from bench.transforms import EVASIONS, Checkpoint, all_evasions, from_model, same_function, sketch_fingerprint_of  # noqa: E402
 
 CASES = {**EVASIONS, "all-at-once": all_evasions}
 
@@ -30,7 +29,8 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Checkpoint,
     for number, arch in enumerate(ARCHITECTURES):
         base = from_model(build_model(arch, seed=number, size="small"))
         twin = from_model(build_model(arch, seed=100 + number, size="small"))
-        result[arch] = (base, sketch_fingerprint_of(base, root / arch), sketch_fingerprint_of(twin, root / f"{arch}-twin"))
+        result[arch] = (base, sketch_fingerprint_of(base, root / arch),
+                        sketch_fingerprint_of(twin, root / f"{arch}-twin"))
     return result
 
 

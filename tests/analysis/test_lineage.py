@@ -19,8 +19,7 @@ from tg_verify.fingerprint.document import Fingerprint
 from tg_verify.tiny import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.transforms import (Checkpoint, average, drop_layer, duplicate_layer, extend_vocab,  # noqa: E402
-                              fingerprint_of, from_model)
+from bench.transforms import Checkpoint, average, drop_layer, duplicate_layer, extend_vocab, fingerprint_of, from_model  # noqa: E402
 from bench.zoo import cast, int8_roundtrip  # noqa: E402
 
 FAST = {"permutations": 199}

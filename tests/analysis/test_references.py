@@ -33,9 +33,9 @@ def test_missing_path_and_empty_directory_are_input_errors(tmp_path):
 
 
 def test_legacy_flat_files_load_as_references(tmp_path):
-    flat = {n: 0.5 for n in ("global_mean", "global_std", "global_norm", "global_skewness", "global_kurtosis",
-                             "attention_mean", "attention_std", "attention_norm", "ffn_mean", "ffn_std", "ffn_norm",
-                             "embedding_mean", "embedding_std", "embedding_norm", "total_params", "num_layers")}
+    flat = dict.fromkeys(("global_mean", "global_std", "global_norm", "global_skewness", "global_kurtosis",
+                          "attention_mean", "attention_std", "attention_norm", "ffn_mean", "ffn_std", "ffn_norm",
+                          "embedding_mean", "embedding_std", "embedding_norm", "total_params", "num_layers"), 0.5)
     flat["model_name"] = "Llama-3.2-1B"
     (tmp_path / "llama.json").write_text(json.dumps(flat))
     [fp] = load_fingerprints([tmp_path])

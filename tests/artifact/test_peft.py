@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tg_verify.artifact import resolve
+from tg_verify.artifact.digest import file_digests
 from tg_verify.artifact.peft import (
     AdapterFormatError,
     AdapterMismatchError,
@@ -23,7 +24,6 @@ from tg_verify.artifact.peft import (
     check_base_name,
     open_merged,
 )
-from tg_verify.artifact.digest import file_digests
 from tg_verify.errors import AdapterError
 from tg_verify.tiny import build_model, save_model
 
@@ -208,7 +208,7 @@ def test_reader_keeps_one_merged_tensor(llama: tuple[torch.nn.Module, Path], tmp
             if reader._cache is not None:
                 cached.add(reader._cache[0])
                 assert reader._cache[0] == info.name or info.name not in reader.plan.tensors
-        assert cached == {n for n in reader.plan.tensors}
+        assert cached == set(reader.plan.tensors)
         merged = next(t for t in reader.artifact.tensors if t.name in reader.plan.tensors)
         assert reader.raw(merged) is reader.raw(merged)  # computed once while in use
         reader.release(merged)

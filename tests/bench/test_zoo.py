@@ -10,8 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.zoo import (ZooModel, cast, corpus, fine_tune, int8_roundtrip, lora_merge, reshard,  # noqa: E402
-                       train, write_labels)
+from bench.zoo import ZooModel, cast, corpus, fine_tune, int8_roundtrip, lora_merge, reshard, train, write_labels  # noqa: E402
 from tg_verify.analysis.references import read_labels  # noqa: E402
 from tg_verify.artifact import TensorReader, resolve  # noqa: E402
 from tg_verify.tiny import build_model, one_thread, save_model  # noqa: E402

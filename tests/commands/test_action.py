@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from attestation_helpers import build_workspace
+
 from tg_verify.cli import main
 from tg_verify.commands import action
 from tg_verify.errors import UsageError

@@ -10,8 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from attestation_helpers import T0, build_workspace, make_evidence
+
 from tg_verify.atomic import canonical_json
 from tg_verify.cli import main
 from tg_verify.report import attestation as att
@@ -228,5 +228,6 @@ def test_real_verify_runs_round_trip_and_differ_only_in_time(tmp_path, capsys):
     assert code == 0, failed(report)
     assert main([str(ws / "fail.yml"), "--attestation", str(tmp_path / "fail.json"), "--cache-dir", cache]) == 1
     capsys.readouterr()
-    code, report = run_json(capsys, str(tmp_path / "fail.json"), str(ws / "candidate"), "--policy", str(ws / "fail.yml"))
+    code, report = run_json(capsys, str(tmp_path / "fail.json"), str(ws / "candidate"),
+                            "--policy", str(ws / "fail.yml"))
     assert code == 1 and set(failed(report)) == {"verificationResult"}  # FAILED, and its evidence is consistent

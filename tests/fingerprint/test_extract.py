@@ -190,7 +190,7 @@ def test_num_layers_is_model_depth_and_total_params_counts_everything(tiny_model
         fingerprint = fingerprint_artifact(resolve(tiny_models[arch]["single"]), FAST)
         model = tiny_model_objects[arch]
         assert fingerprint.features["num_layers"] == model.config.num_hidden_layers
-        stored = {k: v for k, v in model.state_dict().items()}
+        stored = dict(model.state_dict().items())
         if getattr(model.config, "tie_word_embeddings", False):
             stored.pop("lm_head.weight", None)
         assert fingerprint.features["total_params"] == sum(v.numel() for v in stored.values())

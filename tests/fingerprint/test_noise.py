@@ -121,4 +121,4 @@ def test_normal_tails_are_finite_and_bounded():
     """The largest 24-bit draw gives radius sqrt(2 * 24 ln 2) ~ 5.77, never ln 0 or infinity."""
     values = noise.standard_normal(noise.stream(3, "tails", "x0"), 200, 5000)
     assert np.isfinite(values).all() and np.abs(values).max() <= np.sqrt(2 * 24 * np.log(2)) + 1e-5
-    assert 4.0 < np.abs(values).max()  # the tail is reached, not clipped at a few sigma
+    assert np.abs(values).max() > 4.0  # the tail is reached, not clipped at a few sigma

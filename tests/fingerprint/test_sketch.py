@@ -15,8 +15,15 @@ from safetensors.torch import save_file
 
 from tg_verify.artifact import TensorReader, resolve
 from tg_verify.errors import UsageError
-from tg_verify.fingerprint.sketch import (GLOBAL_ROLES, LAYER_ROLES, MAX_LAYERS, SketchBuilder, layer_budget, normalise,
-                                          probe_ids)
+from tg_verify.fingerprint.sketch import (
+    GLOBAL_ROLES,
+    LAYER_ROLES,
+    MAX_LAYERS,
+    SketchBuilder,
+    layer_budget,
+    normalise,
+    probe_ids,
+)
 from tg_verify.tiny import build_model, save_model
 
 

@@ -7,16 +7,14 @@ import datetime as dt
 import hashlib
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from attestation_helpers import T0, make_evidence
 
 from tg_verify.atomic import canonical_json
 from tg_verify.errors import AttestationError
 from tg_verify.report import attestation as att
 from tg_verify.report.attestation_check import validate_statement
-
-from attestation_helpers import T0, make_evidence
 
 T1 = dt.datetime(2026, 3, 4, 5, 6, 7, 890123, tzinfo=dt.timezone.utc)
 

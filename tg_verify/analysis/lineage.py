@@ -23,7 +23,7 @@ import numpy as np
 
 from tg_verify.errors import FingerprintFormatError
 from tg_verify.fingerprint.document import Fingerprint
-from tg_verify.fingerprint.sketch import (GLOBAL_ROLES, LAYER_ROLES, MAX_LAYERS, MAX_TOKENS, SKETCH_VERSION)
+from tg_verify.fingerprint.sketch import GLOBAL_ROLES, LAYER_ROLES, MAX_LAYERS, MAX_TOKENS, SKETCH_VERSION
 
 DEFAULT_ALPHA = 0.01
 # Minimum effect size. Derivatives keep the base's weight geometry almost intact (similarities

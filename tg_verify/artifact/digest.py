@@ -6,7 +6,6 @@ import hashlib
 import mmap
 import os
 from collections.abc import Callable
-from typing import Union
 
 from tg_verify.artifact.errors import FileChangedError, shown
 from tg_verify.artifact.model import Artifact
@@ -14,7 +13,7 @@ from tg_verify.artifact.safeio import drop_pages, open_regular, os_error
 from tg_verify.progress import ProgressSink
 
 CHUNK = 1 << 24
-Progress = Union[Callable[[int], None], ProgressSink, None]
+Progress = Callable[[int], None] | ProgressSink | None
 
 
 def _advance(progress: Progress) -> Callable[[int], None] | None:

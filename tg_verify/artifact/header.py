@@ -15,12 +15,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tg_verify.artifact.errors import (DataTruncatedError, DuplicateKeyError, GapError, HeaderEncodingError,
-                                       HeaderJsonError, HeaderLengthError, HeaderNestingError, HeaderSchemaError,
-                                       HeaderTooLargeError, HeaderTooSmallError, MetadataError,
-                                       MisalignedSizeError, OffsetError, OverlapError, ShapeError,
-                                       SizeMismatchError, SizeOverflowError, TensorNameError, TrailingBytesError,
-                                       UnknownDtypeError, shown)
+from tg_verify.artifact.errors import (
+    DataTruncatedError,
+    DuplicateKeyError,
+    GapError,
+    HeaderEncodingError,
+    HeaderJsonError,
+    HeaderLengthError,
+    HeaderNestingError,
+    HeaderSchemaError,
+    HeaderTooLargeError,
+    HeaderTooSmallError,
+    MetadataError,
+    MisalignedSizeError,
+    OffsetError,
+    OverlapError,
+    ShapeError,
+    SizeMismatchError,
+    SizeOverflowError,
+    TensorNameError,
+    TrailingBytesError,
+    UnknownDtypeError,
+    shown,
+)
 from tg_verify.artifact.model import DTYPE_BITS
 from tg_verify.artifact.safeio import open_regular, os_error, read_exactly, strict_json
 

@@ -13,12 +13,24 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from tg_verify.artifact.errors import (AdapterLayoutError, AmbiguousLayoutError, DuplicateTensorError,
-                                       IncompleteShardSetError, IndexFormatError, IndexMismatchError,
-                                       MissingShardError, NoModelError, NotRegularFileError, NotSafetensorsError,
-                                       PickleFormatError, ShardSetError, UnlistedShardError, UnreadableFileError,
-                                       shown)
-from tg_verify.artifact.header import Header, valid_name, read_header
+from tg_verify.artifact.errors import (
+    AdapterLayoutError,
+    AmbiguousLayoutError,
+    DuplicateTensorError,
+    IncompleteShardSetError,
+    IndexFormatError,
+    IndexMismatchError,
+    MissingShardError,
+    NoModelError,
+    NotRegularFileError,
+    NotSafetensorsError,
+    PickleFormatError,
+    ShardSetError,
+    UnlistedShardError,
+    UnreadableFileError,
+    shown,
+)
+from tg_verify.artifact.header import Header, read_header, valid_name
 from tg_verify.artifact.model import Artifact, ArtifactFile, TensorInfo, natural_key
 from tg_verify.artifact.safeio import MAX_JSON_BYTES, load_json_file, read_json_file, stat_path
 

@@ -205,8 +205,8 @@ def _check_fields(config: dict[str, Any], peft_type: str, where: str) -> None:
     for key, what in LORA_UNSUPPORTED_FIELDS.items():
         value = config.get(key)
         if value not in (None, False, [], {}, ""):
-            raise UnsupportedAdapterError(f"{where}: {what} is not supported by tg-verify's merge "
-                                          f"(supported: {SUPPORTED_TEXT}); merge it with peft and pass the full weights")
+            raise UnsupportedAdapterError(f"{where}: {what} is not supported by tg-verify's merge (supported: "
+                                          f"{SUPPORTED_TEXT}); merge it with peft and pass the full weights")
 
 
 def parse_adapter(adapter: Artifact) -> AdapterSpec:
@@ -572,7 +572,7 @@ def plan_merge(spec: AdapterSpec, base_shapes: Mapping[str, Sequence[int]], *,
         findings.append(AdapterFinding("TGV_ADAPTER_FITS", "info",
                                        f"{where}: {spec.peft_type} adapter fits {base_label}: {len(spec.modules)} "
                                        f"module(s) adapted, {len(spec.replacements)} tensor(s) replaced"))
-    for name, plan in plans.items():
+    for name in plans:
         merged_shapes.setdefault(name, shapes[name])
     return MergePlan(spec, plans, merged_shapes, tuple(findings), rewrite)
 

@@ -15,8 +15,14 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from tg_verify.artifact.errors import (JsonFileError, NoModelError, NotRegularFileError, SymlinkLoopError,
-                                       UnreadableFileError, shown)
+from tg_verify.artifact.errors import (
+    JsonFileError,
+    NoModelError,
+    NotRegularFileError,
+    SymlinkLoopError,
+    UnreadableFileError,
+    shown,
+)
 
 MAX_JSON_BYTES = 50_000_000  # config / index / adapter config; real ones are kilobytes to a few MB
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)

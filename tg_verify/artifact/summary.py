@@ -11,8 +11,8 @@ from collections import Counter
 from typing import Any
 
 from tg_verify.artifact.categories import CATEGORIES, categorize
-from tg_verify.artifact.errors import shown
 from tg_verify.artifact.digest import root_digest
+from tg_verify.artifact.errors import shown
 from tg_verify.artifact.model import DECODABLE_DTYPES, Artifact
 from tg_verify.errors import TgVerifyError
 

@@ -15,8 +15,14 @@ from rich.markup import escape
 from tg_verify import __version__
 from tg_verify.analysis.attribution import Classification, ClassifierSettings, classify
 from tg_verify.analysis.references import Reference, build_references, load_fingerprints, read_labels
-from tg_verify.commands.compare import (add_space_options, caveat_lines, check_space_options, describe, emit,
-                                        resolve_inputs)
+from tg_verify.commands.compare import (
+    add_space_options,
+    caveat_lines,
+    check_space_options,
+    describe,
+    emit,
+    resolve_inputs,
+)
 from tg_verify.fingerprint.document import Fingerprint
 
 VERB = "classify"

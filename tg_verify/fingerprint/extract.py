@@ -276,10 +276,10 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
                             "category": categorize(info.name), "dtype": info.dtype, "analysis": kind})
             if kind == "gradient":
                 continue
-            if kind == "one-dimensional" and info.dtype in FLOAT_DTYPES:
-                if not bool(torch.isfinite(source.float32(info)).all()):
-                    raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
-                                           f"a fingerprint of it would be meaningless")
+            if (kind == "one-dimensional" and info.dtype in FLOAT_DTYPES
+                    and not bool(torch.isfinite(source.float32(info)).all())):
+                raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
+                                       f"a fingerprint of it would be meaningless")
             if release is not None:
                 release(info)
             tracker.tensor_done(label, info.nbytes)

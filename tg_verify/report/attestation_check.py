@@ -17,9 +17,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tg_verify.artifact import Artifact, ArtifactFile, file_digests, resolve, root_digest
-from tg_verify.errors import (EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, ArtifactError, AttestationError, InputError)
-from tg_verify.report.attestation import (PREDICATE_TYPE, RESULTS, ROOT_ANNOTATION, SEVERITIES, STATEMENT_TYPE,
-                                          LoadedStatement)
+from tg_verify.errors import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, ArtifactError, AttestationError, InputError
+from tg_verify.report.attestation import (
+    PREDICATE_TYPE,
+    RESULTS,
+    ROOT_ANNOTATION,
+    SEVERITIES,
+    STATEMENT_TYPE,
+    LoadedStatement,
+)
 
 # Reason codes the predicate's evidence fully determines (mirroring tg_verify.verdict.decide); any
 # other recorded code (adapter name mismatch, artifact warnings, caveats) is taken as recorded: it

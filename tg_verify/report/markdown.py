@@ -55,7 +55,8 @@ def render(result: VerificationResult) -> str:
                  f"{cls.distance:.3f}, {cluster} |")
     declared_ref = result.declared_reference
     if declared_ref is not None:
-        lines.append(f"| Distance to declared base | {declared_ref.distance:.3f} (threshold {declared_ref.threshold:g}) |")
+        distance = f"{declared_ref.distance:.3f} (threshold {declared_ref.threshold:g})"
+        lines.append(f"| Distance to declared base | {distance} |")
         lines.append(f"| Lineage to declared base | {cell(_lineage(declared_ref))} |")
     lines.append(f"| Verdict | **{label}** |")
     lines.append("")
