@@ -1,0 +1,306 @@
+"""Attacks on the lineage evidence, for bench/evasion.py and tests/bench/test_attacks.py.
+
+An evader holds a derivative of a base and wants `tg-verify compare` to say "not derived" while the
+model keeps working. Each attack here takes a `bench.transforms.Checkpoint` (config + weights) and
+returns a new one, deterministic for its seed:
+
+* row re-draws: embedding rows (tied head rows follow; untied head rows too when asked) replaced by
+  draws from the matrix's own per-column statistics, or given noise of a stated size relative to
+  each row's norm ("100% noise": noise as large as the row);
+* vocabulary relabelling: token ids permuted (embedding and head rows moved with them) and the
+  tokenizer rewritten to match, so text in gives the same probabilities out; partial relabelling
+  moves a stated fraction of the ids;
+* the differentiable sketch similarity an adaptive attacker fine-tunes against (`SketchPenalty`).
+
+Function preservation is not assumed: `text_level_difference` measures it through the tokenizers
+for relabelling, and bench/transforms.py's `same_function` for the re-parameterisations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.transforms import Checkpoint, get_gate_up, get_qkv
+
+EMBED = "model.embed_tokens.weight"
+HEAD = "lm_head.weight"
+
+
+def seed_of(*parts: object) -> int:
+    """A stable 31-bit seed from names (attack, architecture, strength)."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little") >> 1
+
+
+# -- which rows --------------------------------------------------------------------------------------
+
+def public_probe(fingerprint: Any) -> list[int]:
+    """The token ids a published fingerprint's sketch says it probes: what an evader reads to aim.
+
+    Falls back to today's public probe (32 ids, seed 0) when the sketch publishes no ids.
+    """
+    sketch = getattr(fingerprint, "sketch", None) or {}
+    probe = sketch.get("probe") if isinstance(sketch, dict) else None
+    ids = probe.get("ids") if isinstance(probe, dict) else None
+    if isinstance(ids, list) and ids:
+        return sorted(int(i) for i in ids)
+    from tg_verify.fingerprint.sketch import probe_ids
+
+    vocab = int(probe.get("vocab", 0)) if isinstance(probe, dict) else 0
+    return [int(i) for i in probe_ids(vocab, 32, 0)]
+
+
+def random_rows(vocab: int, fraction: float, seed: int) -> list[int]:
+    """round(fraction * vocab) distinct ids, seeded; nested (a larger fraction keeps the smaller's ids)."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    order = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:round(fraction * vocab)].tolist())
+
+
+# -- row re-draws --------------------------------------------------------------------------------------
+
+def redraw_rows(ck: Checkpoint, ids: Sequence[int], seed: int, *, noise: float | None = None,
+                head: bool = False) -> Checkpoint:
+    """Replace embedding rows `ids` (and, with `head`, an untied head's rows) in a copy of `ck`.
+
+    noise=None: each row re-drawn from the matrix's own statistics (Gaussian with its per-column mean
+    and standard deviation over all rows). noise=s: the row kept plus Gaussian noise whose expected
+    norm is s times the row's norm (s=1: "100% noise"). A tied head follows the embedding.
+    """
+    out = ck.clone()
+    index = torch.as_tensor(sorted({int(i) for i in ids}), dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    keys = [EMBED] + ([HEAD] if head and HEAD in out.state else [])
+    for key in keys:
+        weight = out.state[key]
+        work = weight.float()
+        rows = work[index]
+        if noise is None:
+            mean, std = work.mean(0, keepdim=True), work.std(0, keepdim=True)
+            new = mean + std * torch.randn(rows.shape, generator=generator)
+        else:
+            scale = noise * rows.norm(dim=1, keepdim=True) / math.sqrt(rows.shape[1])
+            new = rows + scale * torch.randn(rows.shape, generator=generator)
+        updated = weight.clone()
+        updated[index] = new.to(weight.dtype)
+        out.state[key] = updated
+    return out
+
+
+# -- vocabulary relabelling ---------------------------------------------------------------------------
+
+def relabelling(vocab: int, fraction: float, seed: int) -> torch.Tensor:
+    """A permutation p (old id -> new id) that moves exactly round(fraction * vocab) ids (none stays put
+    among them): the chosen ids, in seeded random order, each take the next one's id (one cycle)."""
+    moved = random_rows(vocab, fraction, seed)
+    perm = torch.arange(vocab)
+    if len(moved) < 2:
+        return perm
+    order = torch.as_tensor(moved)[torch.randperm(len(moved), generator=torch.Generator().manual_seed(seed + 1))]
+    perm[order] = torch.roll(order, -1)
+    return perm
+
+
+def relabel(ck: Checkpoint, perm: torch.Tensor) -> Checkpoint:
+    """Move token i's embedding (and head) row to id perm[i]; special-token ids in the config follow."""
+    out = ck.clone()
+    for key in (EMBED, HEAD):
+        if key in out.state:
+            weight = out.state[key]
+            moved = torch.empty_like(weight)
+            moved[perm] = weight
+            out.state[key] = moved
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(out.config, name, None)
+        if isinstance(value, int) and 0 <= value < len(perm):
+            setattr(out.config, name, int(perm[value]))
+    return out
+
+
+def relabel_tokenizer(tokenizer_json: str, perm: torch.Tensor) -> str:
+    """tokenizer.json rewritten so every token string maps to its new id (vocab and added tokens)."""
+    document = json.loads(tokenizer_json)
+    model = document["model"]
+    if model.get("type") not in (None, "BPE", "WordPiece", "WordLevel") or not isinstance(model.get("vocab"), dict):
+        raise ValueError("relabel_tokenizer handles tokenizers whose model holds a {token: id} vocab")
+    mapping = perm.tolist()
+    model["vocab"] = {token: mapping[i] for token, i in model["vocab"].items()}
+    for added in document.get("added_tokens") or []:
+        added["id"] = mapping[added["id"]]
+    if document.get("post_processor") is not None:
+        raise ValueError("relabel_tokenizer does not rewrite post-processor ids")
+    return json.dumps(document, ensure_ascii=False)
+
+
+def text_level_difference(a: Checkpoint, tokenizer_a: Any, b: Checkpoint, tokenizer_b: Any, text: str) -> float:
+    """Max |logit difference| between two (model, tokenizer) pairs on `text`, token strings matched.
+
+    The correspondence is read from the tokenizers (same string -> which id in each), not from the
+    relabelling, so a wrong rewrite shows up. Raises AssertionError when the two tokenisations of the
+    text do not correspond or a token string is missing from one side.
+    """
+    vocab = tokenizer_a.get_vocab_size()
+    mapping = [tokenizer_b.token_to_id(tokenizer_a.id_to_token(i)) for i in range(vocab)]
+    if any(m is None for m in mapping) or sorted(mapping) != list(range(vocab)):
+        raise AssertionError("the tokenizers do not hold the same token strings")
+    ids_a = torch.tensor(tokenizer_a.encode(text).ids)[None]
+    ids_b = torch.tensor(tokenizer_b.encode(text).ids)[None]
+    to_b = torch.tensor(mapping)
+    if ids_a.shape != ids_b.shape or not torch.equal(to_b[ids_a], ids_b):
+        raise AssertionError("the two tokenizers split the text differently")
+    with torch.no_grad():
+        logits_a = a.model()(input_ids=ids_a).logits
+        logits_b = b.model()(input_ids=ids_b).logits
+    return float((logits_b[..., to_b] - logits_a).abs().max())
+
+
+# -- tokenizer and perplexity -------------------------------------------------------------------------
+
+def train_tokenizer(text: str, vocab: int) -> Any:
+    """A byte-level BPE tokenizer with `vocab` ids (one special `<unk>`), trained on `text` (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>"], show_progress=False)
+    tokenizer.train_from_iterator([text[i:i + 10_000] for i in range(0, len(text), 10_000)], trainer)
+    return tokenizer
+
+
+def encode(tokenizer: Any, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer.encode(text).ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokens: torch.Tensor, context: int = 128, windows: int = 200,
+               batch: int = 25) -> float:
+    """exp(mean next-token NLL) over the first `windows` non-overlapping windows of `context` tokens."""
+    count = min(windows, (len(tokens)) // context)
+    if count < 1:
+        raise ValueError(f"too few tokens ({len(tokens)}) for one window of {context}")
+    data = tokens[:count * context].reshape(count, context)
+    model.eval()
+    total, n = 0.0, 0
+    for chunk in data.split(batch):
+        logits = model(input_ids=chunk).logits[:, :-1].float()
+        targets = chunk[:, 1:]
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                         reduction="sum"))
+        n += targets.numel()
+    return math.exp(total / n)
+
+
+# -- the adaptive attacker's view of the sketch -------------------------------------------------------
+# TODAY'S METHOD, MIRRORED HERE (sketch "tgs1" of tg_verify/fingerprint/sketch.py and the per-unit
+# similarity of tg_verify/analysis/lineage.py), as a differentiable torch function of the weights.
+# tests/bench/test_attacks.py checks it against the library's own sketch and test. To be replaced by the
+# library's differentiable function when tg_verify/fingerprint/sketch.py provides one.
+
+PENALTY_ID = "tgs1-mirror"  # names the penalty in the model cache: a new one retrains the adaptive models
+
+def _normalised(matrix: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    tiny = 1e-30
+    if symmetric:
+        d = matrix.diagonal().clamp_min(tiny).sqrt()
+        return matrix / d[:, None] / d[None, :]
+    m = matrix / matrix.pow(2).mean(dim=1).sqrt().clamp_min(tiny)[:, None]
+    return m / m.pow(2).mean(dim=0).sqrt().clamp_min(tiny)[None, :]
+
+
+def tgs1_units(ck: Checkpoint, ids: Sequence[int], head_rows: int = 4096) -> dict[tuple[str, int | None], torch.Tensor]:
+    """Today's sketch units (normalised k x k matrices) of `ck`, differentiable in `ck.state`'s tensors.
+
+    `ck.state` may hold live parameters (`dict(model.named_parameters())`): gradients flow to them.
+    """
+    from tg_verify.fingerprint.sketch import SYMMETRIC_ROLES, probe_ids
+
+    s = ck.state
+    offset = 1.0 if ck.gemma else 0.0
+    embedding = s[EMBED]
+    rows = embedding[torch.as_tensor(list(ids), dtype=torch.long)].float()
+    probe = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    units: dict[tuple[str, int | None], torch.Tensor] = {("embed", None): probe @ probe.T}
+    heads, kv, head_dim = ck.heads
+    for i in range(ck.layers):
+        p = f"model.layers.{i}."
+        attn_gain = s[p + "input_layernorm.weight"].float() + offset
+        mlp_key = p + "pre_feedforward_layernorm.weight"
+        mlp_gain = s[mlp_key if mlp_key in s else p + "post_attention_layernorm.weight"].float() + offset
+        q, k, v = (w.float() @ (probe * attn_gain).T for w in get_qkv(ck, i))
+        qh = q.reshape(heads, head_dim, -1)
+        kh = k.reshape(kv, head_dim, -1).repeat_interleave(heads // kv, dim=0)
+        vh = v.reshape(kv, head_dim, -1).repeat_interleave(heads // kv, dim=0)
+        units[("attn_qk", i)] = torch.einsum("hdi,hdj->ij", qh, kh)
+        o = probe @ s[p + "self_attn.o_proj.weight"].float()
+        units[("attn_ov", i)] = torch.einsum("ihd,hdj->ij", o.reshape(o.shape[0], heads, head_dim), vh)
+        gate, up = get_gate_up(ck, i)
+        g = gate.float() @ (probe * mlp_gain).T
+        units[("mlp_gate", i)] = g.T @ g
+        units[("mlp_ud", i)] = (probe @ s[p + "mlp.down_proj.weight"].float()) @ (up.float() @ (probe * mlp_gain).T)
+    head = s.get(HEAD, embedding)
+    sample = torch.from_numpy(probe_ids(head.shape[0], head_rows, 1))
+    r = head[sample].float() @ (probe * (s["model.norm.weight"].float() + offset)).T
+    units[("head", None)] = r.T @ r
+    return {key: _normalised(m, key[0] in SYMMETRIC_ROLES) for key, m in units.items()}
+
+
+def _standardised(matrix: torch.Tensor) -> torch.Tensor:
+    k = matrix.shape[0]
+    values = matrix[~torch.eye(k, dtype=torch.bool)]
+    values = values - values.mean()
+    return values / values.norm().clamp_min(1e-30)
+
+
+def tgs1_similarities(candidate: Mapping[tuple[str, int | None], torch.Tensor],
+                      reference: Mapping[tuple[str, int | None], torch.Tensor]) -> dict[tuple[str, int | None],
+                                                                                        torch.Tensor]:
+    """Per unit (same role and layer), today's similarity: the Pearson correlation of the off-diagonal
+    entries after removing each model's own token geometry (its embed unit)."""
+    geometry_c = _standardised(candidate[("embed", None)])
+    geometry_r = _standardised(reference[("embed", None)])
+    result = {}
+    for key, matrix in candidate.items():
+        if key[0] == "embed" or key not in reference:
+            continue
+        x = _standardised(matrix)
+        x = x - (x @ geometry_c) * geometry_c
+        y = _standardised(reference[key])
+        y = y - (y @ geometry_r) * geometry_r
+        result[key] = (x @ y) / (x.norm() * y.norm()).clamp_min(1e-30)
+    return result
+
+
+class SketchPenalty:
+    """weight x mean over units of similarity² to the base's sketch: pushes every unit towards "unrelated".
+
+    Built once from the base; called on the model being fine-tuned (bench/zoo.train's `penalty`).
+    """
+
+    def __init__(self, base: Checkpoint, ids: Sequence[int], weight: float,
+                 units: Callable[[Checkpoint, Sequence[int]], dict[tuple[str, int | None], torch.Tensor]] = tgs1_units,
+                 similarities: Callable[..., dict[tuple[str, int | None], torch.Tensor]] = tgs1_similarities) -> None:
+        self.ids, self.weight, self.units, self.similarities = list(ids), weight, units, similarities
+        with torch.no_grad():
+            self.reference = {k: v.detach() for k, v in units(base, self.ids).items()}
+        self.config = base.config
+
+    def similarity(self, model: torch.nn.Module) -> dict[tuple[str, int | None], torch.Tensor]:
+        live = Checkpoint(self.config, dict(model.named_parameters()))
+        return self.similarities(self.units(live, self.ids), self.reference)
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        sims = torch.stack(list(self.similarity(model).values()))
+        return self.weight * sims.pow(2).mean()
+
+    def median(self, model: torch.nn.Module) -> float:
+        """The median similarity (today's score, same-layer matching) of `model`, for logs."""
+        with torch.no_grad():
+            return float(np.median([float(v) for v in self.similarity(model).values()]))

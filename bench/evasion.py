@@ -1,0 +1,446 @@
+"""Evasion bench: can a supplier strip the lineage evidence cheaply? Score beside damage, per attack class.
+
+For each tiny architecture, a base is trained through a real byte-level BPE tokenizer (512 ids,
+tokenizer.json beside the weights), and a derivative of it is fine-tuned: the model an evader wants
+to ship as "not derived". Every attack starts from that derivative, at growing strength:
+
+* probe rows: the rows the base's published sketch probes (its `probe.ids`), with noise of 25% to
+  200% of each row's norm, re-drawn, and re-drawn with the untied head's rows too;
+* random rows: a growing fraction of all embedding rows re-drawn from the embedding's own
+  statistics, or given 100% noise;
+* relabelling: a growing fraction of token ids permuted (embedding and head rows moved), with the
+  tokenizer rewritten to match (function-preserving at the text level, checked) or with none shipped;
+* repair: an attack, then a full fine-tune on the derivative's data (and the fine-tune alone);
+* adaptive: a fine-tune whose loss adds weight x mean squared unit similarity to the base's sketch.
+
+Each attacked model is also passed through every function-preserving re-parameterisation of
+bench/transforms.py at once (checked). Scores come from the public path: the attacked folder is
+fingerprinted as `tg-verify fingerprint` does and tested against the base's fingerprint as
+`tg-verify compare` does, so a re-run measures the current method. Damage is the held-out
+perplexity (text no model was trained on) relative to the un-attacked derivative's.
+
+    nice -n 10 .venv/bin/python bench/evasion.py [--archs llama gemma] [--quick] [--figure docs/evasion.png]
+
+Prints a Markdown table; writes WORK/<digest>/results.json and the figure. Trained models are cached
+in WORK/<digest>/models (the digest covers every training knob); attacked models are rebuilt and
+re-fingerprinted on every run (seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import attacks as A
+from bench import transforms as T
+from bench.lineage import load_checkpoint
+from bench.zoo import corpus, fine_tune
+from tg_verify.analysis.lineage import lineage_test
+from tg_verify.fingerprint.document import Fingerprint
+from tg_verify.tiny import ARCHITECTURES, build_model, one_thread
+
+DAMAGE_LIMIT = 1.5  # the issue's target: no attack within 1.5x held-out perplexity may pass as "not derived"
+RELABEL_TOLERANCE = 1e-4  # max |logit difference| at the text level for a relabelling to count
+PROBE_NOISE = (0.25, 0.5, 1.0, 2.0)
+ROW_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
+RELABEL_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every knob of the trained models; its digest keys the model cache."""
+
+    corpus_bytes: int = 600_000
+    heldout_bytes: int = 200_000
+    vocab: int = 512
+    size: str = "medium"
+    batch: int = 16
+    context: int = 64
+    pretrain_steps: int = 300
+    pretrain_lr: float = 3e-3
+    derive_steps: int = 30  # the supplier's own fine-tune: the "un-attacked derivative"
+    derive_lr: float = 3e-4
+    repair_steps: tuple[int, ...] = (50, 200)
+    repair_lr: float = 1e-3
+    adaptive_steps: int = 100
+    adaptive_lr: float = 1e-3
+    adaptive_weights: tuple[float, ...] = (0.0, 0.1, 1.0, 10.0, 100.0)
+    eval_context: int = 128
+    eval_windows: int = 200
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+QUICK = Recipe(corpus_bytes=200_000, heldout_bytes=60_000, pretrain_steps=60, derive_steps=10, repair_steps=(20,),
+               adaptive_steps=20, adaptive_weights=(0.0, 10.0), eval_windows=40)
+
+
+@dataclass
+class Attacked:
+    """One attacked model, ready to save: weights, the tokenizer shipped with it (None: none shipped),
+    the tokenizer its perplexity is measured through, and the function check it passed."""
+
+    checkpoint: T.Checkpoint
+    shipped: Any
+    evaluated: Any
+    check: str = ""
+
+
+@dataclass
+class Row:
+    arch: str
+    group: str
+    attack: str
+    strength: str
+    order: float
+    ppl: float = float("nan")
+    ppl_ratio: float = float("nan")
+    score: float = float("nan")
+    threshold: float = float("nan")
+    p_value: float = float("nan")
+    derived: bool = False
+    comparable: bool = True
+    reparam_score: float = float("nan")
+    reparam_derived: bool = False
+    check: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+# -- the public scoring path ---------------------------------------------------------------------------
+
+def fingerprint(directory: Path, name: str) -> Fingerprint:
+    """What `tg-verify fingerprint DIR` computes (CPU)."""
+    from tg_verify.artifact import resolve
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.fingerprint.settings import FingerprintSettings
+
+    return fingerprint_artifact(resolve(directory), FingerprintSettings(device="cpu"), model_name=name)
+
+
+def lineage(candidate: Fingerprint, reference: Fingerprint) -> Any:
+    """What `tg-verify compare CANDIDATE REFERENCE` reports as lineage."""
+    return lineage_test(candidate, reference)
+
+
+def save(ck: T.Checkpoint, tokenizer: Any, directory: Path) -> Path:
+    if directory.exists():
+        shutil.rmtree(directory)
+    ck.save(directory)
+    if tokenizer is not None:
+        tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+# -- the bench -------------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, work: Path, recipe: Recipe, log: Callable[[str], None]) -> None:
+        self.recipe, self.log = recipe, log
+        self.work = work / recipe.digest()
+        self.scratch = self.work / "scratch"
+        (self.work / "models").mkdir(parents=True, exist_ok=True)
+        text = {part: bytes(corpus(part, recipe.heldout_bytes if part == "lora" else recipe.corpus_bytes)
+                            .to(torch.uint8).numpy()).decode("utf-8", errors="replace")
+                for part in ("pretrain", "light", "lora")}
+        path = self.work / "tokenizer.json"
+        if path.exists():
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(path))
+        else:
+            self.tokenizer = A.train_tokenizer(text["pretrain"], recipe.vocab)
+            self.tokenizer.save(str(path))
+        # pretraining text, the supplier's (and the attacker's) fine-tuning text, held-out text for perplexity
+        self.tokens = {part: A.encode(self.tokenizer, t) for part, t in text.items()}
+        self.heldout_text = text["lora"]
+        self.rows: list[Row] = []
+        self.perplexities: dict[str, dict[str, float]] = {}
+
+    # models ------------------------------------------------------------------------------------------
+
+    def trained(self, name: str, make: Callable[[], T.Checkpoint]) -> T.Checkpoint:
+        """A cached trained model (with the bench tokenizer beside it)."""
+        directory = self.work / "models" / name
+        if not (directory / "config.json").exists():
+            started = time.perf_counter()
+            partial = directory.with_name(directory.name + ".partial")
+            save(make(), self.tokenizer, partial)
+            partial.rename(directory)
+            self.log(f"  trained {name} in {time.perf_counter() - started:.1f}s")
+        return load_checkpoint(directory)
+
+    def ppl(self, ck: T.Checkpoint, tokenizer: Any) -> float:
+        r = self.recipe
+        return A.perplexity(ck.model(), A.encode(tokenizer, self.heldout_text), r.eval_context, r.eval_windows)
+
+    # one arch ----------------------------------------------------------------------------------------
+
+    def run_arch(self, arch: str) -> None:
+        r, tok = self.recipe, self.tokens
+        self.log(f"{arch}:")
+
+        def pretrain(kind: str) -> T.Checkpoint:
+            model = build_model(arch, seed=A.seed_of(arch, kind), size=r.size, vocab_size=r.vocab)
+            return T.from_model(fine_tune(model, tok["pretrain"], r.pretrain_steps, r.pretrain_lr,
+                                          A.seed_of(arch, kind, "data"), batch=r.batch, context=r.context))
+
+        base = self.trained(f"{arch}/base", lambda: pretrain("base"))
+        twin = self.trained(f"{arch}/twin", lambda: pretrain("twin"))
+
+        def light(ck: T.Checkpoint, steps: int, lr: float, *parts: object, **extra: Any) -> T.Checkpoint:
+            return T.from_model(fine_tune(ck.model(), tok["light"], steps, lr, A.seed_of(arch, *parts),
+                                          batch=r.batch, context=r.context, **extra))
+
+        derived = self.trained(f"{arch}/derived", lambda: light(base, r.derive_steps, r.derive_lr, "derive"))
+        base_fp = fingerprint(self.work / "models" / arch / "base", f"{arch}-base")
+        probe = A.public_probe(base_fp)
+        ppl_derived = self.ppl(derived, self.tokenizer)
+        self.perplexities[arch] = {"base": self.ppl(base, self.tokenizer), "derivative": ppl_derived,
+                                   "twin": self.ppl(twin, self.tokenizer), "untrained": self.ppl(
+                                       T.from_model(build_model(arch, seed=0, size=r.size, vocab_size=r.vocab)),
+                                       self.tokenizer)}
+        self.log(f"  held-out perplexity {self.perplexities[arch]}; {len(probe)} public probe ids")
+        plain = Attacked(derived, self.tokenizer, self.tokenizer)
+
+        def measure(group: str, attack: str, strength: str, order: float, made: Attacked) -> Row:
+            row = Row(arch, group, attack, strength, order, check=made.check)
+            directory = save(made.checkpoint, made.shipped, self.scratch / "candidate")
+            result = lineage(fingerprint(directory, f"{arch} {attack} {strength}"), base_fp)
+            row.score, row.threshold, row.p_value = result.score, result.threshold, result.p_value
+            row.derived, row.comparable, row.notes = result.derived, result.comparable, list(result.notes)
+            row.ppl = self.ppl(made.checkpoint, made.evaluated)
+            row.ppl_ratio = row.ppl / ppl_derived
+            # the same attack, then every function-preserving re-parameterisation at once (checked)
+            evaded = T.all_evasions(made.checkpoint)
+            T.same_function(made.checkpoint, evaded)
+            directory = save(evaded, made.shipped, self.scratch / "candidate")
+            again = lineage(fingerprint(directory, f"{arch} {attack} {strength} re-parameterised"), base_fp)
+            row.reparam_score, row.reparam_derived = again.score, again.derived
+            self.rows.append(row)
+            self.log(f"  {group:11s} {attack:28s} {strength:10s} ppl x{row.ppl_ratio:6.3f}  score {row.score:6.3f}"
+                     f" {'derived' if row.derived else 'NOT derived':11s} re-param {row.reparam_score:6.3f}")
+            return row
+
+        # controls
+        measure("control", "none (the derivative)", "-", 0, plain)
+        measure("control", "independent twin", "-", 0, Attacked(twin, self.tokenizer, self.tokenizer))
+
+        # probe rows
+        for s in PROBE_NOISE:
+            made = A.redraw_rows(derived, probe, A.seed_of(arch, "probe-noise", s), noise=s)
+            measure("probe rows", "probe rows: noise", f"{100 * s:.0f}%", s, Attacked(made, self.tokenizer,
+                                                                                       self.tokenizer))
+        redrawn_probe = A.redraw_rows(derived, probe, A.seed_of(arch, "probe-redraw"))
+        measure("probe rows", "probe rows: re-draw", f"{len(probe)} rows", 1,
+                Attacked(redrawn_probe, self.tokenizer, self.tokenizer))
+        redrawn_probe_head = A.redraw_rows(derived, probe, A.seed_of(arch, "probe-redraw"), head=True)
+        measure("probe rows", "probe rows: re-draw + head", f"{len(probe)} rows", 1,
+                Attacked(redrawn_probe_head, self.tokenizer, self.tokenizer))
+
+        # random rows
+        redrawn: dict[float, T.Checkpoint] = {}
+        for f in ROW_FRACTIONS:
+            ids = A.random_rows(r.vocab, f, A.seed_of(arch, "rows"))
+            redrawn[f] = A.redraw_rows(derived, ids, A.seed_of(arch, "rows-redraw", f))
+            measure("random rows", "random rows: re-draw", f"{100 * f:g}%", f,
+                    Attacked(redrawn[f], self.tokenizer, self.tokenizer))
+        for f in ROW_FRACTIONS:
+            ids = A.random_rows(r.vocab, f, A.seed_of(arch, "rows"))
+            made = A.redraw_rows(derived, ids, A.seed_of(arch, "rows-noise", f), noise=1.0)
+            measure("random rows", "random rows: 100% noise", f"{100 * f:g}%", f,
+                    Attacked(made, self.tokenizer, self.tokenizer))
+
+        # relabelling
+        from tokenizers import Tokenizer
+
+        for shipped in (True, False):
+            for f in RELABEL_FRACTIONS:
+                perm = A.relabelling(r.vocab, f, A.seed_of(arch, "relabel", f))
+                made = A.relabel(derived, perm)
+                rewritten = Tokenizer.from_str(A.relabel_tokenizer(self.tokenizer.to_str(), perm))
+                diff = A.text_level_difference(derived, self.tokenizer, made, rewritten, self.heldout_text[:4000])
+                if diff > RELABEL_TOLERANCE:
+                    raise AssertionError(f"{arch}: relabelling {f} changed the function (max logit diff {diff:.3g})")
+                name = "relabel + tokenizer" if shipped else "relabel, no tokenizer"
+                measure("relabelling", name, f"{100 * f:g}%", f,
+                        Attacked(made, rewritten if shipped else None, rewritten, f"text-level max diff {diff:.1e}"))
+
+        # repair: attack, then fine-tune on the derivative's data
+        sources: dict[str, tuple[T.Checkpoint, str]] = {
+            "fine-tune only": (derived, "none"),
+            "probe re-draw + head, fine-tune": (redrawn_probe_head, ",".join(map(str, probe))),
+            "25% rows re-drawn, fine-tune": (redrawn[0.25], "0.25"),
+            "100% rows re-drawn, fine-tune": (redrawn[1.0], "1.0"),
+        }
+        for name, (source, key) in sources.items():
+            tag = hashlib.sha256(f"{name}/{key}".encode()).hexdigest()[:8]
+            for steps in r.repair_steps:
+                made = self.trained(f"{arch}/repair-{tag}-{steps}",
+                                    lambda source=source, steps=steps, name=name: light(
+                                        source, steps, r.repair_lr, "repair", name, steps))
+                measure("repair", name, f"{steps} steps", steps, Attacked(made, self.tokenizer, self.tokenizer))
+
+        # adaptive: fine-tune against the sketch itself
+        tag = hashlib.sha256(f"{A.PENALTY_ID}/{probe}".encode()).hexdigest()[:8]
+        for weight in r.adaptive_weights:
+            def adapt(weight: float = weight) -> T.Checkpoint:
+                penalty = A.SketchPenalty(base, probe, weight)
+                tuned = light(derived, r.adaptive_steps, r.adaptive_lr, "adaptive", weight, penalty=penalty)
+                self.log(f"  adaptive weight {weight:g}: same-layer median similarity "
+                         f"{penalty.median(tuned.model()):.3f}")
+                return tuned
+            made = self.trained(f"{arch}/adaptive-{tag}-{weight:g}", adapt)
+            measure("adaptive", "sketch-penalty fine-tune", f"weight {weight:g}", weight,
+                    Attacked(made, self.tokenizer, self.tokenizer))
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+# -- reporting -------------------------------------------------------------------------------------------
+
+def _span(values: list[float], digits: int = 2) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def evades(row: dict[str, Any]) -> bool:
+    """Within the damage limit and called not derived, plain or re-parameterised."""
+    return bool(row["ppl_ratio"] <= DAMAGE_LIMIT and not (row["derived"] and row["reparam_derived"]))
+
+
+def grouped(rows: list[dict[str, Any]]) -> list[tuple[tuple[str, str, str], list[dict[str, Any]]]]:
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["group"], row["attack"], row["strength"]), []).append(row)
+    return list(groups.items())
+
+
+def report(results: dict[str, Any]) -> str:
+    rows = results["rows"]
+    archs = sorted({r["arch"] for r in rows})
+    lines = [f"Architectures: {', '.join(archs)}; per cell the median over them (min-max). Threshold: "
+             f"{_span([r['threshold'] for r in rows if r['threshold'] == r['threshold']], 3)}. "
+             f"'evades' = held-out perplexity within {DAMAGE_LIMIT}x of the un-attacked derivative and not "
+             f"called derived (plain or re-parameterised).", "",
+             "| class | attack | strength | perplexity ratio | score | derived | score, re-parameterised | "
+             "derived | evades |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (group, attack, strength), members in grouped(rows):
+        n = len(members)
+        lines.append(
+            f"| {group} | {attack} | {strength} | {_span([m['ppl_ratio'] for m in members])} | "
+            f"{_span([m['score'] for m in members])} | {sum(m['derived'] for m in members)}/{n} | "
+            f"{_span([m['reparam_score'] for m in members])} | {sum(m['reparam_derived'] for m in members)}/{n} | "
+            f"{sum(evades(m) for m in members if m['group'] != 'control')}/{n} |")
+    broken = [m for m in rows if m["group"] != "control" and evades(m)]
+    lines += ["", f"Attacks within {DAMAGE_LIMIT}x perplexity that the test calls not derived: {len(broken)} of "
+              f"{sum(1 for m in rows if m['group'] != 'control')} (architecture x attack x strength)."]
+    if broken:
+        lowest = min(broken, key=lambda m: min(m["score"], m["reparam_score"]))
+        lines.append(f"Lowest such score: {min(lowest['score'], lowest['reparam_score']):.3f} "
+                     f"({lowest['arch']}, {lowest['attack']}, {lowest['strength']}, perplexity "
+                     f"x{lowest['ppl_ratio']:.3f}).")
+    lines.append("Held-out perplexity (untrained / base / un-attacked derivative / twin): " + "; ".join(
+        f"{arch} {p['untrained']:.0f} / {p['base']:.2f} / {p['derivative']:.2f} / {p['twin']:.2f}"
+        for arch, p in results["perplexities"].items()) + ".")
+    lines.append(f"Run time {results['seconds'] / 60:.1f} min ({results['trained']} models trained this run).")
+    return "\n".join(lines)
+
+
+COLOURS = {"probe rows": "tab:red", "random rows": "tab:orange", "relabelling": "tab:purple", "repair": "tab:blue",
+           "adaptive": "tab:green", "control": "black"}
+
+
+def figure(results: dict[str, Any], path: Path) -> None:
+    """Score vs perplexity ratio per attack (median over architectures; faint: each architecture)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    thresholds = [r["threshold"] for r in rows if r["threshold"] == r["threshold"]]
+    threshold = statistics.median(thresholds) if thresholds else 0.5
+    markers = "osD^vP*X<>"
+    for ax, key, title in ((axes[0], "score", "attack alone"),
+                           (axes[1], "reparam_score", "attack + every re-parameterisation")):
+        attacks: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        for (group, attack, _), members in grouped(rows):
+            ratio = statistics.median(m["ppl_ratio"] for m in members)
+            score = statistics.median(m[key] for m in members)
+            attacks.setdefault((group, attack), []).append((members[0]["order"], ratio, score))
+            ax.scatter([m["ppl_ratio"] for m in members], [m[key] for m in members], s=8, alpha=0.25,
+                       color=COLOURS[group])
+        for n, ((group, attack), points) in enumerate(attacks.items()):
+            points.sort()
+            ax.plot([p[1] for p in points], [p[2] for p in points], marker=markers[n % len(markers)],
+                    color=COLOURS[group], label=attack, linewidth=1.2, markersize=5)
+        ax.axhline(threshold, color="grey", linestyle="--", linewidth=1)
+        ax.axvline(DAMAGE_LIMIT, color="grey", linestyle=":", linewidth=1)
+        ax.fill_between([0.9, DAMAGE_LIMIT], -0.2, threshold, color="red", alpha=0.06, linewidth=0)
+        ax.set_xscale("log")
+        ax.set_xlim(0.9, max(2.0, max(m["ppl_ratio"] for m in rows) * 1.1))
+        ax.set_ylim(-0.15, 1.05)
+        ticks = [t for t in (1, 1.5, 2, 3, 5, 10, 20, 50) if t <= ax.get_xlim()[1]]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("held-out perplexity / un-attacked derivative's (log)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("lineage score against the base")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(f"Evasion bench ({', '.join(sorted({r['arch'] for r in rows}))}): dashed = threshold "
+                 f"{threshold:.2f}, dotted = {DAMAGE_LIMIT}x perplexity; shaded = cheap evasion", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "evasion")
+    parser.add_argument("--archs", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
+    parser.add_argument("--quick", action="store_true", help="short training, for a smoke run")
+    parser.add_argument("--figure", type=Path, help="where the PNG goes (default WORK/<digest>/evasion.png)")
+    args = parser.parse_args(argv)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    with one_thread():
+        bench = Bench(args.work, QUICK if args.quick else Recipe(), log)
+        before = set((bench.work / "models").rglob("config.json"))
+        for arch in args.archs:
+            bench.run_arch(arch)
+        trained = len(set((bench.work / "models").rglob("config.json")) - before)
+    results = {"recipe": asdict(bench.recipe), "archs": args.archs, "seconds": time.perf_counter() - started,
+               "trained": trained, "perplexities": bench.perplexities, "rows": [asdict(r) for r in bench.rows]}
+    (bench.work / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    figure_path = args.figure or bench.work / "evasion.png"
+    figure(results, figure_path)
+    print(report(results))
+    print(f"\nFigure: {figure_path}; rows: {bench.work / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,224 @@
+"""bench/attacks.py: each attack changes what it says and nothing else, is deterministic, and the
+ones that claim to preserve the function do (checked through the tokenizers). No training here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench import attacks as A  # noqa: E402
+from bench import transforms as T  # noqa: E402
+from bench.evasion import evades, report  # noqa: E402
+from bench.zoo import corpus  # noqa: E402
+from tg_verify.analysis.lineage import lineage_test, parse_sketch  # noqa: E402
+from tg_verify.fingerprint.sketch import probe_ids  # noqa: E402
+from tg_verify.tiny import ARCHITECTURES, build_model, one_thread  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    return bytes(corpus("pretrain", 40_000).to(torch.uint8).numpy()).decode("utf-8", errors="replace")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(text):
+    return A.train_tokenizer(text, 512)
+
+
+def checkpoint(arch: str, vocab: int = 512, seed: int = 0) -> T.Checkpoint:
+    return T.from_model(build_model(arch, seed=seed, vocab_size=vocab))
+
+
+def changed_rows(a: torch.Tensor, b: torch.Tensor) -> set[int]:
+    return set(torch.nonzero((a != b).any(dim=1)).flatten().tolist())
+
+
+# -- row re-draws -------------------------------------------------------------------------------------
+
+def test_random_rows_are_the_fraction_nested_and_seeded():
+    small, large = A.random_rows(512, 0.1, 7), A.random_rows(512, 0.5, 7)
+    assert len(small) == 51 and len(large) == 256 and len(set(large)) == 256
+    assert set(small) <= set(large)
+    assert A.random_rows(512, 0.1, 7) == small != A.random_rows(512, 0.1, 8)
+    assert A.random_rows(512, 1.0, 7) == list(range(512))
+    with pytest.raises(ValueError):
+        A.random_rows(512, 1.5, 0)
+
+
+@pytest.mark.parametrize("noise", [None, 1.0])
+def test_redraw_changes_exactly_the_chosen_embedding_rows(noise):
+    ck = checkpoint("llama")  # untied head
+    ids = A.random_rows(512, 0.25, 3)
+    out = A.redraw_rows(ck, ids, seed=5, noise=noise)
+    assert changed_rows(ck.state[A.EMBED], out.state[A.EMBED]) == set(ids)
+    assert all(torch.equal(v, out.state[k]) for k, v in ck.state.items() if k != A.EMBED)
+    with_head = A.redraw_rows(ck, ids, seed=5, noise=noise, head=True)
+    assert changed_rows(ck.state[A.HEAD], with_head.state[A.HEAD]) == set(ids)
+    assert torch.equal(with_head.state[A.EMBED], out.state[A.EMBED])
+    # deterministic for a seed, different for another; the input is not modified
+    assert torch.equal(A.redraw_rows(ck, ids, seed=5, noise=noise).state[A.EMBED], out.state[A.EMBED])
+    assert not torch.equal(A.redraw_rows(ck, ids, seed=6, noise=noise).state[A.EMBED], out.state[A.EMBED])
+    assert torch.equal(ck.state[A.EMBED], checkpoint("llama").state[A.EMBED])
+
+
+def test_tied_head_follows_the_embedding():
+    ck = checkpoint("gemma")
+    assert ck.config.tie_word_embeddings and A.HEAD not in ck.state
+    probe = probe_ids(512, 32, 0).tolist()
+    out = A.redraw_rows(ck, probe, seed=1)
+    model = out.model()
+    assert torch.equal(model.get_output_embeddings().weight, out.state[A.EMBED])
+    assert changed_rows(ck.state[A.EMBED], model.get_output_embeddings().weight.detach()) == set(probe)
+
+
+def test_redraw_follows_the_embedding_statistics_and_noise_its_stated_size():
+    ck = checkpoint("qwen2")
+    weight = ck.state[A.EMBED]
+    ids = A.random_rows(512, 0.5, 1)
+    new = A.redraw_rows(ck, ids, seed=2).state[A.EMBED][ids]
+    assert torch.allclose(new.mean(0), weight.mean(0), atol=0.25 * float(weight.std()))
+    assert float(new.std()) == pytest.approx(float(weight.std()), rel=0.1)
+    for size in (0.25, 1.0, 2.0):
+        noisy = A.redraw_rows(ck, ids, seed=2, noise=size).state[A.EMBED][ids]
+        ratio = ((noisy - weight[ids]).norm(dim=1) / weight[ids].norm(dim=1)).mean()
+        assert float(ratio) == pytest.approx(size, rel=0.05)
+
+
+def test_public_probe_reads_the_published_ids():
+    ids = [3, 9, 40, 100]
+    assert A.public_probe(SimpleNamespace(sketch={"probe": {"ids": ids, "vocab": 512}})) == ids
+    fallback = A.public_probe(SimpleNamespace(sketch={"probe": {"vocab": 512}}))
+    assert fallback == probe_ids(512, 32, 0).tolist()
+
+
+# -- relabelling --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 1.0])
+def test_relabelling_moves_exactly_the_fraction(fraction):
+    perm = A.relabelling(512, fraction, seed=4)
+    assert sorted(perm.tolist()) == list(range(512))
+    assert int((perm != torch.arange(512)).sum()) == round(fraction * 512)
+    assert torch.equal(perm, A.relabelling(512, fraction, seed=4))
+    assert not torch.equal(perm, A.relabelling(512, fraction, seed=5))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_relabelling_with_its_tokenizer_preserves_the_function_at_the_text_level(arch, tokenizer, text):
+    from tokenizers import Tokenizer
+
+    ck = checkpoint(arch, vocab=tokenizer.get_vocab_size())
+    perm = A.relabelling(tokenizer.get_vocab_size(), 1.0, seed=1)
+    out = A.relabel(ck, perm)
+    rewritten = Tokenizer.from_str(A.relabel_tokenizer(tokenizer.to_str(), perm))
+    moved = changed_rows(ck.state[A.EMBED], out.state[A.EMBED])
+    assert len(moved) == tokenizer.get_vocab_size()  # every row moved...
+    assert torch.equal(out.state[A.EMBED][perm], ck.state[A.EMBED])  # ...to its new id
+    sample = text[-2000:]
+    assert torch.equal(A.encode(rewritten, sample), perm[A.encode(tokenizer, sample)])
+    assert A.text_level_difference(ck, tokenizer, out, rewritten, sample) <= 1e-4
+    # the same weights with the old tokenizer are another function: the check can fail
+    with pytest.raises(AssertionError):
+        assert A.text_level_difference(ck, tokenizer, out, tokenizer, sample) <= 1e-4
+    # and the relabelled model still passes every re-parameterisation's function check
+    T.same_function(out, T.all_evasions(out))
+
+
+def test_relabelled_perplexity_equals_the_original(tokenizer, text):
+    from tokenizers import Tokenizer
+
+    ck = checkpoint("phi3", vocab=tokenizer.get_vocab_size())
+    perm = A.relabelling(tokenizer.get_vocab_size(), 0.25, seed=2)
+    rewritten = Tokenizer.from_str(A.relabel_tokenizer(tokenizer.to_str(), perm))
+    sample = text[-6000:]
+    before = A.perplexity(ck.model(), A.encode(tokenizer, sample), context=64, windows=8)
+    after = A.perplexity(A.relabel(ck, perm).model(), A.encode(rewritten, sample), context=64, windows=8)
+    assert after == pytest.approx(before, rel=1e-5)
+
+
+def test_relabel_keeps_special_token_ids_consistent():
+    ck = checkpoint("phi3")  # pad 0, bos 1, eos 2
+    perm = A.relabelling(512, 1.0, seed=3)
+    out = A.relabel(ck, perm)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        old = getattr(ck.config, name)
+        assert getattr(out.config, name) == int(perm[old])
+        assert torch.equal(out.state[A.EMBED][getattr(out.config, name)], ck.state[A.EMBED][old])
+
+
+# -- perplexity -----------------------------------------------------------------------------------------
+
+def test_perplexity_is_exp_of_the_mean_next_token_loss():
+    model = build_model("mistral", seed=2)
+    tokens = torch.randint(0, 512, (3 * 32 + 5,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = model(input_ids=tokens[:96].reshape(3, 32), labels=tokens[:96].reshape(3, 32)).loss
+    assert A.perplexity(model, tokens, context=32, windows=10, batch=2) == pytest.approx(float(loss.exp()), rel=1e-5)
+    with pytest.raises(ValueError):
+        A.perplexity(model, tokens[:10], context=32)
+
+
+# -- the adaptive attacker's differentiable sketch ------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_mirrored_sketch_matches_the_library(arch, tmp_path):
+    ck = T.from_model(build_model(arch, seed=3, size="medium"))
+    fp = T.sketch_fingerprint_of(ck, tmp_path / "base")
+    parsed = parse_sketch(fp.sketch, "base")
+    mine = A.tgs1_units(ck, parsed.ids.tolist())
+    assert set(mine) == set(parsed.units)
+    for key, matrix in parsed.units.items():
+        assert np.abs(mine[key].detach().numpy() - matrix).max() < 2e-3, key  # float16 storage
+    other = A.redraw_rows(ck, A.random_rows(512, 0.3, 1), seed=3, noise=0.7)
+    result = lineage_test(T.sketch_fingerprint_of(other, tmp_path / "other"), fp, permutations=9)
+    library = {(u.role, u.candidate_layer): u.similarity for u in result.units}
+    sims = A.tgs1_similarities(A.tgs1_units(other, parsed.ids.tolist()), mine)
+    assert set(sims) == set(library) - {("embed", None)}  # the embed unit is reported, not scored
+    assert max(abs(float(v) - library[k]) for k, v in sims.items()) < 1e-3
+
+
+def test_sketch_penalty_is_differentiable_and_zero_weight_is_zero():
+    base = checkpoint("llama", seed=1)
+    model = checkpoint("llama", seed=1).model()  # identical: every similarity is 1
+    ids = probe_ids(512, 32, 0).tolist()
+    penalty = A.SketchPenalty(base, ids, weight=2.0)
+    value = penalty(model)
+    assert float(value.detach()) == pytest.approx(2.0, abs=1e-3)
+    assert penalty.median(model) == pytest.approx(1.0, abs=1e-4)
+    value.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    embed_grad = grads[A.EMBED]
+    assert changed_rows(torch.zeros_like(embed_grad), embed_grad) == set(ids)  # only the probe rows feed it
+    assert grads["model.layers.0.mlp.down_proj.weight"].abs().sum() > 0
+    assert float(A.SketchPenalty(base, ids, weight=0.0)(model).detach()) == 0.0
+
+
+# -- reporting ------------------------------------------------------------------------------------------
+
+def test_report_counts_only_cheap_evasions():
+    def row(arch, ratio, derived, reparam, group="probe rows"):
+        return {"arch": arch, "group": group, "attack": "a", "strength": "s", "order": 1, "ppl_ratio": ratio,
+                "score": 0.2, "threshold": 0.5, "derived": derived, "reparam_score": 0.2,
+                "reparam_derived": reparam}
+
+    assert evades(row("x", 1.2, False, False)) and evades(row("x", 1.2, True, False))
+    assert not evades(row("x", 1.2, True, True)) and not evades(row("x", 1.6, False, False))
+    results = {"rows": [row("llama", 1.2, False, False), row("gemma", 3.0, False, False),
+                        row("llama", 1.0, False, False, "control")],
+               "perplexities": {"llama": {"untrained": 600, "base": 9, "derivative": 8, "twin": 9}},
+               "seconds": 60, "trained": 0}
+    text = report(results)
+    assert "| probe rows | a | s | 2.10 (1.20-3.00) | 0.20 (0.20-0.20) | 0/2 |" in text
+    assert "| 1/2 |" in text and "not derived: 1 of 2" in text
