@@ -139,26 +139,74 @@ def relabel_tokenizer(tokenizer_json: str, perm: torch.Tensor) -> str:
     return json.dumps(document, ensure_ascii=False)
 
 
-def text_level_difference(a: Checkpoint, tokenizer_a: Any, b: Checkpoint, tokenizer_b: Any, text: str) -> float:
-    """Max |logit difference| between two (model, tokenizer) pairs on `text`, token strings matched.
+def reencode_tokenizer(tokenizer_json: str, seed: int) -> str:
+    """The same tokenizer with every token STRING re-encoded and the same ids: text -> ids -> text unchanged.
 
-    The correspondence is read from the tokenizers (same string -> which id in each), not from the
-    relabelling, so a wrong rewrite shows up. Raises AssertionError when the two tokenisations of the
-    text do not correspond or a token string is missing from one side.
+    A seeded substitution of characters within their pre-tokenizer class (upper-case letters, lower-case
+    letters outside the contractions' s t r e v m l d, digits, punctuation other than the apostrophe) is
+    applied to the text by a normalizer and to every vocab and merge string; the decoder undoes it. The
+    byte-level regex splits substituted text at the same places, so the ids are those of the original.
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, normalizers
+
+    classes = [list(string.ascii_uppercase), [c for c in string.ascii_lowercase if c not in "strevmld"],
+               list(string.digits), [c for c in string.punctuation if c != "'"]]
+    generator = torch.Generator().manual_seed(seed)
+    sigma: dict[str, str] = {}
+    for chars in classes:
+        order = [chars[i] for i in torch.randperm(len(chars), generator=generator).tolist()]
+        sigma.update(zip(order, order[1:] + order[:1]))  # one cycle: no character keeps its place
+    hold = {c: chr(0xE000 + n) for n, c in enumerate(sigma)}  # private-use stand-ins: no chained replacements
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    if tokenizer.normalizer is not None:
+        raise ValueError("reencode_tokenizer expects a tokenizer without a normalizer")
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Replace(c, hold[c]) for c in sigma] + [normalizers.Replace(hold[c], sigma[c]) for c in sigma])
+    tokenizer.decoder = decoders.Sequence(
+        [tokenizer.decoder] + [decoders.Replace(sigma[c], hold[c]) for c in sigma]
+        + [decoders.Replace(hold[c], c) for c in sigma])
+    document = json.loads(tokenizer.to_str())
+
+    def encoded(token: str) -> str:
+        return "".join(sigma.get(ch, ch) for ch in token)
+
+    special = {t["content"] for t in document.get("added_tokens") or [] if t.get("special")}
+    model = document["model"]
+    model["vocab"] = {token if token in special else encoded(token): i for token, i in model["vocab"].items()}
+    model["merges"] = [[encoded(a) for a in m] if isinstance(m, list) else " ".join(encoded(a) for a in m.split(" "))
+                       for m in model.get("merges", [])]
+    for added in document.get("added_tokens") or []:
+        if not added.get("special"):
+            added["content"] = encoded(added["content"])
+    return json.dumps(document, ensure_ascii=False)
+
+
+def text_level_difference(a: Checkpoint, tokenizer_a: Any, b: Checkpoint, tokenizer_b: Any, text: str,
+                          mapping: torch.Tensor) -> float:
+    """Max |logit difference| between two (model, tokenizer) pairs on `text`, under a claimed token
+    correspondence `mapping` (a's id -> b's id), which is checked rather than trusted.
+
+    Raises AssertionError unless: b's tokenizer turns the text into the mapped ids of a's, both give the
+    text back, and every token of a decodes to the same text as its image in b.
     """
     vocab = tokenizer_a.get_vocab_size()
-    mapping = [tokenizer_b.token_to_id(tokenizer_a.id_to_token(i)) for i in range(vocab)]
-    if any(m is None for m in mapping) or sorted(mapping) != list(range(vocab)):
-        raise AssertionError("the tokenizers do not hold the same token strings")
-    ids_a = torch.tensor(tokenizer_a.encode(text).ids)[None]
-    ids_b = torch.tensor(tokenizer_b.encode(text).ids)[None]
-    to_b = torch.tensor(mapping)
-    if ids_a.shape != ids_b.shape or not torch.equal(to_b[ids_a], ids_b):
-        raise AssertionError("the two tokenizers split the text differently")
+    if sorted(mapping.tolist()) != list(range(vocab)) or tokenizer_b.get_vocab_size() != vocab:
+        raise AssertionError("the claimed correspondence is not a permutation of the vocabulary")
+    ids_a = torch.tensor(tokenizer_a.encode(text).ids)
+    ids_b = torch.tensor(tokenizer_b.encode(text).ids)
+    if ids_a.shape != ids_b.shape or not torch.equal(mapping[ids_a], ids_b):
+        raise AssertionError("the second tokenizer does not turn the text into the corresponding ids")
+    if tokenizer_b.decode(ids_b.tolist()) != tokenizer_a.decode(ids_a.tolist()):
+        raise AssertionError("the two tokenizers do not decode the text alike")
+    for i in range(vocab):
+        if tokenizer_b.decode([int(mapping[i])]) != tokenizer_a.decode([i]):
+            raise AssertionError(f"token {i} does not stand for the same text on both sides")
     with torch.no_grad():
-        logits_a = a.model()(input_ids=ids_a).logits
-        logits_b = b.model()(input_ids=ids_b).logits
-    return float((logits_b[..., to_b] - logits_a).abs().max())
+        logits_a = a.model()(input_ids=ids_a[None]).logits
+        logits_b = b.model()(input_ids=ids_b[None]).logits
+    return float((logits_b[..., mapping] - logits_a).abs().max())
 
 
 # -- tokenizer and perplexity -------------------------------------------------------------------------

@@ -65,13 +65,13 @@ RELABEL_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 class Recipe:
     """Every knob of the trained models; its digest keys the model cache."""
 
-    corpus_bytes: int = 600_000
+    corpus_bytes: int = 1_200_000
     heldout_bytes: int = 200_000
     vocab: int = 512
     size: str = "medium"
     batch: int = 16
     context: int = 64
-    pretrain_steps: int = 300
+    pretrain_steps: int = 800
     pretrain_lr: float = 3e-3
     derive_steps: int = 30  # the supplier's own fine-tune: the "un-attacked derivative"
     derive_lr: float = 3e-4
@@ -100,6 +100,7 @@ class Attacked:
     shipped: Any
     evaluated: Any
     check: str = ""
+    reference: str = "base"  # "bare": test against the base fingerprinted without its tokenizer.json
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Row:
     comparable: bool = True
     reparam_score: float = float("nan")
     reparam_derived: bool = False
+    reparam_comparable: bool = True
     check: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -209,6 +211,8 @@ class Bench:
 
         derived = self.trained(f"{arch}/derived", lambda: light(base, r.derive_steps, r.derive_lr, "derive"))
         base_fp = fingerprint(self.work / "models" / arch / "base", f"{arch}-base")
+        bare = save(base, None, self.scratch / "base-without-tokenizer")
+        references = {"base": base_fp, "bare": fingerprint(bare, f"{arch}-base (no tokenizer.json)")}
         probe = A.public_probe(base_fp)
         ppl_derived = self.ppl(derived, self.tokenizer)
         self.perplexities[arch] = {"base": self.ppl(base, self.tokenizer), "derivative": ppl_derived,
@@ -221,7 +225,7 @@ class Bench:
         def measure(group: str, attack: str, strength: str, order: float, made: Attacked) -> Row:
             row = Row(arch, group, attack, strength, order, check=made.check)
             directory = save(made.checkpoint, made.shipped, self.scratch / "candidate")
-            result = lineage(fingerprint(directory, f"{arch} {attack} {strength}"), base_fp)
+            result = lineage(fingerprint(directory, f"{arch} {attack} {strength}"), references[made.reference])
             row.score, row.threshold, row.p_value = result.score, result.threshold, result.p_value
             row.derived, row.comparable, row.notes = result.derived, result.comparable, list(result.notes)
             row.ppl = self.ppl(made.checkpoint, made.evaluated)
@@ -230,11 +234,14 @@ class Bench:
             evaded = T.all_evasions(made.checkpoint)
             T.same_function(made.checkpoint, evaded)
             directory = save(evaded, made.shipped, self.scratch / "candidate")
-            again = lineage(fingerprint(directory, f"{arch} {attack} {strength} re-parameterised"), base_fp)
-            row.reparam_score, row.reparam_derived = again.score, again.derived
+            again = lineage(fingerprint(directory, f"{arch} {attack} {strength} re-parameterised"),
+                            references[made.reference])
+            row.reparam_score, row.reparam_derived, row.reparam_comparable = again.score, again.derived, \
+                again.comparable
             self.rows.append(row)
-            self.log(f"  {group:11s} {attack:28s} {strength:10s} ppl x{row.ppl_ratio:6.3f}  score {row.score:6.3f}"
-                     f" {'derived' if row.derived else 'NOT derived':11s} re-param {row.reparam_score:6.3f}")
+            verdict = "derived" if row.derived else "NOT derived" if row.comparable else "NOT COMPARABLE"
+            self.log(f"  {group:11s} {attack:33s} {strength:10s} ppl x{row.ppl_ratio:6.3f}  score {row.score:6.3f}"
+                     f" {verdict:14s} re-param {row.reparam_score:6.3f}")
             return row
 
         # controls
@@ -266,20 +273,36 @@ class Bench:
             measure("random rows", "random rows: 100% noise", f"{100 * f:g}%", f,
                     Attacked(made, self.tokenizer, self.tokenizer))
 
-        # relabelling
+        # relabelling: ids permuted (rows moved), token strings re-encoded, tokenizer shipped or not
         from tokenizers import Tokenizer
 
-        for shipped in (True, False):
-            for f in RELABEL_FRACTIONS:
-                perm = A.relabelling(r.vocab, f, A.seed_of(arch, "relabel", f))
-                made = A.relabel(derived, perm)
-                rewritten = Tokenizer.from_str(A.relabel_tokenizer(self.tokenizer.to_str(), perm))
-                diff = A.text_level_difference(derived, self.tokenizer, made, rewritten, self.heldout_text[:4000])
-                if diff > RELABEL_TOLERANCE:
-                    raise AssertionError(f"{arch}: relabelling {f} changed the function (max logit diff {diff:.3g})")
-                name = "relabel + tokenizer" if shipped else "relabel, no tokenizer"
-                measure("relabelling", name, f"{100 * f:g}%", f,
-                        Attacked(made, rewritten if shipped else None, rewritten, f"text-level max diff {diff:.1e}"))
+        def relabelled(f: float, reencode: bool = False) -> tuple[T.Checkpoint, Any, str]:
+            perm = A.relabelling(r.vocab, f, A.seed_of(arch, "relabel", f))
+            rewritten = A.relabel_tokenizer(self.tokenizer.to_str(), perm)
+            if reencode:
+                rewritten = A.reencode_tokenizer(rewritten, A.seed_of(arch, "reencode"))
+            made, new_tokenizer = A.relabel(derived, perm), Tokenizer.from_str(rewritten)
+            diff = A.text_level_difference(derived, self.tokenizer, made, new_tokenizer, self.heldout_text[:4000], perm)
+            if diff > RELABEL_TOLERANCE:
+                raise AssertionError(f"{arch}: relabelling {f} changed the function (max logit diff {diff:.3g})")
+            return made, new_tokenizer, f"text-level max diff {diff:.1e}"
+
+        for f in RELABEL_FRACTIONS:
+            made, new_tokenizer, check = relabelled(f)
+            measure("relabelling", "relabel + tokenizer", f"{100 * f:g}%", f,
+                    Attacked(made, new_tokenizer, new_tokenizer, check))
+        for f in (0.0, *RELABEL_FRACTIONS):  # 0%: the derivative itself, its tokenizer withheld
+            made, new_tokenizer, check = relabelled(f)
+            measure("relabelling", "relabel, no tokenizer", f"{100 * f:g}%", f,
+                    Attacked(made, None, new_tokenizer, check))
+        for f in (0.0, 0.5, 1.0):
+            made, new_tokenizer, check = relabelled(f)
+            measure("relabelling", "relabel, no tokenizer either side", f"{100 * f:g}%", f,
+                    Attacked(made, None, new_tokenizer, check, reference="bare"))
+        for f in (0.0, 0.5, 1.0):  # 0%: ids and weights unchanged, only the strings
+            made, new_tokenizer, check = relabelled(f, reencode=True)
+            measure("relabelling", "strings re-encoded + relabel", f"{100 * f:g}%", f,
+                    Attacked(made, new_tokenizer, new_tokenizer, check))
 
         # repair: attack, then fine-tune on the derivative's data
         sources: dict[str, tuple[T.Checkpoint, str]] = {
@@ -314,13 +337,19 @@ class Bench:
 # -- reporting -------------------------------------------------------------------------------------------
 
 def _span(values: list[float], digits: int = 2) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    finite = [v for v in values if v == v]
+    if not finite:
+        return "n/c"
+    if len(finite) == 1:
+        text = f"{finite[0]:.{digits}f}"
+    else:
+        text = f"{statistics.median(finite):.{digits}f} ({min(finite):.{digits}f}-{max(finite):.{digits}f})"
+    return text + (f", {len(values) - len(finite)} n/c" if len(finite) < len(values) else "")
 
 
 def evades(row: dict[str, Any]) -> bool:
-    """Within the damage limit and called not derived, plain or re-parameterised."""
+    """Within the damage limit and not called derived, plain or re-parameterised ("not comparable"
+    included: it is no "derived")."""
     return bool(row["ppl_ratio"] <= DAMAGE_LIMIT and not (row["derived"] and row["reparam_derived"]))
 
 
@@ -331,11 +360,18 @@ def grouped(rows: list[dict[str, Any]]) -> list[tuple[tuple[str, str, str], list
     return list(groups.items())
 
 
+def _count(members: list[dict[str, Any]], prefix: str) -> str:
+    n = len(members)
+    text = f"{sum(m[prefix + 'derived'] for m in members)}/{n}"
+    not_comparable = sum(not m.get(prefix + "comparable", True) for m in members)
+    return text + (f" ({not_comparable} n/c)" if not_comparable else "")
+
+
 def report(results: dict[str, Any]) -> str:
     rows = results["rows"]
     archs = sorted({r["arch"] for r in rows})
     lines = [f"Architectures: {', '.join(archs)}; per cell the median over them (min-max). Threshold: "
-             f"{_span([r['threshold'] for r in rows if r['threshold'] == r['threshold']], 3)}. "
+             f"{_span([r['threshold'] for r in rows], 3)}. n/c = not comparable (no score). "
              f"'evades' = held-out perplexity within {DAMAGE_LIMIT}x of the un-attacked derivative and not "
              f"called derived (plain or re-parameterised).", "",
              "| class | attack | strength | perplexity ratio | score | derived | score, re-parameterised | "
@@ -345,14 +381,17 @@ def report(results: dict[str, Any]) -> str:
         n = len(members)
         lines.append(
             f"| {group} | {attack} | {strength} | {_span([m['ppl_ratio'] for m in members])} | "
-            f"{_span([m['score'] for m in members])} | {sum(m['derived'] for m in members)}/{n} | "
-            f"{_span([m['reparam_score'] for m in members])} | {sum(m['reparam_derived'] for m in members)}/{n} | "
+            f"{_span([m['score'] for m in members])} | {_count(members, '')} | "
+            f"{_span([m['reparam_score'] for m in members])} | {_count(members, 'reparam_')} | "
             f"{sum(evades(m) for m in members if m['group'] != 'control')}/{n} |")
-    broken = [m for m in rows if m["group"] != "control" and evades(m)]
-    lines += ["", f"Attacks within {DAMAGE_LIMIT}x perplexity that the test calls not derived: {len(broken)} of "
-              f"{sum(1 for m in rows if m['group'] != 'control')} (architecture x attack x strength)."]
-    if broken:
-        lowest = min(broken, key=lambda m: min(m["score"], m["reparam_score"]))
+    attacked = [m for m in rows if m["group"] != "control"]
+    broken = [m for m in attacked if evades(m)]
+    unscored = [m for m in broken if not (m.get("comparable", True) and m.get("reparam_comparable", True))]
+    lines += ["", f"Attacks within {DAMAGE_LIMIT}x perplexity that the test does not call derived: {len(broken)} of "
+              f"{len(attacked)} (architecture x attack x strength), {len(unscored)} of them not comparable."]
+    scored = [m for m in broken if m not in unscored]
+    if scored:
+        lowest = min(scored, key=lambda m: min(m["score"], m["reparam_score"]))
         lines.append(f"Lowest such score: {min(lowest['score'], lowest['reparam_score']):.3f} "
                      f"({lowest['arch']}, {lowest['attack']}, {lowest['strength']}, perplexity "
                      f"x{lowest['ppl_ratio']:.3f}).")
@@ -365,6 +404,8 @@ def report(results: dict[str, Any]) -> str:
 
 COLOURS = {"probe rows": "tab:red", "random rows": "tab:orange", "relabelling": "tab:purple", "repair": "tab:blue",
            "adaptive": "tab:green", "control": "black"}
+X_MAX = 20.0  # perplexity ratios beyond are drawn at the edge
+NOT_COMPARABLE_Y = -0.1  # where "not comparable" results are drawn
 
 
 def figure(results: dict[str, Any], path: Path) -> None:
@@ -379,27 +420,39 @@ def figure(results: dict[str, Any], path: Path) -> None:
     thresholds = [r["threshold"] for r in rows if r["threshold"] == r["threshold"]]
     threshold = statistics.median(thresholds) if thresholds else 0.5
     markers = "osD^vP*X<>"
+
+    def x(value: float) -> float:
+        return min(value, X_MAX * 0.97)
+
+    def y(value: float) -> float:
+        return value if value == value else NOT_COMPARABLE_Y
+
     for ax, key, title in ((axes[0], "score", "attack alone"),
                            (axes[1], "reparam_score", "attack + every re-parameterisation")):
         attacks: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         for (group, attack, _), members in grouped(rows):
             ratio = statistics.median(m["ppl_ratio"] for m in members)
-            score = statistics.median(m[key] for m in members)
-            attacks.setdefault((group, attack), []).append((members[0]["order"], ratio, score))
-            ax.scatter([m["ppl_ratio"] for m in members], [m[key] for m in members], s=8, alpha=0.25,
+            score = statistics.median(y(m[key]) for m in members)
+            attacks.setdefault((group, attack), []).append((members[0]["order"], x(ratio), score))
+            ax.scatter([x(m["ppl_ratio"]) for m in members], [y(m[key]) for m in members], s=8, alpha=0.25,
                        color=COLOURS[group])
-        for n, ((group, attack), points) in enumerate(attacks.items()):
+        per_group: dict[str, int] = {}
+        for (group, attack), points in attacks.items():
+            n = per_group[group] = per_group.get(group, -1) + 1
             points.sort()
             ax.plot([p[1] for p in points], [p[2] for p in points], marker=markers[n % len(markers)],
-                    color=COLOURS[group], label=attack, linewidth=1.2, markersize=5)
+                    color=COLOURS[group], label=attack, linewidth=1.2, markersize=5,
+                    linestyle="-" if n % 2 == 0 else "--")
         ax.axhline(threshold, color="grey", linestyle="--", linewidth=1)
+        ax.axhline((NOT_COMPARABLE_Y + min(0.0, threshold)) / 2, color="lightgrey", linewidth=0.8)
+        ax.text(X_MAX * 0.9, NOT_COMPARABLE_Y, "not comparable", fontsize=7, ha="right", va="center", color="grey")
         ax.axvline(DAMAGE_LIMIT, color="grey", linestyle=":", linewidth=1)
         ax.fill_between([0.9, DAMAGE_LIMIT], -0.2, threshold, color="red", alpha=0.06, linewidth=0)
         ax.set_xscale("log")
-        ax.set_xlim(0.9, max(2.0, max(m["ppl_ratio"] for m in rows) * 1.1))
-        ax.set_ylim(-0.15, 1.05)
-        ticks = [t for t in (1, 1.5, 2, 3, 5, 10, 20, 50) if t <= ax.get_xlim()[1]]
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xlim(0.9, X_MAX)
+        ax.set_ylim(-0.17, 1.05)
+        ticks = [1, 1.5, 2, 3, 5, 10, 20]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks[:-1]] + [f">={X_MAX:g}"])
         ax.minorticks_off()
         ax.set_xlabel("held-out perplexity / un-attacked derivative's (log)")
         ax.set_title(title)

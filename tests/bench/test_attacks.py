@@ -128,12 +128,35 @@ def test_relabelling_with_its_tokenizer_preserves_the_function_at_the_text_level
     assert torch.equal(out.state[A.EMBED][perm], ck.state[A.EMBED])  # ...to its new id
     sample = text[-2000:]
     assert torch.equal(A.encode(rewritten, sample), perm[A.encode(tokenizer, sample)])
-    assert A.text_level_difference(ck, tokenizer, out, rewritten, sample) <= 1e-4
-    # the same weights with the old tokenizer are another function: the check can fail
+    assert A.text_level_difference(ck, tokenizer, out, rewritten, sample, perm) <= 1e-4
+    # the check can fail: the old tokenizer with the new weights, a wrong claimed correspondence, or the new
+    # tokenizer with the old weights
     with pytest.raises(AssertionError):
-        assert A.text_level_difference(ck, tokenizer, out, tokenizer, sample) <= 1e-4
+        A.text_level_difference(ck, tokenizer, out, tokenizer, sample, perm)
+    with pytest.raises(AssertionError):
+        A.text_level_difference(ck, tokenizer, out, rewritten, sample, torch.arange(len(perm)))
+    assert A.text_level_difference(ck, tokenizer, ck, rewritten, sample, perm) > 1e-2
     # and the relabelled model still passes every re-parameterisation's function check
     T.same_function(out, T.all_evasions(out))
+
+
+def test_reencoded_strings_keep_ids_and_text(tokenizer, text):
+    from tokenizers import Tokenizer
+
+    vocab = tokenizer.get_vocab_size()
+    reencoded = Tokenizer.from_str(A.reencode_tokenizer(tokenizer.to_str(), seed=1))
+    sample = text[-3000:]
+    assert torch.equal(A.encode(reencoded, sample), A.encode(tokenizer, sample))
+    assert reencoded.decode(reencoded.encode(sample).ids) == tokenizer.decode(tokenizer.encode(sample).ids)
+    changed = sum(reencoded.id_to_token(i) != tokenizer.id_to_token(i) for i in range(vocab))
+    assert changed >= 0.7 * vocab  # whitespace-only tokens and contraction letters keep their strings
+    assert reencoded.to_str() == Tokenizer.from_str(A.reencode_tokenizer(tokenizer.to_str(), seed=1)).to_str()
+    assert reencoded.to_str() != Tokenizer.from_str(A.reencode_tokenizer(tokenizer.to_str(), seed=2)).to_str()
+    # with an id relabelling on top: neither ids nor strings match the original, the function does
+    ck = checkpoint("llama", vocab=vocab)
+    perm = A.relabelling(vocab, 1.0, seed=5)
+    both = Tokenizer.from_str(A.reencode_tokenizer(A.relabel_tokenizer(tokenizer.to_str(), perm), seed=1))
+    assert A.text_level_difference(ck, tokenizer, A.relabel(ck, perm), both, sample, perm) <= 1e-4
 
 
 def test_relabelled_perplexity_equals_the_original(tokenizer, text):
@@ -221,4 +244,9 @@ def test_report_counts_only_cheap_evasions():
                "seconds": 60, "trained": 0}
     text = report(results)
     assert "| probe rows | a | s | 2.10 (1.20-3.00) | 0.20 (0.20-0.20) | 0/2 |" in text
-    assert "| 1/2 |" in text and "not derived: 1 of 2" in text
+    assert "| 1/2 |" in text and "does not call derived: 1 of 2 (architecture x attack x strength), 0 of them" in text
+    # a "not comparable" result has no score and is counted apart
+    results["rows"][1].update(score=float("nan"), comparable=False, ppl_ratio=1.1)
+    text = report(results)
+    assert "| 0.20, 1 n/c | 0/2 (1 n/c) |" in text
+    assert "does not call derived: 2 of 2 (architecture x attack x strength), 1 of them not comparable" in text
