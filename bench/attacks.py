@@ -56,6 +56,32 @@ def public_probe(fingerprint: Any) -> list[int]:
     return [int(i) for i in probe_ids(vocab, 32, 0)]
 
 
+def probe_coefficients(fingerprint: Any, vocab: int, keys: Any = None) -> torch.Tensor:
+    """The k x V matrix C with probe = C @ unit-normalised embedding rows, as an evader computes it.
+
+    The library's own mixture function when it has one (`sketch.probe_mixture`, for the keys the
+    evader ships: token strings or ids); otherwise the published probe rows, one-hot.
+    """
+    from tg_verify.fingerprint import sketch
+
+    mixture = getattr(sketch, "probe_mixture", None)
+    if mixture is not None:
+        return torch.as_tensor(np.asarray(mixture(keys, vocab)), dtype=torch.float64)
+    ids = public_probe(fingerprint)
+    c = torch.zeros(len(ids), vocab, dtype=torch.float64)
+    c[torch.arange(len(ids)), torch.as_tensor(ids)] = 1.0
+    return c
+
+
+def token_keys(tokenizer_json: Any, vocab: int) -> Any:
+    """The per-token keys the library derives from a tokenizer.json (`sketch.tokenizer_keys`), or None
+    (ids) when the library has no such notion."""
+    from tg_verify.fingerprint import sketch
+
+    keys = getattr(sketch, "tokenizer_keys", None)
+    return None if keys is None else keys(tokenizer_json, vocab)
+
+
 def random_rows(vocab: int, fraction: float, seed: int) -> list[int]:
     """round(fraction * vocab) distinct ids, seeded; nested (a larger fraction keeps the smaller's ids)."""
     if not 0 <= fraction <= 1:
@@ -91,6 +117,36 @@ def redraw_rows(ck: Checkpoint, ids: Sequence[int], seed: int, *, noise: float |
         updated = weight.clone()
         updated[index] = new.to(weight.dtype)
         out.state[key] = updated
+    return out
+
+
+def redraw_directions(ck: Checkpoint, coefficients: torch.Tensor, seed: int, strength: float = 1.0,
+                      iterations: int = 4) -> Checkpoint:
+    """Move the probe VECTORS of a mixture probe (probe = C @ unit-normalised embedding rows) towards
+    random ones with the minimum-norm edit of the embedding: an evader who can compute C.
+
+    target = P + strength * (R - P), R Gaussian with P's row norms; each iteration adds C+ (target -
+    C @ normalise(rows)) to the unit rows (pseudo-inverse: the smallest change), so the row
+    normalisation the sketch applies is accounted for. Row norms are kept. A tied head follows.
+    """
+    out = ck.clone()
+    weight = out.state[EMBED]
+    work = weight.double()
+    norms = work.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    unit = work / norms
+    c = coefficients.double()
+    if c.shape[1] != unit.shape[0]:
+        raise ValueError(f"coefficients cover {c.shape[1]} tokens, the embedding has {unit.shape[0]} rows")
+    probe = c @ unit
+    noise = torch.randn(probe.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    noise = noise / noise.norm(dim=1, keepdim=True) * probe.norm(dim=1, keepdim=True)
+    target = probe + strength * (noise - probe)
+    pinv = torch.linalg.pinv(c)
+    current = unit
+    for _ in range(iterations):
+        current = current + pinv @ (target - c @ (current / current.norm(dim=1, keepdim=True)))
+    edited = current / current.norm(dim=1, keepdim=True) * norms
+    out.state[EMBED] = edited.to(weight.dtype)
     return out
 
 

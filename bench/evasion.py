@@ -59,6 +59,7 @@ RELABEL_TOLERANCE = 1e-4  # max |logit difference| at the text level for a relab
 PROBE_NOISE = (0.25, 0.5, 1.0, 2.0)
 ROW_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 RELABEL_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+PROBE_DIRECTIONS = (0.25, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,12 @@ class Recipe:
     adaptive_steps: int = 100
     adaptive_lr: float = 1e-3
     adaptive_weights: tuple[float, ...] = (0.0, 0.1, 1.0, 10.0, 100.0)
-    eval_context: int = 128
-    eval_windows: int = 200
+    eval_context: int = 128  # evaluation only: not in the digest
+    eval_windows: int = 100
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        training = {k: v for k, v in asdict(self).items() if not k.startswith("eval_")}
+        return hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest()[:12]
 
 
 QUICK = Recipe(corpus_bytes=200_000, heldout_bytes=60_000, pretrain_steps=60, derive_steps=10, repair_steps=(20,),
@@ -251,14 +253,19 @@ class Bench:
         # probe rows
         for s in PROBE_NOISE:
             made = A.redraw_rows(derived, probe, A.seed_of(arch, "probe-noise", s), noise=s)
-            measure("probe rows", "probe rows: noise", f"{100 * s:.0f}%", s, Attacked(made, self.tokenizer,
-                                                                                       self.tokenizer))
+            measure("probe", "probe rows: noise", f"{100 * s:.0f}%", s, Attacked(made, self.tokenizer,
+                                                                                  self.tokenizer))
         redrawn_probe = A.redraw_rows(derived, probe, A.seed_of(arch, "probe-redraw"))
-        measure("probe rows", "probe rows: re-draw", f"{len(probe)} rows", 1,
+        measure("probe", "probe rows: re-draw", f"{len(probe)} rows", 1,
                 Attacked(redrawn_probe, self.tokenizer, self.tokenizer))
         redrawn_probe_head = A.redraw_rows(derived, probe, A.seed_of(arch, "probe-redraw"), head=True)
-        measure("probe rows", "probe rows: re-draw + head", f"{len(probe)} rows", 1,
+        measure("probe", "probe rows: re-draw + head", f"{len(probe)} rows", 1,
                 Attacked(redrawn_probe_head, self.tokenizer, self.tokenizer))
+        coefficients = A.probe_coefficients(base_fp, r.vocab, A.token_keys(self.work / "tokenizer.json", r.vocab))
+        for s in PROBE_DIRECTIONS:
+            made = A.redraw_directions(derived, coefficients, A.seed_of(arch, "directions", s), strength=s)
+            measure("probe", "probe vectors: min-norm re-draw", f"{100 * s:g}%", s,
+                    Attacked(made, self.tokenizer, self.tokenizer))
 
         # random rows
         redrawn: dict[float, T.Checkpoint] = {}
@@ -402,7 +409,7 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-COLOURS = {"probe rows": "tab:red", "random rows": "tab:orange", "relabelling": "tab:purple", "repair": "tab:blue",
+COLOURS = {"probe": "tab:red", "random rows": "tab:orange", "relabelling": "tab:purple", "repair": "tab:blue",
            "adaptive": "tab:green", "control": "black"}
 X_MAX = 20.0  # perplexity ratios beyond are drawn at the edge
 NOT_COMPARABLE_Y = -0.1  # where "not comparable" results are drawn

@@ -231,7 +231,7 @@ def test_sketch_penalty_is_differentiable_and_zero_weight_is_zero():
 # -- reporting ------------------------------------------------------------------------------------------
 
 def test_report_counts_only_cheap_evasions():
-    def row(arch, ratio, derived, reparam, group="probe rows"):
+    def row(arch, ratio, derived, reparam, group="probe"):
         return {"arch": arch, "group": group, "attack": "a", "strength": "s", "order": 1, "ppl_ratio": ratio,
                 "score": 0.2, "threshold": 0.5, "derived": derived, "reparam_score": 0.2,
                 "reparam_derived": reparam}
@@ -243,10 +243,31 @@ def test_report_counts_only_cheap_evasions():
                "perplexities": {"llama": {"untrained": 600, "base": 9, "derivative": 8, "twin": 9}},
                "seconds": 60, "trained": 0}
     text = report(results)
-    assert "| probe rows | a | s | 2.10 (1.20-3.00) | 0.20 (0.20-0.20) | 0/2 |" in text
+    assert "| probe | a | s | 2.10 (1.20-3.00) | 0.20 (0.20-0.20) | 0/2 |" in text
     assert "| 1/2 |" in text and "does not call derived: 1 of 2 (architecture x attack x strength), 0 of them" in text
     # a "not comparable" result has no score and is counted apart
     results["rows"][1].update(score=float("nan"), comparable=False, ppl_ratio=1.1)
     text = report(results)
     assert "| 0.20, 1 n/c | 0/2 (1 n/c) |" in text
     assert "does not call derived: 2 of 2 (architecture x attack x strength), 1 of them not comparable" in text
+
+
+def test_redraw_directions_moves_the_mixture_probe_with_a_small_edit():
+    ck = checkpoint("llama")
+    coefficients = torch.randn(16, 512, generator=torch.Generator().manual_seed(0))
+    unit = ck.state[A.EMBED].double() / ck.state[A.EMBED].double().norm(dim=1, keepdim=True)
+    before = coefficients.double() @ unit
+    out = A.redraw_directions(ck, coefficients, seed=1)
+    edited = out.state[A.EMBED].double()
+    after = coefficients.double() @ (edited / edited.norm(dim=1, keepdim=True))
+    # every probe vector now points elsewhere (nearly orthogonal to where it was) ...
+    cosines = torch.nn.functional.cosine_similarity(before, after, dim=1)
+    assert float(cosines.abs().max()) < 0.5
+    # ... while each row moved by about sqrt(k / V) of its norm and kept its norm
+    moved = (edited - ck.state[A.EMBED].double()).norm(dim=1) / ck.state[A.EMBED].double().norm(dim=1)
+    assert float(moved.mean()) < 2 * (16 / 512) ** 0.5
+    assert torch.allclose(edited.norm(dim=1), ck.state[A.EMBED].double().norm(dim=1), rtol=1e-5)
+    assert all(torch.equal(v, out.state[k]) for k, v in ck.state.items() if k != A.EMBED)
+    half = A.redraw_directions(ck, coefficients, seed=1, strength=0.5).state[A.EMBED].double()
+    assert float((half - ck.state[A.EMBED]).norm()) < float((edited - ck.state[A.EMBED]).norm())
+    assert torch.equal(A.redraw_directions(ck, coefficients, seed=1).state[A.EMBED], out.state[A.EMBED])
