@@ -126,8 +126,9 @@ def redraw_directions(ck: Checkpoint, coefficients: torch.Tensor, seed: int, str
     random ones with the minimum-norm edit of the embedding: an evader who can compute C.
 
     target = P + strength * (R - P), R Gaussian with P's row norms; each iteration adds C+ (target -
-    C @ normalise(rows)) to the unit rows (pseudo-inverse: the smallest change), so the row
-    normalisation the sketch applies is accounted for. Row norms are kept. A tied head follows.
+    C @ rows) to the unit rows (pseudo-inverse: the smallest change) and normalises them again, as the
+    sketch does. Row norms are kept. A tied head follows. With one-hot C (a row probe) only the probe
+    rows move, each towards a random direction.
     """
     out = ck.clone()
     weight = out.state[EMBED]
@@ -143,9 +144,10 @@ def redraw_directions(ck: Checkpoint, coefficients: torch.Tensor, seed: int, str
     target = probe + strength * (noise - probe)
     pinv = torch.linalg.pinv(c)
     current = unit
-    for _ in range(iterations):
-        current = current + pinv @ (target - c @ (current / current.norm(dim=1, keepdim=True)))
-    edited = current / current.norm(dim=1, keepdim=True) * norms
+    for _ in range(iterations):  # step towards the target, back onto unit rows (what the sketch reads)
+        current = current + pinv @ (target - c @ current)
+        current = current / current.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    edited = current * norms
     out.state[EMBED] = edited.to(weight.dtype)
     return out
 

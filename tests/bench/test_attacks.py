@@ -271,3 +271,16 @@ def test_redraw_directions_moves_the_mixture_probe_with_a_small_edit():
     half = A.redraw_directions(ck, coefficients, seed=1, strength=0.5).state[A.EMBED].double()
     assert float((half - ck.state[A.EMBED]).norm()) < float((edited - ck.state[A.EMBED]).norm())
     assert torch.equal(A.redraw_directions(ck, coefficients, seed=1).state[A.EMBED], out.state[A.EMBED])
+
+
+@pytest.mark.parametrize("strength", [0.25, 0.5, 1.0])
+def test_redraw_directions_on_a_row_probe_moves_only_those_rows(strength):
+    ck = checkpoint("gemma")
+    ids = probe_ids(512, 32, 0).tolist()
+    onehot = torch.zeros(32, 512)
+    onehot[torch.arange(32), torch.tensor(ids)] = 1.0
+    out = A.redraw_directions(ck, onehot, seed=2, strength=strength)
+    assert torch.isfinite(out.state[A.EMBED]).all()
+    assert changed_rows(ck.state[A.EMBED], out.state[A.EMBED]) == set(ids)
+    cosines = torch.nn.functional.cosine_similarity(out.state[A.EMBED][ids], ck.state[A.EMBED][ids], dim=1)
+    assert float(cosines.mean()) < (0.95 if strength < 1 else 0.3)
