@@ -263,3 +263,20 @@ def test_non_finite_embedding_is_refused(tmp_path: Path) -> None:
         model.model.embed_tokens.weight[7, 3] = float("nan")
     with pytest.raises(WeightValueError, match="embed_tokens"):
         sketch_of(save_model(model, tmp_path / "nan"))
+
+
+def test_private_sketch_seed_is_a_setting_that_changes_only_the_sketch(tiny_models: dict[str, dict[str, Path]]) -> None:
+    from tg_verify.analysis.lineage import lineage_test
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.fingerprint.settings import FingerprintSettings
+
+    artifact = resolve(tiny_models["llama"]["single"])
+    public = fingerprint_artifact(artifact, FingerprintSettings(repeats=4))
+    private = fingerprint_artifact(artifact, FingerprintSettings(repeats=4, sketch_seed=123456))
+    assert private.features == public.features and "sketch_seed" not in public.settings
+    assert private.settings["sketch_seed"] == 123456 and private.sketch["probe"]["seed"] == 123456
+    assert FingerprintSettings(repeats=4).compatible_with(private.settings)
+    assert lineage_test(private, private).derived
+    assert not lineage_test(private, public).comparable  # one probe, or no comparison
+    with pytest.raises(UsageError, match="sketch_seed"):
+        FingerprintSettings(sketch_seed=-1)
