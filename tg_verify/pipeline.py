@@ -143,7 +143,11 @@ class VerificationResult:
                                       derived=bool(result.derived), p_value=finite(result.p_value),
                                       false_positive_rate=finite(result.false_positive_rate),
                                       method=getattr(result, "method", None), alpha=getattr(result, "alpha", None),
-                                      comparable=bool(getattr(result, "comparable", True)))
+                                      comparable=bool(getattr(result, "comparable", True)),
+                                      calibration=getattr(result, "calibration", None),
+                                      null_size=getattr(result, "null_size", None) or None,
+                                      rate=finite(getattr(result, "rate", None)),
+                                      rate_upper=finite(getattr(result, "rate_upper", None)))
 
         refs = tuple(at.ReferenceEvidence(id=r.spec.id, family=r.spec.family, fingerprint_sha256=r.fingerprint_digest,
                                           distance=r.distance, threshold=r.threshold, role=r.role,
@@ -484,8 +488,7 @@ def _lineage(policy: Policy, candidate: Fingerprint, fp: Fingerprint) -> tuple[A
         return None, f"the reference fingerprint has no lineage sketch ({why})"
     from tg_verify.analysis.lineage import lineage_test
 
-    extra = {} if policy.lineage.min_score is None else {"min_score": policy.lineage.min_score}
-    return lineage_test(candidate, fp, alpha=policy.lineage.alpha, **extra), None
+    return lineage_test(candidate, fp, alpha=policy.lineage.alpha, min_score=policy.lineage.min_score), None
 
 
 # ------------------------------------------------------------------------------------------ verify

@@ -153,8 +153,9 @@ def _lineage_text(result: LineageLike) -> str:
     if not getattr(result, "comparable", True):
         notes = "; ".join(getattr(result, "notes", []) or []) or "no common probe"
         return f"not comparable ({notes})"
-    return (f"score {_fmt(result.score)} vs threshold {_fmt(result.threshold)}, p = {result.p_value:.4g}, "
-            f"stated false-positive rate {result.false_positive_rate:.2%}")
+    rate_text = getattr(result, "rate_text", None)  # the calibrated rate in words (analysis/lineage.py)
+    stated = rate_text() if callable(rate_text) else f"stated false-positive rate {result.false_positive_rate:.2%}"
+    return f"score {_fmt(result.score)} vs threshold {_fmt(result.threshold)}: {stated}"
 
 
 class _Findings:

@@ -66,8 +66,14 @@ class LineageEvidence:
     p_value: float | None = None
     false_positive_rate: float | None = None
     method: str | None = None
-    alpha: float | None = None  # derived iff comparable and p_value <= alpha and score >= threshold
+    alpha: float | None = None  # method tgl2: the target rate; derived iff comparable and score > threshold
     comparable: bool = True
+    # method tgl2: the calibration class, its null sample size, the share of it at or above the score and
+    # that share's exact one-sided 95% upper bound (None when uncalibrated)
+    calibration: str | None = None
+    null_size: int | None = None
+    rate: float | None = None
+    rate_upper: float | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,8 @@ def _lineage(evidence: LineageEvidence | None) -> dict[str, Any] | None:
         "method": evidence.method, "score": _number(evidence.score), "threshold": _number(evidence.threshold),
         "pValue": _number(evidence.p_value), "falsePositiveRate": _number(evidence.false_positive_rate),
         "alpha": _number(evidence.alpha), "comparable": bool(evidence.comparable), "derived": bool(evidence.derived),
+        "calibration": evidence.calibration, "nullPairs": evidence.null_size, "rateAtScore": _number(evidence.rate),
+        "rateUpperBound95": _number(evidence.rate_upper),
     })
 
 

@@ -396,6 +396,8 @@ def _lineage_decision(lineage: Mapping[str, Any]) -> bool | None:
     """What `derived` must be from the recorded numbers (None when the predicate lacks what decides it)."""
     if not lineage.get("comparable", True):
         return False
+    if lineage.get("method") == "tgl2":  # calibrated threshold: derived iff the score is above it
+        return bool(lineage["score"] > lineage["threshold"])
     if _is_number(lineage.get("alpha")) and _is_number(lineage.get("pValue")):
         return lineage["pValue"] <= lineage["alpha"] and lineage["score"] >= lineage["threshold"]
     return None if lineage["derived"] is False else lineage["score"] >= lineage["threshold"]

@@ -1,0 +1,1 @@
+"""Package data: the lineage calibration (lineage_calibration.json, written by bench/calibrate.py)."""
