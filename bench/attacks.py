@@ -21,13 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.transforms import Checkpoint, get_gate_up, get_qkv
+from bench.transforms import Checkpoint
 
 EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
@@ -41,9 +41,8 @@ def seed_of(*parts: object) -> int:
 # -- which rows --------------------------------------------------------------------------------------
 
 def public_probe(fingerprint: Any) -> list[int]:
-    """The token ids a published fingerprint's sketch says it probes: what an evader reads to aim.
-
-    Falls back to today's public probe (32 ids, seed 0) when the sketch publishes no ids.
+    """The token ids a published fingerprint's sketch says it probes (sketch tgs1 published 32): what an
+    evader reads to aim. A sketch that publishes none (tgs2 mixes every row) gets tgs1's 32 ids.
     """
     sketch = getattr(fingerprint, "sketch", None) or {}
     probe = sketch.get("probe") if isinstance(sketch, dict) else None
@@ -52,34 +51,34 @@ def public_probe(fingerprint: Any) -> list[int]:
         return sorted(int(i) for i in ids)
     from tg_verify.fingerprint.sketch import probe_ids
 
-    vocab = int(probe.get("vocab", 0)) if isinstance(probe, dict) else 0
+    vocab = int(probe.get("vocab", probe.get("rows", 0))) if isinstance(probe, dict) else 0
     return [int(i) for i in probe_ids(vocab, 32, 0)]
 
 
-def probe_coefficients(fingerprint: Any, vocab: int, keys: Any = None) -> torch.Tensor:
-    """The k x V matrix C with probe = C @ unit-normalised embedding rows, as an evader computes it.
+def probe_coefficients(fingerprint: Any, keys: Any) -> torch.Tensor:
+    """The k x V matrix C with probe = C @ unit-normalised embedding rows, as an evader computes it from a
+    published fingerprint and the token keys of the tokenizer it ships (`token_keys`).
 
-    The library's own mixture function when it has one (`sketch.probe_mixture`, for the keys the
-    evader ships: token strings or ids); otherwise the published probe rows, one-hot.
+    A mixture probe (tgs2): `sketch.mixture_coefficients` at the published seed and mixture count, zero
+    for rows without a key. A row probe (tgs1): its published rows, one-hot.
     """
-    from tg_verify.fingerprint import sketch
+    from tg_verify.fingerprint.sketch import mixture_coefficients
 
-    mixture = getattr(sketch, "probe_mixture", None)
-    if mixture is not None:
-        return torch.as_tensor(np.asarray(mixture(keys, vocab)), dtype=torch.float64)
+    probe = (getattr(fingerprint, "sketch", None) or {}).get("probe") or {}
+    if "mixtures" in probe:
+        c = mixture_coefficients(keys.keys, int(probe["mixtures"]), int(probe.get("seed", 0))) * keys.present[None, :]
+        return torch.from_numpy(c).to(torch.float64)
     ids = public_probe(fingerprint)
-    c = torch.zeros(len(ids), vocab, dtype=torch.float64)
-    c[torch.arange(len(ids)), torch.as_tensor(ids)] = 1.0
-    return c
+    onehot = torch.zeros(len(ids), len(keys.keys), dtype=torch.float64)
+    onehot[torch.arange(len(ids)), torch.as_tensor(ids)] = 1.0
+    return onehot
 
 
 def token_keys(tokenizer_json: Any, vocab: int) -> Any:
-    """The per-token keys the library derives from a tokenizer.json (`sketch.tokenizer_keys`), or None
-    (ids) when the library has no such notion."""
-    from tg_verify.fingerprint import sketch
+    """The per-row token keys the fingerprint derives from a tokenizer.json beside the weights."""
+    from tg_verify.fingerprint.tokens import tokenizer_keys
 
-    keys = getattr(sketch, "tokenizer_keys", None)
-    return None if keys is None else keys(tokenizer_json, vocab)
+    return tokenizer_keys(tokenizer_json, vocab)
 
 
 def random_rows(vocab: int, fraction: float, seed: int) -> list[int]:
@@ -305,83 +304,23 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, context: int = 128,
 
 
 # -- the adaptive attacker's view of the sketch -------------------------------------------------------
-# TODAY'S METHOD, MIRRORED HERE (sketch "tgs1" of tg_verify/fingerprint/sketch.py and the per-unit
-# similarity of tg_verify/analysis/lineage.py), as a differentiable torch function of the weights.
-# tests/bench/test_attacks.py checks it against the library's own sketch and test. To be replaced by the
-# library's differentiable function when tg_verify/fingerprint/sketch.py provides one.
+# The library's own differentiable sketch units (tg_verify.fingerprint.sketch.sketch_units) and per-unit
+# similarity (tg_verify.analysis.lineage.unit_similarities): the attacker optimises against exactly what
+# `tg-verify compare` computes, with the public seed and the keys of the tokenizer it ships.
 
-PENALTY_ID = "tgs1-mirror"  # names the penalty in the model cache: a new one retrains the adaptive models
+def library_units(keys: Any, seed: int = 0) -> Callable[[Checkpoint], dict[tuple[str, int | None], torch.Tensor]]:
+    from tg_verify.fingerprint.sketch import sketch_units
 
-def _normalised(matrix: torch.Tensor, symmetric: bool) -> torch.Tensor:
-    tiny = 1e-30
-    if symmetric:
-        d = matrix.diagonal().clamp_min(tiny).sqrt()
-        return matrix / d[:, None] / d[None, :]
-    m = matrix / matrix.pow(2).mean(dim=1).sqrt().clamp_min(tiny)[:, None]
-    return m / m.pow(2).mean(dim=0).sqrt().clamp_min(tiny)[None, :]
+    def units(ck: Checkpoint) -> dict[tuple[str, int | None], torch.Tensor]:
+        return sketch_units(ck.state, ck.config.to_dict(), keys, seed=seed)
+    return units
 
 
-def tgs1_units(ck: Checkpoint, ids: Sequence[int], head_rows: int = 4096) -> dict[tuple[str, int | None], torch.Tensor]:
-    """Today's sketch units (normalised k x k matrices) of `ck`, differentiable in `ck.state`'s tensors.
+def penalty_id() -> str:
+    """Names the sketch the adaptive models were trained against (in their cache key)."""
+    from tg_verify.fingerprint.sketch import SKETCH_VERSION
 
-    `ck.state` may hold live parameters (`dict(model.named_parameters())`): gradients flow to them.
-    """
-    from tg_verify.fingerprint.sketch import SYMMETRIC_ROLES, probe_ids
-
-    s = ck.state
-    offset = 1.0 if ck.gemma else 0.0
-    embedding = s[EMBED]
-    rows = embedding[torch.as_tensor(list(ids), dtype=torch.long)].float()
-    probe = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    units: dict[tuple[str, int | None], torch.Tensor] = {("embed", None): probe @ probe.T}
-    heads, kv, head_dim = ck.heads
-    for i in range(ck.layers):
-        p = f"model.layers.{i}."
-        attn_gain = s[p + "input_layernorm.weight"].float() + offset
-        mlp_key = p + "pre_feedforward_layernorm.weight"
-        mlp_gain = s[mlp_key if mlp_key in s else p + "post_attention_layernorm.weight"].float() + offset
-        q, k, v = (w.float() @ (probe * attn_gain).T for w in get_qkv(ck, i))
-        qh = q.reshape(heads, head_dim, -1)
-        kh = k.reshape(kv, head_dim, -1).repeat_interleave(heads // kv, dim=0)
-        vh = v.reshape(kv, head_dim, -1).repeat_interleave(heads // kv, dim=0)
-        units[("attn_qk", i)] = torch.einsum("hdi,hdj->ij", qh, kh)
-        o = probe @ s[p + "self_attn.o_proj.weight"].float()
-        units[("attn_ov", i)] = torch.einsum("ihd,hdj->ij", o.reshape(o.shape[0], heads, head_dim), vh)
-        gate, up = get_gate_up(ck, i)
-        g = gate.float() @ (probe * mlp_gain).T
-        units[("mlp_gate", i)] = g.T @ g
-        units[("mlp_ud", i)] = (probe @ s[p + "mlp.down_proj.weight"].float()) @ (up.float() @ (probe * mlp_gain).T)
-    head = s.get(HEAD, embedding)
-    sample = torch.from_numpy(probe_ids(head.shape[0], head_rows, 1))
-    r = head[sample].float() @ (probe * (s["model.norm.weight"].float() + offset)).T
-    units[("head", None)] = r.T @ r
-    return {key: _normalised(m, key[0] in SYMMETRIC_ROLES) for key, m in units.items()}
-
-
-def _standardised(matrix: torch.Tensor) -> torch.Tensor:
-    k = matrix.shape[0]
-    values = matrix[~torch.eye(k, dtype=torch.bool)]
-    values = values - values.mean()
-    return values / values.norm().clamp_min(1e-30)
-
-
-def tgs1_similarities(candidate: Mapping[tuple[str, int | None], torch.Tensor],
-                      reference: Mapping[tuple[str, int | None], torch.Tensor]) -> dict[tuple[str, int | None],
-                                                                                        torch.Tensor]:
-    """Per unit (same role and layer), today's similarity: the Pearson correlation of the off-diagonal
-    entries after removing each model's own token geometry (its embed unit)."""
-    geometry_c = _standardised(candidate[("embed", None)])
-    geometry_r = _standardised(reference[("embed", None)])
-    result = {}
-    for key, matrix in candidate.items():
-        if key[0] == "embed" or key not in reference:
-            continue
-        x = _standardised(matrix)
-        x = x - (x @ geometry_c) * geometry_c
-        y = _standardised(reference[key])
-        y = y - (y @ geometry_r) * geometry_r
-        result[key] = (x @ y) / (x.norm() * y.norm()).clamp_min(1e-30)
-    return result
+    return f"library-{SKETCH_VERSION}"
 
 
 class SketchPenalty:
@@ -390,23 +329,24 @@ class SketchPenalty:
     Built once from the base; called on the model being fine-tuned (bench/zoo.train's `penalty`).
     """
 
-    def __init__(self, base: Checkpoint, ids: Sequence[int], weight: float,
-                 units: Callable[[Checkpoint, Sequence[int]], dict[tuple[str, int | None], torch.Tensor]] = tgs1_units,
-                 similarities: Callable[..., dict[tuple[str, int | None], torch.Tensor]] = tgs1_similarities) -> None:
-        self.ids, self.weight, self.units, self.similarities = list(ids), weight, units, similarities
+    def __init__(self, base: Checkpoint, weight: float,
+                 units: Callable[[Checkpoint], dict[tuple[str, int | None], torch.Tensor]]) -> None:
+        from tg_verify.analysis.lineage import unit_similarities
+
+        self.weight, self.units, self.similarities = weight, units, unit_similarities
         with torch.no_grad():
-            self.reference = {k: v.detach() for k, v in units(base, self.ids).items()}
+            self.reference = {k: v.detach() for k, v in units(base).items()}
         self.config = base.config
 
     def similarity(self, model: torch.nn.Module) -> dict[tuple[str, int | None], torch.Tensor]:
         live = Checkpoint(self.config, dict(model.named_parameters()))
-        return self.similarities(self.units(live, self.ids), self.reference)
+        return self.similarities(self.units(live), self.reference)
 
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
         sims = torch.stack(list(self.similarity(model).values()))
         return self.weight * sims.pow(2).mean()
 
     def median(self, model: torch.nn.Module) -> float:
-        """The median similarity (today's score, same-layer matching) of `model`, for logs."""
+        """The median same-layer similarity of `model` (close to the test's score), for logs."""
         with torch.no_grad():
             return float(np.median([float(v) for v in self.similarity(model).values()]))

@@ -55,6 +55,7 @@ from tg_verify.fingerprint.document import Fingerprint
 from tg_verify.tiny import ARCHITECTURES, build_model, one_thread
 
 DAMAGE_LIMIT = 1.5  # the issue's target: no attack within 1.5x held-out perplexity may pass as "not derived"
+PRIVATE_SEED = 1  # a probe seed the attacker did not aim at (every attack aims at seed 0)
 RELABEL_TOLERANCE = 1e-4  # max |logit difference| at the text level for a relabelling to count
 PROBE_NOISE = (0.25, 0.5, 1.0, 2.0)
 ROW_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -122,19 +123,24 @@ class Row:
     reparam_score: float = float("nan")
     reparam_derived: bool = False
     reparam_comparable: bool = True
+    private_score: float = float("nan")
+    private_derived: bool = False
+    private_comparable: bool = True
     check: str = ""
     notes: list[str] = field(default_factory=list)
 
 
 # -- the public scoring path ---------------------------------------------------------------------------
 
-def fingerprint(directory: Path, name: str) -> Fingerprint:
-    """What `tg-verify fingerprint DIR` computes (CPU)."""
+def fingerprint(directory: Path, name: str, seed: int = 0) -> Fingerprint:
+    """What `tg-verify fingerprint DIR` computes (CPU); `seed` is the sketch's probe seed (0: the public
+    default; verify draws another per run for `model:` references when the policy asks for a random one)."""
     from tg_verify.artifact import resolve
     from tg_verify.fingerprint.extract import fingerprint_artifact
     from tg_verify.fingerprint.settings import FingerprintSettings
 
-    return fingerprint_artifact(resolve(directory), FingerprintSettings(device="cpu"), model_name=name)
+    return fingerprint_artifact(resolve(directory), FingerprintSettings(device="cpu", sketch_seed=seed),
+                                model_name=name)
 
 
 def lineage(candidate: Fingerprint, reference: Fingerprint) -> Any:
@@ -215,6 +221,8 @@ class Bench:
         base_fp = fingerprint(self.work / "models" / arch / "base", f"{arch}-base")
         bare = save(base, None, self.scratch / "base-without-tokenizer")
         references = {"base": base_fp, "bare": fingerprint(bare, f"{arch}-base (no tokenizer.json)")}
+        private = {"base": fingerprint(self.work / "models" / arch / "base", f"{arch}-base", PRIVATE_SEED),
+                   "bare": fingerprint(bare, f"{arch}-base (no tokenizer.json)", PRIVATE_SEED)}
         probe = A.public_probe(base_fp)
         ppl_derived = self.ppl(derived, self.tokenizer)
         self.perplexities[arch] = {"base": self.ppl(base, self.tokenizer), "derivative": ppl_derived,
@@ -230,6 +238,10 @@ class Bench:
             result = lineage(fingerprint(directory, f"{arch} {attack} {strength}"), references[made.reference])
             row.score, row.threshold, row.p_value = result.score, result.threshold, result.p_value
             row.derived, row.comparable, row.notes = result.derived, result.comparable, list(result.notes)
+            hidden = lineage(fingerprint(directory, f"{arch} {attack} {strength}", PRIVATE_SEED),
+                             private[made.reference])
+            row.private_score, row.private_derived, row.private_comparable = hidden.score, hidden.derived, \
+                hidden.comparable
             row.ppl = self.ppl(made.checkpoint, made.evaluated)
             row.ppl_ratio = row.ppl / ppl_derived
             # the same attack, then every function-preserving re-parameterisation at once (checked)
@@ -243,7 +255,8 @@ class Bench:
             self.rows.append(row)
             verdict = "derived" if row.derived else "NOT derived" if row.comparable else "NOT COMPARABLE"
             self.log(f"  {group:11s} {attack:33s} {strength:10s} ppl x{row.ppl_ratio:6.3f}  score {row.score:6.3f}"
-                     f" {verdict:14s} re-param {row.reparam_score:6.3f}")
+                     f" {verdict:14s} re-param {row.reparam_score:6.3f} private seed {row.private_score:6.3f}"
+                     f" threshold {row.threshold:.3f}")
             return row
 
         # controls
@@ -261,7 +274,8 @@ class Bench:
         redrawn_probe_head = A.redraw_rows(derived, probe, A.seed_of(arch, "probe-redraw"), head=True)
         measure("probe", "probe rows: re-draw + head", f"{len(probe)} rows", 1,
                 Attacked(redrawn_probe_head, self.tokenizer, self.tokenizer))
-        coefficients = A.probe_coefficients(base_fp, r.vocab, A.token_keys(self.work / "tokenizer.json", r.vocab))
+        keys = A.token_keys(self.work / "tokenizer.json", r.vocab)  # the keys of the tokenizer the evader ships
+        coefficients = A.probe_coefficients(base_fp, keys)
         for s in PROBE_DIRECTIONS:
             made = A.redraw_directions(derived, coefficients, A.seed_of(arch, "directions", s), strength=s)
             measure("probe", "probe vectors: min-norm re-draw", f"{100 * s:g}%", s,
@@ -327,10 +341,10 @@ class Bench:
                 measure("repair", name, f"{steps} steps", steps, Attacked(made, self.tokenizer, self.tokenizer))
 
         # adaptive: fine-tune against the sketch itself
-        tag = hashlib.sha256(f"{A.PENALTY_ID}/{probe}".encode()).hexdigest()[:8]
+        tag = hashlib.sha256(f"{A.penalty_id()}/{probe}".encode()).hexdigest()[:8]
         for weight in r.adaptive_weights:
             def adapt(weight: float = weight) -> T.Checkpoint:
-                penalty = A.SketchPenalty(base, probe, weight)
+                penalty = A.SketchPenalty(base, weight, A.library_units(keys))
                 tuned = light(derived, r.adaptive_steps, r.adaptive_lr, "adaptive", weight, penalty=penalty)
                 self.log(f"  adaptive weight {weight:g}: same-layer median similarity "
                          f"{penalty.median(tuned.model()):.3f}")
@@ -355,9 +369,15 @@ def _span(values: list[float], digits: int = 2) -> str:
 
 
 def evades(row: dict[str, Any]) -> bool:
-    """Within the damage limit and not called derived, plain or re-parameterised ("not comparable"
-    included: it is no "derived")."""
+    """Within the damage limit and not called derived at the public seed, plain or re-parameterised
+    ("not comparable" included: it is no "derived")."""
     return bool(row["ppl_ratio"] <= DAMAGE_LIMIT and not (row["derived"] and row["reparam_derived"]))
+
+
+def evades_private(row: dict[str, Any]) -> bool:
+    """Within the damage limit and not called derived when both sides are sketched at a seed the attack
+    did not aim at."""
+    return bool(row["ppl_ratio"] <= DAMAGE_LIMIT and not row.get("private_derived", row["derived"]))
 
 
 def grouped(rows: list[dict[str, Any]]) -> list[tuple[tuple[str, str, str], list[dict[str, Any]]]]:
@@ -381,21 +401,27 @@ def report(results: dict[str, Any]) -> str:
              f"{_span([r['threshold'] for r in rows], 3)}. n/c = not comparable (no score). "
              f"'evades' = held-out perplexity within {DAMAGE_LIMIT}x of the un-attacked derivative and not "
              f"called derived (plain or re-parameterised).", "",
-             "| class | attack | strength | perplexity ratio | score | derived | score, re-parameterised | "
-             "derived | evades |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| class | attack | strength | perplexity ratio | score | derived | re-parameterised: score | "
+             "derived | private seed: score | derived | evades | evades, private seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (group, attack, strength), members in grouped(rows):
         n = len(members)
         lines.append(
             f"| {group} | {attack} | {strength} | {_span([m['ppl_ratio'] for m in members])} | "
             f"{_span([m['score'] for m in members])} | {_count(members, '')} | "
             f"{_span([m['reparam_score'] for m in members])} | {_count(members, 'reparam_')} | "
-            f"{sum(evades(m) for m in members if m['group'] != 'control')}/{n} |")
+            f"{_span([m.get('private_score', float('nan')) for m in members])} | {_count(members, 'private_')} | "
+            f"{sum(evades(m) for m in members if m['group'] != 'control')}/{n} | "
+            f"{sum(evades_private(m) for m in members if m['group'] != 'control')}/{n} |")
     attacked = [m for m in rows if m["group"] != "control"]
     broken = [m for m in attacked if evades(m)]
     unscored = [m for m in broken if not (m.get("comparable", True) and m.get("reparam_comparable", True))]
     lines += ["", f"Attacks within {DAMAGE_LIMIT}x perplexity that the test does not call derived: {len(broken)} of "
               f"{len(attacked)} (architecture x attack x strength), {len(unscored)} of them not comparable."]
+    hidden = [m for m in attacked if evades_private(m)]
+    lines.append(f"With a private probe seed (both sides sketched at seed {PRIVATE_SEED}, which no attack aimed at): "
+                 f"{len(hidden)} of {len(attacked)}, "
+                 f"{sum(not m.get('private_comparable', True) for m in hidden)} of them not comparable.")
     scored = [m for m in broken if m not in unscored]
     if scored:
         lowest = min(scored, key=lambda m: min(m["score"], m["reparam_score"]))
@@ -423,7 +449,7 @@ def figure(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5), sharey=True)
     thresholds = [r["threshold"] for r in rows if r["threshold"] == r["threshold"]]
     threshold = statistics.median(thresholds) if thresholds else 0.5
     markers = "osD^vP*X<>"
@@ -435,13 +461,15 @@ def figure(results: dict[str, Any], path: Path) -> None:
         return value if value == value else NOT_COMPARABLE_Y
 
     for ax, key, title in ((axes[0], "score", "attack alone"),
-                           (axes[1], "reparam_score", "attack + every re-parameterisation")):
+                           (axes[1], "reparam_score", "attack + every re-parameterisation"),
+                           (axes[2], "private_score", f"attack alone, scored at a private seed ({PRIVATE_SEED})")):
         attacks: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         for (group, attack, _), members in grouped(rows):
             ratio = statistics.median(m["ppl_ratio"] for m in members)
-            score = statistics.median(y(m[key]) for m in members)
+            score = statistics.median(y(m.get(key, float("nan"))) for m in members)
             attacks.setdefault((group, attack), []).append((members[0]["order"], x(ratio), score))
-            ax.scatter([x(m["ppl_ratio"]) for m in members], [y(m[key]) for m in members], s=8, alpha=0.25,
+            ax.scatter([x(m["ppl_ratio"]) for m in members], [y(m.get(key, float("nan"))) for m in members], s=8,
+                       alpha=0.25,
                        color=COLOURS[group])
         per_group: dict[str, int] = {}
         for (group, attack), points in attacks.items():
@@ -465,7 +493,7 @@ def figure(results: dict[str, Any], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("lineage score against the base")
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(f"Evasion bench ({', '.join(sorted({r['arch'] for r in rows}))}): dashed = threshold "
                  f"{threshold:.2f}, dotted = {DAMAGE_LIMIT}x perplexity; shaded = cheap evasion", fontsize=10)
     fig.tight_layout()

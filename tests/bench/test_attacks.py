@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import attacks as A  # noqa: E402
 from bench import transforms as T  # noqa: E402
-from bench.evasion import evades, report  # noqa: E402
+from bench.evasion import evades, evades_private, report  # noqa: E402
 from bench.zoo import corpus  # noqa: E402
-from tg_verify.analysis.lineage import lineage_test, parse_sketch  # noqa: E402
+from tg_verify.analysis.lineage import lineage_test  # noqa: E402
 from tg_verify.fingerprint.sketch import probe_ids  # noqa: E402
 from tg_verify.tiny import ARCHITECTURES, build_model, one_thread  # noqa: E402
 
@@ -193,58 +192,70 @@ def test_perplexity_is_exp_of_the_mean_next_token_loss():
         A.perplexity(model, tokens[:10], context=32)
 
 
-# -- the adaptive attacker's differentiable sketch ------------------------------------------------------
+# -- the adaptive attacker's view of the sketch and the probe it aims at -----------------------------------
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_mirrored_sketch_matches_the_library(arch, tmp_path):
-    ck = T.from_model(build_model(arch, seed=3, size="medium"))
-    fp = T.sketch_fingerprint_of(ck, tmp_path / "base")
-    parsed = parse_sketch(fp.sketch, "base")
-    mine = A.tgs1_units(ck, parsed.ids.tolist())
-    assert set(mine) == set(parsed.units)
-    for key, matrix in parsed.units.items():
-        assert np.abs(mine[key].detach().numpy() - matrix).max() < 2e-3, key  # float16 storage
-    other = A.redraw_rows(ck, A.random_rows(512, 0.3, 1), seed=3, noise=0.7)
-    result = lineage_test(T.sketch_fingerprint_of(other, tmp_path / "other"), fp, permutations=9)
-    library = {(u.role, u.candidate_layer): u.similarity for u in result.units}
-    sims = A.tgs1_similarities(A.tgs1_units(other, parsed.ids.tolist()), mine)
-    assert set(sims) == set(library) - {("embed", None)}  # the embed unit is reported, not scored
-    assert max(abs(float(v) - library[k]) for k, v in sims.items()) < 1e-3
+def _keys_and_fingerprint(tmp_path, ck, tokenizer):
+    directory = ck.save(tmp_path / "m")
+    tokenizer.save(str(directory / "tokenizer.json"))
+    fp = T.fingerprint_of(ck, directory)  # saves again, keeps tokenizer.json
+    return A.token_keys(directory / "tokenizer.json", ck.config.vocab_size), fp
 
 
-def test_sketch_penalty_is_differentiable_and_zero_weight_is_zero():
-    base = checkpoint("llama", seed=1)
-    model = checkpoint("llama", seed=1).model()  # identical: every similarity is 1
-    ids = probe_ids(512, 32, 0).tolist()
-    penalty = A.SketchPenalty(base, ids, weight=2.0)
+def test_probe_coefficients_are_the_ones_the_sketch_uses(tmp_path, tokenizer):
+    from tg_verify.fingerprint.sketch import normalise, sketch_units, unit_rows
+
+    ck = checkpoint("qwen2", vocab=tokenizer.get_vocab_size())
+    keys, fp = _keys_and_fingerprint(tmp_path, ck, tokenizer)
+    assert keys.kind == "strings" and fp.sketch["probe"]["keys"] == "strings"
+    c = A.probe_coefficients(fp, keys)
+    probe = unit_rows(c.float() @ unit_rows(ck.state[A.EMBED]))
+    embed = sketch_units(ck.state, ck.config.to_dict(), keys)[("embed", None)]
+    assert torch.allclose(normalise(probe @ probe.T, True), embed, atol=1e-5)
+
+
+def test_sketch_penalty_follows_the_library_test(tmp_path, tokenizer):
+    vocab = tokenizer.get_vocab_size()
+    base = checkpoint("llama", vocab=vocab, seed=1)
+    keys, base_fp = _keys_and_fingerprint(tmp_path / "base", base, tokenizer)
+    penalty = A.SketchPenalty(base, 2.0, A.library_units(keys))
+    model = base.model()  # identical: every similarity is 1
     value = penalty(model)
     assert float(value.detach()) == pytest.approx(2.0, abs=1e-3)
-    assert penalty.median(model) == pytest.approx(1.0, abs=1e-4)
     value.backward()
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    embed_grad = grads[A.EMBED]
-    assert changed_rows(torch.zeros_like(embed_grad), embed_grad) == set(ids)  # only the probe rows feed it
-    assert grads["model.layers.0.mlp.down_proj.weight"].abs().sum() > 0
-    assert float(A.SketchPenalty(base, ids, weight=0.0)(model).detach()) == 0.0
+    grads = dict(model.named_parameters())
+    assert int((grads[A.EMBED].grad.abs().sum(dim=1) > 0).sum()) > vocab // 2  # a mixture reads every keyed row
+    assert grads["model.layers.0.mlp.down_proj.weight"].grad.abs().sum() > 0
+    assert float(A.SketchPenalty(base, 0.0, A.library_units(keys))(model).detach()) == 0.0
+    # the per-unit similarities are those of the test itself
+    other = A.redraw_rows(base, A.random_rows(vocab, 0.3, 1), seed=3, noise=0.7)
+    _, other_fp = _keys_and_fingerprint(tmp_path / "other", other, tokenizer)
+    result = lineage_test(other_fp, base_fp)
+    library = {(u.role, u.candidate_layer): u.similarity for u in result.units if u.role != "embed"}
+    with torch.no_grad():
+        sims = penalty.similarity(other.model())
+    assert set(sims) == set(library)
+    assert max(abs(float(v) - library[k]) for k, v in sims.items()) < 2e-3  # float16 storage
 
 
 # -- reporting ------------------------------------------------------------------------------------------
 
 def test_report_counts_only_cheap_evasions():
-    def row(arch, ratio, derived, reparam, group="probe"):
+    def row(arch, ratio, derived, reparam, group="probe", private=True):
         return {"arch": arch, "group": group, "attack": "a", "strength": "s", "order": 1, "ppl_ratio": ratio,
                 "score": 0.2, "threshold": 0.5, "derived": derived, "reparam_score": 0.2,
-                "reparam_derived": reparam}
+                "reparam_derived": reparam, "private_score": 0.9, "private_derived": private}
 
     assert evades(row("x", 1.2, False, False)) and evades(row("x", 1.2, True, False))
     assert not evades(row("x", 1.2, True, True)) and not evades(row("x", 1.6, False, False))
+    assert not evades_private(row("x", 1.2, False, False)) and evades_private(row("x", 1.2, True, True, private=False))
     results = {"rows": [row("llama", 1.2, False, False), row("gemma", 3.0, False, False),
                         row("llama", 1.0, False, False, "control")],
                "perplexities": {"llama": {"untrained": 600, "base": 9, "derivative": 8, "twin": 9}},
                "seconds": 60, "trained": 0}
     text = report(results)
-    assert "| probe | a | s | 2.10 (1.20-3.00) | 0.20 (0.20-0.20) | 0/2 |" in text
-    assert "| 1/2 |" in text and "does not call derived: 1 of 2 (architecture x attack x strength), 0 of them" in text
+    assert "| probe | a | s | 2.10 (1.20-3.00) | 0.20 (0.20-0.20) | 0/2 | 0.20 (0.20-0.20) | 0/2 | " \
+           "0.90 (0.90-0.90) | 2/2 | 1/2 | 0/2 |" in text
+    assert "does not call derived: 1 of 2 (architecture x attack x strength), 0 of them" in text
     # a "not comparable" result has no score and is counted apart
     results["rows"][1].update(score=float("nan"), comparable=False, ppl_ratio=1.1)
     text = report(results)
