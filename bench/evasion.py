@@ -398,7 +398,8 @@ def report(results: dict[str, Any]) -> str:
     rows = results["rows"]
     archs = sorted({r["arch"] for r in rows})
     lines = [f"Architectures: {', '.join(archs)}; per cell the median over them (min-max). Threshold: "
-             f"{_span([r['threshold'] for r in rows], 3)}. n/c = not comparable (no score). "
+             f"{_span([r['threshold'] for r in rows if r['threshold'] == r['threshold']], 3)}. "
+             f"n/c = not comparable (no score). "
              f"'evades' = held-out perplexity within {DAMAGE_LIMIT}x of the un-attacked derivative and not "
              f"called derived (plain or re-parameterised).", "",
              "| class | attack | strength | perplexity ratio | score | derived | re-parameterised: score | "
