@@ -4,20 +4,25 @@ For each tiny architecture, a base is trained through a real byte-level BPE toke
 tokenizer.json beside the weights), and a derivative of it is fine-tuned: the model an evader wants
 to ship as "not derived". Every attack starts from that derivative, at growing strength:
 
-* probe rows: the rows the base's published sketch probes (its `probe.ids`), with noise of 25% to
-  200% of each row's norm, re-drawn, and re-drawn with the untied head's rows too;
+* probe: the 32 rows sketch tgs1 probed and published (noise of 25% to 200% of each row's norm,
+  re-drawn, re-drawn with the untied head's rows too), and the probe vectors themselves moved
+  towards random ones by the minimum-norm edit of the embedding (for a mixture probe, an edit of
+  every row, computed from the published seed and the shipped tokenizer's keys);
 * random rows: a growing fraction of all embedding rows re-drawn from the embedding's own
   statistics, or given 100% noise;
 * relabelling: a growing fraction of token ids permuted (embedding and head rows moved), with the
-  tokenizer rewritten to match (function-preserving at the text level, checked) or with none shipped;
+  tokenizer rewritten to match (function-preserving at the text level, checked), with none shipped
+  (against a base fingerprinted with or without its tokenizer), or with its token strings re-encoded;
 * repair: an attack, then a full fine-tune on the derivative's data (and the fine-tune alone);
-* adaptive: a fine-tune whose loss adds weight x mean squared unit similarity to the base's sketch.
+* adaptive: a fine-tune whose loss adds weight x mean squared unit similarity to the base's sketch
+  (the library's own differentiable sketch units and per-unit similarity).
 
 Each attacked model is also passed through every function-preserving re-parameterisation of
 bench/transforms.py at once (checked). Scores come from the public path: the attacked folder is
 fingerprinted as `tg-verify fingerprint` does and tested against the base's fingerprint as
-`tg-verify compare` does, so a re-run measures the current method. Damage is the held-out
-perplexity (text no model was trained on) relative to the un-attacked derivative's.
+`tg-verify compare` does, so a re-run measures the current method; a third score has both sides
+sketched at a probe seed no attack aimed at. Damage is the held-out perplexity (text no model was
+trained on) relative to the un-attacked derivative's.
 
     nice -n 10 .venv/bin/python bench/evasion.py [--archs llama gemma] [--quick] [--figure docs/evasion.png]
 
