@@ -83,6 +83,7 @@ class Recipe:
     derive_steps: int = 30  # the supplier's own fine-tune: the "un-attacked derivative"
     derive_lr: float = 3e-4
     repair_steps: tuple[int, ...] = (50, 200)
+    long_repair_steps: int = 500  # the re-initialised embedding gets a longer repair too
     repair_lr: float = 1e-3
     adaptive_steps: int = 100
     adaptive_lr: float = 1e-3
@@ -91,11 +92,16 @@ class Recipe:
     eval_windows: int = 100
 
     def digest(self) -> str:
-        training = {k: v for k, v in asdict(self).items() if not k.startswith("eval_")}
+        # evaluation knobs change no model; grid values (steps, weights) are in each model's directory name
+        training = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_DIGEST}
         return hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest()[:12]
 
 
+_NOT_IN_DIGEST = {"eval_context", "eval_windows", "repair_steps", "long_repair_steps", "adaptive_weights"}
+
+
 QUICK = Recipe(corpus_bytes=200_000, heldout_bytes=60_000, pretrain_steps=60, derive_steps=10, repair_steps=(20,),
+               long_repair_steps=40,
                adaptive_steps=20, adaptive_weights=(0.0, 10.0), eval_windows=40)
 
 
@@ -331,15 +337,15 @@ class Bench:
                     Attacked(made, new_tokenizer, new_tokenizer, check))
 
         # repair: attack, then fine-tune on the derivative's data
-        sources: dict[str, tuple[T.Checkpoint, str]] = {
-            "fine-tune only": (derived, "none"),
-            "probe re-draw + head, fine-tune": (redrawn_probe_head, ",".join(map(str, probe))),
-            "25% rows re-drawn, fine-tune": (redrawn[0.25], "0.25"),
-            "100% rows re-drawn, fine-tune": (redrawn[1.0], "1.0"),
+        sources: dict[str, tuple[T.Checkpoint, str, tuple[int, ...]]] = {
+            "fine-tune only": (derived, "none", r.repair_steps),
+            "probe re-draw + head, fine-tune": (redrawn_probe_head, ",".join(map(str, probe)), r.repair_steps),
+            "25% rows re-drawn, fine-tune": (redrawn[0.25], "0.25", r.repair_steps),
+            "100% rows re-drawn, fine-tune": (redrawn[1.0], "1.0", (*r.repair_steps, r.long_repair_steps)),
         }
-        for name, (source, key) in sources.items():
+        for name, (source, key, grid) in sources.items():
             tag = hashlib.sha256(f"{name}/{key}".encode()).hexdigest()[:8]
-            for steps in r.repair_steps:
+            for steps in grid:
                 made = self.trained(f"{arch}/repair-{tag}-{steps}",
                                     lambda source=source, steps=steps, name=name: light(
                                         source, steps, r.repair_lr, "repair", name, steps))
