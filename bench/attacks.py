@@ -308,10 +308,11 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, context: int = 128,
 # similarity (tg_verify.analysis.lineage.unit_similarities): the attacker optimises against exactly what
 # `tg-verify compare` computes, with the public seed and the keys of the tokenizer it ships.
 
-def library_units(keys: Any, seed: int = 0) -> Callable[[Checkpoint], dict[tuple[str, int | None], torch.Tensor]]:
+def library_units(keys: Any) -> Callable[[Checkpoint, int], dict[tuple[str, int | None], torch.Tensor]]:
+    """units(checkpoint, probe seed): the library's differentiable sketch units, with the shipped keys."""
     from tg_verify.fingerprint.sketch import sketch_units
 
-    def units(ck: Checkpoint) -> dict[tuple[str, int | None], torch.Tensor]:
+    def units(ck: Checkpoint, seed: int) -> dict[tuple[str, int | None], torch.Tensor]:
         return sketch_units(ck.state, ck.config.to_dict(), keys, seed=seed)
     return units
 
@@ -326,27 +327,39 @@ def penalty_id() -> str:
 class SketchPenalty:
     """weight x mean over units of similarity² to the base's sketch: pushes every unit towards "unrelated".
 
-    Built once from the base; called on the model being fine-tuned (bench/zoo.train's `penalty`).
+    `seeds_per_step=0` aims at the public probe seed 0; n > 0 draws n fresh probe seeds (>= 2) at every
+    call and averages over them, the attacker's answer to a probe seed drawn at verify time. Called on
+    the model being fine-tuned (bench/zoo.train's `penalty`); the base's units are computed once per seed.
     """
 
     def __init__(self, base: Checkpoint, weight: float,
-                 units: Callable[[Checkpoint], dict[tuple[str, int | None], torch.Tensor]]) -> None:
+                 units: Callable[[Checkpoint, int], dict[tuple[str, int | None], torch.Tensor]],
+                 seeds_per_step: int = 0, seed: int = 0) -> None:
         from tg_verify.analysis.lineage import unit_similarities
 
-        self.weight, self.units, self.similarities = weight, units, unit_similarities
-        with torch.no_grad():
-            self.reference = {k: v.detach() for k, v in units(base).items()}
+        self.base, self.weight, self.units, self.similarities = base, weight, units, unit_similarities
+        self.seeds_per_step = seeds_per_step
+        self.generator = torch.Generator().manual_seed(seed)
         self.config = base.config
+        self._references: dict[int, dict[tuple[str, int | None], torch.Tensor]] = {}
 
-    def similarity(self, model: torch.nn.Module) -> dict[tuple[str, int | None], torch.Tensor]:
+    def reference(self, seed: int) -> dict[tuple[str, int | None], torch.Tensor]:
+        if seed not in self._references:
+            with torch.no_grad():
+                self._references[seed] = {k: v.detach() for k, v in self.units(self.base, seed).items()}
+        return self._references[seed]
+
+    def similarity(self, model: torch.nn.Module, seed: int = 0) -> dict[tuple[str, int | None], torch.Tensor]:
         live = Checkpoint(self.config, dict(model.named_parameters()))
-        return self.similarities(self.units(live), self.reference)
+        return self.similarities(self.units(live, seed), self.reference(seed))
 
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
-        sims = torch.stack(list(self.similarity(model).values()))
+        seeds = [0] if self.seeds_per_step == 0 else \
+            torch.randint(2, 2**31, (self.seeds_per_step,), generator=self.generator).tolist()
+        sims = torch.stack([v for seed in seeds for v in self.similarity(model, seed).values()])
         return self.weight * sims.pow(2).mean()
 
-    def median(self, model: torch.nn.Module) -> float:
-        """The median same-layer similarity of `model` (close to the test's score), for logs."""
+    def median(self, model: torch.nn.Module, seed: int = 0) -> float:
+        """The median same-layer similarity of `model` at a probe seed (close to the test's score), for logs."""
         with torch.no_grad():
-            return float(np.median([float(v) for v in self.similarity(model).values()]))
+            return float(np.median([float(v) for v in self.similarity(model, seed).values()]))

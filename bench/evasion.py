@@ -88,6 +88,8 @@ class Recipe:
     adaptive_steps: int = 100
     adaptive_lr: float = 1e-3
     adaptive_weights: tuple[float, ...] = (0.0, 0.1, 1.0, 10.0, 100.0)
+    any_seed_weights: tuple[float, ...] = (1.0, 10.0, 100.0)  # the penalty averaged over fresh probe seeds
+    seeds_per_step: int = 4
     eval_context: int = 128  # evaluation only: not in the digest
     eval_windows: int = 100
 
@@ -97,12 +99,13 @@ class Recipe:
         return hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest()[:12]
 
 
-_NOT_IN_DIGEST = {"eval_context", "eval_windows", "repair_steps", "long_repair_steps", "adaptive_weights"}
+_NOT_IN_DIGEST = {"eval_context", "eval_windows", "repair_steps", "long_repair_steps", "adaptive_weights",
+                  "any_seed_weights", "seeds_per_step"}
 
 
 QUICK = Recipe(corpus_bytes=200_000, heldout_bytes=60_000, pretrain_steps=60, derive_steps=10, repair_steps=(20,),
                long_repair_steps=40,
-               adaptive_steps=20, adaptive_weights=(0.0, 10.0), eval_windows=40)
+               adaptive_steps=20, adaptive_weights=(0.0, 10.0), any_seed_weights=(10.0,), eval_windows=40)
 
 
 @dataclass
@@ -351,18 +354,27 @@ class Bench:
                                         source, steps, r.repair_lr, "repair", name, steps))
                 measure("repair", name, f"{steps} steps", steps, Attacked(made, self.tokenizer, self.tokenizer))
 
-        # adaptive: fine-tune against the sketch itself
+        # adaptive: fine-tune against the sketch itself, at the public seed, then averaged over fresh seeds
         tag = hashlib.sha256(f"{A.penalty_id()}/{probe}".encode()).hexdigest()[:8]
-        for weight in r.adaptive_weights:
-            def adapt(weight: float = weight) -> T.Checkpoint:
-                penalty = A.SketchPenalty(base, weight, A.library_units(keys))
+        grid = [(0, w) for w in r.adaptive_weights] + [(r.seeds_per_step, w) for w in r.any_seed_weights]
+        for seeds, weight in grid:
+            def adapt(weight: float = weight, seeds: int = seeds) -> T.Checkpoint:
+                penalty = A.SketchPenalty(base, weight, A.library_units(keys), seeds_per_step=seeds,
+                                          seed=A.seed_of(arch, "adaptive seeds"))
                 tuned = light(derived, r.adaptive_steps, r.adaptive_lr, "adaptive", weight, penalty=penalty)
-                self.log(f"  adaptive weight {weight:g}: same-layer median similarity "
-                         f"{penalty.median(tuned.model()):.3f}")
+                model = tuned.model()
+                self.log(f"  adaptive weight {weight:g}, {seeds or 'public'} seeds: same-layer median similarity "
+                         f"{penalty.median(model):.3f} at seed 0, {penalty.median(model, PRIVATE_SEED):.3f} at "
+                         f"seed {PRIVATE_SEED}")
                 return tuned
-            made = self.trained(f"{arch}/adaptive-{tag}-{weight:g}", adapt)
-            measure("adaptive", "sketch-penalty fine-tune", f"weight {weight:g}", weight,
-                    Attacked(made, self.tokenizer, self.tokenizer))
+            if seeds:
+                made = self.trained(f"{arch}/adaptive-{tag}-{seeds}seeds-{weight:g}", adapt)
+                measure("adaptive", f"sketch-penalty fine-tune, {seeds} fresh seeds/step", f"weight {weight:g}",
+                        weight, Attacked(made, self.tokenizer, self.tokenizer))
+            else:
+                made = self.trained(f"{arch}/adaptive-{tag}-{weight:g}", adapt)
+                measure("adaptive", "sketch-penalty fine-tune", f"weight {weight:g}", weight,
+                        Attacked(made, self.tokenizer, self.tokenizer))
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 

@@ -237,6 +237,26 @@ def test_sketch_penalty_follows_the_library_test(tmp_path, tokenizer):
     assert max(abs(float(v) - library[k]) for k, v in sims.items()) < 2e-3  # float16 storage
 
 
+def test_sketch_penalty_over_fresh_seeds_is_deterministic_and_seed_dependent(tmp_path, tokenizer):
+    vocab = tokenizer.get_vocab_size()
+    base = checkpoint("phi3", vocab=vocab, seed=2)
+    keys, _ = _keys_and_fingerprint(tmp_path, base, tokenizer)
+    other = A.redraw_rows(base, A.random_rows(vocab, 0.5, 1), seed=3, noise=1.0).model()
+
+    def values(seeds_per_step: int, seed: int) -> list[float]:
+        penalty = A.SketchPenalty(base, 1.0, A.library_units(keys), seeds_per_step=seeds_per_step, seed=seed)
+        with torch.no_grad():
+            return [float(penalty(other)) for _ in range(3)]
+
+    public, fresh = values(0, 0), values(2, 0)
+    assert public[0] == public[1] == public[2]  # always seed 0
+    assert len(set(fresh)) == 3  # new seeds at every call...
+    assert fresh == values(2, 0) != values(2, 1)  # ...drawn deterministically
+    identical = A.SketchPenalty(base, 3.0, A.library_units(keys), seeds_per_step=2)
+    with torch.no_grad():
+        assert float(identical(base.model())) == pytest.approx(3.0, abs=1e-3)
+
+
 # -- reporting ------------------------------------------------------------------------------------------
 
 def test_report_counts_only_cheap_evasions():
