@@ -121,6 +121,20 @@ class Attacked:
 
 
 @dataclass
+class Subject:
+    """One architecture's trained models and what every attack on its derivative is measured against."""
+
+    arch: str
+    base: T.Checkpoint
+    twin: T.Checkpoint
+    derived: T.Checkpoint
+    references: dict[tuple[str, int], Fingerprint]  # (base with tokenizer | "bare" without, probe seed)
+    probe: list[int]  # tgs1's published probe rows
+    keys: Any  # token keys of the tokenizer the evader ships
+    ppl: float  # the un-attacked derivative's held-out perplexity
+
+
+@dataclass
 class Row:
     arch: str
     group: str
@@ -213,155 +227,183 @@ class Bench:
         r = self.recipe
         return A.perplexity(ck.model(), A.encode(tokenizer, self.heldout_text), r.eval_context, r.eval_windows)
 
-    # one arch ----------------------------------------------------------------------------------------
+    # one architecture --------------------------------------------------------------------------------
 
     def run_arch(self, arch: str) -> None:
-        r, tok = self.recipe, self.tokens
+        """Train (or reload) the architecture's models, then measure every attack on its derivative."""
         self.log(f"{arch}:")
+        subject = self._prepare(arch)
+        self.measure(subject, "control", "none (the derivative)", "-", 0, self._plain(subject.derived))
+        self.measure(subject, "control", "independent twin", "-", 0, self._plain(subject.twin))
+        redrawn_probe_head = self._probe_attacks(subject)
+        redrawn = self._row_attacks(subject)
+        self._relabellings(subject)
+        self._repairs(subject, {
+            "fine-tune only": (subject.derived, "none", self.recipe.repair_steps),
+            "probe re-draw + head, fine-tune": (redrawn_probe_head, ",".join(map(str, subject.probe)),
+                                                self.recipe.repair_steps),
+            "25% rows re-drawn, fine-tune": (redrawn[0.25], "0.25", self.recipe.repair_steps),
+            "100% rows re-drawn, fine-tune": (redrawn[1.0], "1.0",
+                                              (*self.recipe.repair_steps, self.recipe.long_repair_steps)),
+        })
+        self._adaptive(subject)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _prepare(self, arch: str) -> Subject:
+        r = self.recipe
 
         def pretrain(kind: str) -> T.Checkpoint:
             model = build_model(arch, seed=A.seed_of(arch, kind), size=r.size, vocab_size=r.vocab)
-            return T.from_model(fine_tune(model, tok["pretrain"], r.pretrain_steps, r.pretrain_lr,
+            return T.from_model(fine_tune(model, self.tokens["pretrain"], r.pretrain_steps, r.pretrain_lr,
                                           A.seed_of(arch, kind, "data"), batch=r.batch, context=r.context))
 
         base = self.trained(f"{arch}/base", lambda: pretrain("base"))
         twin = self.trained(f"{arch}/twin", lambda: pretrain("twin"))
-
-        def light(ck: T.Checkpoint, steps: int, lr: float, *parts: object, **extra: Any) -> T.Checkpoint:
-            return T.from_model(fine_tune(ck.model(), tok["light"], steps, lr, A.seed_of(arch, *parts),
-                                          batch=r.batch, context=r.context, **extra))
-
-        derived = self.trained(f"{arch}/derived", lambda: light(base, r.derive_steps, r.derive_lr, "derive"))
-        base_fp = fingerprint(self.work / "models" / arch / "base", f"{arch}-base")
+        derived = self.trained(f"{arch}/derived",
+                               lambda: self.fine_tune(arch, base, r.derive_steps, r.derive_lr, "derive"))
+        base_dir = self.work / "models" / arch / "base"
         bare = save(base, None, self.scratch / "base-without-tokenizer")
-        references = {"base": base_fp, "bare": fingerprint(bare, f"{arch}-base (no tokenizer.json)")}
-        private = {"base": fingerprint(self.work / "models" / arch / "base", f"{arch}-base", PRIVATE_SEED),
-                   "bare": fingerprint(bare, f"{arch}-base (no tokenizer.json)", PRIVATE_SEED)}
-        probe = A.public_probe(base_fp)
-        ppl_derived = self.ppl(derived, self.tokenizer)
-        self.perplexities[arch] = {"base": self.ppl(base, self.tokenizer), "derivative": ppl_derived,
-                                   "twin": self.ppl(twin, self.tokenizer), "untrained": self.ppl(
-                                       T.from_model(build_model(arch, seed=0, size=r.size, vocab_size=r.vocab)),
-                                       self.tokenizer)}
-        self.log(f"  held-out perplexity {self.perplexities[arch]}; {len(probe)} public probe ids")
-        plain = Attacked(derived, self.tokenizer, self.tokenizer)
+        references = {("base", 0): fingerprint(base_dir, f"{arch}-base"),
+                      ("bare", 0): fingerprint(bare, f"{arch}-base (no tokenizer.json)"),
+                      ("base", PRIVATE_SEED): fingerprint(base_dir, f"{arch}-base", PRIVATE_SEED),
+                      ("bare", PRIVATE_SEED): fingerprint(bare, f"{arch}-base (no tokenizer.json)", PRIVATE_SEED)}
+        subject = Subject(arch, base, twin, derived, references, probe=A.public_probe(references[("base", 0)]),
+                          keys=A.token_keys(self.work / "tokenizer.json", r.vocab),  # the evader ships this one
+                          ppl=self.ppl(derived, self.tokenizer))
+        untrained = T.from_model(build_model(arch, seed=0, size=r.size, vocab_size=r.vocab))
+        self.perplexities[arch] = {"base": self.ppl(base, self.tokenizer), "derivative": subject.ppl,
+                                   "twin": self.ppl(twin, self.tokenizer), "untrained": self.ppl(untrained,
+                                                                                                 self.tokenizer)}
+        self.log(f"  held-out perplexity {self.perplexities[arch]}; {len(subject.probe)} public probe ids")
+        return subject
 
-        def measure(group: str, attack: str, strength: str, order: float, made: Attacked) -> Row:
-            row = Row(arch, group, attack, strength, order, check=made.check)
-            directory = save(made.checkpoint, made.shipped, self.scratch / "candidate")
-            result = lineage(fingerprint(directory, f"{arch} {attack} {strength}"), references[made.reference])
-            row.score, row.threshold, row.p_value = result.score, result.threshold, result.p_value
-            row.derived, row.comparable, row.notes = result.derived, result.comparable, list(result.notes)
-            hidden = lineage(fingerprint(directory, f"{arch} {attack} {strength}", PRIVATE_SEED),
-                             private[made.reference])
-            row.private_score, row.private_derived, row.private_comparable = hidden.score, hidden.derived, \
-                hidden.comparable
-            row.ppl = self.ppl(made.checkpoint, made.evaluated)
-            row.ppl_ratio = row.ppl / ppl_derived
-            # the same attack, then every function-preserving re-parameterisation at once (checked)
-            evaded = T.all_evasions(made.checkpoint)
-            T.same_function(made.checkpoint, evaded)
-            directory = save(evaded, made.shipped, self.scratch / "candidate")
-            again = lineage(fingerprint(directory, f"{arch} {attack} {strength} re-parameterised"),
-                            references[made.reference])
-            row.reparam_score, row.reparam_derived, row.reparam_comparable = again.score, again.derived, \
-                again.comparable
-            self.rows.append(row)
-            verdict = "derived" if row.derived else "NOT derived" if row.comparable else "NOT COMPARABLE"
-            self.log(f"  {group:11s} {attack:33s} {strength:10s} ppl x{row.ppl_ratio:6.3f}  score {row.score:6.3f}"
-                     f" {verdict:14s} re-param {row.reparam_score:6.3f} private seed {row.private_score:6.3f}"
-                     f" threshold {row.threshold:.3f}")
-            return row
+    def fine_tune(self, arch: str, ck: T.Checkpoint, steps: int, lr: float, *parts: object, **extra: Any
+                  ) -> T.Checkpoint:
+        """A full fine-tune on the derivative's data (the supplier's and the attacker's), seeded by `parts`."""
+        r = self.recipe
+        return T.from_model(fine_tune(ck.model(), self.tokens["light"], steps, lr, A.seed_of(arch, *parts),
+                                      batch=r.batch, context=r.context, **extra))
 
-        # controls
-        measure("control", "none (the derivative)", "-", 0, plain)
-        measure("control", "independent twin", "-", 0, Attacked(twin, self.tokenizer, self.tokenizer))
+    def _plain(self, ck: T.Checkpoint) -> Attacked:
+        return Attacked(ck, self.tokenizer, self.tokenizer)
 
-        # probe rows
+    def measure(self, subject: Subject, group: str, attack: str, strength: str, order: float, made: Attacked) -> Row:
+        """Score one attacked model three ways (plain, re-parameterised, private seed) beside its perplexity."""
+        arch = subject.arch
+        row = Row(arch, group, attack, strength, order, check=made.check)
+        directory = save(made.checkpoint, made.shipped, self.scratch / "candidate")
+        result = lineage(fingerprint(directory, f"{arch} {attack} {strength}"), subject.references[(made.reference, 0)])
+        row.score, row.threshold, row.p_value = result.score, result.threshold, result.p_value
+        row.derived, row.comparable, row.notes = result.derived, result.comparable, list(result.notes)
+        hidden = lineage(fingerprint(directory, f"{arch} {attack} {strength}", PRIVATE_SEED),
+                         subject.references[(made.reference, PRIVATE_SEED)])
+        row.private_score, row.private_derived, row.private_comparable = hidden.score, hidden.derived, \
+            hidden.comparable
+        row.ppl = self.ppl(made.checkpoint, made.evaluated)
+        row.ppl_ratio = row.ppl / subject.ppl
+        # the same attack, then every function-preserving re-parameterisation at once (checked)
+        evaded = T.all_evasions(made.checkpoint)
+        T.same_function(made.checkpoint, evaded)
+        directory = save(evaded, made.shipped, self.scratch / "candidate")
+        again = lineage(fingerprint(directory, f"{arch} {attack} {strength} re-parameterised"),
+                        subject.references[(made.reference, 0)])
+        row.reparam_score, row.reparam_derived, row.reparam_comparable = again.score, again.derived, \
+            again.comparable
+        self.rows.append(row)
+        verdict = "derived" if row.derived else "NOT derived" if row.comparable else "NOT COMPARABLE"
+        self.log(f"  {group:11s} {attack:33s} {strength:10s} ppl x{row.ppl_ratio:6.3f}  score {row.score:6.3f}"
+                 f" {verdict:14s} re-param {row.reparam_score:6.3f} private seed {row.private_score:6.3f}"
+                 f" threshold {row.threshold:.3f}")
+        return row
+
+    # attack classes ----------------------------------------------------------------------------------
+
+    def _probe_attacks(self, subject: Subject) -> T.Checkpoint:
+        """tgs1's published probe rows (noise, re-draw, + head) and the probe vectors themselves; returns the
+        re-draw + head model (repaired later)."""
+        arch, derived, probe = subject.arch, subject.derived, subject.probe
         for s in PROBE_NOISE:
             made = A.redraw_rows(derived, probe, A.seed_of(arch, "probe-noise", s), noise=s)
-            measure("probe", "probe rows: noise", f"{100 * s:.0f}%", s, Attacked(made, self.tokenizer,
-                                                                                  self.tokenizer))
-        redrawn_probe = A.redraw_rows(derived, probe, A.seed_of(arch, "probe-redraw"))
-        measure("probe", "probe rows: re-draw", f"{len(probe)} rows", 1,
-                Attacked(redrawn_probe, self.tokenizer, self.tokenizer))
-        redrawn_probe_head = A.redraw_rows(derived, probe, A.seed_of(arch, "probe-redraw"), head=True)
-        measure("probe", "probe rows: re-draw + head", f"{len(probe)} rows", 1,
-                Attacked(redrawn_probe_head, self.tokenizer, self.tokenizer))
-        keys = A.token_keys(self.work / "tokenizer.json", r.vocab)  # the keys of the tokenizer the evader ships
-        coefficients = A.probe_coefficients(base_fp, keys)
+            self.measure(subject, "probe", "probe rows: noise", f"{100 * s:.0f}%", s, self._plain(made))
+        redrawn = A.redraw_rows(derived, probe, A.seed_of(arch, "probe-redraw"))
+        self.measure(subject, "probe", "probe rows: re-draw", f"{len(probe)} rows", 1, self._plain(redrawn))
+        with_head = A.redraw_rows(derived, probe, A.seed_of(arch, "probe-redraw"), head=True)
+        self.measure(subject, "probe", "probe rows: re-draw + head", f"{len(probe)} rows", 1, self._plain(with_head))
+        coefficients = A.probe_coefficients(subject.references[("base", 0)], subject.keys)
         for s in PROBE_DIRECTIONS:
             made = A.redraw_directions(derived, coefficients, A.seed_of(arch, "directions", s), strength=s)
-            measure("probe", "probe vectors: min-norm re-draw", f"{100 * s:g}%", s,
-                    Attacked(made, self.tokenizer, self.tokenizer))
+            self.measure(subject, "probe", "probe vectors: min-norm re-draw", f"{100 * s:g}%", s, self._plain(made))
+        return with_head
 
-        # random rows
+    def _row_attacks(self, subject: Subject) -> dict[float, T.Checkpoint]:
+        """Random rows re-drawn or given 100% noise; returns the re-drawn models by fraction (repaired later)."""
+        arch, derived, vocab = subject.arch, subject.derived, self.recipe.vocab
         redrawn: dict[float, T.Checkpoint] = {}
         for f in ROW_FRACTIONS:
-            ids = A.random_rows(r.vocab, f, A.seed_of(arch, "rows"))
+            ids = A.random_rows(vocab, f, A.seed_of(arch, "rows"))
             redrawn[f] = A.redraw_rows(derived, ids, A.seed_of(arch, "rows-redraw", f))
-            measure("random rows", "random rows: re-draw", f"{100 * f:g}%", f,
-                    Attacked(redrawn[f], self.tokenizer, self.tokenizer))
+            self.measure(subject, "random rows", "random rows: re-draw", f"{100 * f:g}%", f, self._plain(redrawn[f]))
         for f in ROW_FRACTIONS:
-            ids = A.random_rows(r.vocab, f, A.seed_of(arch, "rows"))
+            ids = A.random_rows(vocab, f, A.seed_of(arch, "rows"))
             made = A.redraw_rows(derived, ids, A.seed_of(arch, "rows-noise", f), noise=1.0)
-            measure("random rows", "random rows: 100% noise", f"{100 * f:g}%", f,
-                    Attacked(made, self.tokenizer, self.tokenizer))
+            self.measure(subject, "random rows", "random rows: 100% noise", f"{100 * f:g}%", f, self._plain(made))
+        return redrawn
 
-        # relabelling: ids permuted (rows moved), token strings re-encoded, tokenizer shipped or not
+    def _relabelled(self, subject: Subject, f: float, reencode: bool = False) -> Attacked:
+        """The derivative with a share f of its ids permuted, the tokenizer rewritten (and its strings re-encoded),
+        checked function-preserving at the text level."""
         from tokenizers import Tokenizer
 
-        def relabelled(f: float, reencode: bool = False) -> tuple[T.Checkpoint, Any, str]:
-            perm = A.relabelling(r.vocab, f, A.seed_of(arch, "relabel", f))
-            rewritten = A.relabel_tokenizer(self.tokenizer.to_str(), perm)
-            if reencode:
-                rewritten = A.reencode_tokenizer(rewritten, A.seed_of(arch, "reencode"))
-            made, new_tokenizer = A.relabel(derived, perm), Tokenizer.from_str(rewritten)
-            diff = A.text_level_difference(derived, self.tokenizer, made, new_tokenizer, self.heldout_text[:4000], perm)
-            if diff > RELABEL_TOLERANCE:
-                raise AssertionError(f"{arch}: relabelling {f} changed the function (max logit diff {diff:.3g})")
-            return made, new_tokenizer, f"text-level max diff {diff:.1e}"
+        arch, derived = subject.arch, subject.derived
+        perm = A.relabelling(self.recipe.vocab, f, A.seed_of(arch, "relabel", f))
+        rewritten = A.relabel_tokenizer(self.tokenizer.to_str(), perm)
+        if reencode:
+            rewritten = A.reencode_tokenizer(rewritten, A.seed_of(arch, "reencode"))
+        made, tokenizer = A.relabel(derived, perm), Tokenizer.from_str(rewritten)
+        diff = A.text_level_difference(derived, self.tokenizer, made, tokenizer, self.heldout_text[:4000], perm)
+        if diff > RELABEL_TOLERANCE:
+            raise AssertionError(f"{arch}: relabelling {f} changed the function (max logit diff {diff:.3g})")
+        return Attacked(made, tokenizer, tokenizer, f"text-level max diff {diff:.1e}")
 
+    def _relabellings(self, subject: Subject) -> None:
+        """Ids permuted (rows moved), tokenizer rewritten, withheld (against a base with or without one), or its
+        token strings re-encoded."""
         for f in RELABEL_FRACTIONS:
-            made, new_tokenizer, check = relabelled(f)
-            measure("relabelling", "relabel + tokenizer", f"{100 * f:g}%", f,
-                    Attacked(made, new_tokenizer, new_tokenizer, check))
+            made = self._relabelled(subject, f)
+            self.measure(subject, "relabelling", "relabel + tokenizer", f"{100 * f:g}%", f, made)
         for f in (0.0, *RELABEL_FRACTIONS):  # 0%: the derivative itself, its tokenizer withheld
-            made, new_tokenizer, check = relabelled(f)
-            measure("relabelling", "relabel, no tokenizer", f"{100 * f:g}%", f,
-                    Attacked(made, None, new_tokenizer, check))
+            made = self._relabelled(subject, f)
+            made.shipped = None
+            self.measure(subject, "relabelling", "relabel, no tokenizer", f"{100 * f:g}%", f, made)
         for f in (0.0, 0.5, 1.0):
-            made, new_tokenizer, check = relabelled(f)
-            measure("relabelling", "relabel, no tokenizer either side", f"{100 * f:g}%", f,
-                    Attacked(made, None, new_tokenizer, check, reference="bare"))
+            made = self._relabelled(subject, f)
+            made.shipped, made.reference = None, "bare"
+            self.measure(subject, "relabelling", "relabel, no tokenizer either side", f"{100 * f:g}%", f, made)
         for f in (0.0, 0.5, 1.0):  # 0%: ids and weights unchanged, only the strings
-            made, new_tokenizer, check = relabelled(f, reencode=True)
-            measure("relabelling", "strings re-encoded + relabel", f"{100 * f:g}%", f,
-                    Attacked(made, new_tokenizer, new_tokenizer, check))
+            made = self._relabelled(subject, f, reencode=True)
+            self.measure(subject, "relabelling", "strings re-encoded + relabel", f"{100 * f:g}%", f, made)
 
-        # repair: attack, then fine-tune on the derivative's data
-        sources: dict[str, tuple[T.Checkpoint, str, tuple[int, ...]]] = {
-            "fine-tune only": (derived, "none", r.repair_steps),
-            "probe re-draw + head, fine-tune": (redrawn_probe_head, ",".join(map(str, probe)), r.repair_steps),
-            "25% rows re-drawn, fine-tune": (redrawn[0.25], "0.25", r.repair_steps),
-            "100% rows re-drawn, fine-tune": (redrawn[1.0], "1.0", (*r.repair_steps, r.long_repair_steps)),
-        }
+    def _repairs(self, subject: Subject, sources: dict[str, tuple[T.Checkpoint, str, tuple[int, ...]]]) -> None:
+        """Each source (an attacked model, a key naming the attack, step counts) fine-tuned on the derivative's data."""
+        arch, r = subject.arch, self.recipe
         for name, (source, key, grid) in sources.items():
             tag = hashlib.sha256(f"{name}/{key}".encode()).hexdigest()[:8]
             for steps in grid:
-                made = self.trained(f"{arch}/repair-{tag}-{steps}",
-                                    lambda source=source, steps=steps, name=name: light(
-                                        source, steps, r.repair_lr, "repair", name, steps))
-                measure("repair", name, f"{steps} steps", steps, Attacked(made, self.tokenizer, self.tokenizer))
+                made = self.trained(f"{arch}/repair-{tag}-{steps}", lambda source=source, steps=steps, name=name:
+                                    self.fine_tune(arch, source, steps, r.repair_lr, "repair", name, steps))
+                self.measure(subject, "repair", name, f"{steps} steps", steps, self._plain(made))
 
-        # adaptive: fine-tune against the sketch itself, at the public seed, then averaged over fresh seeds
-        tag = hashlib.sha256(f"{A.penalty_id()}/{probe}".encode()).hexdigest()[:8]
+    def _adaptive(self, subject: Subject) -> None:
+        """Fine-tunes against the sketch itself: at the public seed, then averaged over fresh seeds every step."""
+        arch, r = subject.arch, self.recipe
+        tag = hashlib.sha256(f"{A.penalty_id()}/{subject.probe}".encode()).hexdigest()[:8]
         grid = [(0, w) for w in r.adaptive_weights] + [(r.seeds_per_step, w) for w in r.any_seed_weights]
         for seeds, weight in grid:
             def adapt(weight: float = weight, seeds: int = seeds) -> T.Checkpoint:
-                penalty = A.SketchPenalty(base, weight, A.library_units(keys), seeds_per_step=seeds,
+                penalty = A.SketchPenalty(subject.base, weight, A.library_units(subject.keys), seeds_per_step=seeds,
                                           seed=A.seed_of(arch, "adaptive seeds"))
-                tuned = light(derived, r.adaptive_steps, r.adaptive_lr, "adaptive", weight, penalty=penalty)
+                tuned = self.fine_tune(arch, subject.derived, r.adaptive_steps, r.adaptive_lr, "adaptive", weight,
+                                       penalty=penalty)
                 model = tuned.model()
                 self.log(f"  adaptive weight {weight:g}, {seeds or 'public'} seeds: same-layer median similarity "
                          f"{penalty.median(model):.3f} at seed 0, {penalty.median(model, PRIVATE_SEED):.3f} at "
@@ -369,13 +411,12 @@ class Bench:
                 return tuned
             if seeds:
                 made = self.trained(f"{arch}/adaptive-{tag}-{seeds}seeds-{weight:g}", adapt)
-                measure("adaptive", f"sketch-penalty fine-tune, {seeds} fresh seeds/step", f"weight {weight:g}",
-                        weight, Attacked(made, self.tokenizer, self.tokenizer))
+                self.measure(subject, "adaptive", f"sketch-penalty fine-tune, {seeds} fresh seeds/step",
+                             f"weight {weight:g}", weight, self._plain(made))
             else:
                 made = self.trained(f"{arch}/adaptive-{tag}-{weight:g}", adapt)
-                measure("adaptive", "sketch-penalty fine-tune", f"weight {weight:g}", weight,
-                        Attacked(made, self.tokenizer, self.tokenizer))
-        shutil.rmtree(self.scratch, ignore_errors=True)
+                self.measure(subject, "adaptive", "sketch-penalty fine-tune", f"weight {weight:g}", weight,
+                             self._plain(made))
 
 
 # -- reporting -------------------------------------------------------------------------------------------
