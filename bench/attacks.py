@@ -151,6 +151,181 @@ def redraw_directions(ck: Checkpoint, coefficients: torch.Tensor, seed: int, str
     return out
 
 
+# -- dead capacity: units and blocks whose contributions cancel ----------------------------------------
+# Function-preserving edits that no re-parameterisation of bench/transforms.py covers: they add weights
+# that read the residual stream but whose outputs cancel in pairs, so any evidence read from one matrix
+# alone (a Gram of the gate, the heads' query-key forms, top singular directions of an input projection)
+# moves, while evidence read from products that sum over units (down @ up, o @ v) does not.
+
+def _random_rotations(hd: int, count: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """`count` invertible hd x hd maps that commute with rotary position embeddings (a scaled 2-D rotation
+    on each rotary pair (i, i + hd/2)), well conditioned (scales in [0.5, 2])."""
+    half = hd // 2
+    out = []
+    for _ in range(count):
+        angle = 2 * math.pi * torch.rand(half, generator=generator, dtype=torch.float64)
+        scale = torch.exp((torch.rand(half, generator=generator, dtype=torch.float64) - 0.5) * 2 * math.log(2))
+        m = torch.zeros(hd, hd, dtype=torch.float64)
+        idx = torch.arange(half)
+        m[idx, idx] = scale * torch.cos(angle)
+        m[idx, idx + half] = -scale * torch.sin(angle)
+        m[idx + half, idx] = scale * torch.sin(angle)
+        m[idx + half, idx + half] = scale * torch.cos(angle)
+        out.append(m)
+    return out
+
+
+def _rows_like(weight: torch.Tensor, count: int, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """`count` Gaussian rows whose expected norm is `scale` x the matrix's mean row norm."""
+    norm = float(weight.float().norm(dim=1).mean())
+    return torch.randn(count, weight.shape[1], generator=generator, dtype=torch.float64) * scale * norm \
+        / math.sqrt(weight.shape[1])
+
+
+def _cancelling_mlp(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, pairs: int, scale: float,
+                    generator: torch.Generator, *, keep: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gate, up and down with `pairs` pairs of new units appended (or, keep=False, only the new units):
+    unit one (g, u, d), unit two (g, u / a, -a d) for a random a, so their outputs and their share of
+    down @ up cancel exactly."""
+    g = _rows_like(gate, pairs, scale, generator)
+    u = _rows_like(up, pairs, scale, generator)
+    d = _rows_like(down.T, pairs, scale, generator).T
+    a = torch.exp((torch.rand(pairs, generator=generator, dtype=torch.float64) - 0.5) * 2 * math.log(3))
+    a = a * torch.where(torch.rand(pairs, generator=generator) < 0.5, -1.0, 1.0).double()
+    new_gate, new_up, new_down = torch.cat([g, g]), torch.cat([u, u / a[:, None]]), torch.cat([d, -d * a[None, :]], 1)
+    if not keep:
+        return new_gate.to(gate.dtype), new_up.to(up.dtype), new_down.to(down.dtype)
+    return (torch.cat([gate, new_gate.to(gate.dtype)]), torch.cat([up, new_up.to(up.dtype)]),
+            torch.cat([down, new_down.to(down.dtype)], 1))
+
+
+def _cancelling_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                      biases: dict[str, torch.Tensor], shape: tuple[int, int, int], pairs: int, scale: float,
+                      generator: torch.Generator, *, keep: bool = True) -> tuple[torch.Tensor, ...]:
+    """q, k, v, o (and q/k/v biases) with `pairs` pairs of new key/value groups appended (or, keep=False,
+    only the new ones): group two is group one with q -> A q, k -> A^-T k (same scores; A commutes with
+    rotary embeddings), v -> B v and o -> -o B^-1, so the pair's outputs and its share of o @ v cancel."""
+    heads, kv, hd = shape
+    size = heads // kv
+    new_q, new_k, new_v, new_o = [], [], [], []
+    new_b: dict[str, list[torch.Tensor]] = {n: [] for n in biases}
+    def per_head(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # m applied to each head's slice of x
+        return torch.cat([m @ x[h * hd:(h + 1) * hd] for h in range(x.shape[0] // hd)])
+
+    for a, b in zip(_random_rotations(hd, pairs, generator), _random_rotations(hd, pairs, generator)):
+        qg = _rows_like(q, size * hd, scale, generator)
+        kg, vg = _rows_like(k, hd, scale, generator), _rows_like(v, hd, scale, generator)
+        og = _rows_like(o.T, size * hd, scale, generator).T
+        a_inv_t, b_inv = torch.linalg.inv(a).T, torch.linalg.inv(b)
+        qg2 = per_head(a, qg)
+        og2 = torch.cat([-og[:, h * hd:(h + 1) * hd] @ b_inv for h in range(size)], 1)
+        new_q += [qg, qg2]
+        new_k += [kg, a_inv_t @ kg]
+        new_v += [vg, b @ vg]
+        new_o += [og, og2]
+        for n, bias in biases.items():
+            bg = torch.randn(size * hd if n == "q" else hd, generator=generator, dtype=torch.float64) \
+                * float(bias.float().std())
+            mapped = per_head({"q": a, "k": a_inv_t, "v": b}[n], bg)
+            new_b[n] += [bg, mapped]
+    parts = [torch.cat(new_q), torch.cat(new_k), torch.cat(new_v), torch.cat(new_o, 1)]
+    olds = [q, k, v, o]
+    if keep:
+        parts = [torch.cat([old, new.to(old.dtype)], 1 if i == 3 else 0)
+                 for i, (old, new) in enumerate(zip(olds, parts))]
+        extra = {n: torch.cat([biases[n], torch.cat(new_b[n]).to(biases[n].dtype)]) for n in biases}
+    else:
+        parts = [new.to(old.dtype) for old, new in zip(olds, parts)]
+        extra = {n: torch.cat(new_b[n]).to(biases[n].dtype) for n in biases}
+    return (*parts, extra)
+
+
+def _layer_biases(ck: Checkpoint, i: int) -> dict[str, torch.Tensor]:
+    p = f"model.layers.{i}.self_attn."
+    return {n: ck.state[p + f"{n}_proj.bias"] for n in "qkv" if p + f"{n}_proj.bias" in ck.state}
+
+
+def dead_units(ck: Checkpoint, fraction: float, scale: float, seed: int) -> Checkpoint:
+    """Every block grows by `fraction` of its MLP units and of its key/value groups, added in cancelling
+    pairs (`_cancelling_mlp`, `_cancelling_heads`) with weights `scale` x the block's own row norms:
+    the function is unchanged (checked by the bench), the model is larger."""
+    from bench.transforms import get_gate_up, get_qkv, set_gate_up, set_qkv
+
+    out = ck.clone()
+    generator = torch.Generator().manual_seed(seed)
+    heads, kv, hd = out.heads
+    unit_pairs = max(1, round(fraction * out.config.intermediate_size / 2))
+    group_pairs = max(1, round(fraction * kv / 2))
+    for i in range(out.layers):
+        p = f"model.layers.{i}."
+        gate, up = get_gate_up(out, i)
+        gate, up, down = _cancelling_mlp(gate, up, out.state[p + "mlp.down_proj.weight"], unit_pairs, scale, generator)
+        set_gate_up(out, i, gate, up)
+        out.state[p + "mlp.down_proj.weight"] = down
+        q, k, v = get_qkv(out, i)  # split with the old head counts (phi3 fuses them)
+        q, k, v, o, biases = _cancelling_heads(q, k, v, out.state[p + "self_attn.o_proj.weight"], _layer_biases(out, i),
+                                               (heads, kv, hd), group_pairs, scale, generator)
+        set_qkv(out, i, q, k, v)
+        out.state[p + "self_attn.o_proj.weight"] = o
+        out.state.update({p + f"self_attn.{n}_proj.bias": b for n, b in biases.items()})
+    size = heads // kv
+    out.config.intermediate_size += 2 * unit_pairs
+    out.config.num_key_value_heads = kv + 2 * group_pairs
+    out.config.num_attention_heads = heads + 2 * group_pairs * size
+    out.config.head_dim = hd
+    return out
+
+
+def dead_blocks(ck: Checkpoint, scale: float, seed: int) -> Checkpoint:
+    """A block inserted after every block, every one of its attention groups and MLP units in cancelling
+    pairs (random norm gains too): each inserted block adds exactly nothing to the residual stream, and
+    no two of the original blocks are adjacent any more."""
+    from bench.transforms import get_gate_up, get_qkv, set_gate_up, set_qkv
+
+    out = ck.clone()
+    generator = torch.Generator().manual_seed(seed)
+    heads, kv, hd = out.heads
+    if kv % 2 or out.config.intermediate_size % 2:
+        raise ValueError("dead_blocks pairs up key/value groups and MLP units: both counts must be even")
+    layers = out.layers
+    state = {k: v for k, v in out.state.items() if not k.startswith("model.layers.")}
+    for i in range(layers):
+        old, new, dead = f"model.layers.{i}.", f"model.layers.{2 * i}.", f"model.layers.{2 * i + 1}."
+        block = {k[len(old):]: v for k, v in out.state.items() if k.startswith(old)}
+        state.update({new + k: v.clone() for k, v in block.items()})
+        gate, up = get_gate_up(out, i)
+        gate, up, down = _cancelling_mlp(gate, up, out.state[old + "mlp.down_proj.weight"],
+                                         out.config.intermediate_size // 2, scale, generator, keep=False)
+        q, k, v = get_qkv(out, i)
+        q, k, v, o, biases = _cancelling_heads(q, k, v, out.state[old + "self_attn.o_proj.weight"],
+                                               _layer_biases(out, i), (heads, kv, hd), kv // 2, scale, generator,
+                                               keep=False)
+        shell = Checkpoint(out.config, {})
+        if "mlp.gate_up_proj.weight" in block:
+            shell.state["model.layers.0.mlp.gate_up_proj.weight"] = torch.cat([gate, up])
+        else:
+            set_gate_up(shell, 0, gate, up)
+        if "self_attn.qkv_proj.weight" in block:
+            shell.state["model.layers.0.self_attn.qkv_proj.weight"] = torch.cat([q, k, v])
+        else:
+            set_qkv(shell, 0, q, k, v)
+        shell.state["model.layers.0.mlp.down_proj.weight"] = down
+        shell.state["model.layers.0.self_attn.o_proj.weight"] = o
+        shell.state.update({f"model.layers.0.self_attn.{n}_proj.bias": b for n, b in biases.items()})
+        for name, tensor in block.items():  # norm gains (and any other vector): random, positive
+            if tensor.dim() == 1 and name.endswith("norm.weight"):
+                gains = torch.exp(torch.randn(tensor.shape, generator=generator) * 0.5).to(tensor.dtype)
+                shell.state["model.layers.0." + name] = gains - (1.0 if ck.gemma else 0.0)
+        state.update({dead + k[len("model.layers.0."):]: v for k, v in shell.state.items()})
+    out.state = state
+    out.config.num_hidden_layers = 2 * layers
+    if getattr(out.config, "layer_types", None):
+        out.config.layer_types = [out.config.layer_types[0]] * (2 * layers)
+    out.config.head_dim = hd
+    return out
+
+
 # -- vocabulary relabelling ---------------------------------------------------------------------------
 
 def relabelling(vocab: int, fraction: float, seed: int) -> torch.Tensor:
@@ -317,11 +492,24 @@ def library_units(keys: Any) -> Callable[[Checkpoint, int], dict[tuple[str, int 
     return units
 
 
-def penalty_id() -> str:
-    """Names the sketch the adaptive models were trained against (in their cache key)."""
+def penalty_id(base: Checkpoint, other: Checkpoint, keys: Any) -> str:
+    """Names what the adaptive models were trained against (in their cache key): the sketch version and a
+    digest of what the library's units and similarities compute on two models at seeds 0 and 2, so a
+    change of the method's numbers (not only of its version string) retrains them."""
+    from tg_verify.analysis.lineage import unit_similarities
     from tg_verify.fingerprint.sketch import SKETCH_VERSION
 
-    return f"library-{SKETCH_VERSION}"
+    units = library_units(keys)
+    digest = hashlib.sha256(SKETCH_VERSION.encode())
+    with torch.no_grad():
+        for seed in (0, 2):
+            mine, theirs = units(base, seed), units(other, seed)
+            for key in sorted(mine, key=str):
+                digest.update(f"{key}".encode() + np.round(mine[key].double().numpy(), 3).tobytes())
+            sims = unit_similarities(theirs, mine)
+            for key in sorted(sims, key=str):
+                digest.update(f"{key}:{float(sims[key]):.3f}".encode())
+    return f"library-{SKETCH_VERSION}-{digest.hexdigest()[:10]}"
 
 
 class SketchPenalty:

@@ -14,8 +14,11 @@ to ship as "not derived". Every attack starts from that derivative, at growing s
   tokenizer rewritten to match (function-preserving at the text level, checked), with none shipped
   (against a base fingerprinted with or without its tokenizer), or with its token strings re-encoded;
 * repair: an attack, then a full fine-tune on the derivative's data (and the fine-tune alone);
+* dead capacity: MLP units and key/value groups added to every block, or a whole block inserted after
+  every block, in pairs whose outputs cancel exactly (function unchanged, checked; the model grows);
 * adaptive: a fine-tune whose loss adds weight x mean squared unit similarity to the base's sketch
-  (the library's own differentiable sketch units and per-unit similarity).
+  (the library's own differentiable sketch units and per-unit similarity), at the public probe seed or
+  averaged over fresh seeds drawn every step.
 
 Each attacked model is also passed through every function-preserving re-parameterisation of
 bench/transforms.py at once (checked). Scores come from the public path: the attacked folder is
@@ -66,6 +69,8 @@ PROBE_NOISE = (0.25, 0.5, 1.0, 2.0)
 ROW_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 RELABEL_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 PROBE_DIRECTIONS = (0.25, 0.5, 1.0)
+DEAD_UNITS = ((1.0, 1.0), (1.0, 4.0), (4.0, 4.0))  # (units added per block, as a share of its own; weight scale)
+DEAD_BLOCK_SCALE = 4.0
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,7 @@ class Row:
     private_comparable: bool = True
     check: str = ""
     notes: list[str] = field(default_factory=list)
+    roles: dict[str, float] = field(default_factory=dict)  # median similarity per unit role, public seed
 
 
 # -- the public scoring path ---------------------------------------------------------------------------
@@ -238,6 +244,7 @@ class Bench:
         redrawn_probe_head = self._probe_attacks(subject)
         redrawn = self._row_attacks(subject)
         self._relabellings(subject)
+        self._dead_capacity(subject)
         self._repairs(subject, {
             "fine-tune only": (subject.derived, "none", self.recipe.repair_steps),
             "probe re-draw + head, fine-tune": (redrawn_probe_head, ",".join(map(str, subject.probe)),
@@ -295,6 +302,10 @@ class Bench:
         result = lineage(fingerprint(directory, f"{arch} {attack} {strength}"), subject.references[(made.reference, 0)])
         row.score, row.threshold, row.p_value = result.score, result.threshold, result.p_value
         row.derived, row.comparable, row.notes = result.derived, result.comparable, list(result.notes)
+        by_role: dict[str, list[float]] = {}
+        for unit in getattr(result, "units", None) or []:
+            by_role.setdefault(str(unit.role), []).append(float(unit.similarity))
+        row.roles = {role: statistics.median(values) for role, values in by_role.items()}
         hidden = lineage(fingerprint(directory, f"{arch} {attack} {strength}", PRIVATE_SEED),
                          subject.references[(made.reference, PRIVATE_SEED)])
         row.private_score, row.private_derived, row.private_comparable = hidden.score, hidden.derived, \
@@ -313,7 +324,8 @@ class Bench:
         verdict = "derived" if row.derived else "NOT derived" if row.comparable else "NOT COMPARABLE"
         self.log(f"  {group:11s} {attack:33s} {strength:10s} ppl x{row.ppl_ratio:6.3f}  score {row.score:6.3f}"
                  f" {verdict:14s} re-param {row.reparam_score:6.3f} private seed {row.private_score:6.3f}"
-                 f" threshold {row.threshold:.3f}")
+                 f" threshold {row.threshold:.3f} roles "
+                 + " ".join(f"{role} {value:.2f}" for role, value in row.roles.items()))
         return row
 
     # attack classes ----------------------------------------------------------------------------------
@@ -348,6 +360,25 @@ class Bench:
             made = A.redraw_rows(derived, ids, A.seed_of(arch, "rows-noise", f), noise=1.0)
             self.measure(subject, "random rows", "random rows: 100% noise", f"{100 * f:g}%", f, self._plain(made))
         return redrawn
+
+    def _dead_capacity(self, subject: Subject) -> None:
+        """Units, key/value groups and whole blocks added in pairs whose outputs cancel (checked function-preserving):
+        single-matrix evidence moves, products summed over units do not."""
+        arch, derived = subject.arch, subject.derived
+        size = sum(v.numel() for v in derived.state.values())
+
+        def checked(made: T.Checkpoint) -> Attacked:
+            diff = T.same_function(derived, made)
+            grown = sum(v.numel() for v in made.state.values()) / size
+            return Attacked(made, self.tokenizer, self.tokenizer, f"max logit diff {diff:.1e}, x{grown:.2f} parameters")
+
+        for share, scale in DEAD_UNITS:
+            made = A.dead_units(derived, share, scale, A.seed_of(arch, "dead units", share, scale))
+            self.measure(subject, "dead capacity", "dead units + heads (cancelling pairs)",
+                         f"+{100 * share:g}%, x{scale:g} weights", share * scale, checked(made))
+        made = A.dead_blocks(derived, DEAD_BLOCK_SCALE, A.seed_of(arch, "dead blocks"))
+        self.measure(subject, "dead capacity", "dead block after every block", f"x{DEAD_BLOCK_SCALE:g} weights", 1,
+                     checked(made))
 
     def _relabelled(self, subject: Subject, f: float, reencode: bool = False) -> Attacked:
         """The derivative with a share f of its ids permuted, the tokenizer rewritten (and its strings re-encoded),
@@ -396,7 +427,7 @@ class Bench:
     def _adaptive(self, subject: Subject) -> None:
         """Fine-tunes against the sketch itself: at the public seed, then averaged over fresh seeds every step."""
         arch, r = subject.arch, self.recipe
-        tag = hashlib.sha256(f"{A.penalty_id()}/{subject.probe}".encode()).hexdigest()[:8]
+        tag = hashlib.sha256(f"{A.penalty_id(subject.base, subject.twin, subject.keys)}".encode()).hexdigest()[:8]
         grid = [(0, w) for w in r.adaptive_weights] + [(r.seeds_per_step, w) for w in r.any_seed_weights]
         for seeds, weight in grid:
             def adapt(weight: float = weight, seeds: int = seeds) -> T.Checkpoint:
@@ -497,11 +528,28 @@ def report(results: dict[str, Any]) -> str:
         f"{arch} {p['untrained']:.0f} / {p['base']:.2f} / {p['derivative']:.2f} / {p['twin']:.2f}"
         for arch, p in results["perplexities"].items()) + ".")
     lines.append(f"Run time {results['seconds'] / 60:.1f} min ({results['trained']} models trained this run).")
-    return "\n".join(lines)
+    return "\n".join(lines + roles_table(rows))
+
+
+def roles_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Per unit role, the median (over architectures) of each attacked model's median unit similarity at the
+    public seed: which parts of the evidence an attack moves."""
+    roles = sorted({role for r in rows for role in r.get("roles", {})})
+    if not roles:
+        return []
+    lines = ["", "Median unit similarity per role (public seed; median over architectures):", "",
+             "| class | attack | strength | " + " | ".join(roles) + " |", "|---|---|---|" + "---|" * len(roles)]
+    for (group, attack, strength), members in grouped(rows):
+        cells = []
+        for role in roles:
+            values = [m["roles"][role] for m in members if role in m.get("roles", {})]
+            cells.append(f"{statistics.median(values):.2f}" if values else "-")
+        lines.append(f"| {group} | {attack} | {strength} | " + " | ".join(cells) + " |")
+    return lines
 
 
 COLOURS = {"probe": "tab:red", "random rows": "tab:orange", "relabelling": "tab:purple", "repair": "tab:blue",
-           "adaptive": "tab:green", "control": "black"}
+           "adaptive": "tab:green", "dead capacity": "tab:brown", "control": "black"}
 X_MAX = 20.0  # perplexity ratios beyond are drawn at the edge
 NOT_COMPARABLE_Y = -0.1  # where "not comparable" results are drawn
 

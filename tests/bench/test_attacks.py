@@ -315,3 +315,55 @@ def test_redraw_directions_on_a_row_probe_moves_only_those_rows(strength):
     assert changed_rows(ck.state[A.EMBED], out.state[A.EMBED]) == set(ids)
     cosines = torch.nn.functional.cosine_similarity(out.state[A.EMBED][ids], ck.state[A.EMBED][ids], dim=1)
     assert float(cosines.mean()) < (0.95 if strength < 1 else 0.3)
+
+
+# -- dead capacity ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_dead_units_cancel_exactly_and_grow_the_model(arch):
+    ck = checkpoint(arch)
+    out = A.dead_units(ck, 1.0, 1.0, seed=3)
+    heads, kv, hd = ck.heads
+    assert out.heads == (2 * heads, 2 * kv, hd)  # a cancelling pair of groups per original pair
+    assert out.config.intermediate_size == 2 * ck.config.intermediate_size
+    assert T.same_function(ck, out, tolerance=1e-5) <= 1e-5 * 20
+    T.same_function(out, T.all_evasions(out))  # still a model every re-parameterisation applies to
+    for i in range(ck.layers):
+        p = f"model.layers.{i}."
+        gate, up = T.get_gate_up(out, i)
+        down = out.state[p + "mlp.down_proj.weight"]
+        old_gate, old_up = T.get_gate_up(ck, i)
+        old_down = ck.state[p + "mlp.down_proj.weight"]
+        # the product summed over units is unchanged (the pairs cancel in it too) ...
+        assert torch.allclose(down.double() @ up.double(), old_down.double() @ old_up.double(), atol=1e-5)
+        # ... a Gram of one matrix is not
+        assert not torch.allclose(gate.T @ gate, old_gate.T @ old_gate, atol=1e-2)
+    assert A.dead_units(ck, 1.0, 1.0, seed=3).state.keys() == out.state.keys()
+    assert torch.equal(A.dead_units(ck, 1.0, 1.0, seed=3).state[A.EMBED], out.state[A.EMBED])
+
+
+def test_dead_units_are_not_dead_alone():
+    # each unit of a pair writes to the residual stream: remove one half and the function changes
+    ck = checkpoint("llama")
+    out = A.dead_units(ck, 1.0, 1.0, seed=3)
+    inter = ck.config.intermediate_size
+    broken = out.clone()
+    key = "model.layers.0.mlp.down_proj.weight"
+    broken.state[key] = broken.state[key].clone()
+    broken.state[key][:, inter + (out.config.intermediate_size - inter) // 2:] = 0
+    with pytest.raises(AssertionError):
+        T.same_function(ck, broken, tolerance=1e-3)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_dead_blocks_add_nothing_to_the_residual_stream(arch):
+    ck = checkpoint(arch)
+    out = A.dead_blocks(ck, 1.0, seed=4)
+    assert out.layers == 2 * ck.layers and out.heads == ck.heads
+    assert T.same_function(ck, out, tolerance=1e-5) <= 1e-5 * 20
+    for i in range(ck.layers):  # the original blocks sit at even positions, unchanged
+        old, new = f"model.layers.{i}.", f"model.layers.{2 * i}."
+        assert all(torch.equal(v, out.state[new + k[len(old):]]) for k, v in ck.state.items() if k.startswith(old))
+        dead = f"model.layers.{2 * i + 1}."
+        assert float(out.state[dead + "self_attn.o_proj.weight"].abs().min()) > 0  # no zero weights to spot
+    T.same_function(out, T.all_evasions(out))
