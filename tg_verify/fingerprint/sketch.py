@@ -70,23 +70,20 @@ def _splitmix(x: np.ndarray) -> np.ndarray:
 
 
 def mixture_coefficients(keys: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """[k, n] standard normal coefficients, each a function of (token key, mixture index, seed) alone.
+    """[k, n] random signs (+1 or -1, float64), each a function of (token key, mixture index, seed) alone.
 
-    So a token weighs the same in every model that keys it the same, wherever its row sits. Mixtures
-    2m and 2m+1 take the two normals of one Box-Muller draw (cosine and sine), so each key is hashed
-    once per pair.
+    So a token weighs the same in every model that keys it the same, wherever its row sits. Signs serve a
+    random projection as well as normals do (same mean and variance, Johnson-Lindenstrauss alike), come
+    64 to one hash of the key, and are exact on every machine.
     """
-    pairs = (k + 1) // 2
-    streams = _splitmix(np.arange(pairs, dtype=np.uint64) + np.uint64(seed % 2**32) * np.uint64(1 << 32))
-    first = _splitmix(keys[None, :] ^ streams[:, None])
-    second = _splitmix(first ^ np.uint64(0xD1B54A32D192ED03))
-    u1 = ((first >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
-    angle = (second >> np.uint64(11)).astype(np.float64) * (2.0 * np.pi * 2.0 ** -53)
-    radius = np.sqrt(-2.0 * np.log(u1))
-    out = np.empty((2 * pairs, keys.shape[0]), dtype=np.float64)
-    out[0::2] = radius * np.cos(angle)
-    out[1::2] = radius * np.sin(angle)
-    return out[:k]
+    out = np.empty((k, keys.shape[0]), dtype=np.float64)
+    shifts = np.arange(64, dtype=np.uint64)[:, None]
+    for word in range(-(-k // 64)):
+        stream = _splitmix(np.asarray([(seed % 2**32) * 2**16 + word], dtype=np.uint64))
+        bits = (_splitmix(keys ^ stream)[None, :] >> shifts) & np.uint64(1)
+        rows = min(64, k - 64 * word)
+        out[64 * word:64 * word + rows] = 1.0 - 2.0 * bits[:rows].astype(np.float64)
+    return out
 
 
 def probe_ids(vocab: int, k: int, seed: int) -> np.ndarray:
