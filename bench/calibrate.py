@@ -1,12 +1,15 @@
 """Calibration of the lineage test: the empirical null of independently trained models, shipped as package data.
 
 For each tiny architecture and size, independently trained roots (same config, different seeds and data
-order, at several training lengths) and fine-tunes of each (a light one, and a heavy one as long as the
-shortest pretraining). Every model is sketched; every pair (candidate, reference root) where the
-candidate does not descend from that root is scored with the lineage test's score (no calibration
-applied). The scores of each reference architecture class form its null sample, written with the recipe,
-the method version and the pair names to tg_verify/data/lineage_calibration.json, from which the
-test takes its threshold and the rate it reports (tg_verify/analysis/calibration.py).
+order, at several training lengths) and derivatives of each: a light fine-tune, a heavy one as long as the
+shortest pretraining, and a middle layer dropped or duplicated (then lightly fine-tuned). Every model is
+sketched; every pair (candidate, reference root) where the candidate does not descend from that root is
+scored with the lineage test's score (no calibration applied): candidates of the reference's own
+architecture, and of the other architectures of the same size (but never two models from the same
+seed, whose embeddings start alike). The scores of each reference architecture class form its null
+sample, written with the recipe, the method version and the pair names to
+tg_verify/data/lineage_calibration.json, from which the test takes its threshold and the rate it
+reports (tg_verify/analysis/calibration.py).
 
 The models share nothing with bench/lineage.py's zoo (other seeds), so that bench measures the
 calibrated test on models the calibration never saw.
@@ -50,12 +53,15 @@ class Recipe:
 
     corpus_bytes: int = 600_000
     seeds: tuple[int, ...] = (101, 202, 303)  # bench/lineage.py uses 0..40 and 1000..1040
+    # mistral's tiny configs initialise and train exactly like llama's from one seed: its roots take others
+    mistral_seeds: tuple[int, ...] = (404, 505, 606)
     lengths: tuple[int, ...] = (150, 300, 600)  # pretraining steps: each seed trains one root per length
     pretrain_lr: float = 3e-3
     light_steps: int = 20
     light_lr: float = 2e-4
     heavy_steps: int = 150
     heavy_lr: float = 1e-3
+    surgery_steps: int = 20  # a middle layer dropped or duplicated, then a light fine-tune (lr light_lr)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -69,7 +75,8 @@ class Model:
     arch: str
     size: str
     root: str
-    relation: str  # "root", "ft-light" or "ft-heavy"
+    relation: str  # "root", "ft-light", "ft-heavy", "dropped-layer" or "duplicated-layer"
+    seed: int  # the root's training seed (initialisation and data order)
 
 
 class Zoo:
@@ -100,7 +107,7 @@ class Zoo:
         with one_thread():
             for size in sizes:
                 for arch in archs:
-                    for seed in r.seeds:
+                    for seed in (r.mistral_seeds if arch == "mistral" else r.seeds):
                         for steps in r.lengths:
                             root_id = f"{arch}-{size}-s{seed}-{steps}"
                             run_seed = seed * 10 + steps
@@ -110,14 +117,19 @@ class Zoo:
                                 model = build_model(arch, seed=seed, size=size)
                                 return T.from_model(fine_tune(model, self.tokens["pretrain"], steps, r.pretrain_lr,
                                                               seed))
-                            self._model(Model(root_id, arch, size, root_id, "root"), pretrain)
+                            self._model(Model(root_id, arch, size, root_id, "root", run_seed), pretrain)
                             root = load_checkpoint(self.path(root_id))
-                            for relation, part, n, lr, offset in (("ft-light", "light", r.light_steps, r.light_lr, 1),
-                                                                  ("ft-heavy", "heavy", r.heavy_steps, r.heavy_lr, 2)):
-                                def derive(root: T.Checkpoint = root, part: str = part, n: int = n, lr: float = lr,
-                                           seed: int = run_seed + offset) -> T.Checkpoint:
-                                    return T.from_model(fine_tune(root.model(), self.tokens[part], n, lr, seed))
-                                self._model(Model(f"{root_id}~{relation}", arch, size, root_id, relation), derive)
+                            for relation, start, part, n, lr, offset in (
+                                    ("ft-light", None, "light", r.light_steps, r.light_lr, 1),
+                                    ("ft-heavy", None, "heavy", r.heavy_steps, r.heavy_lr, 2),
+                                    ("dropped-layer", T.drop_layer, "light", r.surgery_steps, r.light_lr, 3),
+                                    ("duplicated-layer", T.duplicate_layer, "light", r.surgery_steps, r.light_lr, 4)):
+                                def derive(root: T.Checkpoint = root, start: Any = start, part: str = part, n: int = n,
+                                           lr: float = lr, seed: int = run_seed + offset) -> T.Checkpoint:
+                                    model = (root if start is None else start(root, root.layers // 2)).model()
+                                    return T.from_model(fine_tune(model, self.tokens[part], n, lr, seed))
+                                self._model(Model(f"{root_id}~{relation}", arch, size, root_id, relation, run_seed),
+                                            derive)
         return self.models
 
 
@@ -141,32 +153,38 @@ def sketches(zoo: Zoo) -> dict[str, Any]:
 
 
 def null_pairs(models: list[Model]) -> list[tuple[Model, Model]]:
-    """(candidate, reference root) for every candidate of a class that does not descend from that root."""
+    """(candidate, reference root) for every candidate of the reference's size that does not descend from it:
+    of its own architecture, or of another one trained from another seed (same-seed models of different
+    architectures start from the same embedding, so they are not independent)."""
     roots = [m for m in models if m.relation == "root"]
     return [(c, r) for r in roots for c in models
-            if c.arch == r.arch and c.size == r.size and c.root != r.root]
+            if c.size == r.size and c.root != r.root and (c.arch == r.arch or c.seed != r.seed)]
 
 
 def score_pairs(zoo: Zoo, models: list[Model]) -> dict[str, dict[str, Any]]:
-    """Per reference class: its key, the null scores and the pair names."""
+    """Per reference class: its key, the null scores, and each score's (candidate, reference) as indices into the
+    sorted model list."""
     from tg_verify.analysis.calibration import class_key
     from tg_verify.analysis.lineage import lineage_score
 
     fps = sketches(zoo)
+    index = {model_id: n for n, model_id in enumerate(sorted(m.id for m in models))}
     classes: dict[str, dict[str, Any]] = {}
     for candidate, reference in null_pairs(models):
         result = lineage_score(fps[candidate.id], fps[reference.id])
         if result.score is None:
             raise RuntimeError(f"{candidate.id} vs {reference.id}: not comparable ({result.notes})")
-        key = class_key(fps[reference.id].sketch["architecture"])  # type: ignore[index]
-        entry = classes.setdefault(key, {"key": key, "architecture": fps[reference.id].sketch["architecture"],  # type: ignore[index]
-                                         "scores": [], "pairs": []})
+        architecture = fps[reference.id].sketch["architecture"]  # type: ignore[index]
+        key = class_key(architecture)
+        entry = classes.setdefault(key, {"key": key, "architecture": architecture, "scores": [], "pairs": [],
+                                         "same_architecture": []})
         entry["scores"].append(round(float(result.score), 6))
-        entry["pairs"].append(f"{candidate.id} | {reference.id}")
+        entry["pairs"].append([index[candidate.id], index[reference.id]])
+        entry["same_architecture"].append(candidate.arch == reference.arch)
     return classes
 
 
-def write(output: Path, recipe: Recipe, classes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def write(output: Path, recipe: Recipe, classes: dict[str, dict[str, Any]], models: list[Model]) -> dict[str, Any]:
     from tg_verify.analysis.calibration import CALIBRATION_FORMAT, load_calibration
     from tg_verify.analysis.lineage import LINEAGE_METHOD
     from tg_verify.fingerprint.sketch import SKETCH_VERSION
@@ -179,12 +197,14 @@ def write(output: Path, recipe: Recipe, classes: dict[str, dict[str, Any]]) -> d
         "recipe": {**asdict(recipe), "digest": recipe.digest(),
                    "models": "tiny transformers configs (tg_verify/tiny.py), trained on Python stdlib source "
                              "through bench/lineage.py's 512-token bigram vocabulary",
-                   "pairs": "every (candidate, reference root) of one class where the candidate does not descend "
-                            "from the reference: roots of other seeds and lengths, and their fine-tunes"},
+                   "pairs": "per reference root: every model of its size that does not descend from it, of its own "
+                            "architecture or of another trained from another seed (models: sorted ids; pairs: "
+                            "[candidate, reference] indices)"},
+        "models": sorted(m.id for m in models),
         "classes": [classes[key] for key in sorted(classes)],
     }
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+    output.write_text(json.dumps(document, sort_keys=True, separators=(",", ":")) + "\n")
     load_calibration(output)  # what was written must read back through the validator
     return document
 
@@ -193,14 +213,17 @@ def summary(document: dict[str, Any], alpha: float) -> str:
     from tg_verify.analysis.calibration import NullSample
 
     lines = [f"### Lineage calibration ({document['method']}, target rate {alpha:g})", "",
-             "| class | null pairs | median | 99th percentile | max | threshold | rate at threshold (95% upper) |",
+             "| class | null pairs (same architecture) | median | 99th percentile | max (same architecture) "
+             "| threshold | rate at threshold (95% upper) |",
              "|---|---|---|---|---|---|---|"]
     for entry in document["classes"]:
         null = NullSample(key=entry["key"], scores=np.asarray(entry["scores"]))
+        same = np.asarray(entry["same_architecture"], dtype=bool)
         threshold = null.threshold(alpha)
         above, n = null.exceeding(threshold)
-        lines.append(f"| {entry['key']} | {n} | {np.median(null.scores):.3f} | "
-                     f"{np.quantile(null.scores, 0.99):.3f} | {null.scores.max():.3f} | {threshold:.3f} | "
+        lines.append(f"| {entry['key']} | {n} ({int(same.sum())}) | {np.median(null.scores):.3f} | "
+                     f"{np.quantile(null.scores, 0.99):.3f} | {null.scores.max():.3f} "
+                     f"({null.scores[same].max():.3f}) | {threshold:.3f} | "
                      f"{above}/{n} ({null.upper_bound(above):.2%}) |")
     return "\n".join(lines)
 
@@ -223,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     models = zoo.build(tuple(args.archs), tuple(args.sizes))
     if args.train_only:
         return 0
-    document = write(args.output, zoo.recipe, score_pairs(zoo, models))
+    document = write(args.output, zoo.recipe, score_pairs(zoo, models), models)
     print(summary(document, args.alpha))
     return 0
 

@@ -415,9 +415,10 @@ def report(results: dict[str, Any]) -> str:
                   f"{results['seconds_per_test'] * 1000:.0f} ms per test.", "",
               "Thresholds (target rate 1%, from tg_verify/data/lineage_calibration.json): " + "; ".join(
                   f"{key} {value:.3f} (null of {n})" for key, (value, n) in sorted(thresholds.items())) + ".", "",
-              "Stated rate at each unrelated pair's score (share of the calibration null at or above it): "
-              f"median {statistics.median(r['rate'] for r in comparable_neg if r['null_size']):.3f}; "
-              f"the test's false-positive rate on these held-out pairs: {_rate(comparable_neg, 'derived')}."]
+              "Stated rate at each unrelated pair's score (share of the calibration null at or above it): median "
+              + (f"{statistics.median(rates):.3f}" if (rates := [r['rate'] for r in comparable_neg if r['null_size']])
+                 else "- (no calibrated class)")
+              + f"; the test's false-positive rate on these held-out pairs: {_rate(comparable_neg, 'derived')}."]
     return "\n".join(lines)
 
 

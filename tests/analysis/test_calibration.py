@@ -21,6 +21,7 @@ from tg_verify.analysis.calibration import (
 from tg_verify.analysis.lineage import LINEAGE_METHOD
 from tg_verify.errors import FingerprintFormatError
 from tg_verify.fingerprint.sketch import SKETCH_VERSION
+from tg_verify.tiny import ARCHITECTURES
 
 ARCH = {"model_type": "llama", "hidden_size": 64, "layers": 2, "vocab": 512, "heads": 4, "kv_heads": 2,
         "intermediate_size": 128}
@@ -76,9 +77,22 @@ def test_malformed_calibrations_name_the_field(change, message: str) -> None:  #
         parse_calibration(doc, "c.json")
 
 
-def test_the_shipped_calibration_matches_this_method() -> None:
+def test_the_shipped_calibration_matches_this_method_and_covers_the_tiny_models() -> None:
     calibration = packaged_calibration()
     assert calibration.method == LINEAGE_METHOD and calibration.sketch_version == SKETCH_VERSION
     assert calibration.recipe["digest"] and calibration.source.endswith("lineage_calibration.json")
+    covered = {(key.split(":")[0], key.split(":")[1]) for key in calibration.classes}
+    assert covered == {(arch, width) for arch in ARCHITECTURES for width in ("h64", "h96")}  # tiny small, medium
     for null in calibration.classes.values():
-        assert null.size >= 100  # enough pairs that a 1% target is a quantile, not the maximum alone
+        assert null.size >= 1000  # enough pairs that a 1% target is a quantile, not the maximum alone
+
+
+def test_the_tiny_demo_shapes_are_calibrated() -> None:
+    """The demo's llama and the test fixtures' shapes (tg_verify/tiny.py) get a calibrated rate, not 'uncalibrated'."""
+    from tg_verify.fingerprint.sketch import architecture_of
+    from tg_verify.tiny import tiny_config
+
+    for size in ("small", "medium"):
+        config = tiny_config("llama", size).to_dict()
+        architecture = architecture_of(config, config["hidden_size"], config["num_hidden_layers"], 512)
+        assert packaged_calibration().null_for(architecture) is not None, size

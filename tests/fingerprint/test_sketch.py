@@ -73,7 +73,7 @@ def test_mixture_coefficients_depend_on_the_key_alone() -> None:
     keys = id_keys(20_000).keys
     c = mixture_coefficients(keys, 32, 0)
     assert c.shape == (32, 20_000)
-    assert abs(c.mean()) < 0.01 and abs(c.std() - 1) < 0.01  # standard normal
+    assert set(np.unique(c).tolist()) == {-1.0, 1.0} and abs(c.mean()) < 0.01  # random signs
     order = np.random.default_rng(0).permutation(20_000)
     assert np.array_equal(mixture_coefficients(keys[order], 32, 0), c[:, order])  # where a key sits does not matter
     assert np.array_equal(mixture_coefficients(keys, 16, 0), c[:16])  # nested in k

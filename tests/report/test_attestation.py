@@ -189,3 +189,27 @@ def test_structure_validation_names_the_fault(tiny_models):
         mutate(broken)
         with pytest.raises(AttestationError, match=message):
             validate_statement(broken, "a.json")
+
+
+def test_calibrated_lineage_is_recorded_and_its_decision_rederived(tiny_models):
+    """Method tgl2: the predicate carries the calibration class, null size and rates; derived is score > threshold."""
+    from tg_verify.report.attestation_check import check_evidence
+
+    evidence = make_evidence(tiny_models["llama"]["single"])
+
+    def with_lineage(derived: bool) -> dict:
+        lineage = att.LineageEvidence(score=0.42, threshold=0.29, derived=derived, p_value=1 / 1801,
+                                      false_positive_rate=0.009, method="tgl2", alpha=0.01,
+                                      calibration="gemma:h96:l3:v512:a6/2:i192", null_size=1800, rate=0.0,
+                                      rate_upper=0.0017)
+        refs = tuple(replace(r, lineage=lineage) if r.id == "base-1b" else r for r in evidence.references)
+        return att.build_statement(replace(evidence, references=refs), time_verified=T0)["predicate"]
+
+    predicate = with_lineage(True)
+    lineage = {r["id"]: r for r in predicate["references"]}["base-1b"]["lineage"]
+    assert lineage["calibration"] == "gemma:h96:l3:v512:a6/2:i192" and lineage["nullPairs"] == 1800
+    assert lineage["rateAtScore"] == 0.0 and lineage["rateUpperBound95"] == 0.0017
+    assert not [c for c in check_evidence(predicate) if c.name == "lineage base-1b"]
+    # p 1/1801 > alpha would have contradicted "derived" under the old rule; a flipped decision still does
+    flipped = [c for c in check_evidence(with_lineage(False)) if c.name == "lineage base-1b"]
+    assert flipped and not flipped[0].ok

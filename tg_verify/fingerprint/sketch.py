@@ -32,7 +32,7 @@ MIN_TOKENS, MAX_TOKENS = 8, 64
 HEAD_ROWS = 4096  # output-head rows (tokens) summed in the head unit: those with the smallest keys, for cost
 KEY_SAMPLE = 256  # smallest keys recorded, so two sketches can estimate how much of their vocabularies they share
 SIZE_BUDGET = 3_500_000  # base64 bytes of unit data; with the rest the sketch stays under 4 MB
-_BLOCK_ELEMENTS = 1 << 20  # embedding rows are mixed in blocks of this many float32 values
+_BLOCK_ELEMENTS = 1 << 20  # embedding rows are mixed in blocks of this many float32 values (4 MB)
 
 # Roles of the per-layer units, in stored order, and whether their matrix is symmetric (a Gram).
 LAYER_ROLES: tuple[str, ...] = ("attn_qk", "attn_ov", "mlp_gate", "mlp_ud")
@@ -70,16 +70,19 @@ def _splitmix(x: np.ndarray) -> np.ndarray:
 
 
 def mixture_coefficients(keys: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """[k, n] standard normal coefficients, each a function of (token key, mixture index, seed) alone.
+    """[k, n] random signs (+1 or -1, float64), each a function of (token key, mixture index, seed) alone.
 
-    So a token weighs the same in every model that keys it the same, wherever its row sits.
+    So a token weighs the same in every model that keys it the same, wherever its row sits. Signs serve a
+    random projection as well as normals do (same mean and variance, Johnson-Lindenstrauss alike), come
+    64 to one hash of the key, and are exact on every machine.
     """
-    streams = _splitmix(np.arange(k, dtype=np.uint64) + np.uint64(seed % 2**32) * np.uint64(1 << 32))
-    first = _splitmix(keys[None, :] ^ streams[:, None])
-    second = _splitmix(first ^ np.uint64(0xD1B54A32D192ED03))
-    u1 = ((first >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
-    u2 = (second >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
-    out: np.ndarray = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    out = np.empty((k, keys.shape[0]), dtype=np.float64)
+    shifts = np.arange(64, dtype=np.uint64)[:, None]
+    for word in range(-(-k // 64)):
+        stream = _splitmix(np.asarray([(seed % 2**32) * 2**16 + word], dtype=np.uint64))
+        bits = (_splitmix(keys ^ stream)[None, :] >> shifts) & np.uint64(1)
+        rows = min(64, k - 64 * word)
+        out[64 * word:64 * word + rows] = 1.0 - 2.0 * bits[:rows].astype(np.float64)
     return out
 
 
@@ -284,21 +287,29 @@ class SketchBuilder:
         self._units[("embed", -1)] = self.probe @ self.probe.T
 
     def _mix(self, reader: Any, info: TensorInfo) -> torch.Tensor:
-        """The k probe mixtures Σ_t c_j(key_t) ê_t over every keyed embedding row, in row blocks, unit-normalised."""
+        """The k probe mixtures Σ_t c_j(key_t) ê_t over every keyed embedding row, unit-normalised.
+
+        One pass in row blocks converted into one reused float32 buffer; dividing the coefficients by the row
+        norms stands for normalising the rows (ê_t = e_t / |e_t|) without a second pass over the block.
+        """
         rows, width = info.shape[0], info.shape[1]
         pick = getattr(reader, "rows", None)  # a reader that decodes selected rows (GGUF) instead of viewing them
         raw = None if pick is not None else reader.raw(info)
         step = max(1, _BLOCK_ELEMENTS // max(width, 1))
+        buffer = torch.empty(min(rows, step) * width, dtype=torch.float32)
         total = torch.zeros((self.k, width), dtype=torch.float64)
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             present = self.keys.present[start:stop]
             if not present.any():
                 continue
-            block = (pick(info, torch.arange(start, stop)) if pick is not None
-                     else raw[start:stop].to(torch.float32))  # type: ignore[index]
-            coefficients = mixture_coefficients(self.keys.keys[start:stop], self.k, self.seed) * present[None, :]
-            total += (torch.from_numpy(coefficients.astype(np.float32)) @ unit_rows(block.to(torch.float32))).double()
+            block = buffer[:(stop - start) * width].view(stop - start, width)
+            block.copy_(pick(info, torch.arange(start, stop)) if pick is not None else raw[start:stop])  # type: ignore[index]
+            norms = torch.linalg.vector_norm(block, dim=1).clamp_min(1e-30)
+            coefficients = torch.from_numpy(
+                (mixture_coefficients(self.keys.keys[start:stop], self.k, self.seed) * present[None, :])
+                .astype(np.float32)) / norms[None, :]
+            total += (coefficients @ block).double()
         if not bool(torch.isfinite(total).all()):
             raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
                                    f"a fingerprint of it would be meaningless")
