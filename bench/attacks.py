@@ -257,6 +257,8 @@ def dead_units(ck: Checkpoint, fraction: float, scale: float, seed: int) -> Chec
     heads, kv, hd = out.heads
     unit_pairs = max(1, round(fraction * out.config.intermediate_size / 2))
     group_pairs = max(1, round(fraction * kv / 2))
+    while group_pairs > 1 and out.config.hidden_size % (heads + 2 * group_pairs * (heads // kv)):
+        group_pairs -= 1  # transformers' configs insist that the width be a multiple of the head count
     for i in range(out.layers):
         p = f"model.layers.{i}."
         gate, up = get_gate_up(out, i)

@@ -338,6 +338,10 @@ def test_dead_units_cancel_exactly_and_grow_the_model(arch):
         assert torch.allclose(down.double() @ up.double(), old_down.double() @ old_up.double(), atol=1e-5)
         # ... a Gram of one matrix is not
         assert not torch.allclose(gate.T @ gate, old_gate.T @ old_gate, atol=1e-2)
+    bigger = A.dead_units(ck, 4.0, 1.0, seed=3)  # as many groups as keep the width a multiple of the head count
+    assert ck.config.hidden_size % bigger.heads[0] == 0 and bigger.heads[0] > out.heads[0]
+    assert bigger.config.intermediate_size == 5 * ck.config.intermediate_size
+    T.same_function(ck, bigger, tolerance=1e-5)
     assert A.dead_units(ck, 1.0, 1.0, seed=3).state.keys() == out.state.keys()
     assert torch.equal(A.dead_units(ck, 1.0, 1.0, seed=3).state[A.EMBED], out.state[A.EMBED])
 
