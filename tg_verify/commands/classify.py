@@ -12,7 +12,6 @@ from typing import Any
 
 from rich.markup import escape
 
-from tg_verify import __version__
 from tg_verify.analysis.attribution import Classification, ClassifierSettings, classify
 from tg_verify.analysis.references import Reference, build_references, load_fingerprints, read_labels
 from tg_verify.commands.compare import (
@@ -24,6 +23,7 @@ from tg_verify.commands.compare import (
     resolve_inputs,
 )
 from tg_verify.fingerprint.document import Fingerprint
+from tg_verify.versions import tool_record
 
 VERB = "classify"
 ORDER = 31
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.labels:
         result.caveats.append("no --labels: each reference is a base of its own family (named by its id)")
     lineage = lineage_against_bases(candidate, references) if args.lineage else []
-    document = {"schema": REPORT_SCHEMA, "tool": {"name": "tg-verify", "version": __version__},
+    document = {"schema": REPORT_SCHEMA, "tool": tool_record(),
                 "candidate": describe(candidate), "classification": result.to_dict(), "lineage": lineage}
     return emit(document, args, lambda console: render(console, result, lineage))
 
