@@ -12,7 +12,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,14 +33,14 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # ------------------------------------------------------------------------------------------ one model
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelFingerprint:
     """A fingerprint and what was learnt making it: adapter findings (warnings) and artifact warnings."""
 
     fingerprint: Fingerprint
     artifact: Artifact
     base: Artifact | None = None
-    findings: list[AdapterFinding] = field(default_factory=list)
+    findings: tuple[AdapterFinding, ...] = ()
 
     @property
     def warnings(self) -> list[str]:
@@ -75,8 +75,8 @@ def fingerprint_model(path: str | os.PathLike[str] | Artifact, settings: Fingerp
         findings = [f for f in merged.findings if f.severity != "info"] + check_base_name(artifact, names)
         fp = fingerprint_artifact(merged.artifact, settings, reader=merged, progress=progress,
                                   model_name=model_name or artifact.name, threads=threads)
-    fp.artifact["base"] = base_record(base_artifact, base_digests or file_digests(base_artifact))
-    return ModelFingerprint(fp, artifact, base_artifact, findings)
+    fp = fp.with_base(base_record(base_artifact, base_digests or file_digests(base_artifact)))
+    return ModelFingerprint(fp, artifact, base_artifact, tuple(findings))
 
 
 # ------------------------------------------------------------------------------------------ discovery

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from attestation_helpers import build_workspace
 
+from tg_verify.attestation.record import PREDICATE_TYPE
 from tg_verify.cli import main
 from tg_verify.commands import action
 from tg_verify.errors import UsageError
-from tg_verify.report.attestation import PREDICATE_TYPE
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +155,14 @@ def test_inputs_become_a_verify_command_line():
     inputs = action.parse_inputs(env)
     assert inputs.argv == ("gate.yml", "--candidate", "build/model", "--device", "cuda", "--cache-dir", "/cache",
                            "--no-cache", "--fingerprint-out", "fp file.json")
-    args = action.verify_namespace(inputs)
-    assert args.candidate == "build/model" and args.device == "cuda" and args.fingerprint_out == "fp file.json"
+    request = action.verify_request(inputs, {"RUNNER_TEMP": "/runner/temp"})
+    assert request.candidate == Path("build/model") and request.device == "cuda"
+    assert request.fingerprint_out == Path("fp file.json") and request.no_cache and request.cache_dir == Path("/cache")
+    assert request.predicate == Path("pred.json") and request.require_weights
+    assert request.defaults["report"] == Path("/runner/temp/tg-verify/report.json")
     assert inputs.summary is False and inputs.predicate == Path("pred.json")
     with pytest.raises(UsageError, match="valid `tg-verify verify` command line"):
-        action.verify_namespace(action.parse_inputs({"INPUT_POLICY": "p.yml", "INPUT_DEVICE": "tpu"}))
+        action.verify_request(action.parse_inputs({"INPUT_POLICY": "p.yml", "INPUT_DEVICE": "tpu"}), {})
 
 
 def test_docker_style_hyphenated_input_names_are_read():

@@ -185,5 +185,5 @@ def test_an_output_over_a_candidate_file_is_refused(demo_tree: Path, tmp_path: P
     policy = write_policy(tmp_path, policy_text(demo_tree, "finetune").replace(
         str(demo_tree / "models" / "finetune"), str(model)))
     assert main([str(policy), "--summary", str(model / "config.json")]) == 2
-    assert "the summary output would overwrite candidate file config.json" in capsys.readouterr().err
+    assert "the summary output would write into the candidate model (candidate.path)" in capsys.readouterr().err
     assert (model / "config.json").read_bytes() == before
