@@ -126,11 +126,18 @@ class Classification:
         return f"in cluster ({self.distance:.3f} ≤ {self.threshold:g})"
 
 
-def scale_words(classification: Classification) -> str:
-    """Which scale the distances are on, in words shared by verify, compare, classify and the reports."""
-    if classification.scale == "population":
-        return "population scale (real models' feature spreads; the threshold's scale)"
-    return f"scale fitted on {classification.space.get('reference_count')} references"
+def scale_words(scale: str | None, reference_count: int | None = None) -> str:
+    """Which scale distances are on, in the words verify, compare, classify and the reports share."""
+    if scale == "population":
+        return "population scale"
+    if scale == "references":
+        return f"scale fitted on {reference_count} reference{'s' if reference_count != 1 else ''}"
+    return "no scale"
+
+
+def not_meaningful_text(reasons: Sequence[str]) -> str:
+    """'not meaningful: <reasons>', the same sentence in every verb and report."""
+    return f"{NOT_MEANINGFUL}: {'; '.join(reasons)}" if reasons else NOT_MEANINGFUL
 
 
 def few_references_reason(count: int) -> str:
