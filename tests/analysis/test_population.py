@@ -150,7 +150,7 @@ def test_the_references_scale_says_why_it_cannot_carry_a_decision(bases):
     two = [r for r in bases if r.id in ("llama-3.2-1b", "Qwen2.5-3B")]
     result = classify(candidate, two, ClassifierSettings(scale="references"))
     assert not result.meaningful and not result.attribution_meaningful and not result.out_of_cluster
-    assert "fitted on 2 references; fewer than 8" in result.not_meaningful[0]
+    assert "fitted on 2 references (it takes 8" in result.not_meaningful[0]
     with pytest.raises(UsageError, match="needs --scale references"):
         classify(candidate, two, ClassifierSettings(scale="population", space="pca"))
 

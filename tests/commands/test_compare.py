@@ -16,7 +16,7 @@ def test_two_fingerprints_without_refs_report_only_the_relative_distance(tiny_fi
     result = _json(capsys)["comparison"]
     assert result["distance"] is None and 0 < result["relative_distance"] < 1
     assert any("no scale for the paper's distance" in c for c in result["caveats"])
-    assert any("population scale not used: reference llama lies outside" in c for c in result["caveats"])
+    assert any("the population scale does not apply: reference llama lies outside" in c for c in result["caveats"])
     assert result["lineage"]["derived"] is True
 
 

@@ -140,11 +140,27 @@ def not_meaningful_text(reasons: Sequence[str]) -> str:
     return f"{NOT_MEANINGFUL}: {'; '.join(reasons)}" if reasons else NOT_MEANINGFUL
 
 
+def attribution_text(result: Classification, separator: str = " · ", reasons: bool = True) -> str:
+    """The attribution in one line, the same in verify's console and Markdown reports and in classify.
+
+    `reasons=False` leaves the reasons out (the verdict's TGV_STATISTICS_NOT_MEANINGFUL finding gives them).
+    """
+    on = scale_words(result.scale, result.space.get("reference_count"))
+    why = not_meaningful_text(result.not_meaningful if reasons else ())
+    parts = [f"family {result.family}", f"nearest base {result.base}", f"distance {result.distance:.3f} on the {on}"]
+    if not result.meaningful:
+        parts.append(why)
+        return separator.join(parts)
+    parts.append(result.cluster_text)
+    if not result.attribution_meaningful:
+        parts.append(f"family attribution {why}")
+    return separator.join(parts)
+
+
 def few_references_reason(count: int) -> str:
     """Why a scale fitted on `count` references cannot carry the distance or the threshold."""
-    return (f"the scale was fitted on {count} reference{'s' if count != 1 else ''}; fewer than "
-            f"{MIN_REFERENCE_POPULATION} do not give the population scale the threshold of 7 was set on "
-            "(distances of genuine derivatives are inflated several-fold)")
+    return (f"the scale was fitted on {count} reference{'s' if count != 1 else ''} (it takes "
+            f"{MIN_REFERENCE_POPULATION} to stand in for the population scale the threshold of 7 was set on)")
 
 
 def one_family_reason(family: str) -> str:
@@ -156,6 +172,23 @@ def span_reason(features: Sequence[str]) -> str:
     """Why references that do not vary on a feature the candidate differs on cannot scale its distance."""
     return (f"the references do not span the candidate: they do not vary on {', '.join(features)}, on which the "
             "candidate differs, so that difference has no scale")
+
+
+def reference_support(references: Sequence[Reference], population: PopulationScale | None = None) -> list[str]:
+    """What these references cannot support, judged before any candidate is seen (`--check-policy`).
+
+    Empty when the population scale covers them (or they are a population themselves) and they hold two
+    families or more. A candidate can still fall outside their span; that is only known at run time.
+    """
+    problems = []
+    fit = population_for([r.fingerprint for r in references], population)
+    if fit.scale is None and len(references) < MIN_REFERENCE_POPULATION:
+        problems.append(f"the paper's distance and out-of-cluster rule: {few_references_reason(len(references))}, "
+                        f"and the population scale does not apply ({fit.reason})")
+    families = sorted({r.family for r in references})
+    if len(families) < 2:
+        problems.append(f"the family attribution: {one_family_reason(families[0])}")
+    return problems
 
 
 def centroid_kmeans(points: np.ndarray, init_indices: Sequence[int], max_iter: int = 300,
@@ -238,7 +271,7 @@ def classify(candidate: Fingerprint, references: Sequence[Reference],
             return _on_population(candidate, references, settings, fit.scale, compat.caveats, compat.legacy)
         if settings.scale == "population":
             raise UsageError(f"the population scale does not apply here: {fit.reason}")
-        reasons.append(f"population scale not used: {fit.reason}")
+        reasons.append(f"the population scale does not apply: {fit.reason}")
     elif settings.scale == "population":
         raise UsageError("the population scale is a standardised space; --space pca needs --scale references")
     return _on_references(candidate, references, settings, compat.features, compat.caveats, compat.legacy, reasons)
@@ -333,7 +366,6 @@ def _on_references(candidate: Fingerprint, references: Sequence[Reference], sett
     caveats = [*compat_caveats, *space.caveats, *duplicate_bases(points, bases, [r.id for r in references])]
     caveats.extend(_candidate_caveats(candidate, space))
     caveats.extend(_common_caveats(candidate, references))
-    caveats.extend(reasons)
     why: list[str] = []
     if len(references) < MIN_REFERENCE_POPULATION:
         why.append(few_references_reason(len(references)))
@@ -341,6 +373,8 @@ def _on_references(candidate: Fingerprint, references: Sequence[Reference], sett
     if unspanned:
         why.append(span_reason(unspanned))
     meaningful = not why
+    if meaningful:
+        caveats.extend(reasons)  # which scale, and why not the population's (when not meaningful: a reason)
     family_reasons = _families_reason(references)
     members = [[references[int(i)].id for i in np.flatnonzero(kmeans.labels_ == k)] for k in range(len(bases))]
     centroid_rows = sorted((CentroidDistance(base=references[b].id, family=references[b].family,

@@ -101,7 +101,7 @@ def compare(a: Fingerprint, b: Fingerprint, references: Sequence[Fingerprint] | 
             return _on_population(result, a, b, fit.scale, threshold)
         if scale == "population":
             raise UsageError(f"the population scale does not apply here: {fit.reason}")
-        caveats.append(f"population scale not used: {fit.reason}")
+        caveats.append(f"the population scale does not apply: {fit.reason}")
     elif scale == "population":
         raise UsageError("the population scale is a standardised space; --space pca needs --scale references")
     if not references:

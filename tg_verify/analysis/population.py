@@ -275,7 +275,7 @@ def population_for(references: Sequence[Fingerprint], population: PopulationScal
     for fp in references:
         outside = scale.outside(fp)
         if outside:
-            return PopulationFit(None, f"reference {fp.model_name} lies outside the real models the population "
-                                       f"scale was measured on ({'; '.join(outside[:2])}"
-                                       f"{'; ...' if len(outside) > 2 else ''})")
+            more = f" and {len(outside) - 1} more feature{'s' if len(outside) > 2 else ''}" if len(outside) > 1 else ""
+            return PopulationFit(None, f"reference {fp.model_name} lies outside the real models it was measured on "
+                                       f"({outside[0]}{more})")
     return PopulationFit(scale)
