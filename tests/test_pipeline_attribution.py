@@ -31,6 +31,16 @@ STATISTICS = {"TGV_DISTANCE_WITHIN_THRESHOLD", "TGV_DISTANCE_ABOVE_THRESHOLD", "
               "TGV_FAMILY_MISMATCH", "TGV_IN_CLUSTER", "TGV_OUT_OF_CLUSTER", "TGV_NEAREST_BASE_DIFFERS"}
 
 
+def attested_consistently(result: VerificationResult) -> bool:
+    """verify-attestation re-derives the same reasons from what the attestation records."""
+    from tg_verify.report.attestation import build_statement
+    from tg_verify.report.attestation_check import check_evidence
+
+    failed = [c for c in check_evidence(build_statement(result)["predicate"]) if not c.ok]
+    assert not failed, failed
+    return True
+
+
 def codes(result: VerificationResult, severity: str | None = None) -> set[str]:
     return {f.code for f in result.verdict.findings if severity is None or f.severity == severity}
 
@@ -87,6 +97,7 @@ def test_one_two_three_real_references_pass_a_genuine_fine_tune_on_the_populatio
     assert result.declared_reference.distance == pytest.approx(expected, rel=1e-12) and expected < 7
     assert "TGV_DISTANCE_WITHIN_THRESHOLD" in codes(result, "pass") and "TGV_IN_CLUSTER" in codes(result, "pass")
     assert "TGV_LINEAGE_UNAVAILABLE" in codes(result, "warn")  # legacy references carry no sketch
+    assert attested_consistently(result)
     if len(refs) == 1:  # one family: the family check cannot disagree, so it is a note, not a pass
         assert "TGV_STATISTICS_NOT_MEANINGFUL" in codes(result, "info") and "TGV_FAMILY_MATCHES" not in codes(result)
     else:
@@ -97,6 +108,7 @@ def test_a_wrong_declaration_fails_on_the_population_scale_with_two_references(t
     result = run(tmp_path, gensyn, "Llama-3.1-8B", [QWEN7, LLAMA8])
     assert {"TGV_FAMILY_MISMATCH"} <= codes(result, "fail")
     assert "attributed family 'qwen'" in finding(result, "TGV_FAMILY_MISMATCH").message
+    assert attested_consistently(result)
 
 
 def test_check_policy_warns_about_references_that_cannot_support_the_attribution(tmp_path: Path, gensyn: Path,
@@ -179,6 +191,7 @@ def test_few_toy_references_make_the_statistics_not_meaningful_and_the_lineage_d
     assert "TGV_LINEAGE_NOT_ESTABLISHED" in codes(unrelated, "fail") and not codes(unrelated) & STATISTICS
     strict = run(tmp_path, tiny["finetune"], "llama-small", refs, extra="lineage: {enabled: false}\n")
     assert codes(strict, "fail") == {"TGV_STATISTICS_NOT_MEANINGFUL"}  # no evidence at all is no PASS
+    assert all(attested_consistently(r) for r in (genuine, unrelated, strict))
 
 
 def test_a_candidate_outside_the_references_span_is_not_measured_on_their_scale(tmp_path: Path,
@@ -217,3 +230,4 @@ def test_established_lineage_outweighs_a_disagreeing_attribution(tmp_path: Path,
     assert f"the lineage test establishes derivation from declared base '{base}' (score" in mismatch.message
     both = run(tmp_path, tiny[candidate], base, refs, extra="on_statistics_disagree: fail\n", name="strict.yml")
     assert codes(both, "fail") == {"TGV_FAMILY_MISMATCH"}
+    assert attested_consistently(result) and attested_consistently(both)

@@ -167,3 +167,23 @@ def test_derivative_references_move_their_base_s_centre(bases):
                  if c.base == "Qwen2.5-7B-Instruct")
     assert centre.members == ["Qwen2.5-7B-Instruct", "ot2"] and centre.distance < alone.distance
     assert result.family == "qwen"
+
+
+def test_native_fingerprints_of_real_models_use_the_population_scale_with_a_caveat(bases, make_fp):
+    """tg2 fingerprints share the release's definitions on the 14 features: the same spreads, said so."""
+    from tg_verify.analysis.references import Reference
+    from tg_verify.fingerprint.document import FEATURE_NAMES
+
+    def native(fp, depth: float):
+        values = np.array([fp.features[n] for n in FEATURE_NAMES])
+        values[FEATURE_NAMES.index("num_layers")] = depth  # tg-verify's num_layers is the model depth
+        return make_fp(fp.model_name, values)
+
+    refs = [Reference(id=r.id, family=r.family, fingerprint=native(r.fingerprint, 28.0)) for r in bases]
+    candidate = native(derivative("zephyr-7b-beta"), 32.0)
+    result = classify(candidate, refs)
+    assert result.scale == "population" and result.meaningful and result.family == "mistral"
+    assert "num_layers" not in result.space["features"]
+    assert any("feature version tg2: the population scale was measured on" in c for c in result.caveats)
+    legacy = classify(derivative("zephyr-7b-beta"), bases)
+    assert result.distance == pytest.approx(legacy.distance, rel=1e-12)  # same features, same scale
