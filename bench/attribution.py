@@ -1,6 +1,6 @@
 """Family attribution of one candidate against few references, on the authors' real published fingerprints.
 
-    python bench/attribution.py [--data DIR] [--labels FILE] [--population FILE]
+    python bench/attribution.py [--data DIR ...] [--labels FILE] [--population FILE]
     python bench/attribution.py --write-population tg_verify/analysis/data/population.json
 
 DIR holds the release's flat fingerprint files (`features/*.json` or `*.json`) and `labels.yaml`
@@ -14,7 +14,8 @@ DIR holds the release's flat fingerprint files (`features/*.json` or `*.json`) a
 3. how a scale fitted on k references inflates genuine derivatives' distances (why fewer than 8
    references do not carry the threshold of 7);
 4. each derivative classified with the population file tg-verify ships (`--population`, default the
-   shipped one): on files that were not in the development set this is the out-of-sample check.
+   shipped one), split into files it was measured on and any other: on the held-back half (e.g.
+   `--data DEV --data HELD_BACK`) the second line is the out-of-sample check.
 
 `--write-population` measures the population scale on DIR and writes it with its provenance (how
 the shipped file was made). Every figure in docs/results.md ("Attribution on real fingerprints")
@@ -84,14 +85,22 @@ class Model:
 
 
 def load_models(data: Path, labels_path: Path | None) -> tuple[list[Model], Path]:
-    """The labelled fingerprints of DATA (features/ or the folder itself), in file-name order."""
-    folder = data / "features" if (data / "features").is_dir() else data
-    labels_file = labels_path or next(p for p in (data / "labels.yaml", data / "labels.yml") if p.exists())
+    """The labelled fingerprints of DATA (its features/ folder, else it and its sub-folders), in file-name order."""
+    if (data / "features").is_dir():
+        folders = [data / "features"]
+    else:
+        folders = [d for d in (data, *sorted(p for p in data.iterdir() if p.is_dir())) if any(d.glob("*.json"))]
+    found = [p for p in (data / "labels.yaml", data / "labels.yml") if p.exists()]
+    if labels_path is None and not found:
+        raise SystemExit(f"{data}: no labels.yaml (pass --labels)")
+    labels_file = labels_path or found[0]
     labels: dict[str, Label] = read_labels(labels_file)
     models = []
-    for path in fingerprint_paths([folder]):
+    for path in fingerprint_paths(folders):
         fp = load(path)
         key = fp.model_name if fp.model_name in labels else path.stem
+        if key not in labels:
+            raise SystemExit(f"{path}: model {fp.model_name!r} has no entry in {labels_file}")
         label = labels[key]
         models.append(Model(id=fp.model_name, family=label.family, base=label.base, fingerprint=fp, path=path))
     return models, labels_file
@@ -271,18 +280,28 @@ def reference_count_table(models: list[Model]) -> None:
 
 
 def shipped_check(models: list[Model], population: PopulationScale) -> None:
-    total = sum(1 for m in models if not m.base)
-    wrong = []
+    """Every derivative against the bases with the population file as shipped, split by whether the file was
+    one the population was measured on (in sample) or not (out of sample: the held-back check)."""
+    measured = {f.get("sha256") for f in population.provenance.get("files", []) if isinstance(f, dict)}
     refs = references_of(models, False)
-    for candidate in models:
-        if candidate.base:
-            continue
-        result = classify(candidate.fingerprint, refs, ClassifierSettings(scale="population"), population=population)
-        if result.family != candidate.family:
-            wrong.append(f"{candidate.id} -> {result.family}")
-    print(f"With the population file as shipped ({population.name}, {population.models} models; in sample for "
-          "the files it was measured on, out of sample for any other):")
-    print(f"  {_percent(total - len(wrong), total)} right; misattributed: {', '.join(wrong) or 'none'}\n")
+    print(f"With the population file as shipped ({population.name}, measured on {population.models} models), "
+          "the bases as references:")
+    for title, inside in (("in sample (files the population was measured on)", True),
+                          ("out of sample (any other file)", False)):
+        chosen = [m for m in models if not m.base and
+                  (hashlib.sha256(m.path.read_bytes()).hexdigest() in measured) == inside]
+        wrong = []
+        for candidate in chosen:
+            result = classify(candidate.fingerprint, refs, ClassifierSettings(scale="population"),
+                              population=population)
+            if result.family != candidate.family:
+                wrong.append(f"{candidate.id} -> {result.family}")
+        if chosen:
+            print(f"  {title}: {_percent(len(chosen) - len(wrong), len(chosen))} right; misattributed: "
+                  f"{', '.join(wrong) or 'none'}")
+        else:
+            print(f"  {title}: no such derivative here")
+    print()
 
 
 def write_population(models: list[Model], labels_file: Path, out: Path, data: Path) -> None:
@@ -306,17 +325,27 @@ def write_population(models: list[Model], labels_file: Path, out: Path, data: Pa
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"release data folder (default {DEFAULT_DATA})")
-    parser.add_argument("--labels", type=Path, default=None, help="labels file (default DATA/labels.yaml)")
+    parser.add_argument("--data", type=Path, action="append", default=None, metavar="DIR",
+                        help=f"release data folder, repeatable (default {DEFAULT_DATA})")
+    parser.add_argument("--labels", type=Path, default=None, help="labels file (default DIR/labels.yaml of each DIR)")
     parser.add_argument("--population", type=Path, default=None, help="population file to check (default: shipped)")
     parser.add_argument("--write-population", type=Path, default=None, metavar="FILE",
                         help="measure the population scale on DATA and write it (then stop)")
     args = parser.parse_args(argv)
-    models, labels_file = load_models(args.data, args.labels)
+    folders = args.data or [DEFAULT_DATA]
+    models, labels_file = [], None
+    for folder in folders:
+        found, labels_file = load_models(folder, args.labels)
+        known = {m.id for m in models}
+        models.extend(m for m in found if m.id not in known)  # a base copied into each folder counts once
+    if not any(m.base for m in models):
+        raise SystemExit("no base models among the labelled fingerprints: pass the folder that holds them too")
     if args.write_population is not None:
-        write_population(models, labels_file, args.write_population, args.data)
+        if len(folders) != 1 or labels_file is None:
+            raise SystemExit("--write-population measures one data folder")
+        write_population(models, labels_file, args.write_population, folders[0])
         return 0
-    print(f"data: {args.data} ({len(models)} fingerprints, {sum(m.base for m in models)} bases); "
+    print(f"data: {', '.join(map(str, folders))} ({len(models)} fingerprints, {sum(m.base for m in models)} bases); "
           f"tg-verify {__version__}\n")
     accuracy_table(models)
     per_candidate(models)
