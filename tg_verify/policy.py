@@ -123,6 +123,9 @@ class Policy:
     on_out_of_cluster: Action = "fail"
     on_name_mismatch: Action = "warn"
     on_base_mismatch: Action = "warn"
+    # What a statistical finding that would fail (distance, family, out of cluster) becomes when the lineage
+    # test establishes the declared lineage: warn (the stronger evidence decides) or fail (both must agree).
+    on_statistics_disagree: Action = "warn"
     outputs: Outputs = field(default_factory=Outputs)
 
     def reference(self, ref_id: str) -> ReferenceSpec:
@@ -155,7 +158,7 @@ class Policy:
             declared_root=self.root_of(base) if base is not None else None, forbidden=self.forbidden,
             on_out_of_cluster=self.on_out_of_cluster, on_base_mismatch=self.on_base_mismatch,
             on_name_mismatch=self.on_name_mismatch, lineage_enabled=self.lineage.enabled,
-            on_lineage_unavailable=self.lineage.on_unavailable,
+            on_lineage_unavailable=self.lineage.on_unavailable, on_statistics_disagree=self.on_statistics_disagree,
             require_weights=require_weights_default if require is None else require)
 
     def threshold_for(self, ref: ReferenceSpec) -> float:
@@ -313,7 +316,7 @@ def _bound_document(check: _Checker, value: Any, where: str = "") -> None:
 
 
 TOP_KEYS = ("version", "candidate", "declared", "references", "forbidden", "thresholds", "lineage", "fingerprint",
-            "on_out_of_cluster", "on_name_mismatch", "on_base_mismatch", "outputs")
+            "on_out_of_cluster", "on_name_mismatch", "on_base_mismatch", "on_statistics_disagree", "outputs")
 ACTIONS: tuple[str, ...] = ("fail", "warn")
 
 
@@ -526,7 +529,8 @@ def parse_policy(data: bytes, path: Path, *, candidate_override: Path | None = N
                   candidate=_candidate(check, doc["candidate"], candidate_override), declared=declared,
                   references=refs, on_out_of_cluster=_action(check, doc, "on_out_of_cluster", "fail"),
                   on_name_mismatch=_action(check, doc, "on_name_mismatch", "warn"),
-                  on_base_mismatch=_action(check, doc, "on_base_mismatch", "warn"), **extras)
+                  on_base_mismatch=_action(check, doc, "on_base_mismatch", "warn"),
+                  on_statistics_disagree=_action(check, doc, "on_statistics_disagree", "warn"), **extras)
 
 
 def load_policy(path: str | os.PathLike[str], *, candidate_override: str | os.PathLike[str] | None = None

@@ -21,12 +21,20 @@ SEVERITY_ORDER: dict[str, int] = {"fail": 0, "warn": 1, "info": 2, "pass": 3}
 
 # code -> (default severity, what it means). Severities a policy can change say so.
 REASON_CODES: dict[str, tuple[str, str]] = {
-    "TGV_DISTANCE_ABOVE_THRESHOLD": ("fail", "the distance to the declared base exceeds its threshold"),
+    "TGV_DISTANCE_ABOVE_THRESHOLD": ("fail", "the distance to the declared base exceeds its threshold (a warning when "
+                                             "the lineage test establishes the declared base; policy "
+                                             "on_statistics_disagree: warn | fail)"),
     "TGV_DISTANCE_WITHIN_THRESHOLD": ("pass", "the distance to the declared base is within its threshold"),
-    "TGV_FAMILY_MISMATCH": ("fail", "the attributed family differs from the declared family"),
+    "TGV_FAMILY_MISMATCH": ("fail", "the attributed family differs from the declared family (a warning when the "
+                                    "lineage test establishes the declared base; on_statistics_disagree)"),
     "TGV_FAMILY_MATCHES": ("pass", "the attributed family is the declared family"),
-    "TGV_OUT_OF_CLUSTER": ("fail", "the candidate is farther than the out-of-cluster threshold from every "
-                                   "cluster centre (policy on_out_of_cluster: fail | warn)"),
+    "TGV_OUT_OF_CLUSTER": ("fail", "the candidate is farther than the out-of-cluster threshold from the cluster "
+                                   "centre it is attributed to (policy on_out_of_cluster: fail | warn; a warning "
+                                   "when the lineage test establishes the declared base; on_statistics_disagree)"),
+    "TGV_STATISTICS_NOT_MEANINGFUL": ("warn", "the paper's distance, out-of-cluster rule or family attribution cannot "
+                                              "carry a decision with these references (their scale, or a single "
+                                              "family), so they are not applied; a failure when no lineage test "
+                                              "ran either, an info when only the family check is vacuous"),
     "TGV_IN_CLUSTER": ("pass", "the candidate lies within the out-of-cluster threshold of a cluster centre"),
     "TGV_NEAREST_BASE_DIFFERS": ("warn", "the nearest base is another reference of the declared family "
                                          "(policy on_base_mismatch: warn | fail)"),
@@ -82,6 +90,9 @@ class DecisionRules:
     lineage_enabled: bool = True
     on_lineage_unavailable: Action = "warn"
     require_weights: bool = False  # features taken from a fingerprint file (not recomputed) fail the verdict
+    # what a failing statistic (distance, family, out of cluster) becomes when the lineage test establishes the
+    # declared lineage: warn (the stronger evidence decides) or fail (both must agree)
+    on_statistics_disagree: Action = "warn"
 
 
 @dataclass(frozen=True)
@@ -116,13 +127,20 @@ class ReferenceEvidence:
 
 @dataclass(frozen=True)
 class AttributionEvidence:
-    """The family attribution (nearest converged cluster centre) and the out-of-cluster decision."""
+    """The family attribution (nearest cluster centre) and the out-of-cluster decision.
+
+    `meaningful`: the distances (to the declared base too) and the out-of-cluster rule are on a scale that
+    can carry a decision; `attribution_meaningful`: the family attribution can; `not_meaningful` says why not.
+    """
 
     family: str
     base: str
     distance: float  # to the attributed cluster centre
     out_of_cluster: bool
     threshold: float  # the out-of-cluster threshold
+    meaningful: bool = True
+    attribution_meaningful: bool = True
+    not_meaningful: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -218,44 +236,83 @@ def _declared_base(rules: DecisionRules, ev: Evidence, out: _Findings) -> None:
     if base is None:
         return
     ref = ev.reference(base)
-    if ref.within_threshold:
+    att = ev.attribution
+    support = _lineage_support(rules, ev)
+    if not att.meaningful:
+        pass  # reported once by _not_meaningful
+    elif ref.within_threshold:
         out.add("TGV_DISTANCE_WITHIN_THRESHOLD",
                 f"distance {_fmt(ref.distance)} to declared base '{base}' is within the threshold "
                 f"{_fmt(ref.threshold)}", base)
     else:
+        severity, note = _outweighed(rules, support, "fail")
         out.add("TGV_DISTANCE_ABOVE_THRESHOLD",
-                f"distance {_fmt(ref.distance)} to declared base '{base}' exceeds the threshold {_fmt(ref.threshold)}",
-                base)
-    att = ev.attribution
+                f"distance {_fmt(ref.distance)} to declared base '{base}' exceeds the threshold {_fmt(ref.threshold)}"
+                f"{note}", base, severity=severity)
     root = rules.declared_root or base
-    if att.base != root and att.family == ref.family:
+    if att.attribution_meaningful and att.base != root and att.family == ref.family:
         declared = f"'{base}'" if root == base else f"'{root}' (the base of the declared '{base}')"
+        severity, note = _outweighed(rules, support, rules.on_base_mismatch)
         out.add("TGV_NEAREST_BASE_DIFFERS",
                 f"the nearest base is '{att.base}', not {declared} (both family '{ref.family}'); the "
-                f"paper's statistics rarely separate bases of one family, the lineage test does",
-                base, severity=rules.on_base_mismatch)
+                f"paper's statistics rarely separate bases of one family, the lineage test does{note}",
+                base, severity=severity)
+
+
+def _lineage_support(rules: DecisionRules, ev: Evidence) -> tuple[str, LineageEvidence] | None:
+    """The lineage evidence that establishes the declared lineage: derivation from the declared base, or (family
+    only) from a non-forbidden reference of the declared family. None when there is none."""
+    if not rules.lineage_enabled:
+        return None
+
+    def established(ref: ReferenceEvidence) -> bool:
+        return ref.lineage is not None and ref.lineage.comparable and ref.lineage.derived
+
+    base = rules.declared_base
+    if base is not None:
+        ref = ev.reference(base)
+        return (f"declared base '{base}'", ref.lineage) if established(ref) and ref.lineage is not None else None
+    family = rules.declared_family
+    for ref in ev.references:
+        if ref.family == family and ref.id not in rules.forbidden and established(ref) and ref.lineage is not None:
+            return f"'{ref.id}' of the declared family", ref.lineage
+    return None
+
+
+def _outweighed(rules: DecisionRules, support: tuple[str, LineageEvidence] | None, severity: str) -> tuple[str, str]:
+    """A statistical finding's severity and a note: a warning when the lineage test establishes the declared
+    lineage, unless the rules ask for both (on_statistics_disagree: fail)."""
+    if support is None or severity != "fail" or rules.on_statistics_disagree == "fail":
+        return severity, ""
+    what, result = support
+    return "warn", (f"; the lineage test establishes derivation from {what} ({_lineage_text(result)}), which "
+                    "outweighs the paper's statistics (on_statistics_disagree: warn)")
 
 
 def _family(rules: DecisionRules, ev: Evidence, out: _Findings) -> None:
     family = rules.declared_family
     att = ev.attribution
-    if family is None:
+    if family is None or not att.attribution_meaningful:
         return
     if att.family == family:
         out.add("TGV_FAMILY_MATCHES", f"attributed family '{att.family}' (nearest base '{att.base}') is the "
                                       f"declared family")
     else:
+        severity, note = _outweighed(rules, _lineage_support(rules, ev), "fail")
         out.add("TGV_FAMILY_MISMATCH", f"attributed family '{att.family}' (nearest base '{att.base}') differs from "
-                                       f"the declared family '{family}'")
+                                       f"the declared family '{family}'{note}", severity=severity)
 
 
 def _cluster(rules: DecisionRules, ev: Evidence, out: _Findings) -> None:
     att = ev.attribution
+    if not att.meaningful:
+        return
     if att.out_of_cluster:
+        severity, note = _outweighed(rules, _lineage_support(rules, ev), rules.on_out_of_cluster)
         out.add("TGV_OUT_OF_CLUSTER",
                 f"distance {_fmt(att.distance)} to the nearest cluster centre ('{att.family}') exceeds the "
                 f"out-of-cluster threshold {_fmt(att.threshold)}: possibly a new, heavily modified or "
-                f"quantised model", severity=rules.on_out_of_cluster)
+                f"quantised model{note}", severity=severity)
     else:
         out.add("TGV_IN_CLUSTER", f"distance {_fmt(att.distance)} to the nearest cluster centre ('{att.family}') is "
                                   f"within the out-of-cluster threshold {_fmt(att.threshold)}")
@@ -265,6 +322,8 @@ def _forbidden(rules: DecisionRules, ev: Evidence, out: _Findings) -> None:
     if not rules.forbidden:
         return
     att = ev.attribution
+    if not att.attribution_meaningful:
+        return  # no attribution to check; _not_meaningful says so, the lineage test still runs against them
     if att.base in rules.forbidden and not att.out_of_cluster:
         ref = ev.reference(att.base)
         lineage = ref.lineage
@@ -281,6 +340,32 @@ def _forbidden(rules: DecisionRules, ev: Evidence, out: _Findings) -> None:
     else:
         out.add("TGV_NO_FORBIDDEN_MATCH", f"the candidate is not attributed to any forbidden reference "
                                           f"({', '.join(rules.forbidden)})")
+
+
+def _not_meaningful(rules: DecisionRules, ev: Evidence, out: _Findings) -> None:
+    """One finding for the statistical checks that were not applied, why, and what the verdict rests on."""
+    att = ev.attribution
+    skipped = []
+    if not att.meaningful:
+        skipped += (["the distance to the declared base"] if rules.declared_base else []) + ["the out-of-cluster rule"]
+    if not att.attribution_meaningful and (rules.declared_family is not None or rules.forbidden):
+        skipped.append("the family attribution")
+    if not skipped:
+        return
+    what = ", ".join(skipped[:-1]) + (" and " if len(skipped) > 1 else "") + skipped[-1]
+    # the wording of tg_verify.analysis.attribution.not_meaningful_text (not imported: the verdict stays light)
+    message = f"{what} {'are' if len(skipped) > 1 else 'is'} not meaningful: {'; '.join(att.not_meaningful)}"
+    if att.meaningful:  # the scale is fine; only a one-family reference set makes the family check vacuous
+        out.add("TGV_STATISTICS_NOT_MEANINGFUL", message, severity="info")
+        return
+    tested = rules.lineage_enabled and (
+        ev.reference(rules.declared_base).lineage is not None if rules.declared_base is not None
+        else any(r.lineage is not None for r in ev.references))
+    if tested:
+        out.add("TGV_STATISTICS_NOT_MEANINGFUL", f"{message}; the verdict rests on the lineage test")
+    else:
+        out.add("TGV_STATISTICS_NOT_MEANINGFUL", f"{message}, and no lineage test ran: nothing supports the declared "
+                                                 "lineage", severity="fail")
 
 
 def _derived_elsewhere(ev: Evidence, exclude: str) -> list[str]:
@@ -358,6 +443,7 @@ def decide(rules: DecisionRules, evidence: Evidence) -> Verdict:
     _family(rules, evidence, out)
     _cluster(rules, evidence, out)
     _forbidden(rules, evidence, out)
+    _not_meaningful(rules, evidence, out)
     _lineage(rules, evidence, out)
     _candidate(rules, evidence, out)
     findings = sorted(out.items, key=lambda f: SEVERITY_ORDER[f.severity])  # stable: rule order within a severity

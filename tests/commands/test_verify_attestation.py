@@ -142,8 +142,9 @@ def test_failed_attestation_exits_1(tiny_models, tmp_path, capsys):
     predicate = make_predicate(model)
     far = replace(predicate.references[0], distance=9.0, within_threshold=False)  # declared base beyond its threshold
     reason = Finding("TGV_DISTANCE_ABOVE_THRESHOLD", "fail", "distance 9.0 to base-1b exceeds 7.0", "base-1b")
-    path = write(replace(predicate, references=(far, predicate.references[1]), result="FAILED", reasons=(reason,)),
-                 tmp_path / "a.json")
+    both = replace(predicate.rules, on_statistics_disagree="fail")  # the distance fails despite the lineage
+    path = write(replace(predicate, rules=both, references=(far, predicate.references[1]), result="FAILED",
+                         reasons=(reason,)), tmp_path / "a.json")
     code, report = run_json(capsys, str(path), str(model))
     assert code == 1 and report["verificationResult"] == "FAILED"
     assert set(failed(report)) == {"verificationResult"}  # evidence is consistent; the verdict is FAILED

@@ -259,7 +259,11 @@ def _flags(predicate: Predicate) -> list[Check]:
                                 f"{lineage.threshold}, p {lineage.p_value} vs alpha {lineage.alpha}"
                                 + ("" if lineage.comparable else ", not comparable")))
     att = predicate.attribution
-    if att.out_of_cluster != (att.distance > att.threshold):
+    if not att.meaningful:  # the out-of-cluster rule was not applied: nothing may be out of cluster
+        if att.out_of_cluster:
+            checks.append(Check(EVIDENCE, "attribution", False,
+                                "outOfCluster=true but the distances are recorded as not meaningful"))
+    elif att.out_of_cluster != (att.distance > att.threshold):
         checks.append(Check(EVIDENCE, "attribution", False,
                             f"outOfCluster={att.out_of_cluster} but distance {att.distance} vs threshold "
                             f"{att.threshold}"))

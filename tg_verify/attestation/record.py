@@ -129,10 +129,14 @@ class AttributionRecord:
     out_of_cluster: bool  # as recorded (checked against distance and threshold)
     margin: float | None = None
     matches_declared: bool | None = None  # as recorded (checked against the declared family)
+    meaningful: bool = True  # the distances and the out-of-cluster rule could carry a decision (were applied)
+    attribution_meaningful: bool = True  # the family attribution could (was applied)
+    scale: str | None = None  # the distance scale (population, references, ...)
 
     def evidence(self) -> AttributionEvidence:
         return AttributionEvidence(family=self.family, base=self.base, distance=self.distance,
-                                   out_of_cluster=self.out_of_cluster, threshold=self.threshold)
+                                   out_of_cluster=self.out_of_cluster, threshold=self.threshold,
+                                   meaningful=self.meaningful, attribution_meaningful=self.attribution_meaningful)
 
 
 @dataclass(frozen=True)
@@ -218,16 +222,22 @@ def _lineage_json(lineage: LineageEvidence, method: str | None, where: str) -> d
     })
 
 
-def _rules_json(rules: DecisionRules, distance_space: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(declaredLineage, decisionRules): every field of DecisionRules, so a consumer decides with the same rules."""
+def _rules_json(rules: DecisionRules, distance_space: str | None,
+                attribution: AttributionRecord | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(declaredLineage, decisionRules): every field of DecisionRules, so a consumer decides with the same rules,
+    and which statistics the scale could carry (they decide which rules applied)."""
     declared = _drop_none({"base": rules.declared_base, "family": rules.declared_family,
                            "forbidden": sorted(rules.forbidden)})
     decision = _drop_none({
         "declaredBaseRoot": rules.declared_root, "onOutOfCluster": rules.on_out_of_cluster,
         "onBaseMismatch": rules.on_base_mismatch, "onNameMismatch": rules.on_name_mismatch,
         "requireLineage": rules.lineage_enabled, "lineageOnUnavailable": rules.on_lineage_unavailable,
-        "requireWeights": rules.require_weights, "distanceSpace": distance_space,
+        "requireWeights": rules.require_weights, "onStatisticsDisagree": rules.on_statistics_disagree,
+        "distanceSpace": distance_space,
     })
+    if attribution is not None:
+        decision.update(_drop_none({"distanceScale": attribution.scale, "distancesMeaningful": attribution.meaningful,
+                                    "attributionMeaningful": attribution.attribution_meaningful}))
     return declared, decision
 
 
@@ -251,7 +261,7 @@ def to_json(predicate: Predicate) -> dict[str, Any]:
     if cand.base is not None:
         candidate["base"] = {"name": cand.base.name, "rootDigest": {"sha256": cand.base.root_digest},
                              "files": _files_json(cand.base.files, roles=False)}
-    declared, decision = _rules_json(predicate.rules, predicate.distance_space)
+    declared, decision = _rules_json(predicate.rules, predicate.distance_space, predicate.attribution)
     att = predicate.attribution
     fingerprint = predicate.fingerprint
     return _drop_none({
@@ -465,6 +475,8 @@ def _rules(r: _Reader, declared_raw: Any, rules_raw: Any, ids: set[str]) -> tupl
         on_name_mismatch=action("onNameMismatch", "warn"),  # type: ignore[arg-type]
         lineage_enabled=flag("requireLineage", True),
         on_lineage_unavailable=action("lineageOnUnavailable", "warn"),  # type: ignore[arg-type]
+        # attestations written before this rule existed applied every statistic and let none be outweighed
+        on_statistics_disagree=action("onStatisticsDisagree", "fail"),  # type: ignore[arg-type]
         require_weights=flag("requireWeights", False))
     return rules, r.opt_text(doc.get("distanceSpace"), "predicate.decisionRules.distanceSpace")
 
@@ -515,8 +527,9 @@ def _references(r: _Reader, raw: Any) -> tuple[ReferenceRecord, ...]:
     return tuple(sorted(refs, key=lambda ref: ref.id))
 
 
-def _attribution(r: _Reader, raw: Any, ids: set[str]) -> AttributionRecord:
+def _attribution(r: _Reader, raw: Any, rules_raw: Any, ids: set[str]) -> AttributionRecord:
     doc = r.obj(raw, "predicate.attribution")
+    rules = r.obj(rules_raw, "predicate.decisionRules")
     base = r.text(doc.get("base"), "predicate.attribution.base")
     if base not in ids:
         raise r.fail("predicate.attribution.base", f"{base[:80]!r} is not one of the recorded references")
@@ -527,7 +540,11 @@ def _attribution(r: _Reader, raw: Any, ids: set[str]) -> AttributionRecord:
         threshold=r.number(doc.get("threshold"), "predicate.attribution.threshold"),
         out_of_cluster=r.boolean(doc.get("outOfCluster", False), "predicate.attribution.outOfCluster"),
         margin=r.opt_number(doc.get("margin"), "predicate.attribution.margin"),
-        matches_declared=None if matches is None else r.boolean(matches, "predicate.attribution.matchesDeclared"))
+        matches_declared=None if matches is None else r.boolean(matches, "predicate.attribution.matchesDeclared"),
+        meaningful=r.boolean(rules.get("distancesMeaningful", True), "predicate.decisionRules.distancesMeaningful"),
+        attribution_meaningful=r.boolean(rules.get("attributionMeaningful", True),
+                                         "predicate.decisionRules.attributionMeaningful"),
+        scale=r.opt_text(rules.get("distanceScale"), "predicate.decisionRules.distanceScale"))
 
 
 def _reasons(r: _Reader, raw: Any) -> tuple[Finding, ...]:
@@ -562,7 +579,7 @@ def parse_predicate(raw: Any, where: str = "<attestation>") -> Predicate:
         policy_uri=r.opt_text(policy.get("uri"), "predicate.policy.uri"),
         candidate=_candidate(r, doc.get("candidate")), fingerprint=_fingerprint(r, doc.get("fingerprint")),
         rules=rules, distance_space=space, references=references,
-        attribution=_attribution(r, doc.get("attribution"), ids),
+        attribution=_attribution(r, doc.get("attribution"), doc.get("decisionRules", {}), ids),
         result=r.text(doc.get("verificationResult"), "predicate.verificationResult",
                       choices=RESULTS),  # type: ignore[arg-type]
         reasons=_reasons(r, doc.get("reasons")))

@@ -80,7 +80,9 @@ def predicate_of(result: VerificationResult, *, time_verified: _dt.datetime | No
         attribution=AttributionRecord(family=att.family, base=att.base, distance=att.distance,
                                       threshold=att.threshold, out_of_cluster=att.out_of_cluster,
                                       margin=None if cls.margin is None else rounded(cls.margin),
-                                      matches_declared=None if declared is None else att.family == declared),
+                                      matches_declared=None if declared is None else att.family == declared,
+                                      meaningful=att.meaningful, attribution_meaningful=att.attribution_meaningful,
+                                      scale=cls.scale),
         result="PASSED" if result.verdict.passed else "FAILED", reasons=sort_reasons(result.verdict.reasons),
         distance_space=str(cls.space.get("space")) if cls.space else None)
 

@@ -270,7 +270,10 @@ def describe_policy(outcome: VerifyOutcome) -> list[str]:
                                      f"family {policy.declared_family}") if x)
     lines = [f"{policy.path}: valid policy (version {policy.version}; {len(policy.references)} references; "
              f"declares {declared})"]
-    return lines + [f"  note: {note}" for note in outcome.notes]
+    for note in outcome.notes:
+        warning = note.startswith("WARNING: ")
+        lines.append(f"  {'warning' if warning else 'note'}: {note.removeprefix('WARNING: ')}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
