@@ -14,7 +14,7 @@ from tg_verify import demo
 from tg_verify.artifact import file_digests, resolve, root_digest
 from tg_verify.errors import DigestMismatchError, IncompatibleFingerprintsError, InputError
 from tg_verify.fingerprint.document import FEATURE_NAMES, BaseModelRecord, load
-from tg_verify.pipeline import VerificationResult, VerifyOptions, verify
+from tg_verify.pipeline import FingerprintCache, VerificationResult, VerifyOptions, verify
 from tg_verify.policy import load_policy
 
 BASE, QWEN, GEMMA = demo.BASE_ID, "demo-qwen2-base", "demo-gemma-base"
@@ -360,3 +360,39 @@ def test_the_verdict_does_not_depend_on_the_order_of_the_references(demo_tree: P
         assert {r.spec.id: r.distance for r in backward.references} == pytest.approx(
             {r.spec.id: r.distance for r in forward.references}, rel=1e-9)
         assert backward.classification.family == forward.classification.family
+
+
+def test_a_forged_document_in_the_reference_cache_is_never_read_as_the_reference(demo_tree: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Reference-cache poisoning: an unrelated model's fingerprint, relabelled as the base and claiming the base's
+    file digests, put where the cache keeps the base's `model:` fingerprint (a key computed from public values),
+    must not make the unrelated model pass, even with the base pinned by its root digest."""
+    import hashlib
+
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+
+    cache = tmp_path / "cache"
+    options = VerifyOptions(cache_dir=cache)
+    base_dir = demo_tree / "models" / "base"
+    pin = root_digest(file_digests(resolve(base_dir)))
+    refs = references(demo_tree, model_for=(BASE,)).replace(f"model: {base_dir}\n", f"model: {base_dir}\n"
+                                                            f"    sha256: sha256:{pin}\n")
+    honest = run(tmp_path, demo_tree, model(demo_tree, "unrelated"), f"  base: {BASE}", refs=refs, options=options)
+    assert not honest.passed and honest.reference(BASE).source == "model"
+    (entry,) = cache.glob("*.json")  # the key the protected policy reads: an attacker computes it from public values
+    genuine_base = load(demo_tree / "refs" / f"{BASE}.json")
+    unrelated = fingerprint_artifact(resolve(demo_tree / "models" / "unrelated"), model_name=BASE)
+    forged = replace(unrelated, artifact=genuine_base.artifact)  # the unrelated model's features, the base's digests
+    assert forged.file_digests == file_digests(resolve(base_dir))
+    for document in (forged.to_json_bytes(),  # the bare document, as an output would write it
+                     json.dumps({**json.loads(entry.read_text()), "fingerprint": forged.to_dict()}).encode()):  # resealed
+        entry.write_bytes(document)
+        again = run(tmp_path, demo_tree, model(demo_tree, "unrelated"), f"  base: {BASE}", refs=refs, options=options)
+        assert not again.passed and again.reference(BASE).source == "model"  # recomputed, the forgery ignored
+        assert again.reference(BASE).fingerprint_digest == honest.reference(BASE).fingerprint_digest
+    # The honest entry is served from the cache; a copy of it under another key is not.
+    assert run(tmp_path, demo_tree, model(demo_tree, "unrelated"), f"  base: {BASE}", refs=refs,
+               options=options).reference(BASE).source == "cache"
+    other = cache / f"{hashlib.sha256(b'other').hexdigest()}.json"
+    other.write_bytes(entry.read_bytes())
+    assert FingerprintCache(cache).get(other.stem, file_digests(resolve(base_dir))) is None

@@ -57,6 +57,9 @@ def test_human_output_says_signatures_are_not_checked(release, capsys):
     assert main(["verify-attestation", str(attestation), str(model)]) == 0
     out = capsys.readouterr().out
     assert "VERIFIED: attested PASSED" in out and "signatures are not verified" in out
+    assert "the policy was NOT checked" in out  # without --policy, said plainly
+    assert main(["verify-attestation", str(attestation), str(model), "--policy", str(release[1])]) == 0
+    assert "NOT checked" not in capsys.readouterr().out
 
 
 def test_tampering_with_one_weight_file_fails(release, capsys):
@@ -239,3 +242,78 @@ def test_real_verify_runs_round_trip_and_differ_only_in_time(tmp_path, capsys):
     code, report = run_json(capsys, str(tmp_path / "fail.json"), str(ws / "candidate"),
                             "--policy", str(ws / "fail.yml"))
     assert code == 1 and set(failed(report)) == {"verificationResult"}  # FAILED, and its evidence is consistent
+
+
+@pytest.mark.parametrize("name, content", [
+    ("pytorch_model.bin", b"\x80\x02}q\x00."),  # a pickle a runtime would load with use_safetensors=False
+    ("consolidated.safetensors", None),  # another copy of the weights, not the attested one
+    ("original/consolidated.00.pth", b"\x80\x02."),
+])
+def test_an_unattested_weight_file_next_to_the_model_is_not_verified(release, capsys, name, content):
+    model, policy, attestation = release
+    target = model / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if content is None:
+        data = bytearray((model / "model-00001-of-00003.safetensors").read_bytes())
+        data[-1] ^= 0x01
+        content = bytes(data)
+    target.write_bytes(content)
+    code, report = run_json(capsys, str(attestation), str(model), "--policy", str(policy))
+    assert code == 2 and not report["ok"]
+    assert failed(report)[f"file {name}"].startswith("unattested weights")
+
+
+def test_features_from_a_fingerprint_file_do_not_verify_the_files(tmp_path, capsys):
+    """A fingerprint-only candidate: the fingerprint records an unrelated model's file digests with a derivative's
+    features. The attestation says how its evidence was obtained, and verify-attestation does not call the
+    unrelated model's files VERIFIED on it."""
+    ws = build_workspace(tmp_path)
+    genuine = tmp_path / "genuine.json"
+    assert main(["fingerprint", str(ws / "candidate"), "-o", str(genuine)]) == 0
+    capsys.readouterr()
+    document = json.loads(genuine.read_text())
+    assert main(["fingerprint", str(ws / "qwen-base"), "-o", str(tmp_path / "qwen.json")]) == 0
+    capsys.readouterr()
+    document["artifact"] = json.loads((tmp_path / "qwen.json").read_text())["artifact"]  # the unrelated files
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(document))
+    policy = tmp_path / "fp-only.yml"
+    policy.write_text((ws / "pass.yml").read_text().replace("  path: ./candidate", f"  fingerprint: {forged}")
+                      .replace("./llama-base", str(ws / "llama-base")).replace("./qwen-base", str(ws / "qwen-base")))
+    out = tmp_path / "att.json"
+    assert main([str(policy), "--attestation", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    capsys.readouterr()
+    predicate = json.loads(out.read_text())["predicate"]
+    assert predicate["candidate"]["evidence"] == {"features": "fingerprint", "fileDigests": "recorded"}
+    assert "serialization" not in predicate["candidate"]
+    assert {r["code"]: r["severity"] for r in predicate["reasons"]}["TGV_FEATURES_FROM_FINGERPRINT"] == "warning"
+    code, report = run_json(capsys, str(out), str(ws / "qwen-base"))
+    assert code == 1 and not report["ok"] and report["featuresRecomputed"] is False
+    assert set(failed(report)) == {"features recomputed"}
+    code, report = run_json(capsys, str(out), str(ws / "qwen-base"), "--allow-fingerprint-evidence")
+    assert code == 0 and "accepted" in next(c["detail"] for c in report["checks"] if c["name"] == "features recomputed")
+
+
+@pytest.mark.parametrize("path, value", [
+    ("references.0.distance", "1e999"),  # a number that overflows to infinity
+    ("decisionRules", ["onOutOfCluster"]),
+    ("declaredLineage", "base-1b"),
+    ("declaredLineage.forbidden", 7),
+    ("candidate.base", ["base"]),
+    ("attribution", None),
+    ("reasons", [{"code": 1}]),
+])
+def test_a_malformed_predicate_is_one_line_and_exit_2(release, capsys, path, value):
+    model, _, attestation = release
+    text = attestation.read_text()
+    statement = json.loads(text)
+    node = statement["predicate"]
+    keys = [int(k) if k.isdigit() else k for k in path.split(".")]
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = "__RAW__" if value == "1e999" else value
+    raw = canonical_json(statement).decode().replace('"__RAW__"', "1e999")
+    attestation.write_text(raw)
+    assert main(["verify-attestation", str(attestation), str(model)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tg-verify: ") and str(attestation) in err[0]
