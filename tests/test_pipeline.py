@@ -384,8 +384,8 @@ def test_a_forged_document_in_the_reference_cache_is_never_read_as_the_reference
     unrelated = fingerprint_artifact(resolve(demo_tree / "models" / "unrelated"), model_name=BASE)
     forged = replace(unrelated, artifact=genuine_base.artifact)  # the unrelated model's features, the base's digests
     assert forged.file_digests == file_digests(resolve(base_dir))
-    for document in (forged.to_json_bytes(),  # the bare document, as an output would write it
-                     json.dumps({**json.loads(entry.read_text()), "fingerprint": forged.to_dict()}).encode()):  # resealed
+    resealed = {**json.loads(entry.read_text()), "fingerprint": forged.to_dict()}  # the honest entry's seal kept
+    for document in (forged.to_json_bytes(), json.dumps(resealed).encode()):  # bare, as an output would write it
         entry.write_bytes(document)
         again = run(tmp_path, demo_tree, model(demo_tree, "unrelated"), f"  base: {BASE}", refs=refs, options=options)
         assert not again.passed and again.reference(BASE).source == "model"  # recomputed, the forgery ignored

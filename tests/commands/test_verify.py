@@ -243,7 +243,7 @@ def test_every_output_path_is_checked_before_the_first_write(demo_tree: Path, tm
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not report.exists()  # refused before anything was read or written
-    assert not [p for p in tmp_path.rglob("*.tmp")]
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_outputs_are_all_or_nothing(demo_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -267,4 +267,4 @@ def test_outputs_are_all_or_nothing(demo_tree: Path, tmp_path: Path, monkeypatch
                  "--fingerprint-out", str(outputs[2])]) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert staged and not any(p.exists() for p in outputs) and not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.rglob("*.tmp")]
+    assert not list(tmp_path.rglob("*.tmp"))
