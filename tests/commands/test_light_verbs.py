@@ -58,14 +58,20 @@ def run_light(tmp_path: Path, *argv: str) -> tuple[int, dict[str, list[str]], st
 @pytest.fixture(scope="module")
 def adapter_and_base(tiny_models: dict[str, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory,
                      ) -> tuple[Path, Path]:
+    """A LoRA adapter of the tiny llama, and the base's fingerprint (what --against takes)."""
     from safetensors.torch import load_file
 
+    from tg_verify.artifact import resolve
+    from tg_verify.fingerprint.extract import fingerprint_artifact
     from tg_verify.tiny import build_model, save_lora_adapter
 
     base_dir = tiny_models["llama"]["single"]
     base = build_model("llama", seed=0)
     base.load_state_dict(load_file(str(base_dir / "model.safetensors")), strict=False)
-    return save_lora_adapter(base, tmp_path_factory.mktemp("light") / "adapter", seed=3), base_dir
+    root = tmp_path_factory.mktemp("light")
+    fingerprint = root / "base.json"
+    fingerprint.write_bytes(fingerprint_artifact(resolve(base_dir), model_name="base").to_json_bytes())
+    return save_lora_adapter(base, root / "adapter", seed=3), fingerprint
 
 
 def test_help_and_version_import_no_heavy_library(tmp_path: Path) -> None:
