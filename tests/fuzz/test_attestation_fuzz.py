@@ -84,7 +84,10 @@ def test_any_edit_of_a_predicate_exits_0_1_or_2(release: tuple[Path, str], data:
     assert code in (0, 1, 2)
     if code == 0:  # still VERIFIED: only a PASSED attestation of exactly these files can be
         assert statement["predicate"]["verificationResult"] == "PASSED"
-        assert statement["predicate"]["candidate"]["files"] == json.loads(text)["predicate"]["candidate"]["files"]
+        def digests(document: dict[str, Any]) -> dict[str, str]:
+            return {f["name"]: f["digest"]["sha256"] for f in document["predicate"]["candidate"]["files"]}
+
+        assert digests(statement) == digests(json.loads(text))  # roles and sizes are informational
 
 
 @FUZZ
