@@ -263,3 +263,26 @@ def test_the_action_requires_recomputed_features_by_default(fingerprinted, tmp_p
     env = runner_env(fingerprinted, tmp_path / "relaxed", policy="fp-only-relaxed.yml", summary="false")
     code, log = run_action(env, monkeypatch, fingerprinted)
     assert code == 0 and "TGV_FEATURES_FROM_FINGERPRINT" in read_outputs(env["GITHUB_OUTPUT"])["reasons"]
+
+
+def test_the_entrypoint_as_a_process_for_pass_fail_and_bad_input(workspace, tmp_path):
+    """`tg-verify action` started as the runner starts it: a fresh process, INPUT_* in its environment, the
+    runner's file-command files; PASS exits 0, FAIL 1, bad input 2, each with its outputs and summary."""
+    import os
+    import subprocess
+    import sys
+
+    for name, policy, expected in (("pass", "pass.yml", 0), ("fail", "fail.yml", 1), ("bad", "missing.yml", 2)):
+        env = {**os.environ, **runner_env(workspace, tmp_path / name, policy=policy)}
+        done = subprocess.run([sys.executable, "-m", "tg_verify", "action"], cwd=workspace, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == expected, done.stdout + done.stderr
+        outputs = read_outputs(env["GITHUB_OUTPUT"])
+        summary = Path(env["GITHUB_STEP_SUMMARY"]).read_text()
+        if name == "bad":
+            assert outputs["verdict"] == "" and "missing.yml" in outputs["error"]
+            assert done.stdout.startswith("::error ") and "tg-verify could not verify" in summary
+        else:
+            assert outputs["verdict"] == name and Path(outputs["attestation-path"]).is_file()
+            assert f"tg-verify: {name.upper()}" in summary
+            assert ("::error " in done.stdout) == (name == "fail")
