@@ -317,3 +317,15 @@ def test_a_malformed_predicate_is_one_line_and_exit_2(release, capsys, path, val
     assert main(["verify-attestation", str(attestation), str(model)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tg-verify: ") and str(attestation) in err[0]
+
+
+def test_a_model_given_as_one_file_is_not_blamed_for_its_neighbours(tiny_models, tmp_path, capsys):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    single = shutil.copy(tiny_models["llama"]["single"] / "model.safetensors", folder / "model.safetensors")
+    (folder / "other-model.bin").write_bytes(b"\x80\x02.")
+    path = write(make_predicate(Path(single)), tmp_path / "a.json")
+    code, report = run_json(capsys, str(path), str(single))
+    assert code == 0, failed(report)
+    code, report = run_json(capsys, str(path), str(folder))
+    assert code == 2 and "file other-model.bin" in failed(report)
