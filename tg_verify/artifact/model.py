@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,6 +26,27 @@ DTYPE_BITS: dict[str, int] = {
 DECODABLE_DTYPES: frozenset[str] = frozenset({
     "BOOL", "U8", "I8", "I16", "I32", "I64", "U16", "U32", "U64", "F16", "BF16", "F32", "F64",
     "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
+
+# Safetensors dtypes whose values are real numbers a gradient can be taken against. Integer tensors
+# (quantised packs, index buffers) have no Linear meaning and are not analysed. Formats extend this set.
+FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ",
+                                          "F8_E5M2FNUZ"})
+
+# At most this many tensors per artifact (TGV_TOO_MANY_TENSORS): every tensor costs header parsing, sorting
+# and per-tensor work downstream, so a file of 100,000 2x2 tensors would be a CPU-amplification attack. The
+# largest published checkpoints hold a few thousand tensors per model (MoE experts included: tens of
+# thousands). TG_VERIFY_MAX_TENSORS raises or lowers the cap.
+MAX_TENSORS = 100_000
+MAX_TENSORS_ENV = "TG_VERIFY_MAX_TENSORS"
+
+
+def max_tensors() -> int:
+    """The tensor-count cap in force: $TG_VERIFY_MAX_TENSORS when it is a positive integer, else MAX_TENSORS."""
+    value = os.environ.get(MAX_TENSORS_ENV, "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return MAX_TENSORS
+
 
 _NATURAL = re.compile(r"([0-9]+)")
 
@@ -74,7 +96,9 @@ class Artifact:
     """A resolved model artifact.
 
     `tensors` is in canonical order: natural sort of tensor names, independent of how the
-    weights were sharded, so the same weights stream identically from any layout.
+    weights were sharded, so the same weights stream identically from any layout. It holds only the
+    tensors a runtime loads for this architecture (artifact/loading.py); `unexpected` holds the others,
+    which are never fingerprinted. `format` picks the reader (artifact/formats.py).
     """
 
     root: Path
@@ -86,6 +110,10 @@ class Artifact:
     adapter_config: dict[str, Any] | None = None
     metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # file -> __metadata__
     warnings: tuple[str, ...] = ()
+    format: str = "safetensors"
+    unexpected: tuple[TensorInfo, ...] = ()  # stored tensors no runtime loads (TGV_UNEXPECTED_TENSORS)
+    architecture: str | None = None  # the loading grammar applied; None: unknown, the loaded set is unchecked
+    other_weights: tuple[str, ...] = ()  # weight files beside the artifact that are not part of it
 
     @property
     def model_type(self) -> str | None:
