@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from tg_verify.artifact import resolve
 from tg_verify.artifact.digest import file_digests
+from tg_verify.artifact.merge import open_merged
 from tg_verify.artifact.peft import (
     AdapterFormatError,
     AdapterMismatchError,
@@ -22,7 +23,6 @@ from tg_verify.artifact.peft import (
     check_adapter,
     check_adapter_against_tensors,
     check_base_name,
-    open_merged,
 )
 from tg_verify.errors import AdapterError
 from tg_verify.tiny import build_model, save_model

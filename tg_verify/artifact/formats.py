@@ -8,14 +8,36 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tg_verify.errors import InternalError
 
 if TYPE_CHECKING:
-    from tg_verify.artifact.model import Artifact
+    import torch
+
+    from tg_verify.artifact.model import Artifact, TensorInfo
+
+
+class Reader(Protocol):
+    """What every format's reader provides (TensorReader's interface); thread-safe, a context manager."""
+
+    def raw(self, info: TensorInfo) -> torch.Tensor: ...
+
+    def float32(self, info: TensorInfo, *, finite: bool = False) -> torch.Tensor: ...
+
+    def stream(self, infos: Iterable[TensorInfo] | None = None, *, finite: bool = False
+               ) -> Iterator[tuple[TensorInfo, torch.Tensor]]: ...
+
+    def release(self, info: TensorInfo) -> None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *args: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -65,9 +87,10 @@ def resolve_with(fmt: Format, path: str | os.PathLike[str]) -> Artifact:
     return resolver(Path(path))  # type: ignore[no-any-return]
 
 
-def open_reader(artifact: Artifact) -> Any:
+def open_reader(artifact: Artifact) -> Reader:
     """A reader over `artifact`'s tensors, of the artifact's format (imports torch on first use)."""
     fmt = FORMATS.get(artifact.format)
     if fmt is None:
         raise InternalError(f"{artifact.root}: no reader for format {artifact.format!r}")
-    return _load(fmt.reader)(artifact)
+    reader: Reader = _load(fmt.reader)(artifact)
+    return reader

@@ -106,8 +106,8 @@ def _starcoder2_block(config: Config) -> list[str]:
 
 
 def _phi_block(config: Config) -> list[str]:
-    modules = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2",
-               "input_layernorm")
+    modules: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense",
+                                "mlp.fc1", "mlp.fc2", "input_layernorm")
     if _flag(config, "qk_layernorm", False):
         modules += ("self_attn.q_layernorm", "self_attn.k_layernorm")
     return _w(*modules) + _b(*modules)
