@@ -212,18 +212,14 @@ def _context(prefix: str) -> Iterator[None]:
         raise
 
 
-def settings_type() -> Any:
-    from tg_verify.fingerprint.settings import FingerprintSettings
-
-    return FingerprintSettings
-
-
 def settings_from_record(record: dict[str, Any]) -> Any:
     """Rebuild FingerprintSettings from the dict a fingerprint recorded (unknown keys are refused).
 
     The recorded device is where that fingerprint ran, not a setting: this run picks its own.
     """
-    return settings_type().from_dict({k: v for k, v in record.items() if k != "device"})
+    from tg_verify.fingerprint.settings import assemble_settings
+
+    return assemble_settings(recorded=[record])
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:
@@ -236,21 +232,18 @@ def _choose_settings(policy: Policy, recorded: list[Fingerprint], device: str | 
     Following the recorded settings lets a policy mix fingerprint files and on-the-fly models without
     repeating the settings; any disagreement surfaces as an incompatibility, never a silent comparison.
     """
-    cls = settings_type()
+    from tg_verify.fingerprint.settings import assemble_settings
+
     native = [fp for fp in recorded if not fp.legacy]
     if policy.fingerprint:
-        settings = cls(**policy.fingerprint)
-    elif native:
+        return assemble_settings(block=policy.fingerprint, device=device)
+    if native:
         with _context(f"{policy.path}: settings recorded in {native[0].source}"):
             try:
-                settings = settings_from_record(native[0].settings)
+                return assemble_settings(recorded=[native[0].settings], device=device)
             except (TypeError, ValueError, InputError) as exc:
                 raise IncompatibleFingerprintsError(f"cannot reuse its settings ({exc})") from None
-    else:
-        settings = cls()
-    if device is not None:
-        settings = replace(settings, device=device)
-    return settings
+    return assemble_settings(device=device)
 
 
 class FingerprintCache:
