@@ -61,6 +61,7 @@ class Grammar:
     layers_key: str = "num_hidden_layers"
     defaults: Mapping[str, Any] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)  # stored key -> parameter (transformers' renamings)
 
     def layers(self, config: Config) -> int | None:
         value = config.get(self.layers_key, self.defaults.get(self.layers_key))
@@ -169,7 +170,7 @@ GRAMMARS: tuple[Grammar, ...] = (
     Grammar(family="gpt_neox", model_types=("gpt_neox",), causal_classes=("GPTNeoXForCausalLM",),
             base_classes=("GPTNeoXModel",), prefix="gpt_neox", stack="layers",
             globals=lambda c: ["embed_in.weight", "final_layer_norm.weight", "final_layer_norm.bias"],
-            block=_neox_block, heads=("embed_out.weight",), defaults={"num_hidden_layers": 44},
+            block=_neox_block, defaults={"num_hidden_layers": 44}, aliases={"embed_out.weight": "lm_head.weight"},
             ignored=("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")),
 )
 _BY_MODEL_TYPE: dict[str, Grammar] = {t: g for g in GRAMMARS for t in g.model_types}
@@ -198,6 +199,7 @@ class _Bound:
         self.block = frozenset(grammar.block(config))
         self.block_start = f"{prefix}{grammar.stack}."
         self.ignored = frozenset(grammar.ignored)
+        self.aliases = grammar.aliases
 
     def _block_rest(self, name: str) -> str | None:
         """For `model.layers.<i>.<rest>` with i a canonical index below the layer count: rest, else None."""
@@ -214,7 +216,9 @@ class _Bound:
         return name in self.globals or self._block_rest(name) in self.block
 
     def canonical(self, name: str) -> str | None:
-        """The parameter a stored key loads into (transformers adds or strips the base prefix per key)."""
+        """The parameter a stored key loads into (transformers renames legacy keys, then adds or strips the base
+        prefix key by key)."""
+        name = self.aliases.get(name, name)
         if self.parameter(name):
             return name
         if name.startswith(self.prefix) and self.parameter(name[len(self.prefix):]):
@@ -259,6 +263,15 @@ def grammar_for(config: Config | None) -> tuple[Grammar | None, bool, str | None
     if grammar.layers(config) is None:
         return None, True, f"config.json has no usable {grammar.layers_key} for model_type {grammar.family}"
     return grammar, causal, None
+
+
+def expected_parameters(config: Config | None) -> list[str] | None:
+    """Every parameter name the runtime's class has for this config.json (tied heads included), or None
+    when no grammar applies or the config has more than MAX_ENUMERATED_LAYERS layers."""
+    grammar, causal, _ = grammar_for(config)
+    if grammar is None:
+        return None
+    return _Bound(grammar, config or {}, causal).expected()
 
 
 def _listed(names: Sequence[str]) -> str:
