@@ -135,7 +135,7 @@ def _config(root: Path, entries: set[str], extra: list[ArtifactFile]) -> dict[st
 def _ignored(files: list[str], why: str) -> list[str]:
     if not files:
         return []
-    listed = ", ".join(shown(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    listed = ", ".join(shown(f) for f in files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
     return [f"ignored {listed}: {why}"]
 
 
