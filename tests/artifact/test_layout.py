@@ -183,3 +183,18 @@ def test_tensor_count_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         resolve(root)
     with pytest.raises(E.TooManyTensorsError):
         resolve(root / "model.safetensors")
+
+
+def test_many_tiny_tensors_are_refused_before_per_tensor_work(tmp_path: Path) -> None:
+    """Beyond 10,000 tensors the mean tensor must hold 16 KiB: 40,000 2x2 tensors (the CPU-amplification
+    file: 22-30 s to fingerprint before) are refused from the header, the same count of big tensors is not."""
+    from tg_verify.artifact.header import validate_bytes
+    from tg_verify.artifact.model import FREE_TENSORS
+
+    many = tensors_file({f"model.layers.{i}.w.weight": ("F32", [2, 2]) for i in range(40_000)})
+    with pytest.raises(E.TooManyTensorsError, match="mean tensor"):
+        validate_bytes(many)
+    root = _write_tree(tmp_path / "tiny", {"model.safetensors": many})
+    with pytest.raises(E.TooManyTensorsError, match="mean tensor"):
+        resolve(root)
+    assert len(validate_bytes(tensors_file({f"t{i}": ("F32", [2, 2]) for i in range(FREE_TENSORS)}))[0]) == FREE_TENSORS

@@ -34,7 +34,7 @@ from tg_verify.artifact.errors import (
 from tg_verify.artifact.formats import FOREIGN_WEIGHT_SUFFIXES, format_for_path, other_format_files, resolve_with
 from tg_verify.artifact.header import Header, read_header, valid_name
 from tg_verify.artifact.loading import classify
-from tg_verify.artifact.model import Artifact, ArtifactFile, TensorInfo, max_tensors, natural_key
+from tg_verify.artifact.model import Artifact, ArtifactFile, TensorInfo, natural_key, tensor_budget
 from tg_verify.artifact.safeio import MAX_JSON_BYTES, load_json_file, read_json_file, stat_path
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -76,10 +76,11 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
     tensors: list[TensorInfo] = []
     owner: dict[str, str] = {}
     notes = list(warnings)
-    count, cap = sum(len(h.tensors) for h in weights.values()), max_tensors()
-    if count > cap:
-        raise TooManyTensorsError(f"{shown(root)}: {count} tensors, more than the limit of {cap} (each tensor costs "
-                                  f"work; set TG_VERIFY_MAX_TENSORS to raise the limit for a model this large)")
+    too_many = tensor_budget(sum(len(h.tensors) for h in weights.values()),
+                             sum(h.file_size - h.data_start for h in weights.values()))
+    if too_many is not None:
+        raise TooManyTensorsError(f"{shown(root)}: {too_many}; set TG_VERIFY_MAX_TENSORS to a larger count to "
+                                  f"accept a model like this")
     for rel, header in weights.items():
         if not header.canonical:
             notes.append(f"{shown(rel)}: header JSON has leading or extra whitespace padding (accepted; the "

@@ -32,20 +32,36 @@ DECODABLE_DTYPES: frozenset[str] = frozenset({
 FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ",
                                           "F8_E5M2FNUZ"})
 
-# At most this many tensors per artifact (TGV_TOO_MANY_TENSORS): every tensor costs header parsing, sorting
-# and per-tensor work downstream, so a file of 100,000 2x2 tensors would be a CPU-amplification attack. The
-# largest published checkpoints hold a few thousand tensors per model (MoE experts included: tens of
-# thousands). TG_VERIFY_MAX_TENSORS raises or lowers the cap.
+# Every tensor costs fixed work (header parsing, sorting, and above all the extractor's per-tensor pass), so
+# many tiny tensors are a CPU-amplification attack: 40,000 2x2 tensors in 4.8 MB took 22-30 s. An artifact may
+# hold at most MAX_TENSORS tensors, and beyond FREE_TENSORS their mean size must be at least
+# MIN_MEAN_TENSOR_BYTES, so the work stays proportional to the bytes. Published checkpoints fit easily: a
+# dense 405B model has ~1,100 tensors, large MoE models tens of thousands of multi-MB expert tensors.
+# $TG_VERIFY_MAX_TENSORS replaces both rules with a plain cap (TGV_TOO_MANY_TENSORS beyond it).
 MAX_TENSORS = 100_000
+FREE_TENSORS = 10_000
+MIN_MEAN_TENSOR_BYTES = 16_384
 MAX_TENSORS_ENV = "TG_VERIFY_MAX_TENSORS"
 
 
 def max_tensors() -> int:
-    """The tensor-count cap in force: $TG_VERIFY_MAX_TENSORS when it is a positive integer, else MAX_TENSORS."""
+    """The plain tensor-count cap: $TG_VERIFY_MAX_TENSORS when it is a positive integer, else MAX_TENSORS."""
     value = os.environ.get(MAX_TENSORS_ENV, "").strip()
     if value.isdigit() and int(value) > 0:
         return int(value)
     return MAX_TENSORS
+
+
+def tensor_budget(count: int, nbytes: int) -> str | None:
+    """Why `count` tensors over `nbytes` bytes are too many to process, or None when they are within budget."""
+    explicit = os.environ.get(MAX_TENSORS_ENV, "").strip()
+    cap = max_tensors()
+    if count > cap:
+        return f"{count} tensors, more than the limit of {cap}"
+    if not explicit and count > FREE_TENSORS and nbytes < count * MIN_MEAN_TENSOR_BYTES:
+        return (f"{count} tensors in {nbytes} bytes: beyond {FREE_TENSORS} tensors the mean tensor must hold at "
+                f"least {MIN_MEAN_TENSOR_BYTES} bytes (each tensor costs fixed work)")
+    return None
 
 
 _NATURAL = re.compile(r"([0-9]+)")
