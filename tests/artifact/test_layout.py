@@ -186,7 +186,7 @@ def test_tensor_count_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_many_tiny_tensors_are_refused_before_per_tensor_work(tmp_path: Path) -> None:
-    """Beyond 10,000 tensors the mean tensor must hold 16 KiB: 40,000 2x2 tensors (the CPU-amplification
+    """Beyond 2,048 tensors the mean tensor must hold 256 KiB: 40,000 2x2 tensors (the CPU-amplification
     file: 22-30 s to fingerprint before) are refused from the header, the same count of big tensors is not."""
     from tg_verify.artifact.header import validate_bytes
     from tg_verify.artifact.model import FREE_TENSORS

@@ -39,8 +39,8 @@ FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3"
 # dense 405B model has ~1,100 tensors, large MoE models tens of thousands of multi-MB expert tensors.
 # $TG_VERIFY_MAX_TENSORS replaces both rules with a plain cap (TGV_TOO_MANY_TENSORS beyond it).
 MAX_TENSORS = 100_000
-FREE_TENSORS = 10_000
-MIN_MEAN_TENSOR_BYTES = 16_384
+FREE_TENSORS = 2_048
+MIN_MEAN_TENSOR_BYTES = 262_144
 MAX_TENSORS_ENV = "TG_VERIFY_MAX_TENSORS"
 
 
