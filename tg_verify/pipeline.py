@@ -331,7 +331,7 @@ class OpenedCandidate:
     artifact: Artifact  # whose tensors are fingerprinted
     files: tuple[dict[str, Any], ...]  # the candidate's own files {path, size, role, sha256}
     digests: dict[str, str]
-    reader: Any = None  # None: TensorReader(artifact)
+    reader: Any = None  # None: open_reader(artifact), by the extractor
     base: dict[str, Any] | None = None
     name_mismatches: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
