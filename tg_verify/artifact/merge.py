@@ -142,10 +142,12 @@ class MergedReader(AbstractContextManager["MergedReader"]):
         """The merged tensor in the base tensor's dtype (a pass-through view when the adapter leaves it alone)."""
         if info.name not in self.plan.tensors:
             return self._base_reader.raw(self._base_infos[info.name])
-        if self._cache is None or self._cache[0] != info.name:
-            self._cache = None
-            self._cache = (info.name, self._merge(info))
-        return self._cache[1]
+        cached = self._cache  # one read: another thread may replace the slot meanwhile
+        if cached is not None and cached[0] == info.name:
+            return cached[1]
+        merged = self._merge(info)
+        self._cache = (info.name, merged)
+        return merged
 
     def float32(self, info: TensorInfo) -> torch.Tensor:
         """The merged tensor as a fresh float32 tensor."""
