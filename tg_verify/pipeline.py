@@ -17,7 +17,7 @@ import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -95,6 +95,7 @@ class CandidateOutcome:
     root_digest: str
     base: BaseModelRecord | None = None  # adapters: the base merged onto (its files and root digest)
     warnings: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()  # stored tensors the runtime does not load (not fingerprinted)
 
     @property
     def files_hashed(self) -> bool:
@@ -213,7 +214,9 @@ def settings_from_record(record: dict[str, Any]) -> FingerprintSettings:
 
     The recorded device is where that fingerprint ran, not a setting: this run picks its own.
     """
-    return FingerprintSettings.from_dict({k: v for k, v in record.items() if k != "device"})
+    from tg_verify.fingerprint.settings import assemble_settings
+
+    return assemble_settings(recorded=[record])
 
 
 def settings_dict(settings: FingerprintSettings) -> dict[str, Any]:
@@ -226,20 +229,18 @@ def _choose_settings(policy: Policy, recorded: list[Fingerprint], device: str | 
     Following the recorded settings lets a policy mix fingerprint files and on-the-fly models without
     repeating the settings; any disagreement surfaces as an incompatibility, never a silent comparison.
     """
+    from tg_verify.fingerprint.settings import assemble_settings
+
     native = [fp for fp in recorded if not fp.legacy]
     if policy.fingerprint:
-        settings = FingerprintSettings(**policy.fingerprint)
-    elif native:
+        return assemble_settings(block=policy.fingerprint, device=device)
+    if native:
         with _context(policy, f"settings recorded in {native[0].source}"):
             try:
-                settings = settings_from_record(native[0].settings)
+                return assemble_settings(recorded=[native[0].settings], device=device)
             except (TypeError, ValueError, InputError) as exc:
                 raise IncompatibleFingerprintsError(f"cannot reuse its settings ({exc})") from None
-    else:
-        settings = FingerprintSettings()
-    if device is not None:
-        settings = replace(settings, device=device)
-    return settings
+    return assemble_settings(device=device)
 
 
 class FingerprintCache:
@@ -382,7 +383,7 @@ class OpenedCandidate:
     artifact: Artifact  # whose tensors are fingerprinted
     files: tuple[FileDigest, ...]  # the candidate's own files
     digests: dict[str, str]
-    reader: Any = None  # None: TensorReader(artifact); an adapter: the merged reader (closed after use)
+    reader: Any = None  # None: open_reader(artifact), by the extractor; an adapter: the merged reader
     base: BaseModelRecord | None = None
     name_mismatches: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
@@ -435,17 +436,18 @@ def _name_mismatches(policy: Policy, adapter: Artifact, base_path: Path | None) 
 
 
 def _open_adapter(policy: Policy, adapter: Artifact, digests: dict[str, str]) -> OpenedCandidate:
-    from tg_verify.artifact.peft import open_merged
+    from tg_verify.artifact.merge import open_model
 
     base_path, field_name = _adapter_base(policy, adapter)
     with _context(policy, field_name):
         base = resolve(base_path)
         base_digests = file_digests(base)
-    merged = open_merged(adapter, base)
-    return OpenedCandidate(artifact=merged.artifact, files=_files(adapter, digests), digests=digests, reader=merged,
-                           base=base_model_record(base, base_digests),
-                           name_mismatches=_name_mismatches(policy, adapter, base_path),
-                           warnings=merged.artifact.warnings)
+    names = [n for n in (policy.declared.base, str(base_path), base_path.resolve().name) if n]
+    opened = open_model(adapter, base, base_digests=base_digests, declared_base_names=names)
+    mismatches = tuple(f.message for f in opened.findings if f.code == "TGV_ADAPTER_BASE_NAME_MISMATCH")
+    return OpenedCandidate(artifact=opened.artifact, files=_files(adapter, digests), digests=digests,
+                           reader=opened.reader, base=base_model_record(base, base_digests),
+                           name_mismatches=mismatches, warnings=opened.artifact.warnings)
 
 
 def _recorded_candidate(policy: Policy, fp: Fingerprint) -> CandidateOutcome:
@@ -465,7 +467,7 @@ def _recorded_candidate(policy: Policy, fp: Fingerprint) -> CandidateOutcome:
     return CandidateOutcome(
         name=spec.name or fp.model_name, fingerprint=fp, fingerprint_digest=fp.digest(), source="fingerprint",
         path=None, fingerprint_path=spec.fingerprint, layout=str(fp.artifact.get("layout", "unknown")), files=files,
-        root_digest=computed_root, base=fp.base)
+        root_digest=computed_root, base=fp.base, unexpected=_recorded_unexpected(fp))
 
 
 def _candidate(policy: Policy, settings: FingerprintSettings, recorded_fp: Fingerprint | None,
@@ -504,7 +506,15 @@ def _candidate(policy: Policy, settings: FingerprintSettings, recorded_fp: Finge
     return CandidateOutcome(
         name=name, fingerprint=fp, fingerprint_digest=fp.digest(), source=source,  # type: ignore[arg-type]
         path=spec.path, fingerprint_path=spec.fingerprint, layout=artifact.layout, files=opened.files,
-        root_digest=root_digest(digests), base=opened.base, warnings=opened.warnings), opened.name_mismatches
+        root_digest=root_digest(digests), base=opened.base, warnings=opened.warnings,
+        unexpected=tuple(t.name for t in opened.artifact.unexpected) or _recorded_unexpected(fp),
+    ), opened.name_mismatches
+
+
+def _recorded_unexpected(fp: Fingerprint) -> tuple[str, ...]:
+    """The unexpected tensors a fingerprint recorded when it was made (names only)."""
+    names = (fp.extraction or {}).get("unexpected_tensors")
+    return tuple(str(n) for n in names) if isinstance(names, list) else ()
 
 
 def _features_from(candidate: CandidateOutcome) -> str | None:
@@ -673,7 +683,8 @@ def _evidence(candidate: CandidateOutcome, outcomes: list[ReferenceOutcome], cla
                                         attribution_meaningful=classification.attribution_meaningful,
                                         not_meaningful=tuple(classification.not_meaningful)),
         adapter_name_mismatches=name_mismatches, artifact_warnings=candidate.warnings,
-        caveats=tuple(classification.caveats), features_from=_features_from(candidate))
+        unexpected_tensors=candidate.unexpected, caveats=tuple(classification.caveats),
+        features_from=_features_from(candidate))
 
 
 def verify(policy: Policy, options: VerifyOptions | None = None) -> VerificationResult:

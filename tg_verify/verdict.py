@@ -53,6 +53,8 @@ REASON_CODES: dict[str, tuple[str, str]] = {
     "TGV_LINEAGE_DISABLED": ("info", "the policy turned the lineage test off (lineage.enabled: false)"),
     "TGV_ADAPTER_BASE_NAME_MISMATCH": ("warn", "the adapter's base_model_name_or_path disagrees with the declared "
                                                "base (policy on_name_mismatch: warn | fail)"),
+    "TGV_UNEXPECTED_TENSORS": ("fail", "the candidate stores tensors that the runtime of its architecture does not "
+                                       "load; they were not fingerprinted (policy on_unexpected_tensors: fail | warn)"),
     "TGV_ARTIFACT_WARNING": ("warn", "the candidate artifact was accepted with a warning (e.g. a non-canonical "
                                      "header)"),
     "TGV_COMPARISON_CAVEAT": ("info", "a caveat on how distances were computed (legacy references, degenerate "
@@ -69,6 +71,7 @@ OBSERVATIONS: dict[str, str] = {
     "TGV_ADAPTER_BASE_NAME_MISMATCH": "adapter_name_mismatches",
     "TGV_ARTIFACT_WARNING": "artifact_warnings",
     "TGV_COMPARISON_CAVEAT": "caveats",
+    "TGV_UNEXPECTED_TENSORS": "unexpected_tensors",
 }
 
 
@@ -93,6 +96,8 @@ class DecisionRules:
     # what a failing statistic (distance, family, out of cluster) becomes when the lineage test establishes the
     # declared lineage: warn (the stronger evidence decides) or fail (both must agree)
     on_statistics_disagree: Action = "warn"
+    # stored tensors the runtime does not load (decoys): fail, or warn
+    on_unexpected_tensors: Action = "fail"
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,7 @@ class Evidence:
     attribution: AttributionEvidence
     adapter_name_mismatches: tuple[str, ...] = ()
     artifact_warnings: tuple[str, ...] = ()
+    unexpected_tensors: tuple[str, ...] = ()  # stored tensor names the runtime does not load (never fingerprinted)
     caveats: tuple[str, ...] = ()
     features_from: str | None = None
 
@@ -430,6 +436,11 @@ def _candidate(rules: DecisionRules, ev: Evidence, out: _Findings) -> None:
                 severity="fail" if rules.require_weights else "warn")
     for message in ev.adapter_name_mismatches:
         out.add("TGV_ADAPTER_BASE_NAME_MISMATCH", message, rules.declared_base, severity=rules.on_name_mismatch)
+    if ev.unexpected_tensors:
+        names = ev.unexpected_tensors
+        listed = ", ".join(f"'{n}'" for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        out.add("TGV_UNEXPECTED_TENSORS", f"{len(names)} stored tensor(s) that the runtime does not load were left out "
+                f"of the fingerprint: {listed}", severity=rules.on_unexpected_tensors)
     for message in ev.artifact_warnings:
         out.add("TGV_ARTIFACT_WARNING", message)
     for message in ev.caveats:

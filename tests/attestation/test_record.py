@@ -98,7 +98,7 @@ def test_every_decision_rule_is_recorded():
     changed = DecisionRules(declared_base="b", declared_family="f", declared_root="r", forbidden=("x",),
                             on_out_of_cluster="warn", on_base_mismatch="fail", on_name_mismatch="fail",
                             lineage_enabled=False, on_lineage_unavailable="fail", require_weights=True,
-                            on_statistics_disagree="fail")
+                            on_statistics_disagree="fail", on_unexpected_tensors="warn")
     for spec in fields(DecisionRules):
         assert getattr(changed, spec.name) != getattr(DecisionRules(), spec.name), spec.name
     declared, decision = record._rules_json(changed, "standardized")

@@ -58,7 +58,6 @@ def run_light(tmp_path: Path, *argv: str) -> tuple[int, dict[str, list[str]], st
 @pytest.fixture(scope="module")
 def adapter_and_base(tiny_models: dict[str, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory,
                      ) -> tuple[Path, Path]:
-    """A LoRA adapter of the tiny llama, and the base's fingerprint (what --against takes)."""
     from safetensors.torch import load_file
 
     from tg_verify.artifact import resolve
@@ -68,10 +67,10 @@ def adapter_and_base(tiny_models: dict[str, dict[str, Path]], tmp_path_factory: 
     base_dir = tiny_models["llama"]["single"]
     base = build_model("llama", seed=0)
     base.load_state_dict(load_file(str(base_dir / "model.safetensors")), strict=False)
-    root = tmp_path_factory.mktemp("light")
-    fingerprint = root / "base.json"
-    fingerprint.write_bytes(fingerprint_artifact(resolve(base_dir), model_name="base").to_json_bytes())
-    return save_lora_adapter(base, root / "adapter", seed=3), fingerprint
+    work = tmp_path_factory.mktemp("light")
+    reference = work / "base.json"  # `inspect --against` reads the base's fingerprint, never its weights
+    reference.write_bytes(fingerprint_artifact(resolve(base_dir)).to_json_bytes())
+    return save_lora_adapter(base, work / "adapter", seed=3), reference
 
 
 def test_help_and_version_import_no_heavy_library(tmp_path: Path) -> None:
@@ -81,24 +80,15 @@ def test_help_and_version_import_no_heavy_library(tmp_path: Path) -> None:
     assert code == 0 and "verify-attestation" in out and imports == {"attempts": [], "loaded": []}
 
 
-PEFT_IMPORTS_TORCH = pytest.mark.xfail(
-    strict=True, reason="tg_verify/artifact/peft.py imports torch at module level for the merge and "
-                        "commands/inspect.py imports it; the artifact branch splits it into a torch-free part "
-                        "(config, names, fit checks) and the merge, and this expected failure then turns into a "
-                        "failure that says to remove this mark")
-
-
-@PEFT_IMPORTS_TORCH
 def test_inspect_imports_no_heavy_library(tmp_path: Path, tiny_models: dict[str, dict[str, Path]]) -> None:
     code, imports, out = run_light(tmp_path, "inspect", str(tiny_models["qwen2"]["indexed-shards"]), "--hash")
     assert code == 0, out
     assert imports == {"attempts": [], "loaded": []}
 
 
-@PEFT_IMPORTS_TORCH
 def test_inspect_against_a_base_imports_no_heavy_library(tmp_path: Path, adapter_and_base: tuple[Path, Path]) -> None:
-    adapter, base = adapter_and_base
-    code, imports, out = run_light(tmp_path, "inspect", str(adapter), "--against", str(base))
+    adapter, reference = adapter_and_base
+    code, imports, out = run_light(tmp_path, "inspect", str(adapter), "--against", str(reference))
     assert code == 0, out
     assert imports == {"attempts": [], "loaded": []}
 

@@ -233,7 +233,7 @@ def _rules_json(rules: DecisionRules, distance_space: str | None,
         "onBaseMismatch": rules.on_base_mismatch, "onNameMismatch": rules.on_name_mismatch,
         "requireLineage": rules.lineage_enabled, "lineageOnUnavailable": rules.on_lineage_unavailable,
         "requireWeights": rules.require_weights, "onStatisticsDisagree": rules.on_statistics_disagree,
-        "distanceSpace": distance_space,
+        "onUnexpectedTensors": rules.on_unexpected_tensors, "distanceSpace": distance_space,
     })
     if attribution is not None:
         decision.update(_drop_none({"distanceScale": attribution.scale, "distancesMeaningful": attribution.meaningful,
@@ -477,6 +477,7 @@ def _rules(r: _Reader, declared_raw: Any, rules_raw: Any, ids: set[str]) -> tupl
         on_lineage_unavailable=action("lineageOnUnavailable", "warn"),  # type: ignore[arg-type]
         # attestations written before this rule existed applied every statistic and let none be outweighed
         on_statistics_disagree=action("onStatisticsDisagree", "fail"),  # type: ignore[arg-type]
+        on_unexpected_tensors=action("onUnexpectedTensors", "fail"),  # type: ignore[arg-type]
         require_weights=flag("requireWeights", False))
     return rules, r.opt_text(doc.get("distanceSpace"), "predicate.decisionRules.distanceSpace")
 

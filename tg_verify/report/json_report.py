@@ -60,6 +60,7 @@ def build_report(result: VerificationResult) -> dict[str, Any]:
                   "out_of_cluster": policy.thresholds.out_of_cluster, "on_out_of_cluster": policy.on_out_of_cluster,
                   "on_base_mismatch": policy.on_base_mismatch, "on_name_mismatch": policy.on_name_mismatch,
                   "on_statistics_disagree": policy.on_statistics_disagree,
+                  "on_unexpected_tensors": policy.on_unexpected_tensors,
                   "lineage": {"enabled": policy.lineage.enabled, "alpha": policy.lineage.alpha,
                               "on_unavailable": policy.lineage.on_unavailable},
                   "require_weights": result.rules.require_weights},
@@ -71,6 +72,7 @@ def build_report(result: VerificationResult) -> dict[str, Any]:
             "files": [f.to_dict() for f in cand.files], "root_digest": cand.root_digest,
             "files_hashed": cand.files_hashed, "files_verified": cand.files_verified,
             "base": cand.base.to_dict() if cand.base is not None else None, "warnings": list(cand.warnings),
+            "unexpected_tensors": list(cand.unexpected),
         },
         "attribution": {
             "family": cls.family, "base": cls.base, "distance": cls.distance, "threshold": cls.threshold,
