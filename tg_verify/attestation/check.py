@@ -20,6 +20,8 @@ from typing import Any
 
 from tg_verify.analysis.lineage_rule import is_derived
 from tg_verify.artifact import Artifact, ArtifactFile, file_digests, resolve, root_digest
+from tg_verify.artifact.formats import FOREIGN_WEIGHT_SUFFIXES, format_for_path
+from tg_verify.artifact.layout import PICKLE_SUFFIXES, SUFFIX
 from tg_verify.attestation.envelope import LoadedStatement
 from tg_verify.attestation.record import (
     PREDICATE_TYPE,
@@ -34,10 +36,9 @@ from tg_verify.verdict import REASON_CODES, Finding, decide
 # Check kinds, in order of gravity: integrity (files, policy: tampering -> exit 2), evidence (the
 # recorded verdict does not follow from the recorded numbers and rules -> exit 1), result (FAILED -> exit 1).
 INTEGRITY, EVIDENCE, RESULT = "integrity", "evidence", "result"
-# Files a runtime could load weights from. One next to the attested model that the attestation does not
-# cover makes the directory something other than what was attested (a loader may prefer it).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf", ".h5", ".msgpack",
-                   ".onnx", ".npz", ".tflite")
+# Files a runtime could load weights from (the artifact layer's names for them). One next to the attested
+# model that the attestation does not cover makes the directory something other than what was attested.
+WEIGHT_SUFFIXES = (SUFFIX, *PICKLE_SUFFIXES, *FOREIGN_WEIGHT_SUFFIXES)
 MAX_SCAN_DEPTH = 4  # subdirectories searched for unattested weight files (e.g. original/consolidated.00.pth)
 
 
@@ -129,7 +130,8 @@ def _weight_files(root: Path, depth: int = 0, prefix: str = "") -> Iterator[str]
         return
     for entry in entries:
         name = f"{prefix}{entry.name}"
-        if entry.name.lower().endswith(WEIGHT_SUFFIXES) and not entry.is_dir(follow_symlinks=False):
+        weight = entry.name.lower().endswith(WEIGHT_SUFFIXES) or format_for_path(entry.name) is not None
+        if weight and not entry.is_dir(follow_symlinks=False):
             yield name
         elif depth < MAX_SCAN_DEPTH and not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
             yield from _weight_files(Path(entry.path), depth + 1, f"{name}/")
@@ -188,7 +190,9 @@ def check_files(parsed: ParsedStatement, model: Path, progress: Callable[[int], 
     for name in extra:
         checks.append(Check(INTEGRITY, f"file {name}", False, "extra: part of the model on disk but not attested"))
     if model.is_dir():  # a model given as one file is loaded as that file; a directory is loaded by a runtime's rules
-        checks.extend(_unattested_weights(root, set(files) | set(extra), "file"))
+        beside = set(artifact.other_weights) if artifact is not None else set()  # the artifact layer's own list
+        names = sorted(beside | set(_weight_files(root)))
+        checks.extend(_unattested(names, set(files) | set(extra), "file"))
     if all(on_disk.get(name) for name in files):
         disk_root = root_digest({name: on_disk[name] or "" for name in files})
         checks.append(Check(INTEGRITY, "root digest (disk)", disk_root == predicate_root,
@@ -196,11 +200,11 @@ def check_files(parsed: ParsedStatement, model: Path, progress: Callable[[int], 
     return checks
 
 
-def _unattested_weights(root: Path, covered: set[str], label: str) -> list[Check]:
+def _unattested(names: list[str], covered: set[str], label: str) -> list[Check]:
     return [Check(INTEGRITY, f"{label} {name}", False,
                   "unattested weights: a weight file next to the attested model that the attestation does not "
                   "cover (a runtime could load it instead)")
-            for name in _weight_files(root) if name not in covered]
+            for name in names if name not in covered]
 
 
 def check_base(predicate: Predicate, base: Path, progress: Callable[[int], None] | None = None) -> list[Check]:
@@ -219,7 +223,7 @@ def check_base(predicate: Predicate, base: Path, progress: Callable[[int], None]
         detail = f"sha256 {actual}" if ok else ("missing" if actual is None else
                                                  f"sha256 mismatch: attested {files[name]}, found {actual}")
         checks.append(Check(INTEGRITY, f"base file {name}", ok, detail))
-    checks.extend(_unattested_weights(root, set(files), "base file"))
+    checks.extend(_unattested(list(_weight_files(root)), set(files), "base file"))
     return checks
 
 
