@@ -205,6 +205,8 @@ def test_no_output_may_land_in_the_reference_cache(demo_tree: Path, tmp_path: Pa
     assert not entry.exists() and not (tmp_path / "c2" / "x.json").exists()
     text = policy_text(demo_tree, "finetune", outputs=f"outputs:\n  fingerprint: {entry}\n")
     assert main([str(write_policy(tmp_path, text))]) == 2 and not entry.exists()
+    # not with --no-cache either: the default cache persists for the runs that use it
+    assert main([str(write_policy(tmp_path, text)), "--no-cache"]) == 2 and not entry.exists()
 
 
 def test_no_output_may_overwrite_reference_weights_or_an_adapters_base(demo_tree: Path, tmp_path: Path,

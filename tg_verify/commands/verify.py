@@ -162,7 +162,8 @@ def _inputs(policy: Policy) -> tuple[dict[Path, str], dict[Path, str]]:
     return files, trees
 
 
-def check_output_paths(policy: Policy, targets: Mapping[str, Path | None], cache_dir: Path | None) -> None:
+def check_output_paths(policy: Policy, targets: Mapping[str, Path | None], cache_dir: Path | None,
+                       *, other_caches: tuple[Path, ...] = ()) -> None:
     """Refuse, before any work, every output that could not be written or would write where it must not.
 
     An output may not overwrite an input (the policy, a fingerprint file, a model file), land inside an
@@ -171,8 +172,9 @@ def check_output_paths(policy: Policy, targets: Mapping[str, Path | None], cache
     written. Raises UsageError naming the output.
     """
     files, trees = _inputs(policy)
-    if cache_dir is not None:
-        trees[cache_dir.resolve()] = "the reference cache (outputs never land there)"
+    for cache in (cache_dir, *other_caches):
+        if cache is not None:
+            trees[cache.resolve()] = "the reference cache (outputs never land there)"
     seen: dict[Path, str] = {}
     for kind, path in targets.items():
         if path is None:
@@ -251,7 +253,10 @@ def execute(request: VerifyRequest, progress: ProgressSink | None = None) -> Ver
     policy = load_policy(request.policy, candidate_override=request.candidate)
     targets = output_targets(request, policy)
     cache = request.cache()
-    check_output_paths(policy, targets, cache)
+    from tg_verify.pipeline import default_cache_dir
+
+    # the default cache too: a run with --no-cache or --cache-dir must not plant a document where others read
+    check_output_paths(policy, targets, cache, other_caches=(default_cache_dir(),))
     if request.check_policy:
         return VerifyOutcome(policy=policy, result=None, notes=tuple(check_policy(policy)))
     options = VerifyOptions(device=request.device, threads=request.threads, cache_dir=cache,
