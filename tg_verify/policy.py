@@ -210,7 +210,7 @@ def _parse_yaml(path: Path, data: bytes) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise PolicyError(f"{path}: not UTF-8 text") from None
+        raise PolicyError(f"{path}: not UTF-8 text", file=str(path)) from None
     loader = _StrictLoader(text)
     try:
         return loader.get_single_data()
@@ -218,11 +218,11 @@ def _parse_yaml(path: Path, data: bytes) -> Any:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = " ".join(str(exc.problem or exc.context or "invalid YAML").split())
-        raise PolicyError(f"{path}: {where}{problem}") from None
+        raise PolicyError(f"{path}: {where}{problem}", file=str(path)) from None
     except yaml.YAMLError as exc:
-        raise PolicyError(f"{path}: invalid YAML ({' '.join(str(exc).split())[:200]})") from None
+        raise PolicyError(f"{path}: invalid YAML ({' '.join(str(exc).split())[:200]})", file=str(path)) from None
     except (ValueError, RecursionError, OverflowError) as exc:  # e.g. an integer with too many digits
-        raise PolicyError(f"{path}: invalid YAML value ({' '.join(str(exc).split())[:200]})") from None
+        raise PolicyError(f"{path}: invalid YAML value ({' '.join(str(exc).split())[:200]})", file=str(path)) from None
     finally:
         loader.dispose()
 
@@ -238,7 +238,8 @@ class _Checker:
         self.base_dir = path.parent
 
     def fail(self, where: str, message: str) -> PolicyError:
-        return PolicyError(f"{self.path}: {where}: {message}" if where else f"{self.path}: {message}")
+        return PolicyError(f"{self.path}: {where}: {message}" if where else f"{self.path}: {message}",
+                           file=str(self.path), field=where or None)
 
     def mapping(self, value: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()
                 ) -> dict[str, Any]:
@@ -544,16 +545,17 @@ def load_policy(path: str | os.PathLike[str], *, candidate_override: str | os.Pa
     try:
         if not path.is_file():
             raise PolicyError(f"{path}: no such policy file" if not os.path.lexists(path)
-                              else f"{path}: not a regular file")
+                              else f"{path}: not a regular file", file=str(path))
         size = path.stat().st_size
         if size > MAX_POLICY_BYTES:
-            raise PolicyError(f"{path}: {size} bytes is over the {MAX_POLICY_BYTES}-byte limit for a policy")
+            raise PolicyError(f"{path}: {size} bytes is over the {MAX_POLICY_BYTES}-byte limit for a policy",
+                              file=str(path))
         with open(path, "rb") as handle:
             data = handle.read(MAX_POLICY_BYTES + 1)
     except PolicyError:
         raise
     except OSError as exc:
-        raise PolicyError(f"{path}: cannot read policy ({exc.strerror or exc})") from exc
+        raise PolicyError(f"{path}: cannot read policy ({exc.strerror or exc})", file=str(path)) from exc
     override = None
     if candidate_override is not None:
         override = Path(candidate_override)
