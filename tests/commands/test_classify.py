@@ -66,8 +66,15 @@ def test_real_derivative_against_the_eight_bases(capsys):
     assert old["family"] == "llama" and old["scale"] == "references" and old["meaningful"]  # 8 references
 
 
-def test_model_path_is_fingerprinted_with_the_references_settings(tiny_fingerprints, capsys):
-    assert main(["classify", str(tiny_fingerprints["llama-ft-model"]), "--refs", _refs(tiny_fingerprints),
+def test_model_path_is_fingerprinted_with_the_references_settings(tiny_models, tiny_fingerprints, tmp_path, capsys):
+    """References made with settings that are not the defaults (seed 3, 4 repeats): a model fingerprinted with
+    other settings would be refused as incomparable."""
+    refs = tmp_path / "refs"
+    for arch in ("llama", "qwen2"):
+        assert main(["fingerprint", str(tiny_models[arch]["single"]), "-o", str(refs / f"{arch}.json"), "--name", arch,
+                     "--seed", "3", "--repeats", "4", "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["classify", str(tiny_fingerprints["llama-ft-model"]), "--refs", str(refs),
                  "--json", "--no-lineage", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)["classification"]
     assert result["family"] == "llama"
