@@ -32,7 +32,9 @@ def test_derivative_is_attributed_to_its_base(tiny_fingerprints, capsys):
     assert any("no --labels" in c for c in result["caveats"])
 
 
-def test_labels_give_families_and_move_centroids(tiny_fingerprints, tmp_path, capsys):
+def test_labels_give_the_families(tiny_fingerprints, tmp_path, capsys):
+    """Labels name each reference's family (two bases may share one). That derivative references move their
+    base's centre is tested in tests/analysis/test_population.py and tests/test_pipeline.py."""
     labels = tmp_path / "labels.yml"
     labels.write_text("llama: {family: meta, base: true}\nmistral: {family: meta, base: true}\n"
                       "qwen2: alibaba\ngemma: google\nphi3: microsoft\n")
@@ -40,6 +42,8 @@ def test_labels_give_families_and_move_centroids(tiny_fingerprints, tmp_path, ca
                  "--labels", str(labels), "--json", "--no-lineage"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["classification"]["family"] == "meta" and result["lineage"] == []
+    assert {c["base"]: c["family"] for c in result["classification"]["centroids"]} == {
+        "llama": "meta", "mistral": "meta", "qwen2": "alibaba", "gemma": "google", "phi3": "microsoft"}
 
 
 def test_threshold_makes_a_model_out_of_cluster(capsys):
