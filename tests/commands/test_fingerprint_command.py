@@ -95,4 +95,5 @@ def test_an_adapter_without_its_base_is_refused(tmp_path, capsys):
                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(16, 2)},
               str(tmp_path / "adapter_model.safetensors"))
     assert main(["fingerprint", str(tmp_path), "-o", str(tmp_path / "fp.json")]) == 2
-    assert "adapter" in capsys.readouterr().err
+    assert "is a PEFT adapter; give the base model it was trained on (--base PATH)" in capsys.readouterr().err
+    assert not (tmp_path / "fp.json").exists()
