@@ -121,7 +121,7 @@ def test_needs_a_base(family_set, make_fp):
     derivatives = [dataclasses.replace(r, base=False) for r in family_set]
     with pytest.raises(InputError, match="no reference is a base"):
         classify(make_fp("x", np.ones(16)), derivatives)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="needs at least one reference"):
         classify(make_fp("x", np.ones(16)), [])
 
 
