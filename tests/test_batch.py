@@ -22,7 +22,6 @@ from tg_verify.fingerprint.document import load
 from tg_verify.fingerprint.settings import FingerprintSettings
 from tg_verify.tiny import build_model, save_lora_adapter, save_model
 
-pytest.importorskip("peft")
 FAST = FingerprintSettings(device="cpu", repeats=4, sketch=False)
 
 

@@ -314,15 +314,16 @@ def test_adapter_fingerprint_must_match_the_base_it_is_checked_with(demo_tree: P
         run(tmp_path, demo_tree, wrong, f"  base: {BASE}")
 
 
-def test_attestation_evidence_re_derives_for_refuted_forbidden_match_and_declared_derivative(
+def test_attestation_evidence_re_derives_for_a_forbidden_reference_and_a_declared_derivative(
         demo_tree: Path, tmp_path: Path, finetune_fp: Path) -> None:
+    """A refuted attribution to a forbidden base needs a meaningful attribution, which three tiny references
+    cannot give: test_pipeline_attribution.py covers it on eight trained ones."""
     from tg_verify.attestation.check import check_evidence
     from tg_verify.attestation.record import parse_predicate
     from tg_verify.attestation.statement import build_statement
 
     refuted = run(tmp_path, demo_tree, model(demo_tree, "unrelated"), "  family: llama", extra=f"forbidden: [{BASE}]\n")
-    if refuted.classification.base == BASE:  # attributed to the forbidden base; lineage says not derived
-        assert "TGV_FORBIDDEN_MATCH" in {f.code for f in refuted.verdict.warnings}
+    assert "TGV_NO_FORBIDDEN_LINEAGE" in {f.code for f in refuted.verdict.findings if f.severity == "pass"}
     refs = references(demo_tree) + (f"  - id: known-finetune\n    family: llama\n    parent: {BASE}\n"
                                     f"    fingerprint: {finetune_fp}\n")
     derivative = run(tmp_path, demo_tree, model(demo_tree, "finetune"), "  base: known-finetune", refs=refs)

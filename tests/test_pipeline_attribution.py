@@ -234,3 +234,22 @@ def test_established_lineage_outweighs_a_disagreeing_attribution(tmp_path: Path,
     both = run(tmp_path, tiny[candidate], base, refs, extra="on_statistics_disagree: fail\n", name="strict.yml")
     assert codes(both, "fail") == {"TGV_FAMILY_MISMATCH"}
     assert attested_consistently(result) and attested_consistently(both)
+
+
+def test_an_attribution_to_a_forbidden_base_that_the_lineage_test_refutes_is_a_warning(
+        tmp_path: Path, tiny: dict[str, Path]) -> None:
+    """The rotated llama is attributed to another family's base; with that base forbidden, the lineage test
+    (comparable, no derivation) outweighs the match: a warning, the PASS stands, the attestation re-derives it."""
+    refs = tiny_refs(tiny, tuple(s[0] for s in SPECS))
+    attributed = run(tmp_path, tiny["rotated"], "llama-small", refs).classification
+    assert attributed.meaningful and attributed.attribution_meaningful and attributed.base != "llama-small"
+    result = run(tmp_path, tiny["rotated"], "llama-small", refs, extra=f"forbidden: [{attributed.base}]\n",
+                 name="forbid.yml")
+    assert result.classification.base == attributed.base and not result.classification.out_of_cluster
+    forbidden = result.reference(attributed.base).lineage
+    assert forbidden is not None and forbidden.comparable and not forbidden.derived
+    assert result.passed, result.verdict.failures
+    match = finding(result, "TGV_FORBIDDEN_MATCH")
+    assert match.severity == "warn" and "but the lineage test shows no derivation" in match.message
+    assert "TGV_NO_FORBIDDEN_LINEAGE" in codes(result, "pass")
+    assert attested_consistently(result)

@@ -26,7 +26,9 @@ def test_different_settings_are_refused_naming_the_setting(make_fp):
         comparability([a, b])
 
 
-def test_device_setting_does_not_change_values(make_fp):
+def test_fingerprints_that_differ_only_in_device_compare(make_fp):
+    """The device is not a comparability setting; that it does not change the values is tested on the extractor
+    (tests/fingerprint/test_responses.py runs the device's whole-tensor path on the CPU)."""
     a = make_fp("a", VALUES, settings={"seed": 0, "device": "cpu"})
     b = make_fp("b", VALUES, settings={"seed": 0, "device": "cuda"})
     assert comparability([a, b]).features == VECTOR_FEATURES

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -137,11 +140,58 @@ def test_special_paths_have_defined_outcomes(tmp_path: Path) -> None:
         resolve(fifo_dir / "model.safetensors")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads anything")
-def test_unreadable_file(tmp_path: Path) -> None:
-    root = _write_tree(tmp_path / "m", {"model.safetensors": tensors_file({"a": ("F32", [1])})})
+NOBODY = 65534  # the unprivileged user and group of Linux distributions
+
+
+@contextlib.contextmanager
+def _without_root() -> Iterator[None]:
+    """Run the block without root's override of file permissions (CI runs the tests as root): as nobody."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(NOBODY)
+    os.seteuid(NOBODY)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.fixture
+def enterable() -> Iterator[Path]:
+    """A directory the unprivileged user can enter (pytest's base temporary directory is private to its user)."""
+    path = Path(tempfile.mkdtemp(prefix="tg-permissions-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        _permit(path)
+        shutil.rmtree(path)
+
+
+def _permit(path: Path) -> None:
+    """Give back the permissions a test took away, a directory before its contents (so it can be listed)."""
+    path.chmod(0o755 if path.is_dir() else 0o644)
+    if path.is_dir():
+        for inner in path.iterdir():
+            _permit(inner)
+
+
+def test_unreadable_file_and_directory(enterable: Path) -> None:
+    """A file or directory the user may not read is its own error, naming it (as root: checked as nobody)."""
+    root = _write_tree(enterable / "m", {"model.safetensors": tensors_file({"a": ("F32", [1])})})
+    resolve(root)  # any module resolve imports lazily is loaded while the interpreter's files are readable
+    with _without_root():
+        assert [t.name for t in resolve(root).tensors] == ["a"]  # readable before the change
     (root / "model.safetensors").chmod(0)
-    with pytest.raises(E.UnreadableFileError):
+    with _without_root(), pytest.raises(E.UnreadableFileError, match="model.safetensors.*Permission denied"):
+        resolve(root)
+    with _without_root(), pytest.raises(E.UnreadableFileError, match="model.safetensors.*Permission denied"):
+        resolve(root / "model.safetensors")
+    (root / "model.safetensors").chmod(0o644)
+    root.chmod(0o311)  # enterable, not listable
+    with _without_root(), pytest.raises(E.UnreadableFileError, match="cannot list directory.*Permission denied"):
         resolve(root)
 
 

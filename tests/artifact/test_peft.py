@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,8 +27,6 @@ from tg_verify.artifact.peft import (
 )
 from tg_verify.errors import AdapterError
 from tg_verify.tiny import build_model, save_model
-
-peft = pytest.importorskip("peft")
 
 
 @pytest.fixture(autouse=True)

@@ -32,7 +32,9 @@ def test_derivative_is_attributed_to_its_base(tiny_fingerprints, capsys):
     assert any("no --labels" in c for c in result["caveats"])
 
 
-def test_labels_give_families_and_move_centroids(tiny_fingerprints, tmp_path, capsys):
+def test_labels_give_the_families(tiny_fingerprints, tmp_path, capsys):
+    """Labels name each reference's family (two bases may share one). That derivative references move their
+    base's centre is tested in tests/analysis/test_population.py and tests/test_pipeline.py."""
     labels = tmp_path / "labels.yml"
     labels.write_text("llama: {family: meta, base: true}\nmistral: {family: meta, base: true}\n"
                       "qwen2: alibaba\ngemma: google\nphi3: microsoft\n")
@@ -40,6 +42,8 @@ def test_labels_give_families_and_move_centroids(tiny_fingerprints, tmp_path, ca
                  "--labels", str(labels), "--json", "--no-lineage"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["classification"]["family"] == "meta" and result["lineage"] == []
+    assert {c["base"]: c["family"] for c in result["classification"]["centroids"]} == {
+        "llama": "meta", "mistral": "meta", "qwen2": "alibaba", "gemma": "google", "phi3": "microsoft"}
 
 
 def test_threshold_makes_a_model_out_of_cluster(capsys):
@@ -66,8 +70,15 @@ def test_real_derivative_against_the_eight_bases(capsys):
     assert old["family"] == "llama" and old["scale"] == "references" and old["meaningful"]  # 8 references
 
 
-def test_model_path_is_fingerprinted_with_the_references_settings(tiny_fingerprints, capsys):
-    assert main(["classify", str(tiny_fingerprints["llama-ft-model"]), "--refs", _refs(tiny_fingerprints),
+def test_model_path_is_fingerprinted_with_the_references_settings(tiny_models, tiny_fingerprints, tmp_path, capsys):
+    """References made with settings that are not the defaults (seed 3, 4 repeats): a model fingerprinted with
+    other settings would be refused as incomparable."""
+    refs = tmp_path / "refs"
+    for arch in ("llama", "qwen2"):
+        assert main(["fingerprint", str(tiny_models[arch]["single"]), "-o", str(refs / f"{arch}.json"), "--name", arch,
+                     "--seed", "3", "--repeats", "4", "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["classify", str(tiny_fingerprints["llama-ft-model"]), "--refs", str(refs),
                  "--json", "--no-lineage", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)["classification"]
     assert result["family"] == "llama"

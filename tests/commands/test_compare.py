@@ -34,10 +34,15 @@ def test_with_refs_the_derivative_is_nearer_its_base_than_other_families(tiny_fi
     assert distances["llama"] < distances["qwen2"] and distances["llama"] < distances["gemma"]
 
 
-def test_a_model_is_fingerprinted_on_the_fly_with_the_other_sides_settings(tiny_fingerprints, capsys):
+def test_a_model_is_fingerprinted_on_the_fly_with_the_other_sides_settings(tiny_fingerprints, tmp_path, capsys):
+    """The other side was made with settings that are not the defaults (seed 3, 4 repeats): only a model
+    fingerprinted with those is comparable with it, and identical to it."""
     model = str(tiny_fingerprints["llama-ft-model"])
-    assert main(["compare", model, str(tiny_fingerprints["llama-ft"]), "--json", "--no-lineage",
-                 "--device", "cpu"]) == 0
+    other = tmp_path / "llama-ft-seed3.json"
+    assert main(["fingerprint", model, "-o", str(other), "--seed", "3", "--repeats", "4", "--device", "cpu",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["compare", model, str(other), "--json", "--no-lineage", "--device", "cpu"]) == 0
     document = _json(capsys)
     assert document["comparison"]["relative_distance"] == 0.0
     assert document["a"]["root_digest"] == document["b"]["root_digest"]

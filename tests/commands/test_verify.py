@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -163,8 +164,17 @@ def test_outputs_that_would_overwrite_inputs_or_each_other_are_refused(demo_tree
 
 
 def test_check_policy_reads_no_weights(demo_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The model reference's weights hold a NaN: any run that read them would stop on it (exit 2)."""
+    from safetensors.torch import load_file, save_file
+
+    gemma = tmp_path / "gemma"
+    shutil.copytree(demo_tree / "models" / "gemma", gemma)
+    state = load_file(str(gemma / "model.safetensors"))
+    matrix = next(name for name, tensor in state.items() if tensor.ndim == 2)
+    state[matrix][0, 0] = float("nan")
+    save_file(state, str(gemma / "model.safetensors"))
     text = policy_text(demo_tree, "finetune").replace(
-        f"fingerprint: {demo_tree / 'refs' / 'demo-gemma-base.json'}", f"model: {demo_tree / 'models' / 'gemma'}")
+        f"fingerprint: {demo_tree / 'refs' / 'demo-gemma-base.json'}", f"model: {gemma}")
     policy = write_policy(tmp_path, text)
     assert main([str(policy), "--check-policy"]) == 0
     out = capsys.readouterr().out
