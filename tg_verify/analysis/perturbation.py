@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tg_verify.artifact import Artifact, TensorReader, categorize, resolve
+from tg_verify.artifact import Artifact, categorize, open_reader, resolve
 from tg_verify.errors import UsageError, WeightValueError
 from tg_verify.fingerprint import noise
 from tg_verify.fingerprint.extract import analysis_kind, gradient_response
@@ -81,7 +81,7 @@ def perturbation_study(model: str | os.PathLike[str] | Artifact, settings: Finge
         raise UsageError(f"{artifact.root}: is a PEFT adapter; the perturbation study needs a full model "
                          "(merge the adapter onto its base first)")
     chosen = [info for info in artifact.tensors
-              if analysis_kind(info) == "gradient" and categorize(info.name) in STUDY_CATEGORIES]
+              if analysis_kind(info, artifact.format) == "gradient" and categorize(info.name) in STUDY_CATEGORIES]
     if max_blocks is not None:
         chosen = [info for info in chosen
                   if (m := _BLOCK.search(info.name)) is None or int(m.group(1)) < max_blocks]
@@ -93,7 +93,7 @@ def perturbation_study(model: str | os.PathLike[str] | Artifact, settings: Finge
     scores = {s: np.zeros(len(chosen)) for s in STUDY_STRATEGIES}
     drawn: dict[str, str] = {}
     per_strategy = {s: replace(settings, strategy=s) for s in STUDY_STRATEGIES}
-    with TensorReader(artifact) as reader:
+    with open_reader(artifact) as reader:
         for index, info in enumerate(chosen):
             engine.load(reader.raw(info))
             for strategy in STUDY_STRATEGIES:

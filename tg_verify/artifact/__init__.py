@@ -1,4 +1,4 @@
-"""Artifact layer: resolve a model path, validate safetensors headers, stream tensors.
+"""Artifact layer: resolve a model path, validate safetensors headers or a GGUF file, stream tensors.
 
 `TensorReader` (and torch with it) is imported on first use, so header-only work such as
 `tg-verify inspect` starts without loading torch.
@@ -15,17 +15,18 @@ from tg_verify.artifact.layout import resolve
 from tg_verify.artifact.model import Artifact, ArtifactFile, TensorInfo, natural_key
 
 if TYPE_CHECKING:
-    from tg_verify.artifact.reader import TensorReader
+    from tg_verify.artifact.reader import TensorReader, open_reader
 
 __all__ = [
     "Artifact", "ArtifactFile", "CATEGORIES", "Category", "TensorInfo", "TensorReader", "categorize",
-    "file_digests", "natural_key", "read_header", "resolve", "root_digest",
+    "file_digests", "natural_key", "open_reader", "read_header", "resolve", "root_digest",
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name == "TensorReader":
-        from tg_verify.artifact.reader import TensorReader
 
-        return TensorReader
+def __getattr__(name: str) -> Any:
+    if name in ("TensorReader", "open_reader"):
+        from tg_verify.artifact import reader
+
+        return getattr(reader, name)
     raise AttributeError(f"module 'tg_verify.artifact' has no attribute {name!r}")

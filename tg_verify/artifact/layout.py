@@ -30,6 +30,7 @@ from tg_verify.artifact.errors import (
     UnreadableFileError,
     shown,
 )
+from tg_verify.artifact.gguf import is_gguf_path
 from tg_verify.artifact.header import Header, read_header, valid_name
 from tg_verify.artifact.model import Artifact, ArtifactFile, TensorInfo, natural_key
 from tg_verify.artifact.safeio import MAX_JSON_BYTES, load_json_file, read_json_file, stat_path
@@ -214,6 +215,12 @@ def _resolve_directory(root: Path, name: str) -> Artifact:
     weights = sorted((e for e in entries if e.endswith(SUFFIX)), key=natural_key)
     if pickles and (weights or ADAPTER_CONFIG in entries):
         warnings += _ignored(pickles, "pickle-based weights are never loaded")
+    ggufs = sorted((e for e in entries if is_gguf_path(e)), key=natural_key)
+    if ggufs and (weights or ADAPTER_CONFIG in entries):
+        warnings += _ignored(ggufs, "GGUF files beside safetensors weights are another copy of a model (llama.cpp "
+                                    "loads them instead): pass one to verify it")
+    elif ggufs and not any(e.endswith(INDEX_SUFFIX) for e in entries):
+        return _resolve_gguf_directory(root, ggufs, pickles, warnings)
     if ADAPTER_CONFIG in entries:
         return _resolve_adapter(root, name, entries, warnings)
     indexes = sorted(e for e in entries if e.endswith(INDEX_SUFFIX))
@@ -261,6 +268,17 @@ def _resolve_directory(root: Path, name: str) -> Artifact:
                        f"<prefix>-0000i-of-0000N.safetensors shards or {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
 
 
+def _resolve_gguf_directory(root: Path, ggufs: list[str], pickles: list[str], warnings: list[str]) -> Artifact:
+    """A directory with no safetensors weights and exactly one .gguf file is that file (docs/artifact.md)."""
+    if len(ggufs) > 1:
+        raise AmbiguousLayoutError(f"{shown(root)}: {len(ggufs)} GGUF files ({', '.join(map(shown, ggufs[:3]))}"
+                                   f"{', ...' if len(ggufs) > 3 else ''}); each is a whole model: pass one file")
+    from tg_verify.artifact.gguf import resolve_gguf
+
+    warnings += _ignored(pickles, "pickle-based weights are never loaded")
+    return resolve_gguf(root / ggufs[0], tuple(warnings))
+
+
 def _resolve_adapter(root: Path, name: str, entries: set[str], warnings: list[str]) -> Artifact:
     adapter_config, config_size = load_json_file(root / ADAPTER_CONFIG, "adapter config")
     if ADAPTER_WEIGHTS not in entries:
@@ -276,7 +294,7 @@ def _resolve_adapter(root: Path, name: str, entries: set[str], warnings: list[st
 
 
 def resolve(path: str | os.PathLike[str]) -> Artifact:
-    """Resolve `path` (a .safetensors file, a shard index, or a model directory) to a validated Artifact.
+    """Resolve `path` (a .safetensors or .gguf file, a shard index, or a model directory) to a validated Artifact.
 
     Symbolic links are followed (Hugging Face cache snapshots are links into blobs/) and reported in
     `warnings`; loops, FIFOs and devices are refused before any read. No tensor data is touched.
@@ -298,12 +316,16 @@ def resolve(path: str | os.PathLike[str]) -> Artifact:
         except OSError as exc:
             raise UnreadableFileError(f"{shown(root)}: cannot list directory ({exc.strerror or exc})") from None
         return _resolve_index(root, path.resolve().parent.name, file_name, entries, [])
+    if is_gguf_path(file_name):
+        from tg_verify.artifact.gguf import resolve_gguf
+
+        return resolve_gguf(path)
     if file_name.endswith(PICKLE_SUFFIXES):
         raise PickleFormatError(f"{shown(path)}: pickle-based weights are refused (loading them can execute code); "
                                 f"convert to safetensors")
     if not file_name.endswith(SUFFIX):
         hint = " (pass the model directory)" if file_name.endswith(".json") else ""
-        raise NotSafetensorsError(f"{shown(path)}: not a .safetensors file{hint}")
+        raise NotSafetensorsError(f"{shown(path)}: not a .safetensors or .gguf file{hint}")
     header = read_header(path)
     match = SHARD_PATTERN.match(file_name)
     notes = [f"{shown(file_name)} is shard {int(match['index'])} of {int(match['total'])}: only its tensors are "

@@ -86,6 +86,9 @@ class Artifact:
     adapter_config: dict[str, Any] | None = None
     metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # file -> __metadata__
     warnings: tuple[str, ...] = ()
+    format: str = "safetensors"  # "safetensors" | "gguf": which reader streams the tensors
+    # Tensors stored in the files that the runtime would not load ("name: why"): reported, never fingerprinted.
+    unloaded: tuple[str, ...] = ()
 
     @property
     def model_type(self) -> str | None:

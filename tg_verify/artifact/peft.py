@@ -28,8 +28,9 @@ from typing import Any, Literal
 import torch
 
 from tg_verify.artifact.digest import root_digest
+from tg_verify.artifact.gguf import decodable as gguf_decodable
 from tg_verify.artifact.model import Artifact, TensorInfo
-from tg_verify.artifact.reader import TORCH_DTYPES, TensorReader
+from tg_verify.artifact.reader import TORCH_DTYPES, TensorReader, open_reader
 from tg_verify.errors import AdapterError
 
 SUPPORTED_TYPES: tuple[str, ...] = ("LORA", "IA3")
@@ -650,7 +651,7 @@ class MergedReader(AbstractContextManager["MergedReader"]):
         self.base = base
         self.plan = plan
         self.findings: tuple[AdapterFinding, ...] = plan.findings
-        self._base_reader = TensorReader(base)
+        self._base_reader = open_reader(base)
         self._adapter_reader = TensorReader(adapter)
         self._cache: tuple[str, torch.Tensor] | None = None
         self._base_infos = {info.name: info for info in base.tensors}
@@ -673,6 +674,8 @@ class MergedReader(AbstractContextManager["MergedReader"]):
         plan = self.plan.tensors[info.name]
         base_info = self._base_infos[info.name]
         dtype = TORCH_DTYPES.get(base_info.dtype)
+        if dtype is None and self.base.format == "gguf" and gguf_decodable(base_info.dtype):
+            dtype = torch.float32  # a quantised GGUF base: merged in float32, as llama.cpp's LoRA is applied
         if dtype is None or not dtype.is_floating_point:
             raise AdapterMismatchError(f"{self.base.path_of(base_info.file)}: tensor '{info.name}' has dtype "
                                        f"{base_info.dtype}; an adapter can only be merged into floating-point weights")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tg_verify import __version__
-from tg_verify.artifact import Artifact, TensorInfo, TensorReader, categorize, file_digests, root_digest
+from tg_verify.artifact import Artifact, TensorInfo, categorize, file_digests, open_reader, root_digest
 from tg_verify.errors import UsageError, WeightValueError
 from tg_verify.fingerprint import noise
 from tg_verify.fingerprint.document import FEATURE_NAMES, Fingerprint
@@ -35,6 +35,9 @@ from tg_verify.progress import NullProgress, ProgressSink
 # tensors (quantised packs, index buffers) have no Linear meaning and are not analysed.
 FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ",
                                           "F8_E5M2FNUZ"})
+# GGUF's integer types (ggml I8..I64) are the safetensors names above; every other ggml type (Q4_0, Q4_K, IQ2_XS ...)
+# stores real numbers in blocks, so it is analysed (and refused by the reader where it cannot be dequantised).
+GGUF_INTEGER_TYPES: frozenset[str] = frozenset({"I8", "I16", "I32", "I64"})
 CATEGORY_FEATURES: tuple[str, ...] = ("attention", "ffn", "embedding")
 CATEGORY_SAMPLE = 3  # "up to three layers from each category" (§III-C)
 # A decoder block index in a tensor name: model.layers.7., transformer.h.7., blocks.7., ...
@@ -49,13 +52,18 @@ class TensorSource(Protocol):
     def float32(self, info: TensorInfo) -> torch.Tensor: ...
 
 
-def analysis_kind(info: TensorInfo) -> str:
+def real_valued(dtype: str, fmt: str = "safetensors") -> bool:
+    """Whether a stored dtype holds real numbers (floats, or GGUF's quantised float blocks)."""
+    return dtype in FLOAT_DTYPES or (fmt == "gguf" and dtype not in GGUF_INTEGER_TYPES)
+
+
+def analysis_kind(info: TensorInfo, fmt: str = "safetensors") -> str:
     """How a tensor enters the fingerprint: "gradient" (rank >= 2 real-valued) or why it does not."""
     if info.numel == 0:
         return "empty"
     if len(info.shape) < 2:
         return "one-dimensional"
-    if info.dtype not in FLOAT_DTYPES:
+    if not real_valued(info.dtype, fmt):
         return "not-float"
     return "gradient"
 
@@ -252,13 +260,13 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     device = resolve_device(settings.device)
     sink = progress or NullProgress()
     label = model_name or artifact.name
-    kinds = [analysis_kind(info) for info in artifact.tensors]
+    kinds = [analysis_kind(info, artifact.format) for info in artifact.tensors]
     tensor_bytes = sum(info.nbytes for info in artifact.tensors)
     hash_bytes = 0 if digests is not None else sum(f.size for f in artifact.files)
     sink.start(f"fingerprint {label}", total=tensor_bytes + hash_bytes)
     tracker = _Progress(sink, len(artifact.tensors))
     owned = reader is None
-    source: TensorSource = TensorReader(artifact) if reader is None else reader
+    source: TensorSource = open_reader(artifact) if reader is None else reader
     stop = threading.Event()
     hashing = digests is None
     # On CUDA one thread drives the device (whole-tensor products); a helper is then only there to hash.
@@ -276,7 +284,7 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
                             "category": categorize(info.name), "dtype": info.dtype, "analysis": kind})
             if kind == "gradient":
                 continue
-            if (kind == "one-dimensional" and info.dtype in FLOAT_DTYPES
+            if (kind == "one-dimensional" and real_valued(info.dtype, artifact.format)
                     and not bool(torch.isfinite(source.float32(info)).all())):
                 raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
                                        f"a fingerprint of it would be meaningless")
@@ -335,5 +343,19 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     return Fingerprint(
         model_name=label, features=features, settings={**settings.to_dict(), "device": device.type},
         tool={"name": "tg-verify", "version": __version__, "torch": torch.__version__.split("+")[0]},
-        artifact={"layout": artifact.layout, "files": files, "root_digest": root_digest(digests)},
-        tensors=records, sketch=sketch, extraction=summary)
+        artifact=_artifact_record(artifact, files, digests), tensors=records, sketch=sketch, extraction=summary)
+
+
+def _artifact_record(artifact: Artifact, files: list[dict[str, Any]], digests: dict[str, str]) -> dict[str, Any]:
+    """The fingerprint's `artifact`: layout, format, file digests; for GGUF the quantisation types fingerprinted,
+    and the stored tensors the runtime does not load (never fingerprinted)."""
+    record: dict[str, Any] = {"layout": artifact.layout, "format": artifact.format, "files": files,
+                              "root_digest": root_digest(digests)}
+    if artifact.format == "gguf":
+        types: dict[str, int] = {}
+        for info in artifact.tensors:
+            types[info.dtype] = types.get(info.dtype, 0) + 1
+        record["quantisation"] = dict(sorted(types.items()))
+    if artifact.unloaded:
+        record["unloaded"] = list(artifact.unloaded)
+    return record
