@@ -380,11 +380,6 @@ def parse_gguf(buffer: Any, size: int, where: str, path: Path | None = None,
     tensors: list[GGUFTensor] = []
     cursor_offset, previous = 0, None
     for name, kind, ne, offset in infos:  # llama.cpp's rule: in info order, contiguous, each padded to alignment
-        if offset != cursor_offset:
-            after = f"after '{shown(previous)}'" if previous is not None else "at the start of the data section"
-            cls = OverlapError if offset < cursor_offset else GapError
-            raise cls(f"{where}: tensor '{shown(name)}' has data offset {offset}, expected {cursor_offset} {after} "
-                      f"(tensors are stored in order, each padded to {alignment} bytes)")
         qtype = c.GGMLQuantizationType(kind)
         block, type_size = sizes[qtype]
         nbytes = math.prod(ne) // block * type_size
@@ -393,6 +388,11 @@ def parse_gguf(buffer: Any, size: int, where: str, path: Path | None = None,
         if end > size:
             raise DataTruncatedError(f"{where}: tensor '{shown(name)}' ends at byte {end}, past the end of the "
                                      f"{size}-byte file (truncated, or offsets past the end)")
+        if offset != cursor_offset:
+            after = f"after '{shown(previous)}'" if previous is not None else "at the start of the data section"
+            cls = OverlapError if offset < cursor_offset else GapError
+            raise cls(f"{where}: tensor '{shown(name)}' has data offset {offset}, expected {cursor_offset} {after} "
+                      f"(tensors are stored in order, each padded to {alignment} bytes)")
         padded = -(-nbytes // alignment) * alignment
         _zero_padding(buffer, end, min(begin + padded, size), where, f"after tensor '{shown(name)}'")
         tensors.append(GGUFTensor(name, kind, qtype.name, ne, begin, end))

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import gguf.constants
+
 from tg_verify.artifact.errors import (
     GGUFArchitectureError,
     GGUFMetadataError,
@@ -27,30 +29,47 @@ from tg_verify.artifact.errors import (
 from tg_verify.artifact.gguf import GGUFHeader, GGUFTensor, GGUFValue
 from tg_verify.artifact.model import TensorInfo, natural_key
 
-# llama.cpp leaf name (after `blk.N.`) -> Hugging Face module path (after `model.layers.N.`)
-_ATTENTION = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-              "attn_v": "self_attn.v_proj", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj"}
-_DENSE = {"ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-          "ffn_down": "mlp.down_proj"}
-_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_C: Any = gguf.constants
+
+def _leaf(tensor: str) -> str:
+    """llama.cpp's name of a tensor kind (gguf's MODEL_TENSOR), without the `blk.{bid}.` prefix."""
+    return str(_C.TENSOR_NAMES[_C.MODEL_TENSOR[tensor]]).removeprefix("blk.{bid}.")
+
+
+# llama.cpp leaf (after `blk.N.`, spelled by the gguf package) -> Hugging Face module path (after `model.layers.N.`)
+_ATTENTION = {_leaf("ATTN_NORM"): "input_layernorm", _leaf("ATTN_Q"): "self_attn.q_proj",
+              _leaf("ATTN_K"): "self_attn.k_proj", _leaf("ATTN_V"): "self_attn.v_proj",
+              _leaf("ATTN_QKV"): "self_attn.qkv_proj", _leaf("ATTN_OUT"): "self_attn.o_proj"}
+_DENSE = {_leaf("FFN_NORM"): "post_attention_layernorm", _leaf("FFN_GATE"): "mlp.gate_proj",
+          _leaf("FFN_UP"): "mlp.up_proj", _leaf("FFN_DOWN"): "mlp.down_proj"}
+_QK_NORM = {_leaf("ATTN_Q_NORM"): "self_attn.q_norm", _leaf("ATTN_K_NORM"): "self_attn.k_norm"}
 # Gemma 2/3 put a norm before and after each sub-block: llama.cpp's ffn_norm is HF's pre_feedforward_layernorm.
-_SANDWICH = {"ffn_norm": "pre_feedforward_layernorm", "attn_post_norm": "post_attention_layernorm",
-             "ffn_post_norm": "post_feedforward_layernorm"}
-_MIXTRAL = {"ffn_norm": "post_attention_layernorm", "ffn_gate_inp": "block_sparse_moe.gate",
-            "ffn_gate_exps": "block_sparse_moe.experts.{e}.w1", "ffn_down_exps": "block_sparse_moe.experts.{e}.w2",
-            "ffn_up_exps": "block_sparse_moe.experts.{e}.w3"}
-_QWEN_MOE = {"ffn_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.gate",
-             "ffn_gate_exps": "mlp.experts.{e}.gate_proj", "ffn_down_exps": "mlp.experts.{e}.down_proj",
-             "ffn_up_exps": "mlp.experts.{e}.up_proj"}
-_QWEN_SHARED = {"ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
-                "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
-_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
+_SANDWICH = {_leaf("FFN_NORM"): "pre_feedforward_layernorm", _leaf("ATTN_POST_NORM"): "post_attention_layernorm",
+             _leaf("FFN_POST_NORM"): "post_feedforward_layernorm"}
+_MIXTRAL = {_leaf("FFN_NORM"): "post_attention_layernorm", _leaf("FFN_GATE_INP"): "block_sparse_moe.gate",
+            _leaf("FFN_GATE_EXP"): "block_sparse_moe.experts.{e}.w1",
+            _leaf("FFN_DOWN_EXP"): "block_sparse_moe.experts.{e}.w2",
+            _leaf("FFN_UP_EXP"): "block_sparse_moe.experts.{e}.w3"}
+_QWEN_MOE = {_leaf("FFN_NORM"): "post_attention_layernorm", _leaf("FFN_GATE_INP"): "mlp.gate",
+             _leaf("FFN_GATE_EXP"): "mlp.experts.{e}.gate_proj", _leaf("FFN_DOWN_EXP"): "mlp.experts.{e}.down_proj",
+             _leaf("FFN_UP_EXP"): "mlp.experts.{e}.up_proj"}
+_QWEN_SHARED = {_leaf("FFN_GATE_SHEXP"): "mlp.shared_expert.gate_proj",
+                _leaf("FFN_UP_SHEXP"): "mlp.shared_expert.up_proj",
+                _leaf("FFN_DOWN_SHEXP"): "mlp.shared_expert.down_proj",
+                _leaf("FFN_GATE_INP_SHEXP"): "mlp.shared_expert_gate"}
+_EMBEDDING, _OUTPUT_NORM, _OUTPUT = _leaf("TOKEN_EMBD"), _leaf("OUTPUT_NORM"), _leaf("OUTPUT")
+_GLOBAL = {f"{_EMBEDDING}.weight": "model.embed_tokens.weight", f"{_OUTPUT_NORM}.weight": "model.norm.weight",
+           f"{_OUTPUT}.weight": "lm_head.weight"}
 # Matrices whose residual-stream side is their input (ne[0] == n_embd) or their output (ne[1] == n_embd).
-_READS_RESIDUAL = frozenset({"attn_q", "attn_k", "attn_v", "attn_qkv", "ffn_gate", "ffn_up", "ffn_gate_inp",
-                             "ffn_gate_exps", "ffn_up_exps", "ffn_gate_shexp", "ffn_up_shexp"})
-_WRITES_RESIDUAL = frozenset({"attn_output", "ffn_down", "ffn_down_exps", "ffn_down_shexp"})
-_BIASED = frozenset({"attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output"})
+_READS_RESIDUAL = frozenset(_leaf(t) for t in ("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_QKV", "FFN_GATE", "FFN_UP",
+                                               "FFN_GATE_INP", "FFN_GATE_EXP", "FFN_UP_EXP", "FFN_GATE_SHEXP",
+                                               "FFN_UP_SHEXP", "TOKEN_EMBD", "OUTPUT"))
+_WRITES_RESIDUAL = frozenset(_leaf(t) for t in ("ATTN_OUT", "FFN_DOWN", "FFN_DOWN_EXP", "FFN_DOWN_SHEXP"))
+_BIASED = frozenset(_leaf(t) for t in ("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_QKV", "ATTN_OUT"))
+_FFN_BIASED = frozenset(_leaf(t) for t in ("FFN_GATE", "FFN_UP", "FFN_DOWN"))
+_Q, _K, _V, _QKV = _leaf("ATTN_Q"), _leaf("ATTN_K"), _leaf("ATTN_V"), _leaf("ATTN_QKV")
+_EXPERTS = (_leaf("FFN_GATE_INP"), _leaf("FFN_GATE_EXP"), _leaf("FFN_UP_EXP"), _leaf("FFN_DOWN_EXP"))
+_SHARED_GATE = _leaf("FFN_GATE_INP_SHEXP")
 _LAYER_NAME = re.compile(r"^blk\.(0|[1-9][0-9]{0,5})\.([a-z0-9_]+)\.(weight|bias)$")
 _INTEGER_TYPES = frozenset({"UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64"})
 _FLOAT_TYPES = frozenset({"FLOAT32", "FLOAT64"})
@@ -76,34 +95,29 @@ class Family:
     moe_type: str | None = None  # model_type when expert_count > 0 (llama -> mixtral)
 
 
-_ROPE = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
-_BASE_REQUIRED = ("attn_norm", "attn_output", "ffn_norm")
+_ROPE = tuple(f"{_leaf(t)}.weight" for t in ("ROPE_FREQS", "ROPE_FACTORS_LONG", "ROPE_FACTORS_SHORT"))
+_BASE = (_leaf("ATTN_NORM"), _leaf("ATTN_OUT"), _leaf("FFN_NORM"))
+_GATED = (_leaf("FFN_GATE"), _leaf("FFN_UP"), _leaf("FFN_DOWN"))
+_QK = (_leaf("ATTN_Q_NORM"), _leaf("ATTN_K_NORM"))
+_POST = (_leaf("ATTN_POST_NORM"), _leaf("FFN_POST_NORM"))
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", "LlamaForCausalLM", {**_ATTENTION, **_DENSE},
-                    _BASE_REQUIRED + ("ffn_gate", "ffn_up", "ffn_down"), permute_qk=True, ffn_biases=True,
-                    runtime_only=_ROPE, moe_type="mixtral"),
-    "qwen2": Family("qwen2", "Qwen2ForCausalLM", {**_ATTENTION, **_DENSE},
-                    _BASE_REQUIRED + ("ffn_gate", "ffn_up", "ffn_down")),
+    "llama": Family("llama", "LlamaForCausalLM", {**_ATTENTION, **_DENSE}, _BASE + _GATED, permute_qk=True,
+                    ffn_biases=True, runtime_only=_ROPE, moe_type="mixtral"),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", {**_ATTENTION, **_DENSE}, _BASE + _GATED),
     "qwen2moe": Family("qwen2_moe", "Qwen2MoeForCausalLM", {**_ATTENTION, **_QWEN_MOE, **_QWEN_SHARED},
-                       _BASE_REQUIRED + ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"),
-                       moe=True),
-    "qwen3": Family("qwen3", "Qwen3ForCausalLM", {**_ATTENTION, **_DENSE, **_QK_NORM},
-                    _BASE_REQUIRED + ("ffn_gate", "ffn_up", "ffn_down", "attn_q_norm", "attn_k_norm")),
+                       _BASE + _EXPERTS, moe=True),
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", {**_ATTENTION, **_DENSE, **_QK_NORM}, _BASE + _GATED + _QK),
     "qwen3moe": Family("qwen3_moe", "Qwen3MoeForCausalLM", {**_ATTENTION, **_QWEN_MOE, **_QK_NORM},
-                       _BASE_REQUIRED + ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps",
-                                         "attn_q_norm", "attn_k_norm"), moe=True),
-    "gemma": Family("gemma", "GemmaForCausalLM", {**_ATTENTION, **_DENSE},
-                    _BASE_REQUIRED + ("ffn_gate", "ffn_up", "ffn_down"), norm_offset=True, tied_only=True),
-    "gemma2": Family("gemma2", "Gemma2ForCausalLM", {**_ATTENTION, **_DENSE, **_SANDWICH},
-                     _BASE_REQUIRED + ("ffn_gate", "ffn_up", "ffn_down", "attn_post_norm", "ffn_post_norm"),
+                       _BASE + _EXPERTS + _QK, moe=True),
+    "gemma": Family("gemma", "GemmaForCausalLM", {**_ATTENTION, **_DENSE}, _BASE + _GATED, norm_offset=True,
+                    tied_only=True),
+    "gemma2": Family("gemma2", "Gemma2ForCausalLM", {**_ATTENTION, **_DENSE, **_SANDWICH}, _BASE + _GATED + _POST,
                      norm_offset=True, tied_only=True),
     "gemma3": Family("gemma3_text", "Gemma3ForCausalLM", {**_ATTENTION, **_DENSE, **_SANDWICH, **_QK_NORM},
-                     _BASE_REQUIRED + ("ffn_gate", "ffn_up", "ffn_down", "attn_post_norm", "ffn_post_norm",
-                                       "attn_q_norm", "attn_k_norm"), norm_offset=True, tied_only=True),
+                     _BASE + _GATED + _POST + _QK, norm_offset=True, tied_only=True),
     "phi3": Family("phi3", "Phi3ForCausalLM",
-                   {**_ATTENTION, "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj",
-                    "ffn_down": "mlp.down_proj"}, _BASE_REQUIRED + ("ffn_up", "ffn_down"),
-                   runtime_only=("rope_factors_long.weight", "rope_factors_short.weight")),
+                   {**_ATTENTION, _leaf("FFN_NORM"): "post_attention_layernorm", _leaf("FFN_UP"): "mlp.gate_up_proj",
+                    _leaf("FFN_DOWN"): "mlp.down_proj"}, _BASE + _GATED[1:], runtime_only=_ROPE[1:]),
 }
 _BY_MODEL_TYPE: dict[str, Family] = {f.model_type: f for f in FAMILIES.values()}
 _BY_MODEL_TYPE["mixtral"] = FAMILIES["llama"]
@@ -164,7 +178,8 @@ def _number(meta: dict[str, GGUFValue], key: str, where: str) -> float | None:
         return None
     if entry.type not in _FLOAT_TYPES | _INTEGER_TYPES or not math.isfinite(float(entry.value)):
         raise GGUFMetadataError(f"{where}: metadata '{shown(key)}' must be a finite number")
-    return float(entry.value)
+    # a float32 shown as its shortest decimal (1e-05, not 9.999999747378752e-06), as the HF config wrote it
+    return float(f"{entry.value:.7g}") if entry.type == "FLOAT32" else float(entry.value)
 
 
 def _string(meta: dict[str, GGUFValue], key: str, where: str) -> str | None:
@@ -273,20 +288,20 @@ def _check_shape(tensor: GGUFTensor, leaf: str, kind: str, config: dict[str, Any
     ne = tensor.ne
     width, heads, kv_heads, head_dim = (int(config[k]) for k in ("hidden_size", "num_attention_heads",
                                                                  "num_key_value_heads", "head_dim"))
-    expected_rank = 1 if kind == "bias" or leaf.endswith("norm") or leaf == "ffn_gate_inp_shexp" else (
-        3 if leaf.endswith("_exps") else 2)
+    expected_rank = 1 if kind == "bias" or leaf.endswith("norm") or leaf == _SHARED_GATE else (
+        3 if leaf in _EXPERTS[1:] else 2)
     problem = None
     if len(ne) != expected_rank:
         problem = f"{expected_rank} dimensions"
-    elif expected_rank >= 2 and leaf in _READS_RESIDUAL | {"token_embd", "output"} and ne[0] != width:
+    elif expected_rank >= 2 and leaf in _READS_RESIDUAL and ne[0] != width:
         problem = f"rows of embedding_length {width}"
     elif expected_rank >= 2 and leaf in _WRITES_RESIDUAL and ne[1] != width:
         problem = f"{width} outputs (embedding_length)"
-    elif leaf in ("attn_q", "attn_k", "attn_qkv"):
-        rows = {"attn_q": heads, "attn_k": kv_heads, "attn_qkv": heads + 2 * kv_heads}[leaf] * head_dim
+    elif leaf in (_Q, _K, _QKV):
+        rows = {_Q: heads, _K: kv_heads, _QKV: heads + 2 * kv_heads}[leaf] * head_dim
         if ne[-1] != rows:
             problem = f"{rows} rows ({heads} heads, {kv_heads} key-value heads of {head_dim})"
-    elif leaf.endswith("_exps") and ne[2] != config.get("num_local_experts", config.get("num_experts")):
+    elif leaf in _EXPERTS[1:] and ne[2] != config.get("num_local_experts", config.get("num_experts")):
         problem = f"{config.get('num_local_experts', config.get('num_experts'))} experts"
     if problem is not None:
         raise GGUFTensorsError(f"{where}: tensor '{shown(tensor.name)}' has shape {list(ne)} (ggml order), expected "
@@ -322,11 +337,11 @@ def map_model(header: GGUFHeader, where: str) -> MappedModel:
     for tensor in header.tensors:
         name = tensor.name
         if name in _GLOBAL:
-            if name == "output.weight" and family.tied_only:
+            if name == f"{_OUTPUT}.weight" and family.tied_only:
                 unloaded.append(f"{name}: llama.cpp uses the token embedding as output head for '{arch}' and "
                                 f"never loads it")
                 continue
-            _check_shape(tensor, name.split(".")[0], "weight", config, where)
+            _check_shape(tensor, name.split(".")[0], "weight", config, where)  # token_embd, output, output_norm
             infos.extend(_infos(tensor, _GLOBAL[name], file))
             continue
         if name in family.runtime_only:
@@ -341,7 +356,7 @@ def map_model(header: GGUFHeader, where: str) -> MappedModel:
         if layer >= layers:
             unloaded.append(f"{name}: block {layer} is past block_count {layers}; llama.cpp never loads it")
             continue
-        biased = leaf in _BIASED or (family.ffn_biases and leaf in ("ffn_gate", "ffn_up", "ffn_down"))
+        biased = leaf in _BIASED or (family.ffn_biases and leaf in _FFN_BIASED)
         if kind == "bias" and not biased:
             unloaded.append(f"{name}: llama.cpp loads no bias for '{leaf}' in architecture '{arch}'")
             continue
@@ -350,8 +365,8 @@ def map_model(header: GGUFHeader, where: str) -> MappedModel:
             present.setdefault(layer, set()).add(leaf)
         infos.extend(_infos(tensor, f"model.layers.{layer}.{hf}.{kind}", file))
     _check_required(family, table, present, by_name, layers, where)
-    config["vocab_size"] = by_name["token_embd.weight"].ne[1]
-    config["tie_word_embeddings"] = "output.weight" not in by_name or family.tied_only
+    config["vocab_size"] = by_name[f"{_EMBEDDING}.weight"].ne[1]
+    config["tie_word_embeddings"] = f"{_OUTPUT}.weight" not in by_name or family.tied_only
     notes = []
     if runtime_only:
         notes.append(f"{', '.join(runtime_only)}: loaded by llama.cpp (rope frequency factors derived from the "
@@ -369,19 +384,18 @@ def map_model(header: GGUFHeader, where: str) -> MappedModel:
 
 def _check_required(family: Family, table: dict[str, str], present: dict[int, set[str]],
                     by_name: dict[str, GGUFTensor], layers: int, where: str) -> None:
-    for name in ("token_embd.weight", "output_norm.weight"):
+    for name in (f"{_EMBEDDING}.weight", f"{_OUTPUT_NORM}.weight"):
         if name not in by_name:
             raise GGUFTensorsError(f"{where}: tensor '{name}' is missing; llama.cpp cannot load the model")
     required = list(family.required)
     if table is _MOE_LAYER:
-        required = [r for r in required if not r.startswith("ffn_") or r == "ffn_norm"] + [
-            "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+        required = [r for r in required if r not in _GATED] + list(_EXPERTS)
     for layer in range(layers):
         leaves = present.get(layer, set())
         missing = [leaf for leaf in required if leaf not in leaves]
-        if "attn_qkv" not in leaves:
-            missing += [leaf for leaf in ("attn_q", "attn_k", "attn_v") if leaf not in leaves]
-        elif leaves & {"attn_q", "attn_k", "attn_v"}:
+        if _QKV not in leaves:
+            missing += [leaf for leaf in (_Q, _K, _V) if leaf not in leaves]
+        elif leaves & {_Q, _K, _V}:
             raise GGUFTensorsError(f"{where}: block {layer} has both a fused attn_qkv and separate q/k/v tensors; "
                                    f"llama.cpp loads only one of them")
         if missing:

@@ -76,7 +76,8 @@ class GGUFTensorReader(TensorReader):
         row_bytes = (info.shape[-1] if info.shape else 1) // block * type_size
         buffer = self._map(info.file)
         data = np.frombuffer(buffer, dtype=np.uint8, count=info.nbytes, offset=info.begin).reshape(-1, row_bytes)
-        values = gguf.quants.dequantize(data, qtype)
+        with np.errstate(all="ignore"):  # NaN/Inf scales are the weights' own values, refused with finite=True
+            values = gguf.quants.dequantize(data, qtype)
         del data  # the view pins the map; the values are a fresh array
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(info.shape)
 
@@ -99,7 +100,9 @@ class GGUFTensorReader(TensorReader):
         data = np.frombuffer(buffer, dtype=np.uint8, count=info.nbytes, offset=info.begin).reshape(-1, row_bytes)
         picked = data[ids.numpy()]
         del data
-        return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(picked, qtype), dtype=np.float32))
+        with np.errstate(all="ignore"):
+            values = gguf.quants.dequantize(picked, qtype)
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
 
     def float32(self, info: TensorInfo, *, finite: bool = False) -> torch.Tensor:
         """The tensor as a fresh float32 tensor; with `finite=True`, NaN/Inf is a WeightValueError."""
