@@ -51,3 +51,18 @@ def converter_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter Q/K row permutation (written independently of tg_verify's inverse)."""
     return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
             .swapaxes(1, 2).reshape(weight.shape))
+
+
+def gguf_from_directory(directory: Path, path: Path, qtype: str = "F32") -> Path:
+    """Convert a saved tiny HF model (config.json + model.safetensors) to GGUF with tg_verify.tiny.save_gguf."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from tg_verify.tiny import save_gguf
+
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return save_gguf(model.eval(), path, qtype)

@@ -168,6 +168,7 @@ class VerificationResult:
             forbidden=self.policy.forbidden, on_out_of_cluster=self.policy.on_out_of_cluster,
             require_lineage=self.policy.lineage.enabled, features=dict(cand.fingerprint.features),
             distance_space=str(cls.space.get("space")) if cls.space else None,
+            format=str(cand.fingerprint.artifact.get("format", "safetensors")),
             base_files=tuple(at.SubjectFile(path=f["path"], sha256=f["sha256"], size=f.get("size"),
                                             role=f.get("role")) for f in base.get("files", ())),
             base_name=base.get("name"),

@@ -128,6 +128,7 @@ class AttestationEvidence:
     require_lineage: bool = True
     features: Mapping[str, float] = field(default_factory=dict)
     distance_space: str | None = None
+    format: str = "safetensors"  # the candidate's file format: "safetensors" | "gguf"
     policy_uri: str | None = None
     base_files: tuple[SubjectFile, ...] = ()  # adapters: the base the adapter was merged onto
     base_name: str | None = None
@@ -243,7 +244,7 @@ def build_predicate(evidence: AttestationEvidence, *, time_verified: _dt.datetim
     candidate: dict[str, Any] = {
         "name": evidence.model_name,
         "layout": evidence.layout,
-        "format": "safetensors",
+        "format": evidence.format,
         "rootDigest": {"sha256": root_digest_of(files)},
         "serialization": {"method": "files", "hashType": "sha256", "allowSymlinks": False},
         "files": [_drop_none({"name": f.path, "digest": {"sha256": f.sha256}, "role": f.role, "size": f.size})
