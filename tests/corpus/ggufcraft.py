@@ -88,11 +88,12 @@ def gguf_bytes(kvs: list[bytes], tensors: list[T], *, magic: bytes = b"GGUF", ve
     (unless a tensor's `offset` says otherwise)."""
     infos, data, cursor = b"", b"", 0
     for t in tensors:
-        size = t.nbytes()
+        payload = _values(t) if t.data is None else t.data  # given data may disagree with the declared shape
+        size = len(payload)
         padded = -(-size // alignment) * alignment
         infos += (string(t.name) + u32(len(t.ne) if t.n_dims is None else t.n_dims)
                   + b"".join(u64(n) for n in t.ne) + u32(t.type) + u64(cursor if t.offset is None else t.offset))
-        data += (_values(t) if t.data is None else t.data) + bytes([pad]) * (padded - size)
+        data += payload + bytes([pad]) * (padded - size)
         cursor += padded
     head = (magic + u32(version) + u64(len(tensors) if tensor_count is None else tensor_count)
             + u64(len(kvs) if kv_count is None else kv_count) + b"".join(kvs) + infos)
