@@ -165,6 +165,7 @@ def save_gguf(model: torch.nn.Module, path: str | os.PathLike[str], qtype: str =
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], layers)
     target = gguf.GGMLQuantizationType[qtype]
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(f"tiny-{model_type}")
     writer.add_block_count(layers)

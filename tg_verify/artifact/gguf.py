@@ -323,15 +323,17 @@ def _tensor_info(cursor: _Cursor, index: int, names: set[str], c: Any) -> tuple[
     if any(n >= INT64_LIMIT for n in ne):
         raise ShapeError(f"{where}: tensor '{shown(name)}': shape {list(ne)} has a dimension that is negative as "
                          f"int64")
-    if math.prod(ne) >= INT64_LIMIT:
-        raise SizeOverflowError(f"{where}: tensor '{shown(name)}': shape {list(ne)} has 2^63 elements or more")
     kind = cursor.u32(f"the type of tensor '{shown(name)}'")
     sizes = c.GGML_QUANT_SIZES
     known = {int(t): t for t in sizes}
     if kind not in known:
         raise UnknownDtypeError(f"{where}: tensor '{shown(name)}' has ggml type {kind}, which is not a tensor type "
                                 f"of GGUF (removed or unknown)")
-    block, _ = sizes[known[kind]]
+    block, type_size = sizes[known[kind]]
+    span = math.prod(max(n, 1) for n in ne)  # a 0 in the shape does not excuse the others (numpy, gguf-py check too)
+    if span >= INT64_LIMIT or span * type_size >= INT64_LIMIT:
+        raise SizeOverflowError(f"{where}: tensor '{shown(name)}': shape {list(ne)} of {known[kind].name} spans 2^63 "
+                                f"elements or bytes")
     row = ne[0] if ne else 1
     if row % block:
         raise MisalignedSizeError(f"{where}: tensor '{shown(name)}': rows of {row} elements are not a multiple of "
