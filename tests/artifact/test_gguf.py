@@ -171,9 +171,14 @@ def _moe(arch: str, experts: int = 4, width: int = 32, ff: int = 64, seed: int =
                   f"blk.{b}.attn_norm.weight": hf[p + "input_layernorm.weight"],
                   f"blk.{b}.ffn_norm.weight": hf[p + "post_attention_layernorm.weight"],
                   f"blk.{b}.ffn_gate_inp.weight": hf[p + f"{moe}.gate.weight"]})
-        if not mixtral:
+        if arch == "qwen3moe":
             for part in ("q_norm", "k_norm"):
                 hf[p + f"self_attn.{part}.weight"] = g[f"blk.{b}.attn_{part}.weight"] = w(head_dim)
+        if arch == "qwen2moe":  # a shared expert and its gate ([1, hidden] in HF, a vector in GGUF)
+            for part, shape in (("gate", (ff, width)), ("up", (ff, width)), ("down", (width, ff))):
+                hf[p + f"mlp.shared_expert.{part}_proj.weight"] = g[f"blk.{b}.ffn_{part}_shexp.weight"] = w(*shape)
+            hf[p + "mlp.shared_expert_gate.weight"] = w(1, width)
+            g[f"blk.{b}.ffn_gate_inp_shexp.weight"] = hf[p + "mlp.shared_expert_gate.weight"][0]
         stacks: dict[str, list[np.ndarray]] = {"gate": [], "down": [], "up": []}
         for e in range(experts):
             gate, down, up = w(ff, width), w(width, ff), w(ff, width)
@@ -185,7 +190,7 @@ def _moe(arch: str, experts: int = 4, width: int = 32, ff: int = 64, seed: int =
     return hf, g
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2moe", "qwen3moe"])
 def test_merged_experts_become_one_tensor_per_expert(arch: str, tmp_path: Path) -> None:
     hf, tensors = _moe(arch)
     metadata = {**dense_metadata(32, 4, 2, 2, 64), "expert_count": 4, "expert_used_count": 2,
@@ -193,7 +198,7 @@ def test_merged_experts_become_one_tensor_per_expert(arch: str, tmp_path: Path) 
     artifact = resolve(write_gguf(tmp_path / "moe.gguf", arch, metadata, tensors))
     assert sorted(t.name for t in artifact.tensors) == sorted(hf)
     assert artifact.config is not None
-    assert artifact.config["model_type"] == ("mixtral" if arch == "llama" else "qwen3_moe")
+    assert artifact.config["model_type"] == {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}[arch]
     with open_reader(artifact) as reader:
         for info in artifact.tensors:
             assert info.shape == hf[info.name].shape, info.name

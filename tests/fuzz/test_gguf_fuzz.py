@@ -84,8 +84,11 @@ def mutated(draw: st.DrawFn) -> bytes:
     blob = bytearray(draw(st.sampled_from(SEEDS)))
     header_end = min(len(blob), 1200)
     for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["truncate", "flip", "u32", "u64", "insert", "delete"]))
-        if op == "truncate":
+        op = draw(st.sampled_from(["truncate", "flip", "u32", "u64", "insert", "delete", "data"]))
+        if op == "data" and len(blob) > 64:  # weights (and quantisation scales) are data: accepted, then read
+            i = draw(st.integers(len(blob) // 2, len(blob) - 1))
+            blob[i] = draw(st.integers(0, 255))
+        elif op == "truncate":
             del blob[draw(st.integers(0, len(blob))):]
         elif op == "flip" and blob:
             i = draw(st.integers(0, len(blob) - 1))
