@@ -45,7 +45,8 @@ def test_gguf_reads_like_the_safetensors_original(arch: str, qtype: str, tiny_mo
                                                   gguf_files: dict[tuple[str, str], Path]) -> None:
     original = resolve(tiny_models[arch]["single"])
     converted = resolve(gguf_files[(arch, qtype)])
-    assert converted.format == "gguf" and converted.layout == "single" and not converted.unloaded
+    assert converted.format == "gguf" and converted.layout == "single" and not converted.unexpected
+    assert converted.architecture == {"mistral": "llama"}.get(arch, arch)
     assert [(t.name, t.shape) for t in converted.tensors] == [(t.name, t.shape) for t in original.tensors]
     assert converted.total_params == original.total_params
     assert original.config is not None and converted.config is not None
@@ -68,6 +69,7 @@ def test_mistral_and_llama_map_to_llama_as_llama_cpp_loads_them(gguf_files: dict
     assert config["architectures"] == ["LlamaForCausalLM"]
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # random blocks hold NaN/Inf scales; compared as such
 @pytest.mark.parametrize("qtype", sorted(dequantisable()))
 def test_every_dequantisable_type_reads_what_gguf_dequantises(qtype: str, tmp_path: Path) -> None:
     width, heads, ff, vocab = 256, 4, 256, 8
@@ -213,10 +215,10 @@ def test_tensors_llama_cpp_would_not_load_are_reported_not_mapped(tmp_path: Path
     path = _rewrite_with(tmp_path / "extra.gguf", base, extra)
     artifact = resolve(path)
     assert [t.name for t in artifact.tensors] == [t.name for t in base.tensors]
-    assert sorted(u.split(":")[0] for u in artifact.unloaded) == ["blk.0.evil.weight", "blk.0.ffn_norm.bias",
-                                                                  "blk.7.attn_q.weight"]
+    assert sorted(t.name for t in artifact.unexpected) == ["blk.0.evil.weight", "blk.0.ffn_norm.bias",
+                                                           "blk.7.attn_q.weight"]
     assert any("rope_freqs.weight" in w for w in artifact.warnings)
-    assert any(w.startswith("TGV_UNEXPECTED_TENSORS") for w in artifact.warnings)
+    assert any("block 7 is past block_count 1" in w for w in artifact.warnings)
 
 
 def test_gemma_output_head_is_never_loaded(tmp_path: Path, tiny_model_objects: dict[str, torch.nn.Module]) -> None:
@@ -224,7 +226,7 @@ def test_gemma_output_head_is_never_loaded(tmp_path: Path, tiny_model_objects: d
     base = resolve(path)
     artifact = resolve(_rewrite_with(tmp_path / "g2.gguf", base, {"output.weight": np.ones((512, 64), np.float32)}))
     assert "lm_head.weight" not in [t.name for t in artifact.tensors]
-    assert artifact.unloaded and artifact.unloaded[0].startswith("output.weight")
+    assert [t.name for t in artifact.unexpected] == ["output.weight"]
 
 
 def test_fused_and_separate_attention_together_are_refused(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tg_verify.artifact import file_digests, resolve
-from tg_verify.artifact.peft import open_merged
+from tg_verify.artifact.merge import open_merged
 from tg_verify.fingerprint.extract import fingerprint_artifact
 from tg_verify.fingerprint.settings import FingerprintSettings
 from tg_verify.tiny import ARCHITECTURES, save_gguf, save_lora_adapter
@@ -28,7 +28,7 @@ def test_f32_gguf_fingerprint_equals_the_safetensors_one(arch: str, tiny_models:
     assert converted.sketch == original.sketch
     assert [(t["name"], t["shape"]) for t in converted.tensors] == [(t["name"], t["shape"]) for t in original.tensors]
     record = converted.artifact
-    assert record["format"] == "gguf" and original.artifact["format"] == "safetensors"
+    assert record["format"] == "gguf" and "format" not in original.artifact
     assert [f["path"] for f in record["files"]] == [path.name]
     assert record["files"][0]["sha256"] == file_digests(resolve(path))[path.name]
     assert set(record["quantisation"]) == {"F32"}
@@ -64,8 +64,8 @@ def test_tensors_llama_cpp_does_not_load_change_nothing(tiny_model_objects, tmp_
     plain = fingerprint_artifact(resolve(path), SETTINGS)
     extra = fingerprint_artifact(resolve(tmp_path / "extra.gguf"), SETTINGS)
     assert extra.features == plain.features and extra.sketch == plain.sketch
-    assert extra.artifact["unloaded"][0].startswith("blk.0.backdoor.weight")
-    assert "unloaded" not in plain.artifact
+    assert extra.extraction is not None and extra.extraction["unexpected_tensors"] == ["blk.0.backdoor.weight"]
+    assert plain.extraction is not None and "unexpected_tensors" not in plain.extraction
 
 
 def test_an_adapter_merges_onto_a_gguf_base_as_onto_its_safetensors_original(

@@ -22,9 +22,8 @@ from ggufcraft import F16, F32, Q4_0, Q8_0, VT, T, TinyLlama, gguf_bytes, kv, kv
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tg_verify.artifact import open_reader, resolve
 from tg_verify.artifact.gguf import validate_gguf_bytes
-from tg_verify.artifact.layout import resolve
-from tg_verify.artifact.reader import open_reader
 from tg_verify.cli import main
 from tg_verify.errors import InputError
 

@@ -39,12 +39,13 @@ from tg_verify.artifact.errors import (
     ShapeError,
     SizeOverflowError,
     TensorNameError,
+    TooManyTensorsError,
     TrailingBytesError,
     UnknownDtypeError,
     shown,
 )
 from tg_verify.artifact.header import valid_name
-from tg_verify.artifact.model import Artifact, ArtifactFile
+from tg_verify.artifact.model import Artifact, ArtifactFile, tensor_budget
 from tg_verify.artifact.safeio import open_regular, os_error
 
 if TYPE_CHECKING:
@@ -365,6 +366,9 @@ def parse_gguf(buffer: Any, size: int, where: str, path: Path | None = None,
     if kv_count * MIN_KV_BYTES + tensor_count * MIN_TENSOR_INFO_BYTES > room:
         raise GGUFCountError(f"{where}: {kv_count} key-value pairs and {tensor_count} tensors cannot fit in the "
                              f"{room} header bytes the file can hold")
+    too_many = tensor_budget(tensor_count, size - cursor.pos)  # before any per-tensor work
+    if too_many:
+        raise TooManyTensorsError(f"{where}: {too_many}; set TG_VERIFY_MAX_TENSORS to a larger count to accept it")
     metadata: dict[str, GGUFValue] = {}
     for index in range(kv_count):
         key = _key(cursor, index, metadata)
@@ -449,7 +453,12 @@ def resolve_gguf(path: str | os.PathLike[str], warnings: tuple[str, ...] = ()) -
         notes.append(f"followed a symbolic link ({shown(path.name)} -> {shown(os.readlink(path))}); the digest is of "
                      f"the link target")
     stem = path.name[: -len(SUFFIX)] if is_gguf_path(path.name) else path.name
+    too_many = tensor_budget(len(mapped.tensors), sum(t.nbytes for t in mapped.tensors))  # experts multiply
+    if too_many:
+        raise TooManyTensorsError(f"{shown(path)}: {too_many}; set TG_VERIFY_MAX_TENSORS to a larger count to "
+                                  f"accept it")
+    arch = header.metadata["general.architecture"].value
     return Artifact(root=path.parent, name=stem or path.name, layout="single",
                     files=(ArtifactFile(path.name, header.file_size, "weights"),), tensors=mapped.tensors,
                     config=mapped.config, metadata={path.name: mapped.metadata}, warnings=tuple(notes),
-                    format="gguf", unloaded=mapped.unloaded)
+                    format="gguf", unexpected=mapped.unexpected, architecture=arch)

@@ -7,7 +7,7 @@ A GGUF model is fingerprinted like its safetensors original: `blk.3.attn_q.weigh
 converter changed is undone when the tensors are read (`transform_for`): the row permutation of Q and K
 for llama-style rope, and the +1 it adds to Gemma's norm weights. The tables follow llama.cpp's
 loaders (src/models/*.cpp) for each architecture; a tensor outside them is one llama.cpp would not
-load, reported in `Artifact.unloaded` and never fingerprinted.
+load, reported in `Artifact.unexpected` and never fingerprinted.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class MappedModel:
     config: dict[str, Any]
     metadata: dict[str, str]
     notes: tuple[str, ...] = ()
-    unloaded: tuple[str, ...] = ()
+    unexpected: tuple[TensorInfo, ...] = ()  # stored tensors llama.cpp would not load: never fingerprinted
 
 
 def display(value: GGUFValue) -> str:
@@ -330,7 +330,7 @@ def map_model(header: GGUFHeader, where: str) -> MappedModel:
     layers = int(config["num_hidden_layers"])
     file = header.path.name
     infos: list[TensorInfo] = []
-    unloaded: list[str] = []
+    unloaded: list[tuple[GGUFTensor, str]] = []
     runtime_only: list[str] = []
     present: dict[int, set[str]] = {}
     by_name = {t.name: t for t in header.tensors}
@@ -338,8 +338,7 @@ def map_model(header: GGUFHeader, where: str) -> MappedModel:
         name = tensor.name
         if name in _GLOBAL:
             if name == f"{_OUTPUT}.weight" and family.tied_only:
-                unloaded.append(f"{name}: llama.cpp uses the token embedding as output head for '{arch}' and "
-                                f"never loads it")
+                unloaded.append((tensor, f"llama.cpp uses the token embedding as output head for '{arch}'"))
                 continue
             _check_shape(tensor, name.split(".")[0], "weight", config, where)  # token_embd, output, output_norm
             infos.extend(_infos(tensor, _GLOBAL[name], file))
@@ -350,15 +349,15 @@ def map_model(header: GGUFHeader, where: str) -> MappedModel:
         match = _LAYER_NAME.match(name)
         hf = table.get(match.group(2)) if match else None
         if match is None or hf is None:
-            unloaded.append(f"{name}: not a tensor llama.cpp loads for architecture '{arch}'")
+            unloaded.append((tensor, f"not a tensor llama.cpp loads for architecture '{arch}'"))
             continue
         layer, leaf, kind = int(match.group(1)), match.group(2), match.group(3)
         if layer >= layers:
-            unloaded.append(f"{name}: block {layer} is past block_count {layers}; llama.cpp never loads it")
+            unloaded.append((tensor, f"block {layer} is past block_count {layers}"))
             continue
         biased = leaf in _BIASED or (family.ffn_biases and leaf in _FFN_BIASED)
         if kind == "bias" and not biased:
-            unloaded.append(f"{name}: llama.cpp loads no bias for '{leaf}' in architecture '{arch}'")
+            unloaded.append((tensor, f"llama.cpp loads no bias for '{leaf}' in architecture '{arch}'"))
             continue
         _check_shape(tensor, leaf, kind, config, where)
         if kind == "weight":
@@ -372,14 +371,17 @@ def map_model(header: GGUFHeader, where: str) -> MappedModel:
         notes.append(f"{', '.join(runtime_only)}: loaded by llama.cpp (rope frequency factors derived from the "
                      f"config) with no Hugging Face weight to compare: not fingerprinted")
     if unloaded:
-        notes.append(f"TGV_UNEXPECTED_TENSORS: {len(unloaded)} tensor(s) llama.cpp would not load are not "
-                     f"fingerprinted (first: {shown(unloaded[0], 200)})")
+        why = "; ".join(f"{shown(t.name)}: {reason}" for t, reason in unloaded[:3])
+        notes.append(f"why llama.cpp would not load {len(unloaded)} stored tensor(s): {why}"
+                     + (f"; and {len(unloaded) - 3} more" if len(unloaded) > 3 else ""))
     metadata = {"GGUF.version": str(header.version), "GGUF.alignment": str(header.alignment),
                 "GGUF.tensor_count": str(len(header.tensors)),
                 **{shown(key): display(value) for key, value in meta.items()}}
     infos.sort(key=lambda t: natural_key(t.name))
+    unexpected = tuple(TensorInfo(t.name, t.type_name, tuple(reversed(t.ne)), file, t.begin, t.end)
+                       for t, _ in unloaded)
     return MappedModel(tensors=tuple(infos), config=config, metadata=metadata, notes=tuple(notes),
-                       unloaded=tuple(unloaded))
+                       unexpected=unexpected)
 
 
 def _check_required(family: Family, table: dict[str, str], present: dict[int, set[str]],

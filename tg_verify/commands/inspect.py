@@ -137,9 +137,9 @@ def _render(doc: dict[str, Any], list_tensors: bool) -> None:
     for name, value in doc["categories"].items():
         cats.add_row(name, f"{value['tensors']:,}", f"{value['params']:,}")
     console.print(cats)
-    if doc.get("unloaded"):
-        console.print(f"not loaded by the runtime, not fingerprinted ({len(doc['unloaded'])}): "
-                      + "; ".join(text(u) for u in doc["unloaded"][:5]))
+    if doc.get("unexpected_tensors"):
+        console.print(f"not loaded by the runtime, never fingerprinted ({len(doc['unexpected_tensors'])}): "
+                      + ", ".join(text(u["name"]) for u in doc["unexpected_tensors"][:5]))
     if doc["adapter"]:
         console.print("adapter " + ", ".join(f"{k}={text(v)}" for k, v in doc["adapter"].items()))
     if list_tensors:

@@ -8,7 +8,6 @@ a time: the sketch's products come out of the same block-wise pass as the respon
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +19,9 @@ import numpy as np
 import torch
 
 from tg_verify import __version__
-from tg_verify.artifact import Artifact, TensorInfo, categorize, file_digests, open_reader, root_digest
+from tg_verify.artifact import Artifact, TensorInfo, categorize, file_digests, naming, root_digest
+from tg_verify.artifact.formats import open_reader
+from tg_verify.artifact.model import FLOAT_DTYPES
 from tg_verify.errors import UsageError, WeightValueError
 from tg_verify.fingerprint import noise
 from tg_verify.fingerprint.document import FEATURE_NAMES, Fingerprint
@@ -31,17 +32,8 @@ from tg_verify.fingerprint.sketch import SketchBuilder
 from tg_verify.fingerprint.workers import WorkerPool, check_threads, default_threads, helper_threads
 from tg_verify.progress import NullProgress, ProgressSink
 
-# Safetensors dtypes whose values are real numbers a gradient can be taken against. Integer
-# tensors (quantised packs, index buffers) have no Linear meaning and are not analysed.
-FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ",
-                                          "F8_E5M2FNUZ"})
-# GGUF's integer types (ggml I8..I64) are the safetensors names above; every other ggml type (Q4_0, Q4_K, IQ2_XS ...)
-# stores real numbers in blocks, so it is analysed (and refused by the reader where it cannot be dequantised).
-GGUF_INTEGER_TYPES: frozenset[str] = frozenset({"I8", "I16", "I32", "I64"})
 CATEGORY_FEATURES: tuple[str, ...] = ("attention", "ffn", "embedding")
 CATEGORY_SAMPLE = 3  # "up to three layers from each category" (§III-C)
-# A decoder block index in a tensor name: model.layers.7., transformer.h.7., blocks.7., ...
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
 
 
 class TensorSource(Protocol):
@@ -50,6 +42,12 @@ class TensorSource(Protocol):
     def raw(self, info: TensorInfo) -> torch.Tensor: ...
 
     def float32(self, info: TensorInfo) -> torch.Tensor: ...
+
+
+# GGUF's integer types (ggml I8..I64) are the safetensors names of FLOAT_DTYPES' complement; every other ggml type
+# (Q4_0, Q4_K, IQ2_XS ... and types newer than this code) stores real numbers in blocks, so it is analysed, and
+# refused by the reader where the installed gguf cannot dequantise it: never silently skipped.
+GGUF_INTEGER_TYPES: frozenset[str] = frozenset({"I8", "I16", "I32", "I64"})
 
 
 def real_valued(dtype: str, fmt: str = "safetensors") -> bool:
@@ -121,9 +119,9 @@ def count_layers(names: list[str]) -> tuple[int, str | None]:
     """Model depth: distinct block indices under the name prefix that has the most (the decoder stack)."""
     stacks: dict[str, set[int]] = {}
     for name in names:
-        match = _BLOCK.search(name)
-        if match:
-            stacks.setdefault(name[:match.start(1)], set()).add(int(match.group(1)))
+        block = naming.block_of(name)
+        if block is not None:
+            stacks.setdefault(block[0], set()).add(block[1])
     if not stacks:
         return 0, None
     prefix = max(sorted(stacks), key=lambda p: len(stacks[p]))
@@ -326,6 +324,8 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
         features, summary = aggregate(analysed, [info.name for info in artifact.tensors], artifact.total_params)
         summary["degenerate_tensors"] = [r["name"] for r in records if r["analysis"] == "degenerate"]
         summary["skipped_tensors"] = {k: kinds.count(k) for k in ("one-dimensional", "not-float", "empty")}
+        if artifact.unexpected:  # stored but not loaded by the runtime: listed, never fingerprinted
+            summary["unexpected_tensors"] = [info.name for info in artifact.unexpected]
         summary["strategies"] = {s: sum(1 for r in records if r.get("strategy") == s and r["analysis"] == "gradient")
                                  for s in sorted({r["strategy"] for r in records if "strategy" in r})}
         sketch = builder.finish() if builder is not None else None
@@ -347,15 +347,14 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
 
 
 def _artifact_record(artifact: Artifact, files: list[dict[str, Any]], digests: dict[str, str]) -> dict[str, Any]:
-    """The fingerprint's `artifact`: layout, format, file digests; for GGUF the quantisation types fingerprinted,
-    and the stored tensors the runtime does not load (never fingerprinted)."""
-    record: dict[str, Any] = {"layout": artifact.layout, "format": artifact.format, "files": files,
-                              "root_digest": root_digest(digests)}
+    """The fingerprint's `artifact`: layout, file digests; for a GGUF file also its format and the quantisation
+    types of the tensors fingerprinted (tensors per ggml type)."""
+    record: dict[str, Any] = {"layout": artifact.layout, "files": files, "root_digest": root_digest(digests)}
+    if artifact.format != "safetensors":
+        record["format"] = artifact.format
     if artifact.format == "gguf":
         types: dict[str, int] = {}
         for info in artifact.tensors:
             types[info.dtype] = types.get(info.dtype, 0) + 1
         record["quantisation"] = dict(sorted(types.items()))
-    if artifact.unloaded:
-        record["unloaded"] = list(artifact.unloaded)
     return record
