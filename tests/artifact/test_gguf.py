@@ -321,3 +321,25 @@ def _rewrite_with(path: Path, artifact: object, extra: dict[str, np.ndarray]) ->
 def test_general_type_model_is_accepted(tmp_path: Path) -> None:
     artifact = resolve(_write(tmp_path / "m.gguf", tiny_llama(extra_kvs=[kv_str("general.type", "model")])))
     assert artifact.config is not None and artifact.config["model_type"] == "llama"
+
+
+def test_the_vocabulary_is_exposed_for_the_sketch(gguf_files: dict[tuple[str, str], Path]) -> None:
+    artifact = resolve(gguf_files[("llama", "Q8_0")])
+    assert artifact.vocabulary is not None and len(artifact.vocabulary) == 512
+    assert artifact.vocabulary[:2] == (b"<t0>", b"<t1>")
+    assert resolve(gguf_files[("llama", "F32")]).vocabulary == artifact.vocabulary
+
+
+def test_raw_computes_a_quantised_tensor_once_until_released(gguf_files: dict[tuple[str, str], Path]) -> None:
+    artifact = resolve(gguf_files[("llama", "Q4_0")])
+    info = artifact.tensor("model.embed_tokens.weight")
+    with open_reader(artifact) as reader:
+        first = reader.raw(info)
+        assert reader.raw(info) is first  # slicing raw(info)[a:b] block by block dequantises once
+        copy = reader.float32(info)
+        assert torch.equal(copy, first) and copy.data_ptr() != first.data_ptr()
+        ids = torch.arange(100, 164)
+        assert torch.equal(reader.rows(info, ids), first[ids])
+        reader.release(info)
+        again = reader.raw(info)
+        assert again is not first and torch.equal(again, first)

@@ -64,6 +64,7 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 INT64_LIMIT = 1 << 63
 MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, one key byte, value type, a one-byte value
 MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 4 + 8  # name length, one name byte, n_dims, type, offset
+VOCABULARY_KEY = "tokenizer.ggml.tokens"  # token id -> the token's text, kept (Artifact.vocabulary) for the sketch
 ARRAY_VALUES_KEPT = 64  # numeric arrays up to this length keep their values (for metadata); longer ones a count
 
 _U32 = struct.Struct("<I")
@@ -212,14 +213,17 @@ class _Cursor:
         start = self.take(count, what)
         return bytes(self.buffer[start:start + count])
 
-    def skip_strings(self, count: int, what: str) -> None:
-        """Walk `count` length-prefixed strings (a vocabulary) without copying them."""
+    def skip_strings(self, count: int, what: str, keep: list[bytes] | None = None) -> None:
+        """Walk `count` length-prefixed strings (a vocabulary), copying them into `keep` when given."""
         buffer, pos, limit, unpack = self.buffer, self.pos, self.limit, _U64.unpack_from
         for index in range(count):
             if pos + 8 > limit:
                 self.pos = pos
                 raise self._past(pos + 8, f"item {index} of {what}")
-            pos += 8 + unpack(buffer, pos)[0]
+            start = pos + 8
+            pos = start + unpack(buffer, pos)[0]
+            if keep is not None and pos <= limit:
+                keep.append(bytes(buffer[start:pos]))
             if pos > limit:
                 if pos > self.size:
                     raise GGUFLengthError(f"{self.where}: item {index} of {what} runs past the end of the file")
@@ -256,8 +260,9 @@ def _value(cursor: _Cursor, kind: int, key: str, c: Any) -> GGUFValue:
                                  f"(expected 0-8 or 10-12)")
     if item == types.STRING:
         count = cursor.length(what, unit=8)
-        cursor.skip_strings(count, what)
-        return GGUFValue("ARRAY", count=count, item_type="STRING")
+        keep: list[bytes] | None = [] if key == VOCABULARY_KEY else None
+        cursor.skip_strings(count, what, keep)
+        return GGUFValue("ARRAY", None if keep is None else tuple(keep), count, "STRING")
     fmt = _SCALARS[item]
     size = struct.calcsize(fmt)
     count = cursor.length(what, unit=size)
@@ -458,7 +463,9 @@ def resolve_gguf(path: str | os.PathLike[str], warnings: tuple[str, ...] = ()) -
         raise TooManyTensorsError(f"{shown(path)}: {too_many}; set TG_VERIFY_MAX_TENSORS to a larger count to "
                                   f"accept it")
     arch = header.metadata["general.architecture"].value
+    tokens = header.metadata.get(VOCABULARY_KEY)
+    vocabulary = tokens.value if tokens is not None and tokens.item_type == "STRING" else None
     return Artifact(root=path.parent, name=stem or path.name, layout="single",
                     files=(ArtifactFile(path.name, header.file_size, "weights"),), tensors=mapped.tensors,
                     config=mapped.config, metadata={path.name: mapped.metadata}, warnings=tuple(notes),
-                    format="gguf", unexpected=mapped.unexpected, architecture=arch)
+                    format="gguf", unexpected=mapped.unexpected, architecture=arch, vocabulary=vocabulary)

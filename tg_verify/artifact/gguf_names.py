@@ -146,7 +146,7 @@ class MappedModel:
 def display(value: GGUFValue) -> str:
     """A metadata value as one line of text for inspect (long strings cut, arrays summarised)."""
     if value.type == "ARRAY":
-        if value.value is not None:
+        if value.value is not None and value.item_type != "STRING":
             return shown(repr(value.value), METADATA_TEXT)
         return f"[{value.count} x {(value.item_type or '').lower()}]"
     if isinstance(value.value, bytes):

@@ -9,6 +9,8 @@ values are those of the Hugging Face original.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -42,24 +44,34 @@ class GGUFTensorReader(TensorReader):
 
     Thread-safe like TensorReader: maps are opened under a lock, and dequantising and transforming
     allocate fresh tensors. `raw()` gives the stored dtype for plain types and float32 for quantised
-    ones (there is no torch dtype for a Q4_0 block).
+    ones (there is no torch dtype for a Q4_0 block); `rows()` dequantises only the rows asked for.
     """
 
     def __init__(self, artifact: Artifact) -> None:
         super().__init__(artifact)
         config = artifact.config or {}
         self._transforms = {info.name: t for info in artifact.tensors if (t := transform_for(config, info.name))}
+        # The last tensor `raw()` had to compute (dequantised or transformed), until `release()`: code that slices
+        # raw(info)[a:b] block by block then dequantises the tensor once, not once per block.
+        self._recent: tuple[TensorInfo, torch.Tensor] | None = None
+        self._recent_lock = threading.Lock()
 
-    def _decode(self, info: TensorInfo) -> tuple[torch.Tensor, bool]:
-        """(tensor, fresh): the HF values of `info`, and whether the tensor is a private copy."""
+    def _viewable(self, info: TensorInfo) -> bool:
+        return info.dtype in PLAIN_TYPES and info.dtype in TORCH_DTYPES and info.name not in self._transforms
+
+    def _compute(self, info: TensorInfo) -> torch.Tensor:
+        """A fresh tensor of the HF values of `info` (dequantised and/or with the converter's change undone)."""
         if info.dtype in PLAIN_TYPES and info.dtype in TORCH_DTYPES:
-            tensor, fresh = super().raw(info), False
+            tensor = super().raw(info)
         else:
-            tensor, fresh = self._dequantise(info), True
+            tensor = self._dequantise(info)
         transform = self._transforms.get(info.name)
-        if transform is not None:
-            tensor, fresh = apply_transform(tensor, transform), True
-        return tensor, fresh
+        return apply_transform(tensor, transform) if transform is not None else tensor
+
+    def _cached(self, info: TensorInfo) -> torch.Tensor | None:
+        with self._recent_lock:
+            recent = self._recent
+        return recent[1] if recent is not None and recent[0] == info else None
 
     def _dequantise(self, info: TensorInfo) -> torch.Tensor:
         import gguf
@@ -82,8 +94,29 @@ class GGUFTensorReader(TensorReader):
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(info.shape)
 
     def raw(self, info: TensorInfo) -> torch.Tensor:
-        """The tensor's HF values: stored dtype for F32/F16/BF16/F64/I*, float32 once dequantised."""
-        return self._decode(info)[0]
+        """The tensor's HF values: stored dtype for F32/F16/BF16/F64/I* (a view of the map when nothing is
+        undone), float32 once dequantised. Like a view, the result is shared: never modify it in place."""
+        if self._viewable(info):
+            return super().raw(info)
+        cached = self._cached(info)
+        if cached is not None:
+            return cached
+        tensor = self._compute(info)
+        with self._recent_lock:
+            self._recent = (info, tensor)
+        return tensor
+
+    def release(self, info: TensorInfo) -> None:
+        """Drop the tensor's mapped pages, and its computed values if `raw()` kept them."""
+        with self._recent_lock:
+            if self._recent is not None and self._recent[0] == info:
+                self._recent = None
+        super().release(info)
+
+    def close(self) -> None:
+        with self._recent_lock:
+            self._recent = None
+        super().close()
 
     def rows(self, info: TensorInfo, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of a 2-D tensor in float32, dequantising only those rows (the sketch's probe rows)."""
@@ -106,11 +139,14 @@ class GGUFTensorReader(TensorReader):
 
     def float32(self, info: TensorInfo, *, finite: bool = False) -> torch.Tensor:
         """The tensor as a fresh float32 tensor; with `finite=True`, NaN/Inf is a WeightValueError."""
-        tensor, fresh = self._decode(info)
-        if tensor.dtype != torch.float32:
-            tensor = tensor.to(torch.float32)
-        elif not fresh:
-            tensor = tensor.clone()
+        cached = self._cached(info)
+        if self._viewable(info) or cached is not None:
+            shared = super().raw(info) if cached is None else cached
+            tensor = shared.to(torch.float32) if shared.dtype != torch.float32 else shared.clone()
+        else:
+            tensor = self._compute(info)
+            if tensor.dtype != torch.float32:
+                tensor = tensor.to(torch.float32)
         if finite:
             bad = int((~torch.isfinite(tensor)).sum())
             if bad:
