@@ -66,3 +66,27 @@ def gguf_from_directory(directory: Path, path: Path, qtype: str = "F32") -> Path
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     return save_gguf(model.eval(), path, qtype)
+
+
+def with_extra_tensors(source: Path, path: Path, extra: dict[str, np.ndarray]) -> Path:
+    """`source` rewritten by gguf's writer with the same metadata and tensors, plus `extra` float tensors
+    (what a supplier who adds tensors no runtime loads would ship)."""
+    reader = gguf.GGUFReader(str(source))
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    writer = gguf.GGUFWriter(str(path), arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    for tensor in reader.tensors:
+        plain = tensor.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+        writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=None if plain else tensor.tensor_type)
+    for name, value in extra.items():
+        writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

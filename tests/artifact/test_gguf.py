@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from gguf_helpers import converter_permute, dense_metadata, random_blocks, write_gguf
+from gguf_helpers import converter_permute, dense_metadata, random_blocks, with_extra_tensors, write_gguf
 from ggufcraft import TinyLlama, kv_str, tiny_llama
 
 from tg_verify.artifact import open_reader, resolve
@@ -212,7 +212,7 @@ def test_tensors_llama_cpp_would_not_load_are_reported_not_mapped(tmp_path: Path
     extra = {"blk.0.evil.weight": np.ones((16, 16), np.float32), "blk.7.attn_q.weight": np.ones((16, 16), np.float32),
              "blk.0.ffn_norm.bias": np.ones(16, np.float32), "rope_freqs.weight": np.ones(4, np.float32)}
     base = resolve(_write(tmp_path / "plain.gguf", model.build()))
-    path = _rewrite_with(tmp_path / "extra.gguf", base, extra)
+    path = with_extra_tensors(base.path_of(base.files[0].path), tmp_path / "extra.gguf", extra)
     artifact = resolve(path)
     assert [t.name for t in artifact.tensors] == [t.name for t in base.tensors]
     assert sorted(t.name for t in artifact.unexpected) == ["blk.0.evil.weight", "blk.0.ffn_norm.bias",
@@ -223,15 +223,17 @@ def test_tensors_llama_cpp_would_not_load_are_reported_not_mapped(tmp_path: Path
 
 def test_gemma_output_head_is_never_loaded(tmp_path: Path, tiny_model_objects: dict[str, torch.nn.Module]) -> None:
     path = save_gguf(tiny_model_objects["gemma"], tmp_path / "g.gguf")
-    base = resolve(path)
-    artifact = resolve(_rewrite_with(tmp_path / "g2.gguf", base, {"output.weight": np.ones((512, 64), np.float32)}))
+    assert not resolve(path).unexpected
+    head = {"output.weight": np.ones((512, 64), np.float32)}
+    artifact = resolve(with_extra_tensors(path, tmp_path / "g2.gguf", head))
     assert "lm_head.weight" not in [t.name for t in artifact.tensors]
     assert [t.name for t in artifact.unexpected] == ["output.weight"]
 
 
 def test_fused_and_separate_attention_together_are_refused(tmp_path: Path) -> None:
     base = resolve(_write(tmp_path / "plain.gguf", tiny_llama()))
-    path = _rewrite_with(tmp_path / "both.gguf", base, {"blk.0.attn_qkv.weight": np.ones((32, 16), np.float32)})
+    path = with_extra_tensors(base.path_of(base.files[0].path), tmp_path / "both.gguf",
+                              {"blk.0.attn_qkv.weight": np.ones((32, 16), np.float32)})
     with pytest.raises(GGUFTensorsError, match="both a fused attn_qkv"):
         resolve(path)
 
@@ -288,33 +290,6 @@ def test_metadata_is_shown_and_the_vocabulary_summarised(gguf_files: dict[tuple[
 
 def _write(path: Path, blob: bytes) -> Path:
     path.write_bytes(blob)
-    return path
-
-
-def _rewrite_with(path: Path, artifact: object, extra: dict[str, np.ndarray]) -> Path:
-    """The GGUF file behind `artifact` rewritten with its metadata and tensors plus `extra` tensors."""
-    source = gguf.GGUFReader(str(artifact.path_of(artifact.files[0].path)))  # type: ignore[attr-defined]
-    arch = str(bytes(source.fields["general.architecture"].parts[-1]), "utf-8")
-    writer = gguf.GGUFWriter(str(path), arch)
-    for field in source.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        kind = field.types[0]
-        if kind == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(field.name, field.contents(), kind, sub_type=field.types[-1])
-        else:
-            writer.add_key_value(field.name, field.contents(), kind)
-    for tensor in source.tensors:
-        data = np.array(tensor.data)
-        raw = tensor.tensor_type if tensor.tensor_type not in (gguf.GGMLQuantizationType.F32,
-                                                              gguf.GGMLQuantizationType.F16) else None
-        writer.add_tensor(tensor.name, data, raw_dtype=raw)
-    for name, value in extra.items():
-        writer.add_tensor(name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
     return path
 
 

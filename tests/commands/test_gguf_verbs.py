@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
-from gguf_helpers import gguf_from_directory
+from gguf_helpers import gguf_from_directory, with_extra_tensors
 
 from tg_verify import demo
 from tg_verify.cli import main
@@ -102,3 +103,14 @@ def test_fingerprint_compare_classify_and_inspect_take_a_gguf(ggufs: dict[str, P
     document = json.loads(capsys.readouterr().out)
     assert document["artifact"]["format"] == "gguf" and document["config"]["model_type"] == "llama"
     assert document["files"][0]["sha256"] == fingerprint.artifact["files"][0]["sha256"]
+
+
+def test_a_tensor_llama_cpp_would_not_load_fails_verify(ggufs: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The decoy attack on GGUF: the declared base's file plus a tensor no runtime loads still fails."""
+    tree = ggufs["tree"]
+    decoy = with_extra_tensors(ggufs["finetune"], tmp_path / "decoy.gguf",
+                               {"blk.0.attn_q_backup.weight": np.zeros((64, 64), np.float32)})
+    policy = _policy(tmp_path, tree, decoy, f"    fingerprint: {tree / 'refs' / f'{BASE}.json'}\n")
+    assert main([str(policy), "--no-progress"]) == 1
+    assert "TGV_UNEXPECTED_TENSORS" in capsys.readouterr().out

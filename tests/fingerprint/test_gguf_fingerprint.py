@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf_helpers import with_extra_tensors
 
 from tg_verify.artifact import file_digests, resolve
 from tg_verify.artifact.merge import open_merged
@@ -43,24 +44,8 @@ def test_quantisation_types_are_recorded_and_quantised_matrices_analysed(tiny_mo
 
 
 def test_tensors_llama_cpp_does_not_load_change_nothing(tiny_model_objects, tmp_path: Path) -> None:
-    import gguf
-
     path = save_gguf(tiny_model_objects["llama"], tmp_path / "plain.gguf", "Q8_0")
-    source = gguf.GGUFReader(str(path))
-    writer = gguf.GGUFWriter(str(tmp_path / "extra.gguf"), "llama")
-    for field in source.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        writer.add_key_value(field.name, field.contents(), field.types[0],
-                             sub_type=field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
-    for tensor in source.tensors:
-        raw = None if tensor.tensor_type == gguf.GGMLQuantizationType.F32 else tensor.tensor_type
-        writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=raw)
-    writer.add_tensor("blk.0.backdoor.weight", np.full((64, 64), 9.0, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    with_extra_tensors(path, tmp_path / "extra.gguf", {"blk.0.backdoor.weight": np.full((64, 64), 9.0, np.float32)})
     plain = fingerprint_artifact(resolve(path), SETTINGS)
     extra = fingerprint_artifact(resolve(tmp_path / "extra.gguf"), SETTINGS)
     assert extra.features == plain.features and extra.sketch == plain.sketch
