@@ -11,6 +11,8 @@ its own child process so that peak RSS belongs to that step alone, in interleave
   features     tg-verify's TensorGuard features alone: one thread, no hashing, no sketch
   fingerprint  resolve + fingerprint_artifact as the CLI runs it: features + sketch + sha256, default threads
 
+and, once, resolve() of a header as big as published ones (262k tokens, 280k merges) against gguf's GGUFReader.
+
 Target (docs/results.md): fingerprint <= 3 x (read + dequant) in the same run.
 
     python bench/gguf_speed.py [--params 3e8] [--types Q4_0,Q8_0,Q4_K] [--rounds 3]
@@ -195,11 +197,58 @@ def bench_type(path: Path, rounds: int) -> dict[str, dict[str, float]]:
     return results
 
 
+def header_speed(directory: Path, tokens: int = 262_144, merges: int = 280_000, repeats: int = 5) -> str:
+    """resolve() on a header as big as published ones (a Gemma-3-sized vocabulary plus BPE merges) against the
+    gguf package's own GGUFReader on the same file (which trusts the file and validates nothing)."""
+    import statistics
+
+    import gguf
+    import numpy as np
+
+    from tg_verify.artifact import resolve
+
+    path = directory / "big-vocabulary.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", 1), ("embedding_length", 64), ("feed_forward_length", 64),
+                       ("attention.head_count", 2), ("attention.head_count_kv", 2)):
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_token_list([f"tok{i:06d}" for i in range(tokens)])
+    writer.add_array("tokenizer.ggml.merges", [f"t{i % 977} m{i:06d}" for i in range(merges)])
+    writer.add_array("tokenizer.ggml.token_type", [1] * tokens)
+    generator = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (tokens, 64), "output_norm.weight": (64,), "blk.0.attn_norm.weight": (64,),
+              "blk.0.ffn_norm.weight": (64,), "blk.0.attn_q.weight": (64, 64), "blk.0.attn_k.weight": (64, 64),
+              "blk.0.attn_v.weight": (64, 64), "blk.0.attn_output.weight": (64, 64),
+              "blk.0.ffn_gate.weight": (64, 64), "blk.0.ffn_up.weight": (64, 64), "blk.0.ffn_down.weight": (64, 64)}
+    for name, shape in shapes.items():
+        writer.add_tensor(name, generator.standard_normal(shape).astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    header = resolve(path).metadata[path.name]
+    ours, theirs = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        resolve(path)
+        ours.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        reader = gguf.GGUFReader(str(path))
+        theirs.append(time.perf_counter() - started)
+        del reader
+    mine, reference = statistics.median(ours), statistics.median(theirs)
+    return (f"header: {tokens} tokens + {merges} merges ({header['tokenizer.ggml.merges']}), "
+            f"{path.stat().st_size / 1e6:.1f} MB file: resolve() (every field validated, mapped, vocabulary kept) "
+            f"{mine:.2f} s; gguf.GGUFReader (validates nothing) {reference:.2f} s; ratio {mine / reference:.2f}x "
+            f"(medians of {repeats})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=float, default=3e8, help="approximate parameter count (default 3e8)")
     parser.add_argument("--types", default="Q4_0,Q8_0,Q4_K", help="ggml types of the matrices, one file each")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per type (median)")
+    parser.add_argument("--header-only", action="store_true", help="only the big-vocabulary header measurement")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,7 +264,7 @@ def main() -> None:
           "largest tensor f32 MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="gguf-speed-", dir=out) as directory:
-        for qtype in args.types.split(","):
+        for qtype in [] if args.header_only else args.types.split(","):
             path = Path(directory) / f"llama-{qtype}.gguf"
             params = write_gguf(path, layers, qtype)
             r = bench_type(path, args.rounds)
@@ -228,6 +277,7 @@ def main() -> None:
                   f"{r['features']['peak_rss_mb']:.0f}, {r['fingerprint']['peak_rss_mb']:.0f} | "
                   f"{r['dequant']['largest_float32_mb']:.0f} |", flush=True)
             path.unlink()
+        print("\n" + header_speed(Path(directory)))
     print(f"\nmedians of {args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f} at the end")
 
 
