@@ -172,6 +172,9 @@ CASES: dict[str, tuple[str, Callable[[], bytes | Tree]]] = {
         TinyLlama(), _replace_tensor("blk.0.ffn_down.weight", None))),
     "gguf-q-rows-off-metadata.gguf": ("TGV_GGUF_TENSORS", lambda: with_tensors(
         TinyLlama(), _replace_tensor("blk.0.attn_q.weight", T("blk.0.attn_q.weight", (16, 8), F32)))),
+    "gguf-vocabulary-off-embedding.gguf": ("TGV_GGUF_TENSORS", lambda: gguf_bytes(
+        [*TinyLlama().kvs()[:-1], kv_array("tokenizer.ggml.tokens", VT["STRING"], [string("a")] * 9)],
+        TinyLlama().tensors())),
     "dir-two-gguf-files": ("TGV_AMBIGUOUS_LAYOUT", lambda: {"model-Q4_0.gguf": tiny_llama(),
                                                           "model-Q8_0.gguf": tiny_llama()}),
     # paths and layouts

@@ -364,6 +364,14 @@ def map_model(header: GGUFHeader, where: str) -> MappedModel:
             present.setdefault(layer, set()).add(leaf)
         infos.extend(_infos(tensor, f"model.layers.{layer}.{hf}.{kind}", file))
     _check_required(family, table, present, by_name, layers, where)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is not None and tokens.type == "ARRAY":  # llama.cpp sizes the embedding and head by the vocabulary
+        for name in (f"{_EMBEDDING}.weight", f"{_OUTPUT}.weight"):
+            sized = by_name.get(name)
+            if sized is not None and sized.ne[-1] != tokens.count:
+                raise GGUFTensorsError(f"{where}: tensor '{name}' has {sized.ne[-1]} rows but the vocabulary "
+                                       f"(tokenizer.ggml.tokens) has {tokens.count} tokens; llama.cpp would refuse "
+                                       f"to load this file")
     config["vocab_size"] = by_name[f"{_EMBEDDING}.weight"].ne[1]
     config["tie_word_embeddings"] = f"{_OUTPUT}.weight" not in by_name or family.tied_only
     notes = []
