@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tg_verify.artifact import Artifact, file_digests, natural_key, resolve
+from tg_verify.artifact.gguf import is_gguf_path
 from tg_verify.artifact.layout import ADAPTER_CONFIG, INDEX_NAME, PICKLE_SUFFIXES
 from tg_verify.artifact.peft import AdapterFinding
 from tg_verify.atomic import write_bytes, write_json
@@ -92,11 +93,21 @@ def looks_like_model(directory: Path) -> bool:
                for n in names)
 
 
+def gguf_files(directory: Path) -> list[Path]:
+    """The .gguf files of a directory holding no other model: each is a whole model (a repository of GGUF
+    quantisations holds one per type), so each is its own batch input."""
+    try:
+        entries = [e for e in os.scandir(directory) if is_gguf_path(e.name) and not e.name.startswith(".")]
+    except OSError:
+        return []
+    return [Path(e.path) for e in sorted(entries, key=lambda e: natural_key(e.name))]
+
+
 def discover(inputs: Sequence[str | os.PathLike[str]], *, exclude: Sequence[Path] = ()) -> list[Path]:
     """Model paths named by `inputs`, in order, without duplicates.
 
-    Each input is a model itself (a .safetensors file, or a directory holding weights, an index or an
-    adapter) or a folder searched up to MAX_DEPTH levels for model directories (hidden directories,
+    Each input is a model itself (a .safetensors or .gguf file, or a directory holding weights, an index or an
+    adapter) or a folder searched up to MAX_DEPTH levels for model directories and .gguf files (hidden directories,
     symbolic links and `exclude` are not entered). Missing inputs are a usage error.
     """
     excluded = {p.resolve() for p in exclude}
@@ -114,6 +125,10 @@ def discover(inputs: Sequence[str | os.PathLike[str]], *, exclude: Sequence[Path
             return
         if looks_like_model(directory):
             yield directory
+            return
+        ggufs = gguf_files(directory)
+        if ggufs:
+            yield from ggufs
             return
         if depth >= MAX_DEPTH:
             return
@@ -142,8 +157,9 @@ def output_stem(model: Path) -> str:
     """Stable, collision-free file stem for a model's fingerprint: its name plus a hash of its real path."""
     real = str(model.resolve())
     name = model.resolve().name
-    if name.endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
+    for suffix in (".safetensors", ".gguf", ".GGUF"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
     safe = _UNSAFE.sub("_", name).strip("._-")[:80] or "model"
     return f"{safe}-{hashlib.sha256(real.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}"
 

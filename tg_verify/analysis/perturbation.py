@@ -79,7 +79,7 @@ def perturbation_study(model: str | os.PathLike[str] | Artifact, settings: Finge
         raise UsageError(f"{artifact.root}: is a PEFT adapter; the perturbation study needs a full model "
                          "(merge the adapter onto its base first)")
     chosen = [info for info in artifact.tensors
-              if analysis_kind(info) == "gradient" and categorize(info.name) in STUDY_CATEGORIES]
+              if analysis_kind(info, artifact.format) == "gradient" and categorize(info.name) in STUDY_CATEGORIES]
     if max_blocks is not None:
         chosen = [info for info in chosen
                   if (layer := naming.layer_of(info.name)) is None or layer < max_blocks]

@@ -53,7 +53,8 @@ class Format:
 FORMATS: dict[str, Format] = {
     "safetensors": Format("safetensors", (".safetensors",), "tg_verify.artifact.layout:resolve_safetensors_file",
                           "tg_verify.artifact.reader:TensorReader"),
-    # "gguf": Format("gguf", (".gguf",), "tg_verify.artifact.gguf:resolve_gguf", "tg_verify.artifact.gguf:GGUFReader"),
+    "gguf": Format("gguf", (".gguf", ".GGUF"), "tg_verify.artifact.gguf:resolve_gguf",
+                   "tg_verify.artifact.gguf_reader:GGUFTensorReader"),
 }
 
 # Weight files of formats tg-verify does not read: reported when found beside a model, never opened.

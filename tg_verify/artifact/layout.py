@@ -349,7 +349,7 @@ def resolve(path: str | os.PathLike[str]) -> Artifact:
     fmt = format_for_path(path)
     if fmt is None:
         hint = " (pass the model directory)" if file_name.endswith(".json") else ""
-        raise NotSafetensorsError(f"{shown(path)}: not a .safetensors file{hint}")
+        raise NotSafetensorsError(f"{shown(path)}: not a .safetensors or .gguf file{hint}")
     return resolve_with(fmt, path)
 
 

@@ -18,6 +18,7 @@ import torch
 from tg_verify.artifact.digest import file_digests
 from tg_verify.artifact.errors import shown
 from tg_verify.artifact.formats import open_reader
+from tg_verify.artifact.gguf import decodable as gguf_decodable
 from tg_verify.artifact.model import Artifact, TensorInfo
 from tg_verify.artifact.peft import (
     AdapterFinding,
@@ -82,7 +83,7 @@ class MergedReader(AbstractContextManager["MergedReader"]):
             config=base.config, adapter_config=adapter.adapter_config, metadata=adapter.metadata,
             warnings=adapter.warnings + tuple(f.message for f in plan.findings if f.severity == "warning"),
             format=base.format, unexpected=base.unexpected, architecture=base.architecture,
-            other_weights=adapter.other_weights)
+            other_weights=adapter.other_weights, vocabulary=base.vocabulary)
 
     def _adapter(self, info: TensorInfo) -> torch.Tensor:
         return self._adapter_reader.float32(info)
@@ -91,6 +92,8 @@ class MergedReader(AbstractContextManager["MergedReader"]):
         plan = self.plan.tensors[info.name]
         base_info = self._base_infos[info.name]
         dtype = TORCH_DTYPES.get(base_info.dtype)
+        if dtype is None and self.base.format == "gguf" and gguf_decodable(base_info.dtype):
+            dtype = torch.float32  # a quantised GGUF base: the update is merged in float32, as llama.cpp applies LoRA
         if dtype is None or not dtype.is_floating_point:
             raise AdapterMismatchError(f"{self.base.path_of(base_info.file)}: tensor '{info.name}' has dtype "
                                        f"{base_info.dtype}; an adapter can only be merged into floating-point weights")

@@ -130,6 +130,9 @@ class Artifact:
     unexpected: tuple[TensorInfo, ...] = ()  # stored tensors no runtime loads (TGV_UNEXPECTED_TENSORS)
     architecture: str | None = None  # the loading grammar applied; None: unknown, the loaded set is unchecked
     other_weights: tuple[str, ...] = ()  # weight files beside the artifact that are not part of it
+    # token id -> the token's text as the file stores it, when the weights file holds the vocabulary (GGUF's
+    # tokenizer.ggml.tokens); None otherwise. Hashed with the file it comes from.
+    vocabulary: tuple[bytes, ...] | None = None
 
     @property
     def model_type(self) -> str | None:

@@ -79,6 +79,7 @@ class CandidateRecord:
     features: FeaturesSource | None
     files_hashed: bool
     base: BaseModelRecord | None = None
+    format: str = "safetensors"  # the candidate's file format: "safetensors" | "gguf"
 
     @property
     def features_recomputed(self) -> bool:
@@ -250,7 +251,7 @@ def to_json(predicate: Predicate) -> dict[str, Any]:
     """The predicate as JSON (lists sorted, None dropped, no NaN): what `actions/attest` predicate-path takes."""
     cand = predicate.candidate
     candidate: dict[str, Any] = {
-        "name": cand.name, "layout": cand.layout, "format": "safetensors",
+        "name": cand.name, "layout": cand.layout, "format": cand.format,
         "rootDigest": {"sha256": cand.root_digest},
         "evidence": _drop_none({"features": cand.features,
                                 "fileDigests": "hashed" if cand.files_hashed else "recorded"}),
@@ -433,7 +434,9 @@ def _candidate(r: _Reader, raw: Any) -> CandidateRecord:
     return CandidateRecord(name=r.text(doc.get("name"), "predicate.candidate.name"),
                            layout=r.text(doc.get("layout"), "predicate.candidate.layout"),
                            root_digest=r.digest(doc.get("rootDigest"), "predicate.candidate.rootDigest"),
-                           files=files, features=features, files_hashed=hashed, base=base)  # type: ignore[arg-type]
+                           files=files, features=features, files_hashed=hashed, base=base,  # type: ignore[arg-type]
+                           format=r.text(doc.get("format", "safetensors"), "predicate.candidate.format",
+                                         choices=("safetensors", "gguf")))
 
 
 def _fingerprint(r: _Reader, raw: Any) -> FingerprintRecord:

@@ -69,6 +69,7 @@ def predicate_of(result: VerificationResult, *, time_verified: _dt.datetime | No
         candidate=CandidateRecord(name=cand.name, layout=cand.layout, root_digest=cand.root_digest, files=cand.files,
                                   features="recomputed" if cand.files_verified else "fingerprint",
                                   files_hashed=cand.files_hashed,
+                                  format=str(cand.fingerprint.artifact.get("format", "safetensors")),
                                   base=None if cand.base is None else replace(
                                       cand.base, layout=None,
                                       files=tuple(replace(f, size=None, role=None) for f in cand.base.files))),

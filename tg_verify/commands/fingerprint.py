@@ -29,12 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `fingerprint` parser."""
     parser = subparsers.add_parser(
         VERB, help="fingerprint a model artifact (TensorGuard features, file digests, lineage sketch)",
-        description=("Compute the TensorGuard fingerprint of MODEL (a .safetensors file, a shard index or a model "
-                     "directory) in one streamed pass over its weights, hash its files, and write a versioned, "
+        description=("Compute the TensorGuard fingerprint of MODEL (a .safetensors or .gguf file, a shard index or "
+                     "a model directory) in one streamed pass over its weights, hash its files, and write a versioned, "
                      "deterministic JSON document. The method and every choice the paper leaves open are in "
                      "docs/method.md."),
         epilog="Exit codes: 0 written; 2 bad input (unreadable model, NaN weights, bad flags); 3 internal error.")
-    parser.add_argument("model", metavar="MODEL", nargs="?", help="model directory, .safetensors file or index")
+    parser.add_argument("model", metavar="MODEL", nargs="?",
+                        help="model directory, .safetensors or .gguf file, or index")
     parser.add_argument("-o", "--output", metavar="FILE.json", help="where to write the fingerprint")
     parser.add_argument("--name", help="model_name recorded in the document (default: the artifact's name)")
     parser.add_argument("--settings-from", metavar="FINGERPRINT.json",
@@ -119,7 +120,7 @@ def _run_single(args: argparse.Namespace) -> int:
     from tg_verify.batch import fingerprint_model
 
     if not args.model:
-        raise UsageError("fingerprint: give MODEL (a model directory, .safetensors file or index)")
+        raise UsageError("fingerprint: give MODEL (a model directory, .safetensors or .gguf file, or index)")
     if not args.output:
         raise UsageError("fingerprint: give -o FILE.json, where to write the fingerprint")
     settings = settings_from_args(args)

@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "||x W^T|| over the repeats, under each of the five noise strategies and the per-tensor random "
                      "draw, z-scored within the model; as a table and (with --out) a PNG like Fig. 5."),
         epilog="Exit codes: 0 done; 2 bad input (unreadable model); 3 internal error.")
-    perturbation.add_argument("model", metavar="MODEL", help="model directory, .safetensors file or index")
+    perturbation.add_argument("model", metavar="MODEL", help="model directory, .safetensors or .gguf file, or index")
     perturbation.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
     perturbation.add_argument("--repeats", type=int, default=30, help="repeats averaged per layer (default 30)")
     perturbation.add_argument("--max-blocks", type=int, default=None, metavar="N",

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         epilog="Exit codes: 0 all checks hold and PASSED; 1 FAILED, contradicting evidence, or features not "
                "recomputed from the files; 2 malformed attestation, or model/policy differ from what was attested.")
     parser.add_argument("attestation", metavar="ATTESTATION", help="Statement, DSSE envelope or Sigstore bundle")
-    parser.add_argument("model", metavar="MODEL", help="the model directory (or single .safetensors file)")
+    parser.add_argument("model", metavar="MODEL", help="the model directory (or single .safetensors or .gguf file)")
     parser.add_argument("--policy", metavar="POLICY.yml", help="also check that this policy is the attested one")
     parser.add_argument("--base", metavar="DIR",
                         help="for an adapter: also check the base model it was merged onto against the attestation")

@@ -44,13 +44,24 @@ class TensorSource(Protocol):
     def float32(self, info: TensorInfo) -> torch.Tensor: ...
 
 
-def analysis_kind(info: TensorInfo) -> str:
+# GGUF's integer types (ggml I8..I64) are the safetensors names of FLOAT_DTYPES' complement; every other ggml type
+# (Q4_0, Q4_K, IQ2_XS ... and types newer than this code) stores real numbers in blocks, so it is analysed, and
+# refused by the reader where the installed gguf cannot dequantise it: never silently skipped.
+GGUF_INTEGER_TYPES: frozenset[str] = frozenset({"I8", "I16", "I32", "I64"})
+
+
+def real_valued(dtype: str, fmt: str = "safetensors") -> bool:
+    """Whether a stored dtype holds real numbers (floats, or GGUF's quantised float blocks)."""
+    return dtype in FLOAT_DTYPES or (fmt == "gguf" and dtype not in GGUF_INTEGER_TYPES)
+
+
+def analysis_kind(info: TensorInfo, fmt: str = "safetensors") -> str:
     """How a tensor enters the fingerprint: "gradient" (rank >= 2 real-valued) or why it does not."""
     if info.numel == 0:
         return "empty"
     if len(info.shape) < 2:
         return "one-dimensional"
-    if info.dtype not in FLOAT_DTYPES:
+    if not real_valued(info.dtype, fmt):
         return "not-float"
     return "gradient"
 
@@ -247,7 +258,7 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     device = resolve_device(settings.device)
     sink = progress or NullProgress()
     label = model_name or artifact.name
-    kinds = [analysis_kind(info) for info in artifact.tensors]
+    kinds = [analysis_kind(info, artifact.format) for info in artifact.tensors]
     tensor_bytes = sum(info.nbytes for info in artifact.tensors)
     hash_bytes = 0 if digests is not None else sum(f.size for f in artifact.files)
     sink.start(f"fingerprint {label}", total=tensor_bytes + hash_bytes)
@@ -271,7 +282,7 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
                             "category": categorize(info.name), "dtype": info.dtype, "analysis": kind})
             if kind == "gradient":
                 continue
-            if (kind == "one-dimensional" and info.dtype in FLOAT_DTYPES
+            if (kind == "one-dimensional" and real_valued(info.dtype, artifact.format)
                     and not bool(torch.isfinite(source.float32(info)).all())):
                 raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
                                        f"a fingerprint of it would be meaningless")
@@ -332,5 +343,18 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     return Fingerprint(
         model_name=label, features=features, settings={**settings.to_dict(), "device": device.type},
         tool={**tool_record(), "torch": torch.__version__.split("+")[0]},
-        artifact={"layout": artifact.layout, "files": files, "root_digest": root_digest(digests)},
-        tensors=records, sketch=sketch, extraction=summary)
+        artifact=_artifact_record(artifact, files, digests), tensors=records, sketch=sketch, extraction=summary)
+
+
+def _artifact_record(artifact: Artifact, files: list[dict[str, Any]], digests: dict[str, str]) -> dict[str, Any]:
+    """The fingerprint's `artifact`: layout, file digests; for a GGUF file also its format and the quantisation
+    types of the tensors fingerprinted (tensors per ggml type)."""
+    record: dict[str, Any] = {"layout": artifact.layout, "files": files, "root_digest": root_digest(digests)}
+    if artifact.format != "safetensors":
+        record["format"] = artifact.format
+    if artifact.format == "gguf":
+        types: dict[str, int] = {}
+        for info in artifact.tensors:
+            types[info.dtype] = types.get(info.dtype, 0) + 1
+        record["quantisation"] = dict(sorted(types.items()))
+    return record

@@ -143,7 +143,9 @@ class SketchBuilder:
         self.ids = probe_ids(self.vocab, self.k, self.seed)
         # the head unit sums over output tokens; a nested sample of them keeps it cheap on big vocabularies
         self._head_rows = torch.from_numpy(probe_ids(self.vocab, HEAD_ROWS, self.seed + 1))
-        rows = reader.raw(self.embedding)[torch.from_numpy(self.ids)].to(torch.float32)
+        ids = torch.from_numpy(self.ids)
+        pick = getattr(reader, "rows", None)  # a GGUF reader dequantises only the probe rows
+        rows = pick(self.embedding, ids) if pick is not None else reader.raw(self.embedding)[ids].to(torch.float32)
         self.probe = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)  # what RMSNorm feeds forward
         self._units[("embed", -1)] = self.probe @ self.probe.T
         self.width = self.probe.shape[1]
