@@ -21,3 +21,14 @@ def _threads(text: str) -> int:
     except (ValueError, UsageError) as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}" if isinstance(exc, UsageError)
                                          else f"{text!r} is not an integer") from None
+
+
+def add_executor_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:
+    """`--executor local|ray` and `--ray-address ADDR`: where `what` is computed (docs/scale.md)."""
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help=f"where {what} are computed: local (default: this process, one after another) or "
+                             "ray (one Ray task each, placed by memory need, retried if a worker is lost; "
+                             "pip install 'tg-verify[ray]')")
+    parser.add_argument("--ray-address", metavar="ADDR",
+                        help="with --executor ray: the cluster to join ('auto', 'ray://HOST:10001', HOST:6379); "
+                             "default: RAY_ADDRESS, else a local Ray started for this run")
