@@ -3,20 +3,20 @@
 The extractor streams the weights: each compute thread holds one tensor at a time (its stored bytes
 mapped, released after use), a cache-sized float32 block, the responses of the paper's repeats for
 every output row and the sketch's probe products, so the working set grows with the *largest*
-tensor and the thread count, not with the model. A 7B model needs well under 2 GB with two threads,
-not the 14 GB of its files; a scheduler that reserves file sizes would run a fraction of the jobs a
+tensor and the thread count, not with the model. A 7B model needs under 2 GB with two threads,
+not the 13.5 GB of its files; a scheduler that reserves file sizes would run a fraction of the jobs a
 node can hold. An adapter is merged tensor by tensor, so add a float32 copy of its largest target
-and the base's mapped tensor per thread. `bench/scale.py` prints this estimate beside the peak RSS
-measured for the same models.
+and the base's mapped tensor per thread. It is a bound, not a prediction: every term is counted as
+if alive at once (the measured peak is 0.5-0.8x of it, `bench/scale.py` prints both).
 """
 
 from __future__ import annotations
 
 from tg_verify.artifact.model import Artifact, TensorInfo
 
-# The Python interpreter with torch, numpy and tg-verify imported, plus allocator slack: the floor of
-# any worker's RSS (~0.35-0.45 GB measured on Linux x86-64 with torch 2.x CPU).
-RUNTIME_BYTES = 640 * 2**20
+# The Python interpreter with torch, numpy and tg-verify imported (220 MB peak RSS measured on Linux
+# x86-64, torch 2.13 CPU), a Ray worker's own runtime, and allocator slack: the floor of any job.
+RUNTIME_BYTES = 384 * 2**20
 BLOCK_BYTES = 4 * 2**20  # responses.BLOCK_ELEMENTS float32: the one conversion buffer per thread
 RESPONSE_COLUMNS = 32 + 64  # repeats padded to 16 (30 -> 32) plus the sketch's probe columns (k <= 64)
 STATISTICS_COPIES = 4  # float64 [repeats, rows] arrays alive at once while the statistics are taken
