@@ -31,17 +31,22 @@ NOISE = 0.05  # perturbation, relative to the spread of a unit's entries
 JITTER = 0.01  # relative jitter of the features
 
 
-def _units(fingerprint: Fingerprint) -> dict[tuple[str, int | None], np.ndarray]:
+Units = dict[tuple[str, int | None], np.ndarray]
+
+
+def _units(fingerprint: Fingerprint) -> Units:
     return parse_sketch(fingerprint.sketch, fingerprint.source or fingerprint.model_name).units
 
 
-def distractor(roots: Sequence[Fingerprint], name: str, rng: np.random.Generator, mix: int = 3) -> Fingerprint:
+def distractor(roots: Sequence[Fingerprint], name: str, rng: np.random.Generator, mix: int = 3,
+               parsed_roots: Sequence[Units] | None = None) -> Fingerprint:
     """One distractor fingerprint from `mix` of the roots (all of one shape), chosen and weighted by `rng`."""
     if len(roots) < 2:
         raise ValueError("distractors need at least two independently trained roots of one shape")
     chosen = rng.choice(len(roots), size=min(mix, len(roots)), replace=False)
     weights = rng.dirichlet(np.ones(len(chosen)))
-    parsed = [_units(roots[int(i)]) for i in chosen]
+    every = parsed_roots if parsed_roots is not None else [_units(root) for root in roots]
+    parsed = [every[int(i)] for i in chosen]
     first = roots[int(chosen[0])]
     assert first.sketch is not None
     units: list[dict[str, Any]] = []
@@ -73,4 +78,5 @@ def distractor(roots: Sequence[Fingerprint], name: str, rng: np.random.Generator
 def distractors(roots: Sequence[Fingerprint], count: int, prefix: str, seed: int) -> list[Fingerprint]:
     """`count` distractors of the roots' shape, named `<prefix>-00001`..., deterministic for a seed."""
     rng = np.random.default_rng(seed)
-    return [distractor(roots, f"{prefix}-{n:05d}", rng) for n in range(1, count + 1)]
+    parsed = [_units(root) for root in roots]
+    return [distractor(roots, f"{prefix}-{n:05d}", rng, parsed_roots=parsed) for n in range(1, count + 1)]

@@ -191,6 +191,8 @@ class RayExecutor:
                 if not pending:
                     break
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS, fetch_local=False)
+                if ready and len(pending) > 1:  # take every result that is in, with one progress update
+                    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0, fetch_local=False)
                 drain()
                 for ref in ready:
                     index = pending.pop(ref)
