@@ -233,7 +233,7 @@ def synthetic_models(work: Path, count: int, params: float) -> list[Path]:
     return paths
 
 
-def bench_batch(work: Path, name: str, models: list[Path], ray_module: Any) -> dict[str, Any]:
+def bench_batch(work: Path, name: str, models: list[Path]) -> dict[str, Any]:
     from tg_verify.batch import run_batch
     from tg_verify.scale.ray_executor import RayExecutor
 
@@ -244,13 +244,11 @@ def bench_batch(work: Path, name: str, models: list[Path], ray_module: Any) -> d
         out = work / f"batch-{name}-{label}"
         shutil.rmtree(out, ignore_errors=True)
         executor = RayExecutor() if label == "ray" else None
-        cpu_before = _cpu_seconds(ray_module if label == "ray" else None)
         started = time.perf_counter()
         result = run_batch(models, out, settings, force=True, executor=executor)
         seconds = time.perf_counter() - started
-        cpu = _cpu_seconds(ray_module if label == "ray" else None) - cpu_before
         assert result.count("computed") == len(models), [o.message for o in result.outcomes if o.status == "failed"]
-        results[label] = {"seconds": seconds, "cpu_seconds": cpu,
+        results[label] = {"seconds": seconds, "job_cpu_seconds": sum(o.cpu_seconds for o in result.outcomes),
                           "models_per_second": len(models) / seconds,
                           "job_seconds": statistics.median(o.seconds for o in result.outcomes)}
         log(f"batch {name} {label}: {seconds:.1f}s")
@@ -259,27 +257,6 @@ def bench_batch(work: Path, name: str, models: list[Path], ray_module: Any) -> d
     results["identical"] = local == remote
     results["ratio"] = results["local"]["seconds"] / results["ray"]["seconds"]
     return results
-
-
-def _cpu_seconds(ray_module: Any) -> float:
-    """CPU seconds used by this process and its children so far (Ray workers are children of its raylet)."""
-    import resource
-
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    total = own.ru_utime + own.ru_stime
-    if ray_module is None:
-        return total
-    try:
-        import psutil  # ray depends on it
-    except ImportError:
-        return float("nan")
-    for child in psutil.Process().children(recursive=True):
-        try:
-            times = child.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            continue
-    return total
 
 
 def bench_memory(models: list[Path]) -> list[dict[str, Any]]:
@@ -310,15 +287,17 @@ def _p95(values: list[float]) -> float:
 
 def report(results: dict[str, Any]) -> None:
     print("### Batch throughput: local executor vs Ray executor, same models, same run\n")
-    print(f"Machine: {os.cpu_count()} cores; Ray: a local cluster of {results['ray_cpus']} CPUs, one task per model "
-          "(1 compute thread each); local: one model at a time with the default threads.\n")
-    print("| models | count | GB | local s | Ray s | local/Ray | CPU-s per model (local / Ray) | "
-          "CPU-s per GB (local / Ray) | outputs identical |")
+    load = ", ".join(f"{v:.1f}" for v in results["load_average"])
+    print(f"Machine: {os.cpu_count()} cores, shared (load average {load} when Ray started); Ray: a local cluster of "
+          f"{results['ray_cpus']} CPUs, one task per model (1 compute thread each); local: one model at a time with "
+          "the default threads. Job CPU-s: CPU time inside each model's job, all its threads.\n")
+    print("| models | count | GB | local s | Ray s | throughput Ray / local | job CPU-s per model (local / Ray) | "
+          "job CPU-s per GB (local / Ray) | outputs identical |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, row in results["batch"].items():
         local, ray = row["local"], row["ray"]
-        per_model = f"{local['cpu_seconds'] / row['models']:.2f} / {ray['cpu_seconds'] / row['models']:.2f}"
-        per_gb = f"{local['cpu_seconds'] / row['gigabytes']:.2f} / {ray['cpu_seconds'] / row['gigabytes']:.2f}"
+        per_model = f"{local['job_cpu_seconds'] / row['models']:.2f} / {ray['job_cpu_seconds'] / row['models']:.2f}"
+        per_gb = f"{local['job_cpu_seconds'] / row['gigabytes']:.2f} / {ray['job_cpu_seconds'] / row['gigabytes']:.2f}"
         print(f"| {name} | {row['models']} | {row['gigabytes']:.2f} | {local['seconds']:.1f} | {ray['seconds']:.1f} | "
               f"{row['ratio']:.2f} | {per_model} | {per_gb} | {'yes' if row['identical'] else 'NO'} |")
     print(f"\nRay cluster start-up (not in the times above): {results['ray_start_seconds']:.1f} s; "
@@ -400,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray_start = time.perf_counter() - started
-    results: dict[str, Any] = {"ray_cpus": int(ray.cluster_resources().get("CPU", 0)), "ray_start_seconds": ray_start}
+    results: dict[str, Any] = {"ray_cpus": int(ray.cluster_resources().get("CPU", 0)), "ray_start_seconds": ray_start,
+                               "load_average": os.getloadavg()}
     from tg_verify.batch import run_batch
     from tg_verify.scale.ray_executor import RayExecutor
 
@@ -413,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     results["search"] = bench_search(work, references, candidates, strangers, args.index_executor)
     synthetic = synthetic_models(work, args.synthetic, args.synthetic_params)
     results["batch"] = {
-        "bench zoo (tiny trained models)": bench_batch(work, "zoo", [m.path for m in models], ray),
-        f"synthetic {args.synthetic_params / 1e9:.1f}B bf16": bench_batch(work, "synthetic", synthetic, ray),
+        "bench zoo (tiny trained models)": bench_batch(work, "zoo", [m.path for m in models]),
+        f"synthetic {args.synthetic_params / 1e9:.1f}B bf16": bench_batch(work, "synthetic", synthetic),
     }
     ray.shutdown()
     results["memory"] = bench_memory([synthetic[0], models[0].path])

@@ -264,11 +264,13 @@ class BatchOutcome:
     seconds: float = 0.0
     warnings: tuple[str, ...] = ()
     attempts: int = 1  # more than one: its worker was lost and the job re-run (distributed executors)
+    cpu_seconds: float = 0.0  # CPU time of its job (all threads of the process that ran it)
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": str(self.source), "output": str(self.output), "status": self.status,
                 "message": self.message, "code": self.code, "seconds": round(self.seconds, 3),
-                "warnings": list(self.warnings), "attempts": self.attempts}
+                "cpu_seconds": round(self.cpu_seconds, 3), "warnings": list(self.warnings),
+                "attempts": self.attempts}
 
 
 @dataclass(frozen=True)
@@ -331,6 +333,7 @@ class _JobValue:
     restate: bool = False  # up to date after a sha256 re-check: record fresh stats
     warnings: tuple[str, ...] = ()
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
 
 def run_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
@@ -462,14 +465,14 @@ def _fingerprint_job(model: Path, settings: FingerprintSettings, base: Path | No
 
     Reads only the model (and base) files; errors come back as a failed value, never as an exception.
     """
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     try:
         value = _fingerprint_work(model, settings, base, base_digests, recheck, reason, threads, progress)
     except TgVerifyError as exc:
         value = _JobValue("failed", str(exc), exc.code, exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - one broken model must not stop the batch
         value = _JobValue("failed", f"internal error: {type(exc).__name__}: {exc}", "TGV_INTERNAL", EXIT_INTERNAL)
-    return replace(value, seconds=time.perf_counter() - started)
+    return replace(value, seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu)
 
 
 def _fingerprint_work(model: Path, settings: FingerprintSettings, base: Path | None, base_digests: dict[str, str],
@@ -504,7 +507,8 @@ def _commit(item: _Planned, result: JobResult) -> BatchOutcome:
                             attempts=result.attempts)
     value: _JobValue = result.value
     outcome = BatchOutcome(item.model, item.output, value.status, value.message, value.code, value.exit_code,
-                           seconds=value.seconds, warnings=value.warnings, attempts=result.attempts)
+                           seconds=value.seconds, warnings=value.warnings, attempts=result.attempts,
+                           cpu_seconds=value.cpu_seconds)
     try:
         if value.data is not None:
             write_bytes(item.output, value.data)
