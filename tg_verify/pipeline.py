@@ -66,6 +66,7 @@ class CandidateOutcome:
     files_verified: bool  # digests computed from the files in this run (not only as recorded)
     base: dict[str, Any] | None = None  # adapters: {name, path, files, root_digest} of the base merged onto
     warnings: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()  # stored tensors the runtime does not load (not fingerprinted)
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,11 @@ class VerificationResult:
                                if self.policy.declared.base else {}),
                             "onBaseMismatch": self.policy.on_base_mismatch,
                             "onNameMismatch": self.policy.on_name_mismatch,
-                            "lineageOnUnavailable": self.policy.lineage.on_unavailable})
+                            "lineageOnUnavailable": self.policy.lineage.on_unavailable,
+                            "onStatisticsDisagree": self.policy.on_statistics_disagree,
+                            "distanceScale": cls.scale,
+                            "distancesMeaningful": cls.meaningful,
+                            "attributionMeaningful": cls.attribution_meaningful})
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -211,18 +216,14 @@ def _context(prefix: str) -> Iterator[None]:
         raise
 
 
-def settings_type() -> Any:
-    from tg_verify.fingerprint.settings import FingerprintSettings
-
-    return FingerprintSettings
-
-
 def settings_from_record(record: dict[str, Any]) -> Any:
     """Rebuild FingerprintSettings from the dict a fingerprint recorded (unknown keys are refused).
 
     The recorded device is where that fingerprint ran, not a setting: this run picks its own.
     """
-    return settings_type().from_dict({k: v for k, v in record.items() if k != "device"})
+    from tg_verify.fingerprint.settings import assemble_settings
+
+    return assemble_settings(recorded=[record])
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:
@@ -235,21 +236,18 @@ def _choose_settings(policy: Policy, recorded: list[Fingerprint], device: str | 
     Following the recorded settings lets a policy mix fingerprint files and on-the-fly models without
     repeating the settings; any disagreement surfaces as an incompatibility, never a silent comparison.
     """
-    cls = settings_type()
+    from tg_verify.fingerprint.settings import assemble_settings
+
     native = [fp for fp in recorded if not fp.legacy]
     if policy.fingerprint:
-        settings = cls(**policy.fingerprint)
-    elif native:
+        return assemble_settings(block=policy.fingerprint, device=device)
+    if native:
         with _context(f"{policy.path}: settings recorded in {native[0].source}"):
             try:
-                settings = settings_from_record(native[0].settings)
+                return assemble_settings(recorded=[native[0].settings], device=device)
             except (TypeError, ValueError, InputError) as exc:
                 raise IncompatibleFingerprintsError(f"cannot reuse its settings ({exc})") from None
-    else:
-        settings = cls()
-    if device is not None:
-        settings = replace(settings, device=device)
-    return settings
+    return assemble_settings(device=device)
 
 
 class FingerprintCache:
@@ -333,7 +331,7 @@ class OpenedCandidate:
     artifact: Artifact  # whose tensors are fingerprinted
     files: tuple[dict[str, Any], ...]  # the candidate's own files {path, size, role, sha256}
     digests: dict[str, str]
-    reader: Any = None  # None: TensorReader(artifact)
+    reader: Any = None  # None: open_reader(artifact), by the extractor
     base: dict[str, Any] | None = None
     name_mismatches: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
@@ -378,17 +376,18 @@ def _name_mismatches(policy: Policy, adapter: Artifact, base_path: Path | None) 
 
 
 def _open_adapter(policy: Policy, adapter: Artifact, digests: dict[str, str]) -> OpenedCandidate:
-    from tg_verify.artifact.peft import base_record, open_merged
+    from tg_verify.artifact.merge import open_model
 
     base_path, field_name = _adapter_base(policy, adapter)
     with _context(f"{policy.path}: {field_name}"):
         base = resolve(base_path)
         base_digests = file_digests(base)
-    merged = open_merged(adapter, base)
-    record = base_record(base, base_digests)
-    return OpenedCandidate(artifact=merged.artifact, files=_files(adapter, digests), digests=digests, reader=merged,
-                           base=record, name_mismatches=_name_mismatches(policy, adapter, base_path),
-                           warnings=merged.artifact.warnings)
+    names = [n for n in (policy.declared.base, str(base_path), base_path.resolve().name) if n]
+    opened = open_model(adapter, base, base_digests=base_digests, declared_base_names=names)
+    mismatches = tuple(f.message for f in opened.findings if f.code == "TGV_ADAPTER_BASE_NAME_MISMATCH")
+    return OpenedCandidate(artifact=opened.artifact, files=_files(adapter, digests), digests=digests,
+                           reader=opened.reader, base=opened.base_record, name_mismatches=mismatches,
+                           warnings=opened.artifact.warnings)
 
 
 def _candidate(policy: Policy, settings: Any, recorded_fp: Fingerprint | None, options: VerifyOptions,
@@ -407,7 +406,7 @@ def _candidate(policy: Policy, settings: Any, recorded_fp: Fingerprint | None, o
             name=spec.name or fp.model_name, fingerprint=fp, fingerprint_digest=fp.digest(), source="fingerprint",
             path=None, fingerprint_path=spec.fingerprint, layout=str(art.get("layout", "unknown")), files=files,
             root_digest=str(art.get("root_digest") or root_digest({f["path"]: f["sha256"] for f in files})),
-            files_verified=False, base=art.get("base")), ()
+            files_verified=False, base=art.get("base"), unexpected=_recorded_unexpected(fp)), ()
     with _context(f"{policy.path}: candidate.path"):
         artifact = resolve(spec.path)
         digests = file_digests(artifact)
@@ -437,7 +436,14 @@ def _candidate(policy: Policy, settings: Any, recorded_fp: Fingerprint | None, o
         name=name, fingerprint=fp, fingerprint_digest=fp.digest(), source=source, path=spec.path,
         fingerprint_path=spec.fingerprint, layout=artifact.layout, files=opened.files,
         root_digest=root_digest(digests), files_verified=True, base=opened.base,
-        warnings=opened.warnings), opened.name_mismatches
+        warnings=opened.warnings, unexpected=tuple(t.name for t in opened.artifact.unexpected)
+        or _recorded_unexpected(fp)), opened.name_mismatches
+
+
+def _recorded_unexpected(fp: Fingerprint) -> tuple[str, ...]:
+    """The unexpected tensors a fingerprint recorded when it was made (names only)."""
+    names = (fp.extraction or {}).get("unexpected_tensors")
+    return tuple(str(n) for n in names) if isinstance(names, list) else ()
 
 
 # ------------------------------------------------------------------------------------ references
@@ -537,6 +543,7 @@ def check_policy(policy: Policy) -> list[str]:
             notes.append(f"{ref.field} ({ref.id}) has no lineage sketch: no lineage test against it")
         if anchor is not None and fp is not anchor:
             _check_compatible(policy, anchor, fp, ref.source_field)
+    notes.extend(_support_warnings(policy, refs))
     if policy.fingerprint and anchor is not None and not anchor.legacy:
         settings = settings_dict(_choose_settings(policy, [], None))
         recorded = {k: v for k, v in anchor.settings.items() if k != "device"}
@@ -546,6 +553,26 @@ def check_policy(policy: Policy) -> list[str]:
                 f"{policy.path}: fingerprint: the settings block differs from the settings recorded in "
                 f"{anchor.source}; fingerprints made with it would not compare")
     return notes
+
+
+def _support_warnings(policy: Policy, refs: dict[str, Fingerprint]) -> list[str]:
+    """--check-policy: statistics the references cannot support (as "WARNING: ..." notes)."""
+    from tg_verify.analysis.attribution import reference_support
+
+    if len(refs) < len(policy.references):
+        return ["whether the references can support the family attribution is known once every reference is "
+                "fingerprinted (model: references are fingerprinted at run time)"]
+    problems = reference_support([Reference(id=r.id, family=r.family, fingerprint=refs[r.id], base=r.parent is None,
+                                            parent=r.parent) for r in policy.references])
+    warnings = [f"WARNING: the references cannot support {p}; it will be reported as not meaningful and the verdict "
+                "will rest on the lineage test" for p in problems]
+    base = policy.declared.base
+    scale_problem = any(p.startswith("the paper's distance") for p in problems)
+    if scale_problem and base is not None and (refs[base].sketch is None or not policy.lineage.enabled):
+        warnings.append(f"WARNING: and no lineage test can run against the declared base '{base}' (it has no sketch, "
+                        "or the test is off): nothing would support the declared lineage, so every run will FAIL "
+                        "(TGV_STATISTICS_NOT_MEANINGFUL)")
+    return warnings
 
 
 def verify(policy: Policy, options: VerifyOptions | None = None) -> VerificationResult:
@@ -587,8 +614,11 @@ def verify(policy: Policy, options: VerifyOptions | None = None) -> Verification
         attribution=AttributionEvidence(family=classification.family, base=classification.base,
                                         distance=classification.distance,
                                         out_of_cluster=classification.out_of_cluster,
-                                        threshold=classification.threshold),
+                                        threshold=classification.threshold, meaningful=classification.meaningful,
+                                        attribution_meaningful=classification.attribution_meaningful,
+                                        not_meaningful=tuple(classification.not_meaningful)),
         adapter_name_mismatches=name_mismatches, artifact_warnings=candidate.warnings,
+        unexpected_tensors=candidate.unexpected,
         caveats=tuple(classification.caveats))
     verdict = decide(policy, evidence)
     from tg_verify.report.attestation import component_versions

@@ -79,10 +79,16 @@ def render(console: Any, document: dict[str, Any]) -> None:
     result = document["search"]
     name = escape(document["candidate"]["model_name"])
     attribution = result["attribution"]
-    if attribution["basis"] == "lineage":
-        console.print(f"[bold]{name}[/bold]: derived from [bold green]{escape(attribution['reference'])}"
-                      f"[/bold green] (family {escape(attribution['family'])}, lineage score "
-                      f"{attribution['score']:.3f})")
+    if attribution["by"] == "lineage":
+        console.print(f"[bold]{name}[/bold]: lineage test: derived from [bold green]{escape(attribution['base'])}"
+                      f"[/bold green] (family {escape(attribution['family'])}, score {attribution['score']:.3f})")
+        if attribution["agrees"] is False:
+            console.print(f"[yellow]the statistical attribution (family {escape(attribution['statistics_family'])}) "
+                          "disagrees with the lineage evidence; the lineage test is the stronger evidence[/yellow]")
+    elif attribution["by"] == "statistics":
+        console.print(f"[bold]{name}[/bold]: [bold yellow]no base found by the lineage test[/bold yellow]; the "
+                      f"statistics attribute it to family {escape(attribution['family'])} (nearest base "
+                      f"{escape(attribution['base'])}) — {escape(attribution['note'])}")
     else:
         console.print(f"[bold]{name}[/bold]: [bold yellow]no base found[/bold yellow] — {escape(attribution['note'])}")
     index = document["index"]
@@ -102,11 +108,14 @@ def render(console: Any, document: dict[str, Any]) -> None:
         distance = "—" if hit["distance"] is None else f"{hit['distance']:.2f}"
         table.add_row(escape(hit["reference"]), escape(hit["family"]), f"{hit['similarity']:.3f}", *cells, distance)
     console.print(table)
-    nearest = result["nearest_by_features"]
-    if nearest is not None:
-        where = "within" if nearest["within_threshold"] else "beyond"
-        console.print(f"[dim]paper's features: nearest reference {escape(nearest['reference'])} (family "
-                      f"{escape(nearest['family'])}) at {nearest['distance']:.2f} on the index's population scale, "
-                      f"{where} {nearest['threshold']:g}[/dim]")
+    statistics = result["statistics"]
+    if statistics is not None and statistics.get("available"):
+        reasons = statistics.get("not_meaningful") or []
+        words = (f"family {escape(statistics['family'])} (nearest base {escape(statistics['base'])}, distance "
+                 f"{statistics['distance']:.2f} on the {statistics['scale']} scale)" if statistics["meaningful"]
+                 else f"not meaningful ({escape('; '.join(reasons))})")
+        console.print(f"[dim]statistics (the paper's features, over the short list): {words}[/dim]")
+    elif statistics is not None:
+        console.print(f"[dim]statistics: not available ({escape(statistics['reason'])})[/dim]")
     for line in caveat_lines(result["caveats"]):
         console.print(line)

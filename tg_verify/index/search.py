@@ -5,10 +5,10 @@ float32 matrix-vector product, and the k most similar form the short list. The e
 lineage test (analysis.lineage.lineage_test, its permutation null and effect-size floor) of the
 candidate against each short-listed reference's stored fingerprint, read back and checked against its
 digest. Hits are ordered by that evidence (derived first, then by lineage score), so retrieval only
-decides which references are tested, never what is concluded. Attribution follows the lineage
-evidence: the family of the strongest reference the test calls the candidate's base; the paper's
-feature distance, on the population scale of the whole index (z-scores over every reference), is
-reported beside it for the nearest reference, never instead of it.
+decides which references are tested, never what is concluded. Family attribution follows the rule
+`tg-verify classify` applies: the lineage test's family when it shows a derivation (the strongest
+derived reference), else the statistical attribution (analysis.attribution.classify over the short
+list, on the shipped population scale when it applies) when that is meaningful, else none.
 """
 
 from __future__ import annotations
@@ -24,29 +24,25 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from tg_verify.analysis.lineage import DEFAULT_PERMUTATIONS, LineageResult, lineage_test
+from tg_verify.analysis.references import Reference
 from tg_verify.errors import IndexFormatError, InputError, UsageError
-from tg_verify.fingerprint.document import FEATURE_NAMES, VECTOR_FEATURES, Fingerprint
-from tg_verify.fingerprint.settings import semantic
+from tg_verify.fingerprint.document import Fingerprint
 from tg_verify.index.signature import fingerprint_signature
 from tg_verify.index.store import Entry, ReferenceIndex
 
 DEFAULT_K = 10
 MAX_K = 1000
-# The paper's out-of-cluster threshold (analysis/attribution.py), in its standardised space; here it is
-# applied on the index's population scale, which is the kind of scale it was set on (many models).
-PAPER_THRESHOLD = 7.0
-_COLUMNS = [FEATURE_NAMES.index(n) for n in VECTOR_FEATURES]
 
 
 @dataclass(frozen=True)
 class Hit:
-    """One short-listed reference: retrieval similarity, the exact lineage test, the paper's distance."""
+    """One short-listed reference: retrieval similarity, the exact lineage test, its statistical distance."""
 
     retrieval_rank: int
     entry: Entry
     similarity: float
     lineage: LineageResult
-    distance: float | None
+    distance: float | None = None  # the paper's feature distance, on the statistics' scale, when meaningful
 
     def to_dict(self) -> dict[str, Any]:
         return {"reference": self.entry.id, "family": self.entry.family, "base": self.entry.base,
@@ -58,18 +54,18 @@ class Hit:
 
 @dataclass
 class SearchResult:
-    """The hits (by evidence), the attribution they support, the nearest reference by the paper, caveats."""
+    """The hits (by evidence), the family attribution, the statistical attribution behind it, caveats."""
 
     k: int
     hits: list[Hit]
     attribution: dict[str, Any]
-    nearest: dict[str, Any] | None
+    statistics: dict[str, Any] | None  # analysis.attribution.classify over the short list (None: not possible)
     caveats: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"k": self.k, "hits": [h.to_dict() for h in self.hits], "attribution": self.attribution,
-                "nearest_by_features": self.nearest, "caveats": list(self.caveats),
+                "statistics": self.statistics, "caveats": list(self.caveats),
                 "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
 
 
@@ -84,28 +80,9 @@ def retrieve(index: ReferenceIndex, signature: np.ndarray, k: int) -> list[tuple
     return [(n, float(similarities[n])) for n in order]
 
 
-class PopulationScale:
-    """z-scores of the paper's 15 features over every reference of the index (zero spread: unscaled)."""
-
-    def __init__(self, index: ReferenceIndex) -> None:
-        raw = index.features[:, _COLUMNS]
-        self.mean = raw.mean(axis=0) if len(raw) else np.zeros(len(_COLUMNS))
-        spread = raw.std(axis=0) if len(raw) else np.ones(len(_COLUMNS))
-        self.scale = np.where(spread > 0, spread, 1.0)
-        self.points = (raw - self.mean) / self.scale
-
-    def distances(self, fingerprint: Fingerprint) -> np.ndarray:
-        point = (np.array(fingerprint.vector(VECTOR_FEATURES)) - self.mean) / self.scale
-        distances: np.ndarray = np.sqrt(((self.points - point) ** 2).sum(axis=1))
-        return distances
-
-
 def search(index: ReferenceIndex, candidate: Fingerprint, k: int = DEFAULT_K, *,
-           permutations: int = DEFAULT_PERMUTATIONS, scale: PopulationScale | None = None) -> SearchResult:
-    """Short-list the k references nearest the candidate's signature and run the full lineage test on each.
-
-    `scale`: a PopulationScale of this index, reused across searches (made here when None).
-    """
+           permutations: int = DEFAULT_PERMUTATIONS) -> SearchResult:
+    """Short-list the k references nearest the candidate's signature and run the full lineage test on each."""
     if not 1 <= k <= MAX_K:
         raise UsageError(f"-k must be in [1, {MAX_K}], got {k}")
     started = time.perf_counter()
@@ -115,67 +92,74 @@ def search(index: ReferenceIndex, candidate: Fingerprint, k: int = DEFAULT_K, *,
                          "usable units; fingerprint it without --no-sketch")
     short = retrieve(index, signature, k)
     retrieved = time.perf_counter()
-    caveats: list[str] = []
-    comparable = _features_comparable(index, candidate, caveats)
-    if comparable and scale is None:
-        scale = PopulationScale(index)
-    distances = scale.distances(candidate) if comparable and scale is not None else None
-    hits = []
+    hits: list[Hit] = []
+    fingerprints: dict[str, Fingerprint] = {}
     # The tests' products are small: BLAS threads only add barrier waits (5x slower on a loaded 2-core machine)
     with threadpool_limits(limits=1, user_api="blas"):
         for rank, (position, similarity) in enumerate(short, start=1):
             entry = index.entries[position]
-            result = lineage_test(candidate, index.fingerprint(entry), permutations=permutations)
-            hits.append(Hit(rank, entry, similarity, result,
-                            None if distances is None else float(distances[position])))
-    hits.sort(key=lambda h: (not h.lineage.derived, -_score(h.lineage), h.retrieval_rank))
+            fingerprints[entry.id] = index.fingerprint(entry)
+            result = lineage_test(candidate, fingerprints[entry.id], permutations=permutations)
+            hits.append(Hit(rank, entry, similarity, result))
     tested = time.perf_counter()
+    caveats: list[str] = []
+    statistics = _statistics(candidate, hits, fingerprints)
+    if statistics is not None and statistics.get("meaningful"):
+        distances = {r["id"]: r["distance"] for r in statistics["references"]}
+        hits = [Hit(h.retrieval_rank, h.entry, h.similarity, h.lineage, distances.get(h.entry.id)) for h in hits]
+    hits.sort(key=lambda h: (not h.lineage.derived, -_score(h.lineage), h.retrieval_rank))
     own = hashlib.sha256(candidate.to_json_bytes()).hexdigest()
     if same := [e.id for e in index.entries if e.fingerprint_sha256 == own]:
         caveats.append(f"the candidate's fingerprint is that of reference {', '.join(same)}: it is searched against "
                        "itself")
-    nearest = None
-    if distances is not None and len(distances):
-        best = int(np.argmin(distances))
-        nearest = {"reference": index.entries[best].id, "family": index.entries[best].family,
-                   "distance": round(float(distances[best]), 6),
-                   "within_threshold": bool(distances[best] <= PAPER_THRESHOLD), "threshold": PAPER_THRESHOLD}
-    return SearchResult(k=k, hits=hits, attribution=_attribution(hits, caveats), nearest=nearest, caveats=caveats,
-                        seconds={"retrieval": retrieved - started, "exact_tests": tested - retrieved})
+    return SearchResult(k=k, hits=hits, attribution=_attribution(hits, statistics, caveats), statistics=statistics,
+                        caveats=caveats, seconds={"retrieval": retrieved - started, "exact_tests": tested - retrieved,
+                                              "attribution": time.perf_counter() - tested})
 
 
 def _score(result: LineageResult) -> float:
     return result.score if math.isfinite(result.score) else -2.0
 
 
-def _features_comparable(index: ReferenceIndex, candidate: Fingerprint, caveats: list[str]) -> bool:
-    references = index.references
-    if candidate.legacy or not references or len(index.entries) < 2:
-        caveats.append("no feature distances: " + ("a legacy candidate" if candidate.legacy else
-                                                   "fewer than two references give no population scale"))
-        return False
-    if candidate.feature_version != references["feature_version"] or \
-            semantic(candidate.settings) != references["settings"]:
-        caveats.append("no feature distances: the candidate was fingerprinted with another feature version or "
-                       "other settings than the index's references (the lineage tests do not depend on them)")
-        return False
-    return True
+def _statistics(candidate: Fingerprint, hits: Sequence[Hit], fingerprints: dict[str, Fingerprint]
+                ) -> dict[str, Any] | None:
+    """The statistical attribution (the classify verb's) of the candidate among the short-listed references."""
+    from tg_verify.analysis.attribution import classify
+
+    references = [Reference(id=h.entry.id, family=h.entry.family, fingerprint=fingerprints[h.entry.id],
+                            base=h.entry.base, parent=h.entry.parent) for h in hits]
+    if not references:
+        return None
+    try:
+        result = classify(candidate, references).to_dict()
+    except InputError as exc:  # incompatible settings or feature versions, no base among the short list
+        return {"available": False, "reason": str(exc)}
+    return {"available": True, **result}
 
 
-def _attribution(hits: Sequence[Hit], caveats: list[str]) -> dict[str, Any]:
+def _attribution(hits: Sequence[Hit], statistics: dict[str, Any] | None, caveats: list[str]) -> dict[str, Any]:
+    """Which family: the lineage test's when it shows a derivation, else the statistics' when meaningful, else none
+    (the rule of `tg-verify classify`)."""
     derived = [h for h in hits if h.lineage.derived]
-    if not derived:
-        best = max((h for h in hits if math.isfinite(h.lineage.score)), key=lambda h: h.lineage.score, default=None)
-        return {"family": None, "reference": None, "basis": None,
-                "note": "the lineage test establishes none of the short-listed references as the candidate's base"
-                        + (f" (highest score {best.lineage.score:.3f}, {best.entry.id})" if best else "")}
-    families = sorted({h.entry.family for h in derived})
-    if len(families) > 1:
-        caveats.append(f"the lineage test calls references of several families derived: {', '.join(families)}; "
-                       "the strongest decides, the others are listed")
-    top = derived[0]
-    return {"family": top.entry.family, "reference": top.entry.id, "basis": "lineage",
-            "score": round(top.lineage.score, 6), "derived_references": [h.entry.id for h in derived]}
+    usable = statistics is not None and statistics.get("available") and statistics.get("attribution_meaningful") \
+        and not statistics.get("out_of_cluster")
+    statistics_family = statistics["family"] if usable and statistics is not None else None
+    if derived:
+        families = sorted({h.entry.family for h in derived})
+        if len(families) > 1:
+            caveats.append(f"the lineage test calls references of several families derived: {', '.join(families)}; "
+                           "the strongest decides, the others are listed")
+        top = derived[0]
+        return {"family": top.entry.family, "base": top.entry.id, "by": "lineage", "score": round(top.lineage.score, 6),
+                "derived_references": [h.entry.id for h in derived], "statistics_family": statistics_family,
+                "agrees": None if statistics_family is None else statistics_family == top.entry.family}
+    best = max((h for h in hits if math.isfinite(h.lineage.score)), key=lambda h: h.lineage.score, default=None)
+    note = ("the lineage test establishes none of the short-listed references as the candidate's base"
+            + (f" (highest score {best.lineage.score:.3f}, {best.entry.id})" if best else ""))
+    if statistics_family is not None and statistics is not None:
+        return {"family": statistics_family, "base": statistics["base"], "by": "statistics", "note": note,
+                "statistics_family": statistics_family, "agrees": None}
+    return {"family": None, "base": None, "by": None, "note": note, "statistics_family": None, "agrees": None}
 
 
 def check_index_usable(index: ReferenceIndex) -> None:
