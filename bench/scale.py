@@ -374,6 +374,28 @@ def _share(rows: list[dict[str, Any]], test: Callable[[dict[str, Any]], bool]) -
     return f"{hits}/{len(rows)} ({100 * hits / max(len(rows), 1):.0f}%)"
 
 
+def _invalidate_stale_caches(work: Path) -> None:
+    """Fingerprints, distractors and indexes made by another feature, sketch or signature version are remade."""
+    from tg_verify.fingerprint.document import FEATURE_VERSION
+    from tg_verify.fingerprint.sketch import SKETCH_VERSION
+    from tg_verify.index.signature import parameters
+
+    key = json.dumps({"features": FEATURE_VERSION, "sketch": SKETCH_VERSION, "signature": parameters()},
+                     sort_keys=True)
+    marker = work / "versions.json"
+    if marker.exists() and marker.read_text() == key:
+        return
+    for name in ("candidates", "roots", "evasion-models", "root-models"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    for path in work.glob("references-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in work.glob("index-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in (ZOO_OUT / "fingerprints", work / "zoo-quick" / "fingerprints"):
+        shutil.rmtree(path, ignore_errors=True)
+    marker.write_text(key)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="cache and output directory")
@@ -389,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     total = 2_000 if args.quick else args.references
     work.mkdir(parents=True, exist_ok=True)
 
+    _invalidate_stale_caches(work)
     models, candidates, bases = zoo_and_candidates(work, args.quick)
     shape_roots = roots(work, args.quick)
     references = make_references(work, bases, shape_roots, total)

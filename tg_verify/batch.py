@@ -406,6 +406,11 @@ def run_batch(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLi
                 settle(number, BatchOutcome(model, output, "failed", str(exc), exc.code, exc.exit_code,
                                             seconds=time.perf_counter() - started))
                 continue
+            except Exception as exc:  # noqa: BLE001 - one broken model must not stop the batch
+                sink.advance(share)
+                settle(number, BatchOutcome(model, output, "failed", f"internal error: {type(exc).__name__}: {exc}",
+                                            "TGV_INTERNAL", EXIT_INTERNAL, seconds=time.perf_counter() - started))
+                continue
             planned.append(planned_item)
             memory = working_set(artifact, cpus, settings.repeats, base=adapter_base)
             yield Job(_fingerprint_job, (model, settings, adapter_base.root if adapter_base is not None else None,
