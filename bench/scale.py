@@ -243,29 +243,32 @@ def synthetic_models(work: Path, count: int, params: float) -> list[Path]:
     return paths
 
 
-def bench_batch(work: Path, name: str, models: list[Path]) -> dict[str, Any]:
+def bench_batch(work: Path, name: str, models: list[Path], rounds: int) -> dict[str, Any]:
+    """Local and Ray runs of the same batch, interleaved `rounds` times (the machine's load drifts)."""
     from tg_verify.batch import run_batch
     from tg_verify.scale.ray_executor import RayExecutor
 
     settings = FingerprintSettings(device="cpu")
     results: dict[str, Any] = {"models": len(models),
-                               "gigabytes": sum(f.stat().st_size for m in models for f in Path(m).iterdir()) / 1e9}
-    for label in ("local", "ray"):
-        out = work / f"batch-{name}-{label}"
-        shutil.rmtree(out, ignore_errors=True)
-        executor = RayExecutor() if label == "ray" else None
-        started = time.perf_counter()
-        result = run_batch(models, out, settings, force=True, executor=executor)
-        seconds = time.perf_counter() - started
-        assert result.count("computed") == len(models), [o.message for o in result.outcomes if o.status == "failed"]
-        results[label] = {"seconds": seconds, "job_cpu_seconds": sum(o.cpu_seconds for o in result.outcomes),
-                          "models_per_second": len(models) / seconds,
-                          "job_seconds": statistics.median(o.seconds for o in result.outcomes)}
-        log(f"batch {name} {label}: {seconds:.1f}s")
-    local = {p.name: p.read_bytes() for p in (work / f"batch-{name}-local").glob("*.json")}
-    remote = {p.name: p.read_bytes() for p in (work / f"batch-{name}-ray").glob("*.json")}
-    results["identical"] = local == remote
-    results["ratio"] = results["local"]["seconds"] / results["ray"]["seconds"]
+                               "gigabytes": sum(f.stat().st_size for m in models for f in Path(m).iterdir()) / 1e9,
+                               "local": [], "ray": []}
+    for _ in range(rounds):
+        for label in ("local", "ray"):
+            out = work / f"batch-{name}-{label}"
+            shutil.rmtree(out, ignore_errors=True)
+            executor = RayExecutor() if label == "ray" else None
+            started = time.perf_counter()
+            result = run_batch(models, out, settings, force=True, executor=executor)
+            seconds = time.perf_counter() - started
+            failed = [o.message for o in result.outcomes if o.status == "failed"]
+            assert result.count("computed") == len(models), failed
+            results[label].append({"seconds": seconds, "job_cpu_seconds": sum(o.cpu_seconds for o in result.outcomes)})
+            log(f"batch {name} {label}: {seconds:.1f}s")
+        local = {p.name: p.read_bytes() for p in (work / f"batch-{name}-local").glob("*.json")}
+        remote = {p.name: p.read_bytes() for p in (work / f"batch-{name}-ray").glob("*.json")}
+        results["identical"] = results.get("identical", True) and local == remote and len(local) == len(models)
+    ratios = [a["seconds"] / b["seconds"] for a, b in zip(results["local"], results["ray"])]
+    results["ratios"] = ratios
     return results
 
 
@@ -301,15 +304,20 @@ def report(results: dict[str, Any]) -> None:
     print(f"Machine: {os.cpu_count()} cores, shared (load average {load} when Ray started); Ray: a local cluster of "
           f"{results['ray_cpus']} CPUs, one task per model (1 compute thread each); local: one model at a time with "
           "the default threads. Job CPU-s: CPU time inside each model's job, all its threads.\n")
+    print(f"Medians of {len(next(iter(results['batch'].values()))['ratios'])} interleaved rounds; the ratio's range "
+          "in brackets.\n")
     print("| models | count | GB | local s | Ray s | throughput Ray / local | job CPU-s per model (local / Ray) | "
           "job CPU-s per GB (local / Ray) | outputs identical |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, row in results["batch"].items():
-        local, ray = row["local"], row["ray"]
+        local = {k: statistics.median(r[k] for r in row["local"]) for k in ("seconds", "job_cpu_seconds")}
+        ray = {k: statistics.median(r[k] for r in row["ray"]) for k in ("seconds", "job_cpu_seconds")}
+        ratios = row["ratios"]
+        ratio = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
         per_model = f"{local['job_cpu_seconds'] / row['models']:.2f} / {ray['job_cpu_seconds'] / row['models']:.2f}"
         per_gb = f"{local['job_cpu_seconds'] / row['gigabytes']:.2f} / {ray['job_cpu_seconds'] / row['gigabytes']:.2f}"
         print(f"| {name} | {row['models']} | {row['gigabytes']:.2f} | {local['seconds']:.1f} | {ray['seconds']:.1f} | "
-              f"{row['ratio']:.2f} | {per_model} | {per_gb} | {'yes' if row['identical'] else 'NO'} |")
+              f"{ratio} | {per_model} | {per_gb} | {'yes' if row['identical'] else 'NO'} |")
     print(f"\nRay cluster start-up (not in the times above): {results['ray_start_seconds']:.1f} s; "
           f"warm-up batch (workers importing torch): {results['ray_warmup_seconds']:.1f} s.\n")
 
@@ -404,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic-params", type=float, default=3e8, help="parameters of each synthetic checkpoint")
     parser.add_argument("--index-executor", choices=("local", "ray"), default="ray",
                         help="executor that builds the search index")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved local/Ray rounds of each batch")
     parser.add_argument("--quick", action="store_true", help="two architectures, 2,000 references")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -435,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     results["search"] = bench_search(work, references, candidates, strangers, args.index_executor)
     synthetic = synthetic_models(work, args.synthetic, args.synthetic_params)
     results["batch"] = {
-        "bench zoo (tiny trained models)": bench_batch(work, "zoo", [m.path for m in models]),
-        f"synthetic {args.synthetic_params / 1e9:.1f}B bf16": bench_batch(work, "synthetic", synthetic),
+        "bench zoo (tiny trained models)": bench_batch(work, "zoo", [m.path for m in models], args.rounds),
+        f"synthetic {args.synthetic_params / 1e9:.1f}B bf16": bench_batch(work, "synthetic", synthetic, args.rounds),
     }
     ray.shutdown()
     results["memory"] = bench_memory([synthetic[0], models[0].path])
