@@ -27,7 +27,7 @@ def test_the_true_base_of_every_derivative_is_retrieved_first_and_called_derived
         search_zoo: Any, index: ReferenceIndex) -> None:
     assert len(index.entries) > 300 and len(search_zoo.candidates) == 12
     for name, (path, base) in search_zoo.candidates.items():
-        result = search(index, load(path), k=5, permutations=199)
+        result = search(index, load(path), k=5)
         retrieved = {h.retrieval_rank: h.entry.id for h in result.hits}
         assert retrieved[1] == base, (name, retrieved)  # recall@1 of the signature alone
         first = result.hits[0]
@@ -38,7 +38,7 @@ def test_the_true_base_of_every_derivative_is_retrieved_first_and_called_derived
 
 
 def test_an_unrelated_model_finds_no_base(search_zoo: Any, index: ReferenceIndex) -> None:
-    result = search(index, load(search_zoo.unrelated), k=10, permutations=199)
+    result = search(index, load(search_zoo.unrelated), k=10)
     assert len(result.hits) == 10 and not any(h.lineage.derived for h in result.hits)
     assert result.attribution["by"] != "lineage" and "establishes none" in result.attribution["note"]
     assert max(h.similarity for h in result.hits) < 0.3
@@ -47,7 +47,7 @@ def test_an_unrelated_model_finds_no_base(search_zoo: Any, index: ReferenceIndex
 def test_search_reports_the_statistical_attribution_beside_the_lineage_evidence(search_zoo: Any,
                                                                                   index: ReferenceIndex) -> None:
     path, base = search_zoo.candidates["qwen2-ft"]
-    result = search(index, load(path), k=3, permutations=199)
+    result = search(index, load(path), k=3)
     statistics = result.statistics
     assert statistics is not None and statistics["available"]
     assert {r["id"] for r in statistics["references"]} == {h.entry.id for h in result.hits}
@@ -55,7 +55,7 @@ def test_search_reports_the_statistical_attribution_beside_the_lineage_evidence(
     assert statistics["meaningful"] is False and statistics["not_meaningful"]
     assert all(h.distance is None for h in result.hits)
     assert result.attribution["by"] == "lineage" and result.attribution["statistics_family"] is None
-    itself = search(index, load(search_zoo.bases["llama"]), k=2, permutations=199)
+    itself = search(index, load(search_zoo.bases["llama"]), k=2)
     assert any("searched against itself" in c for c in itself.caveats)
     assert itself.hits[0].lineage.score == pytest.approx(1.0, abs=1e-3)
 

@@ -71,3 +71,23 @@ def test_a_sketch_without_units_has_no_signature() -> None:
     empty = ParsedSketch(seed=0, vocab=10, ids=np.arange(8), units={})
     only_embed = ParsedSketch(seed=0, vocab=10, ids=np.arange(8), units={("embed", None): np.eye(8, dtype=np.float32)})
     assert signature_of(empty) is None and signature_of(only_embed) is None
+
+
+class _MixtureSketch:
+    """A stand-in for a sketch whose probe is k seeded mixtures of embedding rows: no token ids, a seed, keys."""
+
+    def __init__(self, units: dict, seed: int, keys: str = "strings") -> None:
+        self.units, self.seed, self.keys = units, seed, keys
+        self.mixtures = next(iter(units.values())).shape[0]
+
+
+def test_a_probe_of_mixtures_aligns_by_position_only_under_the_same_seed_and_keys() -> None:
+    rng = np.random.default_rng(3)
+    units = _sketch(rng).units
+    same = signature_of(_MixtureSketch(units, seed=0))  # type: ignore[arg-type]
+    again = signature_of(_MixtureSketch(units, seed=0))  # type: ignore[arg-type]
+    other_seed = signature_of(_MixtureSketch(units, seed=1))  # type: ignore[arg-type]
+    other_keys = signature_of(_MixtureSketch(units, seed=0, keys="ids"))  # type: ignore[arg-type]
+    assert same is not None and again is not None and other_seed is not None and other_keys is not None
+    assert float(same @ again) == pytest.approx(1.0)
+    assert abs(float(same @ other_seed)) < 0.25 and abs(float(same @ other_keys)) < 0.25  # other probes: unrelated

@@ -69,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
     return emit(document, args, lambda console: render(console, document))
 
 
+def _number(value: float | None, spec: str) -> str:
+    """A figure of the result, or a dash where it is not defined (JSON null: not computed, or not finite)."""
+    return "—" if value is None else format(value, spec)
+
+
 def render(console: Any, document: dict[str, Any]) -> None:
     """The human view: the attribution, the hits with their lineage tests, the nearest by features, caveats."""
     from rich.markup import escape
@@ -81,7 +86,8 @@ def render(console: Any, document: dict[str, Any]) -> None:
     attribution = result["attribution"]
     if attribution["by"] == "lineage":
         console.print(f"[bold]{name}[/bold]: lineage test: derived from [bold green]{escape(attribution['base'])}"
-                      f"[/bold green] (family {escape(attribution['family'])}, score {attribution['score']:.3f})")
+                      f"[/bold green] (family {escape(attribution['family'])}, score "
+                      f"{_number(attribution['score'], '.3f')})")
         if attribution["agrees"] is False:
             console.print(f"[yellow]the statistical attribution (family {escape(attribution['statistics_family'])}) "
                           "disagrees with the lineage evidence; the lineage test is the stronger evidence[/yellow]")
@@ -104,8 +110,9 @@ def render(console: Any, document: dict[str, Any]) -> None:
             cells = ["—", "—", "—", "[yellow]not comparable[/yellow]"]
         else:
             decision = "[bold green]derived[/bold green]" if lineage["derived"] else "not derived"
-            cells = [f"{lineage['score']:.3f}", f"{lineage['threshold']:.3f}", f"{lineage['p_value']:.3g}", decision]
-        distance = "—" if hit["distance"] is None else f"{hit['distance']:.2f}"
+            cells = [_number(lineage["score"], ".3f"), _number(lineage["threshold"], ".3f"),
+                     _number(lineage["p_value"], ".3g"), decision]
+        distance = _number(hit["distance"], ".2f")
         table.add_row(escape(hit["reference"]), escape(hit["family"]), f"{hit['similarity']:.3f}", *cells, distance)
     console.print(table)
     statistics = result["statistics"]

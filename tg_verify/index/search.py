@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from tg_verify.analysis.lineage import DEFAULT_PERMUTATIONS, LineageResult, lineage_test
+from tg_verify.analysis.lineage import LineageResult, lineage_test
 from tg_verify.analysis.references import Reference
 from tg_verify.errors import IndexFormatError, InputError, UsageError
 from tg_verify.fingerprint.document import Fingerprint
@@ -80,8 +80,7 @@ def retrieve(index: ReferenceIndex, signature: np.ndarray, k: int) -> list[tuple
     return [(n, float(similarities[n])) for n in order]
 
 
-def search(index: ReferenceIndex, candidate: Fingerprint, k: int = DEFAULT_K, *,
-           permutations: int = DEFAULT_PERMUTATIONS) -> SearchResult:
+def search(index: ReferenceIndex, candidate: Fingerprint, k: int = DEFAULT_K) -> SearchResult:
     """Short-list the k references nearest the candidate's signature and run the full lineage test on each."""
     if not 1 <= k <= MAX_K:
         raise UsageError(f"-k must be in [1, {MAX_K}], got {k}")
@@ -99,7 +98,7 @@ def search(index: ReferenceIndex, candidate: Fingerprint, k: int = DEFAULT_K, *,
         for rank, (position, similarity) in enumerate(short, start=1):
             entry = index.entries[position]
             fingerprints[entry.id] = index.fingerprint(entry)
-            result = lineage_test(candidate, fingerprints[entry.id], permutations=permutations)
+            result = lineage_test(candidate, fingerprints[entry.id])
             hits.append(Hit(rank, entry, similarity, result))
     tested = time.perf_counter()
     caveats: list[str] = []

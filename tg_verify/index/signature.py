@@ -1,22 +1,23 @@
 """The retrieval signature: one short unit vector per lineage sketch, whose dot products rank references.
 
-The lineage test (analysis/lineage.py) is exact but costs a permutation null per pair, too much for
-thousands of references. The signature keeps what the test scores, in a form that compares in one
-dot product: every sketch unit is standardised and corrected for its model's own token geometry as
-the test does, layer units are pooled into a few relative-depth bins (so a dropped or duplicated
+The lineage test (analysis/lineage.py) is exact but too costly to run against thousands of references.
+The signature keeps what the test scores, in a form that compares in one dot product: every sketch
+unit is standardised and corrected for its model's own token geometry (what its embed and head units
+explain, by least squares), layer units are pooled into a few relative-depth bins (so a dropped or duplicated
 layer shifts weight between neighbouring bins instead of breaking the comparison), and each entry,
-keyed by (role, bin, token id, token id), is feature-hashed with a seeded sign into DIMS buckets.
-Keying by token ids rather than probe positions keeps the entries of two sketches with partly
-different probes (a grown vocabulary) aligned on the tokens they share. Derivatives keep their base's
-units, so their signatures point the same way; independent models share only what every model of
-the data shares, which the geometry correction removes to first order.
+keyed by (role, bin, probe coordinate, probe coordinate), is feature-hashed with a seeded sign into
+DIMS buckets (`_coordinates`: token ids for a probe of tokens, so a grown vocabulary still aligns on
+the tokens it shares; mixture positions salted with the probe's seed for a probe of mixtures).
+Derivatives keep their base's units, so their signatures point the same way; independent models
+share only what every model of the data shares, which the geometry correction removes to first order.
 
-`signature_of` is the only function that reads a sketch's structure: a new sketch version needs a
-new `signature_of` (and a new SIGNATURE_VERSION), nothing else.
+`signature_of` (with `_coordinates`) is the only code that reads a sketch's structure: a new sketch
+version needs changes there (and a new SIGNATURE_VERSION), nothing else.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,35 +56,57 @@ def _standardised(matrix: np.ndarray, off: np.ndarray) -> np.ndarray | None:
     return values / norm if norm > 0 else None
 
 
+def _coordinates(sketch: ParsedSketch) -> tuple[np.ndarray, int]:
+    """What each probe position stands for, comparable across sketches, and a salt for the hash.
+
+    A sketch whose probe is a set of token ids (tgs1) is keyed by those ids, so sketches of vocabularies of
+    different sizes align on the tokens they share. A sketch whose probe is k seeded mixtures of embedding
+    rows (tgs2) is keyed by the mixture's position, salted with the seed and the kind of keys (token text
+    or ids): sketches made with other seeds or keys do not share a probe and must not align.
+    """
+    ids = getattr(sketch, "ids", None)
+    if ids is not None:
+        return np.asarray(ids).astype(np.uint64), 0
+    mixtures = int(getattr(sketch, "mixtures", 0))
+    salt = f"{getattr(sketch, 'seed', 0)}:{getattr(sketch, 'keys', '')}".encode()
+    return np.arange(mixtures, dtype=np.uint64), int.from_bytes(hashlib.sha256(salt).digest()[:8], "little")
+
+
 def signature_of(sketch: ParsedSketch) -> np.ndarray | None:
     """The unit signature vector (float32, DIMS) of a parsed sketch; None when it has no unit to sign."""
-    ids = sketch.ids.astype(np.uint64)
-    k = len(ids)
+    coordinates, salt = _coordinates(sketch)
+    k = len(coordinates)
     if k < 2:
         return None
     off = ~np.eye(k, dtype=bool)
     rows, cols = np.nonzero(off)
-    embed = sketch.units.get(("embed", None))
-    geometry = _standardised(embed, off) if embed is not None else None
+    geometry = {role: _standardised(sketch.units[(role, None)], off) for role in ("embed", "head")
+                if (role, None) in sketch.units}
 
-    def corrected(matrix: np.ndarray) -> np.ndarray | None:
+    def corrected(matrix: np.ndarray, regressors: list[np.ndarray | None]) -> np.ndarray | None:
+        """Standardised, minus what the model's own token geometry explains (least squares), renormalised."""
         values = _standardised(matrix, off)
-        if values is None or geometry is None:
-            return values
-        values = values - float(values @ geometry) * geometry
+        basis = [g for g in regressors if g is not None]
+        if values is None:
+            return None
+        if basis:
+            q, _ = np.linalg.qr(np.stack(basis, axis=1))
+            values = values - q @ (q.T @ values)
+            values -= values.mean()
         norm = float(np.linalg.norm(values))
         return values / norm if norm > 1e-6 else None
 
     blocks: dict[tuple[str, int], np.ndarray] = {}
     head = sketch.units.get(("head", None))
-    if head is not None and (vector := corrected(head)) is not None:
+    if head is not None and (vector := corrected(head, [geometry.get("embed")])) is not None:
         blocks[("head", 0)] = vector
+    layer_geometry = [geometry.get("embed"), geometry.get("head")]
     layers = sorted({layer for (_, layer) in sketch.units if layer is not None})
     span = max(len(layers) - 1, 1)
     for role in LAYER_ROLES:
         for rank, layer in enumerate(layers):
             matrix = sketch.units.get((role, layer))
-            if matrix is None or (vector := corrected(matrix)) is None:
+            if matrix is None or (vector := corrected(matrix, layer_geometry)) is None:
                 continue
             position = rank * (BINS - 1) / span
             low = int(np.floor(position))
@@ -93,9 +116,9 @@ def signature_of(sketch: ParsedSketch) -> np.ndarray | None:
     if not blocks:
         return None
     out = np.zeros(DIMS, dtype=np.float64)
-    a, b = ids[rows], ids[cols]
+    a, b = coordinates[rows], coordinates[cols]
     with np.errstate(over="ignore"):
-        pair = _mix(a * _C1 + b + np.uint64(SEED))
+        pair = _mix(a * _C1 + b + np.uint64(SEED) + np.uint64(salt))
     for (role, bin_), vector in blocks.items():
         norm = float(np.linalg.norm(vector))
         if norm <= 0:
