@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tg_verify.analysis.population import load_population
+from tg_verify.artifact import root_digest
 from tg_verify.fingerprint.document import FEATURE_NAMES, FEATURE_VERSION, Fingerprint, load
 from tg_verify.pipeline import VerificationResult, verify
 from tg_verify.policy import load_policy
@@ -33,10 +34,11 @@ STATISTICS = {"TGV_DISTANCE_WITHIN_THRESHOLD", "TGV_DISTANCE_ABOVE_THRESHOLD", "
 
 def attested_consistently(result: VerificationResult) -> bool:
     """verify-attestation re-derives the same reasons from what the attestation records."""
-    from tg_verify.report.attestation import build_statement
-    from tg_verify.report.attestation_check import check_evidence
+    from tg_verify.attestation.check import check_evidence
+    from tg_verify.attestation.record import parse_predicate
+    from tg_verify.attestation.statement import build_statement
 
-    failed = [c for c in check_evidence(build_statement(result)["predicate"]) if not c.ok]
+    failed = [c for c in check_evidence(parse_predicate(build_statement(result)["predicate"])) if not c.ok]
     assert not failed, failed
     return True
 
@@ -74,7 +76,8 @@ def gensyn(tmp_path_factory: pytest.TempPathFactory) -> Path:
     files = [{"path": "model.safetensors", "size": 1, "sha256": "ab" * 32}]
     fp = Fingerprint(model_name="gensyn", features={n: legacy.features[n] for n in FEATURE_NAMES},
                      settings={"seed": 0, "repeats": 30}, feature_version=FEATURE_VERSION,
-                     artifact={"layout": "single", "files": files, "root_digest": "cd" * 32})
+                     artifact={"layout": "single", "files": files,
+                               "root_digest": root_digest({"model.safetensors": "ab" * 32})})
     path = tmp_path_factory.mktemp("real") / "gensyn.json"
     path.write_bytes(fp.to_json_bytes())
     return path

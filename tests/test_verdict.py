@@ -7,9 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from tg_verify.analysis.lineage import LineageResult
 from tg_verify.policy import CandidateSpec, Declared, LineagePolicy, Policy, ReferenceSpec
-from tg_verify.verdict import REASON_CODES, AttributionEvidence, Evidence, ReferenceEvidence, Verdict, decide, summarize
+from tg_verify.verdict import (
+    REASON_CODES,
+    AttributionEvidence,
+    Evidence,
+    LineageEvidence,
+    ReferenceEvidence,
+    Verdict,
+    summarize,
+)
+from tg_verify.verdict import decide as decide_rules
 
 REFS = (("base", "llama"), ("sibling", "llama"), ("other", "qwen"), ("leaked", "llama"))
 
@@ -23,10 +31,15 @@ def make_policy(**changes: object) -> Policy:
     return replace(policy, **changes)  # type: ignore[arg-type]
 
 
-def lineage(derived: bool, score: float | None = None, comparable: bool = True) -> LineageResult:
-    return LineageResult(score=score if score is not None else (0.9 if derived else 0.05), threshold=0.5,
-                         p_value=0.001 if derived else 0.4, false_positive_rate=0.01, derived=derived,
-                         comparable=comparable, notes=[] if comparable else ["probe seeds differ"])
+def decide(policy: Policy, evidence: Evidence) -> Verdict:
+    """The verdict under the policy's rules (verify decides exactly so)."""
+    return decide_rules(policy.decision_rules(), evidence)
+
+
+def lineage(derived: bool, score: float | None = None, comparable: bool = True) -> LineageEvidence:
+    return LineageEvidence(score=score if score is not None else (0.9 if derived else 0.05), threshold=0.5,
+                           p_value=0.001 if derived else 0.4, false_positive_rate=0.01, derived=derived,
+                           comparable=comparable, alpha=0.01, notes=() if comparable else ("probe seeds differ",))
 
 
 def make_evidence(distances: dict[str, float] | None = None, derived: tuple[str, ...] = ("base",),

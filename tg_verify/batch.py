@@ -12,7 +12,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -43,14 +43,14 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # ------------------------------------------------------------------------------------------ one model
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelFingerprint:
     """A fingerprint and what was learnt making it: adapter findings (warnings) and artifact warnings."""
 
     fingerprint: Fingerprint
     artifact: Artifact
     base: Artifact | None = None
-    findings: list[AdapterFinding] = field(default_factory=list)
+    findings: tuple[AdapterFinding, ...] = ()
 
     @property
     def warnings(self) -> list[str]:
@@ -85,8 +85,8 @@ def fingerprint_model(path: str | os.PathLike[str] | Artifact, settings: Fingerp
         fp = fingerprint_artifact(opened.artifact, settings, reader=opened.reader, progress=progress,
                                   model_name=model_name, threads=threads)
     if opened.base_record is not None:
-        fp.artifact["base"] = opened.base_record
-    return ModelFingerprint(fp, artifact, base_artifact, list(opened.findings))
+        fp = fp.with_base(opened.base_record)
+    return ModelFingerprint(fp, artifact, base_artifact, tuple(opened.findings))
 
 
 # ------------------------------------------------------------------------------------------ discovery

@@ -14,12 +14,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from yaml.events import AliasEvent, NodeEvent
 
+from tg_verify.analysis.lineage_rule import DEFAULT_ALPHA
 from tg_verify.errors import InputError, PolicyError
+from tg_verify.verdict import Action, DecisionRules
 
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 MAX_POLICY_BYTES = 1 << 20  # a policy is a few hundred bytes; 1 MiB leaves room for thousands of references
@@ -28,10 +30,7 @@ MAX_STRING = 4096
 MAX_REFERENCES = 10_000
 MAX_INT = 2**63 - 1
 DEFAULT_MAX_DISTANCE = 7.0  # the paper's out-of-cluster distance in the standardised 15-feature space
-DEFAULT_ALPHA = 0.01
 RELATIONS = ("finetune", "adapter", "merge", "quantization", "identical", "other")
-
-Action = Literal["fail", "warn"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,9 @@ class CandidateSpec:
     fingerprint: Path | None
     name: str | None = None
     base_model: Path | None = None  # base weights an adapter candidate is merged onto
+    # Features must be recomputed from `path` (a fingerprint file's features fail the verdict). None: not set,
+    # the caller's default applies (off for `tg-verify POLICY.yml`, on for `tg-verify action`).
+    require_weights: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,19 @@ class Policy:
         while ref.parent is not None:
             ref = self.reference(ref.parent)
         return ref.id
+
+    def decision_rules(self, *, require_weights_default: bool = False) -> DecisionRules:
+        """The rules the verdict applies, as tg_verify.verdict.decide reads them (and attestations record them)."""
+        base = self.declared.base
+        require = self.candidate.require_weights
+        return DecisionRules(
+            declared_base=base, declared_family=self.declared_family,
+            declared_root=self.root_of(base) if base is not None else None, forbidden=self.forbidden,
+            on_out_of_cluster=self.on_out_of_cluster, on_base_mismatch=self.on_base_mismatch,
+            on_name_mismatch=self.on_name_mismatch, lineage_enabled=self.lineage.enabled,
+            on_lineage_unavailable=self.lineage.on_unavailable, on_statistics_disagree=self.on_statistics_disagree,
+            on_unexpected_tensors=self.on_unexpected_tensors,
+            require_weights=require_weights_default if require is None else require)
 
     def threshold_for(self, ref: ReferenceSpec) -> float:
         return ref.max_distance if ref.max_distance is not None else self.thresholds.max_distance
@@ -309,7 +324,7 @@ ACTIONS: tuple[str, ...] = ("fail", "warn")
 
 
 def _candidate(check: _Checker, raw: Any, override: Path | None) -> CandidateSpec:
-    doc = check.mapping(raw, "candidate", ("path", "fingerprint", "name", "base_model"))
+    doc = check.mapping(raw, "candidate", ("path", "fingerprint", "name", "base_model", "require_weights"))
     path = override if override is not None else (
         check.path_value(doc["path"], "candidate.path") if "path" in doc else None)
     fingerprint = check.path_value(doc["fingerprint"], "candidate.fingerprint") if "fingerprint" in doc else None
@@ -317,7 +332,9 @@ def _candidate(check: _Checker, raw: Any, override: Path | None) -> CandidateSpe
         raise check.fail("candidate", "needs `path` (the model) or `fingerprint` (a fingerprint made earlier)")
     name = check.string(doc["name"], "candidate.name") if "name" in doc else None
     base_model = check.path_value(doc["base_model"], "candidate.base_model") if "base_model" in doc else None
-    return CandidateSpec(path=path, fingerprint=fingerprint, name=name, base_model=base_model)
+    require = check.boolean(doc["require_weights"], "candidate.require_weights") if "require_weights" in doc else None
+    return CandidateSpec(path=path, fingerprint=fingerprint, name=name, base_model=base_model,
+                         require_weights=require)
 
 
 def _references(check: _Checker, raw: Any) -> tuple[ReferenceSpec, ...]:

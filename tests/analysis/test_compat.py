@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -31,8 +33,7 @@ def test_device_setting_does_not_change_values(make_fp):
 
 
 def test_different_feature_versions_are_refused(make_fp):
-    a, b = make_fp("a", VALUES), make_fp("b", VALUES)
-    b.feature_version = "tg0"
+    a, b = make_fp("a", VALUES), dataclasses.replace(make_fp("b", VALUES), feature_version="tg0")
     with pytest.raises(IncompatibleFingerprintsError, match="feature version"):
         comparability([a, b])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -105,8 +106,8 @@ def test_it_applies_only_to_references_inside_the_real_models_span(bases, make_f
     fit = population_for([toy])
     assert fit.scale is None and "reference toy lies outside the real models" in fit.reason
     assert "global_norm = 8.6" in fit.reason
-    future = make_fp("future", np.array(list(bases[0].fingerprint.features.values())))
-    future.feature_version = "tg9"
+    future = dataclasses.replace(make_fp("future", np.array(list(bases[0].fingerprint.features.values()))),
+                                 feature_version="tg9")
     assert "no population scale is shipped for feature version tg9" in population_for([future]).reason
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from attestation_helpers import build_workspace
 
+from tg_verify.attestation.record import PREDICATE_TYPE
 from tg_verify.cli import main
 from tg_verify.commands import action
 from tg_verify.errors import UsageError
-from tg_verify.report.attestation import PREDICATE_TYPE
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +157,14 @@ def test_inputs_become_a_verify_command_line():
     inputs = action.parse_inputs(env)
     assert inputs.argv == ("gate.yml", "--candidate", "build/model", "--device", "cuda", "--cache-dir", "/cache",
                            "--no-cache", "--fingerprint-out", "fp file.json")
-    args = action.verify_namespace(inputs)
-    assert args.candidate == "build/model" and args.device == "cuda" and args.fingerprint_out == "fp file.json"
+    request = action.verify_request(inputs, {"RUNNER_TEMP": "/runner/temp"})
+    assert request.candidate == Path("build/model") and request.device == "cuda"
+    assert request.fingerprint_out == Path("fp file.json") and request.no_cache and request.cache_dir == Path("/cache")
+    assert request.predicate == Path("pred.json") and request.require_weights
+    assert request.defaults["report"] == Path("/runner/temp/tg-verify/report.json")
     assert inputs.summary is False and inputs.predicate == Path("pred.json")
     with pytest.raises(UsageError, match="valid `tg-verify verify` command line"):
-        action.verify_namespace(action.parse_inputs({"INPUT_POLICY": "p.yml", "INPUT_DEVICE": "tpu"}))
+        action.verify_request(action.parse_inputs({"INPUT_POLICY": "p.yml", "INPUT_DEVICE": "tpu"}), {})
 
 
 def test_docker_style_hyphenated_input_names_are_read():
@@ -190,3 +193,73 @@ def test_internal_error_is_annotated_and_exits_3(workspace, tmp_path, monkeypatc
     assert log.startswith("::error title=tg-verify%3A internal error::internal error: RuntimeError: boom")
     assert "Traceback" in log  # debug logging on a re-run shows where
     assert read_outputs(env["GITHUB_OUTPUT"])["error"].startswith("internal error")
+
+
+def test_the_action_runs_the_cli_verify_path_with_every_flag(workspace, tmp_path, monkeypatch):
+    """One verify path: the Action builds the same request the CLI builds and calls the same function, so flags
+    the old entrypoint dropped (--threads) or ignored (--check-policy) act as they do on the command line."""
+    import tg_verify.pipeline
+
+    seen = []
+    real = tg_verify.pipeline.verify
+
+    def spy(policy, options=None):
+        seen.append(options)
+        return real(policy, options)
+
+    monkeypatch.setattr(tg_verify.pipeline, "verify", spy)
+    env = runner_env(workspace, tmp_path, policy="pass.yml", summary="false", args="--threads 1")
+    code, log = run_action(env, monkeypatch, workspace)
+    assert code == 0, log
+    assert seen[0].threads == 1 and seen[0].require_weights is True and seen[0].cache_dir == workspace / ".cache"
+    seen.clear()
+    env = runner_env(workspace, tmp_path / "check", policy="pass.yml", args="--check-policy")
+    code, log = run_action(env, monkeypatch, workspace)
+    assert code == 0 and "valid policy (version 1; 2 references" in log and not seen  # nothing was verified
+    outputs = read_outputs(env["GITHUB_OUTPUT"])
+    assert outputs["verdict"] == "" and outputs["report-path"] == ""
+    assert not (Path(env["RUNNER_TEMP"]) / "tg-verify" / "report.json").exists()
+
+
+@pytest.fixture(scope="module")
+def fingerprinted(workspace):
+    """A policy whose references are fingerprint files, and the candidate's own fingerprint."""
+    for name in ("llama-base", "qwen-base", "candidate"):
+        assert main(["fingerprint", str(workspace / name), "-o", str(workspace / "fps" / f"{name}.json")]) == 0
+    text = (workspace / "pass.yml").read_text().replace("model: ./llama-base", "fingerprint: fps/llama-base.json") \
+        .replace("model: ./qwen-base", "fingerprint: fps/qwen-base.json")
+    (workspace / "fps.yml").write_text(text)
+    (workspace / "fp-only.yml").write_text(text.replace("path: ./candidate", "fingerprint: fps/candidate.json"))
+    return workspace
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"report": "fps.yml"}, "the report output would overwrite the policy file"),
+    ({"attestation": "fps/llama-base.json"}, "would overwrite references[0].fingerprint"),
+    ({"predicate": "candidate/model-00001-of-00003.safetensors"}, "would write into the candidate model"),
+    ({"attestation": "out/a.json", "predicate": "out/a.json"}, "the attestation and predicate outputs name the same"),
+    ({"args": "--fingerprint-out .cache/x.json"}, "would write into the reference cache"),
+])
+def test_action_outputs_never_overwrite_inputs_or_each_other(fingerprinted, tmp_path, monkeypatch, inputs, message):
+    before = {p: p.read_bytes() for p in fingerprinted.rglob("*") if p.is_file() and ".cache" not in p.parts}
+    env = runner_env(fingerprinted, tmp_path, policy="fps.yml", **inputs)
+    code, log = run_action(env, monkeypatch, fingerprinted)
+    assert code == 2 and message in log, log
+    assert log.startswith("::error ") and "title=tg-verify%3A bad input" in log
+    after = {p: p.read_bytes() for p in fingerprinted.rglob("*") if p.is_file() and ".cache" not in p.parts}
+    assert after == before  # nothing overwritten, nothing written
+    assert read_outputs(env["GITHUB_OUTPUT"])["verdict"] == ""
+
+
+def test_the_action_requires_recomputed_features_by_default(fingerprinted, tmp_path, monkeypatch):
+    env = runner_env(fingerprinted, tmp_path, policy="fp-only.yml", summary="false")
+    code, log = run_action(env, monkeypatch, fingerprinted)
+    assert code == 1, log
+    assert "TGV_FEATURES_FROM_FINGERPRINT" in read_outputs(env["GITHUB_OUTPUT"])["reasons"].split(",")
+    assert any(line.startswith("::error ") and "TGV_FEATURES_FROM_FINGERPRINT" in line for line in log.splitlines())
+    relaxed = fingerprinted / "fp-only-relaxed.yml"
+    relaxed.write_text((fingerprinted / "fp-only.yml").read_text().replace(
+        "fingerprint: fps/candidate.json", "fingerprint: fps/candidate.json\n  require_weights: false"))
+    env = runner_env(fingerprinted, tmp_path / "relaxed", policy="fp-only-relaxed.yml", summary="false")
+    code, log = run_action(env, monkeypatch, fingerprinted)
+    assert code == 0 and "TGV_FEATURES_FROM_FINGERPRINT" in read_outputs(env["GITHUB_OUTPUT"])["reasons"]

@@ -73,7 +73,8 @@ def test_json_report_is_canonical_and_complete(results: dict[str, VerificationRe
     declared = next(r for r in document["references"] if r["role"] == "declared-base")
     assert declared["distance"] == result.declared_reference.distance
     assert declared["lineage"]["derived"] is False and "units" in declared["lineage"]
-    assert document["candidate"]["files"] == [dict(f) for f in result.candidate.files]
+    assert document["candidate"]["files"] == [f.to_dict() for f in result.candidate.files]
+    assert document["candidate"]["files_verified"] is True and document["candidate"]["files_hashed"] is True
     assert document["fingerprint"]["feature_version"] == result.feature_version
     assert document["attribution"]["centroids"] and document["tool"]["tg-verify"]
     assert [r["code"] for r in document["reasons"]] == [f.code for f in result.verdict.reasons]

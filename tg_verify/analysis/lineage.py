@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from tg_verify.analysis.lineage_rule import DEFAULT_ALPHA, is_derived
 from tg_verify.errors import FingerprintFormatError
 from tg_verify.fingerprint.document import Fingerprint
 from tg_verify.fingerprint.sketch import GLOBAL_ROLES, LAYER_ROLES, MAX_LAYERS, MAX_TOKENS, SKETCH_VERSION
 
-DEFAULT_ALPHA = 0.01
 # Minimum effect size. Derivatives keep the base's weight geometry almost intact (similarities
 # near 1 even after heavy fine-tuning), while independently trained models share only the
 # semantic part of it, which the weight-level invariants of HuRef and AWM measure near 0 on
@@ -335,7 +335,7 @@ def lineage_test(candidate: Fingerprint, reference: Fingerprint, *, alpha: float
     p_value = float((1 + np.count_nonzero(null >= score)) / (permutations + 1))
     threshold = max(min_score, float(np.quantile(null, 1 - alpha, method="higher")))
     fpr = float((1 + np.count_nonzero(null >= threshold)) / (permutations + 1))
-    derived = bool(p_value <= alpha and score >= threshold)
+    derived = is_derived(score=score, threshold=threshold, p_value=p_value, alpha=alpha)
     assert observed is not None
     units = _matched_units(stacks, observed, cand_layers, ref_layers)
     matched_c = {u.candidate_layer for u in units if u.candidate_layer is not None}

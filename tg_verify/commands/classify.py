@@ -14,7 +14,6 @@ from typing import Any
 
 from rich.markup import escape
 
-from tg_verify import __version__
 from tg_verify.analysis.attribution import (
     Classification,
     ClassifierSettings,
@@ -32,6 +31,7 @@ from tg_verify.commands.compare import (
     resolve_inputs,
 )
 from tg_verify.fingerprint.document import Fingerprint
+from tg_verify.versions import tool_record
 
 VERB = "classify"
 ORDER = 31
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         result.caveats.append("no --labels: each reference is a base of its own family (named by its id)")
     lineage = lineage_against_bases(candidate, references) if args.lineage else []
     decision = decide_family(result, lineage)
-    document = {"schema": REPORT_SCHEMA, "tool": {"name": "tg-verify", "version": __version__},
+    document = {"schema": REPORT_SCHEMA, "tool": tool_record(),
                 "candidate": describe(candidate), "classification": result.to_dict(), "lineage": lineage,
                 "decision": decision}
     return emit(document, args, lambda console: render(console, result, lineage, decision))

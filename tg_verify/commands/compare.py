@@ -13,7 +13,6 @@ from typing import Any
 
 from rich.markup import escape
 
-from tg_verify import __version__
 from tg_verify.analysis.attribution import DEFAULT_THRESHOLD, SCALES, not_meaningful_text, scale_words
 from tg_verify.analysis.inputs import is_fingerprint_path, load_or_fingerprint, settings_like
 from tg_verify.analysis.pairwise import Comparison, compare
@@ -24,6 +23,7 @@ from tg_verify.errors import EXIT_OK, UsageError
 from tg_verify.fingerprint.document import Fingerprint
 from tg_verify.fingerprint.settings import DEVICE_CHOICES, FingerprintSettings
 from tg_verify.progress import progress_sink, wants_progress
+from tg_verify.versions import tool_record
 
 VERB = "compare"
 ORDER = 30
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         from tg_verify.analysis.lineage import lineage_test
 
         result.lineage = lineage_test(a, b).to_dict()
-    document = {"schema": REPORT_SCHEMA, "tool": {"name": "tg-verify", "version": __version__},
+    document = {"schema": REPORT_SCHEMA, "tool": tool_record(),
                 "a": describe(a), "b": describe(b), "comparison": result.to_dict()}
     return emit(document, args, lambda console: render(console, result, a, b))
 

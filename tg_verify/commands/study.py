@@ -13,7 +13,6 @@ from typing import Any
 
 from rich.markup import escape
 
-from tg_verify import __version__
 from tg_verify.analysis.clustering import STRATEGIES, ClusteringStudy, StudySettings, clustering_study
 from tg_verify.analysis.perturbation import PerturbationStudy, perturbation_study
 from tg_verify.analysis.references import build_references, load_fingerprints, read_labels
@@ -23,6 +22,7 @@ from tg_verify.errors import EXIT_OK, UsageError
 from tg_verify.fingerprint.settings import DEVICE_CHOICES, FingerprintSettings
 from tg_verify.progress import progress_sink, wants_progress
 from tg_verify.report import plots
+from tg_verify.versions import tool_record
 
 VERB = "study"
 ORDER = 60
@@ -122,7 +122,7 @@ def run_clustering(args: argparse.Namespace) -> int:
     settings = StudySettings(space=args.space, pca_components=args.pca_components, dbscan_eps=args.dbscan_eps)
     study = clustering_study(references, settings, STRATEGIES)
     study.caveats.extend(caveats)
-    document = {"schema": REPORT_SCHEMA, "study": "clustering", "tool": {"name": "tg-verify", "version": __version__},
+    document = {"schema": REPORT_SCHEMA, "study": "clustering", "tool": tool_record(),
                 "result": study.to_dict()}
     return _finish(document, args, "clustering-study", lambda console: render_clustering(console, study),
                    lambda out: plots.write_clustering_plots(study, out))
@@ -170,7 +170,7 @@ def run_perturbation(args: argparse.Namespace) -> int:
     with progress_sink(wants_progress(args.progress)) as sink:
         study = perturbation_study(args.model, settings, sink, args.max_blocks)
     document = {"schema": REPORT_SCHEMA, "study": "perturbation",
-                "tool": {"name": "tg-verify", "version": __version__}, "result": study.to_dict()}
+                "tool": tool_record(), "result": study.to_dict()}
     return _finish(document, args, "perturbation-study", lambda console: render_perturbation(console, study),
                    lambda out: [plots.write_sensitivity_plot(study, out / "perturbation-sensitivity.png")])
 

@@ -18,7 +18,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from tg_verify import __version__
 from tg_verify.artifact import Artifact, TensorInfo, categorize, file_digests, naming, root_digest
 from tg_verify.artifact.formats import open_reader
 from tg_verify.artifact.model import FLOAT_DTYPES
@@ -31,6 +30,7 @@ from tg_verify.fingerprint.settings import FingerprintSettings
 from tg_verify.fingerprint.sketch import SketchBuilder
 from tg_verify.fingerprint.workers import WorkerPool, check_threads, default_threads, helper_threads
 from tg_verify.progress import NullProgress, ProgressSink
+from tg_verify.versions import tool_record
 
 CATEGORY_FEATURES: tuple[str, ...] = ("attention", "ffn", "embedding")
 CATEGORY_SAMPLE = 3  # "up to three layers from each category" (§III-C)
@@ -331,6 +331,6 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     files = [{"path": f.path, "role": f.role, "sha256": digests[f.path], "size": f.size} for f in artifact.files]
     return Fingerprint(
         model_name=label, features=features, settings={**settings.to_dict(), "device": device.type},
-        tool={"name": "tg-verify", "version": __version__, "torch": torch.__version__.split("+")[0]},
+        tool={**tool_record(), "torch": torch.__version__.split("+")[0]},
         artifact={"layout": artifact.layout, "files": files, "root_digest": root_digest(digests)},
         tensors=records, sketch=sketch, extraction=summary)

@@ -61,13 +61,13 @@ def _overview(result: VerificationResult) -> Table:
     grid.add_column(style="bold")
     grid.add_column()
     files = f"{len(cand.files)} file{'s' if len(cand.files) != 1 else ''}"
-    origin = {"model": "fingerprinted in this run", "fingerprint": "from a fingerprint file (files not re-hashed)",
-              "model+fingerprint": "fingerprint file, digests checked against the files"}.get(cand.source, cand.source)
+    origin = {"model": "fingerprinted in this run", "fingerprint": "features and digests from a fingerprint file "
+              "(files not read)", "model+fingerprint": "features from a fingerprint file, its digests checked against "
+              "the files"}.get(cand.source, cand.source)
     grid.add_row("Candidate", Text(f"{cand.name}  ({cand.layout}, {files}, root sha256 "
                                    f"{short_digest(cand.root_digest)}; {origin})"))
-    if cand.base:
-        grid.add_row("Merged onto", Text(f"{cand.base.get('name')} (root sha256 "
-                                         f"{short_digest(str(cand.base.get('root_digest', '')))})"))
+    if cand.base is not None:
+        grid.add_row("Merged onto", Text(f"{cand.base.name} (root sha256 {short_digest(cand.base.root_digest)})"))
     declared = []
     if policy.declared.base:
         declared.append(f"base {policy.declared.base}")

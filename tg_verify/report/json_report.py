@@ -14,7 +14,7 @@ from tg_verify.pipeline import ReferenceOutcome, VerificationResult
 from tg_verify.verdict import summarize
 
 SCHEMA = "https://tg-verify.dev/schemas/report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: candidate.files_verified means the features were recomputed (files_hashed added)
 
 
 def _path(path: Path | None) -> str | None:
@@ -62,14 +62,16 @@ def build_report(result: VerificationResult) -> dict[str, Any]:
                   "on_statistics_disagree": policy.on_statistics_disagree,
                   "on_unexpected_tensors": policy.on_unexpected_tensors,
                   "lineage": {"enabled": policy.lineage.enabled, "alpha": policy.lineage.alpha,
-                              "on_unavailable": policy.lineage.on_unavailable}},
+                              "on_unavailable": policy.lineage.on_unavailable},
+                  "require_weights": result.rules.require_weights},
         "candidate": {
             "name": cand.name, "source": cand.source, "path": _path(cand.path),
             "fingerprint_path": _path(cand.fingerprint_path), "model_name": cand.fingerprint.model_name,
             "fingerprint_digest": cand.fingerprint_digest, "layout": cand.layout,
             "total_params": cand.fingerprint.features.get("total_params"),
-            "files": [dict(f) for f in cand.files], "root_digest": cand.root_digest,
-            "files_verified": cand.files_verified, "base": cand.base, "warnings": list(cand.warnings),
+            "files": [f.to_dict() for f in cand.files], "root_digest": cand.root_digest,
+            "files_hashed": cand.files_hashed, "files_verified": cand.files_verified,
+            "base": cand.base.to_dict() if cand.base is not None else None, "warnings": list(cand.warnings),
             "unexpected_tensors": list(cand.unexpected),
         },
         "attribution": {

@@ -80,7 +80,7 @@ def render(result: VerificationResult) -> str:
               f"{code(', '.join(f'{k}={v}' for k, v in sorted(result.settings.items())))}", "",
               "| file | sha256 |", "|---|---|"]
     for entry in cand.files[:MAX_FILE_ROWS]:
-        lines.append(f"| {code(entry['path'])} | {code(entry['sha256'])} |")
+        lines.append(f"| {code(entry.path)} | {code(entry.sha256)} |")
     if len(cand.files) > MAX_FILE_ROWS:
         lines.append(f"| … {len(cand.files) - MAX_FILE_ROWS} more in the JSON report | |")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(result.tool.items()))
