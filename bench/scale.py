@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from bench.distractors import distractors  # noqa: E402
 from bench.zoo import DEFAULT_OUT as ZOO_OUT  # noqa: E402
 from bench.zoo import SIZES, VOCAB, Recipe, _load, _seed, build_zoo, corpus, fingerprint_zoo, train  # noqa: E402
 from tg_verify.atomic import write_bytes  # noqa: E402
-from tg_verify.fingerprint.document import Fingerprint, load  # noqa: E402
+from tg_verify.fingerprint.document import load  # noqa: E402
 from tg_verify.fingerprint.settings import FingerprintSettings  # noqa: E402
 from tg_verify.tiny import ARCHITECTURES, build_model, one_thread  # noqa: E402
 
@@ -110,7 +111,7 @@ def roots(work: Path, quick: bool) -> dict[str, list[Path]]:
                         train(model, text, recipe.pretrain_steps, recipe.pretrain_lr, _seed(shape, f"root{n}", "data"),
                               recipe.batch, recipe.context)
                         fingerprint = T.fingerprint_of(T.from_model(model), work / "root-models" / target.stem)
-                        write_bytes(target, Fingerprint(**{**fingerprint.__dict__, "model_name": target.stem})
+                        write_bytes(target, replace(fingerprint, **{"model_name": target.stem})
                                     .to_json_bytes())
                         log(f"{target.stem}: trained and fingerprinted")
                     found[shape].append(target)

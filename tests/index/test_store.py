@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 
 from tg_verify.cli import main
 from tg_verify.errors import IndexFormatError, UsageError
-from tg_verify.fingerprint.document import Fingerprint, load
+from tg_verify.fingerprint.document import load
 from tg_verify.index.build import add_references, remove_references, verify_index
 from tg_verify.index.store import MANIFEST, blob_path, locked, open_index, shard_path
 
@@ -63,7 +64,7 @@ def test_incremental_add_replace_remove_and_garbage(few: dict[str, Path], tmp_pa
 
     changed = tmp_path / "changed" / "llama-distractor-00001.json"  # same id, other content: a stale entry
     fp = load(few["llama-distractor-00001"])
-    edited = Fingerprint(**{**fp.__dict__, "features": {**fp.features, "global_mean": fp.features["global_mean"] * 2}})
+    edited = replace(fp, **{"features": {**fp.features, "global_mean": fp.features["global_mean"] * 2}})
     changed.parent.mkdir()
     changed.write_bytes(edited.to_json_bytes())
     refused = add_references(root, [changed])
@@ -101,12 +102,12 @@ def test_inputs_that_cannot_be_indexed_are_reported_and_the_rest_indexed(few: di
     fp = load(few["000-llama-base"])
     no_sketch = tmp_path / "in" / "no-sketch.json"
     no_sketch.parent.mkdir()
-    no_sketch.write_bytes(Fingerprint(**{**fp.__dict__, "model_name": "no-sketch", "sketch": None}).to_json_bytes())
+    no_sketch.write_bytes(replace(fp, **{"model_name": "no-sketch", "sketch": None}).to_json_bytes())
     other_settings = tmp_path / "in" / "other.json"
-    other_settings.write_bytes(Fingerprint(**{**fp.__dict__, "model_name": "other",
+    other_settings.write_bytes(replace(fp, **{"model_name": "other",
                                               "settings": {**fp.settings, "repeats": 7}}).to_json_bytes())
     twin = tmp_path / "in" / "twin.json"  # the same model name as a reference: ids would collide
-    twin.write_bytes(Fingerprint(**{**load(few["qwen2-base"]).__dict__, "model_name": fp.model_name}).to_json_bytes())
+    twin.write_bytes(replace(load(few["qwen2-base"]), **{"model_name": fp.model_name}).to_json_bytes())
     (tmp_path / "in" / "broken.json").write_text("{")
     code = main(["index", "build", str(few["000-llama-base"]), str(tmp_path / "in"), "-o", str(tmp_path / "I")])
     out, err = capsys.readouterr()
@@ -233,7 +234,7 @@ def test_verify_sources_finds_stale_and_missing_entries(few: dict[str, Path], tm
     assert main(["index", "verify", str(root), "--sources"]) == 0
     assert "3 references, checked" in capsys.readouterr().out
     fp = load(sources[0])
-    sources[0].write_bytes(Fingerprint(**{**fp.__dict__, "features": {**fp.features, "global_std": 1.0}}
+    sources[0].write_bytes(replace(fp, **{"features": {**fp.features, "global_std": 1.0}}
                                        ).to_json_bytes())
     sources[2].unlink()
     problems = dict(verify_index(root, sources=True).problems)

@@ -33,6 +33,8 @@ VERBS: dict[str, Verb] = {verb.name: verb for verb in sorted((
     Verb("verify-attestation", 20, "check a tg-verify attestation against a model directory (offline)"),
     Verb("compare", 30, "distance between two models or fingerprints (and lineage evidence)"),
     Verb("classify", 31, "attribute a model to the family of the nearest reference cluster"),
+    Verb("index", 33, "build and maintain a reference index for `tg-verify search`"),
+    Verb("search", 34, "lineage search: the indexed references a model most likely derives from"),
     Verb("inspect", 40, "show and validate a model artifact's layout, files and tensors (header-only)"),
     Verb("study", 60, "reproduce the paper's studies on your models (clustering: Table I; perturbation: Fig. 5)"),
     Verb("action", 90, "GitHub Action entrypoint: verify using INPUT_* environment variables"),
