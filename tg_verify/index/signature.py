@@ -2,9 +2,10 @@
 
 The lineage test (analysis/lineage.py) is exact but too costly to run against thousands of references.
 The signature keeps what the test scores, in a form that compares in one dot product: every sketch
-unit is standardised and corrected for its model's own token geometry (what its embed and head units
-explain, by least squares), layer units are pooled into a few relative-depth bins (so a dropped or duplicated
-layer shifts weight between neighbouring bins instead of breaking the comparison), and each entry,
+unit is standardised and corrected for its model's own token geometry as the lineage test corrects it
+(what its embed unit, or its embed and head units, explain, by least squares), layer units are pooled
+into a few relative-depth bins (so a dropped or duplicated layer shifts weight between neighbouring
+bins instead of breaking the comparison), and each entry,
 keyed by (role, bin, probe coordinate, probe coordinate), is feature-hashed with a seeded sign into
 DIMS buckets (`_coordinates`: token ids for a probe of tokens, so a grown vocabulary still aligns on
 the tokens it shares; mixture positions salted with the probe's seed for a probe of mixtures).
@@ -56,25 +57,28 @@ def _standardised(matrix: np.ndarray, off: np.ndarray) -> np.ndarray | None:
     return values / norm if norm > 0 else None
 
 
-def _coordinates(sketch: ParsedSketch) -> tuple[np.ndarray, int]:
-    """What each probe position stands for, comparable across sketches, and a salt for the hash.
+def _coordinates(sketch: ParsedSketch) -> tuple[np.ndarray, int, tuple[str, ...]]:
+    """What each probe position stands for (comparable across sketches), a salt for the hash, and the units
+    the lineage test corrects layer units with, for this kind of sketch.
 
     A sketch whose probe is a set of token ids (tgs1) is keyed by those ids, so sketches of vocabularies of
-    different sizes align on the tokens they share. A sketch whose probe is k seeded mixtures of embedding
-    rows (tgs2) is keyed by the mixture's position, salted with the seed and the kind of keys (token text
-    or ids): sketches made with other seeds or keys do not share a probe and must not align.
+    different sizes align on the tokens they share; its test corrects for the embed unit. A sketch whose
+    probe is k seeded mixtures of embedding rows (tgs2) is keyed by the mixture's position, salted with the
+    seed and the kind of keys (token text or ids), since sketches made with other seeds or keys do not
+    share a probe and must not align; its test corrects for the embed and head units.
     """
     ids = getattr(sketch, "ids", None)
     if ids is not None:
-        return np.asarray(ids).astype(np.uint64), 0
+        return np.asarray(ids).astype(np.uint64), 0, ("embed",)
     mixtures = int(getattr(sketch, "mixtures", 0))
     salt = f"{getattr(sketch, 'seed', 0)}:{getattr(sketch, 'keys', '')}".encode()
-    return np.arange(mixtures, dtype=np.uint64), int.from_bytes(hashlib.sha256(salt).digest()[:8], "little")
+    return (np.arange(mixtures, dtype=np.uint64), int.from_bytes(hashlib.sha256(salt).digest()[:8], "little"),
+            ("embed", "head"))
 
 
 def signature_of(sketch: ParsedSketch) -> np.ndarray | None:
     """The unit signature vector (float32, DIMS) of a parsed sketch; None when it has no unit to sign."""
-    coordinates, salt = _coordinates(sketch)
+    coordinates, salt, layer_regressors = _coordinates(sketch)
     k = len(coordinates)
     if k < 2:
         return None
@@ -100,7 +104,7 @@ def signature_of(sketch: ParsedSketch) -> np.ndarray | None:
     head = sketch.units.get(("head", None))
     if head is not None and (vector := corrected(head, [geometry.get("embed")])) is not None:
         blocks[("head", 0)] = vector
-    layer_geometry = [geometry.get("embed"), geometry.get("head")]
+    layer_geometry = [geometry.get(role) for role in layer_regressors]
     layers = sorted({layer for (_, layer) in sketch.units if layer is not None})
     span = max(len(layers) - 1, 1)
     for role in LAYER_ROLES:
