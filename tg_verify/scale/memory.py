@@ -7,7 +7,7 @@ tensor and the thread count, not with the model. A 7B model needs under 2 GB wit
 not the 13.5 GB of its files; a scheduler that reserves file sizes would run a fraction of the jobs a
 node can hold. An adapter is merged tensor by tensor, so add a float32 copy of its largest target
 and the base's mapped tensor per thread. It is a bound, not a prediction: every term is counted as
-if alive at once (the measured peak is 0.5-0.8x of it, `bench/scale.py` prints both).
+if alive at once (the measured peak is 0.46-0.63x of it, `bench/scale.py` prints both).
 """
 
 from __future__ import annotations
