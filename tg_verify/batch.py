@@ -2,7 +2,9 @@
 
 `fingerprint_model` is the one-model entry point that understands adapters. `run_batch` discovers model
 directories, skips those whose fingerprint in OUT is up to date (same settings, same file digests),
-continues past broken models and reports every outcome. Docs: docs/adapters.md.
+continues past broken models and reports every outcome. Where each model's work runs is an executor's
+choice (tg_verify/scale/executor.py: this process, or Ray tasks); what is skipped, written and reported
+is decided here, once, and only this process writes. Docs: docs/adapters.md, docs/scale.md.
 """
 
 from __future__ import annotations
