@@ -25,7 +25,7 @@ VERB = "fingerprint"
 ORDER = 20
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `fingerprint` parser."""
     parser = subparsers.add_parser(
         VERB, help="fingerprint a model artifact (TensorGuard features, file digests, lineage sketch)",
