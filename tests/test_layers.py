@@ -4,8 +4,10 @@ still a dependency up the layers).
 
     core          errors, atomic (output files), progress, versions, tiny (test models), escaping
     artifact      resolve a model path, validate headers, read tensors, digests
+    scale         where batch work runs (local or Ray executors) and how much memory a job needs
     fingerprint   the fingerprint document, extraction, the lineage sketch; batch (many models)
     analysis      distances, attribution, lineage test, the paper's studies
+    index         the reference index and lineage search over it
     decision      policy (the rules a file states), verdict (decide(rules, evidence))
     pipeline      verify(policy): the run that gathers the evidence; demo
     attestation   the in-toto Statement of a result, and its offline check
@@ -28,8 +30,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("tg_verify", "tg_verify.errors", "tg_verify.atomic", "tg_verify.progress", "tg_verify.versions",
               "tg_verify.tiny", "tg_verify.escaping")),
     ("artifact", ("tg_verify.artifact", "tg_verify.artifact.")),
+    ("scale", ("tg_verify.scale", "tg_verify.scale.")),
     ("fingerprint", ("tg_verify.fingerprint", "tg_verify.fingerprint.", "tg_verify.batch")),
     ("analysis", ("tg_verify.analysis", "tg_verify.analysis.")),
+    ("index", ("tg_verify.index", "tg_verify.index.")),
     ("decision", ("tg_verify.policy", "tg_verify.verdict")),
     ("pipeline", ("tg_verify.pipeline", "tg_verify.demo")),
     ("attestation", ("tg_verify.attestation", "tg_verify.attestation.")),

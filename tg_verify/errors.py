@@ -117,3 +117,15 @@ class AttestationError(InputError):
     """An attestation that is malformed or does not match the model or policy."""
 
     code = "TGV_ATTESTATION"
+
+
+class ExecutorError(InternalError):
+    """A distributed executor lost a job (its worker or node died beyond the retries, no node fits it)."""
+
+    code = "TGV_EXECUTOR"
+
+
+class IndexFormatError(InputError):
+    """A reference index (tg-verify index) that is malformed, tampered with or of another version."""
+
+    code = "TGV_INDEX"

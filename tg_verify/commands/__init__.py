@@ -33,6 +33,8 @@ VERBS: dict[str, Verb] = {verb.name: verb for verb in sorted((
     Verb("verify-attestation", 20, "check a tg-verify attestation against a model directory (offline)"),
     Verb("compare", 30, "distance between two models or fingerprints (and lineage evidence)"),
     Verb("classify", 31, "attribute a model to the family of the nearest reference cluster"),
+    Verb("index", 33, "build and maintain a reference index for `tg-verify search`"),
+    Verb("search", 34, "lineage search: the indexed references a model most likely derives from"),
     Verb("inspect", 40, "show and validate a model artifact's layout, files and tensors (header-only)"),
     Verb("study", 60, "reproduce the paper's studies on your models (clustering: Table I; perturbation: Fig. 5)"),
     Verb("action", 90, "GitHub Action entrypoint: verify using INPUT_* environment variables"),
@@ -56,3 +58,14 @@ def _threads(text: str) -> int:
     except (ValueError, UsageError) as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}" if isinstance(exc, UsageError)
                                          else f"{text!r} is not an integer") from None
+
+
+def add_executor_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:
+    """`--executor local|ray` and `--ray-address ADDR`: where `what` is computed (docs/scale.md)."""
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help=f"where {what} are computed: local (default: this process, one after another) or "
+                             "ray (one Ray task each, placed by memory need, retried if a worker is lost; "
+                             "pip install 'tg-verify[ray]')")
+    parser.add_argument("--ray-address", metavar="ADDR",
+                        help="with --executor ray: the cluster to join ('auto', 'ray://HOST:10001', HOST:6379); "
+                             "default: RAY_ADDRESS, else a local Ray started for this run")
