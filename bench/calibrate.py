@@ -8,14 +8,14 @@ scored with the lineage test's score (no calibration applied): candidates of the
 architecture, and of the other architectures of the same size (but never two models from the same
 seed, whose embeddings start alike). The scores of each reference architecture class form its null
 sample, written with the recipe, the method version and the pair names to
-tg_verify/data/lineage_calibration.json, from which the test takes its threshold and the rate it
+tg_verify/analysis/data/lineage_calibration.json, from which the test takes its threshold and the rate it
 reports (tg_verify/analysis/calibration.py).
 
 The models share nothing with bench/lineage.py's zoo (other seeds), so that bench measures the
 calibrated test on models the calibration never saw.
 
     nice -n 10 python bench/calibrate.py [--work bench/out/calibrate] [--train-only] [--archs llama gemma]
-        [--sizes small medium] [--output tg_verify/data/lineage_calibration.json]
+        [--sizes small medium] [--output tg_verify/analysis/data/lineage_calibration.json]
 
 Prints a per-class summary; models and sketches are cached under WORK/<recipe digest>/.
 """
@@ -44,7 +44,7 @@ from bench.lineage import bigram_tokenizer, load_checkpoint, tokenize, write_tok
 from bench.zoo import corpus, fine_tune
 from tg_verify.tiny import ARCHITECTURES, build_model, one_thread
 
-DEFAULT_OUTPUT = ROOT / "tg_verify" / "data" / "lineage_calibration.json"
+DEFAULT_OUTPUT = ROOT / "tg_verify" / "analysis" / "data" / "lineage_calibration.json"
 
 
 @dataclass(frozen=True)

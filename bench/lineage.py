@@ -413,7 +413,7 @@ def report(results: dict[str, Any]) -> str:
     lines += ["", f"Scores: derivatives median {statistics.median(r['score'] for r in comparable_pos):.3f}; "
                   f"unrelated median {statistics.median(r['score'] for r in comparable_neg):.3f}. "
                   f"{results['seconds_per_test'] * 1000:.0f} ms per test.", "",
-              "Thresholds (target rate 1%, from tg_verify/data/lineage_calibration.json): " + "; ".join(
+              "Thresholds (target rate 1%, from tg_verify/analysis/data/lineage_calibration.json): " + "; ".join(
                   f"{key} {value:.3f} (null of {n})" for key, (value, n) in sorted(thresholds.items())) + ".", "",
               "Stated rate at each unrelated pair's score (share of the calibration null at or above it): median "
               + (f"{statistics.median(rates):.3f}" if (rates := [r['rate'] for r in comparable_neg if r['null_size']])

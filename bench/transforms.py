@@ -42,12 +42,13 @@ class Checkpoint:
         return model
 
     def save(self, directory: str | Path, layout: str = "single") -> Path:
-        """Write it as a Hugging Face directory, keeping the stored dtype of the weights."""
+        """Write it as a Hugging Face directory, keeping the stored dtype of the weights; no tokenizer (the benches
+        write the one their models were trained through, or none on purpose)."""
         dtypes = {v.dtype for v in self.state.values()}
         model = self.model()
         if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
             model = model.to(dtype)
-        return save_model(model, directory, layout)  # type: ignore[arg-type]
+        return save_model(model, directory, layout, vocabulary=False)  # type: ignore[arg-type]
 
     @property
     def heads(self) -> tuple[int, int, int]:
@@ -93,12 +94,12 @@ def sketch_fingerprint_of(ck: Checkpoint, directory: str | Path, layout: str = "
 def sketch_fingerprint_of_folder(directory: str | Path) -> Any:
     """The lineage sketch of a saved model folder (tokenizer included when there is one), as a Fingerprint
     whose paper features are zero (not to be compared)."""
-    from tg_verify.artifact import TensorReader, resolve
+    from tg_verify.artifact import open_reader, resolve
     from tg_verify.fingerprint.document import FEATURE_NAMES, Fingerprint
     from tg_verify.fingerprint.sketch import SketchBuilder
 
     artifact = resolve(Path(directory))
-    with TensorReader(artifact) as reader:
+    with open_reader(artifact) as reader:
         builder = SketchBuilder(artifact, reader, None)
         for info, weight in reader.stream():
             builder.add(info, weight)

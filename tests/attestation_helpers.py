@@ -1,8 +1,7 @@
-"""Shared test evidence for attestation tests: what the verify pipeline records for a PASS of a tiny model."""
+"""Shared test records for attestation tests: what the verify pipeline records for a PASS of a tiny model."""
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 from dataclasses import replace
 from pathlib import Path
@@ -10,36 +9,58 @@ from pathlib import Path
 import torch
 
 from tg_verify.artifact import file_digests, resolve
-from tg_verify.report import attestation as att
+from tg_verify.attestation.record import (
+    AttributionRecord,
+    CandidateRecord,
+    FingerprintRecord,
+    Predicate,
+    ReferenceRecord,
+)
+from tg_verify.fingerprint.document import FileDigest
 from tg_verify.tiny import build_model, save_model
+from tg_verify.verdict import DecisionRules, LineageEvidence
 
-T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+T0_TEXT = "2026-01-02T03:04:05Z"
 
 
-def make_evidence(model_dir: Path, **overrides) -> att.AttestationEvidence:
-    """Evidence for a PASS of `model_dir` against a declared base, as the verify pipeline would record it."""
+def candidate_record(model_dir: Path, **overrides) -> CandidateRecord:
+    """The files of `model_dir` as an attestation records them, features recomputed from them."""
+    from tg_verify.artifact import root_digest
+
     artifact = resolve(model_dir)
-    files = att.subject_files(artifact, file_digests(artifact))
-    base = att.ReferenceEvidence(
-        id="base-1b", family="llama", fingerprint_sha256="a" * 64, distance=1.25, threshold=7.0,
-        role="declared-base",
-        lineage=att.LineageEvidence(score=0.93, threshold=0.2, derived=True, p_value=1e-12,
-                                    false_positive_rate=0.01, method="sketch/v1", alpha=0.01))
-    other = att.ReferenceEvidence(
-        id="qwen-7b", family="qwen", fingerprint_sha256="b" * 64, distance=11.5, threshold=7.0,
-        role="forbidden",
-        lineage=att.LineageEvidence(score=0.01, threshold=0.2, derived=False, p_value=0.4,
-                                    false_positive_rate=0.01, alpha=0.01))
-    evidence = att.AttestationEvidence(
-        model_name=artifact.name, layout=artifact.layout, files=files,
+    digests = file_digests(artifact)
+    files = tuple(FileDigest(f.path, digests[f.path], f.size, f.role) for f in artifact.files)
+    record = CandidateRecord(name=artifact.name, layout=artifact.layout, root_digest=root_digest(digests),
+                             files=files, features="recomputed", files_hashed=True)
+    return replace(record, **overrides)
+
+
+def make_predicate(model_dir: Path, **overrides) -> Predicate:
+    """A PASS of `model_dir` against a declared base with a forbidden reference, as verify would record it."""
+    base = ReferenceRecord(
+        id="base-1b", family="llama", role="declared-base", fingerprint_sha256="a" * 64, distance=1.25, threshold=7.0,
+        within_threshold=True,
+        lineage=LineageEvidence(score=0.93, threshold=0.2, derived=True, p_value=1e-12, false_positive_rate=0.01,
+                                alpha=0.01))
+    other = ReferenceRecord(
+        id="qwen-7b", family="qwen", role="forbidden", fingerprint_sha256="b" * 64, distance=11.5, threshold=7.0,
+        within_threshold=False,
+        lineage=LineageEvidence(score=0.01, threshold=0.2, derived=False, p_value=0.4, false_positive_rate=0.01,
+                                alpha=0.01))
+    predicate = Predicate(
+        verifier_version={"tg-verify": "0.1.0", "torch": "2.13.0"}, time_verified=T0_TEXT,
         policy_sha256=hashlib.sha256(b"version: 1\n").hexdigest(), policy_name="policy.yml",
-        fingerprint_sha256="c" * 64, fingerprint_settings={"seed": 0, "repeats": 30, "strategy": "random"},
-        feature_version="tg1", verdict="pass", reasons=(), references=(other, base),
-        attribution=att.AttributionEvidence(family="llama", base="base-1b", distance=1.25, margin=9.0,
-                                            threshold=7.0, out_of_cluster=False),
-        declared_base="base-1b", declared_family="llama", forbidden=("qwen-7b",),
-        features={"global_mean": 0.1234567890123, "num_layers": 2.0})
-    return replace(evidence, **overrides)
+        candidate=candidate_record(model_dir),
+        fingerprint=FingerprintRecord(feature_version="tg1", parameters={"seed": 0, "repeats": 30,
+                                                                          "strategy": "random"},
+                                      sha256="c" * 64, features={"global_mean": 0.123456789, "num_layers": 2.0}),
+        rules=DecisionRules(declared_base="base-1b", declared_family="llama", declared_root="base-1b",
+                            forbidden=("qwen-7b",)),
+        references=(base, other),
+        attribution=AttributionRecord(family="llama", base="base-1b", distance=1.25, threshold=7.0,
+                                      out_of_cluster=False, margin=9.0, matches_declared=True),
+        result="PASSED", reasons=(), distance_space="standardized")
+    return replace(predicate, **overrides)
 
 
 POLICY = """version: 1

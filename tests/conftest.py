@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,54 @@ def tiny_model_objects() -> dict[str, object]:
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def kill_switch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory where a file `<model name>.kill` makes the next Ray worker that fingerprints that model die.
+
+    The worker claims the file (deletes it) and SIGKILLs its own process mid-job, as an out-of-memory
+    kill or a lost node would; the retry then finds no file and fingerprints normally.
+    """
+    return tmp_path_factory.mktemp("kill-switch")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(kill_switch: Path) -> Iterator[str]:
+    """A real local Ray cluster (2 CPUs, no dashboard) for the whole session; yields its address.
+
+    Its workers run `_kill_switch_hook`, which wraps tg_verify.batch.fingerprint_model with the kill switch.
+    """
+    import ray
+
+    from tg_verify.scale.ray_executor import RayExecutor  # noqa: F401 - the module must import with ray present
+
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                       runtime_env={"worker_process_setup_hook": _kill_switch_hook(str(kill_switch)),
+                                    "env_vars": {"HF_HUB_OFFLINE": "1"}})
+    try:
+        yield str(context.address_info["address"])
+    finally:
+        ray.shutdown()
+
+
+def _kill_switch_hook(directory: str) -> Callable[[], None]:
+    def install() -> None:
+        import os
+        import signal
+        from pathlib import Path
+
+        from tg_verify import batch
+
+        real = batch.fingerprint_model
+
+        def dying(artifact, *args, **kwargs):  # type: ignore[no-untyped-def]
+            flag = Path(directory) / f"{artifact.name}.kill"
+            try:
+                flag.unlink()
+            except FileNotFoundError:
+                return real(artifact, *args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        batch.fingerprint_model = dying
+    return install

@@ -21,7 +21,7 @@ STEP = ACTION["runs"]["steps"][0]
 
 
 def verify_flags() -> set[str]:
-    parser = build_parser()
+    parser = build_parser("verify")
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     return {opt for a in sub.choices["verify"]._actions for opt in a.option_strings}
 
@@ -45,7 +45,7 @@ def test_flag_inputs_map_to_real_verify_flags():
 
 def test_outputs_match_what_the_entrypoint_writes():
     class Ref:
-        distance, lineage = 1.0, type("L", (), {"score": 0.9})()
+        distance, lineage = 1.0, type("L", (), {"score": 0.9, "comparable": True})()
 
     class Result:
         declared_reference = Ref()
@@ -53,7 +53,9 @@ def test_outputs_match_what_the_entrypoint_writes():
         classification = type("C", (), {"family": "llama"})()
         candidate = type("Cand", (), {"fingerprint_digest": "a" * 64, "root_digest": "b" * 64})()
 
-    written = set(action.outputs_for(Result(), Path("r"), Path("a"), Path("p"))) | {"error"}
+    outcome = type("Outcome", (), {"result": Result(), "written": {"report": Path("r"), "attestation": Path("a"),
+                                                                   "predicate": Path("p")}})()
+    written = set(action.outputs_for(outcome)) | {"error"}
     assert written == set(ACTION["outputs"])
     for name, spec in ACTION["outputs"].items():
         assert spec["value"] == f"${{{{ steps.tg-verify.outputs.{name} }}}}"

@@ -22,7 +22,6 @@ from tg_verify.fingerprint.document import load
 from tg_verify.fingerprint.settings import FingerprintSettings
 from tg_verify.tiny import build_model, save_lora_adapter, save_model
 
-pytest.importorskip("peft")
 FAST = FingerprintSettings(device="cpu", repeats=4, sketch=False)
 
 
@@ -265,3 +264,23 @@ def test_batch_killed_half_way_resumes_without_redoing_finished_models(tmp_path:
     assert {o.status for o in resumed.outcomes if o.source.name not in done_before} == {"computed"}
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished models were not redone
     assert len(list(out.glob("*.json"))) == 6
+
+
+def test_a_bug_while_planning_one_model_fails_that_model_only(zoo: dict[str, Path], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = _copy_models(zoo, tmp_path)
+    out = tmp_path / "out"
+    assert run_batch([registry], out, FAST).exit_code == 0
+    real = batch.load
+
+    def explode(path):  # type: ignore[no-untyped-def]
+        if "qwen" in str(path):
+            raise RuntimeError("planning bug")
+        return real(path)
+
+    monkeypatch.setattr(batch, "load", explode)
+    result = run_batch([registry], out, FAST)
+    assert [(o.source.name, o.status, o.message) for o in result.outcomes] == [
+        ("llama-base", "skipped", "up to date (file stats unchanged)"),
+        ("qwen", "failed", "internal error: RuntimeError: planning bug")]
+    assert result.exit_code == 3

@@ -240,3 +240,17 @@ def test_derivative_references_name_a_parent_of_their_family(workspace: Path) ->
                           "  - id: llama-3.2-1b\n    family: llama\n    parent: llama-legal-v1\n")
     with pytest.raises(PolicyError, match="loops back"):
         load_policy(write(workspace, looped))
+
+
+def test_errors_name_the_file_and_the_field_as_attributes(tmp_path: Path) -> None:
+    """Callers (the Action's annotations) read where an error is from its attributes, never its text."""
+    path = tmp_path / "p.yml"
+    path.write_text("version: 1\ncandidate: {path: .}\ndeclared: {base: a}\nreferences:\n"
+                    "  - {id: a, family: f, fingerprint: missing.json}\n")
+    with pytest.raises(PolicyError) as raised:
+        load_policy(path)
+    assert raised.value.file == str(path) and raised.value.field == "references[0].fingerprint"
+    path.write_text("version: 1\ncandidate: [\n")
+    with pytest.raises(PolicyError) as raised:
+        load_policy(path)
+    assert raised.value.file == str(path) and raised.value.field is None

@@ -1,3 +1,5 @@
 """tg-verify: lineage verification of open-weight model artifacts (TensorGuard and beyond)."""
 
-__version__ = "0.1.0"
+from tg_verify.versions import VERSION as __version__
+
+__all__ = ["__version__"]

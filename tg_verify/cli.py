@@ -7,35 +7,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 import sys
 from collections.abc import Sequence
-from types import ModuleType
 
-from tg_verify import __version__
+from tg_verify.commands import VERBS
 from tg_verify.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, TgVerifyError
+from tg_verify.versions import VERSION
 
-# Each verb lives in tg_verify/commands/<module>.py: VERB (its name), ORDER (place in --help) and
-# register(subparsers), which adds the verb's parser with set_defaults(handler=run); run(args) -> int.
-
-
-def _command_modules() -> list[ModuleType]:
-    import tg_verify.commands as package
-
-    modules = [importlib.import_module(f"tg_verify.commands.{info.name}")
-               for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_")]
-    return sorted(modules, key=lambda m: (getattr(m, "ORDER", 100), m.VERB))
-
-
-def _command_module(verb: str) -> ModuleType | None:
-    """The module of one verb, imported alone (`inspect` must not pay for the imports of `verify`)."""
-    import tg_verify.commands as package
-
-    name = verb.replace("-", "_")
-    if name.startswith("_") or name not in {info.name for info in pkgutil.iter_modules(package.__path__)}:
-        return None
-    module = importlib.import_module(f"tg_verify.commands.{name}")
-    return module if getattr(module, "VERB", None) == verb else None
+# The verbs are listed in tg_verify.commands.VERBS; a verb's module is imported only when that verb runs,
+# so `--help`, `--version` and the light verbs (inspect, verify-attestation) start without torch.
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,16 +26,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser: with `verb`, that verb's full parser (its module imported alone); else every verb's summary."""
     parser = _Parser(prog="tg-verify", description=(
         "Verify the declared lineage of a model artifact against reference fingerprints. "
         "Run `tg-verify POLICY.yml` for the main job, or one of the verbs below."),
         epilog="Exit codes: 0 success/PASS, 1 verdict FAIL, 2 bad input, 3 internal error.")
-    parser.add_argument("--version", action="version", version=f"tg-verify {__version__}")
+    parser.add_argument("--version", action="version", version=f"tg-verify {VERSION}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    single = _command_module(verb) if verb else None
-    for module in [single] if single else _command_modules():
-        module.register(sub)
+    if verb in VERBS:
+        importlib.import_module(VERBS[verb].module).register(sub)
+    else:
+        for entry in VERBS.values():
+            sub.add_parser(entry.name, help=entry.help, add_help=False)
     return parser
 
 
@@ -64,7 +47,7 @@ def _normalise(argv: list[str]) -> list[str]:
     for i, arg in enumerate(argv):
         if arg.startswith("-"):
             continue
-        if _command_module(arg) is None and arg not in {m.VERB for m in _command_modules()}:
+        if arg not in VERBS:
             return argv[:i] + ["verify"] + argv[i:]
         break
     return argv

@@ -5,6 +5,8 @@ Exit codes (every verb): 0 success / PASS, 1 verdict FAIL, 2 bad input, 3 intern
 
 from __future__ import annotations
 
+import os
+
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_BAD_INPUT = 2
@@ -12,10 +14,21 @@ EXIT_INTERNAL = 3
 
 
 class TgVerifyError(Exception):
-    """Base of every error tg-verify raises on purpose."""
+    """Base of every error tg-verify raises on purpose.
+
+    Besides the one-line message, an error names what it is about as attributes, so callers (the
+    Action's annotations) never parse the text: `file`, the file that is wrong (the weights file, the
+    policy, the attestation), and `field`, the field path inside it (`references[2].fingerprint`).
+    Either is None when unknown; a layer that adds context fills in what a deeper one left open.
+    """
 
     exit_code: int = EXIT_INTERNAL
     code: str = "TGV_INTERNAL"
+
+    def __init__(self, *args: object, file: str | None = None, field: str | None = None) -> None:
+        super().__init__(*args)
+        self.file = file
+        self.field = field
 
 
 class InternalError(TgVerifyError):
@@ -36,9 +49,20 @@ class UsageError(InputError):
 
 
 class ArtifactError(InputError):
-    """A model artifact that cannot be resolved (layout, missing files, unsupported format)."""
+    """A model artifact that cannot be resolved (layout, missing files, unsupported format).
+
+    The artifact layer's messages start with the file they are about (`model/x.safetensors: ...`,
+    docs/artifact.md); unless `file` is given, that file becomes the `file` attribute when it exists.
+    """
 
     code = "TGV_ARTIFACT"
+
+    def __init__(self, *args: object, file: str | None = None, field: str | None = None) -> None:
+        super().__init__(*args, file=file, field=field)
+        if self.file is None and args and isinstance(args[0], str):
+            head = args[0].split(": ", 1)[0]
+            if head != args[0] and os.path.isfile(head):
+                self.file = head
 
 
 class HeaderError(ArtifactError):
@@ -93,3 +117,15 @@ class AttestationError(InputError):
     """An attestation that is malformed or does not match the model or policy."""
 
     code = "TGV_ATTESTATION"
+
+
+class ExecutorError(InternalError):
+    """A distributed executor lost a job (its worker or node died beyond the retries, no node fits it)."""
+
+    code = "TGV_EXECUTOR"
+
+
+class IndexFormatError(InputError):
+    """A reference index (tg-verify index) that is malformed, tampered with or of another version."""
+
+    code = "TGV_INDEX"

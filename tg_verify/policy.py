@@ -14,12 +14,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from yaml.events import AliasEvent, NodeEvent
 
+from tg_verify.analysis.lineage_rule import DEFAULT_ALPHA
 from tg_verify.errors import InputError, PolicyError
+from tg_verify.verdict import Action, DecisionRules
 
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 MAX_POLICY_BYTES = 1 << 20  # a policy is a few hundred bytes; 1 MiB leaves room for thousands of references
@@ -28,10 +30,7 @@ MAX_STRING = 4096
 MAX_REFERENCES = 10_000
 MAX_INT = 2**63 - 1
 DEFAULT_MAX_DISTANCE = 7.0  # the paper's out-of-cluster distance in the standardised 15-feature space
-DEFAULT_ALPHA = 0.01
 RELATIONS = ("finetune", "adapter", "merge", "quantization", "identical", "other")
-
-Action = Literal["fail", "warn"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,9 @@ class CandidateSpec:
     fingerprint: Path | None
     name: str | None = None
     base_model: Path | None = None  # base weights an adapter candidate is merged onto
+    # Features must be recomputed from `path` (a fingerprint file's features fail the verdict). None: not set,
+    # the caller's default applies (off for `tg-verify POLICY.yml`, on for `tg-verify action`).
+    require_weights: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,10 @@ class Policy:
     on_out_of_cluster: Action = "fail"
     on_name_mismatch: Action = "warn"
     on_base_mismatch: Action = "warn"
+    # What a statistical finding that would fail (distance, family, out of cluster) becomes when the lineage
+    # test establishes the declared lineage: warn (the stronger evidence decides) or fail (both must agree).
+    on_statistics_disagree: Action = "warn"
+    on_unexpected_tensors: Action = "fail"  # stored tensors no runtime loads (artifact/loading.py)
     outputs: Outputs = field(default_factory=Outputs)
 
     def reference(self, ref_id: str) -> ReferenceSpec:
@@ -144,6 +150,19 @@ class Policy:
             ref = self.reference(ref.parent)
         return ref.id
 
+    def decision_rules(self, *, require_weights_default: bool = False) -> DecisionRules:
+        """The rules the verdict applies, as tg_verify.verdict.decide reads them (and attestations record them)."""
+        base = self.declared.base
+        require = self.candidate.require_weights
+        return DecisionRules(
+            declared_base=base, declared_family=self.declared_family,
+            declared_root=self.root_of(base) if base is not None else None, forbidden=self.forbidden,
+            on_out_of_cluster=self.on_out_of_cluster, on_base_mismatch=self.on_base_mismatch,
+            on_name_mismatch=self.on_name_mismatch, lineage_enabled=self.lineage.enabled,
+            on_lineage_unavailable=self.lineage.on_unavailable, on_statistics_disagree=self.on_statistics_disagree,
+            on_unexpected_tensors=self.on_unexpected_tensors,
+            require_weights=require_weights_default if require is None else require)
+
     def threshold_for(self, ref: ReferenceSpec) -> float:
         return ref.max_distance if ref.max_distance is not None else self.thresholds.max_distance
 
@@ -158,21 +177,21 @@ class _StrictLoader(yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
-        event = self.peek_event()
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        start: Any = event.start_mark  # the C and pure-Python loaders have different Mark types
         if isinstance(event, AliasEvent) or (isinstance(event, NodeEvent) and event.anchor is not None):
             raise yaml.MarkedYAMLError(problem="anchors and aliases (&name, *name) are not allowed in a policy",
-                                       problem_mark=event.start_mark)
+                                       problem_mark=start)
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                raise yaml.MarkedYAMLError(problem=f"nesting deeper than {MAX_DEPTH} levels",
-                                           problem_mark=event.start_mark)
+                raise yaml.MarkedYAMLError(problem=f"nesting deeper than {MAX_DEPTH} levels", problem_mark=start)
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # type: ignore[override]
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
@@ -191,7 +210,7 @@ def _parse_yaml(path: Path, data: bytes) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise PolicyError(f"{path}: not UTF-8 text") from None
+        raise PolicyError(f"{path}: not UTF-8 text", file=str(path)) from None
     loader = _StrictLoader(text)
     try:
         return loader.get_single_data()
@@ -199,11 +218,11 @@ def _parse_yaml(path: Path, data: bytes) -> Any:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = " ".join(str(exc.problem or exc.context or "invalid YAML").split())
-        raise PolicyError(f"{path}: {where}{problem}") from None
+        raise PolicyError(f"{path}: {where}{problem}", file=str(path)) from None
     except yaml.YAMLError as exc:
-        raise PolicyError(f"{path}: invalid YAML ({' '.join(str(exc).split())[:200]})") from None
+        raise PolicyError(f"{path}: invalid YAML ({' '.join(str(exc).split())[:200]})", file=str(path)) from None
     except (ValueError, RecursionError, OverflowError) as exc:  # e.g. an integer with too many digits
-        raise PolicyError(f"{path}: invalid YAML value ({' '.join(str(exc).split())[:200]})") from None
+        raise PolicyError(f"{path}: invalid YAML value ({' '.join(str(exc).split())[:200]})", file=str(path)) from None
     finally:
         loader.dispose()
 
@@ -219,7 +238,8 @@ class _Checker:
         self.base_dir = path.parent
 
     def fail(self, where: str, message: str) -> PolicyError:
-        return PolicyError(f"{self.path}: {where}: {message}" if where else f"{self.path}: {message}")
+        return PolicyError(f"{self.path}: {where}: {message}" if where else f"{self.path}: {message}",
+                           file=str(self.path), field=where or None)
 
     def mapping(self, value: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()
                 ) -> dict[str, Any]:
@@ -299,12 +319,13 @@ def _bound_document(check: _Checker, value: Any, where: str = "") -> None:
 
 
 TOP_KEYS = ("version", "candidate", "declared", "references", "forbidden", "thresholds", "lineage", "fingerprint",
-            "on_out_of_cluster", "on_name_mismatch", "on_base_mismatch", "outputs")
+            "on_out_of_cluster", "on_name_mismatch", "on_base_mismatch", "on_statistics_disagree",
+            "on_unexpected_tensors", "outputs")
 ACTIONS: tuple[str, ...] = ("fail", "warn")
 
 
 def _candidate(check: _Checker, raw: Any, override: Path | None) -> CandidateSpec:
-    doc = check.mapping(raw, "candidate", ("path", "fingerprint", "name", "base_model"))
+    doc = check.mapping(raw, "candidate", ("path", "fingerprint", "name", "base_model", "require_weights"))
     path = override if override is not None else (
         check.path_value(doc["path"], "candidate.path") if "path" in doc else None)
     fingerprint = check.path_value(doc["fingerprint"], "candidate.fingerprint") if "fingerprint" in doc else None
@@ -312,7 +333,9 @@ def _candidate(check: _Checker, raw: Any, override: Path | None) -> CandidateSpe
         raise check.fail("candidate", "needs `path` (the model) or `fingerprint` (a fingerprint made earlier)")
     name = check.string(doc["name"], "candidate.name") if "name" in doc else None
     base_model = check.path_value(doc["base_model"], "candidate.base_model") if "base_model" in doc else None
-    return CandidateSpec(path=path, fingerprint=fingerprint, name=name, base_model=base_model)
+    require = check.boolean(doc["require_weights"], "candidate.require_weights") if "require_weights" in doc else None
+    return CandidateSpec(path=path, fingerprint=fingerprint, name=name, base_model=base_model,
+                         require_weights=require)
 
 
 def _references(check: _Checker, raw: Any) -> tuple[ReferenceSpec, ...]:
@@ -510,7 +533,9 @@ def parse_policy(data: bytes, path: Path, *, candidate_override: Path | None = N
                   candidate=_candidate(check, doc["candidate"], candidate_override), declared=declared,
                   references=refs, on_out_of_cluster=_action(check, doc, "on_out_of_cluster", "fail"),
                   on_name_mismatch=_action(check, doc, "on_name_mismatch", "warn"),
-                  on_base_mismatch=_action(check, doc, "on_base_mismatch", "warn"), **extras)
+                  on_base_mismatch=_action(check, doc, "on_base_mismatch", "warn"),
+                  on_statistics_disagree=_action(check, doc, "on_statistics_disagree", "warn"),
+                  on_unexpected_tensors=_action(check, doc, "on_unexpected_tensors", "fail"), **extras)
 
 
 def load_policy(path: str | os.PathLike[str], *, candidate_override: str | os.PathLike[str] | None = None
@@ -520,16 +545,17 @@ def load_policy(path: str | os.PathLike[str], *, candidate_override: str | os.Pa
     try:
         if not path.is_file():
             raise PolicyError(f"{path}: no such policy file" if not os.path.lexists(path)
-                              else f"{path}: not a regular file")
+                              else f"{path}: not a regular file", file=str(path))
         size = path.stat().st_size
         if size > MAX_POLICY_BYTES:
-            raise PolicyError(f"{path}: {size} bytes is over the {MAX_POLICY_BYTES}-byte limit for a policy")
+            raise PolicyError(f"{path}: {size} bytes is over the {MAX_POLICY_BYTES}-byte limit for a policy",
+                              file=str(path))
         with open(path, "rb") as handle:
             data = handle.read(MAX_POLICY_BYTES + 1)
     except PolicyError:
         raise
     except OSError as exc:
-        raise PolicyError(f"{path}: cannot read policy ({exc.strerror or exc})") from exc
+        raise PolicyError(f"{path}: cannot read policy ({exc.strerror or exc})", file=str(path)) from exc
     override = None
     if candidate_override is not None:
         override = Path(candidate_override)

@@ -66,12 +66,19 @@ def build_model(arch: str, seed: int = 0, size: str = "small", **overrides: Any)
     return model
 
 
+def placeholder_tokens(vocab: int) -> list[str]:
+    """The tiny models' vocabulary: one placeholder text per id, the same in vocab.json and in GGUF metadata."""
+    return [f"<t{i}>" for i in range(vocab)]
+
+
 def save_model(model: torch.nn.Module, directory: str | os.PathLike[str], layout: SaveLayout = "single",
-               shards: int = 3) -> Path:
+               shards: int = 3, vocabulary: bool = False) -> Path:
     """Save a model's weights (and config.json) in one of the layouts users ship.
 
     'single' writes model.safetensors; 'indexed-shards' and 'shards' split tensors over `shards`
     files named model-0000i-of-0000N.safetensors, with or without model.safetensors.index.json.
+    With `vocabulary`, a vocab.json of placeholder tokens goes beside them (as a model ships its tokenizer,
+    and as save_gguf writes the same tokens into GGUF metadata).
     """
     from safetensors.torch import save_file
 
@@ -81,6 +88,9 @@ def save_model(model: torch.nn.Module, directory: str | os.PathLike[str], layout
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     model.config.to_json_file(directory / "config.json")
+    if vocabulary:
+        tokens = placeholder_tokens(int(model.config.vocab_size))
+        (directory / "vocab.json").write_text(json.dumps({text: i for i, text in enumerate(tokens)}))
     if layout == "single":
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
         return directory
@@ -128,3 +138,83 @@ def save_lora_adapter(base: torch.nn.Module, directory: str | os.PathLike[str], 
     if merged_dir is not None:
         save_model(wrapped.merge_and_unload(), merged_dir)
     return directory
+
+
+# HF model_type -> llama.cpp architecture, as llama.cpp's convert_hf_to_gguf.py writes it (Mistral and
+# Mixtral are "llama" there).
+GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                                      "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+
+
+def _converter_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The row permutation llama.cpp's converter applies to Q and K for its llama-style (NORM) rope."""
+    rest = weight.shape[1:]
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *rest).transpose(1, 2).reshape(weight.shape)
+
+
+def save_gguf(model: torch.nn.Module, path: str | os.PathLike[str], qtype: str = "F32") -> Path:
+    """Write a dense model to one GGUF file as llama.cpp's converter plus llama-quantize would, in-process.
+
+    Names through the gguf package's own HF -> GGUF table; Q/K permuted for llama-arch models; Gemma norms
+    stored as 1 + w; 1-D tensors (norms, biases) stay F32; 2-D ones are stored as `qtype` ("F32", "F16",
+    "BF16" or a type gguf.quants can quantise: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 ...), falling back to F16 for
+    rows that are not a whole number of blocks, as llama-quantize does. A vocabulary of placeholder tokens
+    goes into the metadata.
+    """
+    import gguf
+    import numpy as np
+
+    config: Any = model.config
+    model_type = str(config.model_type)
+    if model_type not in GGUF_ARCHITECTURES:
+        raise ValueError(f"save_gguf: no llama.cpp architecture for model_type {model_type!r}")
+    arch = GGUF_ARCHITECTURES[model_type]
+    layers, heads = int(config.num_hidden_layers), int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], layers)
+    target = gguf.GGMLQuantizationType[qtype]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{model_type}")
+    writer.add_block_count(layers)
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(float(getattr(config, "rms_norm_eps", 1e-6)))
+    theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+    if theta is not None:
+        writer.add_rope_freq_base(float(theta))
+    writer.add_token_list(placeholder_tokens(int(config.vocab_size)))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, value in model.state_dict().items():
+        if hf_name == "lm_head.weight" and tied:
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"save_gguf: no GGUF name for {hf_name!r}")
+        weight = value.detach().to(torch.float32)
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
+            weight = _converter_permute(weight, heads)
+        elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
+            weight = _converter_permute(weight, kv_heads)
+        if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
+            weight = weight + 1
+        array = weight.contiguous().numpy()
+        block = gguf.GGML_QUANT_SIZES[target][0]
+        if array.ndim < 2 or target == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, array)
+        elif target == gguf.GGMLQuantizationType.F16 or array.shape[-1] % block:
+            writer.add_tensor(name, array.astype(np.float16))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(array, target), raw_dtype=target)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -47,11 +47,36 @@ def test_lineage_groups_follow_parents_or_fall_back_to_families(family_set):
     assert lineage_groups([family_set[0], orphan]) == ["llama", "llama"]
 
 
-def test_hungarian_accuracy_penalises_two_clusters_claiming_one_group(family_set):
-    """Hierarchical clustering that split one lineage group in two would score lower under Hungarian."""
-    study = clustering_study(family_set)
-    for result in study.results:
-        assert result.hungarian_accuracy <= result.accuracy + 1e-12 or result.strategy == "centroid-kmeans"
+def test_hungarian_accuracy_penalises_two_clusters_claiming_one_group(family_set, make_fp):
+    """Two qwen fine-tunes drift far from their base and the two llama lineages sit together, so Ward (k = five
+    bases) splits qwen in two and merges the llamas. Majority mapping lets both qwen halves claim 'qwen' (every
+    derivative right); the one-to-one matching gives one half to the llama-b group, so its two models count wrong."""
+    def vector(ref_id: str) -> np.ndarray:
+        ref = next(r for r in family_set if r.id == ref_id)
+        return np.array(ref.fingerprint.vector(tuple(ref.fingerprint.features)))
+
+    llama, qwen = vector("llama-a"), vector("qwen-a")
+    spread = np.abs(qwen) + np.abs(llama)
+    rng = np.random.default_rng(1)
+
+    def moved(ref):
+        if ref.id.startswith("llama-b"):
+            values = llama * (1 + rng.normal(0, 0.01, len(llama)))
+        elif ref.id in ("qwen-a-ft3", "qwen-a-ft4"):
+            values = qwen + 3 * spread * (1 + rng.normal(0, 0.01, len(qwen)))
+        else:
+            return ref
+        values[15] = 10.0
+        return dataclasses.replace(ref, fingerprint=make_fp(ref.id, values))
+
+    references = [moved(r) for r in family_set]
+    result = clustering_study(references, strategies=("hierarchical",)).result("hierarchical")
+    cluster = dict(zip([r.id for r in references], result.clusters))
+    assert cluster["qwen-a"] == cluster["qwen-a-ft0"] != cluster["qwen-a-ft3"] == cluster["qwen-a-ft4"]  # split
+    assert cluster["llama-a"] == cluster["llama-b"] == cluster["llama-b-ft0"]  # merged
+    assert result.accuracy == 1.0 and result.misclassified == []
+    assert result.hungarian_accuracy == pytest.approx((result.evaluated - 2) / result.evaluated)
+    assert result.adjusted_rand < 1
 
 
 def test_misclassification_is_counted(family_set, make_fp):

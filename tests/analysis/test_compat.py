@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -24,15 +26,16 @@ def test_different_settings_are_refused_naming_the_setting(make_fp):
         comparability([a, b])
 
 
-def test_device_setting_does_not_change_values(make_fp):
+def test_fingerprints_that_differ_only_in_device_compare(make_fp):
+    """The device is not a comparability setting; that it does not change the values is tested on the extractor
+    (tests/fingerprint/test_responses.py runs the device's whole-tensor path on the CPU)."""
     a = make_fp("a", VALUES, settings={"seed": 0, "device": "cpu"})
     b = make_fp("b", VALUES, settings={"seed": 0, "device": "cuda"})
     assert comparability([a, b]).features == VECTOR_FEATURES
 
 
 def test_different_feature_versions_are_refused(make_fp):
-    a, b = make_fp("a", VALUES), make_fp("b", VALUES)
-    b.feature_version = "tg0"
+    a, b = make_fp("a", VALUES), dataclasses.replace(make_fp("b", VALUES), feature_version="tg0")
     with pytest.raises(IncompatibleFingerprintsError, match="feature version"):
         comparability([a, b])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -81,8 +82,7 @@ def test_without_labels_each_reference_is_its_own_family(make_fp):
 
 
 def test_labels_match_by_model_name_or_file_stem(tmp_path, make_fp):
-    fp = make_fp("Org/Model", np.ones(16))
-    fp.source = str(tmp_path / "org-model.json")
+    fp = dataclasses.replace(make_fp("Org/Model", np.ones(16)), source=str(tmp_path / "org-model.json"))
     labels_path = tmp_path / "labels.yml"
     labels_path.write_text("org-model: fam\nunused: other\n")
     refs, caveats = build_references([fp], read_labels(labels_path))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -137,11 +140,58 @@ def test_special_paths_have_defined_outcomes(tmp_path: Path) -> None:
         resolve(fifo_dir / "model.safetensors")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads anything")
-def test_unreadable_file(tmp_path: Path) -> None:
-    root = _write_tree(tmp_path / "m", {"model.safetensors": tensors_file({"a": ("F32", [1])})})
+NOBODY = 65534  # the unprivileged user and group of Linux distributions
+
+
+@contextlib.contextmanager
+def _without_root() -> Iterator[None]:
+    """Run the block without root's override of file permissions (CI runs the tests as root): as nobody."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(NOBODY)
+    os.seteuid(NOBODY)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.fixture
+def enterable() -> Iterator[Path]:
+    """A directory the unprivileged user can enter (pytest's base temporary directory is private to its user)."""
+    path = Path(tempfile.mkdtemp(prefix="tg-permissions-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        _permit(path)
+        shutil.rmtree(path)
+
+
+def _permit(path: Path) -> None:
+    """Give back the permissions a test took away, a directory before its contents (so it can be listed)."""
+    path.chmod(0o755 if path.is_dir() else 0o644)
+    if path.is_dir():
+        for inner in path.iterdir():
+            _permit(inner)
+
+
+def test_unreadable_file_and_directory(enterable: Path) -> None:
+    """A file or directory the user may not read is its own error, naming it (as root: checked as nobody)."""
+    root = _write_tree(enterable / "m", {"model.safetensors": tensors_file({"a": ("F32", [1])})})
+    resolve(root)  # any module resolve imports lazily is loaded while the interpreter's files are readable
+    with _without_root():
+        assert [t.name for t in resolve(root).tensors] == ["a"]  # readable before the change
     (root / "model.safetensors").chmod(0)
-    with pytest.raises(E.UnreadableFileError):
+    with _without_root(), pytest.raises(E.UnreadableFileError, match="model.safetensors.*Permission denied"):
+        resolve(root)
+    with _without_root(), pytest.raises(E.UnreadableFileError, match="model.safetensors.*Permission denied"):
+        resolve(root / "model.safetensors")
+    (root / "model.safetensors").chmod(0o644)
+    root.chmod(0o311)  # enterable, not listable
+    with _without_root(), pytest.raises(E.UnreadableFileError, match="cannot list directory.*Permission denied"):
         resolve(root)
 
 
@@ -151,3 +201,50 @@ def test_resolve_is_deterministic(tiny_models: dict[str, dict[str, Path]], tmp_p
     first, second = resolve(source), resolve(copy)
     assert _listing(first) == _listing(second)
     assert [(f.path, f.size, f.role) for f in first.files] == [(f.path, f.size, f.role) for f in second.files]
+
+
+def test_every_other_weight_file_beside_the_model_is_named(tmp_path: Path) -> None:
+    """Pickles, other safetensors and other formats (GGUF, TF, Flax, ONNX) next to the weights are listed in
+    `other_weights` with a warning each: some runtimes load them instead, and they are not verified."""
+    data = tensors_file({"a.weight": ("F32", [2, 2])})
+    others = {"pytorch_model.bin": b"\x80\x02.", "consolidated.safetensors": data, "model.gguf": b"GGUF",
+              "tf_model.h5": b"\x89HDF", "flax_model.msgpack": b"\x80", "model.onnx": b"\x08\x07"}
+    artifact = resolve(_write_tree(tmp_path / "m", {"model.safetensors": data, **others}))
+    assert [f.path for f in artifact.files] == ["model.safetensors"]
+    assert sorted(artifact.other_weights) == sorted(others)
+    for name in others:
+        assert any(name in w for w in artifact.warnings), name
+    alone = resolve(_write_tree(tmp_path / "clean", {"model.safetensors": data}))
+    assert alone.other_weights == () and not any("ignored" in w for w in alone.warnings)
+
+
+def test_only_unsupported_format_files_is_no_model(tmp_path: Path) -> None:
+    with pytest.raises(E.NoModelError):
+        resolve(_write_tree(tmp_path / "onnx", {"model.onnx": b"\x08\x07"}))
+
+
+def test_tensor_count_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tensor costs work: more than the cap is refused before anything else is done with them."""
+    data = tensors_file({f"t{i}": ("F32", [2, 2]) for i in range(101)})
+    root = _write_tree(tmp_path / "many", {"model.safetensors": data})
+    assert len(resolve(root).tensors) == 101
+    monkeypatch.setenv("TG_VERIFY_MAX_TENSORS", "100")
+    with pytest.raises(E.TooManyTensorsError, match="100"):
+        resolve(root)
+    with pytest.raises(E.TooManyTensorsError):
+        resolve(root / "model.safetensors")
+
+
+def test_many_tiny_tensors_are_refused_before_per_tensor_work(tmp_path: Path) -> None:
+    """Beyond 2,048 tensors the mean tensor must hold 256 KiB: 40,000 2x2 tensors (the CPU-amplification
+    file: 22-30 s to fingerprint before) are refused from the header, the same count of big tensors is not."""
+    from tg_verify.artifact.header import validate_bytes
+    from tg_verify.artifact.model import FREE_TENSORS
+
+    many = tensors_file({f"model.layers.{i}.w.weight": ("F32", [2, 2]) for i in range(40_000)})
+    with pytest.raises(E.TooManyTensorsError, match="mean tensor"):
+        validate_bytes(many)
+    root = _write_tree(tmp_path / "tiny", {"model.safetensors": many})
+    with pytest.raises(E.TooManyTensorsError, match="mean tensor"):
+        resolve(root)
+    assert len(validate_bytes(tensors_file({f"t{i}": ("F32", [2, 2]) for i in range(FREE_TENSORS)}))[0]) == FREE_TENSORS

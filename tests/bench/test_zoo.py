@@ -70,6 +70,7 @@ def test_cast_int8_and_reshard(tmp_path):
     single = resolve(save_model(base, tmp_path / "single"))
     sharded = resolve(reshard(base, tmp_path / "sharded"))
     assert sharded.layout == "indexed-shards" and len(sharded.files) > 1
+    assert [t.name for t in sharded.tensors] == [t.name for t in single.tensors]  # zip below would stop short
     with TensorReader(single) as a, TensorReader(sharded) as b:
         for x, y in zip(single.tensors, sharded.tensors):
             assert x.name == y.name and torch.equal(a.raw(x), b.raw(y))

@@ -56,15 +56,18 @@ def test_nan_weights_exit_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "fp.json").exists()
 
 
-@pytest.mark.parametrize("argv", [["fingerprint"], ["fingerprint", "MODEL"],
-                                  ["fingerprint", "MODEL", "-o", "x.json", "--repeats", "0"],
-                                  ["fingerprint", "MODEL", "-o", "x.json", "--threads", "0"],
-                                  ["fingerprint", "MODEL", "-o", "x.json", "--threads", "two"],
-                                  ["verify", "p.yml", "--threads", "9999"]])
-def test_usage_errors_exit_2(argv, tiny_models, tmp_path):
+@pytest.mark.parametrize(("argv", "message"), [
+    (["fingerprint"], "give MODEL"), (["fingerprint", "MODEL"], "give -o FILE.json"),
+    (["fingerprint", "MODEL", "-o", "x.json", "--repeats", "0"], "repeats must be an integer in [1, 10000], got 0"),
+    (["fingerprint", "MODEL", "-o", "x.json", "--threads", "0"], "--threads: '0': threads must be"),
+    (["fingerprint", "MODEL", "-o", "x.json", "--threads", "two"], "--threads: 'two' is not an integer"),
+    (["verify", "p.yml", "--threads", "9999"], "--threads: '9999': threads must be")])  # p.yml is never read
+def test_usage_errors_exit_2(argv, message, tiny_models, tmp_path, capsys):
     argv = [str(tiny_models["llama"]["single"]) if a == "MODEL" else a for a in argv]
     argv = [str(tmp_path / a) if a.endswith(".json") else a for a in argv]
     assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_thread_count_does_not_change_the_document(tiny_models, tmp_path):
@@ -92,4 +95,5 @@ def test_an_adapter_without_its_base_is_refused(tmp_path, capsys):
                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(16, 2)},
               str(tmp_path / "adapter_model.safetensors"))
     assert main(["fingerprint", str(tmp_path), "-o", str(tmp_path / "fp.json")]) == 2
-    assert "adapter" in capsys.readouterr().err
+    assert "is a PEFT adapter; give the base model it was trained on (--base PATH)" in capsys.readouterr().err
+    assert not (tmp_path / "fp.json").exists()

@@ -127,7 +127,8 @@ def test_hostile_config_values_never_break_the_json(tmp_path: Path, tiny_models:
     doc = json.loads(out)
     assert code == 0 and "hidden_size" not in doc["config"] and "num_hidden_layers" not in doc["config"]
     assert doc["config"]["architectures"][0] == "A" and len(doc["config"]["architectures"]) == 2
-    _inspect(capsys, str(tmp_path))  # the human renderer copes too
+    code, out, err = _inspect(capsys, str(tmp_path))  # the human renderer copes too
+    assert code == 0 and err == "" and "model_type" in out
 
 
 def _lora_adapter(base_arch: str, directory: Path, base_name: str) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,8 @@ def test_pass_writes_report_attestation_summary_and_fingerprint(demo_tree: Path,
     assert "PASS" in out and "TGV_LINEAGE_ESTABLISHED" in out
     report = json.loads((tmp_path / "out" / "report.json").read_text())  # relative to the policy file
     assert report["verdict"] == "pass" and report["policy"]["sha256"]
-    assert {c["code"] for c in report["checks"]} >= {"TGV_DISTANCE_WITHIN_THRESHOLD", "TGV_LINEAGE_ESTABLISHED"}
+    assert {c["code"] for c in report["checks"]} >= {"TGV_STATISTICS_NOT_MEANINGFUL", "TGV_LINEAGE_ESTABLISHED"}
+    assert report["attribution"]["scale"] == "references" and report["attribution"]["meaningful"] is False
     assert report["candidate"]["root_digest"] and report["fingerprint"]["settings"]["repeats"] == 30
     assert set(report["timings"]) >= {"total"} and report["tool"]["tg-verify"]
     statement = json.loads((tmp_path / "att.json").read_text())
@@ -162,8 +164,17 @@ def test_outputs_that_would_overwrite_inputs_or_each_other_are_refused(demo_tree
 
 
 def test_check_policy_reads_no_weights(demo_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The model reference's weights hold a NaN: any run that read them would stop on it (exit 2)."""
+    from safetensors.torch import load_file, save_file
+
+    gemma = tmp_path / "gemma"
+    shutil.copytree(demo_tree / "models" / "gemma", gemma)
+    state = load_file(str(gemma / "model.safetensors"))
+    matrix = next(name for name, tensor in state.items() if tensor.ndim == 2)
+    state[matrix][0, 0] = float("nan")
+    save_file(state, str(gemma / "model.safetensors"))
     text = policy_text(demo_tree, "finetune").replace(
-        f"fingerprint: {demo_tree / 'refs' / 'demo-gemma-base.json'}", f"model: {demo_tree / 'models' / 'gemma'}")
+        f"fingerprint: {demo_tree / 'refs' / 'demo-gemma-base.json'}", f"model: {gemma}")
     policy = write_policy(tmp_path, text)
     assert main([str(policy), "--check-policy"]) == 0
     out = capsys.readouterr().out
@@ -185,5 +196,87 @@ def test_an_output_over_a_candidate_file_is_refused(demo_tree: Path, tmp_path: P
     policy = write_policy(tmp_path, policy_text(demo_tree, "finetune").replace(
         str(demo_tree / "models" / "finetune"), str(model)))
     assert main([str(policy), "--summary", str(model / "config.json")]) == 2
-    assert "the summary output would overwrite candidate file config.json" in capsys.readouterr().err
+    assert "the summary output would write into the candidate model (candidate.path)" in capsys.readouterr().err
     assert (model / "config.json").read_bytes() == before
+
+
+def test_no_output_may_land_in_the_reference_cache(demo_tree: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A policy edited in a pull request cannot write its (forged) candidate fingerprint into the persistent
+    reference cache, where a protected policy would read it back as a reference."""
+    cache = tmp_path / "cache"  # the autouse fixture points TG_VERIFY_CACHE_DIR here
+    entry = cache / ("0" * 64 + ".json")
+    for flags in (["--fingerprint-out", str(entry)], ["--cache-dir", str(tmp_path / "c2"), "--report",
+                                                      str(tmp_path / "c2" / "x.json")]):
+        policy = write_policy(tmp_path, policy_text(demo_tree, "finetune"))
+        assert main([str(policy), *flags]) == 2
+        err = capsys.readouterr().err
+        assert "would write into the reference cache" in err and len(err.strip().splitlines()) == 1
+    assert not entry.exists() and not (tmp_path / "c2" / "x.json").exists()
+    text = policy_text(demo_tree, "finetune", outputs=f"outputs:\n  fingerprint: {entry}\n")
+    assert main([str(write_policy(tmp_path, text))]) == 2 and not entry.exists()
+    # not with --no-cache either: the default cache persists for the runs that use it
+    assert main([str(write_policy(tmp_path, text)), "--no-cache"]) == 2 and not entry.exists()
+
+
+def test_no_output_may_overwrite_reference_weights_or_an_adapters_base(demo_tree: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    base = shutil.copytree(demo_tree / "models" / "gemma", tmp_path / "gemma")
+    weights = base / "model.safetensors"
+    before = weights.read_bytes()
+    text = policy_text(demo_tree, "finetune").replace(
+        f"fingerprint: {demo_tree / 'refs' / 'demo-gemma-base.json'}", f"model: {base}")
+    for outputs in (f"outputs:\n  report: {weights}\n", f"outputs:\n  attestation: {base / 'new.json'}\n"):
+        assert main([str(write_policy(tmp_path, text + outputs))]) == 2
+        assert "would write into the reference model references[2].model" in capsys.readouterr().err
+    adapter_base = shutil.copytree(demo_tree / "models" / "base", tmp_path / "adapter-base")
+    base_weights = adapter_base / "model.safetensors"
+    base_before = base_weights.read_bytes()
+    with_base = text.replace(f"  path: {demo_tree / 'models' / 'finetune'}\n",
+                             f"  path: {demo_tree / 'models' / 'finetune'}\n  base_model: {adapter_base}\n")
+    assert main([str(write_policy(tmp_path, with_base)), "--summary", str(base_weights)]) == 2
+    assert "would write into the adapter's base model (candidate.base_model)" in capsys.readouterr().err
+    assert weights.read_bytes() == before and not (base / "new.json").exists()
+    assert base_weights.read_bytes() == base_before
+
+
+def test_every_output_path_is_checked_before_the_first_write(demo_tree: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    policy = write_policy(tmp_path, policy_text(demo_tree, "finetune"))
+    report = tmp_path / "report.json"
+    (tmp_path / "existing").mkdir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for flags, message in ((["--attestation", str(tmp_path / "existing")], "the attestation output is a directory"),
+                           (["--summary", str(blocker / "summary.md")], "is not a directory")):
+        assert main([str(policy), "--report", str(report), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not report.exists()  # refused before anything was read or written
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_outputs_are_all_or_nothing(demo_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A write that fails after the first output was staged (a full disk) leaves none of them behind."""
+    import tg_verify.atomic as atomic
+
+    staged: list[Path] = []
+    real = atomic._stage
+
+    def stage(target: Path, data: bytes, created: list[Path]) -> str:
+        if staged:
+            raise OSError(28, "No space left on device")
+        staged.append(target)
+        return real(target, data, created)
+
+    monkeypatch.setattr(atomic, "_stage", stage)
+    policy = write_policy(tmp_path, policy_text(demo_tree, "finetune"))
+    outputs = [tmp_path / "out" / "report.json", tmp_path / "out" / "att.json", tmp_path / "fp.json"]
+    assert main([str(policy), "--report", str(outputs[0]), "--attestation", str(outputs[1]),
+                 "--fingerprint-out", str(outputs[2])]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert staged and not any(p.exists() for p in outputs) and not (tmp_path / "out").exists()
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -10,11 +10,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from attestation_helpers import T0, build_workspace, make_evidence
+from attestation_helpers import build_workspace, candidate_record, make_predicate
 
+from tg_verify.artifact import root_digest
 from tg_verify.atomic import canonical_json
+from tg_verify.attestation import record, statement
 from tg_verify.cli import main
-from tg_verify.report import attestation as att
+from tg_verify.fingerprint.document import BaseModelRecord
+from tg_verify.verdict import Finding
+
+
+def write(predicate, path: Path) -> Path:
+    return statement.write_statement(path, statement.statement_of(predicate))
 
 
 @pytest.fixture
@@ -23,9 +30,7 @@ def release(tiny_models, tmp_path) -> tuple[Path, Path, Path]:
     model = shutil.copytree(tiny_models["mistral"]["indexed-shards"], tmp_path / "model")
     policy = tmp_path / "policy.yml"
     policy.write_bytes(b"version: 1\n")
-    statement = att.build_statement(make_evidence(model), time_verified=T0)
-    path = att.write_statement(tmp_path / "attestation.json", statement)
-    return model, policy, path
+    return model, policy, write(make_predicate(model), tmp_path / "attestation.json")
 
 
 def run_json(capsys, *argv: str) -> tuple[int, dict]:
@@ -52,6 +57,9 @@ def test_human_output_says_signatures_are_not_checked(release, capsys):
     assert main(["verify-attestation", str(attestation), str(model)]) == 0
     out = capsys.readouterr().out
     assert "VERIFIED: attested PASSED" in out and "signatures are not verified" in out
+    assert "the policy was NOT checked" in out  # without --policy, said plainly
+    assert main(["verify-attestation", str(attestation), str(model), "--policy", str(release[1])]) == 0
+    assert "NOT checked" not in capsys.readouterr().out
 
 
 def test_tampering_with_one_weight_file_fails(release, capsys):
@@ -82,10 +90,10 @@ def test_missing_and_extra_files_are_named(release, capsys):
 def test_file_on_disk_that_was_not_attested_is_named(tiny_models, tmp_path, capsys):
     model = shutil.copytree(tiny_models["llama"]["single"], tmp_path / "model")
     # An attestation of the same model made before config.json was added to it.
-    evidence = make_evidence(model)
-    kept = tuple(f for f in evidence.files if f.path != "config.json")
-    statement = att.build_statement(replace(evidence, files=kept), time_verified=T0)
-    path = att.write_statement(tmp_path / "a.json", statement)
+    predicate = make_predicate(model)
+    kept = tuple(f for f in predicate.candidate.files if f.path != "config.json")
+    candidate = replace(predicate.candidate, files=kept, root_digest=root_digest({f.path: f.sha256 for f in kept}))
+    path = write(replace(predicate, candidate=candidate), tmp_path / "a.json")
     code, report = run_json(capsys, str(path), str(model))
     assert code == 2
     assert set(failed(report)) == {"file config.json"}
@@ -96,11 +104,11 @@ def test_statement_made_by_actions_attest_around_our_predicate_verifies(release,
     """actions/attest names subjects by basename, has no root subject, and wraps our predicate."""
     model, policy, attestation = release
     ours = json.loads(attestation.read_text())
-    theirs = {"_type": ours["_type"], "predicateType": att.PREDICATE_TYPE, "predicate": ours["predicate"],
+    theirs = {"_type": ours["_type"], "predicateType": record.PREDICATE_TYPE, "predicate": ours["predicate"],
               "subject": [{"name": p.name, "digest": {"sha256": hashlib.sha256(p.read_bytes()).hexdigest()}}
                           for p in sorted(model.glob("*.safetensors"))]}
     bundle = {"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
-              "dsseEnvelope": {"payloadType": att.PAYLOAD_TYPE, "signatures": [{"sig": "AAAA"}],
+              "dsseEnvelope": {"payloadType": record.PAYLOAD_TYPE, "signatures": [{"sig": "AAAA"}],
                                "payload": base64.b64encode(canonical_json(theirs)).decode()}}
     path = tmp_path / "bundle.sigstore.json"
     path.write_text(json.dumps(bundle))
@@ -134,12 +142,12 @@ def test_other_policy_is_rejected(release, capsys, tmp_path):
 
 def test_failed_attestation_exits_1(tiny_models, tmp_path, capsys):
     model = shutil.copytree(tiny_models["llama"]["single"], tmp_path / "model")
-    evidence = make_evidence(model)
-    far = replace(evidence.references[1], distance=9.0)  # declared base now beyond its threshold
-    reason = att.Reason("TGV_DISTANCE_ABOVE_THRESHOLD", "error", "distance 9.0 to base-1b exceeds 7.0")
-    statement = att.build_statement(replace(evidence, references=(evidence.references[0], far), verdict="fail",
-                                            reasons=(reason,)), time_verified=T0)
-    path = att.write_statement(tmp_path / "a.json", statement)
+    predicate = make_predicate(model)
+    far = replace(predicate.references[0], distance=9.0, within_threshold=False)  # declared base beyond its threshold
+    reason = Finding("TGV_DISTANCE_ABOVE_THRESHOLD", "fail", "distance 9.0 to base-1b exceeds 7.0", "base-1b")
+    both = replace(predicate.rules, on_statistics_disagree="fail")  # the distance fails despite the lineage
+    path = write(replace(predicate, rules=both, references=(far, predicate.references[1]), result="FAILED",
+                         reasons=(reason,)), tmp_path / "a.json")
     code, report = run_json(capsys, str(path), str(model))
     assert code == 1 and report["verificationResult"] == "FAILED"
     assert set(failed(report)) == {"verificationResult"}  # evidence is consistent; the verdict is FAILED
@@ -171,7 +179,7 @@ def test_evidence_that_contradicts_the_verdict_exits_1(release, capsys, edit, br
 
 def test_dsse_envelope_is_accepted(release, capsys, tmp_path):
     model, _, attestation = release
-    envelope = {"payloadType": att.PAYLOAD_TYPE, "payload": base64.b64encode(attestation.read_bytes()).decode(),
+    envelope = {"payloadType": record.PAYLOAD_TYPE, "payload": base64.b64encode(attestation.read_bytes()).decode(),
                 "signatures": [{"sig": "AAAA"}]}
     path = tmp_path / "envelope.json"
     path.write_text(json.dumps(envelope))
@@ -191,10 +199,13 @@ def test_malformed_attestation_is_a_one_line_error(release, capsys, tmp_path):
 def test_adapter_base_model_is_checked_with_base(tiny_models, tmp_path, capsys):
     model = shutil.copytree(tiny_models["llama"]["single"], tmp_path / "adapter")
     base = shutil.copytree(tiny_models["llama"]["shards"], tmp_path / "base")
-    base_files = make_evidence(base).files
-    statement = att.build_statement(make_evidence(model, layout="adapter", base_files=base_files, base_name="base"),
-                                    time_verified=T0)
-    path = att.write_statement(tmp_path / "a.json", statement)
+    base_record = candidate_record(base)
+    base_files = base_record.files
+    recorded_base = BaseModelRecord(name="base", files=tuple(replace(f, size=None, role=None) for f in base_files),
+                                    root_digest=base_record.root_digest)
+    predicate = make_predicate(model)
+    path = write(replace(predicate, candidate=replace(predicate.candidate, layout="adapter", base=recorded_base)),
+                 tmp_path / "a.json")
     assert main(["verify-attestation", str(path), str(model)]) == 0
     assert "pass --base DIR" in capsys.readouterr().out
     code, report = run_json(capsys, str(path), str(model), "--base", str(base))
@@ -231,3 +242,90 @@ def test_real_verify_runs_round_trip_and_differ_only_in_time(tmp_path, capsys):
     code, report = run_json(capsys, str(tmp_path / "fail.json"), str(ws / "candidate"),
                             "--policy", str(ws / "fail.yml"))
     assert code == 1 and set(failed(report)) == {"verificationResult"}  # FAILED, and its evidence is consistent
+
+
+@pytest.mark.parametrize("name, content", [
+    ("pytorch_model.bin", b"\x80\x02}q\x00."),  # a pickle a runtime would load with use_safetensors=False
+    ("consolidated.safetensors", None),  # another copy of the weights, not the attested one
+    ("original/consolidated.00.pth", b"\x80\x02."),
+])
+def test_an_unattested_weight_file_next_to_the_model_is_not_verified(release, capsys, name, content):
+    model, policy, attestation = release
+    target = model / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if content is None:
+        data = bytearray((model / "model-00001-of-00003.safetensors").read_bytes())
+        data[-1] ^= 0x01
+        content = bytes(data)
+    target.write_bytes(content)
+    code, report = run_json(capsys, str(attestation), str(model), "--policy", str(policy))
+    assert code == 2 and not report["ok"]
+    assert failed(report)[f"file {name}"].startswith("unattested weights")
+
+
+def test_features_from_a_fingerprint_file_do_not_verify_the_files(tmp_path, capsys):
+    """A fingerprint-only candidate: the fingerprint records an unrelated model's file digests with a derivative's
+    features. The attestation says how its evidence was obtained, and verify-attestation does not call the
+    unrelated model's files VERIFIED on it."""
+    ws = build_workspace(tmp_path)
+    genuine = tmp_path / "genuine.json"
+    assert main(["fingerprint", str(ws / "candidate"), "-o", str(genuine)]) == 0
+    capsys.readouterr()
+    document = json.loads(genuine.read_text())
+    assert main(["fingerprint", str(ws / "qwen-base"), "-o", str(tmp_path / "qwen.json")]) == 0
+    capsys.readouterr()
+    document["artifact"] = json.loads((tmp_path / "qwen.json").read_text())["artifact"]  # the unrelated files
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(document))
+    policy = tmp_path / "fp-only.yml"
+    policy.write_text((ws / "pass.yml").read_text().replace("  path: ./candidate", f"  fingerprint: {forged}")
+                      .replace("./llama-base", str(ws / "llama-base")).replace("./qwen-base", str(ws / "qwen-base")))
+    out = tmp_path / "att.json"
+    assert main([str(policy), "--attestation", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    capsys.readouterr()
+    predicate = json.loads(out.read_text())["predicate"]
+    assert predicate["candidate"]["evidence"] == {"features": "fingerprint", "fileDigests": "recorded"}
+    assert "serialization" not in predicate["candidate"]
+    assert {r["code"]: r["severity"] for r in predicate["reasons"]}["TGV_FEATURES_FROM_FINGERPRINT"] == "warning"
+    code, report = run_json(capsys, str(out), str(ws / "qwen-base"))
+    assert code == 1 and not report["ok"] and report["featuresRecomputed"] is False
+    assert set(failed(report)) == {"features recomputed"}
+    code, report = run_json(capsys, str(out), str(ws / "qwen-base"), "--allow-fingerprint-evidence")
+    assert code == 0 and "accepted" in next(c["detail"] for c in report["checks"] if c["name"] == "features recomputed")
+
+
+@pytest.mark.parametrize("path, value", [
+    ("references.0.distance", "1e999"),  # a number that overflows to infinity
+    ("decisionRules", ["onOutOfCluster"]),
+    ("declaredLineage", "base-1b"),
+    ("declaredLineage.forbidden", 7),
+    ("candidate.base", ["base"]),
+    ("attribution", None),
+    ("reasons", [{"code": 1}]),
+])
+def test_a_malformed_predicate_is_one_line_and_exit_2(release, capsys, path, value):
+    model, _, attestation = release
+    text = attestation.read_text()
+    statement = json.loads(text)
+    node = statement["predicate"]
+    keys = [int(k) if k.isdigit() else k for k in path.split(".")]
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = "__RAW__" if value == "1e999" else value
+    raw = canonical_json(statement).decode().replace('"__RAW__"', "1e999")
+    attestation.write_text(raw)
+    assert main(["verify-attestation", str(attestation), str(model)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tg-verify: ") and str(attestation) in err[0]
+
+
+def test_a_model_given_as_one_file_is_not_blamed_for_its_neighbours(tiny_models, tmp_path, capsys):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    single = shutil.copy(tiny_models["llama"]["single"] / "model.safetensors", folder / "model.safetensors")
+    (folder / "other-model.bin").write_bytes(b"\x80\x02.")
+    path = write(make_predicate(Path(single)), tmp_path / "a.json")
+    code, report = run_json(capsys, str(path), str(single))
+    assert code == 0, failed(report)
+    code, report = run_json(capsys, str(path), str(folder))
+    assert code == 2 and "file other-model.bin" in failed(report)

@@ -14,6 +14,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ggufcraft import (  # noqa: E402
+    F32,
+    Q4_0,
+    VT,
+    T,
+    TinyLlama,
+    gguf_bytes,
+    kv,
+    kv_array,
+    kv_str,
+    kv_u32,
+    string,
+    tiny_llama,
+    u32,
+    u64,
+    with_tensors,
+)
 from stcraft import assemble, entry, small_valid, tensors_file  # noqa: E402
 
 FILES = Path(__file__).parent / "files"
@@ -32,6 +49,23 @@ A = {"a.weight": ("F32", [2, 2])}
 B = {"b.weight": ("F32", [2, 2])}
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 
+def _gguf_one(*tensors: T, kvs: tuple[bytes, ...] = (), **overrides: object) -> bytes:
+    """A GGUF file with a valid header around `tensors` (header-level cases fail before the model is mapped)."""
+    return gguf_bytes([kv_str("general.architecture", "llama"), *kvs], list(tensors), **overrides)  # type: ignore
+
+
+def _truncated_in_tensor_info() -> bytes:
+    blob = _gguf_one(T("a.weight", (4,)))
+    return blob[:24 + len(kv_str("general.architecture", "llama")) + len(string("a.weight")) + 2]  # inside n_dims
+
+
+def _replace_tensor(name: str, new: T | None) -> object:
+    def edit(tensors: list[T]) -> list[T]:
+        return [(new if t.name == name else t) for t in tensors if t.name != name or new is not None]
+    return edit
+
+
+ONE = T("a.weight", (4,))
 # name -> (expected error code, builder of the file (bytes) or directory (Tree))
 CASES: dict[str, tuple[str, Callable[[], bytes | Tree]]] = {
     # header checks 1-10 and tg-verify's own
@@ -82,6 +116,67 @@ CASES: dict[str, tuple[str, Callable[[], bytes | Tree]]] = {
         {"__metadata__": {"format": 1}, "a": entry()}, b"\0" * 8)),
     "metadata-not-object.safetensors": ("TGV_METADATA", lambda: assemble(
         {"__metadata__": ["pt"], "a": entry()}, b"\0" * 8)),
+    # GGUF: llama.cpp's gguf.cpp rules and tg-verify's own (docs/artifact.md "GGUF")
+    "gguf-empty.gguf": ("TGV_HEADER_TOO_SMALL", lambda: b""),
+    "gguf-magic-only.gguf": ("TGV_HEADER_TOO_SMALL", lambda: b"GGUF" + u32(3)),
+    "gguf-bad-magic.gguf": ("TGV_GGUF_MAGIC", lambda: _gguf_one(ONE, magic=b"GGML")),
+    "gguf-version-1.gguf": ("TGV_GGUF_VERSION", lambda: _gguf_one(ONE, version=1)),
+    "gguf-big-endian.gguf": ("TGV_GGUF_VERSION", lambda: _gguf_one(ONE, version=0x03000000)),
+    "gguf-tensor-count-huge.gguf": ("TGV_GGUF_COUNT", lambda: _gguf_one(ONE, tensor_count=2**40)),
+    "gguf-kv-count-negative.gguf": ("TGV_GGUF_COUNT", lambda: _gguf_one(ONE, kv_count=2**64 - 1)),
+    "gguf-truncated-header.gguf": ("TGV_GGUF_TRUNCATED", _truncated_in_tensor_info),
+    "gguf-key-length-absurd.gguf": ("TGV_GGUF_LENGTH", lambda: _gguf_one(
+        ONE, kvs=(string("x", length=2**62) + u32(VT["UINT8"]) + b"\0",))),
+    "gguf-string-length-absurd.gguf": ("TGV_GGUF_LENGTH", lambda: _gguf_one(
+        ONE, kvs=(kv("general.name", VT["STRING"], string("tiny", length=2**60)),))),
+    "gguf-array-length-absurd.gguf": ("TGV_GGUF_LENGTH", lambda: _gguf_one(
+        ONE, kvs=(kv_array("x.scores", VT["FLOAT32"], [], count=2**60),))),
+    "gguf-array-item-length-absurd.gguf": ("TGV_GGUF_LENGTH", lambda: _gguf_one(
+        ONE, kvs=(kv_array("tokenizer.ggml.tokens", VT["STRING"], [string("a"), string("b", length=2**50)]),))),
+    "gguf-nested-array.gguf": ("TGV_GGUF_VALUE_TYPE", lambda: _gguf_one(
+        ONE, kvs=(kv_array("x.nested", VT["ARRAY"], [u32(VT["UINT8"]) + u64(1) + b"\1"]),))),
+    "gguf-unknown-value-type.gguf": ("TGV_GGUF_VALUE_TYPE", lambda: _gguf_one(ONE, kvs=(kv("x.y", 13, b"\0"),))),
+    "gguf-duplicate-key.gguf": ("TGV_DUPLICATE_KEY", lambda: _gguf_one(
+        ONE, kvs=(kv_str("general.name", "a"), kv_str("general.name", "b")))),
+    "gguf-empty-key.gguf": ("TGV_GGUF_KEY", lambda: _gguf_one(ONE, kvs=(kv_u32("", 1),))),
+    "gguf-alignment-not-power-of-two.gguf": ("TGV_GGUF_ALIGNMENT", lambda: _gguf_one(
+        ONE, kvs=(kv_u32("general.alignment", 48),), alignment=48)),
+    "gguf-alignment-zero.gguf": ("TGV_GGUF_ALIGNMENT", lambda: _gguf_one(ONE, kvs=(kv_u32("general.alignment", 0),))),
+    "gguf-alignment-wrong-type.gguf": ("TGV_GGUF_ALIGNMENT", lambda: _gguf_one(
+        ONE, kvs=(kv("general.alignment", VT["UINT64"], u64(32)),))),
+    "gguf-five-dims.gguf": ("TGV_SHAPE", lambda: _gguf_one(T("a.weight", (1, 1, 1, 1, 4)))),
+    "gguf-negative-dim.gguf": ("TGV_SHAPE", lambda: _gguf_one(T("a.weight", (2**63, 1), data=b""))),
+    "gguf-numel-overflow.gguf": ("TGV_SIZE_OVERFLOW", lambda: _gguf_one(T("a.weight", (2**32, 2**32), data=b""))),
+    "gguf-removed-type.gguf": ("TGV_UNKNOWN_DTYPE", lambda: _gguf_one(T("a.weight", (4,), type=4, data=b"\0" * 16))),
+    "gguf-unknown-type.gguf": ("TGV_UNKNOWN_DTYPE", lambda: _gguf_one(T("a.weight", (4,), type=1000,
+                                                                        data=b"\0" * 16))),
+    "gguf-row-not-whole-blocks.gguf": ("TGV_MISALIGNED", lambda: _gguf_one(T("a.weight", (33, 2), type=Q4_0,
+                                                                             data=b"\0" * 36))),
+    "gguf-duplicate-tensor.gguf": ("TGV_DUPLICATE_TENSOR", lambda: _gguf_one(ONE, T("a.weight", (4,)))),
+    "gguf-nul-in-name.gguf": ("TGV_TENSOR_NAME", lambda: _gguf_one(T(b"a.weight\0hidden", (4,)))),
+    "gguf-name-64-bytes.gguf": ("TGV_TENSOR_NAME", lambda: _gguf_one(T("w" * 64, (4,)))),
+    "gguf-offset-past-end.gguf": ("TGV_DATA_TRUNCATED", lambda: _gguf_one(T("a.weight", (4,), offset=2**40))),
+    "gguf-data-truncated.gguf": ("TGV_DATA_TRUNCATED", lambda: tiny_llama()[:-40]),
+    "gguf-overlap.gguf": ("TGV_OVERLAP", lambda: _gguf_one(ONE, T("b.weight", (4,), offset=0))),
+    "gguf-gap.gguf": ("TGV_GAP", lambda: _gguf_one(ONE, T("b.weight", (4,), offset=64)) + b"\0" * 32),
+    "gguf-unaligned-offset.gguf": ("TGV_GAP", lambda: _gguf_one(ONE, T("b.weight", (4,), offset=40)) + b"\0" * 32),
+    "gguf-padding-not-zero.gguf": ("TGV_GGUF_PADDING", lambda: _gguf_one(ONE, pad=0x41)),
+    "gguf-trailing-bytes.gguf": ("TGV_TRAILING_BYTES", lambda: tiny_llama() + b"PK\x03\x04polyglot"),
+    "gguf-unknown-architecture.gguf": ("TGV_GGUF_ARCHITECTURE", lambda: tiny_llama(arch="mamba9")),
+    "gguf-adapter.gguf": ("TGV_GGUF_ARCHITECTURE", lambda: tiny_llama(extra_kvs=[kv_str("general.type", "adapter")])),
+    "gguf-split-part.gguf": ("TGV_GGUF_SPLIT", lambda: tiny_llama(extra_kvs=[
+        kv("split.count", VT["UINT16"], b"\x03\x00")])),
+    "gguf-no-architecture.gguf": ("TGV_GGUF_METADATA", lambda: gguf_bytes([], [ONE])),
+    "gguf-kv-heads-not-dividing.gguf": ("TGV_GGUF_METADATA", lambda: tiny_llama(heads=4, kv_heads=3)),
+    "gguf-missing-tensor.gguf": ("TGV_GGUF_TENSORS", lambda: with_tensors(
+        TinyLlama(), _replace_tensor("blk.0.ffn_down.weight", None))),
+    "gguf-q-rows-off-metadata.gguf": ("TGV_GGUF_TENSORS", lambda: with_tensors(
+        TinyLlama(), _replace_tensor("blk.0.attn_q.weight", T("blk.0.attn_q.weight", (16, 8), F32)))),
+    "gguf-vocabulary-off-embedding.gguf": ("TGV_GGUF_TENSORS", lambda: gguf_bytes(
+        [*TinyLlama().kvs()[:-1], kv_array("tokenizer.ggml.tokens", VT["STRING"], [string("a")] * 9)],
+        TinyLlama().tensors())),
+    "dir-two-gguf-files": ("TGV_AMBIGUOUS_LAYOUT", lambda: {"model-Q4_0.gguf": tiny_llama(),
+                                                          "model-Q8_0.gguf": tiny_llama()}),
     # paths and layouts
     "not-safetensors.txt": ("TGV_NOT_SAFETENSORS", lambda: small_valid()),
     "weights.bin": ("TGV_PICKLE_REFUSED", lambda: b"\x80\x02}q\x00."),

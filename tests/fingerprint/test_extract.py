@@ -251,7 +251,10 @@ def test_any_reader_and_given_digests_are_used(tiny_models):
     assert again.to_json_bytes() == reference.to_json_bytes() and reader.raw_calls > 0
     for entry in artifact.files:
         assert digests[entry.path] == hashlib.sha256(artifact.path_of(entry.path).read_bytes()).hexdigest()
-    with pytest.raises(UsageError, match="digests"):
+    stand_ins = {path: f"{n:064x}" for n, path in enumerate(digests)}  # not the files' digests: recorded as given
+    recorded = fingerprint_artifact(artifact, FAST, digests=stand_ins)
+    assert recorded.file_digests == stand_ins and recorded.features == reference.features
+    with pytest.raises(UsageError, match="lack"):
         fingerprint_artifact(artifact, FAST, digests={})
 
 

@@ -1,7 +1,7 @@
 """The lineage test's empirical null: scores of independently trained models, per architecture class.
 
 bench/calibrate.py trains unrelated models (same-config twins at several training lengths and their
-fine-tunes) and writes their pairwise lineage scores to tg_verify/data/lineage_calibration.json, with
+fine-tunes) and writes their pairwise lineage scores to tg_verify/analysis/data/lineage_calibration.json, with
 the method version and the recipe. Here that file is read as untrusted data; the decision threshold
 and every rate a report states come from it: the rate at a score is the share of null pairs scoring
 at least as high, with its sample size and an exact (Clopper-Pearson) one-sided 95% upper bound.
@@ -15,7 +15,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from tg_verify.errors import FingerprintFormatError
 
 CALIBRATION_FORMAT = 1
 RESOURCE = "lineage_calibration.json"
+DATA_FILE = Path(__file__).with_name("data") / RESOURCE
 CONFIDENCE = 0.95
 MAX_SCORES = 1_000_000
 UNCALIBRATED = "uncalibrated"
@@ -143,8 +143,8 @@ def parse_calibration(document: Any, source: str) -> Calibration:
 def load_calibration(path: str | Path | None = None) -> Calibration:
     """The calibration file at `path`, or the one shipped inside the package."""
     if path is None:
-        text = resources.files("tg_verify.data").joinpath(RESOURCE).read_text(encoding="utf-8")
-        source = f"tg_verify/data/{RESOURCE}"
+        text = DATA_FILE.read_text(encoding="utf-8")
+        source = f"tg_verify/analysis/data/{RESOURCE}"
     else:
         text = Path(path).read_text(encoding="utf-8")
         source = str(path)

@@ -24,6 +24,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from tg_verify.analysis.calibration import UNCALIBRATED, Calibration, class_key, packaged_calibration
+from tg_verify.analysis.lineage_rule import DEFAULT_ALPHA, LINEAGE_METHOD, is_derived
 from tg_verify.errors import FingerprintFormatError
 from tg_verify.fingerprint.document import Fingerprint
 from tg_verify.fingerprint.sketch import (
@@ -36,10 +37,6 @@ from tg_verify.fingerprint.sketch import (
     SKETCH_VERSION,
 )
 
-# The scoring method (sketch version, geometry correction, alignment, median). The calibration file
-# records the method it was measured with and is only used for that method.
-LINEAGE_METHOD = "tgl2"
-DEFAULT_ALPHA = 0.01  # the target false-positive rate the threshold is set at (docs/lineage.md)
 # Share of the larger vocabulary that both must hold to be compared: each probe mixture of the larger one is
 # then at least half shared tokens (a vocabulary grown past 2x dilutes the evidence past what the test can read).
 MIN_SHARED_VOCABULARY = 0.5
@@ -455,8 +452,8 @@ def lineage_test(candidate: Fingerprint, reference: Fingerprint, *, alpha: float
                   "false_positive_rate": above / null.size, "false_positive_upper": null.upper_bound(above)}
     return LineageResult(score=score, threshold=threshold, p_value=fields.pop("p_value", math.nan),
                          false_positive_rate=fields.pop("false_positive_rate", math.nan),
-                         derived=bool(score > threshold), units=result.units, notes=notes, alpha=alpha,
-                         min_score=min_score, tokens=result.tokens, keys=result.keys, **fields)
+                         derived=is_derived(score=score, threshold=threshold), units=result.units, notes=notes,
+                         alpha=alpha, min_score=min_score, tokens=result.tokens, keys=result.keys, **fields)
 
 
 # -- the per-unit similarity on live units, differentiable -------------------------------------------

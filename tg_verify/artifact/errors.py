@@ -59,6 +59,19 @@ class AmbiguousLayoutError(ArtifactError):
     code = "TGV_AMBIGUOUS_LAYOUT"
 
 
+class AmbiguousTensorError(ArtifactError):
+    """Two tensors that a runtime would load as the same parameter (e.g. `embed_tokens.weight` and
+    `model.embed_tokens.weight`): which one it uses depends on load order, so neither can be verified."""
+
+    code = "TGV_AMBIGUOUS_TENSOR"
+
+
+class TooManyTensorsError(ArtifactError):
+    """More tensors than the configured cap (a CPU-amplification guard: each tensor costs work)."""
+
+    code = "TGV_TOO_MANY_TENSORS"
+
+
 class IndexFormatError(ArtifactError):
     """A shard index whose `weight_map` is missing, empty or names something other than a sibling shard."""
 
@@ -240,6 +253,90 @@ class MetadataError(HeaderError):
     """`__metadata__` that is not a map of strings to strings."""
 
     code = "TGV_METADATA"
+
+
+# --- one GGUF file (llama.cpp's gguf.cpp checks, plus tg-verify's own; docs/artifact.md "GGUF") --------
+# Rules shared with safetensors reuse those classes: TGV_HEADER_TOO_SMALL, TGV_HEADER_TOO_LARGE,
+# TGV_DUPLICATE_KEY, TGV_TENSOR_NAME, TGV_DUPLICATE_TENSOR, TGV_SHAPE, TGV_SIZE_OVERFLOW, TGV_UNKNOWN_DTYPE,
+# TGV_MISALIGNED, TGV_OVERLAP, TGV_GAP, TGV_DATA_TRUNCATED, TGV_TRAILING_BYTES.
+
+
+class GGUFMagicError(HeaderError):
+    """A .gguf file that does not start with the magic bytes `GGUF`."""
+
+    code = "TGV_GGUF_MAGIC"
+
+
+class GGUFVersionError(HeaderError):
+    """A GGUF version other than 2 or 3 (v1 and big-endian files are refused, as llama.cpp does)."""
+
+    code = "TGV_GGUF_VERSION"
+
+
+class GGUFCountError(HeaderError):
+    """A tensor or key-value count that is negative as int64 or cannot fit in the file."""
+
+    code = "TGV_GGUF_COUNT"
+
+
+class GGUFTruncatedError(HeaderError):
+    """A GGUF header (metadata or tensor infos) that ends before its last field."""
+
+    code = "TGV_GGUF_TRUNCATED"
+
+
+class GGUFLengthError(HeaderError):
+    """A string or array length that runs past the end of the file (or of the header limit)."""
+
+    code = "TGV_GGUF_LENGTH"
+
+
+class GGUFKeyError(HeaderError):
+    """A metadata key that is empty, not UTF-8, or holds control characters."""
+
+    code = "TGV_GGUF_KEY"
+
+
+class GGUFValueTypeError(HeaderError):
+    """A metadata value of an unknown type, or an array of arrays (llama.cpp refuses both)."""
+
+    code = "TGV_GGUF_VALUE_TYPE"
+
+
+class GGUFAlignmentError(HeaderError):
+    """`general.alignment` that is not a uint32 power of two within the limit."""
+
+    code = "TGV_GGUF_ALIGNMENT"
+
+
+class GGUFPaddingError(HeaderError):
+    """Alignment padding that holds non-zero bytes (room for a hidden payload)."""
+
+    code = "TGV_GGUF_PADDING"
+
+
+class GGUFMetadataError(HeaderError):
+    """Model metadata (architecture, dimensions, head counts) missing, mistyped or inconsistent."""
+
+    code = "TGV_GGUF_METADATA"
+
+
+class GGUFArchitectureError(ArtifactError):
+    """A GGUF architecture (or file type) tg-verify does not map onto a known model family."""
+
+    code = "TGV_GGUF_ARCHITECTURE"
+
+
+class GGUFTensorsError(ArtifactError):
+    """A GGUF model that llama.cpp could not load: a required tensor missing, or a shape off its metadata."""
+
+    code = "TGV_GGUF_TENSORS"
+
+
+class GGUFSplitError(ArtifactError):
+    """One part of a split GGUF model (`split.count` > 1): only whole files are read."""
+
+    code = "TGV_GGUF_SPLIT"
 
 
 def shown(value: object, limit: int = 400) -> str:

@@ -129,3 +129,12 @@ class TensorReader(AbstractContextManager["TensorReader"]):
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def open_reader(artifact: Artifact) -> TensorReader:
+    """The reader for the artifact's format: TensorReader for safetensors, GGUFTensorReader for GGUF."""
+    if artifact.format == "gguf":
+        from tg_verify.artifact.gguf_reader import GGUFTensorReader
+
+        return GGUFTensorReader(artifact)
+    return TensorReader(artifact)

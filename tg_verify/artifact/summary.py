@@ -19,6 +19,10 @@ from tg_verify.errors import TgVerifyError
 SCHEMA = "tg-verify/inspect/v1"
 CHECKS = ("header-length", "utf8-json-object", "no-duplicate-keys", "known-dtypes", "shapes", "offsets-contiguous",
           "sizes-match-dtype", "file-fully-covered", "metadata-strings", "layout-complete", "no-duplicate-tensors")
+GGUF_CHECKS = ("magic-version", "counts-fit", "strings-and-arrays-bounded", "no-duplicate-keys", "alignment",
+               "tensor-names", "shapes", "known-types", "offsets-contiguous-aligned", "zero-padding",
+               "file-fully-covered", "architecture-known", "metadata-consistent", "required-tensors",
+               "runtime-loaded")
 CONFIG_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
                "tie_word_embeddings", "torch_dtype", "dtype")
@@ -70,8 +74,19 @@ def describe(artifact: Artifact, digests: dict[str, str] | None = None) -> dict[
             bucket["params"] += info.numel
         tensors.append({"name": info.name, "dtype": info.dtype, "shape": list(info.shape), "params": info.numel,
                         "category": category})
-    undecodable = sorted(d for d in dtypes if d not in DECODABLE_DTYPES)
+    if artifact.format == "gguf":
+        from tg_verify.artifact.gguf import decodable
+
+        undecodable = sorted(d for d in dtypes if not decodable(d))
+    else:
+        undecodable = sorted(d for d in dtypes if d not in DECODABLE_DTYPES)
     warnings = list(artifact.warnings)
+    if artifact.unexpected:
+        names = [shown(t.name) for t in artifact.unexpected]
+        warnings.append(f"TGV_UNEXPECTED_TENSORS: {len(names)} stored tensor(s) are not loaded by a "
+                        f"{artifact.architecture} runtime and are never fingerprinted: "
+                        + ", ".join(f"'{n}'" for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5
+                                                                   else ""))
     if undecodable:
         warnings.append(f"dtype(s) {', '.join(undecodable)} cannot be decoded to float32: fingerprinting will refuse")
     matrices = sum(1 for t in artifact.tensors if len(t.shape) == 2)
@@ -80,7 +95,8 @@ def describe(artifact: Artifact, digests: dict[str, str] | None = None) -> dict[
     document: dict[str, Any] = {
         "schema": SCHEMA,
         "artifact": {"name": shown(artifact.name), "path": shown(artifact.root), "layout": artifact.layout,
-                     "model_type": _json_safe(artifact.model_type)},
+                     "format": artifact.format, "model_type": _json_safe(artifact.model_type),
+                     "architecture": artifact.architecture},
         "config": _excerpt(artifact.config, CONFIG_KEYS),
         "adapter": _excerpt(artifact.adapter_config, ADAPTER_KEYS),
         "files": files,
@@ -91,8 +107,12 @@ def describe(artifact: Artifact, digests: dict[str, str] | None = None) -> dict[
         "dtypes": dict(sorted(dtypes.items())),
         "categories": categories,
         "tensors": tensors,
+        "unexpected_tensors": [{"name": shown(t.name), "file": shown(t.file), "dtype": t.dtype, "shape": list(t.shape)}
+                               for t in artifact.unexpected],
+        "other_weights": [shown(name) for name in artifact.other_weights],
         "metadata": {shown(k): v for k, v in sorted(artifact.metadata.items())},
-        "validation": {"status": "valid", "header_only": True, "checks": list(CHECKS), "warnings": warnings},
+        "validation": {"status": "valid", "header_only": True,
+                       "checks": list(GGUF_CHECKS if artifact.format == "gguf" else CHECKS), "warnings": warnings},
     }
     if digests is not None:
         document["root_digest"] = root_digest(digests)

@@ -1,15 +1,18 @@
-"""`tg-verify action`: the GitHub Action's entrypoint. Reads INPUT_* variables, runs the verify pipeline.
+"""`tg-verify action`: the GitHub Action's entrypoint, a thin adapter over `tg-verify verify`.
 
-It writes what `tg-verify POLICY.yml` writes (JSON report, in-toto Statement) plus the predicate
-alone for actions/attest, step outputs to $GITHUB_OUTPUT (random heredoc delimiters), the Markdown
-verdict to $GITHUB_STEP_SUMMARY (size-bounded), `::error`/`::warning` annotations on the policy
-file, and `::group::` around each long phase. Exit 0 PASS, 1 FAIL, 2 bad input, like the CLI.
+It maps the INPUT_* variables to the same `VerifyRequest` the command line builds (the inputs become
+verify flags, parsed by the verify parser itself) and calls the same `execute`: every verify flag
+works the same through `args`, or is refused with a message naming it. What it adds is the Actions
+glue: the predicate alone for actions/attest, step outputs to $GITHUB_OUTPUT (random heredoc
+delimiters), the Markdown verdict to $GITHUB_STEP_SUMMARY (size-bounded), `::error`/`::warning`
+annotations on the file an error or finding is about, and `::group::` around each long phase.
+Features must be recomputed from the weights unless the policy says otherwise
+(candidate.require_weights defaults to true here). Exit 0 PASS, 1 FAIL, 2 bad input, like the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -18,10 +21,14 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tg_verify.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, TgVerifyError, UsageError
 from tg_verify.report import github
+
+if TYPE_CHECKING:
+    from tg_verify.commands.verify import VerifyOutcome, VerifyRequest
+    from tg_verify.pipeline import VerificationResult
 
 VERB = "action"
 ORDER = 90
@@ -40,12 +47,16 @@ FLAG_INPUTS: dict[str, str] = {
 OTHER_INPUTS = ("policy", "args", "predicate", "summary")
 # Inputs the composite wrapper consumes itself (how to run the image); never seen by this entrypoint.
 WRAPPER_INPUTS = ("runner", "image", "gpus")
-# verify flags that make no sense in a workflow step.
-REFUSED_FLAGS = ("--json", "--progress", "--no-progress")
+# verify flags that make no sense in a workflow step, and why.
+REFUSED_FLAGS: dict[str, str] = {
+    "--json": "the Action writes the JSON report to a file (input 'report') and its path to the report-path output",
+    "--progress": "the job log shows progress as log groups",
+    "--no-progress": "the job log shows progress as log groups",
+}
 TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off", "")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
         VERB, help="GitHub Action entrypoint: verify using INPUT_* environment variables",
         description=("Run as the tg-verify GitHub Action runs it: read INPUT_POLICY, INPUT_CANDIDATE, INPUT_REPORT, "
@@ -101,8 +112,9 @@ def parse_inputs(environ: Mapping[str, str]) -> ActionInputs:
         for name, full in FLAG_INPUTS.items():
             if full.startswith(flag):
                 raise UsageError(f"input 'args' sets {full}; use the input '{name}' instead")
-        if any(full.startswith(flag) for full in REFUSED_FLAGS):
-            raise UsageError(f"input 'args': {flag} is not available in the Action")
+        for full, why in REFUSED_FLAGS.items():
+            if full.startswith(flag):
+                raise UsageError(f"input 'args': {full} is not available in the Action ({why})")
     if extra and not extra[0].startswith("-"):
         raise UsageError(f"input 'args' must hold flags, not {extra[0]!r}")
     summary = read_input("summary", environ).lower() or "true"
@@ -113,15 +125,26 @@ def parse_inputs(environ: Mapping[str, str]) -> ActionInputs:
                         summary=summary in TRUE)
 
 
-def verify_namespace(inputs: ActionInputs) -> argparse.Namespace:
-    """Parse the inputs' command line with the real `tg-verify verify` parser."""
-    from tg_verify.cli import build_parser
+class _InputParser(argparse.ArgumentParser):
+    """The verify parser, raising UsageError instead of printing usage and exiting."""
 
-    try:
-        return build_parser().parse_args(["verify", *inputs.argv])
-    except SystemExit:
-        raise UsageError("the inputs do not make a valid `tg-verify verify` command line "
-                         f"({' '.join(shlex.quote(a) for a in inputs.argv)}); see the message above") from None
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"the inputs do not make a valid `tg-verify verify` command line: {message}")
+
+
+def verify_request(inputs: ActionInputs, environ: Mapping[str, str]) -> VerifyRequest:
+    """The VerifyRequest the inputs describe: the verify flags parsed by the verify parser, plus the Action's
+    defaults (outputs under $RUNNER_TEMP/tg-verify, the predicate, candidate.require_weights on)."""
+    from tg_verify.commands import verify
+
+    parser = _InputParser(prog="tg-verify verify", add_help=False)
+    verify.add_arguments(parser)
+    args = parser.parse_args(list(inputs.argv))
+    default = _default_dir(environ)
+    return verify.request_from_args(
+        args, predicate=inputs.predicate, require_weights=True,
+        defaults={"report": default / "report.json", "attestation": default / "attestation.json",
+                  "predicate": default / "predicate.json"})
 
 
 def _default_dir(environ: Mapping[str, str]) -> Path:
@@ -190,103 +213,96 @@ def _policy_line(policy: Path, needle: str | None) -> int | None:
     return None
 
 
-def _error_file(message: str, policy: Path | None, environ: Mapping[str, str]) -> str | None:
-    """The file a message is about: the innermost existing file its `path: ...: ` prefixes name, else the policy.
-
-    `policy.yml: candidate.path: model/x.safetensors: tensor 'w': ...` annotates the weights file,
-    the file that is wrong; a message about the policy itself annotates the policy.
-    """
-    segments = message.split(": ")[:-1]
-    for segment in reversed(segments):
-        for candidate in (Path(segment), policy.parent / segment if policy is not None else None):
-            if candidate is not None and segment and candidate.is_file():
-                return github.workspace_relative(candidate, environ)
-    if policy is not None and policy.is_file():
-        return github.workspace_relative(policy, environ)
+def _error_file(exc: TgVerifyError, policy: Path | None, environ: Mapping[str, str]) -> str | None:
+    """The file an error is about, workspace-relative: the one it names (`exc.file`), else the policy."""
+    for candidate in (exc.file, str(policy) if policy is not None else None):
+        if candidate and Path(candidate).is_file():
+            return github.workspace_relative(candidate, environ)
     return None
+
+
+def _finding_file(message: str, policy: Path, environ: Mapping[str, str]) -> str:
+    """The file a finding is about: an artifact warning names the weights file first; else the policy."""
+    head = message.split(": ", 1)[0]
+    for candidate in (Path(head), policy.parent / head):
+        if head and head != message and candidate.is_file():
+            return github.workspace_relative(candidate, environ)
+    return github.workspace_relative(policy, environ)
 
 
 def _fmt(value: Any) -> str:
     return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else str(value))
 
 
-def outputs_for(result: Any, report: Path, attestation: Path, predicate: Path) -> dict[str, str]:
-    """The step outputs of a verify result (see action.yml `outputs`)."""
-    from tg_verify.report.attestation import PREDICATE_TYPE
+def outputs_for(outcome: VerifyOutcome) -> dict[str, str]:
+    """The step outputs of a verify run (see action.yml `outputs`)."""
+    from tg_verify.attestation.record import PREDICATE_TYPE
 
+    written = {kind: str(path) for kind, path in outcome.written.items()}
+    paths = {"report-path": written.get("report", ""), "attestation-path": written.get("attestation", ""),
+             "predicate-path": written.get("predicate", ""), "predicate-type": PREDICATE_TYPE}
+    result = outcome.result
+    if result is None:  # --check-policy: no verdict
+        return {"verdict": "", **paths, "predicate-type": ""}
     declared = result.declared_reference
-    lineage = getattr(declared, "lineage", None) if declared is not None else None
+    lineage = declared.lineage if declared is not None else None
     reasons = [f.code for f in result.verdict.reasons if f.severity in ("fail", "warn")]
     return {
         "verdict": result.verdict.label,
         "distance": _fmt(declared.distance) if declared is not None else "",
         "family": _fmt(result.classification.family),
-        "lineage-score": _fmt(lineage.score) if lineage is not None else "",
+        "lineage-score": _fmt(lineage.score) if lineage is not None and lineage.comparable else "",
         "reasons": ",".join(dict.fromkeys(reasons)),
-        "report-path": str(report),
-        "attestation-path": str(attestation),
-        "predicate-path": str(predicate),
-        "predicate-type": PREDICATE_TYPE,
+        **paths,
         "fingerprint-digest": f"sha256:{result.candidate.fingerprint_digest}",
         "root-digest": f"sha256:{result.candidate.root_digest}",
     }
 
 
-def annotations_for(result: Any, policy: Path, environ: Mapping[str, str]) -> list[str]:
+def annotations_for(result: VerificationResult, policy: Path, environ: Mapping[str, str]) -> list[str]:
     """One ::error per failing reason and one ::warning per warning, anchored in the policy (or the file named)."""
     lines = []
     policy_file = github.workspace_relative(policy, environ)
-    levels = {"fail": "error", "warn": "warning"}
+    levels: dict[str, github.Level] = {"fail": "error", "warn": "warning"}
     for finding in result.verdict.reasons:
         level = levels.get(finding.severity)
         if level is None:
             continue
-        file = _error_file(finding.message, policy, environ)  # e.g. an artifact warning names its file
+        file = _finding_file(finding.message, policy, environ)  # e.g. an artifact warning names its file
         line = None
         if file == policy_file:
             line = _policy_line(policy, finding.subject) or _policy_line(policy, "declared:")
-        lines.append(github.annotation(level, f"{finding.code}: {finding.message}",  # type: ignore[arg-type]
-                                       file=file, line=line,
+        lines.append(github.annotation(level, f"{finding.code}: {finding.message}", file=file, line=line,
                                        title=f"tg-verify {'FAIL' if level == 'error' else 'warning'}"))
     return lines
 
 
 def execute(inputs: ActionInputs, environ: Mapping[str, str], out: TextIO) -> int:
-    """Verify as `tg-verify verify` would, then add the Actions glue; return the exit code."""
+    """Verify exactly as `tg-verify verify` does (same request, same function), then add the Actions glue."""
     from rich.console import Console
 
-    from tg_verify.atomic import canonical_json, write_bytes
-    from tg_verify.commands.verify import render_outputs
-    from tg_verify.pipeline import VerifyOptions, default_cache_dir, verify
-    from tg_verify.policy import load_policy
+    from tg_verify.commands import verify
     from tg_verify.report import console, markdown
 
-    args = verify_namespace(inputs)
-    policy = load_policy(args.policy, candidate_override=args.candidate)
-    default = _default_dir(environ)
-    report = Path(args.report) if args.report else policy.outputs.report or default / "report.json"
-    attestation = Path(args.attestation) if args.attestation else policy.outputs.attestation or \
-        default / "attestation.json"
-    predicate = inputs.predicate or default / "predicate.json"
-    cache = None if args.no_cache else (Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    request = verify_request(inputs, environ)
     progress = GroupProgress(out)
     try:
-        result = verify(policy, VerifyOptions(device=args.device, cache_dir=cache, progress=progress))
+        outcome = verify.execute(request, progress)
     finally:
         progress.finish()
-    files = render_outputs(
-        result, report=report, attestation=attestation,
-        summary=Path(args.summary) if args.summary else policy.outputs.summary,
-        fingerprint=Path(args.fingerprint_out) if args.fingerprint_out else policy.outputs.fingerprint)
-    files[predicate] = canonical_json(json.loads(files[attestation])["predicate"])
-    for path, data in files.items():
-        write_bytes(path, data)
+    if outcome.result is None:
+        for line in verify.describe_policy(outcome):
+            out.write(line + "\n")
+        github.write_outputs(outputs_for(outcome), environ)
+        out.flush()
+        return 0
+    result = outcome.result
     console.render(result, Console(file=out, force_terminal=False, width=120, soft_wrap=True, highlight=False))
-    for line in annotations_for(result, policy.path, environ):
+    for line in annotations_for(result, outcome.policy.path, environ):
         out.write(line + "\n")
     if inputs.summary:
         github.append_step_summary(markdown.render(result), environ)
-    github.write_outputs(outputs_for(result, report, attestation, predicate), environ)
+    github.write_outputs(outputs_for(outcome), environ)
     out.flush()
     return result.exit_code
 
@@ -306,11 +322,12 @@ def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None, out:
         return execute(inputs, env, stream)
     except Exception as exc:  # noqa: BLE001 - the Action's boundary: every failure must reach the run page
         known = isinstance(exc, TgVerifyError)
-        code = exc.exit_code if known else EXIT_INTERNAL  # type: ignore[union-attr]
+        code = exc.exit_code if isinstance(exc, TgVerifyError) else EXIT_INTERNAL
         message = str(exc) if known else (f"internal error: {type(exc).__name__}: {exc} "
                                           "(re-run with debug logging for a traceback)")
         title = "tg-verify: bad input" if code == EXIT_BAD_INPUT else "tg-verify: internal error"
-        file = _error_file(message, inputs.policy if inputs else None, env) if code == EXIT_BAD_INPUT else None
+        file = _error_file(exc, inputs.policy if inputs else None, env) \
+            if isinstance(exc, TgVerifyError) and code == EXIT_BAD_INPUT else None
         stream.write(github.annotation("error", message, file=file, title=title) + "\n")
         stream.flush()
         github.write_outputs({"verdict": "", "error": message.splitlines()[0][:1000]}, env)

@@ -15,26 +15,27 @@ from typing import Any
 
 from tg_verify.artifact import resolve
 from tg_verify.atomic import write_bytes
-from tg_verify.commands import add_threads_option
+from tg_verify.commands import add_executor_options, add_threads_option
 from tg_verify.errors import EXIT_OK, UsageError
 from tg_verify.fingerprint.document import load
-from tg_verify.fingerprint.settings import DEVICE_CHOICES, STRATEGY_CHOICES, FingerprintSettings
+from tg_verify.fingerprint.settings import DEVICE_CHOICES, STRATEGY_CHOICES, FingerprintSettings, assemble_settings
 from tg_verify.progress import progress_sink, wants_progress
 
 VERB = "fingerprint"
 ORDER = 20
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `fingerprint` parser."""
     parser = subparsers.add_parser(
         VERB, help="fingerprint a model artifact (TensorGuard features, file digests, lineage sketch)",
-        description=("Compute the TensorGuard fingerprint of MODEL (a .safetensors file, a shard index or a model "
-                     "directory) in one streamed pass over its weights, hash its files, and write a versioned, "
+        description=("Compute the TensorGuard fingerprint of MODEL (a .safetensors or .gguf file, a shard index or "
+                     "a model directory) in one streamed pass over its weights, hash its files, and write a versioned, "
                      "deterministic JSON document. The method and every choice the paper leaves open are in "
                      "docs/method.md."),
         epilog="Exit codes: 0 written; 2 bad input (unreadable model, NaN weights, bad flags); 3 internal error.")
-    parser.add_argument("model", metavar="MODEL", nargs="?", help="model directory, .safetensors file or index")
+    parser.add_argument("model", metavar="MODEL", nargs="?",
+                        help="model directory, .safetensors or .gguf file, or index")
     parser.add_argument("-o", "--output", metavar="FILE.json", help="where to write the fingerprint")
     parser.add_argument("--name", help="model_name recorded in the document (default: the artifact's name)")
     parser.add_argument("--settings-from", metavar="FINGERPRINT.json",
@@ -62,20 +63,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapters.add_argument("--out-dir", metavar="OUT", help="where --batch writes <model>-<hash>.json files")
     adapters.add_argument("--force", action="store_true",
                           help="with --batch: recompute even up-to-date fingerprints")
+    add_executor_options(adapters, "--batch's models")
     parser.set_defaults(handler=run)
 
 
 def settings_from_args(args: argparse.Namespace) -> FingerprintSettings:
     """FingerprintSettings from the flags, on top of --settings-from when given."""
-    base: dict[str, Any] = {}
+    recorded: list[dict[str, Any]] = []
     if getattr(args, "settings_from", None):
         reference = load(args.settings_from)
         if reference.legacy:
             raise UsageError(f"{args.settings_from}: a legacy fingerprint records no settings to reuse")
-        base = {k: v for k, v in reference.settings.items() if k != "device"}
-    overrides = {key: getattr(args, key) for key in ("seed", "repeats", "strategy", "device", "sketch")
-                 if getattr(args, key, None) is not None}
-    return FingerprintSettings.from_dict(base, **overrides)
+        recorded.append(reference.settings)
+    return assemble_settings(recorded=recorded, **{key: getattr(args, key, None)
+                                                   for key in ("seed", "repeats", "strategy", "device", "sketch")})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,11 +85,14 @@ def run(args: argparse.Namespace) -> int:
         return _run_batch(args)
     if getattr(args, "out_dir", None) or getattr(args, "force", False):
         raise UsageError("fingerprint: --out-dir and --force go with --batch DIR [DIR ...]")
+    if getattr(args, "executor", "local") != "local" or getattr(args, "ray_address", None):
+        raise UsageError("fingerprint: --executor and --ray-address go with --batch DIR [DIR ...]")
     return _run_single(args)
 
 
 def _run_batch(args: argparse.Namespace) -> int:
     from tg_verify.batch import BatchOutcome, run_batch
+    from tg_verify.scale.executor import make_executor
 
     if args.model or args.output or args.name:
         raise UsageError("fingerprint: --batch takes model directories itself; drop MODEL, -o and --name")
@@ -100,14 +104,19 @@ def _run_batch(args: argparse.Namespace) -> int:
         if outcome.status == "failed":
             print(f"tg-verify: FAILED {outcome.source}: {outcome.message}", file=sys.stderr)
             return
+        retried = f", {outcome.attempts} attempts" if outcome.attempts > 1 else ""
         print(f"{outcome.status:8} {outcome.source} -> {outcome.output} ({outcome.message}, "
-              f"{outcome.seconds:.1f}s)")
+              f"{outcome.seconds:.1f}s{retried})")
         for warning in outcome.warnings:
             print(f"tg-verify: warning: {outcome.source}: {warning}", file=sys.stderr)
 
-    with progress_sink(wants_progress(args.progress)) as sink:
-        result = run_batch(args.batch, args.out_dir, settings, base=args.base, force=args.force, progress=sink,
-                           threads=args.threads, on_outcome=report)
+    executor = make_executor(args.executor, args.ray_address)
+    try:
+        with progress_sink(wants_progress(args.progress)) as sink:
+            result = run_batch(args.batch, args.out_dir, settings, base=args.base, force=args.force, progress=sink,
+                               threads=args.threads, on_outcome=report, executor=executor)
+    finally:
+        executor.close()
     failed = [o for o in result.outcomes if o.status == "failed"]
     print(f"{len(result.outcomes)} models: {result.count('computed')} computed, {result.count('skipped')} "
           f"up to date, {len(failed)} failed")
@@ -120,7 +129,7 @@ def _run_single(args: argparse.Namespace) -> int:
     from tg_verify.batch import fingerprint_model
 
     if not args.model:
-        raise UsageError("fingerprint: give MODEL (a model directory, .safetensors file or index)")
+        raise UsageError("fingerprint: give MODEL (a model directory, .safetensors or .gguf file, or index)")
     if not args.output:
         raise UsageError("fingerprint: give -o FILE.json, where to write the fingerprint")
     settings = settings_from_args(args)

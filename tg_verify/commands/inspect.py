@@ -31,12 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `inspect` parser."""
     parser = subparsers.add_parser(
         VERB, help="show and validate a model artifact's layout, files and tensors (header-only)",
-        description=("Resolve PATH (a .safetensors file, a shard index, or a model directory: single file, "
+        description=("Resolve PATH (a .safetensors or .gguf file, a shard index, or a model directory: single file, "
                      "indexed shards, <prefix>-0000i-of-0000N shards, or a PEFT adapter), validate every "
-                     "safetensors header as untrusted input, and report layout, files, tensor and parameter "
-                     "counts, dtypes, model_type and tensors per category. Reads no tensor data unless --hash."),
+                     "safetensors header or GGUF file as untrusted input, and report layout, files, tensor and "
+                     "parameter counts, dtypes, model_type and tensors per category. Reads no tensor data unless "
+                     "--hash."),
         epilog="Exit codes: 0 valid; 2 bad input (invalid or unreadable artifact); 3 internal error.")
-    parser.add_argument("path", metavar="PATH", help="model directory, .safetensors file or *.safetensors.index.json")
+    parser.add_argument("path", metavar="PATH",
+                        help="model directory, .safetensors or .gguf file, or *.safetensors.index.json")
     parser.add_argument("--json", action="store_true", help="print the canonical JSON document on stdout")
     parser.add_argument("--hash", action="store_true", help="also compute the sha256 of every file and the root digest")
     parser.add_argument("--tensors", action="store_true", help="list every tensor in the human-readable output")
@@ -112,7 +114,7 @@ def _render(doc: dict[str, Any], list_tensors: bool) -> None:
 
     console = Console(highlight=False, soft_wrap=True)
     art = doc["artifact"]
-    console.print(f"[bold]{text(art['name'])}[/]  layout [bold]{art['layout']}[/]  "
+    console.print(f"[bold]{text(art['name'])}[/]  layout [bold]{art['layout']}[/]  format [bold]{art['format']}[/]  "
                   f"model_type [bold]{text(art['model_type'] or '-')}[/]  ({text(art['path'])})")
     files = Table(title="files", title_justify="left", show_edge=False)
     for column in ("path", "role", "size", "tensors"):
@@ -135,6 +137,9 @@ def _render(doc: dict[str, Any], list_tensors: bool) -> None:
     for name, value in doc["categories"].items():
         cats.add_row(name, f"{value['tensors']:,}", f"{value['params']:,}")
     console.print(cats)
+    if doc.get("unexpected_tensors"):
+        console.print(f"not loaded by the runtime, never fingerprinted ({len(doc['unexpected_tensors'])}): "
+                      + ", ".join(text(u["name"]) for u in doc["unexpected_tensors"][:5]))
     if doc["adapter"]:
         console.print("adapter " + ", ".join(f"{k}={text(v)}" for k, v in doc["adapter"].items()))
     if list_tensors:

@@ -13,7 +13,6 @@ from typing import Any
 
 from rich.markup import escape
 
-from tg_verify import __version__
 from tg_verify.analysis.clustering import STRATEGIES, ClusteringStudy, StudySettings, clustering_study
 from tg_verify.analysis.perturbation import PerturbationStudy, perturbation_study
 from tg_verify.analysis.references import build_references, load_fingerprints, read_labels
@@ -23,6 +22,7 @@ from tg_verify.errors import EXIT_OK, UsageError
 from tg_verify.fingerprint.settings import DEVICE_CHOICES, FingerprintSettings
 from tg_verify.progress import progress_sink, wants_progress
 from tg_verify.report import plots
+from tg_verify.versions import tool_record
 
 VERB = "study"
 ORDER = 60
@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "||x W^T|| over the repeats, under each of the five noise strategies and the per-tensor random "
                      "draw, z-scored within the model; as a table and (with --out) a PNG like Fig. 5."),
         epilog="Exit codes: 0 done; 2 bad input (unreadable model); 3 internal error.")
-    perturbation.add_argument("model", metavar="MODEL", help="model directory, .safetensors file or index")
+    perturbation.add_argument("model", metavar="MODEL", help="model directory, .safetensors or .gguf file, or index")
     perturbation.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
     perturbation.add_argument("--repeats", type=int, default=30, help="repeats averaged per layer (default 30)")
     perturbation.add_argument("--max-blocks", type=int, default=None, metavar="N",
@@ -122,7 +122,7 @@ def run_clustering(args: argparse.Namespace) -> int:
     settings = StudySettings(space=args.space, pca_components=args.pca_components, dbscan_eps=args.dbscan_eps)
     study = clustering_study(references, settings, STRATEGIES)
     study.caveats.extend(caveats)
-    document = {"schema": REPORT_SCHEMA, "study": "clustering", "tool": {"name": "tg-verify", "version": __version__},
+    document = {"schema": REPORT_SCHEMA, "study": "clustering", "tool": tool_record(),
                 "result": study.to_dict()}
     return _finish(document, args, "clustering-study", lambda console: render_clustering(console, study),
                    lambda out: plots.write_clustering_plots(study, out))
@@ -170,7 +170,7 @@ def run_perturbation(args: argparse.Namespace) -> int:
     with progress_sink(wants_progress(args.progress)) as sink:
         study = perturbation_study(args.model, settings, sink, args.max_blocks)
     document = {"schema": REPORT_SCHEMA, "study": "perturbation",
-                "tool": {"name": "tg-verify", "version": __version__}, "result": study.to_dict()}
+                "tool": tool_record(), "result": study.to_dict()}
     return _finish(document, args, "perturbation-study", lambda console: render_perturbation(console, study),
                    lambda out: [plots.write_sensitivity_plot(study, out / "perturbation-sensitivity.png")])
 

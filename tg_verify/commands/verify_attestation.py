@@ -1,8 +1,11 @@
 """`tg-verify verify-attestation ATTESTATION MODEL [--policy POLICY.yml] [--json]`: the consumer's offline check.
 
-Exit 0 only when every file digest, the root digest, the policy digest (when given) and the
-re-derived verdict match and the attestation says PASSED; 1 when it says FAILED or its evidence
-contradicts its verdict; 2 when it is malformed or the model/policy were changed.
+Exit 0 only when every file digest, the root digest, the policy digest (when given) and the verdict
+decided again from the recorded rules and evidence match, the features were recomputed from the
+attested files, and the attestation says PASSED; 1 when it says FAILED, its evidence contradicts its
+verdict, or its features came from a fingerprint file; 2 when it is malformed, or the model (an
+unattested weight file next to it included) or the policy differ from what was attested.
+Light: imports neither torch nor scikit-learn.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ import argparse
 import sys
 
 from tg_verify.atomic import canonical_json
+from tg_verify.attestation.check import AttestationReport, verify_attestation
+from tg_verify.attestation.envelope import load_attestation
 from tg_verify.progress import progress_sink, wants_progress
-from tg_verify.report.attestation import load_attestation
-from tg_verify.report.attestation_check import AttestationReport, verify_attestation
 
 VERB = "verify-attestation"
 ORDER = 20
@@ -22,20 +25,28 @@ SIGNATURE_NOTE = ("signatures are not verified by tg-verify; verify them first w
                   "`gh attestation verify FILE --predicate-type URI` or `cosign verify-blob-attestation`")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+POLICY_NOT_CHECKED = ("the policy was NOT checked: pass --policy POLICY.yml to check that the attested policy is "
+                      "the one you trust")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
         VERB, help="check a tg-verify attestation against a model directory (offline)",
         description=("Recompute the model's file digests and root digest, compare them with the attestation's "
-                     "subjects, check the policy digest (with --policy), and re-derive the verdict from the "
-                     "recorded evidence. Accepts a bare in-toto Statement, a DSSE envelope, a Sigstore bundle "
+                     "subjects, name weight files the attestation does not cover, check the policy digest (with "
+                     "--policy), and decide the verdict again from the recorded rules and evidence. Accepts a bare "
+                     "in-toto Statement, a DSSE envelope, a Sigstore bundle "
                      "or JSON Lines of bundles (as `gh attestation download` writes). " + SIGNATURE_NOTE + "."),
-        epilog="Exit codes: 0 all checks hold and PASSED; 1 FAILED or contradicting evidence; "
-               "2 malformed attestation, or model/policy differ from what was attested.")
+        epilog="Exit codes: 0 all checks hold and PASSED; 1 FAILED, contradicting evidence, or features not "
+               "recomputed from the files; 2 malformed attestation, or model/policy differ from what was attested.")
     parser.add_argument("attestation", metavar="ATTESTATION", help="Statement, DSSE envelope or Sigstore bundle")
-    parser.add_argument("model", metavar="MODEL", help="the model directory (or single .safetensors file)")
+    parser.add_argument("model", metavar="MODEL", help="the model directory (or single .safetensors or .gguf file)")
     parser.add_argument("--policy", metavar="POLICY.yml", help="also check that this policy is the attested one")
     parser.add_argument("--base", metavar="DIR",
                         help="for an adapter: also check the base model it was merged onto against the attestation")
+    parser.add_argument("--allow-fingerprint-evidence", action="store_true",
+                        help="accept an attestation whose features were read from a fingerprint file rather than "
+                             "recomputed from the attested files (reported, not failed)")
     parser.add_argument("--json", action="store_true", help="print the checks as JSON on stdout")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar while hashing (default: on a terminal outside CI)")
@@ -49,8 +60,11 @@ def _render(report: AttestationReport) -> str:
         lines.append(f"  {mark} {check.name}: {check.detail}")
     if report.has_base and not any(c.name.startswith("base file") for c in report.checks):
         lines.append("  note: the candidate is an adapter; pass --base DIR to check the base model it was merged onto")
+    if not report.policy_checked:
+        lines.append(f"  note: {POLICY_NOT_CHECKED}")
     verdict = "VERIFIED" if report.ok else "NOT VERIFIED"
-    lines.append(f"{verdict}: attested {report.verification_result}; exit {report.exit_code}")
+    unchecked = "" if report.policy_checked else "; the policy was NOT checked"
+    lines.append(f"{verdict}: attested {report.verification_result}; exit {report.exit_code}{unchecked}")
     lines.append(f"note: {SIGNATURE_NOTE}")
     return "\n".join(lines)
 
@@ -60,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     with progress_sink(wants_progress(args.progress)) as sink:
         sink.start("hashing model files", None)
         report = verify_attestation(loaded, args.model, policy=args.policy, base=args.base,
+                                    allow_fingerprint_evidence=args.allow_fingerprint_evidence,
                                     progress=sink.advance)
     if args.json:
         sys.stdout.write(canonical_json(report.to_dict()).decode("utf-8"))

@@ -1,6 +1,9 @@
 """The Fingerprint document: versioned, deterministic JSON; validated when read.
 
 Also imports the paper's published flat format (Fig. 2) as a legacy document with unknown settings.
+Documents are values: `Fingerprint` is frozen and never changed in place (build a new one with
+`dataclasses.replace`). `FileDigest` and `BaseModelRecord` are the typed form of the file digests a
+fingerprint records, shared by the pipeline, the reports and the attestation.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import math
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,64 @@ FEATURE_NAMES: tuple[str, ...] = (
 VECTOR_FEATURES: tuple[str, ...] = tuple(n for n in FEATURE_NAMES if n != "total_params")
 
 
-@dataclass
+@dataclass(frozen=True)
+class FileDigest:
+    """One file of a model: POSIX path relative to the model root, its sha256, size and role (when known)."""
+
+    path: str
+    sha256: str
+    size: int | None = None
+    role: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "role": self.role, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class BaseModelRecord:
+    """The base model an adapter was merged onto to be fingerprinted: its name, files and root digest."""
+
+    name: str
+    files: tuple[FileDigest, ...]
+    root_digest: str
+    layout: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "layout": self.layout, "root_digest": self.root_digest,
+                "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files]}
+
+    @property
+    def digests(self) -> dict[str, str]:
+        return {f.path: f.sha256 for f in self.files}
+
+    @classmethod
+    def from_record(cls, record: Any) -> BaseModelRecord | None:
+        """The typed form of a recorded `artifact.base` object (None when it is not one)."""
+        if not isinstance(record, dict):
+            return None
+        name, layout, root = record.get("name"), record.get("layout"), record.get("root_digest")
+        return cls(name=name if isinstance(name, str) else "base", files=file_digests_of(record.get("files")),
+                   root_digest=root if isinstance(root, str) and _SHA256.fullmatch(root) else "",
+                   layout=layout if isinstance(layout, str) else None)
+
+
+def file_digests_of(raw: Any) -> tuple[FileDigest, ...]:
+    """The files a record lists ({path, sha256, size?, role?} objects): those with a valid sha256, typed."""
+    if not isinstance(raw, list):
+        return ()
+    files = []
+    for entry in raw:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            continue
+        digest, size, role = entry.get("sha256"), entry.get("size"), entry.get("role")
+        if isinstance(digest, str) and _SHA256.fullmatch(digest):
+            files.append(FileDigest(path=entry["path"], sha256=digest,
+                                    size=size if isinstance(size, int) and not isinstance(size, bool) else None,
+                                    role=role if isinstance(role, str) else None))
+    return tuple(files)
+
+
+@dataclass(frozen=True)
 class Fingerprint:
     """One model's fingerprint: the paper's 16 features plus provenance and the lineage sketch."""
 
@@ -88,7 +148,21 @@ class Fingerprint:
 
     @property
     def file_digests(self) -> dict[str, str]:
-        return {f["path"]: f["sha256"] for f in self.artifact.get("files", []) if f.get("sha256")}
+        return {f.path: f.sha256 for f in self.files}
+
+    @property
+    def files(self) -> tuple[FileDigest, ...]:
+        """The model files this fingerprint records, with their sha256 (files recorded without one are left out)."""
+        return file_digests_of(self.artifact.get("files"))
+
+    @property
+    def base(self) -> BaseModelRecord | None:
+        """For a merged adapter: the base it was merged onto, as recorded (None when there is none)."""
+        return BaseModelRecord.from_record(self.artifact.get("base"))
+
+    def with_base(self, record: dict[str, Any]) -> Fingerprint:
+        """A new document that also records the base an adapter was merged onto (`artifact.base`)."""
+        return replace(self, artifact={**self.artifact, "base": record})
 
 
 def _finite_number(value: Any, where: str) -> float:
@@ -179,6 +253,15 @@ def _from_legacy(document: dict[str, Any], source: str) -> Fingerprint:
 
 def load(path: str | os.PathLike[str]) -> Fingerprint:
     """Read and validate a fingerprint file."""
+    return load_with_digest(path)[0]
+
+
+def load_with_digest(path: str | os.PathLike[str]) -> tuple[Fingerprint, str]:
+    """Read and validate a fingerprint file; also the sha256 of exactly the bytes that were parsed.
+
+    A pin (`sha256:` in a policy) is checked against this digest, so the file cannot change between
+    being hashed and being read.
+    """
     path = Path(path)
     try:
         info = path.stat()
@@ -187,7 +270,8 @@ def load(path: str | os.PathLike[str]) -> Fingerprint:
         size = info.st_size
         if size > MAX_DOCUMENT_BYTES:
             raise FingerprintFormatError(f"{path}: {size} bytes is over the {MAX_DOCUMENT_BYTES}-byte limit")
-        text = path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
+        text = data.decode("utf-8")
     except FingerprintFormatError:
         raise
     except UnicodeDecodeError:
@@ -219,4 +303,4 @@ def load(path: str | os.PathLike[str]) -> Fingerprint:
         raise
     except (ValueError, RecursionError) as exc:
         raise FingerprintFormatError(f"{path}: not valid JSON ({str(exc)[:120]})") from None
-    return from_dict(document, str(path))
+    return from_dict(document, str(path)), hashlib.sha256(data).hexdigest()

@@ -8,7 +8,6 @@ a time: the sketch's products come out of the same block-wise pass as the respon
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +18,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from tg_verify import __version__
-from tg_verify.artifact import Artifact, TensorInfo, TensorReader, categorize, file_digests, root_digest
+from tg_verify.artifact import Artifact, TensorInfo, categorize, file_digests, naming, root_digest
+from tg_verify.artifact.formats import open_reader
+from tg_verify.artifact.model import FLOAT_DTYPES
 from tg_verify.errors import UsageError, WeightValueError
 from tg_verify.fingerprint import noise
 from tg_verify.fingerprint.document import FEATURE_NAMES, Fingerprint
@@ -30,15 +30,10 @@ from tg_verify.fingerprint.settings import FingerprintSettings
 from tg_verify.fingerprint.sketch import SketchBuilder
 from tg_verify.fingerprint.workers import WorkerPool, check_threads, default_threads, helper_threads
 from tg_verify.progress import NullProgress, ProgressSink
+from tg_verify.versions import tool_record
 
-# Safetensors dtypes whose values are real numbers a gradient can be taken against. Integer
-# tensors (quantised packs, index buffers) have no Linear meaning and are not analysed.
-FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ",
-                                          "F8_E5M2FNUZ"})
 CATEGORY_FEATURES: tuple[str, ...] = ("attention", "ffn", "embedding")
 CATEGORY_SAMPLE = 3  # "up to three layers from each category" (§III-C)
-# A decoder block index in a tensor name: model.layers.7., transformer.h.7., blocks.7., ...
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
 
 
 class TensorSource(Protocol):
@@ -49,13 +44,24 @@ class TensorSource(Protocol):
     def float32(self, info: TensorInfo) -> torch.Tensor: ...
 
 
-def analysis_kind(info: TensorInfo) -> str:
+# GGUF's integer types (ggml I8..I64) are the safetensors names of FLOAT_DTYPES' complement; every other ggml type
+# (Q4_0, Q4_K, IQ2_XS ... and types newer than this code) stores real numbers in blocks, so it is analysed, and
+# refused by the reader where the installed gguf cannot dequantise it: never silently skipped.
+GGUF_INTEGER_TYPES: frozenset[str] = frozenset({"I8", "I16", "I32", "I64"})
+
+
+def real_valued(dtype: str, fmt: str = "safetensors") -> bool:
+    """Whether a stored dtype holds real numbers (floats, or GGUF's quantised float blocks)."""
+    return dtype in FLOAT_DTYPES or (fmt == "gguf" and dtype not in GGUF_INTEGER_TYPES)
+
+
+def analysis_kind(info: TensorInfo, fmt: str = "safetensors") -> str:
     """How a tensor enters the fingerprint: "gradient" (rank >= 2 real-valued) or why it does not."""
     if info.numel == 0:
         return "empty"
     if len(info.shape) < 2:
         return "one-dimensional"
-    if info.dtype not in FLOAT_DTYPES:
+    if not real_valued(info.dtype, fmt):
         return "not-float"
     return "gradient"
 
@@ -113,9 +119,9 @@ def count_layers(names: list[str]) -> tuple[int, str | None]:
     """Model depth: distinct block indices under the name prefix that has the most (the decoder stack)."""
     stacks: dict[str, set[int]] = {}
     for name in names:
-        match = _BLOCK.search(name)
-        if match:
-            stacks.setdefault(name[:match.start(1)], set()).add(int(match.group(1)))
+        block = naming.block_of(name)
+        if block is not None:
+            stacks.setdefault(block[0], set()).add(block[1])
     if not stacks:
         return 0, None
     prefix = max(sorted(stacks), key=lambda p: len(stacks[p]))
@@ -252,13 +258,13 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     device = resolve_device(settings.device)
     sink = progress or NullProgress()
     label = model_name or artifact.name
-    kinds = [analysis_kind(info) for info in artifact.tensors]
+    kinds = [analysis_kind(info, artifact.format) for info in artifact.tensors]
     tensor_bytes = sum(info.nbytes for info in artifact.tensors)
     hash_bytes = 0 if digests is not None else sum(f.size for f in artifact.files)
     sink.start(f"fingerprint {label}", total=tensor_bytes + hash_bytes)
     tracker = _Progress(sink, len(artifact.tensors))
     owned = reader is None
-    source: TensorSource = TensorReader(artifact) if reader is None else reader
+    source: TensorSource = open_reader(artifact) if reader is None else reader
     stop = threading.Event()
     hashing = digests is None
     # On CUDA one thread drives the device (whole-tensor products); a helper is then only there to hash.
@@ -276,7 +282,7 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
                             "category": categorize(info.name), "dtype": info.dtype, "analysis": kind})
             if kind == "gradient":
                 continue
-            if (kind == "one-dimensional" and info.dtype in FLOAT_DTYPES
+            if (kind == "one-dimensional" and real_valued(info.dtype, artifact.format)
                     and not bool(torch.isfinite(source.float32(info)).all())):
                 raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
                                        f"a fingerprint of it would be meaningless")
@@ -318,6 +324,8 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
         features, summary = aggregate(analysed, [info.name for info in artifact.tensors], artifact.total_params)
         summary["degenerate_tensors"] = [r["name"] for r in records if r["analysis"] == "degenerate"]
         summary["skipped_tensors"] = {k: kinds.count(k) for k in ("one-dimensional", "not-float", "empty")}
+        if artifact.unexpected:  # stored but not loaded by the runtime: listed, never fingerprinted
+            summary["unexpected_tensors"] = [info.name for info in artifact.unexpected]
         summary["strategies"] = {s: sum(1 for r in records if r.get("strategy") == s and r["analysis"] == "gradient")
                                  for s in sorted({r["strategy"] for r in records if "strategy" in r})}
         sketch = builder.finish() if builder is not None else None
@@ -334,6 +342,19 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     files = [{"path": f.path, "role": f.role, "sha256": digests[f.path], "size": f.size} for f in artifact.files]
     return Fingerprint(
         model_name=label, features=features, settings={**settings.to_dict(), "device": device.type},
-        tool={"name": "tg-verify", "version": __version__, "torch": torch.__version__.split("+")[0]},
-        artifact={"layout": artifact.layout, "files": files, "root_digest": root_digest(digests)},
-        tensors=records, sketch=sketch, extraction=summary)
+        tool={**tool_record(), "torch": torch.__version__.split("+")[0]},
+        artifact=_artifact_record(artifact, files, digests), tensors=records, sketch=sketch, extraction=summary)
+
+
+def _artifact_record(artifact: Artifact, files: list[dict[str, Any]], digests: dict[str, str]) -> dict[str, Any]:
+    """The fingerprint's `artifact`: layout, file digests; for a GGUF file also its format and the quantisation
+    types of the tensors fingerprinted (tensors per ggml type)."""
+    record: dict[str, Any] = {"layout": artifact.layout, "files": files, "root_digest": root_digest(digests)}
+    if artifact.format != "safetensors":
+        record["format"] = artifact.format
+    if artifact.format == "gguf":
+        types: dict[str, int] = {}
+        for info in artifact.tensors:
+            types[info.dtype] = types.get(info.dtype, 0) + 1
+        record["quantisation"] = dict(sorted(types.items()))
+    return record

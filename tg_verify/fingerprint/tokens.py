@@ -140,17 +140,21 @@ def tokenizer_path(root: Path) -> Path | None:
     return None
 
 
-def artifact_keys(artifact: Any, rows: int) -> TokenKeys:
+def artifact_keys(artifact: Any, rows: int, base: Any = None) -> TokenKeys:
     """The token keys of an artifact's `rows` embedding rows: from its vocabulary (GGUF metadata) or the tokenizer
-    file beside its weights when there is one, else from the ids."""
-    vocabulary = getattr(artifact, "vocabulary", None)
-    if vocabulary is not None:
-        return string_keys([[bytes(text)] for text in vocabulary], rows, f"{artifact.root}: embedded vocabulary")
-    root = Path(artifact.root)
-    path = tokenizer_path(root) if root.is_dir() else None
-    if path is None:
-        return id_keys(rows)
-    return string_keys(read_tokenizer(path), rows, str(path))
+    file beside its weights when there is one; for an adapter merged onto `base` that ships no tokenizer of its
+    own, from the base's (what a runtime loads with it); else from the ids."""
+    for source in (artifact, base):
+        if source is None:
+            continue
+        vocabulary = getattr(source, "vocabulary", None)
+        if vocabulary is not None:
+            return string_keys([[bytes(text)] for text in vocabulary], rows, f"{source.root}: embedded vocabulary")
+        root = Path(source.root)
+        path = tokenizer_path(root) if root.is_dir() else None
+        if path is not None:
+            return string_keys(read_tokenizer(path), rows, str(path))
+    return id_keys(rows)
 
 
 def tokenizer_keys(path: str | Path, rows: int) -> TokenKeys:

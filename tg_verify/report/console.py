@@ -12,6 +12,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from tg_verify.analysis.attribution import NOT_MEANINGFUL, attribution_text, scale_words
 from tg_verify.pipeline import ReferenceOutcome, VerificationResult
 from tg_verify.verdict import Finding, summarize
 
@@ -63,13 +64,13 @@ def _overview(result: VerificationResult) -> Table:
     grid.add_column(style="bold")
     grid.add_column()
     files = f"{len(cand.files)} file{'s' if len(cand.files) != 1 else ''}"
-    origin = {"model": "fingerprinted in this run", "fingerprint": "from a fingerprint file (files not re-hashed)",
-              "model+fingerprint": "fingerprint file, digests checked against the files"}.get(cand.source, cand.source)
+    origin = {"model": "fingerprinted in this run", "fingerprint": "features and digests from a fingerprint file "
+              "(files not read)", "model+fingerprint": "features from a fingerprint file, its digests checked against "
+              "the files"}.get(cand.source, cand.source)
     grid.add_row("Candidate", Text(f"{cand.name}  ({cand.layout}, {files}, root sha256 "
                                    f"{short_digest(cand.root_digest)}; {origin})"))
-    if cand.base:
-        grid.add_row("Merged onto", Text(f"{cand.base.get('name')} (root sha256 "
-                                         f"{short_digest(str(cand.base.get('root_digest', '')))})"))
+    if cand.base is not None:
+        grid.add_row("Merged onto", Text(f"{cand.base.name} (root sha256 {short_digest(cand.base.root_digest)})"))
     declared = []
     if policy.declared.base:
         declared.append(f"base {policy.declared.base}")
@@ -80,11 +81,9 @@ def _overview(result: VerificationResult) -> Table:
     grid.add_row("Declared", Text(" · ".join(declared)))
     if policy.forbidden:
         grid.add_row("Forbidden", Text(", ".join(policy.forbidden)))
-    cluster = (Text(f"OUT OF CLUSTER (> {cls.threshold:g})", style="bold yellow") if cls.out_of_cluster
-               else Text(f"in cluster (≤ {cls.threshold:g})"))
-    attribution = Text(f"family {cls.family} · nearest base {cls.base} · distance {cls.distance:.3f} · ")
-    attribution.append_text(cluster)
-    if cls.margin is not None:
+    attribution = Text(attribution_text(cls, reasons=False),
+                       style="bold yellow" if cls.out_of_cluster or not cls.attribution_meaningful else "")
+    if cls.margin is not None and cls.attribution_meaningful:
         attribution.append(f" · margin {cls.margin:.3f}")
     grid.add_row("Attribution", attribution)
     grid.add_row("Policy", Text(f"{policy.path} (sha256 {short_digest(policy.sha256)})", style="dim"))
@@ -92,20 +91,22 @@ def _overview(result: VerificationResult) -> Table:
 
 
 def _distances(result: VerificationResult) -> Table:
-    space = result.classification.space.get("space", "standardized") if result.classification.space else "?"
-    table = Table(title=f"Distances ({space} feature space) and lineage evidence", title_justify="left",
+    cls = result.classification
+    space = scale_words(cls.scale, cls.space.get("reference_count") if cls.space else None)
+    shown = "" if cls.meaningful else f"; {NOT_MEANINGFUL}"
+    table = Table(title=f"Distances ({space}{shown}) and lineage evidence", title_justify="left",
                   caption=lineage_caption(result), caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                   collapse_padding=True)
     for name, justify in (("reference", "left"), ("family", "left"), ("role", "left"),
                           ("distance", "right"), ("lineage", "left"), ("p", "right")):
         table.add_column(name, justify=justify, no_wrap=name != "family")  # type: ignore[arg-type]
     for ref in sorted(result.references, key=lambda r: (r.distance, r.spec.id)):
-        over = not ref.within_threshold
+        over = not ref.within_threshold and cls.meaningful
         role = "declared" if ref.declared else "forbidden" if ref.forbidden else ""
         table.add_row(Text(ref.spec.id, style="bold" if ref.declared else "red" if ref.forbidden else ""),
                       ref.spec.family, role,
-                      Text(f"{ref.distance:.3f} {'>' if over else '≤'} {ref.threshold:g}",
-                           style="bold red" if over and ref.declared else ""),
+                      Text(f"{ref.distance:.3f} {'>' if over else '≤'} {ref.threshold:g}" if cls.meaningful
+                           else f"{ref.distance:.3f}", style="bold red" if over and ref.declared else ""),
                       lineage_cell(ref), "" if ref.lineage is None or not math.isfinite(ref.lineage.p_value)
                       else f"{ref.lineage.p_value:.3g}")
     return table

@@ -14,7 +14,7 @@ from tg_verify.pipeline import ReferenceOutcome, VerificationResult
 from tg_verify.verdict import summarize
 
 SCHEMA = "https://tg-verify.dev/schemas/report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: candidate.files_verified means the features were recomputed (files_hashed added)
 
 
 def _path(path: Path | None) -> str | None:
@@ -59,20 +59,27 @@ def build_report(result: VerificationResult) -> dict[str, Any]:
         "rules": {"max_distance": policy.thresholds.max_distance,
                   "out_of_cluster": policy.thresholds.out_of_cluster, "on_out_of_cluster": policy.on_out_of_cluster,
                   "on_base_mismatch": policy.on_base_mismatch, "on_name_mismatch": policy.on_name_mismatch,
+                  "on_statistics_disagree": policy.on_statistics_disagree,
+                  "on_unexpected_tensors": policy.on_unexpected_tensors,
                   "lineage": {"enabled": policy.lineage.enabled, "alpha": policy.lineage.alpha,
-                              "on_unavailable": policy.lineage.on_unavailable}},
+                              "on_unavailable": policy.lineage.on_unavailable},
+                  "require_weights": result.rules.require_weights},
         "candidate": {
             "name": cand.name, "source": cand.source, "path": _path(cand.path),
             "fingerprint_path": _path(cand.fingerprint_path), "model_name": cand.fingerprint.model_name,
             "fingerprint_digest": cand.fingerprint_digest, "layout": cand.layout,
             "total_params": cand.fingerprint.features.get("total_params"),
-            "files": [dict(f) for f in cand.files], "root_digest": cand.root_digest,
-            "files_verified": cand.files_verified, "base": cand.base, "warnings": list(cand.warnings),
+            "files": [f.to_dict() for f in cand.files], "root_digest": cand.root_digest,
+            "files_hashed": cand.files_hashed, "files_verified": cand.files_verified,
+            "base": cand.base.to_dict() if cand.base is not None else None, "warnings": list(cand.warnings),
+            "unexpected_tensors": list(cand.unexpected),
         },
         "attribution": {
             "family": cls.family, "base": cls.base, "distance": cls.distance, "threshold": cls.threshold,
             "out_of_cluster": cls.out_of_cluster, "margin": cls.margin, "ratio": cls.ratio,
             "family_margin": cls.family_margin, "nearest_reference": cls.nearest_reference,
+            "scale": cls.scale, "meaningful": cls.meaningful, "attribution_meaningful": cls.attribution_meaningful,
+            "not_meaningful": list(cls.not_meaningful), "lineage_distance": cls.lineage_distance,
             "nearest_reference_distance": cls.nearest_reference_distance,
             "centroids": [{"base": c.base, "family": c.family, "distance": c.distance, "members": list(c.members)}
                           for c in cls.centroids],

@@ -6,6 +6,7 @@ and the details (checks, settings, digests) folded in <details>. Size-bounded by
 
 from __future__ import annotations
 
+from tg_verify.analysis.attribution import NOT_MEANINGFUL, attribution_text
 from tg_verify.pipeline import ReferenceOutcome, VerificationResult
 from tg_verify.verdict import summarize
 
@@ -51,12 +52,11 @@ def render(result: VerificationResult) -> str:
     lines.append(f"| Declared | {declared} |")
     if policy.forbidden:
         lines.append(f"| Forbidden | {', '.join(code(f) for f in policy.forbidden)} |")
-    cluster = f"out of cluster (> {cls.threshold:g})" if cls.out_of_cluster else f"in cluster (≤ {cls.threshold:g})"
-    lines.append(f"| Attribution | family {code(cls.family)}, nearest base {code(cls.base)}, distance "
-                 f"{cls.distance:.3f}, {cluster} |")
+    lines.append(f"| Attribution | {cell(attribution_text(cls, ', ', reasons=False))} |")
     declared_ref = result.declared_reference
     if declared_ref is not None:
-        distance = f"{declared_ref.distance:.3f} (threshold {declared_ref.threshold:g})"
+        distance = (f"{declared_ref.distance:.3f} (threshold {declared_ref.threshold:g})" if cls.meaningful
+                    else f"{declared_ref.distance:.3f} ({NOT_MEANINGFUL})")
         lines.append(f"| Distance to declared base | {distance} |")
         lines.append(f"| Lineage to declared base | {cell(_lineage(declared_ref))} |")
     lines.append(f"| Verdict | **{label}** |")
@@ -81,7 +81,7 @@ def render(result: VerificationResult) -> str:
               f"{code(', '.join(f'{k}={v}' for k, v in sorted(result.settings.items())))}", "",
               "| file | sha256 |", "|---|---|"]
     for entry in cand.files[:MAX_FILE_ROWS]:
-        lines.append(f"| {code(entry['path'])} | {code(entry['sha256'])} |")
+        lines.append(f"| {code(entry.path)} | {code(entry.sha256)} |")
     if len(cand.files) > MAX_FILE_ROWS:
         lines.append(f"| … {len(cand.files) - MAX_FILE_ROWS} more in the JSON report | |")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(result.tool.items()))

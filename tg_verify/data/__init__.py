@@ -1,1 +1,0 @@
-"""Package data: the lineage calibration (lineage_calibration.json, written by bench/calibrate.py)."""
