@@ -93,7 +93,8 @@ class Recipe:
     adaptive_steps: int = 100
     adaptive_lr: float = 1e-3
     adaptive_weights: tuple[float, ...] = (0.0, 0.1, 1.0, 10.0, 100.0)
-    any_seed_weights: tuple[float, ...] = (1.0, 10.0, 100.0)  # the penalty averaged over fresh probe seeds
+    any_seed_weights: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)  # the penalty averaged over fresh seeds
+    reinit_weight: float = 10.0  # the re-initialised embedding repaired with the fresh-seed penalty
     seeds_per_step: int = 4
     eval_context: int = 128  # evaluation only: not in the digest
     eval_windows: int = 100
@@ -105,7 +106,7 @@ class Recipe:
 
 
 _NOT_IN_DIGEST = {"eval_context", "eval_windows", "repair_steps", "long_repair_steps", "adaptive_weights",
-                  "any_seed_weights", "seeds_per_step"}
+                  "any_seed_weights", "seeds_per_step", "reinit_weight"}
 
 
 QUICK = Recipe(corpus_bytes=200_000, heldout_bytes=60_000, pretrain_steps=60, derive_steps=10, repair_steps=(20,),
@@ -253,7 +254,7 @@ class Bench:
             "100% rows re-drawn, fine-tune": (redrawn[1.0], "1.0",
                                               (*self.recipe.repair_steps, self.recipe.long_repair_steps)),
         })
-        self._adaptive(subject)
+        self._adaptive(subject, redrawn[1.0])
         shutil.rmtree(self.scratch, ignore_errors=True)
 
     def _prepare(self, arch: str) -> Subject:
@@ -424,8 +425,10 @@ class Bench:
                                     self.fine_tune(arch, source, steps, r.repair_lr, "repair", name, steps))
                 self.measure(subject, "repair", name, f"{steps} steps", steps, self._plain(made))
 
-    def _adaptive(self, subject: Subject) -> None:
-        """Fine-tunes against the sketch itself: at the public seed, then averaged over fresh seeds every step."""
+    def _adaptive(self, subject: Subject, reinitialised: T.Checkpoint) -> None:
+        """Fine-tunes against the sketch itself: at the public seed, then averaged over fresh seeds every step;
+        last, the re-initialised embedding repaired with the fresh-seed penalty (the answer to evidence that does
+        not pass through the embedding)."""
         arch, r = subject.arch, self.recipe
         tag = hashlib.sha256(f"{A.penalty_id(subject.base, subject.twin, subject.keys)}".encode()).hexdigest()[:8]
         grid = [(0, w) for w in r.adaptive_weights] + [(r.seeds_per_step, w) for w in r.any_seed_weights]
@@ -448,6 +451,16 @@ class Bench:
                 made = self.trained(f"{arch}/adaptive-{tag}-{weight:g}", adapt)
                 self.measure(subject, "adaptive", "sketch-penalty fine-tune", f"weight {weight:g}", weight,
                              self._plain(made))
+
+        def repair() -> T.Checkpoint:
+            penalty = A.SketchPenalty(subject.base, r.reinit_weight, A.library_units(subject.keys),
+                                      seeds_per_step=r.seeds_per_step, seed=A.seed_of(arch, "reinit seeds"))
+            return self.fine_tune(arch, reinitialised, r.long_repair_steps, r.repair_lr, "repair",
+                                  "100% rows re-drawn, fine-tune", r.long_repair_steps, penalty=penalty)
+        made = self.trained(f"{arch}/adaptive-{tag}-reinit-{r.seeds_per_step}seeds-{r.reinit_weight:g}-"
+                            f"{r.long_repair_steps}", repair)
+        self.measure(subject, "adaptive", "100% rows re-drawn, repair + fresh-seed penalty",
+                     f"weight {r.reinit_weight:g}, {r.long_repair_steps} steps", r.long_repair_steps, self._plain(made))
 
 
 # -- reporting -------------------------------------------------------------------------------------------
