@@ -16,8 +16,92 @@ from tg_verify.cli import build_parser
 from tg_verify.commands import action
 
 ROOT = Path(__file__).resolve().parents[1]
-ACTION = yaml.safe_load((ROOT / "action.yml").read_text())
+
+
+class StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses what the runner refuses and PyYAML lets through: a key defined twice
+    (the runner stops with "'args' is already defined" and "Fail to load action.yml"), and anchors/aliases."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is already defined (line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.events.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases are not allowed", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_strict(text: str) -> dict:
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+
+
+ACTION = load_strict((ROOT / "action.yml").read_text())
 STEP = ACTION["runs"]["steps"][0]
+
+
+def test_strict_loader_refuses_a_key_defined_twice():
+    with pytest.raises(yaml.constructor.ConstructorError, match="'args' is already defined"):
+        load_strict("inputs:\n  args:\n    description: a\n  args:\n    description: b\n")
+    with pytest.raises(yaml.composer.ComposerError, match="aliases"):
+        load_strict("a: &x 1\nb: *x\n")
+
+
+# The runner's manifest schema (actions/runner src/Runner.Worker/action_yaml.json): the properties each
+# mapping may hold, which are required, and which expression contexts a value may use.
+ROOT_KEYS = {"name", "description", "author", "inputs", "outputs", "runs", "branding"}
+OUTPUT_KEYS = {"description", "value"}
+RUN_STEP_KEYS = {"name", "id", "run", "env", "working-directory", "shell", "if", "continue-on-error"}
+STEP_ENV_CONTEXTS = {"github", "inputs", "strategy", "matrix", "steps", "job", "runner", "env"}
+OUTPUT_CONTEXTS = {"github", "strategy", "matrix", "steps", "inputs", "job", "runner", "env"}
+INPUT_DEFAULT_CONTEXTS = {"github", "strategy", "matrix", "job", "runner"}
+EXPRESSION = re.compile(r"\$\{\{\s*([A-Za-z_][A-Za-z0-9_-]*)")
+
+
+def contexts(value: str) -> set[str]:
+    return set(EXPRESSION.findall(value))
+
+
+def test_manifest_follows_the_runner_schema():
+    assert set(ACTION) <= ROOT_KEYS, set(ACTION) - ROOT_KEYS
+    assert isinstance(ACTION["name"], str) and ACTION["name"] and isinstance(ACTION["description"], str)
+    assert ACTION["branding"]["icon"] and ACTION["branding"]["color"]
+    for name, spec in ACTION["inputs"].items():
+        assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name), name
+        assert isinstance(spec, dict) and isinstance(spec.get("description"), str) and spec["description"], name
+        assert isinstance(spec.get("required", False), bool), name
+        default = spec.get("default", "")
+        assert isinstance(default, str), f"input {name}: a default must be a string, not {default!r}"
+        assert contexts(default) <= INPUT_DEFAULT_CONTEXTS, name
+    for name, spec in ACTION["outputs"].items():
+        assert set(spec) <= OUTPUT_KEYS and isinstance(spec["value"], str), name
+        assert contexts(spec["value"]) <= OUTPUT_CONTEXTS, name
+    runs = ACTION["runs"]
+    assert set(runs) == {"using", "steps"} and runs["using"] == "composite"
+    ids = set()
+    for n, step in enumerate(runs["steps"]):
+        assert isinstance(step, dict), n
+        if "uses" in step:
+            assert isinstance(step["uses"], str) and step["uses"], n
+            continue
+        assert set(step) <= RUN_STEP_KEYS, (n, set(step) - RUN_STEP_KEYS)
+        assert isinstance(step.get("run"), str) and step["run"].strip(), f"step {n}: run is required"
+        assert isinstance(step.get("shell"), str) and step["shell"], f"step {n}: composite run steps need a shell"
+        for key, value in (step.get("env") or {}).items():
+            assert isinstance(value, str), f"step {n}: env {key} must be a string"
+            assert contexts(value) <= STEP_ENV_CONTEXTS, (n, key)
+        if "id" in step:
+            assert step["id"] not in ids, f"step id {step['id']} twice"
+            ids.add(step["id"])
+    for spec in ACTION["outputs"].values():
+        for step_id in re.findall(r"steps\.([A-Za-z0-9_-]+)\.outputs", spec["value"]):
+            assert step_id in ids, f"output refers to unknown step {step_id}"
 
 
 def verify_flags() -> set[str]:
