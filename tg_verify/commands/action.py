@@ -18,9 +18,10 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from tg_verify.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, TgVerifyError, UsageError
+from tg_verify.escaping import CommandGuard, one_line, shown
 from tg_verify.report import github
 
 VERB = "action"
@@ -132,7 +133,7 @@ class GroupProgress:
     """A progress sink for the job log: one `::group::` per phase holding a progress line every
     `interval` seconds (so a long GPU phase shows it is alive) and a closing line with size and time."""
 
-    def __init__(self, out: TextIO, interval: float = 15.0) -> None:
+    def __init__(self, out: CommandGuard, interval: float = 15.0) -> None:
         self._out = out
         self._interval = interval
         self._open = False
@@ -148,7 +149,7 @@ class GroupProgress:
 
     def start(self, description: str, total: float | None) -> None:
         self._close()
-        self._write(github.group_start(description))
+        self._out.command(github.group_start(shown(description)))
         self._open, self._title, self._total, self._done, self._last_text = True, description, total, 0.0, ""
         self._started = self._printed = time.monotonic()
 
@@ -160,7 +161,7 @@ class GroupProgress:
         now = time.monotonic()
         if now - self._printed >= self._interval:
             self._printed = now
-            self._write(f"{text} ({now - self._started:.0f} s)")
+            self._write(f"{shown(text)} ({now - self._started:.0f} s)")
 
     def finish(self) -> None:
         self._close()
@@ -170,8 +171,8 @@ class GroupProgress:
             return
         elapsed = time.monotonic() - self._started
         size = f", {self._done / 1e6:.1f} MB read" if self._total else ""
-        self._write(f"{self._last_text or self._title}{size} in {elapsed:.1f} s")
-        self._write(github.group_end())
+        self._write(f"{shown(self._last_text or self._title)}{size} in {elapsed:.1f} s")
+        self._out.command(github.group_end())
         self._open = False
 
 
@@ -245,13 +246,13 @@ def annotations_for(result: Any, policy: Path, environ: Mapping[str, str]) -> li
         line = None
         if file == policy_file:
             line = _policy_line(policy, finding.subject) or _policy_line(policy, "declared:")
-        lines.append(github.annotation(level, f"{finding.code}: {finding.message}",  # type: ignore[arg-type]
+        lines.append(github.annotation(level, one_line(f"{finding.code}: {finding.message}"),  # type: ignore[arg-type]
                                        file=file, line=line,
                                        title=f"tg-verify {'FAIL' if level == 'error' else 'warning'}"))
     return lines
 
 
-def execute(inputs: ActionInputs, environ: Mapping[str, str], out: TextIO) -> int:
+def execute(inputs: ActionInputs, environ: Mapping[str, str], out: CommandGuard) -> int:
     """Verify as `tg-verify verify` would, then add the Actions glue; return the exit code."""
     from rich.console import Console
 
@@ -281,9 +282,10 @@ def execute(inputs: ActionInputs, environ: Mapping[str, str], out: TextIO) -> in
     files[predicate] = canonical_json(json.loads(files[attestation])["predicate"])
     for path, data in files.items():
         write_bytes(path, data)
-    console.render(result, Console(file=out, force_terminal=False, width=120, soft_wrap=True, highlight=False))
+    console.render(result, Console(file=cast(TextIO, out), force_terminal=False, width=120, soft_wrap=True,
+                                   highlight=False))
     for line in annotations_for(result, policy.path, environ):
-        out.write(line + "\n")
+        out.command(line)
     if inputs.summary:
         github.append_step_summary(markdown.render(result), environ)
     github.write_outputs(outputs_for(result, report, attestation, predicate), environ)
@@ -299,7 +301,17 @@ def _bad_input_summary(message: str) -> str:
 def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None, out: TextIO | None = None) -> int:
     """Entrypoint: an error becomes one ::error annotation, an `error` output and a summary note."""
     env = os.environ if environ is None else environ
-    stream = sys.stdout if out is None else out
+    raw = sys.stdout if out is None else out
+    # Every line goes through a guard, so nothing from a model file or the policy can be read as a workflow
+    # command; the annotations and groups this entrypoint means as commands go past it (CommandGuard.command).
+    stream = raw if isinstance(raw, CommandGuard) else CommandGuard(raw)
+    try:
+        return _run(args, env, stream)
+    finally:
+        stream.finish()
+
+
+def _run(args: argparse.Namespace, env: Mapping[str, str], stream: CommandGuard) -> int:
     inputs: ActionInputs | None = None
     try:
         inputs = parse_inputs(env)
@@ -311,8 +323,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None, out:
                                           "(re-run with debug logging for a traceback)")
         title = "tg-verify: bad input" if code == EXIT_BAD_INPUT else "tg-verify: internal error"
         file = _error_file(message, inputs.policy if inputs else None, env) if code == EXIT_BAD_INPUT else None
-        stream.write(github.annotation("error", message, file=file, title=title) + "\n")
-        stream.flush()
+        stream.command(github.annotation("error", one_line(message), file=file, title=title))
         github.write_outputs({"verdict": "", "error": message.splitlines()[0][:1000]}, env)
         if inputs is None or inputs.summary:
             github.append_step_summary(_bad_input_summary(message), env)

@@ -23,6 +23,7 @@ from tg_verify.commands.compare import (
     emit,
     resolve_inputs,
 )
+from tg_verify.escaping import shown
 from tg_verify.fingerprint.document import Fingerprint
 
 VERB = "classify"
@@ -100,12 +101,12 @@ def render(console: Any, result: Classification, lineage: list[dict[str, Any]]) 
     from rich.table import Table
 
     if result.out_of_cluster:
-        name, family, base = escape(result.model_name), escape(result.family), escape(result.base)
+        name, family, base = (escape(shown(v)) for v in (result.model_name, result.family, result.base))
         console.print(f"[bold]{name}[/bold]: [bold yellow]OUT OF CLUSTER[/bold yellow] — nearest family {family} "
                       f"(base {base}) at {result.distance:.3f} > threshold {result.threshold:g}: a new model, or one "
                       "modified beyond the known families")
     else:
-        name, family, base = escape(result.model_name), escape(result.family), escape(result.base)
+        name, family, base = (escape(shown(v)) for v in (result.model_name, result.family, result.base))
         console.print(f"[bold]{name}[/bold]: family [bold green]{family}[/bold green] (cluster of base {base}) at "
                       f"distance {result.distance:.3f} ≤ {result.threshold:g}")
     confidence = []
@@ -121,13 +122,13 @@ def render(console: Any, result: Classification, lineage: list[dict[str, Any]]) 
     for column, justify in (("base", "left"), ("family", "left"), ("distance", "right"), ("members", "right")):
         centroids.add_column(column, justify=justify)  # type: ignore[arg-type]
     for row in result.centroids:
-        centroids.add_row(row.base, row.family, f"{row.distance:.3f}", str(len(row.members)))
+        centroids.add_row(shown(row.base), shown(row.family), f"{row.distance:.3f}", str(len(row.members)))
     console.print(centroids)
     refs = Table(title="references", title_justify="left")
     for column, justify in (("reference", "left"), ("family", "left"), ("role", "left"), ("distance", "right")):
         refs.add_column(column, justify=justify)  # type: ignore[arg-type]
     for ref in result.references:
-        refs.add_row(ref.id, ref.family, "base" if ref.base else "derivative", f"{ref.distance:.3f}")
+        refs.add_row(shown(ref.id), shown(ref.family), "base" if ref.base else "derivative", f"{ref.distance:.3f}")
     console.print(refs)
     if lineage:
         console.print(lineage_table(lineage))

@@ -17,6 +17,7 @@ from tg_verify.artifact import resolve
 from tg_verify.atomic import write_bytes
 from tg_verify.commands import add_threads_option
 from tg_verify.errors import EXIT_OK, UsageError
+from tg_verify.escaping import one_line
 from tg_verify.fingerprint.document import load
 from tg_verify.fingerprint.settings import DEVICE_CHOICES, STRATEGY_CHOICES, FingerprintSettings
 from tg_verify.progress import progress_sink, wants_progress
@@ -98,12 +99,12 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     def report(outcome: BatchOutcome) -> None:
         if outcome.status == "failed":
-            print(f"tg-verify: FAILED {outcome.source}: {outcome.message}", file=sys.stderr)
+            print(one_line(f"tg-verify: FAILED {outcome.source}: {outcome.message}"), file=sys.stderr)
             return
-        print(f"{outcome.status:8} {outcome.source} -> {outcome.output} ({outcome.message}, "
-              f"{outcome.seconds:.1f}s)")
+        print(one_line(f"{outcome.status:8} {outcome.source} -> {outcome.output} ({outcome.message}, "
+                       f"{outcome.seconds:.1f}s)"))
         for warning in outcome.warnings:
-            print(f"tg-verify: warning: {outcome.source}: {warning}", file=sys.stderr)
+            print(one_line(f"tg-verify: warning: {outcome.source}: {warning}"), file=sys.stderr)
 
     with progress_sink(wants_progress(args.progress)) as sink:
         result = run_batch(args.batch, args.out_dir, settings, base=args.base, force=args.force, progress=sink,
@@ -112,7 +113,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     print(f"{len(result.outcomes)} models: {result.count('computed')} computed, {result.count('skipped')} "
           f"up to date, {len(failed)} failed")
     for outcome in failed:
-        print(f"tg-verify: failed: {outcome.source}: [{outcome.code}] {outcome.message}", file=sys.stderr)
+        print(one_line(f"tg-verify: failed: {outcome.source}: [{outcome.code}] {outcome.message}"), file=sys.stderr)
     return result.exit_code
 
 
@@ -133,9 +134,9 @@ def _run_single(args: argparse.Namespace) -> int:
                                    threads=args.threads)
     fingerprint = result.fingerprint
     path = write_bytes(args.output, fingerprint.to_json_bytes())
-    print(summary_line(path, fingerprint, time.perf_counter() - started))
+    print(one_line(summary_line(path, fingerprint, time.perf_counter() - started)))
     for warning in result.warnings:
-        print(f"tg-verify: warning: {warning}", file=sys.stderr)
+        print(one_line(f"tg-verify: warning: {warning}"), file=sys.stderr)
     return EXIT_OK
 
 

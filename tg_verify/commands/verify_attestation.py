@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from tg_verify.atomic import canonical_json
+from tg_verify.escaping import one_line, shown
 from tg_verify.progress import progress_sink, wants_progress
 from tg_verify.report.attestation import load_attestation
 from tg_verify.report.attestation_check import AttestationReport, verify_attestation
@@ -43,14 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _render(report: AttestationReport) -> str:
-    lines = [f"attestation {report.source} ({report.wrapper}) for {report.model}"]
+    # Names, codes and ids in the checks come from the attestation, which anyone can write: escaped, one line each.
+    lines = [f"attestation {shown(report.source)} ({report.wrapper}) for {shown(report.model)}"]
     for check in report.checks:
         mark = "ok  " if check.ok else "FAIL"
-        lines.append(f"  {mark} {check.name}: {check.detail}")
+        lines.append(f"  {mark} {one_line(check.name)}: {one_line(check.detail)}")
     if report.has_base and not any(c.name.startswith("base file") for c in report.checks):
         lines.append("  note: the candidate is an adapter; pass --base DIR to check the base model it was merged onto")
     verdict = "VERIFIED" if report.ok else "NOT VERIFIED"
-    lines.append(f"{verdict}: attested {report.verification_result}; exit {report.exit_code}")
+    lines.append(f"{verdict}: attested {shown(report.verification_result)}; exit {report.exit_code}")
     lines.append(f"note: {SIGNATURE_NOTE}")
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from tg_verify.escaping import one_line, shown
 from tg_verify.pipeline import ReferenceOutcome, VerificationResult
 from tg_verify.verdict import Finding, summarize
 
@@ -58,33 +59,33 @@ def _overview(result: VerificationResult) -> Table:
     policy, cand, cls = result.policy, result.candidate, result.classification
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
-    grid.add_column()
+    grid.add_column(overflow="fold")  # long names are folded, never cut
     files = f"{len(cand.files)} file{'s' if len(cand.files) != 1 else ''}"
     origin = {"model": "fingerprinted in this run", "fingerprint": "from a fingerprint file (files not re-hashed)",
               "model+fingerprint": "fingerprint file, digests checked against the files"}.get(cand.source, cand.source)
-    grid.add_row("Candidate", Text(f"{cand.name}  ({cand.layout}, {files}, root sha256 "
+    grid.add_row("Candidate", Text(f"{shown(cand.name)}  ({cand.layout}, {files}, root sha256 "
                                    f"{short_digest(cand.root_digest)}; {origin})"))
     if cand.base:
-        grid.add_row("Merged onto", Text(f"{cand.base.get('name')} (root sha256 "
+        grid.add_row("Merged onto", Text(f"{shown(cand.base.get('name'))} (root sha256 "
                                          f"{short_digest(str(cand.base.get('root_digest', '')))})"))
     declared = []
     if policy.declared.base:
-        declared.append(f"base {policy.declared.base}")
+        declared.append(f"base {shown(policy.declared.base)}")
     if policy.declared_family:
-        declared.append(f"family {policy.declared_family}")
+        declared.append(f"family {shown(policy.declared_family)}")
     if policy.declared.relation:
-        declared.append(f"relation {policy.declared.relation}")
+        declared.append(f"relation {shown(policy.declared.relation)}")
     grid.add_row("Declared", Text(" · ".join(declared)))
     if policy.forbidden:
-        grid.add_row("Forbidden", Text(", ".join(policy.forbidden)))
+        grid.add_row("Forbidden", Text(", ".join(shown(f) for f in policy.forbidden)))
     cluster = (Text(f"OUT OF CLUSTER (> {cls.threshold:g})", style="bold yellow") if cls.out_of_cluster
                else Text(f"in cluster (≤ {cls.threshold:g})"))
-    attribution = Text(f"family {cls.family} · nearest base {cls.base} · distance {cls.distance:.3f} · ")
+    attribution = Text(f"family {shown(cls.family)} · nearest base {shown(cls.base)} · distance {cls.distance:.3f} · ")
     attribution.append_text(cluster)
     if cls.margin is not None:
         attribution.append(f" · margin {cls.margin:.3f}")
     grid.add_row("Attribution", attribution)
-    grid.add_row("Policy", Text(f"{policy.path} (sha256 {short_digest(policy.sha256)})", style="dim"))
+    grid.add_row("Policy", Text(f"{shown(policy.path)} (sha256 {short_digest(policy.sha256)})", style="dim"))
     return grid
 
 
@@ -99,8 +100,8 @@ def _distances(result: VerificationResult) -> Table:
     for ref in sorted(result.references, key=lambda r: (r.distance, r.spec.id)):
         over = not ref.within_threshold
         role = "declared" if ref.declared else "forbidden" if ref.forbidden else ""
-        table.add_row(Text(ref.spec.id, style="bold" if ref.declared else "red" if ref.forbidden else ""),
-                      ref.spec.family, role,
+        table.add_row(Text(shown(ref.spec.id), style="bold" if ref.declared else "red" if ref.forbidden else ""),
+                      Text(shown(ref.spec.family)), role,
                       Text(f"{ref.distance:.3f} {'>' if over else '≤'} {ref.threshold:g}",
                            style="bold red" if over and ref.declared else ""),
                       lineage_cell(ref), "" if ref.lineage is None else f"{ref.lineage.p_value:.3g}")
@@ -111,10 +112,11 @@ def _findings(findings: tuple[Finding, ...]) -> Table:
     table = Table.grid(padding=(0, 1))
     table.add_column(no_wrap=True)
     table.add_column(no_wrap=True)
-    table.add_column()
+    table.add_column(overflow="fold")
     for finding in findings:
         mark, style = MARKS[finding.severity]
-        table.add_row(Text(mark, style=style), Text(finding.code, style="bold"), Text(finding.message))
+        table.add_row(Text(mark, style=style), Text(shown(finding.code), style="bold"),
+                      Text(one_line(finding.message)))
     return table
 
 
@@ -137,5 +139,6 @@ def render(result: VerificationResult, console: Console) -> None:
     if any(ref.lineage_unavailable for ref in result.references):
         for ref in result.references:
             if ref.lineage_unavailable:
-                console.print(Text(f"  lineage vs {ref.spec.id}: {ref.lineage_unavailable}", style="dim"))
+                console.print(Text(f"  lineage vs {shown(ref.spec.id)}: {one_line(ref.lineage_unavailable)}",
+                                   style="dim"))
     console.print(_verdict_line(result))
