@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,16 @@ import yaml
 from yaml.events import AliasEvent, NodeEvent
 
 from tg_verify.errors import InputError, PolicyError
+from tg_verify.escaping import shown
 
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 MAX_POLICY_BYTES = 1 << 20  # a policy is a few hundred bytes; 1 MiB leaves room for thousands of references
 MAX_DEPTH = 16
 MAX_STRING = 4096
+# Reference ids and family names (docs/policy.md, "Identifiers"): ASCII only, so look-alike letters from
+# other scripts cannot make two ids a reviewer reads as one.
+MAX_IDENTIFIER = 128
+IDENTIFIER = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+@/-]{{0,{MAX_IDENTIFIER - 1}}}")
 MAX_REFERENCES = 10_000
 MAX_INT = 2**63 - 1
 DEFAULT_MAX_DISTANCE = 7.0  # the paper's out-of-cluster distance in the standardised 15-feature space
@@ -248,6 +254,18 @@ class _Checker:
             raise self.fail(where, f"expected one of {', '.join(choices)}, got {value!r}")
         return value
 
+    def identifier(self, value: Any, where: str) -> str:
+        """A reference id or family name: ASCII letters, digits and `. _ - + @ /` only (IDENTIFIER), so two
+        names a reviewer reads as the same (a Cyrillic letter, a zero-width space) cannot be two ids."""
+        text = self.string(value, where)
+        if IDENTIFIER.fullmatch(text) is None:
+            bad = next((c for c in text if not (c.isascii() and (c.isalnum() or c in "._-+@/"))), text[0])
+            what = f"{unicodedata.name(bad, 'an unnamed character')} (U+{ord(bad):04X})"
+            raise self.fail(where, f"{shown(text)!r} is not an identifier: use ASCII letters, digits and . _ - + @ / "
+                                   f"(starting with a letter or digit, at most {MAX_IDENTIFIER} characters); "
+                                   f"found {what}")
+        return text
+
     def number(self, value: Any, where: str, *, low: float, high: float, low_open: bool = False) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(where, f"expected a number, got {_kind(value)}")
@@ -326,18 +344,18 @@ def _references(check: _Checker, raw: Any) -> tuple[ReferenceSpec, ...]:
         where = f"references[{i}]"
         doc = check.mapping(item, where, ("id", "family", "fingerprint", "model", "max_distance", "parent",
                                           "sha256"), required=("id", "family"))
-        ref_id = check.string(doc["id"], f"{where}.id")
+        ref_id = check.identifier(doc["id"], f"{where}.id")
         if ref_id in seen:
             raise check.fail(f"{where}.id", f"duplicate id {ref_id!r} (also references[{seen[ref_id]}])")
         seen[ref_id] = i
-        family = check.string(doc["family"], f"{where}.family")
+        family = check.identifier(doc["family"], f"{where}.family")
         if ("fingerprint" in doc) == ("model" in doc):
             raise check.fail(where, "needs exactly one of `fingerprint: FILE` or `model: PATH`")
         fingerprint = check.path_value(doc["fingerprint"], f"{where}.fingerprint") if "fingerprint" in doc else None
         model = check.path_value(doc["model"], f"{where}.model") if "model" in doc else None
         limit = check.number(doc["max_distance"], f"{where}.max_distance", low=0.0, high=1e6, low_open=True) \
             if "max_distance" in doc else None
-        parent = check.string(doc["parent"], f"{where}.parent") if "parent" in doc else None
+        parent = check.identifier(doc["parent"], f"{where}.parent") if "parent" in doc else None
         pin = _sha256_pin(check, doc["sha256"], f"{where}.sha256") if "sha256" in doc else None
         refs.append(ReferenceSpec(id=ref_id, family=family, index=i, fingerprint=fingerprint, model=model,
                                   max_distance=limit, parent=parent, sha256=pin))
@@ -379,8 +397,8 @@ def _check_parents(check: _Checker, refs: list[ReferenceSpec]) -> None:
 def _declared(check: _Checker, raw: Any, refs: tuple[ReferenceSpec, ...]) -> Declared:
     doc = check.mapping(raw, "declared", ("base", "family", "relation"))
     ids = {r.id: r for r in refs}
-    base = check.string(doc["base"], "declared.base") if "base" in doc else None
-    family = check.string(doc["family"], "declared.family") if "family" in doc else None
+    base = check.identifier(doc["base"], "declared.base") if "base" in doc else None
+    family = check.identifier(doc["family"], "declared.family") if "family" in doc else None
     relation = check.string(doc["relation"], "declared.relation", choices=RELATIONS) if "relation" in doc else None
     if base is None and family is None:
         raise check.fail("declared", "needs `base` (a reference id) or `family`, or both")
@@ -401,7 +419,7 @@ def _forbidden(check: _Checker, raw: Any, refs: tuple[ReferenceSpec, ...], decla
     ids = {r.id for r in refs}
     result: list[str] = []
     for i, item in enumerate(raw):
-        ref_id = check.string(item, f"forbidden[{i}]")
+        ref_id = check.identifier(item, f"forbidden[{i}]")
         if ref_id not in ids:
             raise check.fail(f"forbidden[{i}]", f"unknown reference id {ref_id!r} (known: {', '.join(sorted(ids))})")
         if ref_id == declared.base:
