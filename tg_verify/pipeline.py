@@ -22,6 +22,7 @@ from tg_verify.analysis.attribution import Classification, ClassifierSettings, c
 from tg_verify.analysis.compat import comparability
 from tg_verify.analysis.references import Reference
 from tg_verify.artifact import Artifact, file_digests, resolve, root_digest
+from tg_verify.artifact.digest import model_file_digests
 from tg_verify.atomic import canonical_json, write_bytes
 from tg_verify.errors import DigestMismatchError, IncompatibleFingerprintsError, InputError, TgVerifyError
 from tg_verify.fingerprint.document import FEATURE_VERSION, Fingerprint, load
@@ -61,11 +62,13 @@ class CandidateOutcome:
     path: Path | None
     fingerprint_path: Path | None
     layout: str
-    files: tuple[dict[str, Any], ...]  # {path, size, sha256, role}
-    root_digest: str
+    files: tuple[dict[str, Any], ...]  # {path, size, sha256, role}; role "other": hashed, not read for the verdict
+    root_digest: str  # model_signing's digest of the model path (artifact/digest.py), over `files`
     files_verified: bool  # digests computed from the files in this run (not only as recorded)
     base: dict[str, Any] | None = None  # adapters: {name, path, files, root_digest} of the base merged onto
     warnings: tuple[str, ...] = ()
+    weights_digest: str = ""  # the same construction over the artifact's own files only (the fingerprinted ones)
+    symlinks: bool = False  # some file was read through a symbolic link (a Hugging Face cache)
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class VerificationResult:
             base_files=tuple(at.SubjectFile(path=f["path"], sha256=f["sha256"], size=f.get("size"),
                                             role=f.get("role")) for f in base.get("files", ())),
             base_name=base.get("name"),
+            allow_symlinks=cand.symlinks,
             decision_rules={**({"declaredBaseRoot": self.policy.root_of(self.policy.declared.base)}
                                if self.policy.declared.base else {}),
                             "onBaseMismatch": self.policy.on_base_mismatch,
@@ -403,14 +407,16 @@ def _candidate(policy: Policy, settings: Any, recorded_fp: Fingerprint | None, o
         if not files:
             raise DigestMismatchError(f"{policy.path}: candidate.fingerprint: {spec.fingerprint} records no file "
                                       f"digests, so a verdict could not name the files it is about")
+        weights = root_digest({f["path"]: f["sha256"] for f in files})
         return CandidateOutcome(
             name=spec.name or fp.model_name, fingerprint=fp, fingerprint_digest=fp.digest(), source="fingerprint",
             path=None, fingerprint_path=spec.fingerprint, layout=str(art.get("layout", "unknown")), files=files,
-            root_digest=str(art.get("root_digest") or root_digest({f["path"]: f["sha256"] for f in files})),
-            files_verified=False, base=art.get("base")), ()
+            root_digest=weights, weights_digest=weights, files_verified=False, base=art.get("base")), ()
     with _context(f"{policy.path}: candidate.path"):
         artifact = resolve(spec.path)
         digests = file_digests(artifact)
+        # model_signing's file set of the model path: the artifact's files plus tokenizer, generation config...
+        model_digests, listed = model_file_digests(spec.path, artifact, digests)
         name = spec.name or artifact.name
         if recorded_fp is not None:
             _check_digests(recorded_fp.file_digests, digests, f"candidate.fingerprint {spec.fingerprint}")
@@ -433,11 +439,15 @@ def _candidate(policy: Policy, settings: Any, recorded_fp: Fingerprint | None, o
             source = "model"
     if recorded_fp is not None and artifact.layout == "adapter":
         _check_recorded_base(policy, artifact, recorded_fp)
+    others = tuple({"path": f.path, "size": f.size, "role": "other", "sha256": model_digests[f.path]}
+                   for f in listed if f.path not in digests)
     return CandidateOutcome(
         name=name, fingerprint=fp, fingerprint_digest=fp.digest(), source=source, path=spec.path,
-        fingerprint_path=spec.fingerprint, layout=artifact.layout, files=opened.files,
-        root_digest=root_digest(digests), files_verified=True, base=opened.base,
-        warnings=opened.warnings), opened.name_mismatches
+        fingerprint_path=spec.fingerprint, layout=artifact.layout, files=opened.files + others,
+        root_digest=root_digest(model_digests), weights_digest=root_digest(digests), files_verified=True,
+        base=opened.base, warnings=opened.warnings,
+        symlinks=any(f.symlink for f in listed) or any(artifact.path_of(p).is_symlink() for p in digests),
+    ), opened.name_mismatches
 
 
 # ------------------------------------------------------------------------------------ references

@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tg_verify.artifact.digest import GIT_PATHS
 from tg_verify.atomic import canonical_json, write_bytes
 from tg_verify.errors import AttestationError
 
@@ -38,6 +39,7 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
     ("transformers", "transformers"), ("peft", "peft"), ("scikit-learn", "sklearn"), ("numpy", "numpy"),
 )
 RESULTS = ("PASSED", "FAILED")
+OTHER_ROLE = "other"  # a file hashed for the root digest (model_signing's file set) but not read for the verdict
 SEVERITIES = ("error", "warning", "info")
 
 
@@ -134,6 +136,7 @@ class AttestationEvidence:
     # Further policy rules the verdict applied (onBaseMismatch, onNameMismatch, lineageOnUnavailable, ...),
     # recorded so a consumer can re-derive every reason code.
     decision_rules: Mapping[str, Any] = field(default_factory=dict)
+    allow_symlinks: bool = False  # some file was read through a symbolic link (recorded as it was read)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +248,11 @@ def build_predicate(evidence: AttestationEvidence, *, time_verified: _dt.datetim
         "layout": evidence.layout,
         "format": "safetensors",
         "rootDigest": {"sha256": root_digest_of(files)},
-        "serialization": {"method": "files", "hashType": "sha256", "allowSymlinks": False},
+        # the same construction over the files the fingerprint was computed from (role other than "other")
+        "weightsDigest": {"sha256": root_digest_of([f for f in files if f.role != OTHER_ROLE])},
+        # how rootDigest was made, in model_signing's terms (its predicate's `serialization`)
+        "serialization": {"method": "files", "hashType": "sha256", "allowSymlinks": bool(evidence.allow_symlinks),
+                          "ignorePaths": list(GIT_PATHS)},
         "files": [_drop_none({"name": f.path, "digest": {"sha256": f.sha256}, "role": f.role, "size": f.size})
                   for f in files],
     }
