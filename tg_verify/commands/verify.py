@@ -140,8 +140,6 @@ def check_only(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Verify, print, write outputs; the exit code is the verdict's."""
-    from rich.console import Console
-
     from tg_verify.report import console, json_report, markdown
     from tg_verify.report.github import append_step_summary
 
@@ -158,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(json_report.report_bytes(result))
         sys.stdout.flush()
     else:
-        out = Console(highlight=False)
+        out = console.make_console()
         console.render(result, out)
         for path in outputs:
             out.print(f"wrote {path}", style="dim", markup=False)

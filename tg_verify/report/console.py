@@ -3,6 +3,7 @@ lineage evidence, checks, and the verdict in one glance."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from rich import box
@@ -17,6 +18,20 @@ from tg_verify.verdict import Finding, summarize
 
 MARKS: dict[str, tuple[str, str]] = {"fail": ("✗ FAIL", "bold red"), "warn": ("! WARN", "bold yellow"),
                                      "info": ("i INFO", "cyan"), "pass": ("✓ pass", "green")}
+
+
+# Width of rendered output that is not a terminal (a CI log, a file, a pipe), unless $COLUMNS says otherwise:
+# wide enough that no table is cut or wrapped.
+LOG_WIDTH = 240
+
+
+def make_console(*, stderr: bool = False, file: Any = None) -> Console:
+    """A rich Console for command output: as rich sizes it on a terminal; elsewhere (a CI log, a pipe) at
+    $COLUMNS or LOG_WIDTH columns with lines never wrapped, so tables are not cut at 80 columns."""
+    console = Console(stderr=stderr, file=file, highlight=False)
+    if console.is_terminal or os.environ.get("COLUMNS"):
+        return console
+    return Console(stderr=stderr, file=file, highlight=False, width=LOG_WIDTH, soft_wrap=True)
 
 
 def short_digest(digest: str, length: int = 12) -> str:
@@ -131,7 +146,7 @@ def _verdict_line(result: VerificationResult) -> Text:
 def render(result: VerificationResult, console: Console) -> None:
     """Print the summary to `console`."""
     parts: list[Any] = [_overview(result)]
-    console.print(Panel(Group(*parts), title="tg-verify", title_align="left",
+    console.print(Panel(Group(*parts), title="tg-verify", title_align="left", expand=console.is_terminal,
                         border_style="green" if result.passed else "red"))
     console.print(_distances(result))
     console.print(Text("Checks", style="bold"))
