@@ -211,7 +211,8 @@ def _fmt(value: Any) -> str:
     return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else str(value))
 
 
-def outputs_for(result: Any, report: Path, attestation: Path, predicate: Path) -> dict[str, str]:
+def outputs_for(result: Any, report: Path, attestation: Path, predicate: Path,
+                environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The step outputs of a verify result (see action.yml `outputs`)."""
     from tg_verify.report.attestation import PREDICATE_TYPE
 
@@ -224,9 +225,9 @@ def outputs_for(result: Any, report: Path, attestation: Path, predicate: Path) -
         "family": _fmt(result.classification.family),
         "lineage-score": _fmt(lineage.score) if lineage is not None else "",
         "reasons": ",".join(dict.fromkeys(reasons)),
-        "report-path": str(report),
-        "attestation-path": str(attestation),
-        "predicate-path": str(predicate),
+        "report-path": github.output_path(report, environ),
+        "attestation-path": github.output_path(attestation, environ),
+        "predicate-path": github.output_path(predicate, environ),
         "predicate-type": PREDICATE_TYPE,
         "fingerprint-digest": f"sha256:{result.candidate.fingerprint_digest}",
         "root-digest": f"sha256:{result.candidate.root_digest}",
@@ -288,7 +289,7 @@ def execute(inputs: ActionInputs, environ: Mapping[str, str], out: CommandGuard)
         out.command(line)
     if inputs.summary:
         github.append_step_summary(markdown.render(result), environ)
-    github.write_outputs(outputs_for(result, report, attestation, predicate), environ)
+    github.write_outputs(outputs_for(result, report, attestation, predicate, environ), environ)
     out.flush()
     return result.exit_code
 

@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "docs/method.md."),
         epilog="Exit codes: 0 written; 2 bad input (unreadable model, NaN weights, bad flags); 3 internal error.")
     parser.add_argument("model", metavar="MODEL", nargs="?", help="model directory, .safetensors file or index")
-    parser.add_argument("-o", "--output", metavar="FILE.json", help="where to write the fingerprint")
+    parser.add_argument("-o", "--output", metavar="FILE.json",
+                        help="where to write the fingerprint ('-': standard output, the summary line then goes to "
+                             "standard error)")
     parser.add_argument("--name", help="model_name recorded in the document (default: the artifact's name)")
     parser.add_argument("--settings-from", metavar="FINGERPRINT.json",
                         help="reuse the extraction settings of an existing fingerprint (so the two compare); "
@@ -133,8 +135,13 @@ def _run_single(args: argparse.Namespace) -> int:
         result = fingerprint_model(artifact, settings, base=args.base, progress=sink, model_name=args.name,
                                    threads=args.threads)
     fingerprint = result.fingerprint
-    path = write_bytes(args.output, fingerprint.to_json_bytes())
-    print(one_line(summary_line(path, fingerprint, time.perf_counter() - started)))
+    if args.output == "-":
+        sys.stdout.buffer.write(fingerprint.to_json_bytes())
+        sys.stdout.flush()
+        print(one_line(summary_line(Path("<stdout>"), fingerprint, time.perf_counter() - started)), file=sys.stderr)
+    else:
+        path = write_bytes(args.output, fingerprint.to_json_bytes())
+        print(one_line(summary_line(path, fingerprint, time.perf_counter() - started)))
     for warning in result.warnings:
         print(one_line(f"tg-verify: warning: {warning}"), file=sys.stderr)
     return EXIT_OK
