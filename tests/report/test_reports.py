@@ -6,28 +6,13 @@ import io
 import json
 import re
 from dataclasses import replace
-from pathlib import Path
 
-import pytest
 from rich.console import Console
 
 from tg_verify import demo
 from tg_verify.atomic import canonical_json
-from tg_verify.pipeline import VerificationResult, verify
-from tg_verify.policy import load_policy
+from tg_verify.pipeline import VerificationResult
 from tg_verify.report import console, json_report, markdown
-
-
-@pytest.fixture(scope="session")
-def demo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo's models, reference fingerprints and policies, built once per session (shared by modules)."""
-    tree, _ = demo.ensure(tmp_path_factory.getbasetemp() / "tg-demo")
-    return tree
-
-
-@pytest.fixture(scope="module")
-def results(demo_tree: Path) -> dict[str, VerificationResult]:
-    return {name: verify(load_policy(demo_tree / "policies" / f"{name}.yml")) for name in ("pass", "fail")}
 
 
 def render_console(result: VerificationResult, width: int = 100) -> str:

@@ -36,13 +36,14 @@ FLAG_INPUTS: dict[str, str] = {
     "attestation": "--attestation",
     "device": "--device",
     "cache": "--cache-dir",
+    "sarif": "--sarif",
 }
 # Inputs that are not verify flags: the policy (verify's positional), extra flags, and Actions glue.
 OTHER_INPUTS = ("policy", "args", "predicate", "summary")
 # Inputs the composite wrapper consumes itself (how to run the image); never seen by this entrypoint.
 WRAPPER_INPUTS = ("runner", "image", "gpus")
 # verify flags that make no sense in a workflow step.
-REFUSED_FLAGS = ("--json", "--progress", "--no-progress")
+REFUSED_FLAGS = ("--json", "--format", "--progress", "--no-progress")
 TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off", "")
 
 
@@ -178,17 +179,7 @@ class GroupProgress:
 
 def _policy_line(policy: Path, needle: str | None) -> int | None:
     """1-based line of the first policy line mentioning `needle` (a reference id), for annotations."""
-    if not needle:
-        return None
-    try:
-        lines = policy.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    for number, line in enumerate(lines, start=1):
-        text = line.split("#", 1)[0]
-        if needle in text.replace('"', " ").replace("'", " ").split() or text.strip().endswith(f" {needle}"):
-            return number
-    return None
+    return github.policy_line(policy, needle)
 
 
 def _error_file(message: str, policy: Path | None, environ: Mapping[str, str]) -> str | None:
@@ -212,7 +203,7 @@ def _fmt(value: Any) -> str:
 
 
 def outputs_for(result: Any, report: Path, attestation: Path, predicate: Path,
-                environ: Mapping[str, str] | None = None) -> dict[str, str]:
+                environ: Mapping[str, str] | None = None, sarif: Path | None = None) -> dict[str, str]:
     """The step outputs of a verify result (see action.yml `outputs`)."""
     from tg_verify.report.attestation import PREDICATE_TYPE
 
@@ -228,6 +219,7 @@ def outputs_for(result: Any, report: Path, attestation: Path, predicate: Path,
         "report-path": github.output_path(report, environ),
         "attestation-path": github.output_path(attestation, environ),
         "predicate-path": github.output_path(predicate, environ),
+        "sarif-path": github.output_path(sarif, environ) if sarif is not None else "",
         "predicate-type": PREDICATE_TYPE,
         "fingerprint-digest": f"sha256:{result.candidate.fingerprint_digest}",
         "root-digest": f"sha256:{result.candidate.root_digest}",
@@ -270,6 +262,7 @@ def execute(inputs: ActionInputs, environ: Mapping[str, str], out: CommandGuard)
     attestation = Path(args.attestation) if args.attestation else policy.outputs.attestation or \
         default / "attestation.json"
     predicate = inputs.predicate or default / "predicate.json"
+    sarif = Path(args.sarif) if args.sarif else default / "tg-verify.sarif"
     cache = None if args.no_cache else (Path(args.cache_dir) if args.cache_dir else default_cache_dir())
     progress = GroupProgress(out)
     try:
@@ -279,7 +272,7 @@ def execute(inputs: ActionInputs, environ: Mapping[str, str], out: CommandGuard)
     files = render_outputs(
         result, report=report, attestation=attestation,
         summary=Path(args.summary) if args.summary else policy.outputs.summary,
-        fingerprint=Path(args.fingerprint_out) if args.fingerprint_out else policy.outputs.fingerprint)
+        fingerprint=Path(args.fingerprint_out) if args.fingerprint_out else policy.outputs.fingerprint, sarif=sarif)
     files[predicate] = canonical_json(json.loads(files[attestation])["predicate"])
     for path, data in files.items():
         write_bytes(path, data)
@@ -289,7 +282,7 @@ def execute(inputs: ActionInputs, environ: Mapping[str, str], out: CommandGuard)
         out.command(line)
     if inputs.summary:
         github.append_step_summary(markdown.render(result), environ)
-    github.write_outputs(outputs_for(result, report, attestation, predicate, environ), environ)
+    github.write_outputs(outputs_for(result, report, attestation, predicate, environ, sarif), environ)
     out.flush()
     return result.exit_code
 

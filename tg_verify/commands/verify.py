@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tg_verify.atomic import canonical_json, write_bytes
-from tg_verify.commands import add_threads_option
+from tg_verify.commands import add_format_option, add_threads_option, chosen_format
 from tg_verify.errors import UsageError
 from tg_verify.fingerprint.settings import DEVICE_CHOICES
 from tg_verify.pipeline import VerificationResult, VerifyOptions, default_cache_dir, verify
@@ -33,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="Exit codes: 0 PASS, 1 FAIL, 2 bad input (no output written), 3 internal error.")
     parser.add_argument("policy", metavar="POLICY.yml", help="the policy file")
     parser.add_argument("--report", metavar="FILE", help="write the JSON report here (overrides outputs.report)")
-    parser.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of the summary")
+    add_format_option(parser, "the summary")
+    parser.add_argument("--sarif", metavar="FILE",
+                        help="write SARIF 2.1.0 here (FAIL and warning findings as alerts on the policy file, for "
+                             "GitHub code scanning)")
     parser.add_argument("--attestation", metavar="FILE",
                         help="write an in-toto attestation here (overrides outputs.attestation)")
     parser.add_argument("--summary", metavar="FILE", help="write the Markdown summary here (overrides outputs.summary)")
@@ -59,9 +62,10 @@ def _target(flag: str | None, configured: Path | None) -> Path | None:
 
 
 def render_outputs(result: VerificationResult, *, report: Path | None, attestation: Path | None,
-                   summary: Path | None, fingerprint: Path | None) -> dict[Path, bytes]:
+                   summary: Path | None, fingerprint: Path | None, sarif: Path | None = None) -> dict[Path, bytes]:
     """Every output file's bytes, built before any is written (so a failure writes nothing)."""
     from tg_verify.report import json_report, markdown
+    from tg_verify.report.sarif import sarif_bytes, verify_sarif
 
     outputs: dict[Path, bytes] = {}
     if report is not None:
@@ -74,6 +78,8 @@ def render_outputs(result: VerificationResult, *, report: Path | None, attestati
         outputs[summary] = markdown.render(result).encode("utf-8")
     if fingerprint is not None:
         outputs[fingerprint] = result.candidate.fingerprint.to_json_bytes()
+    if sarif is not None:
+        outputs[sarif] = sarif_bytes(verify_sarif(result))
     return outputs
 
 
@@ -109,7 +115,8 @@ def output_targets(args: argparse.Namespace, policy: Policy) -> dict[str, Path |
     return {"report": _target(args.report, policy.outputs.report),
             "attestation": _target(args.attestation, policy.outputs.attestation),
             "summary": _target(args.summary, policy.outputs.summary),
-            "fingerprint": _target(args.fingerprint_out, policy.outputs.fingerprint)}
+            "fingerprint": _target(args.fingerprint_out, policy.outputs.fingerprint),
+            "sarif": _target(getattr(args, "sarif", None), None)}
 
 
 def run_policy(args: argparse.Namespace) -> tuple[Policy, VerificationResult]:
@@ -152,8 +159,14 @@ def run(args: argparse.Namespace) -> int:
     for path, data in outputs.items():
         write_bytes(path, data)
     append_step_summary(markdown.render(result))
-    if args.json:
-        sys.stdout.buffer.write(json_report.report_bytes(result))
+    output_format = chosen_format(args)
+    if output_format != "text":
+        from tg_verify.report.sarif import sarif_bytes, verify_sarif
+
+        data = {"json": lambda: json_report.report_bytes(result),
+                "markdown": lambda: markdown.render(result).encode("utf-8"),
+                "sarif": lambda: sarif_bytes(verify_sarif(result))}[output_format]()
+        sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:
         out = console.make_console()

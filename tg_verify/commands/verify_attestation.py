@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from tg_verify.atomic import canonical_json
+from tg_verify.commands import add_format_option, chosen_format
 from tg_verify.escaping import one_line, shown
 from tg_verify.progress import progress_sink, wants_progress
 from tg_verify.report.attestation import load_attestation
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--policy", metavar="POLICY.yml", help="also check that this policy is the attested one")
     parser.add_argument("--base", metavar="DIR",
                         help="for an adapter: also check the base model it was merged onto against the attestation")
-    parser.add_argument("--json", action="store_true", help="print the checks as JSON on stdout")
+    add_format_option(parser, "one line per check")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar while hashing (default: on a terminal outside CI)")
     parser.set_defaults(handler=run)
@@ -58,13 +59,22 @@ def _render(report: AttestationReport) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    output_format = chosen_format(args)
     loaded = load_attestation(args.attestation)
     with progress_sink(wants_progress(args.progress)) as sink:
         sink.start("hashing model files", None)
         report = verify_attestation(loaded, args.model, policy=args.policy, base=args.base,
                                     progress=sink.advance)
-    if args.json:
+    if output_format == "json":
         sys.stdout.write(canonical_json(report.to_dict()).decode("utf-8"))
+    elif output_format == "markdown":
+        from tg_verify.report.markdown import render_attestation
+
+        sys.stdout.write(render_attestation(report))
+    elif output_format == "sarif":
+        from tg_verify.report.sarif import attestation_sarif, sarif_bytes
+
+        sys.stdout.write(sarif_bytes(attestation_sarif(report)).decode("utf-8"))
     else:
         print(_render(report))
     return report.exit_code

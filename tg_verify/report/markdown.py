@@ -8,6 +8,8 @@ Every value that comes from an input (names, ids, families, messages, paths) goe
 
 from __future__ import annotations
 
+from typing import Any
+
 from tg_verify.escaping import markdown_code, markdown_text
 from tg_verify.pipeline import ReferenceOutcome, VerificationResult
 from tg_verify.verdict import summarize
@@ -87,4 +89,20 @@ def render(result: VerificationResult) -> str:
         lines.append(f"| … {len(cand.files) - MAX_FILE_ROWS} more in the JSON report | |")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(result.tool.items()))
     lines += ["", f"{cell(versions)}; {result.timings.get('total', 0.0):.1f} s", "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def render_attestation(report: Any) -> str:
+    """`verify-attestation`'s checks as Markdown (attestation_check.AttestationReport)."""
+    verified = report.ok
+    lines = [f"## {ICONS['pass' if verified else 'fail']} tg-verify attestation: "
+             f"{'VERIFIED' if verified else 'NOT VERIFIED'} — {code(report.model)}", "",
+             f"Attestation {code(report.source)} ({cell(report.wrapper)}) records {code(report.verification_result)}; "
+             f"exit {report.exit_code}. Signatures are not verified by tg-verify.", "",
+             "| | check | detail |", "|---|---|---|"]
+    for check in report.checks[:MAX_FILE_ROWS * 2]:
+        lines.append(f"| {ICONS['pass' if check.ok else 'fail']} | {cell(check.name)} | {cell(check.detail)} |")
+    if len(report.checks) > MAX_FILE_ROWS * 2:
+        lines.append(f"| … | {len(report.checks) - MAX_FILE_ROWS * 2} more with --format json | |")
+    lines.append("")
     return "\n".join(lines)
