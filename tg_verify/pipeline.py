@@ -179,7 +179,8 @@ class VerificationResult:
                                if self.policy.declared.base else {}),
                             "onBaseMismatch": self.policy.on_base_mismatch,
                             "onNameMismatch": self.policy.on_name_mismatch,
-                            "lineageOnUnavailable": self.policy.lineage.on_unavailable})
+                            "lineageOnUnavailable": self.policy.lineage.on_unavailable,
+                            **({"waivers": [w.to_dict() for w in self.policy.waivers]} if self.policy.waivers else {})})
 
 
 # --------------------------------------------------------------------------------------- helpers

@@ -7,6 +7,7 @@ was expected. Paths in the policy are relative to the policy file. docs/policy.m
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import hashlib
 import math
 import os
@@ -22,6 +23,7 @@ from yaml.events import AliasEvent, NodeEvent
 
 from tg_verify.errors import InputError, PolicyError
 from tg_verify.escaping import shown
+from tg_verify.waivers import UNWAIVABLE, Waiver
 
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 MAX_POLICY_BYTES = 1 << 20  # a policy is a few hundred bytes; 1 MiB leaves room for thousands of references
@@ -31,6 +33,8 @@ MAX_STRING = 4096
 # other scripts cannot make two ids a reviewer reads as one.
 MAX_IDENTIFIER = 128
 IDENTIFIER = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+@/-]{{0,{MAX_IDENTIFIER - 1}}}")
+MAX_WAIVERS = 100
+WAIVER_CODE = re.compile(r"TGV_[A-Z0-9_]{1,64}")
 MAX_REFERENCES = 10_000
 MAX_INT = 2**63 - 1
 DEFAULT_MAX_DISTANCE = 7.0  # the paper's out-of-cluster distance in the standardised 15-feature space
@@ -128,6 +132,7 @@ class Policy:
     on_name_mismatch: Action = "warn"
     on_base_mismatch: Action = "warn"
     outputs: Outputs = field(default_factory=Outputs)
+    waivers: tuple[Waiver, ...] = ()  # reviewed, dated exceptions for single findings (tg_verify/waivers.py)
 
     def reference(self, ref_id: str) -> ReferenceSpec:
         """The reference with this id (the policy guarantees ids are unique and declared ones exist)."""
@@ -317,7 +322,7 @@ def _bound_document(check: _Checker, value: Any, where: str = "") -> None:
 
 
 TOP_KEYS = ("version", "candidate", "declared", "references", "forbidden", "thresholds", "lineage", "fingerprint",
-            "on_out_of_cluster", "on_name_mismatch", "on_base_mismatch", "outputs")
+            "on_out_of_cluster", "on_name_mismatch", "on_base_mismatch", "outputs", "waivers")
 ACTIONS: tuple[str, ...] = ("fail", "warn")
 
 
@@ -501,6 +506,40 @@ def _action(check: _Checker, doc: dict[str, Any], key: str, default: str) -> Act
     return check.string(doc[key], key, choices=ACTIONS) if key in doc else default  # type: ignore[return-value]
 
 
+def _waivers(check: _Checker, raw: Any, refs: tuple[ReferenceSpec, ...]) -> tuple[Waiver, ...]:
+    if not isinstance(raw, list):
+        raise check.fail("waivers", f"expected a list of waivers, got {_kind(raw)}")
+    if len(raw) > MAX_WAIVERS:
+        raise check.fail("waivers", f"more than {MAX_WAIVERS} waivers")
+    ids = {r.id for r in refs}
+    result: list[Waiver] = []
+    for i, item in enumerate(raw):
+        where = f"waivers[{i}]"
+        doc = check.mapping(item, where, ("code", "reference", "reason", "expires"),
+                            required=("code", "reason", "expires"))
+        code = check.string(doc["code"], f"{where}.code")
+        if WAIVER_CODE.fullmatch(code) is None or code in UNWAIVABLE:
+            raise check.fail(f"{where}.code", f"{shown(code)!r} is not a reason code a waiver can name (TGV_..., "
+                                              "docs/reasons.md; waiver codes themselves cannot be waived)")
+        reference = check.identifier(doc["reference"], f"{where}.reference") if "reference" in doc else None
+        if reference is not None and reference not in ids:
+            raise check.fail(f"{where}.reference", f"unknown reference id {reference!r} "
+                                                   f"(known: {', '.join(sorted(ids))})")
+        reason = check.string(doc["reason"], f"{where}.reason")
+        expires = doc["expires"]
+        if isinstance(expires, str):
+            try:
+                expires = _dt.date.fromisoformat(expires)
+            except ValueError:
+                expires = None
+        if not isinstance(expires, _dt.date) or isinstance(expires, _dt.datetime):
+            raise check.fail(f"{where}.expires", "expected a date, YYYY-MM-DD (the last day the waiver applies)")
+        if any(w.code == code and w.reference == reference for w in result):
+            raise check.fail(where, f"a second waiver for {code}" + (f" on {reference}" if reference else ""))
+        result.append(Waiver(code=code, reason=reason, expires=expires, reference=reference))
+    return tuple(result)
+
+
 def parse_policy(data: bytes, path: Path, *, candidate_override: Path | None = None) -> Policy:
     """Validate policy bytes read from `path` (used for messages and to resolve relative paths)."""
     check = _Checker(path)
@@ -522,6 +561,7 @@ def parse_policy(data: bytes, path: Path, *, candidate_override: Path | None = N
         "lineage": lambda: _lineage(check, doc["lineage"]),
         "fingerprint": lambda: _fingerprint(check, doc["fingerprint"]),
         "outputs": lambda: _outputs(check, doc["outputs"]),
+        "waivers": lambda: _waivers(check, doc["waivers"], refs),
     }
     extras = {key: make() for key, make in steps.items() if key in doc}
     return Policy(path=path, sha256=hashlib.sha256(data).hexdigest(), version=version,

@@ -6,11 +6,13 @@ FAIL when any finding has severity "fail". docs/reasons.md documents every code 
 
 from __future__ import annotations
 
+import datetime as _dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from tg_verify.policy import Policy
+from tg_verify.waivers import today_utc, waive
 
 Severity = Literal["fail", "warn", "info", "pass"]
 SEVERITY_ORDER: dict[str, int] = {"fail": 0, "warn": 1, "info": 2, "pass": 3}
@@ -45,6 +47,9 @@ REASON_CODES: dict[str, tuple[str, str]] = {
                                      "header)"),
     "TGV_COMPARISON_CAVEAT": ("info", "a caveat on how distances were computed (legacy references, degenerate "
                                       "scaling)"),
+    "TGV_WAIVER_EXPIRED": ("fail", "a policy waiver is past its expiry date: it no longer waives, and must be "
+                                   "reviewed"),
+    "TGV_WAIVER_UNUSED": ("warn", "a policy waiver matches no failure or warning of this run"),
 }
 
 
@@ -289,8 +294,9 @@ def _lineage(policy: Policy, ev: Evidence, out: _Findings) -> None:
                     f"'{family}': {_lineage_text(ref.lineage)}", ref.id)
 
 
-def decide(policy: Policy, evidence: Evidence) -> Verdict:
-    """Apply the policy's rules to the evidence. Pure: the same inputs give the same verdict."""
+def decide(policy: Policy, evidence: Evidence, today: _dt.date | None = None) -> Verdict:
+    """Apply the policy's rules to the evidence, then its waivers as of `today` (UTC; default now).
+    Pure given `today`: the same inputs give the same verdict."""
     out = _Findings()
     _declared_base(policy, evidence, out)
     _family(policy, evidence, out)
@@ -303,7 +309,8 @@ def decide(policy: Policy, evidence: Evidence) -> Verdict:
         out.add("TGV_ARTIFACT_WARNING", message)
     for message in evidence.caveats:
         out.add("TGV_COMPARISON_CAVEAT", message)
-    findings = sorted(out.items, key=lambda f: SEVERITY_ORDER[f.severity])  # stable: rule order within a severity
+    items = waive(out.items, policy.waivers, today or today_utc(), Finding) if policy.waivers else out.items
+    findings = sorted(items, key=lambda f: SEVERITY_ORDER[f.severity])  # stable: rule order within a severity
     return Verdict(passed=not any(f.severity == "fail" for f in findings), findings=tuple(findings))
 
 

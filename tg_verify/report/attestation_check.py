@@ -8,6 +8,7 @@ decisions, attribution, reason codes). Signatures are not verified here: that is
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import os
 import stat
@@ -26,6 +27,7 @@ from tg_verify.report.attestation import (
     STATEMENT_TYPE,
     LoadedStatement,
 )
+from tg_verify.waivers import WAIVER_EXPIRED, from_records
 
 # Reason codes the predicate's evidence fully determines (mirroring tg_verify.verdict.decide); any
 # other recorded code (adapter name mismatch, artifact warnings, caveats) is taken as recorded: it
@@ -401,6 +403,36 @@ def _lineage_decision(lineage: Mapping[str, Any]) -> bool | None:
     return None if lineage["derived"] is False else lineage["score"] >= lineage["threshold"]
 
 
+def _apply_waivers(predicate: Mapping[str, Any], expected: dict[str, str], recorded: Mapping[str, str]) -> list[Check]:
+    """Re-derive with the policy's waivers (decisionRules.waivers) as of timeVerified, as tg_verify.waivers does:
+    a reason recorded as a waived note needs a waiver active that day; an expired one must be recorded as
+    TGV_WAIVER_EXPIRED. `expected` is updated in place; the waivers themselves are listed for the reader."""
+    records = (predicate.get("decisionRules") or {}).get("waivers") or []
+    if not records:
+        return []
+    try:
+        waivers = from_records(records if isinstance(records, list) else [records])
+        verified = _dt.date.fromisoformat(str(predicate["timeVerified"])[:10])
+    except (ValueError, TypeError):
+        raise AttestationError("predicate.decisionRules.waivers: malformed waiver records (expected "
+                               "[{code, reference?, reason, expires: YYYY-MM-DD}])") from None
+    checks = []
+    for waiver in waivers:
+        state = "active" if waiver.active(verified) else "EXPIRED"
+        checks.append(Check(EVIDENCE, f"waiver {waiver.code}", True, f"{waiver.describe()} ({state} on "
+                                                                     f"{verified.isoformat()})"))
+        if not waiver.active(verified):
+            expected[WAIVER_EXPIRED] = "error"
+    for reason in predicate.get("reasons", []):
+        code = reason["code"]
+        if reason["severity"] != "info" or code not in DERIVABLE_CODES or expected.get(code) in (None, "info"):
+            continue
+        if any(w.matches(code, reason.get("subject")) and w.active(verified) for w in waivers) \
+                and recorded.get(code) == "info":
+            expected[code] = "info"  # waived that day: recorded as a note, as the verify run did
+    return checks
+
+
 def check_evidence(predicate: Mapping[str, Any]) -> list[Check]:
     """The recorded flags, reasons and result must follow from the recorded numbers."""
     checks: list[Check] = []
@@ -429,7 +461,8 @@ def check_evidence(predicate: Mapping[str, Any]) -> list[Check]:
         if current is None or _SEVERITY_RANK[reason["severity"]] < _SEVERITY_RANK[current]:
             recorded[reason["code"]] = reason["severity"]
     expected = derive_reasons(predicate)
-    for code in sorted(DERIVABLE_CODES):
+    checks.extend(_apply_waivers(predicate, expected, recorded))
+    for code in sorted(DERIVABLE_CODES | {WAIVER_EXPIRED}):
         want, got = expected.get(code), recorded.get(code)
         if want != got:
             checks.append(Check(EVIDENCE, f"reason {code}", False,
