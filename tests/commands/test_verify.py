@@ -187,3 +187,14 @@ def test_an_output_over_a_candidate_file_is_refused(demo_tree: Path, tmp_path: P
     assert main([str(policy), "--summary", str(model / "config.json")]) == 2
     assert "the summary output would overwrite candidate file config.json" in capsys.readouterr().err
     assert (model / "config.json").read_bytes() == before
+
+
+def test_report_only_reports_a_fail_and_exits_0(demo_tree: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    policy = demo_tree / "policies" / "fail.yml"
+    report = tmp_path / "r.json"
+    assert main([str(policy), "--report-only", "--report", str(report)]) == 0
+    out, err = capsys.readouterr()
+    assert "FAIL" in out and "verdict FAIL reported, not enforced (--report-only): exit 0" in err
+    assert json.loads(report.read_text())["verdict"] == "fail"
+    assert main([str(tmp_path / "missing.yml"), "--report-only"]) == 2  # bad input still fails

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from tg_verify.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, TgVerifyError, UsageError
+from tg_verify.errors import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_INTERNAL, EXIT_OK, TgVerifyError, UsageError
 from tg_verify.escaping import CommandGuard, one_line, shown
 from tg_verify.report import github
 
@@ -38,6 +38,8 @@ FLAG_INPUTS: dict[str, str] = {
     "cache": "--cache-dir",
     "sarif": "--sarif",
 }
+# Inputs that are verify flags without a value (true/false).
+SWITCH_INPUTS: dict[str, str] = {"report-only": "--report-only"}
 # Inputs that are not verify flags: the policy (verify's positional), extra flags, and Actions glue.
 OTHER_INPUTS = ("policy", "args", "predicate", "summary")
 # Inputs the composite wrapper consumes itself (how to run the image); never seen by this entrypoint.
@@ -107,6 +109,15 @@ def parse_inputs(environ: Mapping[str, str]) -> ActionInputs:
             raise UsageError(f"input 'args': {flag} is not available in the Action")
     if extra and not extra[0].startswith("-"):
         raise UsageError(f"input 'args' must hold flags, not {extra[0]!r}")
+    for name, flag in SWITCH_INPUTS.items():
+        value = read_input(name, environ).lower()
+        if value not in TRUE + FALSE:
+            raise UsageError(f"input '{name}' must be true or false, not {value!r}")
+        if any(flag.startswith(token.split("=", 1)[0]) and token.startswith("--") and len(token) > 2
+               for token in extra):
+            raise UsageError(f"input 'args' sets {flag}; use the input '{name}' instead")
+        if value in TRUE:
+            argv.append(flag)
     summary = read_input("summary", environ).lower() or "true"
     if summary not in TRUE + FALSE:
         raise UsageError(f"input 'summary' must be true or false, not {summary!r}")
@@ -283,6 +294,13 @@ def execute(inputs: ActionInputs, environ: Mapping[str, str], out: CommandGuard)
     if inputs.summary:
         github.append_step_summary(markdown.render(result), environ)
     github.write_outputs(outputs_for(result, report, attestation, predicate, environ, sarif), environ)
+    if args.report_only and result.exit_code == EXIT_FAIL:
+        # report-only: the FAIL is in the log, the summary, the outputs and the files, but does not fail the job
+        out.command(github.annotation("warning", "verdict FAIL reported, not enforced (input report-only: true)",
+                                      file=github.workspace_relative(policy.path, environ),
+                                      title="tg-verify report-only"))
+        out.flush()
+        return EXIT_OK
     out.flush()
     return result.exit_code
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tg_verify.atomic import canonical_json, write_bytes
 from tg_verify.commands import add_format_option, add_threads_option, chosen_format
-from tg_verify.errors import UsageError
+from tg_verify.errors import EXIT_FAIL, EXIT_OK, UsageError
+from tg_verify.escaping import shown
 from tg_verify.fingerprint.settings import DEVICE_CHOICES
 from tg_verify.pipeline import VerificationResult, VerifyOptions, default_cache_dir, verify
 from tg_verify.policy import Policy, load_policy
@@ -51,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-cache", action="store_true", help="fingerprint `model:` references on every run")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: on a terminal outside CI)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="report the verdict and write every output, but exit 0 on FAIL (a job that must not "
+                             "fail yet); bad input still exits 2")
     parser.add_argument("--check-policy", action="store_true",
                         help="only validate the policy and the fingerprint files it names (no model is read); "
                              "exit 0 when valid, 2 otherwise")
@@ -172,5 +176,13 @@ def run(args: argparse.Namespace) -> int:
         out = console.make_console()
         console.render(result, out)
         for path in outputs:
-            out.print(f"wrote {path}", style="dim", markup=False)
-    return result.exit_code
+            out.print(f"wrote {shown(str(path))}", style="dim", markup=False)
+    return report_only_exit(result.exit_code, args.report_only)
+
+
+def report_only_exit(code: int, report_only: bool) -> int:
+    """The exit code: a FAIL verdict exits 0 under --report-only (said on stderr); every other code stands."""
+    if report_only and code == EXIT_FAIL:
+        print("tg-verify: verdict FAIL reported, not enforced (--report-only): exit 0", file=sys.stderr)
+        return EXIT_OK
+    return code
