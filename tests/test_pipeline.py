@@ -60,7 +60,12 @@ def test_true_derivative_passes_and_records_the_evidence(demo_tree: Path, tmp_pa
     result = run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}")
     assert result.passed and result.exit_code == 0, result.verdict.findings
     passed = {f.code for f in result.verdict.findings if f.severity == "pass"}
-    assert {"TGV_DISTANCE_WITHIN_THRESHOLD", "TGV_FAMILY_MATCHES", "TGV_LINEAGE_ESTABLISHED"} <= passed
+    assert "TGV_LINEAGE_ESTABLISHED" in passed
+    # three tiny references: outside the real models' population and too few to scale the paper's distance
+    assert not result.classification.meaningful and result.classification.scale == "references"
+    warning = next(f for f in result.verdict.warnings if f.code == "TGV_STATISTICS_NOT_MEANINGFUL")
+    assert "fitted on 3 references" in warning.message and warning.message.endswith("rests on the lineage test")
+    assert not passed & {"TGV_DISTANCE_WITHIN_THRESHOLD", "TGV_FAMILY_MATCHES", "TGV_IN_CLUSTER"}
     artifact = resolve(demo_tree / "models" / "finetune")
     digests = file_digests(artifact)
     assert {f["path"]: f["sha256"] for f in result.candidate.files} == digests
@@ -81,19 +86,19 @@ def test_unrelated_model_claiming_the_base_fails_on_lineage(demo_tree: Path, tmp
 
 def test_wrong_declared_base_fails(demo_tree: Path, tmp_path: Path) -> None:
     result = run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {QWEN}")
-    assert {"TGV_FAMILY_MISMATCH", "TGV_LINEAGE_NOT_ESTABLISHED"} <= fails(result)
+    assert "TGV_LINEAGE_NOT_ESTABLISHED" in fails(result)
     assert "TGV_LINEAGE_CONTRADICTS_FAMILY" in fails(result)  # it derives from the llama base
 
 
 def test_wrong_declared_family_fails(demo_tree: Path, tmp_path: Path) -> None:
     result = run(tmp_path, demo_tree, model(demo_tree, "finetune"), "  family: gemma")
-    assert "TGV_FAMILY_MISMATCH" in fails(result)
+    assert fails(result) == {"TGV_LINEAGE_CONTRADICTS_FAMILY"}  # the attribution is not meaningful on 3 tiny refs
 
 
-def test_forbidden_base_is_caught_by_attribution_and_lineage(demo_tree: Path, tmp_path: Path) -> None:
+def test_forbidden_base_is_caught_by_the_lineage_test(demo_tree: Path, tmp_path: Path) -> None:
     result = run(tmp_path, demo_tree, model(demo_tree, "finetune"), "  family: llama",
                  extra=f"forbidden: [{BASE}]\n")
-    assert fails(result) == {"TGV_FORBIDDEN_MATCH", "TGV_FORBIDDEN_LINEAGE"}
+    assert fails(result) == {"TGV_FORBIDDEN_LINEAGE"}  # the attribution is not meaningful on 3 tiny refs
     clean = run(tmp_path, demo_tree, model(demo_tree, "unrelated"), "  family: llama", extra=f"forbidden: [{BASE}]\n")
     assert "TGV_FORBIDDEN_LINEAGE" not in fails(clean)
 
@@ -176,7 +181,9 @@ def test_legacy_reference_has_no_lineage_and_the_policy_decides(demo_tree: Path,
     legacy.write_text(json.dumps({**{n: fp.features[n] for n in FEATURE_NAMES}, "model_name": BASE}))
     refs = references(demo_tree, legacy={BASE: legacy})
     result = run(tmp_path, demo_tree, model(demo_tree, "finetune"), f"  base: {BASE}", refs=refs)
-    assert result.passed
+    # no sketch for the declared base and three tiny references that cannot scale a distance: nothing supports
+    # the declared lineage
+    assert fails(result) == {"TGV_STATISTICS_NOT_MEANINGFUL"}
     warned = {f.code for f in result.verdict.warnings}
     assert "TGV_LINEAGE_UNAVAILABLE" in warned
     assert result.reference(BASE).lineage is None and "legacy" in str(result.reference(BASE).lineage_unavailable)

@@ -58,7 +58,7 @@ def test_true_derivative_passes_with_every_check_recorded() -> None:
 
 
 def test_distance_above_threshold_fails() -> None:
-    verdict = decide(make_policy(), make_evidence({"base": 7.5}))
+    verdict = decide(make_policy(), make_evidence({"base": 7.5}, derived=()))
     assert not verdict.passed
     assert "TGV_DISTANCE_ABOVE_THRESHOLD" in codes(verdict, "fail")
     failure = next(f for f in verdict.failures if f.code == "TGV_DISTANCE_ABOVE_THRESHOLD")
@@ -72,9 +72,9 @@ def test_family_mismatch_fails() -> None:
 
 
 def test_out_of_cluster_follows_policy() -> None:
-    evidence = make_evidence(out_of_cluster=True)
+    evidence = make_evidence(out_of_cluster=True, derived=())
     assert "TGV_OUT_OF_CLUSTER" in codes(decide(make_policy(), evidence), "fail")
-    warned = decide(make_policy(on_out_of_cluster="warn"), evidence)
+    warned = decide(make_policy(on_out_of_cluster="warn", lineage=LineagePolicy(enabled=False)), evidence)
     assert warned.passed and "TGV_OUT_OF_CLUSTER" in codes(warned, "warn")
     assert summarize(warned.findings) == "passed with warnings: TGV_OUT_OF_CLUSTER"
 
@@ -82,7 +82,84 @@ def test_out_of_cluster_follows_policy() -> None:
 def test_nearest_base_of_the_same_family_is_a_warning_unless_policy_says_fail() -> None:
     evidence = make_evidence(attributed=("llama", "sibling"))
     assert "TGV_NEAREST_BASE_DIFFERS" in codes(decide(make_policy(), evidence), "warn")
-    assert "TGV_NEAREST_BASE_DIFFERS" in codes(decide(make_policy(on_base_mismatch="fail"), evidence), "fail")
+    strict = make_policy(on_base_mismatch="fail", on_statistics_disagree="fail")
+    assert "TGV_NEAREST_BASE_DIFFERS" in codes(decide(strict, evidence), "fail")
+    # the lineage test establishes the declared base: the statistics do not overrule it
+    assert "TGV_NEAREST_BASE_DIFFERS" in codes(decide(make_policy(on_base_mismatch="fail"), evidence), "warn")
+
+
+def test_established_lineage_outweighs_every_disagreeing_statistic() -> None:
+    """A rotated or layer-dropped genuine derivative: the statistics say another family, out of cluster, far from
+    the base; the lineage test says derived from the declared base. PASS, each statistic a warning with both figures."""
+    evidence = make_evidence({"base": 9.0}, attributed=("qwen", "other"), out_of_cluster=True)
+    verdict = decide(make_policy(), evidence)
+    assert verdict.passed, verdict.failures
+    assert {"TGV_DISTANCE_ABOVE_THRESHOLD", "TGV_FAMILY_MISMATCH", "TGV_OUT_OF_CLUSTER"} <= codes(verdict, "warn")
+    assert "TGV_LINEAGE_ESTABLISHED" in codes(verdict, "pass")
+    mismatch = next(f for f in verdict.findings if f.code == "TGV_FAMILY_MISMATCH")
+    assert "attributed family 'qwen'" in mismatch.message and "score 0.900" in mismatch.message
+    assert "on_statistics_disagree: warn" in mismatch.message
+    both = decide(make_policy(on_statistics_disagree="fail"), evidence)
+    assert {"TGV_DISTANCE_ABOVE_THRESHOLD", "TGV_FAMILY_MISMATCH", "TGV_OUT_OF_CLUSTER"} <= codes(both, "fail")
+    # without established lineage nothing outweighs them
+    refuted = decide(make_policy(), make_evidence({"base": 9.0}, attributed=("qwen", "other"), derived=()))
+    assert {"TGV_DISTANCE_ABOVE_THRESHOLD", "TGV_FAMILY_MISMATCH"} <= codes(refuted, "fail")
+    untested = decide(make_policy(), make_evidence(attributed=("qwen", "other"), no_sketch=("base",)))
+    assert "TGV_FAMILY_MISMATCH" in codes(untested, "fail")
+
+
+def test_family_only_declaration_is_supported_by_lineage_to_a_reference_of_that_family() -> None:
+    policy = make_policy(declared=Declared(family="llama"))
+    verdict = decide(policy, make_evidence(attributed=("qwen", "other"), derived=("sibling",)))
+    assert verdict.passed and "TGV_FAMILY_MISMATCH" in codes(verdict, "warn")
+    leaked = decide(make_policy(declared=Declared(family="llama"), forbidden=("leaked",)),
+                    make_evidence(attributed=("qwen", "other"), derived=("leaked",)))
+    assert "TGV_FAMILY_MISMATCH" in codes(leaked, "fail")  # derivation from a forbidden reference supports nothing
+
+
+def _not_meaningful(evidence: Evidence, reasons: tuple[str, ...] = ("the scale was fitted on 2 references",),
+                    scale: bool = False) -> Evidence:
+    return replace(evidence, attribution=replace(evidence.attribution, meaningful=scale, attribution_meaningful=False,
+                                                 not_meaningful=reasons))
+
+
+def test_statistics_that_are_not_meaningful_are_not_applied_and_the_lineage_decides() -> None:
+    far = make_evidence({"base": 19.05}, attributed=("qwen", "other"), out_of_cluster=True)
+    verdict = decide(make_policy(), _not_meaningful(far))
+    assert verdict.passed, verdict.failures
+    applied = {"TGV_DISTANCE_ABOVE_THRESHOLD", "TGV_DISTANCE_WITHIN_THRESHOLD", "TGV_FAMILY_MISMATCH",
+               "TGV_FAMILY_MATCHES", "TGV_OUT_OF_CLUSTER", "TGV_IN_CLUSTER", "TGV_NEAREST_BASE_DIFFERS"}
+    assert not applied & codes(verdict)
+    finding = next(f for f in verdict.findings if f.code == "TGV_STATISTICS_NOT_MEANINGFUL")
+    assert finding.severity == "warn" and finding.message == (
+        "the distance to the declared base, the out-of-cluster rule and the family attribution are not meaningful: "
+        "the scale was fitted on 2 references; the verdict rests on the lineage test")
+    unrelated = decide(make_policy(), _not_meaningful(make_evidence(derived=())))
+    assert "TGV_LINEAGE_NOT_ESTABLISHED" in codes(unrelated, "fail")
+
+
+def test_no_meaningful_statistics_and_no_lineage_test_is_a_failure() -> None:
+    for policy, evidence in ((make_policy(), make_evidence(no_sketch=("base",))),
+                             (make_policy(lineage=LineagePolicy(enabled=False)), make_evidence(derived=()))):
+        verdict = decide(policy, _not_meaningful(evidence))
+        assert not verdict.passed and "TGV_STATISTICS_NOT_MEANINGFUL" in codes(verdict, "fail")
+        finding = next(f for f in verdict.failures if f.code == "TGV_STATISTICS_NOT_MEANINGFUL")
+        assert finding.message.endswith("no lineage test ran: nothing supports the declared lineage")
+
+
+def test_one_family_makes_only_the_family_check_vacuous() -> None:
+    evidence = _not_meaningful(make_evidence({"base": 7.5}, derived=()), scale=True,
+                               reasons=("every reference is of family 'llama', so the attribution cannot disagree",))
+    verdict = decide(make_policy(), evidence)
+    assert "TGV_DISTANCE_ABOVE_THRESHOLD" in codes(verdict, "fail") and "TGV_IN_CLUSTER" in codes(verdict, "pass")
+    assert "TGV_STATISTICS_NOT_MEANINGFUL" in codes(verdict, "info") and "TGV_FAMILY_MATCHES" not in codes(verdict)
+
+
+def test_forbidden_attribution_is_not_claimed_without_a_meaningful_attribution() -> None:
+    policy = make_policy(forbidden=("leaked",))
+    verdict = decide(policy, _not_meaningful(make_evidence(attributed=("llama", "leaked"))))
+    assert not {"TGV_FORBIDDEN_MATCH", "TGV_NO_FORBIDDEN_MATCH"} & codes(verdict)
+    assert "TGV_NO_FORBIDDEN_LINEAGE" in codes(verdict, "pass")
 
 
 def test_lineage_not_established_names_where_lineage_points() -> None:
@@ -151,7 +228,7 @@ def test_adapter_name_mismatch_artifact_warnings_and_caveats() -> None:
 
 
 def test_failures_come_first_and_every_code_is_known() -> None:
-    verdict = decide(make_policy(forbidden=("leaked",)),
+    verdict = decide(make_policy(forbidden=("leaked",), on_statistics_disagree="fail"),
                      make_evidence({"base": 9.0}, derived=("leaked",), out_of_cluster=True))
     severities = [f.severity for f in verdict.findings]
     assert severities == sorted(severities, key=["fail", "warn", "info", "pass"].index)

@@ -180,6 +180,10 @@ class VerificationResult:
                             "onBaseMismatch": self.policy.on_base_mismatch,
                             "onNameMismatch": self.policy.on_name_mismatch,
                             "lineageOnUnavailable": self.policy.lineage.on_unavailable,
+                            "onStatisticsDisagree": self.policy.on_statistics_disagree,
+                            "distanceScale": cls.scale,
+                            "distancesMeaningful": cls.meaningful,
+                            "attributionMeaningful": cls.attribution_meaningful,
                             **({"waivers": [w.to_dict() for w in self.policy.waivers]} if self.policy.waivers else {})})
 
 
@@ -548,6 +552,7 @@ def check_policy(policy: Policy) -> list[str]:
             notes.append(f"{ref.field} ({ref.id}) has no lineage sketch: no lineage test against it")
         if anchor is not None and fp is not anchor:
             _check_compatible(policy, anchor, fp, ref.source_field)
+    notes.extend(_support_warnings(policy, refs))
     if policy.fingerprint and anchor is not None and not anchor.legacy:
         settings = settings_dict(_choose_settings(policy, [], None))
         recorded = {k: v for k, v in anchor.settings.items() if k != "device"}
@@ -557,6 +562,26 @@ def check_policy(policy: Policy) -> list[str]:
                 f"{policy.path}: fingerprint: the settings block differs from the settings recorded in "
                 f"{anchor.source}; fingerprints made with it would not compare")
     return notes
+
+
+def _support_warnings(policy: Policy, refs: dict[str, Fingerprint]) -> list[str]:
+    """--check-policy: statistics the references cannot support (as "WARNING: ..." notes)."""
+    from tg_verify.analysis.attribution import reference_support
+
+    if len(refs) < len(policy.references):
+        return ["whether the references can support the family attribution is known once every reference is "
+                "fingerprinted (model: references are fingerprinted at run time)"]
+    problems = reference_support([Reference(id=r.id, family=r.family, fingerprint=refs[r.id], base=r.parent is None,
+                                            parent=r.parent) for r in policy.references])
+    warnings = [f"WARNING: the references cannot support {p}; it will be reported as not meaningful and the verdict "
+                "will rest on the lineage test" for p in problems]
+    base = policy.declared.base
+    scale_problem = any(p.startswith("the paper's distance") for p in problems)
+    if scale_problem and base is not None and (refs[base].sketch is None or not policy.lineage.enabled):
+        warnings.append(f"WARNING: and no lineage test can run against the declared base '{base}' (it has no sketch, "
+                        "or the test is off): nothing would support the declared lineage, so every run will FAIL "
+                        "(TGV_STATISTICS_NOT_MEANINGFUL)")
+    return warnings
 
 
 def verify(policy: Policy, options: VerifyOptions | None = None) -> VerificationResult:
@@ -598,7 +623,9 @@ def verify(policy: Policy, options: VerifyOptions | None = None) -> Verification
         attribution=AttributionEvidence(family=classification.family, base=classification.base,
                                         distance=classification.distance,
                                         out_of_cluster=classification.out_of_cluster,
-                                        threshold=classification.threshold),
+                                        threshold=classification.threshold, meaningful=classification.meaningful,
+                                        attribution_meaningful=classification.attribution_meaningful,
+                                        not_meaningful=tuple(classification.not_meaningful)),
         adapter_name_mismatches=name_mismatches, artifact_warnings=candidate.warnings,
         caveats=tuple(classification.caveats))
     verdict = decide(policy, evidence)

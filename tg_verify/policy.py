@@ -131,6 +131,9 @@ class Policy:
     on_out_of_cluster: Action = "fail"
     on_name_mismatch: Action = "warn"
     on_base_mismatch: Action = "warn"
+    # What a statistical finding that would fail (distance, family, out of cluster) becomes when the lineage
+    # test establishes the declared lineage: warn (the stronger evidence decides) or fail (both must agree).
+    on_statistics_disagree: Action = "warn"
     outputs: Outputs = field(default_factory=Outputs)
     waivers: tuple[Waiver, ...] = ()  # reviewed, dated exceptions for single findings (tg_verify/waivers.py)
 
@@ -322,7 +325,8 @@ def _bound_document(check: _Checker, value: Any, where: str = "") -> None:
 
 
 TOP_KEYS = ("version", "candidate", "declared", "references", "forbidden", "thresholds", "lineage", "fingerprint",
-            "on_out_of_cluster", "on_name_mismatch", "on_base_mismatch", "outputs", "waivers")
+            "on_out_of_cluster", "on_name_mismatch", "on_base_mismatch", "on_statistics_disagree", "outputs",
+            "waivers")
 ACTIONS: tuple[str, ...] = ("fail", "warn")
 
 
@@ -568,7 +572,8 @@ def parse_policy(data: bytes, path: Path, *, candidate_override: Path | None = N
                   candidate=_candidate(check, doc["candidate"], candidate_override), declared=declared,
                   references=refs, on_out_of_cluster=_action(check, doc, "on_out_of_cluster", "fail"),
                   on_name_mismatch=_action(check, doc, "on_name_mismatch", "warn"),
-                  on_base_mismatch=_action(check, doc, "on_base_mismatch", "warn"), **extras)
+                  on_base_mismatch=_action(check, doc, "on_base_mismatch", "warn"),
+                  on_statistics_disagree=_action(check, doc, "on_statistics_disagree", "warn"), **extras)
 
 
 def load_policy(path: str | os.PathLike[str], *, candidate_override: str | os.PathLike[str] | None = None

@@ -19,12 +19,20 @@ SEVERITY_ORDER: dict[str, int] = {"fail": 0, "warn": 1, "info": 2, "pass": 3}
 
 # code -> (default severity, what it means). Severities a policy can change say so.
 REASON_CODES: dict[str, tuple[str, str]] = {
-    "TGV_DISTANCE_ABOVE_THRESHOLD": ("fail", "the distance to the declared base exceeds its threshold"),
+    "TGV_DISTANCE_ABOVE_THRESHOLD": ("fail", "the distance to the declared base exceeds its threshold (a warning when "
+                                             "the lineage test establishes the declared base; policy "
+                                             "on_statistics_disagree: warn | fail)"),
     "TGV_DISTANCE_WITHIN_THRESHOLD": ("pass", "the distance to the declared base is within its threshold"),
-    "TGV_FAMILY_MISMATCH": ("fail", "the attributed family differs from the declared family"),
+    "TGV_FAMILY_MISMATCH": ("fail", "the attributed family differs from the declared family (a warning when the "
+                                    "lineage test establishes the declared base; on_statistics_disagree)"),
     "TGV_FAMILY_MATCHES": ("pass", "the attributed family is the declared family"),
-    "TGV_OUT_OF_CLUSTER": ("fail", "the candidate is farther than the out-of-cluster threshold from every "
-                                   "cluster centre (policy on_out_of_cluster: fail | warn)"),
+    "TGV_OUT_OF_CLUSTER": ("fail", "the candidate is farther than the out-of-cluster threshold from the cluster "
+                                   "centre it is attributed to (policy on_out_of_cluster: fail | warn; a warning "
+                                   "when the lineage test establishes the declared base; on_statistics_disagree)"),
+    "TGV_STATISTICS_NOT_MEANINGFUL": ("warn", "the paper's distance, out-of-cluster rule or family attribution cannot "
+                                              "carry a decision with these references (their scale, or a single "
+                                              "family), so they are not applied; a failure when no lineage test "
+                                              "ran either, an info when only the family check is vacuous"),
     "TGV_IN_CLUSTER": ("pass", "the candidate lies within the out-of-cluster threshold of a cluster centre"),
     "TGV_NEAREST_BASE_DIFFERS": ("warn", "the nearest base is another reference of the declared family "
                                          "(policy on_base_mismatch: warn | fail)"),
@@ -94,13 +102,20 @@ class ReferenceEvidence:
 
 @dataclass(frozen=True)
 class AttributionEvidence:
-    """The family attribution (nearest converged cluster centre) and the out-of-cluster decision."""
+    """The family attribution (nearest cluster centre) and the out-of-cluster decision.
+
+    `meaningful`: the distances (to the declared base too) and the out-of-cluster rule are on a scale that
+    can carry a decision; `attribution_meaningful`: the family attribution can; `not_meaningful` says why not.
+    """
 
     family: str
     base: str
     distance: float  # to the attributed cluster centre
     out_of_cluster: bool
     threshold: float  # the out-of-cluster threshold
+    meaningful: bool = True
+    attribution_meaningful: bool = True
+    not_meaningful: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,44 +192,83 @@ def _declared_base(policy: Policy, ev: Evidence, out: _Findings) -> None:
     if base is None:
         return
     ref = ev.reference(base)
-    if ref.within_threshold:
+    att = ev.attribution
+    support = _lineage_support(policy, ev)
+    if not att.meaningful:
+        pass  # reported once by _not_meaningful
+    elif ref.within_threshold:
         out.add("TGV_DISTANCE_WITHIN_THRESHOLD",
                 f"distance {_fmt(ref.distance)} to declared base '{base}' is within the threshold "
                 f"{_fmt(ref.threshold)}", base)
     else:
+        severity, note = _outweighed(policy, support, "fail")
         out.add("TGV_DISTANCE_ABOVE_THRESHOLD",
-                f"distance {_fmt(ref.distance)} to declared base '{base}' exceeds the threshold {_fmt(ref.threshold)}",
-                base)
-    att = ev.attribution
+                f"distance {_fmt(ref.distance)} to declared base '{base}' exceeds the threshold {_fmt(ref.threshold)}"
+                f"{note}", base, severity=severity)
     root = policy.root_of(base)
-    if att.base != root and att.family == ref.family:
+    if att.attribution_meaningful and att.base != root and att.family == ref.family:
         declared = f"'{base}'" if root == base else f"'{root}' (the base of the declared '{base}')"
+        severity, note = _outweighed(policy, support, policy.on_base_mismatch)
         out.add("TGV_NEAREST_BASE_DIFFERS",
                 f"the nearest base is '{att.base}', not {declared} (both family '{ref.family}'); the "
-                f"paper's statistics rarely separate bases of one family, the lineage test does",
-                base, severity=policy.on_base_mismatch)
+                f"paper's statistics rarely separate bases of one family, the lineage test does{note}",
+                base, severity=severity)
+
+
+def _lineage_support(policy: Policy, ev: Evidence) -> tuple[str, LineageLike] | None:
+    """The lineage evidence that establishes the declared lineage: derivation from the declared base, or (family
+    only) from a non-forbidden reference of the declared family. None when there is none."""
+    if not policy.lineage.enabled:
+        return None
+
+    def established(ref: ReferenceEvidence) -> bool:
+        return ref.lineage is not None and getattr(ref.lineage, "comparable", True) and ref.lineage.derived
+
+    base = policy.declared.base
+    if base is not None:
+        ref = ev.reference(base)
+        return (f"declared base '{base}'", ref.lineage) if established(ref) and ref.lineage is not None else None
+    family = policy.declared_family
+    for ref in ev.references:
+        if ref.family == family and ref.id not in policy.forbidden and established(ref) and ref.lineage is not None:
+            return f"'{ref.id}' of the declared family", ref.lineage
+    return None
+
+
+def _outweighed(policy: Policy, support: tuple[str, LineageLike] | None, severity: str) -> tuple[str, str]:
+    """A statistical finding's severity and a note: a warning when the lineage test establishes the declared
+    lineage, unless the policy asks for both (on_statistics_disagree: fail)."""
+    if support is None or severity != "fail" or policy.on_statistics_disagree == "fail":
+        return severity, ""
+    what, result = support
+    return "warn", (f"; the lineage test establishes derivation from {what} ({_lineage_text(result)}), which "
+                    "outweighs the paper's statistics (on_statistics_disagree: warn)")
 
 
 def _family(policy: Policy, ev: Evidence, out: _Findings) -> None:
     family = policy.declared_family
     att = ev.attribution
-    if family is None:
+    if family is None or not att.attribution_meaningful:
         return
     if att.family == family:
         out.add("TGV_FAMILY_MATCHES", f"attributed family '{att.family}' (nearest base '{att.base}') is the "
                                       f"declared family")
     else:
+        severity, note = _outweighed(policy, _lineage_support(policy, ev), "fail")
         out.add("TGV_FAMILY_MISMATCH", f"attributed family '{att.family}' (nearest base '{att.base}') differs from "
-                                       f"the declared family '{family}'")
+                                       f"the declared family '{family}'{note}", severity=severity)
 
 
 def _cluster(policy: Policy, ev: Evidence, out: _Findings) -> None:
     att = ev.attribution
+    if not att.meaningful:
+        return
     if att.out_of_cluster:
+        severity, note = _outweighed(policy, _lineage_support(policy, ev), policy.on_out_of_cluster)
         out.add("TGV_OUT_OF_CLUSTER",
                 f"distance {_fmt(att.distance)} to the nearest cluster centre ('{att.family}') exceeds the "
                 f"out-of-cluster threshold {_fmt(att.threshold)}: possibly a new, heavily modified or "
-                f"quantised model", severity=policy.on_out_of_cluster)
+                f"quantised model{note}", severity=severity)
     else:
         out.add("TGV_IN_CLUSTER", f"distance {_fmt(att.distance)} to the nearest cluster centre ('{att.family}') is "
                                   f"within the out-of-cluster threshold {_fmt(att.threshold)}")
@@ -224,6 +278,8 @@ def _forbidden(policy: Policy, ev: Evidence, out: _Findings) -> None:
     if not policy.forbidden:
         return
     att = ev.attribution
+    if not att.attribution_meaningful:
+        return  # no attribution to check; _not_meaningful says so, the lineage test still runs against them
     if att.base in policy.forbidden and not att.out_of_cluster:
         ref = ev.reference(att.base)
         lineage = ref.lineage
@@ -240,6 +296,32 @@ def _forbidden(policy: Policy, ev: Evidence, out: _Findings) -> None:
     else:
         out.add("TGV_NO_FORBIDDEN_MATCH", f"the candidate is not attributed to any forbidden reference "
                                           f"({', '.join(policy.forbidden)})")
+
+
+def _not_meaningful(policy: Policy, ev: Evidence, out: _Findings) -> None:
+    """One finding for the statistical checks that were not applied, why, and what the verdict rests on."""
+    att = ev.attribution
+    skipped = []
+    if not att.meaningful:
+        skipped += (["the distance to the declared base"] if policy.declared.base else []) + ["the out-of-cluster rule"]
+    if not att.attribution_meaningful and (policy.declared_family is not None or policy.forbidden):
+        skipped.append("the family attribution")
+    if not skipped:
+        return
+    what = ", ".join(skipped[:-1]) + (" and " if len(skipped) > 1 else "") + skipped[-1]
+    # the wording of tg_verify.analysis.attribution.not_meaningful_text (not imported: the verdict stays light)
+    message = f"{what} {'are' if len(skipped) > 1 else 'is'} not meaningful: {'; '.join(att.not_meaningful)}"
+    if att.meaningful:  # the scale is fine; only a one-family reference set makes the family check vacuous
+        out.add("TGV_STATISTICS_NOT_MEANINGFUL", message, severity="info")
+        return
+    tested = policy.lineage.enabled and (
+        ev.reference(policy.declared.base).lineage is not None if policy.declared.base is not None
+        else any(r.lineage is not None for r in ev.references))
+    if tested:
+        out.add("TGV_STATISTICS_NOT_MEANINGFUL", f"{message}; the verdict rests on the lineage test")
+    else:
+        out.add("TGV_STATISTICS_NOT_MEANINGFUL", f"{message}, and no lineage test ran: nothing supports the declared "
+                                                 "lineage", severity="fail")
 
 
 def _derived_elsewhere(ev: Evidence, exclude: str) -> list[str]:
@@ -302,6 +384,7 @@ def decide(policy: Policy, evidence: Evidence, today: _dt.date | None = None) ->
     _family(policy, evidence, out)
     _cluster(policy, evidence, out)
     _forbidden(policy, evidence, out)
+    _not_meaningful(policy, evidence, out)
     _lineage(policy, evidence, out)
     for message in evidence.adapter_name_mismatches:
         out.add("TGV_ADAPTER_BASE_NAME_MISMATCH", message, policy.declared.base, severity=policy.on_name_mismatch)

@@ -17,7 +17,9 @@ from tg_verify.errors import IncompatibleFingerprintsError, InputError
 def _derivative_of(make_fp, ref: Reference, scale: float = 0.05, seed: int = 99):
     values = np.array(ref.fingerprint.vector(tuple(ref.fingerprint.features)))
     rng = np.random.default_rng(seed)
-    return make_fp("unknown", values * (1 + rng.normal(0, scale, len(values))))
+    moved = values * (1 + rng.normal(0, scale, len(values)))
+    moved[15] = values[15]  # num_layers: a fine-tune keeps the depth
+    return make_fp("unknown", moved)
 
 
 def test_a_derivative_is_attributed_to_its_family_and_base(family_set, make_fp):
@@ -51,9 +53,10 @@ def test_centroids_move_away_from_the_bases(family_set):
 
 
 def test_far_model_is_out_of_cluster(family_set, make_fp):
-    far = make_fp("alien", np.array(family_set[0].fingerprint.vector(tuple(family_set[0].fingerprint.features))) * -50)
-    result = classify(far, family_set)
-    assert result.out_of_cluster and result.distance > 7.0
+    values = np.array(family_set[0].fingerprint.vector(tuple(family_set[0].fingerprint.features))) * -50
+    values[15] = 10.0  # the depth every reference has: the candidate is far, not outside their span
+    result = classify(make_fp("alien", values), family_set)
+    assert result.meaningful and result.out_of_cluster and result.distance > 7.0
 
 
 def test_threshold_is_a_setting(family_set, make_fp):

@@ -61,7 +61,9 @@ def test_pass_writes_outputs_summary_report_and_attestation(workspace, tmp_path,
     code, log = run_action(env, monkeypatch, workspace)
     assert code == 0, log
     outputs = read_outputs(env["GITHUB_OUTPUT"])
-    assert outputs["verdict"] == "pass" and outputs["family"] == "llama" and outputs["reasons"] == ""
+    # two tiny references cannot scale the paper's distance: a warning, the lineage test decides
+    assert outputs["verdict"] == "pass" and outputs["family"] == "llama"
+    assert outputs["reasons"] == "TGV_STATISTICS_NOT_MEANINGFUL"
     assert 0 < float(outputs["distance"]) <= 7.0 and float(outputs["lineage-score"]) > 0.5
     assert outputs["report-path"] == "out/report.json" and outputs["attestation-path"] == "out/attestation.json"
     assert outputs["predicate-type"] == PREDICATE_TYPE
@@ -92,9 +94,9 @@ def test_fail_annotates_the_policy_and_exits_1(workspace, tmp_path, monkeypatch)
     assert code == 1, log
     outputs = read_outputs(env["GITHUB_OUTPUT"])
     assert outputs["verdict"] == "fail" and outputs["family"] == "llama"
-    assert {"TGV_DISTANCE_ABOVE_THRESHOLD", "TGV_FAMILY_MISMATCH"} <= set(outputs["reasons"].split(","))
+    assert {"TGV_LINEAGE_NOT_ESTABLISHED", "TGV_FORBIDDEN_LINEAGE"} <= set(outputs["reasons"].split(","))
     errors = [line for line in log.splitlines() if line.startswith("::error ")]
-    assert any("TGV_FAMILY_MISMATCH" in line for line in errors)
+    assert any("TGV_LINEAGE_NOT_ESTABLISHED" in line for line in errors)
     # Annotations point at the policy file (relative to the workspace) and the line naming the reference.
     assert all("file=fail.yml" in line for line in errors)
     assert any(",line=8," in line and "TGV_FORBIDDEN" in line for line in errors), errors  # `id: llama-base`

@@ -15,7 +15,8 @@ def test_two_fingerprints_without_refs_report_only_the_relative_distance(tiny_fi
     assert main(["compare", str(tiny_fingerprints["llama-ft"]), str(tiny_fingerprints["llama"]), "--json"]) == 0
     result = _json(capsys)["comparison"]
     assert result["distance"] is None and 0 < result["relative_distance"] < 1
-    assert any("no reference set" in c for c in result["caveats"])
+    assert any("no scale for the paper's distance" in c for c in result["caveats"])
+    assert any("the population scale does not apply: reference llama lies outside" in c for c in result["caveats"])
     assert result["lineage"]["derived"] is True
 
 
@@ -27,6 +28,8 @@ def test_with_refs_the_derivative_is_nearer_its_base_than_other_families(tiny_fi
                      "--json", "--no-lineage"]) == 0
         result = _json(capsys)["comparison"]
         assert result["space"]["reference_count"] == 5 and result["lineage"] is None
+        assert result["scale"] == "references" and not result["meaningful"] and result["within_threshold"] is None
+        assert any("fitted on 5 references" in r for r in result["not_meaningful"])
         distances[other] = result["distance"]
     assert distances["llama"] < distances["qwen2"] and distances["llama"] < distances["gemma"]
 
@@ -49,11 +52,12 @@ def test_stable_across_runs_and_written_with_output(tiny_fingerprints, capsys, t
     assert capsys.readouterr().out == first == (tmp_path / "c.json").read_text()
 
 
-def test_human_output_names_both_and_the_threshold(tiny_fingerprints, capsys):
+def test_human_output_says_when_the_distance_is_not_meaningful(tiny_fingerprints, capsys):
     assert main(["compare", str(tiny_fingerprints["llama-ft"]), str(tiny_fingerprints["llama"]),
                  "--refs", str(tiny_fingerprints["llama"].parent), "--no-lineage"]) == 0
-    out = capsys.readouterr().out
-    assert "llama-ft" in out and "threshold 7" in out and "global_mean" in out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "llama-ft" in out and "global_mean" in out
+    assert "on the scale fitted on 5 references: not meaningful: the scale was fitted on 5 references" in out
 
 
 def test_legacy_reference_compares_with_a_caveat(tiny_fingerprints, tmp_path, capsys):

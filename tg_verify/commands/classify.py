@@ -1,8 +1,10 @@
 """`tg-verify classify MODEL|FP --refs DIR|FILES`: which known family a model belongs to, or none of them.
 
-Centroid-initialised K-Means over the references (one cluster per base), nearest converged
-centroid, out-of-cluster beyond the threshold; plus the lineage test against every base that
-carries a sketch. Families come from --labels, else each reference is its own family.
+Lineage evidence first: the sketch test against every base that carries a sketch. Then the paper's
+statistics: the nearest cluster centre on the population scale (or, where the population does not
+cover the references, centroid-initialised K-Means on a scale fitted on them), out of cluster beyond
+the threshold, each reported as not meaningful where the scale cannot carry it. Families come from
+--labels, else each reference is its own family.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ from typing import Any
 from rich.markup import escape
 
 from tg_verify import __version__
-from tg_verify.analysis.attribution import Classification, ClassifierSettings, classify
+from tg_verify.analysis.attribution import (
+    Classification,
+    ClassifierSettings,
+    classify,
+    not_meaningful_text,
+    scale_words,
+)
 from tg_verify.analysis.references import Reference, build_references, load_fingerprints, read_labels
 from tg_verify.commands.compare import (
     add_space_options,
@@ -35,12 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `classify` parser."""
     parser = subparsers.add_parser(
         VERB, help="attribute a model to the family of the nearest reference cluster",
-        description=("Classify MODEL (a model path or a fingerprint file) against reference fingerprints by "
-                     "centroid-initialised K-Means (one cluster per base, centroids free to move): the family of the "
-                     "nearest converged centroid, or out-of-cluster when that centroid is further than --threshold. "
-                     "Families come from --labels (YAML/JSON: id -> family, or id -> {family, base, parent}); "
-                     "without it each reference is a base of its own family. A model is fingerprinted with the "
-                     "references' settings."),
+        description=("Classify MODEL (a model path or a fingerprint file) against reference fingerprints: the "
+                     "lineage test against every base with a sketch first, then the family of the nearest cluster "
+                     "centre (one per base; derivative references move it) on the population scale, or by "
+                     "centroid-initialised K-Means on a scale fitted on the references where the population does "
+                     "not cover them; out-of-cluster beyond --threshold. Distances a scale cannot carry are "
+                     "reported as not meaningful, with the reason. Families come from --labels (YAML/JSON: id -> "
+                     "family, or id -> {family, base, parent}); without it each reference is a base of its own "
+                     "family. A model is fingerprinted with the references' settings."),
         epilog="Exit codes: 0 classified (in or out of cluster); 2 bad input or incompatible fingerprints; 3 internal.")
     parser.add_argument("model", metavar="MODEL|FP", help="model path or fingerprint file to classify")
     parser.add_argument("--refs", nargs="+", required=True, metavar="DIR|FILE",
@@ -85,44 +95,85 @@ def run(args: argparse.Namespace) -> int:
     labels = read_labels(args.labels) if args.labels else None
     references, label_caveats = build_references(fingerprints, labels)
     [candidate] = resolve_inputs([args.model], fingerprints, args)
-    settings = ClassifierSettings(threshold=args.threshold, space=args.space, pca_components=args.pca_components)
+    settings = ClassifierSettings(threshold=args.threshold, space=args.space, pca_components=args.pca_components,
+                                  scale=args.scale)
     result = classify(candidate, references, settings)
     result.caveats.extend(label_caveats)
     if not args.labels:
         result.caveats.append("no --labels: each reference is a base of its own family (named by its id)")
     lineage = lineage_against_bases(candidate, references) if args.lineage else []
+    decision = decide_family(result, lineage)
     document = {"schema": REPORT_SCHEMA, "tool": {"name": "tg-verify", "version": __version__},
-                "candidate": describe(candidate), "classification": result.to_dict(), "lineage": lineage}
-    return emit(document, args, lambda console: render(console, result, lineage))
+                "candidate": describe(candidate), "classification": result.to_dict(), "lineage": lineage,
+                "decision": decision}
+    return emit(document, args, lambda console: render(console, result, lineage, decision))
 
 
-def render(console: Any, result: Classification, lineage: list[dict[str, Any]]) -> None:
-    """The human view: the attribution, the centroid and reference tables, lineage, caveats."""
+def decide_family(result: Classification, lineage: list[dict[str, Any]]) -> dict[str, Any]:
+    """The answer to "which family": the lineage test's when it shows a derivation, else the statistics' when
+    meaningful, else none; with whether the two agree."""
+    derived = sorted((e for e in lineage if e.get("comparable", True) and e.get("derived")),
+                     key=lambda e: (-float(e["score"]), e["reference"]))
+    statistics = result.family if result.attribution_meaningful and not result.out_of_cluster else None
+    if derived:
+        top = derived[0]
+        return {"family": top["family"], "base": top["reference"], "by": "lineage",
+                "statistics_family": statistics,
+                "agrees": None if statistics is None else statistics == top["family"]}
+    if statistics is not None:
+        return {"family": statistics, "base": result.base, "by": "statistics", "statistics_family": statistics,
+                "agrees": None}
+    return {"family": None, "base": None, "by": None, "statistics_family": None, "agrees": None}
+
+
+def render(console: Any, result: Classification, lineage: list[dict[str, Any]],
+           decision: dict[str, Any] | None = None) -> None:
+    """The human view: lineage decision first, the statistical attribution, the tables, caveats."""
     from rich.table import Table
 
-    if result.out_of_cluster:
-        name, family, base = (escape(shown(v)) for v in (result.model_name, result.family, result.base))
-        console.print(f"[bold]{name}[/bold]: [bold yellow]OUT OF CLUSTER[/bold yellow] — nearest family {family} "
-                      f"(base {base}) at {result.distance:.3f} > threshold {result.threshold:g}: a new model, or one "
-                      "modified beyond the known families")
+    name, family, base = (escape(shown(v)) for v in (result.model_name, result.family, result.base))
+    on = scale_words(result.scale, result.space.get("reference_count"))
+    if decision is not None and decision["by"] == "lineage":
+        derived_base, derived_family = escape(shown(decision["base"])), escape(shown(decision["family"]))
+        console.print(f"[bold]{name}[/bold]: lineage test: derived from [bold green]{derived_base}"
+                      f"[/bold green] (family {derived_family}); the statistics below are reported beside")
+        if decision["agrees"] is False:
+            console.print(f"[yellow]the statistical attribution (family {family}) disagrees with the lineage "
+                          "evidence; the lineage test is the stronger evidence[/yellow]")
+    prefix = "statistics: " if decision is not None and decision["by"] == "lineage" else f"[bold]{name}[/bold]: "
+    if not result.attribution_meaningful:
+        console.print(f"{prefix}family attribution [bold yellow]{escape(not_meaningful_text(result.not_meaningful))}"
+                      f"[/bold yellow] [dim](nearest: {family}, base {base})[/dim]")
+    elif not result.meaningful:
+        console.print(f"{prefix}nearest family {family} (base {base}); distance {result.distance:.3f} on the {on}: "
+                      f"[bold yellow]{escape(not_meaningful_text(result.not_meaningful))}[/bold yellow]")
+    elif result.out_of_cluster:
+        console.print(f"{prefix}[bold yellow]OUT OF CLUSTER[/bold yellow] — nearest family {family} "
+                      f"(base {base}) at {result.distance:.3f} > threshold {result.threshold:g} on the {on}: a new "
+                      "model, or one modified beyond the known families")
     else:
-        name, family, base = (escape(shown(v)) for v in (result.model_name, result.family, result.base))
-        console.print(f"[bold]{name}[/bold]: family [bold green]{family}[/bold green] (cluster of base {base}) at "
-                      f"distance {result.distance:.3f} ≤ {result.threshold:g}")
+        console.print(f"{prefix}family [bold green]{family}[/bold green] (cluster of base {base}) at "
+                      f"distance {result.distance:.3f} ≤ {result.threshold:g} on the {on}")
     confidence = []
     if result.margin is not None:
         confidence.append(f"margin to runner-up {result.margin:.3f}, ratio {result.ratio:.3f}")
     if result.family_margin is not None:
         confidence.append(f"margin to another family {result.family_margin:.3f}")
     confidence.append(f"nearest reference {result.nearest_reference} at {result.nearest_reference_distance:.3f}")
-    console.print("[dim]" + "; ".join(confidence) + f"; {result.space['space']} space of "
-                  f"{result.space['reference_count']} references, K-Means converged in {result.iterations} "
-                  "iteration(s)[/dim]")
-    centroids = Table(title="cluster centroids (named by their initial base)", title_justify="left")
-    for column, justify in (("base", "left"), ("family", "left"), ("distance", "right"), ("members", "right")):
+    how = (f"ranked on the lineage scale (distance {result.lineage_distance:.3f}), {len(result.references)} references"
+           if result.scale == "population" else
+           f"{result.space['space']} space of {result.space['reference_count']} references, K-Means converged in "
+           f"{result.iterations} iteration(s)")
+    console.print("[dim]" + "; ".join(confidence) + f"; {how}[/dim]")
+    lineage_scale = result.scale == "population"
+    centroids = Table(title="cluster centres (named by their base)", title_justify="left")
+    columns = [("base", "left"), ("family", "left"), ("distance", "right")]
+    columns += [("lineage-scale distance", "right")] if lineage_scale else []
+    for column, justify in (*columns, ("members", "right")):
         centroids.add_column(column, justify=justify)  # type: ignore[arg-type]
     for row in result.centroids:
-        centroids.add_row(shown(row.base), shown(row.family), f"{row.distance:.3f}", str(len(row.members)))
+        extra = [f"{row.lineage_distance:.3f}"] if lineage_scale and row.lineage_distance is not None else []
+        centroids.add_row(shown(row.base), shown(row.family), f"{row.distance:.3f}", *extra, str(len(row.members)))
     console.print(centroids)
     refs = Table(title="references", title_justify="left")
     for column, justify in (("reference", "left"), ("family", "left"), ("role", "left"), ("distance", "right")):

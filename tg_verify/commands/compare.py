@@ -14,7 +14,7 @@ from typing import Any
 from rich.markup import escape
 
 from tg_verify import __version__
-from tg_verify.analysis.attribution import DEFAULT_THRESHOLD
+from tg_verify.analysis.attribution import DEFAULT_THRESHOLD, SCALES, not_meaningful_text, scale_words
 from tg_verify.analysis.inputs import is_fingerprint_path, load_or_fingerprint, settings_like
 from tg_verify.analysis.pairwise import Comparison, compare
 from tg_verify.analysis.references import load_fingerprints
@@ -34,14 +34,18 @@ REPORT_SCHEMA = "https://tg-verify.dev/schemas/compare"
 def add_space_options(parser: argparse.ArgumentParser) -> None:
     """Distance-space and output options shared by compare and classify."""
     group = parser.add_argument_group("distance space (docs/analysis.md)")
+    group.add_argument("--scale", choices=SCALES, default="auto",
+                       help="auto (default): the population scale (real models' feature spreads, shipped) when it "
+                            "covers the references, else a scale fitted on the references; population or "
+                            "references to insist on one")
     group.add_argument("--space", choices=SPACES, default=DEFAULT_SPACE,
-                       help="standardized (default; the release, where the threshold 7 was set): z-scores fitted on "
-                            "the references; pca: the paper's text, PCA after the z-scores (smaller distances)")
+                       help="standardized (default; the release, where the threshold 7 was set): z-scores; pca: the "
+                            "paper's text, PCA after the z-scores fitted on the references (smaller distances)")
     group.add_argument("--pca-components", type=int, default=DEFAULT_PCA_COMPONENTS, metavar="N",
                        help=f"components kept with --space pca (default {DEFAULT_PCA_COMPONENTS})")
     group.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="D",
-                       help=f"out-of-cluster distance (default {DEFAULT_THRESHOLD:g}, the paper's, in the "
-                            "standardised space)")
+                       help=f"out-of-cluster distance (default {DEFAULT_THRESHOLD:g}, the paper's; applied on the "
+                            "population scale, or on a scale fitted on enough references)")
     models = parser.add_argument_group("models given instead of fingerprints")
     models.add_argument("--base", metavar="PATH", help="base model a PEFT adapter argument is merged onto")
     models.add_argument("--device", choices=DEVICE_CHOICES, default=None,
@@ -116,9 +120,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         VERB, help="distance between two models or fingerprints (and lineage evidence)",
         description=("Compare A and B (model paths or fingerprint files; models are fingerprinted on the fly with "
-                     "the settings of the fingerprints given). Prints the scale-free relative distance; with --refs, "
-                     "also the paper's Euclidean distance in the standardised space fitted on those references (two "
-                     "fingerprints alone cannot set a scale); and the lineage test when both carry sketches."),
+                     "the settings of the fingerprints given). Prints the scale-free relative distance; the paper's "
+                     "Euclidean distance on the population scale when it covers B, else in the space fitted on --refs "
+                     "(reported as not meaningful with fewer than 8 references; two fingerprints alone cannot set a "
+                     "scale); and the lineage test when both carry sketches."),
         epilog="Exit codes: 0 compared; 2 bad input or incompatible fingerprints; 3 internal error.")
     parser.add_argument("a", metavar="A", help="model path or fingerprint file (the candidate, for lineage)")
     parser.add_argument("b", metavar="B", help="model path or fingerprint file (the reference, for lineage)")
@@ -133,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     check_space_options(args)
     references = load_fingerprints(args.refs) if args.refs else []
     a, b = resolve_inputs([args.a, args.b], references, args)
-    result = compare(a, b, references or None, args.space, args.pca_components, args.threshold)
+    result = compare(a, b, references or None, args.space, args.pca_components, args.threshold, args.scale)
     if args.lineage and a.sketch is not None and b.sketch is not None:
         from tg_verify.analysis.lineage import lineage_test
 
@@ -157,22 +162,31 @@ def render(console: Any, result: Comparison, a: Fingerprint, b: Fingerprint) -> 
     console.print(f"relative distance {result.relative_distance:.4f}  [dim](scale-free, mean over features of "
                   f"|a-b|/(|a|+|b|); 0 = identical)[/dim]")
     if result.distance is not None and result.space is not None:
-        where = "within" if result.within_threshold else "[bold yellow]beyond[/bold yellow]"
-        console.print(f"distance {result.distance:.3f} in the {result.space['space']} space of "
-                      f"{result.space['reference_count']} references: {where} the threshold {result.threshold:g}")
+        on = scale_words(result.scale, result.space.get("reference_count"))
+        if not result.meaningful:
+            console.print(f"distance {result.distance:.3f} on the {on}: [bold yellow]"
+                          f"{escape(not_meaningful_text(result.not_meaningful))}[/bold yellow]")
+        else:
+            where = "within" if result.within_threshold else "[bold yellow]beyond[/bold yellow]"
+            console.print(f"distance {result.distance:.3f} on the {on}: {where} the threshold {result.threshold:g}")
     table = Table(title="features", title_justify="left")
     table.add_column("feature")
     table.add_column("A", justify="right")
     table.add_column("B", justify="right")
     table.add_column("relative diff", justify="right")
-    with_z = result.distance is not None
+    with_z = result.scale == "references"
+    with_scaled = result.scale == "population"
     if with_z:
         table.add_column("z A", justify="right")
         table.add_column("z B", justify="right")
+    if with_scaled:
+        table.add_column("(A-B) / spread", justify="right")
     for row in result.features:
         cells = [row.name, f"{row.a:.6g}", f"{row.b:.6g}", f"{row.relative:.4f}"]
         if with_z:
             cells += [f"{row.z_a:+.2f}", f"{row.z_b:+.2f}"]
+        if with_scaled:
+            cells += ["—" if row.scaled is None else f"{row.scaled:+.2f}"]
         table.add_row(*cells)
     console.print(table)
     console.print(lineage_summary(result.lineage))

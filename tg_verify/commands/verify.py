@@ -145,7 +145,8 @@ def check_only(args: argparse.Namespace) -> int:
     print(f"{policy.path}: valid policy (version {policy.version}; {len(policy.references)} references; "
           f"declares {declared})")
     for note in notes:
-        print(f"  note: {note}")
+        warning = note.startswith("WARNING: ")
+        print(f"  {'warning' if warning else 'note'}: {note.removeprefix('WARNING: ')}")
     return 0
 
 

@@ -42,9 +42,10 @@ LINEAGE_NOT_ESTABLISHED = "TGV_LINEAGE_NOT_ESTABLISHED"
 LINEAGE_UNAVAILABLE = "TGV_LINEAGE_UNAVAILABLE"
 LINEAGE_CONTRADICTS_FAMILY = "TGV_LINEAGE_CONTRADICTS_FAMILY"
 LINEAGE_DISABLED = "TGV_LINEAGE_DISABLED"
+STATISTICS_NOT_MEANINGFUL = "TGV_STATISTICS_NOT_MEANINGFUL"
 DERIVABLE_CODES = frozenset({DISTANCE_ABOVE_THRESHOLD, FAMILY_MISMATCH, OUT_OF_CLUSTER, NEAREST_BASE_DIFFERS,
                              FORBIDDEN_MATCH, FORBIDDEN_LINEAGE, LINEAGE_NOT_ESTABLISHED, LINEAGE_UNAVAILABLE,
-                             LINEAGE_CONTRADICTS_FAMILY, LINEAGE_DISABLED})
+                             LINEAGE_CONTRADICTS_FAMILY, LINEAGE_DISABLED, STATISTICS_NOT_MEANINGFUL})
 # Policy actions (fail | warn) as the predicate's reason severities.
 _SEVERITY = {"fail": "error", "warn": "warning", "info": "info"}
 
@@ -352,19 +353,46 @@ def derive_reasons(predicate: Mapping[str, Any]) -> dict[str, str]:
     def is_derived(ref: Mapping[str, Any]) -> bool:
         return bool((ref.get("lineage") or {}).get("derived"))
 
+    def established(ref: Mapping[str, Any] | None) -> bool:
+        lineage = (ref or {}).get("lineage") or {}
+        return bool(lineage.get("derived")) and bool(lineage.get("comparable", True))
+
+    # verdict._lineage_support / _outweighed: established lineage turns a failing statistic into a warning.
+    # Attestations written before these rules record none of the keys: every statistic applied, none outweighed.
+    distances_ok = bool(rules.get("distancesMeaningful", True))
+    attribution_ok = bool(rules.get("attributionMeaningful", True))
+    if base is not None:
+        support = lineage_on and established(refs.get(base))
+    else:
+        support = lineage_on and any(r.get("family") == family and r["id"] not in forbidden and established(r)
+                                     for r in refs.values())
+
+    def statistic(action: str) -> str:
+        return "warn" if support and action == "fail" and rules.get("onStatisticsDisagree", "fail") == "warn" \
+            else action
+
     if base is not None and base in refs:
         ref = refs[base]
-        if ref["distance"] > ref["threshold"]:
-            add(DISTANCE_ABOVE_THRESHOLD)
+        if distances_ok and ref["distance"] > ref["threshold"]:
+            add(DISTANCE_ABOVE_THRESHOLD, statistic("fail"))
         root = rules.get("declaredBaseRoot", base)  # a declared derivative is compared with its cluster's base
-        if attribution.get("base") is not None and attribution["base"] != root \
+        if attribution_ok and attribution.get("base") is not None and attribution["base"] != root \
                 and attribution.get("family") == ref.get("family"):
-            add(NEAREST_BASE_DIFFERS, rules.get("onBaseMismatch", "warn"))
-    if family is not None and attribution.get("family") is not None and attribution["family"] != family:
-        add(FAMILY_MISMATCH)
-    if attribution.get("outOfCluster"):
-        add(OUT_OF_CLUSTER, rules.get("onOutOfCluster", "fail"))
-    if forbidden and attribution.get("base") in forbidden and not attribution.get("outOfCluster"):
+            add(NEAREST_BASE_DIFFERS, statistic(rules.get("onBaseMismatch", "warn")))
+    if attribution_ok and family is not None and attribution.get("family") is not None \
+            and attribution["family"] != family:
+        add(FAMILY_MISMATCH, statistic("fail"))
+    if distances_ok and attribution.get("outOfCluster"):
+        add(OUT_OF_CLUSTER, statistic(rules.get("onOutOfCluster", "fail")))
+    if not distances_ok or (not attribution_ok and (family is not None or bool(forbidden))):  # _not_meaningful
+        if distances_ok:
+            add(STATISTICS_NOT_MEANINGFUL, "info")
+        elif lineage_on and (refs.get(base, {}).get("lineage") is not None if base is not None
+                             else any(r.get("lineage") is not None for r in refs.values())):
+            add(STATISTICS_NOT_MEANINGFUL, "warn")
+        else:
+            add(STATISTICS_NOT_MEANINGFUL, "fail")
+    if attribution_ok and forbidden and attribution.get("base") in forbidden and not attribution.get("outOfCluster"):
         # a comparable lineage test that finds no derivation outweighs the attribution (verdict._forbidden)
         tested = (refs.get(attribution["base"]) or {}).get("lineage")
         refuted = lineage_on and tested is not None and tested.get("comparable", True) and not tested.get("derived")
@@ -449,7 +477,12 @@ def check_evidence(predicate: Mapping[str, Any]) -> list[Check]:
                                 f"derived={lineage['derived']} but score {lineage['score']} vs threshold "
                                 f"{lineage['threshold']}, p {lineage.get('pValue')} vs alpha {lineage.get('alpha')}"))
     attribution = predicate.get("attribution") or {}
-    if _is_number(attribution.get("distance")) and _is_number(attribution.get("threshold")):
+    rules = predicate.get("decisionRules") or {}
+    if not rules.get("distancesMeaningful", True):  # the rule was not applied: nothing may be out of cluster
+        if attribution.get("outOfCluster"):
+            checks.append(Check(EVIDENCE, "attribution", False,
+                                "outOfCluster=true but the distances are recorded as not meaningful"))
+    elif _is_number(attribution.get("distance")) and _is_number(attribution.get("threshold")):
         outside = attribution["distance"] > attribution["threshold"]
         if bool(attribution.get("outOfCluster")) != outside:
             checks.append(Check(EVIDENCE, "attribution", False,

@@ -12,6 +12,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from tg_verify.analysis.attribution import NOT_MEANINGFUL, attribution_text, scale_words
 from tg_verify.escaping import one_line, shown
 from tg_verify.pipeline import ReferenceOutcome, VerificationResult
 from tg_verify.verdict import Finding, summarize
@@ -93,11 +94,9 @@ def _overview(result: VerificationResult) -> Table:
     grid.add_row("Declared", Text(" · ".join(declared)))
     if policy.forbidden:
         grid.add_row("Forbidden", Text(", ".join(shown(f) for f in policy.forbidden)))
-    cluster = (Text(f"OUT OF CLUSTER (> {cls.threshold:g})", style="bold yellow") if cls.out_of_cluster
-               else Text(f"in cluster (≤ {cls.threshold:g})"))
-    attribution = Text(f"family {shown(cls.family)} · nearest base {shown(cls.base)} · distance {cls.distance:.3f} · ")
-    attribution.append_text(cluster)
-    if cls.margin is not None:
+    attribution = Text(one_line(attribution_text(cls, reasons=False)),
+                       style="bold yellow" if cls.out_of_cluster or not cls.attribution_meaningful else "")
+    if cls.margin is not None and cls.attribution_meaningful:
         attribution.append(f" · margin {cls.margin:.3f}")
     grid.add_row("Attribution", attribution)
     grid.add_row("Policy", Text(f"{shown(policy.path)} (sha256 {short_digest(policy.sha256)})", style="dim"))
@@ -105,20 +104,22 @@ def _overview(result: VerificationResult) -> Table:
 
 
 def _distances(result: VerificationResult) -> Table:
-    space = result.classification.space.get("space", "standardized") if result.classification.space else "?"
-    table = Table(title=f"Distances ({space} feature space) and lineage evidence", title_justify="left",
+    cls = result.classification
+    space = scale_words(cls.scale, cls.space.get("reference_count") if cls.space else None)
+    shown = "" if cls.meaningful else f"; {NOT_MEANINGFUL}"
+    table = Table(title=f"Distances ({space}{shown}) and lineage evidence", title_justify="left",
                   caption=lineage_caption(result), caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                   collapse_padding=True)
     for name, justify in (("reference", "left"), ("family", "left"), ("role", "left"),
                           ("distance", "right"), ("lineage", "left"), ("p", "right")):
         table.add_column(name, justify=justify, no_wrap=name != "family")  # type: ignore[arg-type]
     for ref in sorted(result.references, key=lambda r: (r.distance, r.spec.id)):
-        over = not ref.within_threshold
+        over = not ref.within_threshold and cls.meaningful
         role = "declared" if ref.declared else "forbidden" if ref.forbidden else ""
         table.add_row(Text(shown(ref.spec.id), style="bold" if ref.declared else "red" if ref.forbidden else ""),
                       Text(shown(ref.spec.family)), role,
-                      Text(f"{ref.distance:.3f} {'>' if over else '≤'} {ref.threshold:g}",
-                           style="bold red" if over and ref.declared else ""),
+                      Text(f"{ref.distance:.3f} {'>' if over else '≤'} {ref.threshold:g}" if cls.meaningful
+                           else f"{ref.distance:.3f}", style="bold red" if over and ref.declared else ""),
                       lineage_cell(ref), "" if ref.lineage is None else f"{ref.lineage.p_value:.3g}")
     return table
 

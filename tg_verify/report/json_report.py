@@ -59,6 +59,7 @@ def build_report(result: VerificationResult) -> dict[str, Any]:
         "rules": {"max_distance": policy.thresholds.max_distance,
                   "out_of_cluster": policy.thresholds.out_of_cluster, "on_out_of_cluster": policy.on_out_of_cluster,
                   "on_base_mismatch": policy.on_base_mismatch, "on_name_mismatch": policy.on_name_mismatch,
+                  "on_statistics_disagree": policy.on_statistics_disagree,
                   "lineage": {"enabled": policy.lineage.enabled, "alpha": policy.lineage.alpha,
                               "on_unavailable": policy.lineage.on_unavailable}},
         "candidate": {
@@ -73,6 +74,8 @@ def build_report(result: VerificationResult) -> dict[str, Any]:
             "family": cls.family, "base": cls.base, "distance": cls.distance, "threshold": cls.threshold,
             "out_of_cluster": cls.out_of_cluster, "margin": cls.margin, "ratio": cls.ratio,
             "family_margin": cls.family_margin, "nearest_reference": cls.nearest_reference,
+            "scale": cls.scale, "meaningful": cls.meaningful, "attribution_meaningful": cls.attribution_meaningful,
+            "not_meaningful": list(cls.not_meaningful), "lineage_distance": cls.lineage_distance,
             "nearest_reference_distance": cls.nearest_reference_distance,
             "centroids": [{"base": c.base, "family": c.family, "distance": c.distance, "members": list(c.members)}
                           for c in cls.centroids],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tg_verify.analysis.attribution import NOT_MEANINGFUL, attribution_text
 from tg_verify.escaping import markdown_code, markdown_text
 from tg_verify.pipeline import ReferenceOutcome, VerificationResult
 from tg_verify.verdict import summarize
@@ -54,12 +55,11 @@ def render(result: VerificationResult) -> str:
     lines.append(f"| Declared | {declared} |")
     if policy.forbidden:
         lines.append(f"| Forbidden | {', '.join(code(f) for f in policy.forbidden)} |")
-    cluster = f"out of cluster (> {cls.threshold:g})" if cls.out_of_cluster else f"in cluster (≤ {cls.threshold:g})"
-    lines.append(f"| Attribution | family {code(cls.family)}, nearest base {code(cls.base)}, distance "
-                 f"{cls.distance:.3f}, {cluster} |")
+    lines.append(f"| Attribution | {cell(attribution_text(cls, ', ', reasons=False))} |")
     declared_ref = result.declared_reference
     if declared_ref is not None:
-        distance = f"{declared_ref.distance:.3f} (threshold {declared_ref.threshold:g})"
+        distance = (f"{declared_ref.distance:.3f} (threshold {declared_ref.threshold:g})" if cls.meaningful
+                    else f"{declared_ref.distance:.3f} ({NOT_MEANINGFUL})")
         lines.append(f"| Distance to declared base | {distance} |")
         lines.append(f"| Lineage to declared base | {_lineage(declared_ref)} |")
     lines.append(f"| Verdict | **{label}** |")
