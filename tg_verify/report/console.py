@@ -106,8 +106,8 @@ def _overview(result: VerificationResult) -> Table:
 def _distances(result: VerificationResult) -> Table:
     cls = result.classification
     space = scale_words(cls.scale, cls.space.get("reference_count") if cls.space else None)
-    shown = "" if cls.meaningful else f"; {NOT_MEANINGFUL}"
-    table = Table(title=f"Distances ({space}{shown}) and lineage evidence", title_justify="left",
+    meaning = "" if cls.meaningful else f"; {NOT_MEANINGFUL}"
+    table = Table(title=f"Distances ({space}{meaning}) and lineage evidence", title_justify="left",
                   caption=lineage_caption(result), caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                   collapse_padding=True)
     for name, justify in (("reference", "left"), ("family", "left"), ("role", "left"),
