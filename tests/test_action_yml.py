@@ -306,7 +306,7 @@ def test_composite_pass(workspace, tmp_path):
 def test_composite_fail_fails_the_step(workspace, tmp_path):
     code, log, outputs, summary = run_composite(workspace, tmp_path, policy="fail.yml")
     assert code == 1, log
-    assert outputs["verdict"] == "fail" and "TGV_FAMILY_MISMATCH" in outputs["reasons"]
+    assert outputs["verdict"] == "fail" and "TGV_LINEAGE_NOT_ESTABLISHED" in outputs["reasons"]
     assert re.search(r"^::error file=fail\.yml,line=\d+,title=tg-verify FAIL::TGV_", log, re.M)
     assert "## ❌ tg-verify: FAIL" in summary
     sarif_log = json.loads(Path(outputs["sarif-path"]).read_text())

@@ -17,23 +17,23 @@ TODAY = dt.date(2026, 6, 1)
 
 
 def test_an_active_waiver_turns_its_failure_into_a_note_that_says_why() -> None:
-    evidence = make_evidence({"base": 9.0})
+    evidence = make_evidence(derived=())  # the lineage test does not establish the declared base
     assert not decide(make_policy(), evidence, TODAY).passed
-    waiver = Waiver("TGV_DISTANCE_ABOVE_THRESHOLD", "vendor's quantised release, SEC-1234", dt.date(2026, 6, 1), "base")
+    waiver = Waiver("TGV_LINEAGE_NOT_ESTABLISHED", "vendor's quantised release, SEC-1234", dt.date(2026, 6, 1), "base")
     verdict = decide(make_policy(waivers=(waiver,)), evidence, TODAY)  # the expiry day itself still counts
     assert verdict.passed
-    waived = next(f for f in verdict.findings if f.code == "TGV_DISTANCE_ABOVE_THRESHOLD")
+    waived = next(f for f in verdict.findings if f.code == "TGV_LINEAGE_NOT_ESTABLISHED")
     assert waived.severity == "info" and waived.subject == "base"
-    assert waived.message.startswith("waived until 2026-06-01 (vendor's quantised release, SEC-1234): distance")
+    assert waived.message.startswith("waived until 2026-06-01 (vendor's quantised release, SEC-1234): lineage")
     assert not codes(verdict) & {"TGV_WAIVER_EXPIRED", "TGV_WAIVER_UNUSED"}
 
 
 def test_an_expired_waiver_waives_nothing_and_is_a_failure_itself() -> None:
-    evidence = make_evidence({"base": 9.0})
-    waiver = Waiver("TGV_DISTANCE_ABOVE_THRESHOLD", "SEC-1234", dt.date(2026, 5, 31), "base")
+    evidence = make_evidence(derived=())
+    waiver = Waiver("TGV_LINEAGE_NOT_ESTABLISHED", "SEC-1234", dt.date(2026, 5, 31), "base")
     verdict = decide(make_policy(waivers=(waiver,)), evidence, TODAY)
     assert not verdict.passed
-    assert {"TGV_DISTANCE_ABOVE_THRESHOLD", "TGV_WAIVER_EXPIRED"} <= codes(verdict, "fail")
+    assert {"TGV_LINEAGE_NOT_ESTABLISHED", "TGV_WAIVER_EXPIRED"} <= codes(verdict, "fail")
     expired = next(f for f in verdict.findings if f.code == "TGV_WAIVER_EXPIRED")
     assert "expires 2026-05-31" in expired.message and expired.subject == "base"
     # expired, even with nothing left to waive: the review it asked for is due
@@ -41,9 +41,9 @@ def test_an_expired_waiver_waives_nothing_and_is_a_failure_itself() -> None:
 
 
 def test_a_waiver_matches_code_and_reference_exactly() -> None:
-    evidence = make_evidence({"base": 9.0})
-    for waiver in (Waiver("TGV_DISTANCE_ABOVE_THRESHOLD", "x", dt.date(2027, 1, 1), "sibling"),
-                   Waiver("TGV_DISTANCE_ABOVE_THRESHOLD", "x", dt.date(2027, 1, 1)),
+    evidence = make_evidence(derived=())
+    for waiver in (Waiver("TGV_LINEAGE_NOT_ESTABLISHED", "x", dt.date(2027, 1, 1), "sibling"),
+                   Waiver("TGV_LINEAGE_NOT_ESTABLISHED", "x", dt.date(2027, 1, 1)),
                    Waiver("TGV_FAMILY_MISMATCH", "x", dt.date(2027, 1, 1), "base")):
         verdict = decide(make_policy(waivers=(waiver,)), evidence, TODAY)
         assert not verdict.passed and "TGV_WAIVER_UNUSED" in codes(verdict, "warn")
