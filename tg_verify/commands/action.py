@@ -214,7 +214,8 @@ def _fmt(value: Any) -> str:
 
 
 def outputs_for(result: Any, report: Path, attestation: Path, predicate: Path,
-                environ: Mapping[str, str] | None = None, sarif: Path | None = None) -> dict[str, str]:
+                environ: Mapping[str, str] | None = None, sarif: Path | None = None,
+                subjects: Path | None = None) -> dict[str, str]:
     """The step outputs of a verify result (see action.yml `outputs`)."""
     from tg_verify.report.attestation import PREDICATE_TYPE
 
@@ -231,10 +232,20 @@ def outputs_for(result: Any, report: Path, attestation: Path, predicate: Path,
         "attestation-path": github.output_path(attestation, environ),
         "predicate-path": github.output_path(predicate, environ),
         "sarif-path": github.output_path(sarif, environ) if sarif is not None else "",
+        "subjects-path": github.output_path(subjects, environ) if subjects is not None else "",
         "predicate-type": PREDICATE_TYPE,
         "fingerprint-digest": f"sha256:{result.candidate.fingerprint_digest}",
         "root-digest": f"sha256:{result.candidate.root_digest}",
     }
+
+
+def subject_checksums(files: Any) -> bytes:
+    """The attested files in sha256sum format, for actions/attest `subject-checksums`: its subjects are then
+    exactly the predicate's files, named by their path in the model (a name with a line break is left out:
+    the format cannot carry it; it stays in the predicate)."""
+    lines = [f"{f['sha256']}  {f['path']}\n" for f in sorted(files, key=lambda f: f["path"])
+             if "\n" not in f["path"] and "\r" not in f["path"]]
+    return "".join(lines).encode("utf-8")
 
 
 def annotations_for(result: Any, policy: Path, environ: Mapping[str, str]) -> list[str]:
@@ -285,6 +296,8 @@ def execute(inputs: ActionInputs, environ: Mapping[str, str], out: CommandGuard)
         summary=Path(args.summary) if args.summary else policy.outputs.summary,
         fingerprint=Path(args.fingerprint_out) if args.fingerprint_out else policy.outputs.fingerprint, sarif=sarif)
     files[predicate] = canonical_json(json.loads(files[attestation])["predicate"])
+    subjects = predicate.with_name("subjects.sha256")
+    files[subjects] = subject_checksums(result.candidate.files)
     for path, data in files.items():
         write_bytes(path, data)
     console.render(result, Console(file=cast(TextIO, out), force_terminal=False, width=120, soft_wrap=True,
@@ -293,7 +306,7 @@ def execute(inputs: ActionInputs, environ: Mapping[str, str], out: CommandGuard)
         out.command(line)
     if inputs.summary:
         github.append_step_summary(markdown.render(result), environ)
-    github.write_outputs(outputs_for(result, report, attestation, predicate, environ, sarif), environ)
+    github.write_outputs(outputs_for(result, report, attestation, predicate, environ, sarif, subjects), environ)
     if args.report_only and result.exit_code == EXIT_FAIL:
         # report-only: the FAIL is in the log, the summary, the outputs and the files, but does not fail the job
         out.command(github.annotation("warning", "verdict FAIL reported, not enforced (input report-only: true)",

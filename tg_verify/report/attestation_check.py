@@ -18,8 +18,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tg_verify.artifact import Artifact, ArtifactFile, file_digests, resolve, root_digest
+from tg_verify.artifact.digest import model_files
 from tg_verify.errors import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, ArtifactError, AttestationError, InputError
 from tg_verify.report.attestation import (
+    OTHER_ROLE,
     PREDICATE_TYPE,
     RESULTS,
     ROOT_ANNOTATION,
@@ -204,16 +206,28 @@ def _model_root(model: Path) -> tuple[Path, Artifact | None, str | None]:
         return root, None, str(exc)
 
 
-def _hash_files(root: Path, names: list[str], progress: Callable[[int], None] | None) -> dict[str, str | None]:
-    """sha256 of each named file under root (None when it is missing or not a regular file)."""
+def _hash_files(root: Path, names: list[str], progress: Callable[[int], None] | None,
+                allow_symlinks: bool = False) -> tuple[dict[str, str | None], set[str]]:
+    """sha256 of each named file under root (None when it is missing or not a regular file), and the names that
+    are reached through a symbolic link although the attestation says none were (`allow_symlinks` false).
+
+    Symbolic links are followed exactly when the attestation records `allowSymlinks: true` (a model read from a
+    Hugging Face cache), as the verify run read them; model_signing refuses them otherwise, and so does this.
+    """
     present: list[ArtifactFile] = []
     found: dict[str, str | None] = {}
+    refused: set[str] = set()
     for name in names:
         path = root / name
+        linked = any(p.is_symlink() for p in (path, *path.parents) if p == root or root in p.parents)
         try:
-            info = os.lstat(path)
+            info = os.stat(path) if allow_symlinks or not linked else os.lstat(path)
         except OSError:
             found[name] = None
+            continue
+        if linked and not allow_symlinks:
+            found[name] = None
+            refused.add(name)
             continue
         if not stat.S_ISREG(info.st_mode):
             found[name] = None
@@ -222,7 +236,7 @@ def _hash_files(root: Path, names: list[str], progress: Callable[[int], None] | 
     if present:
         shell = Artifact(root=root, name=root.name, layout="single", files=tuple(present), tensors=())
         found.update(file_digests(shell, progress))
-    return found
+    return found, refused
 
 
 def recorded_files(predicate: Mapping[str, Any]) -> dict[str, str]:
@@ -230,11 +244,20 @@ def recorded_files(predicate: Mapping[str, Any]) -> dict[str, str]:
     return {f["name"]: f["digest"]["sha256"] for f in predicate["candidate"]["files"]}
 
 
-def _check_subjects(statement: Mapping[str, Any], files: Mapping[str, str], root: str) -> list[Check]:
-    """Every subject must be an attested file or the model's root digest.
+def _roles(predicate: Mapping[str, Any]) -> dict[str, str]:
+    return {f["name"]: str(f.get("role") or "") for f in predicate["candidate"]["files"]}
 
-    tg-verify's own Statement names files by relative path and adds the root subject; a Statement
-    made by actions/attest around our predicate names them by basename (and has no root subject).
+
+def _check_subjects(statement: Mapping[str, Any], files: Mapping[str, str], root: str,
+                    roles: Mapping[str, str]) -> list[Check]:
+    """Every subject is an attested file, the model's root digest, or reported as outside the verdict.
+
+    tg-verify's own Statement names files by relative path and adds the root subject; a Statement made by
+    actions/attest around our predicate names them by basename, or as written in a subject-checksums file,
+    and has no root subject. The predicate says which files are evidence (a role other than `other`) and
+    which were hashed for the root digest only. A subject the predicate does not list is signed but not
+    covered by the verdict: reported, never fatal. A subject named like an attested file with another digest
+    contradicts the predicate: fatal.
     """
     checks: list[Check] = []
     for subject in statement["subject"]:
@@ -244,11 +267,20 @@ def _check_subjects(statement: Mapping[str, Any], files: Mapping[str, str], root
             detail = f"whole-model subject {name!r}: sha256 {digest}" + ("" if ok else f", predicate records {root}")
             checks.append(Check(INTEGRITY, "root subject", ok, detail))
             continue
-        matches = [path for path, sha in files.items()
-                   if sha == digest and (path == name or PurePosixPath(path).name == name)]
-        if not matches:
+        named = [path for path in files if path == name or PurePosixPath(path).name == name]
+        matches = [path for path in named if files[path] == digest]
+        if matches:
+            role = roles.get(matches[0]) or "unknown"
+            what = ("hashed for the root digest only, not read for the verdict" if role == OTHER_ROLE
+                    else f"evidence (role {role})")
+            checks.append(Check(INTEGRITY, f"subject {name}", True, f"attested file {matches[0]}: {what}"))
+        elif named:
             checks.append(Check(INTEGRITY, f"subject {name}", False,
-                                f"sha256 {digest} is not the digest of an attested file named {name!r}"))
+                                f"sha256 {digest} differs from the attested file {named[0]} ({files[named[0]]})"))
+        else:
+            checks.append(Check(INTEGRITY, f"subject {name}", True,
+                                f"not in the predicate's files: signed, but the verdict says nothing about it "
+                                f"(sha256 {digest}; reported, not fatal)"))
     return checks
 
 
@@ -263,14 +295,20 @@ def check_files(statement: Mapping[str, Any], model: Path,
     checks.append(Check(INTEGRITY, "root digest (recorded)", predicate_root == recorded_root,
                         f"predicate.candidate.rootDigest {predicate_root}, computed from the attested files "
                         f"{recorded_root}"))
-    checks.extend(_check_subjects(statement, files, predicate_root))
+    checks.extend(_check_subjects(statement, files, predicate_root, _roles(predicate)))
     root, artifact, problem = _model_root(model)
     if problem is not None:
         checks.append(Check(INTEGRITY, "artifact resolves", False, problem))
-    on_disk = _hash_files(root, sorted(files), progress)
+    serialization = predicate["candidate"].get("serialization")
+    allow = isinstance(serialization, dict) and serialization.get("allowSymlinks") is True
+    on_disk, refused = _hash_files(root, sorted(files), progress, allow)
     for name in sorted(files):
         actual = on_disk.get(name)
-        if actual is None:
+        if name in refused:
+            checks.append(Check(INTEGRITY, f"file {name}", False,
+                                f"{root / name} is reached through a symbolic link, but the attestation records "
+                                "allowSymlinks: false (its files were not read through links)"))
+        elif actual is None:
             checks.append(Check(INTEGRITY, f"file {name}", False, f"missing: {root / name} is not a regular file"))
         elif actual != files[name]:
             checks.append(Check(INTEGRITY, f"file {name}", False,
@@ -284,8 +322,25 @@ def check_files(statement: Mapping[str, Any], model: Path,
     if all(on_disk.get(name) for name in files):
         disk_root = root_digest({name: on_disk[name] or "" for name in files})
         checks.append(Check(INTEGRITY, "root digest (disk)", disk_root == predicate_root,
-                            f"model_signing digest of {root} is sha256:{disk_root}"))
+                            f"the attested files as found in {root}: sha256:{disk_root}"))
+    checks.extend(_unattested_files(root, files, artifact))
     return checks
+
+
+def _unattested_files(root: Path, files: Mapping[str, str], artifact: Artifact | None) -> list[Check]:
+    """Files model_signing would hash in the directory now that the attestation does not list and tg-verify
+    does not read (a README added later): reported, since the directory's model_signing digest moved."""
+    if not root.is_dir() or artifact is None:
+        return []
+    try:
+        listed = model_files(root)
+    except InputError:
+        return []
+    read = {f.path for f in artifact.files}
+    return [Check(INTEGRITY, f"file {entry.path}", True,
+                  "not attested and not read by tg-verify: the directory's model_signing digest now differs from "
+                  "the attested root digest (reported, not fatal)")
+            for entry in listed if entry.path not in files and entry.path not in read]
 
 
 def check_base(predicate: Mapping[str, Any], base: Path,
@@ -302,7 +357,9 @@ def check_base(predicate: Mapping[str, Any], base: Path,
             raise AttestationError(f"predicate.candidate.base.files: malformed entry {entry!r}")
         files[entry["name"]] = entry["digest"]["sha256"]
     root = base.parent if base.is_file() else base
-    on_disk = _hash_files(root, sorted(files), progress)
+    serialization = predicate["candidate"].get("serialization")
+    on_disk, _ = _hash_files(root, sorted(files), progress,
+                             isinstance(serialization, dict) and serialization.get("allowSymlinks") is True)
     checks = []
     for name in sorted(files):
         actual = on_disk.get(name)
