@@ -4,7 +4,8 @@ The predicate (type `PREDICATE_TYPE`, documented in docs/attestation.md) records
 needs to re-check the verdict offline: the policy by digest, the fingerprint method and parameters,
 every reference by fingerprint digest with its distance and threshold, attribution, lineage
 evidence, the decision rules, and the result with reason codes. Subjects are the model's files
-(sha256) plus one whole-model subject whose digest is the `model_signing digest` root digest.
+(sha256) plus one whole-model subject whose digest is the digest model_signing signs for the model
+directory (artifact/digest.py).
 """
 
 from __future__ import annotations

@@ -68,6 +68,7 @@ def build_report(result: VerificationResult) -> dict[str, Any]:
             "fingerprint_digest": cand.fingerprint_digest, "layout": cand.layout,
             "total_params": cand.fingerprint.features.get("total_params"),
             "files": [dict(f) for f in cand.files], "root_digest": cand.root_digest,
+            "weights_digest": cand.weights_digest or cand.root_digest, "read_through_symlinks": cand.symlinks,
             "files_verified": cand.files_verified, "base": cand.base, "warnings": list(cand.warnings),
         },
         "attribution": {
