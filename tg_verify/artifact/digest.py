@@ -36,8 +36,8 @@ def _advance(progress: Progress) -> Callable[[int], None] | None:
     if progress is None:
         return None
     if hasattr(progress, "advance"):
-        return progress.advance  # type: ignore[union-attr]
-    return progress  # type: ignore[return-value]
+        return progress.advance
+    return progress
 
 
 def file_digests(artifact: Artifact, progress: Progress = None) -> dict[str, str]:
