@@ -87,12 +87,12 @@ def sketch_fingerprint_of(ck: Checkpoint, directory: str | Path, layout: str = "
 
     The paper's features are not computed: they are zero here and must not be compared.
     """
-    from tg_verify.artifact import TensorReader, resolve
+    from tg_verify.artifact import open_reader, resolve
     from tg_verify.fingerprint.document import FEATURE_NAMES, Fingerprint
     from tg_verify.fingerprint.sketch import SketchBuilder
 
     artifact = resolve(ck.save(directory, layout))
-    with TensorReader(artifact) as reader:
+    with open_reader(artifact) as reader:
         builder = SketchBuilder(artifact, reader, None)
         for info, weight in reader.stream():
             builder.add(info, weight)

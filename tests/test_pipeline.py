@@ -282,7 +282,8 @@ def test_derivative_reference_moves_its_base_cluster_and_can_be_declared(demo_tr
 
 def test_adapter_fingerprint_must_match_the_base_it_is_checked_with(demo_tree: Path, tmp_path: Path,
                                                                    lora_adapter: Path) -> None:
-    from tg_verify.artifact.peft import base_record, open_merged
+    from tg_verify.artifact.merge import open_merged
+    from tg_verify.artifact.peft import base_record
     from tg_verify.fingerprint.extract import fingerprint_artifact
 
     adapter, base = resolve(lora_adapter), resolve(demo_tree / "models" / "base")

@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 from tg_verify.artifact import Artifact, file_digests, natural_key, resolve
 from tg_verify.artifact.layout import ADAPTER_CONFIG, INDEX_NAME, PICKLE_SUFFIXES
-from tg_verify.artifact.peft import AdapterFinding, base_record, check_base_name, open_merged
+from tg_verify.artifact.peft import AdapterFinding
 from tg_verify.atomic import write_bytes, write_json
-from tg_verify.errors import EXIT_INTERNAL, EXIT_OK, AdapterError, TgVerifyError, UsageError
+from tg_verify.errors import EXIT_INTERNAL, EXIT_OK, TgVerifyError, UsageError
 from tg_verify.fingerprint.document import FEATURE_VERSION, Fingerprint, load
 from tg_verify.fingerprint.settings import FingerprintSettings, semantic
 from tg_verify.progress import NullProgress, ProgressSink
@@ -45,6 +45,11 @@ class ModelFingerprint:
     @property
     def warnings(self) -> list[str]:
         notes = list(self.artifact.warnings) + (list(self.base.warnings) if self.base is not None else [])
+        unexpected = (self.fingerprint.extraction or {}).get("unexpected_tensors") or []
+        if unexpected:
+            notes.append(f"TGV_UNEXPECTED_TENSORS: {len(unexpected)} stored tensor(s) that the runtime does not load "
+                         f"were left out of the fingerprint: " + ", ".join(repr(n) for n in unexpected[:5])
+                         + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
         return notes + [f.message for f in self.findings if f.severity == "warning"]
 
 
@@ -58,25 +63,20 @@ def fingerprint_model(path: str | os.PathLike[str] | Artifact, settings: Fingerp
     are compared with the adapter's base_model_name_or_path, a warning finding on mismatch.
     `base_digests` saves re-hashing a base shared by many adapters. `threads`: as `fingerprint_artifact`.
     """
+    from tg_verify.artifact.merge import open_model
     from tg_verify.fingerprint.extract import fingerprint_artifact
 
     artifact = path if isinstance(path, Artifact) else resolve(path)
-    if artifact.layout != "adapter":
-        fp = fingerprint_artifact(artifact, settings, progress=progress, model_name=model_name, threads=threads)
-        return ModelFingerprint(fp, artifact)
-    if base is None:
-        claimed = (artifact.adapter_config or {}).get("base_model_name_or_path")
-        hint = f" (its adapter_config.json names '{claimed}')" if isinstance(claimed, str) and claimed else ""
-        raise AdapterError(f"{artifact.root}: is a PEFT adapter; give the base model it was trained on "
-                           f"(--base PATH){hint} so it can be merged before fingerprinting")
-    base_artifact = base if isinstance(base, Artifact) else resolve(base)
-    names = list(declared_base_names) or [base_artifact.name]
-    with open_merged(artifact, base_artifact) as merged:
-        findings = [f for f in merged.findings if f.severity != "info"] + check_base_name(artifact, names)
-        fp = fingerprint_artifact(merged.artifact, settings, reader=merged, progress=progress,
-                                  model_name=model_name or artifact.name, threads=threads)
-    fp.artifact["base"] = base_record(base_artifact, base_digests or file_digests(base_artifact))
-    return ModelFingerprint(fp, artifact, base_artifact, findings)
+    base_artifact = None
+    if artifact.layout == "adapter" and base is not None:
+        base_artifact = base if isinstance(base, Artifact) else resolve(base)
+    with open_model(artifact, base_artifact, base_digests=base_digests,
+                    declared_base_names=declared_base_names) as opened:
+        fp = fingerprint_artifact(opened.artifact, settings, reader=opened.reader, progress=progress,
+                                  model_name=model_name, threads=threads)
+    if opened.base_record is not None:
+        fp.artifact["base"] = opened.base_record
+    return ModelFingerprint(fp, artifact, base_artifact, list(opened.findings))
 
 
 # ------------------------------------------------------------------------------------------ discovery

@@ -69,6 +69,7 @@ class CandidateOutcome:
     warnings: tuple[str, ...] = ()
     weights_digest: str = ""  # the same construction over the artifact's own files only (the fingerprinted ones)
     symlinks: bool = False  # some file was read through a symbolic link (a Hugging Face cache)
+    unexpected: tuple[str, ...] = ()  # stored tensors the runtime does not load (not fingerprinted)
 
 
 @dataclass(frozen=True)
@@ -220,18 +221,14 @@ def _context(prefix: str) -> Iterator[None]:
         raise
 
 
-def settings_type() -> Any:
-    from tg_verify.fingerprint.settings import FingerprintSettings
-
-    return FingerprintSettings
-
-
 def settings_from_record(record: dict[str, Any]) -> Any:
     """Rebuild FingerprintSettings from the dict a fingerprint recorded (unknown keys are refused).
 
     The recorded device is where that fingerprint ran, not a setting: this run picks its own.
     """
-    return settings_type().from_dict({k: v for k, v in record.items() if k != "device"})
+    from tg_verify.fingerprint.settings import assemble_settings
+
+    return assemble_settings(recorded=[record])
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:
@@ -244,21 +241,18 @@ def _choose_settings(policy: Policy, recorded: list[Fingerprint], device: str | 
     Following the recorded settings lets a policy mix fingerprint files and on-the-fly models without
     repeating the settings; any disagreement surfaces as an incompatibility, never a silent comparison.
     """
-    cls = settings_type()
+    from tg_verify.fingerprint.settings import assemble_settings
+
     native = [fp for fp in recorded if not fp.legacy]
     if policy.fingerprint:
-        settings = cls(**policy.fingerprint)
-    elif native:
+        return assemble_settings(block=policy.fingerprint, device=device)
+    if native:
         with _context(f"{policy.path}: settings recorded in {native[0].source}"):
             try:
-                settings = settings_from_record(native[0].settings)
+                return assemble_settings(recorded=[native[0].settings], device=device)
             except (TypeError, ValueError, InputError) as exc:
                 raise IncompatibleFingerprintsError(f"cannot reuse its settings ({exc})") from None
-    else:
-        settings = cls()
-    if device is not None:
-        settings = replace(settings, device=device)
-    return settings
+    return assemble_settings(device=device)
 
 
 class FingerprintCache:
@@ -342,7 +336,7 @@ class OpenedCandidate:
     artifact: Artifact  # whose tensors are fingerprinted
     files: tuple[dict[str, Any], ...]  # the candidate's own files {path, size, role, sha256}
     digests: dict[str, str]
-    reader: Any = None  # None: TensorReader(artifact)
+    reader: Any = None  # None: open_reader(artifact), by the extractor
     base: dict[str, Any] | None = None
     name_mismatches: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
@@ -387,17 +381,18 @@ def _name_mismatches(policy: Policy, adapter: Artifact, base_path: Path | None) 
 
 
 def _open_adapter(policy: Policy, adapter: Artifact, digests: dict[str, str]) -> OpenedCandidate:
-    from tg_verify.artifact.peft import base_record, open_merged
+    from tg_verify.artifact.merge import open_model
 
     base_path, field_name = _adapter_base(policy, adapter)
     with _context(f"{policy.path}: {field_name}"):
         base = resolve(base_path)
         base_digests = file_digests(base)
-    merged = open_merged(adapter, base)
-    record = base_record(base, base_digests)
-    return OpenedCandidate(artifact=merged.artifact, files=_files(adapter, digests), digests=digests, reader=merged,
-                           base=record, name_mismatches=_name_mismatches(policy, adapter, base_path),
-                           warnings=merged.artifact.warnings)
+    names = [n for n in (policy.declared.base, str(base_path), base_path.resolve().name) if n]
+    opened = open_model(adapter, base, base_digests=base_digests, declared_base_names=names)
+    mismatches = tuple(f.message for f in opened.findings if f.code == "TGV_ADAPTER_BASE_NAME_MISMATCH")
+    return OpenedCandidate(artifact=opened.artifact, files=_files(adapter, digests), digests=digests,
+                           reader=opened.reader, base=opened.base_record, name_mismatches=mismatches,
+                           warnings=opened.artifact.warnings)
 
 
 def _candidate(policy: Policy, settings: Any, recorded_fp: Fingerprint | None, options: VerifyOptions,
@@ -416,7 +411,8 @@ def _candidate(policy: Policy, settings: Any, recorded_fp: Fingerprint | None, o
         return CandidateOutcome(
             name=spec.name or fp.model_name, fingerprint=fp, fingerprint_digest=fp.digest(), source="fingerprint",
             path=None, fingerprint_path=spec.fingerprint, layout=str(art.get("layout", "unknown")), files=files,
-            root_digest=weights, weights_digest=weights, files_verified=False, base=art.get("base")), ()
+            root_digest=weights, weights_digest=weights, files_verified=False, base=art.get("base"),
+            unexpected=_recorded_unexpected(fp)), ()
     with _context(f"{policy.path}: candidate.path"):
         artifact = resolve(spec.path)
         digests = file_digests(artifact)
@@ -452,7 +448,14 @@ def _candidate(policy: Policy, settings: Any, recorded_fp: Fingerprint | None, o
         root_digest=root_digest(model_digests), weights_digest=root_digest(digests), files_verified=True,
         base=opened.base, warnings=opened.warnings,
         symlinks=any(f.symlink for f in listed) or any(artifact.path_of(p).is_symlink() for p in digests),
+        unexpected=tuple(t.name for t in opened.artifact.unexpected) or _recorded_unexpected(fp),
     ), opened.name_mismatches
+
+
+def _recorded_unexpected(fp: Fingerprint) -> tuple[str, ...]:
+    """The unexpected tensors a fingerprint recorded when it was made (names only)."""
+    names = (fp.extraction or {}).get("unexpected_tensors")
+    return tuple(str(n) for n in names) if isinstance(names, list) else ()
 
 
 # ------------------------------------------------------------------------------------ references
@@ -627,6 +630,7 @@ def verify(policy: Policy, options: VerifyOptions | None = None) -> Verification
                                         attribution_meaningful=classification.attribution_meaningful,
                                         not_meaningful=tuple(classification.not_meaningful)),
         adapter_name_mismatches=name_mismatches, artifact_warnings=candidate.warnings,
+        unexpected_tensors=candidate.unexpected,
         caveats=tuple(classification.caveats))
     verdict = decide(policy, evidence)
     from tg_verify.report.attestation import component_versions

@@ -134,6 +134,7 @@ class Policy:
     # What a statistical finding that would fail (distance, family, out of cluster) becomes when the lineage
     # test establishes the declared lineage: warn (the stronger evidence decides) or fail (both must agree).
     on_statistics_disagree: Action = "warn"
+    on_unexpected_tensors: Action = "fail"  # stored tensors no runtime loads (artifact/loading.py)
     outputs: Outputs = field(default_factory=Outputs)
     waivers: tuple[Waiver, ...] = ()  # reviewed, dated exceptions for single findings (tg_verify/waivers.py)
 
@@ -325,8 +326,8 @@ def _bound_document(check: _Checker, value: Any, where: str = "") -> None:
 
 
 TOP_KEYS = ("version", "candidate", "declared", "references", "forbidden", "thresholds", "lineage", "fingerprint",
-            "on_out_of_cluster", "on_name_mismatch", "on_base_mismatch", "on_statistics_disagree", "outputs",
-            "waivers")
+            "on_out_of_cluster", "on_name_mismatch", "on_base_mismatch", "on_statistics_disagree",
+            "on_unexpected_tensors", "outputs", "waivers")
 ACTIONS: tuple[str, ...] = ("fail", "warn")
 
 
@@ -573,7 +574,8 @@ def parse_policy(data: bytes, path: Path, *, candidate_override: Path | None = N
                   references=refs, on_out_of_cluster=_action(check, doc, "on_out_of_cluster", "fail"),
                   on_name_mismatch=_action(check, doc, "on_name_mismatch", "warn"),
                   on_base_mismatch=_action(check, doc, "on_base_mismatch", "warn"),
-                  on_statistics_disagree=_action(check, doc, "on_statistics_disagree", "warn"), **extras)
+                  on_statistics_disagree=_action(check, doc, "on_statistics_disagree", "warn"),
+                  on_unexpected_tensors=_action(check, doc, "on_unexpected_tensors", "fail"), **extras)
 
 
 def load_policy(path: str | os.PathLike[str], *, candidate_override: str | os.PathLike[str] | None = None

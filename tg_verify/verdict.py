@@ -51,6 +51,8 @@ REASON_CODES: dict[str, tuple[str, str]] = {
     "TGV_LINEAGE_DISABLED": ("info", "the policy turned the lineage test off (lineage.enabled: false)"),
     "TGV_ADAPTER_BASE_NAME_MISMATCH": ("warn", "the adapter's base_model_name_or_path disagrees with the declared "
                                                "base (policy on_name_mismatch: warn | fail)"),
+    "TGV_UNEXPECTED_TENSORS": ("fail", "the candidate stores tensors that the runtime of its architecture does not "
+                                       "load; they were not fingerprinted (policy on_unexpected_tensors: fail | warn)"),
     "TGV_ARTIFACT_WARNING": ("warn", "the candidate artifact was accepted with a warning (e.g. a non-canonical "
                                      "header)"),
     "TGV_COMPARISON_CAVEAT": ("info", "a caveat on how distances were computed (legacy references, degenerate "
@@ -126,6 +128,7 @@ class Evidence:
     attribution: AttributionEvidence
     adapter_name_mismatches: tuple[str, ...] = ()
     artifact_warnings: tuple[str, ...] = ()
+    unexpected_tensors: tuple[str, ...] = ()  # stored tensor names the runtime does not load (never fingerprinted)
     caveats: tuple[str, ...] = ()
 
     def reference(self, ref_id: str) -> ReferenceEvidence:
@@ -388,6 +391,11 @@ def decide(policy: Policy, evidence: Evidence, today: _dt.date | None = None) ->
     _lineage(policy, evidence, out)
     for message in evidence.adapter_name_mismatches:
         out.add("TGV_ADAPTER_BASE_NAME_MISMATCH", message, policy.declared.base, severity=policy.on_name_mismatch)
+    if evidence.unexpected_tensors:
+        names = evidence.unexpected_tensors
+        listed = ", ".join(f"'{n}'" for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        out.add("TGV_UNEXPECTED_TENSORS", f"{len(names)} stored tensor(s) that the runtime does not load were left out "
+                f"of the fingerprint: {listed}", severity=policy.on_unexpected_tensors)
     for message in evidence.artifact_warnings:
         out.add("TGV_ARTIFACT_WARNING", message)
     for message in evidence.caveats:

@@ -151,3 +151,50 @@ def test_resolve_is_deterministic(tiny_models: dict[str, dict[str, Path]], tmp_p
     first, second = resolve(source), resolve(copy)
     assert _listing(first) == _listing(second)
     assert [(f.path, f.size, f.role) for f in first.files] == [(f.path, f.size, f.role) for f in second.files]
+
+
+def test_every_other_weight_file_beside_the_model_is_named(tmp_path: Path) -> None:
+    """Pickles, other safetensors and other formats (GGUF, TF, Flax, ONNX) next to the weights are listed in
+    `other_weights` with a warning each: some runtimes load them instead, and they are not verified."""
+    data = tensors_file({"a.weight": ("F32", [2, 2])})
+    others = {"pytorch_model.bin": b"\x80\x02.", "consolidated.safetensors": data, "model.gguf": b"GGUF",
+              "tf_model.h5": b"\x89HDF", "flax_model.msgpack": b"\x80", "model.onnx": b"\x08\x07"}
+    artifact = resolve(_write_tree(tmp_path / "m", {"model.safetensors": data, **others}))
+    assert [f.path for f in artifact.files] == ["model.safetensors"]
+    assert sorted(artifact.other_weights) == sorted(others)
+    for name in others:
+        assert any(name in w for w in artifact.warnings), name
+    alone = resolve(_write_tree(tmp_path / "clean", {"model.safetensors": data}))
+    assert alone.other_weights == () and not any("ignored" in w for w in alone.warnings)
+
+
+def test_only_unsupported_format_files_is_no_model(tmp_path: Path) -> None:
+    with pytest.raises(E.NoModelError):
+        resolve(_write_tree(tmp_path / "onnx", {"model.onnx": b"\x08\x07"}))
+
+
+def test_tensor_count_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tensor costs work: more than the cap is refused before anything else is done with them."""
+    data = tensors_file({f"t{i}": ("F32", [2, 2]) for i in range(101)})
+    root = _write_tree(tmp_path / "many", {"model.safetensors": data})
+    assert len(resolve(root).tensors) == 101
+    monkeypatch.setenv("TG_VERIFY_MAX_TENSORS", "100")
+    with pytest.raises(E.TooManyTensorsError, match="100"):
+        resolve(root)
+    with pytest.raises(E.TooManyTensorsError):
+        resolve(root / "model.safetensors")
+
+
+def test_many_tiny_tensors_are_refused_before_per_tensor_work(tmp_path: Path) -> None:
+    """Beyond 2,048 tensors the mean tensor must hold 256 KiB: 40,000 2x2 tensors (the CPU-amplification
+    file: 22-30 s to fingerprint before) are refused from the header, the same count of big tensors is not."""
+    from tg_verify.artifact.header import validate_bytes
+    from tg_verify.artifact.model import FREE_TENSORS
+
+    many = tensors_file({f"model.layers.{i}.w.weight": ("F32", [2, 2]) for i in range(40_000)})
+    with pytest.raises(E.TooManyTensorsError, match="mean tensor"):
+        validate_bytes(many)
+    root = _write_tree(tmp_path / "tiny", {"model.safetensors": many})
+    with pytest.raises(E.TooManyTensorsError, match="mean tensor"):
+        resolve(root)
+    assert len(validate_bytes(tensors_file({f"t{i}": ("F32", [2, 2]) for i in range(FREE_TENSORS)}))[0]) == FREE_TENSORS

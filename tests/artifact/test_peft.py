@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from tg_verify.artifact import resolve
 from tg_verify.artifact.digest import file_digests
+from tg_verify.artifact.merge import open_merged
 from tg_verify.artifact.peft import (
     AdapterFormatError,
     AdapterMismatchError,
@@ -22,7 +23,6 @@ from tg_verify.artifact.peft import (
     check_adapter,
     check_adapter_against_tensors,
     check_base_name,
-    open_merged,
 )
 from tg_verify.errors import AdapterError
 from tg_verify.tiny import build_model, save_model
@@ -425,3 +425,53 @@ def test_base_rewriting_init_is_flagged(tmp_path: Path) -> None:
     findings = check_adapter(adapter, {"model.layers.0.self_attn.q_proj.weight": (64, 64)})
     assert "TGV_ADAPTER_INIT_MODIFIES_BASE" in {f.code for f in findings}
     assert {f.severity for f in findings} <= {"warning", "info"}
+
+
+def test_nan_from_the_adapter_names_the_adapter_file(llama: tuple[torch.nn.Module, Path], tmp_path: Path) -> None:
+    """A merged tensor made non-finite by the adapter is reported against adapter_model.safetensors, not the
+    base's file (whose values are finite)."""
+    from tg_verify.errors import WeightValueError
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.fingerprint.settings import FingerprintSettings
+
+    keys = dict(LORA_KEYS)
+    keys["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] = torch.full((64, 2), float("inf"))
+    adapter = resolve(_adapter_dir(tmp_path, {"peft_type": "LORA", "r": 2, "lora_alpha": 2}, keys))
+    with open_merged(adapter, resolve(llama[1])) as merged, pytest.raises(WeightValueError) as info:
+        fingerprint_artifact(merged.artifact, FingerprintSettings(device="cpu", sketch=False), reader=merged)
+    message = str(info.value)
+    assert "adapter_model.safetensors" in message and "model.layers.0.self_attn.q_proj.weight" in message
+    assert "lora_B" in message and str(llama[1]) not in message
+
+
+def test_header_only_adapter_checks_import_neither_torch_nor_sklearn(llama: tuple[torch.nn.Module, Path],
+                                                                     tmp_path: Path) -> None:
+    """`inspect --against` (resolve, check_adapter_against_tensors, check_base_name, the verb itself) stays light."""
+    import subprocess
+    import sys
+
+    adapter = _adapter_dir(tmp_path, {"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                      "rank_pattern": {"q_proj": 2}}, LORA_KEYS)
+    reference = tmp_path / "ref.json"
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.fingerprint.settings import FingerprintSettings
+
+    reference.write_bytes(fingerprint_artifact(resolve(llama[1]), FingerprintSettings(device="cpu", sketch=False,
+                                                                                      repeats=2)).to_json_bytes())
+    code = f"""
+import sys, argparse
+from tg_verify.artifact import resolve
+from tg_verify.artifact.peft import check_adapter_against_tensors, check_base_name
+from tg_verify.fingerprint.document import load
+adapter = resolve({str(adapter)!r})
+findings = check_adapter_against_tensors(adapter, load({str(reference)!r}).tensors) + check_base_name(adapter, ["x"])
+assert any(f.code == "TGV_ADAPTER_FITS" for f in findings), findings
+from tg_verify.commands import inspect
+status = inspect.run(argparse.Namespace(path={str(adapter)!r}, json=True, hash=False, tensors=False, progress=False,
+                                        against={str(reference)!r}))
+assert status == 0, status
+heavy = sorted(m for m in ("torch", "sklearn", "transformers", "peft") if m in sys.modules)
+assert not heavy, heavy
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

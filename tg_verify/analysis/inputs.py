@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tg_verify.errors import InputError
 from tg_verify.fingerprint.document import Fingerprint, load
-from tg_verify.fingerprint.settings import FingerprintSettings
+from tg_verify.fingerprint.settings import FingerprintSettings, assemble_settings
 from tg_verify.progress import NullProgress, ProgressSink
 
 
@@ -24,11 +24,7 @@ def is_fingerprint_path(path: str | os.PathLike[str]) -> bool:
 
 def settings_like(fingerprints: Sequence[Fingerprint], device: str | None = None) -> FingerprintSettings:
     """The settings of the first native fingerprint (defaults when all are legacy), optionally on `device`."""
-    recorded = next((fp.settings for fp in fingerprints if not fp.legacy), None)
-    overrides = {"device": device} if device else {}
-    if recorded is None:
-        return FingerprintSettings.from_dict({}, **overrides)
-    return FingerprintSettings.from_dict({k: v for k, v in recorded.items() if k != "device"}, **overrides)
+    return assemble_settings(recorded=[fp.settings for fp in fingerprints if not fp.legacy], device=device or None)
 
 
 def load_or_fingerprint(path: str | os.PathLike[str], settings: FingerprintSettings,

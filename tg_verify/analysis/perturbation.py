@@ -10,13 +10,12 @@ score depends on the perturbation and the input width only, never on the weight 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from tg_verify.artifact import Artifact, TensorReader, categorize, resolve
+from tg_verify.artifact import Artifact, categorize, naming, open_reader, resolve
 from tg_verify.errors import UsageError, WeightValueError
 from tg_verify.fingerprint import noise
 from tg_verify.fingerprint.extract import analysis_kind, gradient_response
@@ -28,7 +27,6 @@ from tg_verify.progress import NullProgress, ProgressSink
 STUDY_STRATEGIES: tuple[str, ...] = ("random", *NOISE_STRATEGIES)
 STUDY_CATEGORIES: frozenset[str] = frozenset({"attention", "ffn"})
 _NORM = STAT_NAMES.index("norm")
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
 @dataclass
@@ -59,8 +57,8 @@ class PerturbationStudy:
 def short_name(name: str) -> str:
     """`model.layers.3.mlp.down_proj.weight` -> `3.mlp.down_proj` (block index and the module path)."""
     stem = name[:-len(".weight")] if name.endswith(".weight") else name
-    match = _BLOCK.search(stem)
-    return f"{match.group(1)}.{stem[match.end():]}" if match else stem
+    block = naming.block_of(stem)
+    return f"{block[1]}.{block[2]}" if block is not None and block[2] else stem
 
 
 def _zscores(values: np.ndarray) -> np.ndarray:
@@ -84,7 +82,7 @@ def perturbation_study(model: str | os.PathLike[str] | Artifact, settings: Finge
               if analysis_kind(info) == "gradient" and categorize(info.name) in STUDY_CATEGORIES]
     if max_blocks is not None:
         chosen = [info for info in chosen
-                  if (m := _BLOCK.search(info.name)) is None or int(m.group(1)) < max_blocks]
+                  if (layer := naming.layer_of(info.name)) is None or layer < max_blocks]
     if not chosen:
         raise WeightValueError(f"{artifact.root}: no attention or MLP weight matrix to study")
     sink = progress or NullProgress()
@@ -93,7 +91,7 @@ def perturbation_study(model: str | os.PathLike[str] | Artifact, settings: Finge
     scores = {s: np.zeros(len(chosen)) for s in STUDY_STRATEGIES}
     drawn: dict[str, str] = {}
     per_strategy = {s: replace(settings, strategy=s) for s in STUDY_STRATEGIES}
-    with TensorReader(artifact) as reader:
+    with open_reader(artifact) as reader:
         for index, info in enumerate(chosen):
             engine.load(reader.raw(info))
             for strategy in STUDY_STRATEGIES:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from tg_verify.artifact import naming
 from tg_verify.artifact.categories import CATEGORIES, Category, categorize
 from tg_verify.artifact.digest import file_digests, root_digest
+from tg_verify.artifact.formats import FORMATS, Format, open_reader
 from tg_verify.artifact.header import read_header
 from tg_verify.artifact.layout import resolve
 from tg_verify.artifact.model import Artifact, ArtifactFile, TensorInfo, natural_key
@@ -18,8 +20,8 @@ if TYPE_CHECKING:
     from tg_verify.artifact.reader import TensorReader
 
 __all__ = [
-    "Artifact", "ArtifactFile", "CATEGORIES", "Category", "TensorInfo", "TensorReader", "categorize",
-    "file_digests", "natural_key", "read_header", "resolve", "root_digest",
+    "FORMATS", "Artifact", "ArtifactFile", "CATEGORIES", "Category", "Format", "TensorInfo", "TensorReader",
+    "categorize", "file_digests", "naming", "natural_key", "open_reader", "read_header", "resolve", "root_digest",
 ]
 
 

@@ -60,6 +60,19 @@ class AmbiguousLayoutError(ArtifactError):
     code = "TGV_AMBIGUOUS_LAYOUT"
 
 
+class AmbiguousTensorError(ArtifactError):
+    """Two tensors that a runtime would load as the same parameter (e.g. `embed_tokens.weight` and
+    `model.embed_tokens.weight`): which one it uses depends on load order, so neither can be verified."""
+
+    code = "TGV_AMBIGUOUS_TENSOR"
+
+
+class TooManyTensorsError(ArtifactError):
+    """More tensors than the configured cap (a CPU-amplification guard: each tensor costs work)."""
+
+    code = "TGV_TOO_MANY_TENSORS"
+
+
 class IndexFormatError(ArtifactError):
     """A shard index whose `weight_map` is missing, empty or names something other than a sibling shard."""
 

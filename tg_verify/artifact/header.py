@@ -34,11 +34,12 @@ from tg_verify.artifact.errors import (
     SizeMismatchError,
     SizeOverflowError,
     TensorNameError,
+    TooManyTensorsError,
     TrailingBytesError,
     UnknownDtypeError,
     shown,
 )
-from tg_verify.artifact.model import DTYPE_BITS
+from tg_verify.artifact.model import DTYPE_BITS, tensor_budget
 from tg_verify.artifact.safeio import open_regular, os_error, read_exactly, strict_json
 
 MAX_HEADER_BYTES = 25_000_000  # huggingface_hub's cap (SAFETENSORS_MAX_HEADER_LENGTH); the Rust reference allows 100 MB
@@ -208,6 +209,10 @@ def parse_header(raw: bytes, file_size: int, where: str) -> tuple[tuple[RawTenso
     """Checks 4-10 on the header bytes of a file of `file_size` bytes: (tensors by offset, metadata, canonical)."""
     document, canonical = _document(raw, where)
     data_len = file_size - 8 - len(raw)
+    too_many = tensor_budget(len(document) - ("__metadata__" in document), data_len)
+    if too_many is not None:  # before any per-tensor work
+        raise TooManyTensorsError(f"{where}: {too_many}; set TG_VERIFY_MAX_TENSORS to a larger count to accept a "
+                                  f"file like this")
     metadata: dict[str, str] = {}
     entries: list[RawTensor] = []
     for name, spec in document.items():

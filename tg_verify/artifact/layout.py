@@ -26,12 +26,15 @@ from tg_verify.artifact.errors import (
     NotSafetensorsError,
     PickleFormatError,
     ShardSetError,
+    TooManyTensorsError,
     UnlistedShardError,
     UnreadableFileError,
     shown,
 )
+from tg_verify.artifact.formats import FOREIGN_WEIGHT_SUFFIXES, format_for_path, other_format_files, resolve_with
 from tg_verify.artifact.header import Header, read_header, valid_name
-from tg_verify.artifact.model import Artifact, ArtifactFile, TensorInfo, natural_key
+from tg_verify.artifact.loading import classify
+from tg_verify.artifact.model import Artifact, ArtifactFile, TensorInfo, natural_key, tensor_budget
 from tg_verify.artifact.safeio import MAX_JSON_BYTES, load_json_file, read_json_file, stat_path
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -49,7 +52,7 @@ SHARD_PATTERN = re.compile(r"^(?P<prefix>.+?)[-_.](?P<index>[0-9]+)-of-(?P<total
 TENSOR_PARALLEL_PATTERN = re.compile(r"^consolidated\.[0-9]+\.safetensors$")
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CONFIG_NAME", "INDEX_NAME", "MAX_JSON_BYTES", "PICKLE_SUFFIXES",
-           "SHARD_PATTERN", "SINGLE_NAME", "read_json_file", "resolve"]
+           "SHARD_PATTERN", "SINGLE_NAME", "read_json_file", "resolve", "resolve_safetensors_file"]
 
 
 def _headers(root: Path, relpaths: list[str]) -> dict[str, Header]:
@@ -67,11 +70,17 @@ def _symlink_note(root: Path, relpaths: list[str]) -> list[str]:
 
 def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], extra: list[ArtifactFile],
               config: dict[str, Any] | None, warnings: list[str], adapter_config: dict[str, Any] | None = None,
-              expected: dict[str, str] | None = None, index_name: str = INDEX_NAME) -> Artifact:
+              expected: dict[str, str] | None = None, index_name: str = INDEX_NAME,
+              other_weights: tuple[str, ...] = ()) -> Artifact:
     """Merge validated headers into one Artifact: cross-file duplicate and index checks, canonical order."""
     tensors: list[TensorInfo] = []
     owner: dict[str, str] = {}
     notes = list(warnings)
+    too_many = tensor_budget(sum(len(h.tensors) for h in weights.values()),
+                             sum(h.file_size - h.data_start for h in weights.values()))
+    if too_many is not None:
+        raise TooManyTensorsError(f"{shown(root)}: {too_many}; set TG_VERIFY_MAX_TENSORS to a larger count to "
+                                  f"accept a model like this")
     for rel, header in weights.items():
         if not header.canonical:
             notes.append(f"{shown(rel)}: header JSON has leading or extra whitespace padding (accepted; the "
@@ -97,6 +106,12 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
                 raise IndexMismatchError(f"{index_path}: tensor '{shown(tensor_name)}' stored in {shown(rel)} is "
                                          f"missing from weight_map")
     tensors.sort(key=lambda t: natural_key(t.name))
+    unexpected: tuple[TensorInfo, ...] = ()
+    architecture = None
+    if layout != "adapter":  # an adapter's own tensors are checked against its base when merged (peft.py)
+        loaded = classify(tensors, config, shown(root))
+        tensors, unexpected, architecture = list(loaded.loaded), loaded.unexpected, loaded.architecture
+        notes.extend(loaded.notes)
     role = "adapter-weights" if layout == "adapter" else "weights"
     files = [ArtifactFile(rel, h.file_size, role) for rel, h in weights.items()] + extra  # type: ignore[arg-type]
     files.sort(key=lambda f: natural_key(f.path))
@@ -105,7 +120,8 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
                     files=tuple(files), tensors=tuple(tensors),
                     config=config, adapter_config=adapter_config,
                     metadata={rel: h.metadata for rel, h in weights.items() if h.metadata},
-                    warnings=tuple(notes))
+                    warnings=tuple(notes), unexpected=unexpected, architecture=architecture,
+                    other_weights=tuple(other_weights))
 
 
 def _config(root: Path, entries: set[str], extra: list[ArtifactFile]) -> dict[str, Any] | None:
@@ -120,7 +136,7 @@ def _config(root: Path, entries: set[str], extra: list[ArtifactFile]) -> dict[st
 def _ignored(files: list[str], why: str) -> list[str]:
     if not files:
         return []
-    listed = ", ".join(shown(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    listed = ", ".join(shown(f) for f in files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
     return [f"ignored {listed}: {why}"]
 
 
@@ -202,18 +218,38 @@ def _shard_sets(root: Path, files: list[str]) -> tuple[str, list[str]]:
     return described, [members[n] for n in range(1, total + 1)]
 
 
+def _weight_like(name: str) -> bool:
+    """A file a runtime could load weights from: safetensors, pickle, or another format's weights."""
+    return name.endswith((SUFFIX, *PICKLE_SUFFIXES, *FOREIGN_WEIGHT_SUFFIXES)) or format_for_path(name) is not None
+
+
 def _resolve_directory(root: Path, name: str) -> Artifact:
+    """A model directory: the artifact, with every other weight file beside it named in `other_weights`."""
     try:
         names = sorted(entry.name for entry in os.scandir(root))
     except OSError as exc:
         raise UnreadableFileError(f"{shown(root)}: cannot list directory ({exc.strerror or exc})") from None
     entries = {n for n in names if valid_name(n)}
-    warnings = _ignored([n for n in names if n not in entries and n.endswith((SUFFIX, ".json"))],
+    warnings = _ignored([n for n in names if n not in entries and (_weight_like(n) or n.endswith(".json"))],
                         "file names that are not valid UTF-8 text are never read")
+    artifact = _resolve_entries(root, name, entries, warnings)
+    used = {f.path for f in artifact.files}
+    others = tuple(sorted((e for e in entries if _weight_like(e) and e not in used and not os.path.isdir(root / e)),
+                          key=natural_key))
+    return dataclasses.replace(artifact, other_weights=others) if others else artifact
+
+
+def _resolve_entries(root: Path, name: str, entries: set[str], warnings: list[str]) -> Artifact:
     pickles = sorted((e for e in entries if e.endswith(PICKLE_SUFFIXES)), key=natural_key)
     weights = sorted((e for e in entries if e.endswith(SUFFIX)), key=natural_key)
-    if pickles and (weights or ADAPTER_CONFIG in entries):
+    by_format = other_format_files(sorted(entries, key=natural_key))
+    foreign = sorted({e for e in entries if e.endswith(FOREIGN_WEIGHT_SUFFIXES)}
+                     | {f for files in by_format.values() for f in files}, key=natural_key)
+    if pickles and (weights or foreign or ADAPTER_CONFIG in entries):
         warnings += _ignored(pickles, "pickle-based weights are never loaded")
+    if foreign and (weights or ADAPTER_CONFIG in entries):
+        warnings += _ignored(foreign, "weights in another format (GGUF, TF/Keras, Flax, ONNX, ...) are not part of "
+                                      "this artifact and not verified, though some runtimes load them instead")
     if ADAPTER_CONFIG in entries:
         return _resolve_adapter(root, name, entries, warnings)
     indexes = sorted(e for e in entries if e.endswith(INDEX_SUFFIX))
@@ -254,6 +290,15 @@ def _resolve_directory(root: Path, name: str) -> Artifact:
         raise ShardSetError(f"{shown(root)}: {len(others)} .safetensors files ({', '.join(map(shown, others[:3]))}"
                             f"{', ...' if len(others) > 3 else ''}) but no index and no <prefix>-0000i-of-0000N "
                             f"naming; pass one file, or add {INDEX_NAME}")
+    readable = [f for files in by_format.values() for f in files]
+    if len(readable) > 1:
+        raise AmbiguousLayoutError(f"{shown(root)}: several weight files ({', '.join(map(shown, readable[:4]))}) "
+                                   f"and no safetensors model; pass one file")
+    if readable:
+        fmt = format_for_path(readable[0])
+        assert fmt is not None
+        artifact = resolve_with(fmt, root / readable[0])
+        return dataclasses.replace(artifact, warnings=tuple(warnings) + artifact.warnings)
     if pickles:
         raise PickleFormatError(f"{shown(root)}: only pickle-based weights ({shown(pickles[0])}); tg-verify reads "
                                 f"safetensors only (pickle can execute code): convert them first")
@@ -301,9 +346,16 @@ def resolve(path: str | os.PathLike[str]) -> Artifact:
     if file_name.endswith(PICKLE_SUFFIXES):
         raise PickleFormatError(f"{shown(path)}: pickle-based weights are refused (loading them can execute code); "
                                 f"convert to safetensors")
-    if not file_name.endswith(SUFFIX):
+    fmt = format_for_path(path)
+    if fmt is None:
         hint = " (pass the model directory)" if file_name.endswith(".json") else ""
         raise NotSafetensorsError(f"{shown(path)}: not a .safetensors file{hint}")
+    return resolve_with(fmt, path)
+
+
+def resolve_safetensors_file(path: Path) -> Artifact:
+    """One .safetensors file passed directly: a `single` artifact without config.json."""
+    file_name = path.name
     header = read_header(path)
     match = SHARD_PATTERN.match(file_name)
     notes = [f"{shown(file_name)} is shard {int(match['index'])} of {int(match['total'])}: only its tensors are "

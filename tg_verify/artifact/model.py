@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,6 +26,43 @@ DTYPE_BITS: dict[str, int] = {
 DECODABLE_DTYPES: frozenset[str] = frozenset({
     "BOOL", "U8", "I8", "I16", "I32", "I64", "U16", "U32", "U64", "F16", "BF16", "F32", "F64",
     "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
+
+# Safetensors dtypes whose values are real numbers a gradient can be taken against. Integer tensors
+# (quantised packs, index buffers) have no Linear meaning and are not analysed. Formats extend this set.
+FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ",
+                                          "F8_E5M2FNUZ"})
+
+# Every tensor costs fixed work (header parsing, sorting, and above all the extractor's per-tensor pass), so
+# many tiny tensors are a CPU-amplification attack: 40,000 2x2 tensors in 4.8 MB took 22-30 s. An artifact may
+# hold at most MAX_TENSORS tensors, and beyond FREE_TENSORS their mean size must be at least
+# MIN_MEAN_TENSOR_BYTES, so the work stays proportional to the bytes. Published checkpoints fit easily: a
+# dense 405B model has ~1,100 tensors, large MoE models tens of thousands of multi-MB expert tensors.
+# $TG_VERIFY_MAX_TENSORS replaces both rules with a plain cap (TGV_TOO_MANY_TENSORS beyond it).
+MAX_TENSORS = 100_000
+FREE_TENSORS = 2_048
+MIN_MEAN_TENSOR_BYTES = 262_144
+MAX_TENSORS_ENV = "TG_VERIFY_MAX_TENSORS"
+
+
+def max_tensors() -> int:
+    """The plain tensor-count cap: $TG_VERIFY_MAX_TENSORS when it is a positive integer, else MAX_TENSORS."""
+    value = os.environ.get(MAX_TENSORS_ENV, "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return MAX_TENSORS
+
+
+def tensor_budget(count: int, nbytes: int) -> str | None:
+    """Why `count` tensors over `nbytes` bytes are too many to process, or None when they are within budget."""
+    explicit = os.environ.get(MAX_TENSORS_ENV, "").strip()
+    cap = max_tensors()
+    if count > cap:
+        return f"{count} tensors, more than the limit of {cap}"
+    if not explicit and count > FREE_TENSORS and nbytes < count * MIN_MEAN_TENSOR_BYTES:
+        return (f"{count} tensors in {nbytes} bytes: beyond {FREE_TENSORS} tensors the mean tensor must hold at "
+                f"least {MIN_MEAN_TENSOR_BYTES} bytes (each tensor costs fixed work)")
+    return None
+
 
 _NATURAL = re.compile(r"([0-9]+)")
 
@@ -74,7 +112,9 @@ class Artifact:
     """A resolved model artifact.
 
     `tensors` is in canonical order: natural sort of tensor names, independent of how the
-    weights were sharded, so the same weights stream identically from any layout.
+    weights were sharded, so the same weights stream identically from any layout. It holds only the
+    tensors a runtime loads for this architecture (artifact/loading.py); `unexpected` holds the others,
+    which are never fingerprinted. `format` picks the reader (artifact/formats.py).
     """
 
     root: Path
@@ -86,6 +126,10 @@ class Artifact:
     adapter_config: dict[str, Any] | None = None
     metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # file -> __metadata__
     warnings: tuple[str, ...] = ()
+    format: str = "safetensors"
+    unexpected: tuple[TensorInfo, ...] = ()  # stored tensors no runtime loads (TGV_UNEXPECTED_TENSORS)
+    architecture: str | None = None  # the loading grammar applied; None: unknown, the loaded set is unchecked
+    other_weights: tuple[str, ...] = ()  # weight files beside the artifact that are not part of it
 
     @property
     def model_type(self) -> str | None:

@@ -1,9 +1,9 @@
-"""PEFT adapters (LoRA, DoRA, IA3) as candidates: checked against a base, merged onto it tensor by tensor.
+"""PEFT adapters (LoRA, DoRA, IA3), header-only half: config, key names, pattern matching, fit checks, merge plan.
 
+This module does not import torch (so `inspect --against` stays light); the merge itself is artifact/merge.py.
 Public API (used by the pipeline, the fingerprint command and batch mode):
-- `open_merged(adapter, base) -> MergedReader`: a reader over the BASE's tensors that returns the merged
-  weights (what peft's `merge_and_unload()` gives), one tensor in memory at a time. Its `.artifact` is the
-  merged view to pass to `fingerprint_artifact(view, settings, reader=merged)`; its `.findings` are warnings.
+- `tg_verify.artifact.merge.open_merged(adapter, base) -> MergedReader` (torch): a reader over the BASE's
+  tensors that returns the merged weights (what peft's `merge_and_unload()` gives), one tensor at a time.
 - `check_adapter(adapter, base_shapes) -> list[AdapterFinding]`: header-only fit check against tensor shapes.
 - `check_adapter_against_tensors(adapter, base_tensors) -> list[AdapterFinding]`: the same check against a
   reference fingerprint's structural metadata (`Fingerprint.tensors`), for when the base weights are absent.
@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from types import TracebackType
 from typing import Any, Literal
-
-import torch
 
 from tg_verify.artifact.digest import root_digest
 from tg_verify.artifact.model import Artifact, TensorInfo
-from tg_verify.artifact.reader import TORCH_DTYPES, TensorReader
+from tg_verify.artifact.patterns import PatternTable, fullmatch
 from tg_verify.errors import AdapterError
 
 SUPPORTED_TYPES: tuple[str, ...] = ("LORA", "IA3")
@@ -114,6 +110,8 @@ class AdapterSpec:
     config: dict[str, Any]
     modules: dict[str, AdapterModule]
     replacements: dict[str, TensorInfo]  # base tensor path -> saved full tensor (modules_to_save, biases)
+    ranks: PatternTable  # rank_pattern, matched as peft does (in linear time)
+    alphas: PatternTable  # alpha_pattern
 
     @property
     def base_name(self) -> str | None:
@@ -192,9 +190,10 @@ def _check_fields(config: dict[str, Any], peft_type: str, where: str) -> None:
                                  f"got {config.get('lora_alpha')!r}")
     for key in ("use_rslora", "use_dora", "lora_bias"):
         expect(key, isinstance(config.get(key), bool), "true or false")
-    for key, check, what in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                              "positive integers"),
-                             ("alpha_pattern", _is_number, "finite numbers")):
+    checks: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+        ("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "positive integers"),
+        ("alpha_pattern", _is_number, "finite numbers"))
+    for key, check, what in checks:
         pattern = config.get(key)
         expect(key, isinstance(pattern, dict) and all(isinstance(k, str) and check(v) for k, v in pattern.items()),
                f"an object mapping module patterns to {what}")
@@ -255,14 +254,17 @@ def parse_adapter(adapter: Artifact) -> AdapterSpec:
     if len(adapter_names) > 1:
         raise AdapterFormatError(f"{where}: adapter_model.safetensors mixes several adapters "
                                  f"({', '.join(sorted(adapter_names))}); save one adapter per directory")
-    for module in modules.values():
-        _check_module_params(module, peft_type, config, where)
+    ranks = PatternTable(config.get("rank_pattern") or {}, where, "rank_pattern")
+    alphas = PatternTable(config.get("alpha_pattern") or {}, where, "alpha_pattern")
+    for adapted in modules.values():
+        _check_module_params(adapted, peft_type, config, where, ranks)
     if not modules and not replacements:
         raise AdapterFormatError(f"{where}: adapter_model.safetensors holds no adapter tensors")
-    return AdapterSpec(adapter, peft_type, config, modules, replacements)
+    return AdapterSpec(adapter, peft_type, config, modules, replacements, ranks, alphas)
 
 
-def _check_module_params(module: AdapterModule, peft_type: str, config: dict[str, Any], where: str) -> None:
+def _check_module_params(module: AdapterModule, peft_type: str, config: dict[str, Any], where: str,
+                         ranks: PatternTable) -> None:
     params = module.params
     if peft_type == "IA3":
         vector = params["ia3_l"]
@@ -287,7 +289,7 @@ def _check_module_params(module: AdapterModule, peft_type: str, config: dict[str
     if rank_a != rank_b:
         raise AdapterFormatError(f"{where}: module '{module.path}': {a_key} has rank {rank_a} but {b_key} "
                                  f"has rank {rank_b}")
-    expected = _pattern_value(config.get("rank_pattern") or {}, module.path, config["r"])
+    expected = ranks.lookup(module.path, config["r"])
     if rank_a != expected:
         raise AdapterFormatError(f"{where}: module '{module.path}' has rank {rank_a} but adapter_config.json "
                                  f"says {expected} (r / rank_pattern)")
@@ -301,28 +303,13 @@ def _check_module_params(module: AdapterModule, peft_type: str, config: dict[str
                                  f"lora_magnitude_vector")
 
 
-def _pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
-    """peft's `get_pattern_key`: the first pattern P with `(.*\\.)?(P)$` matching the module key."""
-    for pattern in patterns:
-        try:
-            if re.match(rf"(.*\.)?({pattern})$", key):
-                return patterns[pattern]
-        except re.error:
-            if key == pattern or key.endswith(f".{pattern}"):
-                return patterns[pattern]
-    return default
-
-
-def _is_feedforward(config: dict[str, Any], key: str) -> bool:
-    """peft's IA3 rule: a string is a full regex match, a list matches by suffix."""
+def _is_feedforward(config: dict[str, Any], key: str, where: str) -> bool:
+    """peft's IA3 rule: a string is a full regex match (in linear time here), a list matches by suffix."""
     ff = config.get("feedforward_modules")
     if ff is None:
         return False
     if isinstance(ff, str):
-        try:
-            return bool(re.fullmatch(ff, key))
-        except re.error:
-            return False
+        return fullmatch(ff, key, where, "feedforward_modules")
     return any(key.endswith(target) for target in ff)
 
 
@@ -429,6 +416,171 @@ def _choose_rewrite(spec: AdapterSpec, base_names: set[str]) -> tuple[int, str]:
     return best
 
 
+class _Planner:
+    """The state of one merge plan while its steps run: base shapes, per-tensor plans, findings."""
+
+    def __init__(self, spec: AdapterSpec, base_shapes: Mapping[str, Sequence[int]],
+                 base_config: Mapping[str, Any] | None, base_label: str) -> None:
+        self.spec = spec
+        self.config = spec.config
+        self.shapes = {name: tuple(int(d) for d in shape) for name, shape in base_shapes.items()}
+        self.where = _where(spec.artifact)
+        self.label = base_label
+        self.tied = bool((base_config or {}).get("tie_word_embeddings"))
+        self.conv1d = (base_config or {}).get("model_type") in CONV1D_MODEL_TYPES
+        self.findings: list[AdapterFinding] = []
+        self.plans: dict[str, TensorPlan] = {}
+        self.merged_shapes: dict[str, tuple[int, ...]] = {}
+        self.rewrite = _choose_rewrite(spec, set(self.shapes))
+
+    def finding(self, code: str, severity: Severity, text: str) -> None:
+        self.findings.append(AdapterFinding(code, severity, f"{self.where}: {text}"))
+
+    def missing(self, what: str, target: str) -> None:
+        hint = ""
+        if self.tied and target.split(".")[-2:-1] == ["lm_head"]:
+            hint = " (the base ties lm_head to the input embeddings; merge such an adapter with peft)"
+        self.finding("TGV_ADAPTER_MODULE_MISSING", "error", f"{what}, but {self.label} has no tensor '{target}'{hint}")
+
+    def add(self, name: str, *, replacement: TensorInfo | None = None,
+            op: LoraOp | LoraBiasOp | Ia3Op | None = None) -> None:
+        plan = self.plans.get(name, TensorPlan(name))
+        if replacement is not None:
+            plan = replace(plan, replacement=replacement)
+        if op is not None:
+            plan = replace(plan, ops=plan.ops + (op,))
+        self.plans[name] = plan
+
+    def renaming(self) -> None:
+        """Step 1: say when adapter module names had to be mapped onto the base's names."""
+        if self.rewrite != (0, ""):
+            drop, prefix = self.rewrite
+            self.finding("TGV_ADAPTER_NAME_REMAPPED", "info",
+                         f"adapter module names were mapped onto {self.label}'s tensor names by dropping {drop} "
+                         f"leading component(s) and adding prefix '{prefix}'")
+
+    def replacements(self) -> None:
+        """Step 2: saved whole tensors (modules_to_save, biases) replace base tensors; resized rows are allowed."""
+        for path, info in sorted(self.spec.replacements.items()):
+            target = _apply_rewrite(path, self.rewrite)
+            if target not in self.shapes:
+                self.missing(f"adapter tensor '{info.name}' replaces '{path}'", target)
+                continue
+            base_shape = self.shapes[target]
+            if info.shape != base_shape:
+                if not (len(info.shape) == len(base_shape) == 2 and info.shape[1:] == base_shape[1:]):
+                    self.finding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
+                                 f"adapter tensor '{info.name}' has shape {list(info.shape)} but {self.label}'s "
+                                 f"'{target}' is {list(base_shape)}")
+                    continue
+                self.finding("TGV_ADAPTER_RESIZED_TENSOR", "warning",
+                             f"adapter tensor '{info.name}' resizes '{target}' from {list(base_shape)} to "
+                             f"{list(info.shape)} (vocabulary resized)")
+            self.merged_shapes[target] = info.shape
+            self.add(target, replacement=info)
+
+    def modules(self) -> None:
+        """Step 3: every adapted module onto its 2-D base weight, as IA3 or LoRA."""
+        for path, module in sorted(self.spec.modules.items()):
+            weight_name = f"{_apply_rewrite(path, self.rewrite)}.weight"
+            if weight_name not in self.shapes:
+                self.missing(f"adapter targets module '{path}'", weight_name)
+                continue
+            shape = self.merged_shapes.get(weight_name, self.shapes[weight_name])
+            if len(shape) != 2:
+                self.finding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
+                             f"adapter targets '{path}', whose weight '{weight_name}' is {len(shape)}-D {list(shape)}; "
+                             f"only 2-D weights can be merged")
+            elif self.spec.peft_type == "IA3":
+                self.ia3(path, module, weight_name, shape)
+            else:
+                self.lora(path, module, weight_name, shape)
+
+    def ia3(self, path: str, module: AdapterModule, weight_name: str, shape: tuple[int, ...]) -> None:
+        vector = module.params["ia3_l"]
+        feedforward = _is_feedforward(self.config, path, self.where)
+        fifo = bool(self.config.get("fan_in_fan_out")) or self.conv1d
+        out_dim, in_dim = (shape[1], shape[0]) if fifo else (shape[0], shape[1])
+        expected = (1, in_dim) if feedforward else (out_dim, 1)
+        if vector.shape != expected:
+            role = "feedforward (scales input columns)" if feedforward else "non-feedforward (scales output rows)"
+            self.finding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
+                         f"ia3_l of '{path}' has shape {list(vector.shape)} but a {role} module of {self.label}'s "
+                         f"{list(shape)} weight needs {list(expected)}")
+            return
+        self.add(weight_name, op=Ia3Op(vector, fifo))
+        bias_name = f"{_apply_rewrite(path, self.rewrite)}.bias"
+        if not feedforward and bias_name in self.shapes:
+            self.add(bias_name, op=Ia3Op(vector, False, bias=True))
+
+    def _transpose(self, path: str, embedding: bool, delta: tuple[int, int], shape: tuple[int, ...]) -> bool:
+        if embedding or self.conv1d or self.config.get("fan_in_fan_out"):
+            return True  # lora_embedding_B @ lora_embedding_A is [dim, vocab]; Conv1D stores [in, out]
+        if delta != shape and delta[::-1] == shape:
+            self.finding("TGV_ADAPTER_FAN_IN_FAN_OUT_INFERRED", "warning",
+                         f"LoRA of '{path}' fits {self.label}'s {list(shape)} weight only transposed; merged as "
+                         f"fan_in_fan_out (a Conv1D-style layer)")
+            return True
+        return False
+
+    def lora(self, path: str, module: AdapterModule, weight_name: str, shape: tuple[int, ...]) -> None:
+        embedding = "lora_embedding_A" in module.params
+        a = module.params["lora_embedding_A" if embedding else "lora_A.weight"]
+        b = module.params["lora_embedding_B" if embedding else "lora_B.weight"]
+        rank = a.shape[0]
+        alpha = self.spec.alphas.lookup(path, self.config["lora_alpha"])
+        scaling = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+        delta = (b.shape[0], a.shape[1])
+        transpose = self._transpose(path, embedding, delta, shape)
+        merged_delta = delta[::-1] if transpose else delta
+        if merged_delta != shape:
+            self.finding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
+                         f"LoRA of '{path}' ({'B' if not embedding else 'embedding_B'} {list(b.shape)} x A "
+                         f"{list(a.shape)}) gives a {list(merged_delta)} update but {self.label}'s '{weight_name}' is "
+                         f"{list(shape)}")
+            return
+        magnitude = module.params.get("lora_magnitude_vector")
+        if magnitude is not None:
+            out_features = shape[1] if transpose else shape[0]
+            if magnitude.shape != (out_features,):
+                self.finding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
+                             f"DoRA magnitude of '{path}' has shape {list(magnitude.shape)} but '{weight_name}' has "
+                             f"{out_features} output features")
+                return
+        self.add(weight_name, op=LoraOp(a, b, scaling, transpose, magnitude))
+        if "lora_B.bias" in module.params:
+            self.lora_bias(path, module.params["lora_B.bias"], scaling)
+
+    def lora_bias(self, path: str, b_bias: TensorInfo, scaling: float) -> None:
+        bias_name = f"{_apply_rewrite(path, self.rewrite)}.bias"
+        if bias_name not in self.shapes:
+            self.missing(f"lora_bias of '{path}' updates a bias", bias_name)
+        elif self.shapes[bias_name] != b_bias.shape:
+            self.finding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
+                         f"lora_B.bias of '{path}' has shape {list(b_bias.shape)} but '{bias_name}' is "
+                         f"{list(self.shapes[bias_name])}")
+        else:
+            self.add(bias_name, op=LoraBiasOp(b_bias, scaling))
+
+    def summary(self) -> None:
+        """Step 4: the initialisation warning, and the one-line summary when nothing is an error."""
+        init = self.config.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+            self.finding("TGV_ADAPTER_INIT_MODIFIES_BASE", "warning",
+                         f"init_lora_weights={init!r} rewrites the base weights during training; unless the adapter "
+                         f"was converted on save, merging it onto the original base does not reproduce the trained "
+                         f"model")
+        if all(f.severity != "error" for f in self.findings):
+            self.finding("TGV_ADAPTER_FITS", "info",
+                         f"{self.spec.peft_type} adapter fits {self.label}: {len(self.spec.modules)} module(s) "
+                         f"adapted, {len(self.spec.replacements)} tensor(s) replaced")
+
+    def plan(self) -> MergePlan:
+        for name in self.plans:
+            self.merged_shapes.setdefault(name, self.shapes[name])
+        return MergePlan(self.spec, self.plans, self.merged_shapes, tuple(self.findings), self.rewrite)
+
+
 def plan_merge(spec: AdapterSpec, base_shapes: Mapping[str, Sequence[int]], *,
                base_config: Mapping[str, Any] | None = None, base_label: str = "the base") -> MergePlan:
     """Map every adapter tensor onto a base tensor and check shapes, from headers alone.
@@ -436,145 +588,12 @@ def plan_merge(spec: AdapterSpec, base_shapes: Mapping[str, Sequence[int]], *,
     Misfits become findings of severity "error" (so a header-only check can report them all);
     `open_merged` refuses to merge when there is any.
     """
-    shapes = {name: tuple(int(d) for d in shape) for name, shape in base_shapes.items()}
-    names = set(shapes)
-    config = spec.config
-    where = _where(spec.artifact)
-    findings: list[AdapterFinding] = []
-    rewrite = _choose_rewrite(spec, names)
-    if rewrite != (0, ""):
-        drop, prefix = rewrite
-        findings.append(AdapterFinding("TGV_ADAPTER_NAME_REMAPPED", "info",
-                                       f"{where}: adapter module names were mapped onto {base_label}'s tensor names "
-                                       f"by dropping {drop} leading component(s) and adding prefix '{prefix}'"))
-    plans: dict[str, TensorPlan] = {}
-    merged_shapes: dict[str, tuple[int, ...]] = {}
-    tied = bool((base_config or {}).get("tie_word_embeddings"))
-
-    def missing(what: str, target: str) -> None:
-        hint = ""
-        if tied and target.split(".")[-2:-1] == ["lm_head"]:
-            hint = " (the base ties lm_head to the input embeddings; merge such an adapter with peft)"
-        findings.append(AdapterFinding("TGV_ADAPTER_MODULE_MISSING", "error",
-                                       f"{where}: {what}, but {base_label} has no tensor '{target}'{hint}"))
-
-    def add(name: str, *, replacement: TensorInfo | None = None, op: Any = None) -> None:
-        plan = plans.get(name, TensorPlan(name))
-        if replacement is not None:
-            plan = replace(plan, replacement=replacement)
-        if op is not None:
-            plan = replace(plan, ops=plan.ops + (op,))
-        plans[name] = plan
-
-    for path, info in sorted(spec.replacements.items()):
-        target = _apply_rewrite(path, rewrite)
-        if target not in shapes:
-            missing(f"adapter tensor '{info.name}' replaces '{path}'", target)
-            continue
-        base_shape = shapes[target]
-        if info.shape != base_shape:
-            resized = (len(info.shape) == len(base_shape) == 2 and info.shape[1:] == base_shape[1:])
-            if not resized:
-                findings.append(AdapterFinding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
-                                               f"{where}: adapter tensor '{info.name}' has shape {list(info.shape)} "
-                                               f"but {base_label}'s '{target}' is {list(base_shape)}"))
-                continue
-            findings.append(AdapterFinding("TGV_ADAPTER_RESIZED_TENSOR", "warning",
-                                           f"{where}: adapter tensor '{info.name}' resizes '{target}' from "
-                                           f"{list(base_shape)} to {list(info.shape)} (vocabulary resized)"))
-        merged_shapes[target] = info.shape
-        add(target, replacement=info)
-
-    conv1d = (base_config or {}).get("model_type") in CONV1D_MODEL_TYPES
-    fifo_config = bool(config.get("fan_in_fan_out"))
-    for path, module in sorted(spec.modules.items()):
-        weight_name = f"{_apply_rewrite(path, rewrite)}.weight"
-        if weight_name not in shapes:
-            missing(f"adapter targets module '{path}'", weight_name)
-            continue
-        shape = merged_shapes.get(weight_name, shapes[weight_name])
-        if len(shape) != 2:
-            findings.append(AdapterFinding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
-                                           f"{where}: adapter targets '{path}', whose weight '{weight_name}' is "
-                                           f"{len(shape)}-D {list(shape)}; only 2-D weights can be merged"))
-            continue
-        if spec.peft_type == "IA3":
-            vector = module.params["ia3_l"]
-            feedforward = _is_feedforward(config, path)
-            fifo = fifo_config or conv1d
-            out_dim, in_dim = (shape[1], shape[0]) if fifo else (shape[0], shape[1])
-            expected = (1, in_dim) if feedforward else (out_dim, 1)
-            if vector.shape != expected:
-                role = "feedforward (scales input columns)" if feedforward else "non-feedforward (scales output rows)"
-                findings.append(AdapterFinding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
-                                               f"{where}: ia3_l of '{path}' has shape {list(vector.shape)} but a "
-                                               f"{role} module of {base_label}'s {list(shape)} weight needs "
-                                               f"{list(expected)}"))
-                continue
-            add(weight_name, op=Ia3Op(vector, fifo))
-            bias_name = f"{_apply_rewrite(path, rewrite)}.bias"
-            if not feedforward and bias_name in shapes:
-                add(bias_name, op=Ia3Op(vector, False, bias=True))
-            continue
-        embedding = "lora_embedding_A" in module.params
-        a = module.params["lora_embedding_A" if embedding else "lora_A.weight"]
-        b = module.params["lora_embedding_B" if embedding else "lora_B.weight"]
-        rank = a.shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
-        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        delta = (b.shape[0], a.shape[1])
-        if embedding:
-            transpose = True  # lora_embedding_B @ lora_embedding_A is [dim, vocab]; peft transposes it
-        elif conv1d or fifo_config:
-            transpose = True
-        elif delta != shape and delta[::-1] == shape:
-            transpose = True
-            findings.append(AdapterFinding("TGV_ADAPTER_FAN_IN_FAN_OUT_INFERRED", "warning",
-                                           f"{where}: LoRA of '{path}' fits {base_label}'s {list(shape)} weight only "
-                                           f"transposed; merged as fan_in_fan_out (a Conv1D-style layer)"))
-        else:
-            transpose = False
-        merged_delta = delta[::-1] if transpose else delta
-        if merged_delta != shape:
-            findings.append(AdapterFinding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
-                                           f"{where}: LoRA of '{path}' ({'B' if not embedding else 'embedding_B'} "
-                                           f"{list(b.shape)} x A {list(a.shape)}) gives a {list(merged_delta)} update "
-                                           f"but {base_label}'s '{weight_name}' is {list(shape)}"))
-            continue
-        magnitude = module.params.get("lora_magnitude_vector")
-        if magnitude is not None:
-            out_features = shape[1] if transpose else shape[0]
-            if magnitude.shape != (out_features,):
-                findings.append(AdapterFinding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
-                                               f"{where}: DoRA magnitude of '{path}' has shape {list(magnitude.shape)}"
-                                               f" but '{weight_name}' has {out_features} output features"))
-                continue
-        add(weight_name, op=LoraOp(a, b, scaling, transpose, magnitude))
-        if "lora_B.bias" in module.params:
-            bias_name = f"{_apply_rewrite(path, rewrite)}.bias"
-            b_bias = module.params["lora_B.bias"]
-            if bias_name not in shapes:
-                missing(f"lora_bias of '{path}' updates a bias", bias_name)
-            elif shapes[bias_name] != b_bias.shape:
-                findings.append(AdapterFinding("TGV_ADAPTER_SHAPE_MISMATCH", "error",
-                                               f"{where}: lora_B.bias of '{path}' has shape {list(b_bias.shape)} but "
-                                               f"'{bias_name}' is {list(shapes[bias_name])}"))
-            else:
-                add(bias_name, op=LoraBiasOp(b_bias, scaling))
-
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
-        findings.append(AdapterFinding("TGV_ADAPTER_INIT_MODIFIES_BASE", "warning",
-                                       f"{where}: init_lora_weights={init!r} rewrites the base weights during "
-                                       f"training; unless the adapter was converted on save, merging it onto "
-                                       f"the original base does not reproduce the trained model"))
-    if not findings or all(f.severity != "error" for f in findings):
-        findings.append(AdapterFinding("TGV_ADAPTER_FITS", "info",
-                                       f"{where}: {spec.peft_type} adapter fits {base_label}: {len(spec.modules)} "
-                                       f"module(s) adapted, {len(spec.replacements)} tensor(s) replaced"))
-    for name in plans:
-        merged_shapes.setdefault(name, shapes[name])
-    return MergePlan(spec, plans, merged_shapes, tuple(findings), rewrite)
+    planner = _Planner(spec, base_shapes, base_config, base_label)
+    planner.renaming()
+    planner.replacements()
+    planner.modules()
+    planner.summary()
+    return planner.plan()
 
 
 def check_adapter(adapter: Artifact, base_shapes: Mapping[str, Sequence[int]], *,
@@ -627,134 +646,10 @@ def check_base_name(adapter: Artifact, declared: Sequence[str]) -> list[AdapterF
     wanted = {form for name in declared if name for form in _name_forms(str(name))}
     if _name_forms(claim) & wanted:
         return []
-    shown = ", ".join(sorted({str(n) for n in declared if n})) or "(none given)"
+    listed = ", ".join(sorted({str(n) for n in declared if n})) or "(none given)"
     return [AdapterFinding("TGV_ADAPTER_BASE_NAME_MISMATCH", "warning",
                            f"{where}: adapter_config.json names base_model_name_or_path '{claim}', "
-                           f"which matches none of the declared base's names ({shown})")]
-
-
-# ------------------------------------------------------------------------------------------- merging
-
-
-class MergedReader(AbstractContextManager["MergedReader"]):
-    """Reads the base's tensors with the adapter merged in, one tensor at a time.
-
-    `raw(info)` gives the merged tensor in the base tensor's dtype: the update is computed in float32 from the
-    adapter's stored values and cast back once, as peft's `merge_and_unload()` does with its default
-    `autocast_adapter_dtype=True`; `float32(info)` is that result decoded to float32, so an adapter and the
-    same adapter merged and saved in the base dtype fingerprint identically. Untouched tensors pass through.
-    """
-
-    def __init__(self, adapter: Artifact, base: Artifact, plan: MergePlan) -> None:
-        self.adapter = adapter
-        self.base = base
-        self.plan = plan
-        self.findings: tuple[AdapterFinding, ...] = plan.findings
-        self._base_reader = TensorReader(base)
-        self._adapter_reader = TensorReader(adapter)
-        self._cache: tuple[str, torch.Tensor] | None = None
-        self._base_infos = {info.name: info for info in base.tensors}
-        tensors = []
-        for info in base.tensors:
-            shape = plan.shapes.get(info.name, info.shape)
-            if shape != info.shape:
-                nbytes = math.prod(shape) * (info.nbytes // max(info.numel, 1))
-                info = TensorInfo(info.name, info.dtype, shape, info.file, info.begin, info.begin + nbytes)
-            tensors.append(info)
-        self.artifact = Artifact(
-            root=adapter.root, name=adapter.name, layout="adapter", files=adapter.files, tensors=tuple(tensors),
-            config=base.config, adapter_config=adapter.adapter_config, metadata=adapter.metadata,
-            warnings=adapter.warnings + tuple(f.message for f in plan.findings if f.severity == "warning"))
-
-    def _adapter(self, info: TensorInfo) -> torch.Tensor:
-        return self._adapter_reader.float32(info)
-
-    def _merge(self, info: TensorInfo) -> torch.Tensor:
-        plan = self.plan.tensors[info.name]
-        base_info = self._base_infos[info.name]
-        dtype = TORCH_DTYPES.get(base_info.dtype)
-        if dtype is None or not dtype.is_floating_point:
-            raise AdapterMismatchError(f"{self.base.path_of(base_info.file)}: tensor '{info.name}' has dtype "
-                                       f"{base_info.dtype}; an adapter can only be merged into floating-point weights")
-        weight = self._adapter(plan.replacement) if plan.replacement is not None \
-            else self._base_reader.float32(base_info)
-        if plan.replacement is not None and plan.ops:
-            # peft loads the saved module into the base dtype before merging into it
-            weight = weight.to(dtype).to(torch.float32)
-        for op in plan.ops:
-            weight = self._apply(op, weight, dtype)
-        return weight.to(dtype)
-
-    def _apply(self, op: LoraOp | LoraBiasOp | Ia3Op, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if isinstance(op, Ia3Op):
-            vector = self._adapter(op.vector)
-            if op.bias:
-                return weight * vector.reshape(weight.shape)
-            return weight * (vector.T if op.transpose else vector)
-        if isinstance(op, LoraBiasOp):
-            return weight + self._adapter(op.b_bias) * op.scaling
-        product = self._adapter(op.b) @ self._adapter(op.a)
-        delta = (product.T if op.transpose else product) * op.scaling
-        if op.magnitude is None:
-            return weight + delta
-        # DoRA: m * (W + dW) / ||W + dW|| with the norm over each output unit's inputs (peft's DoraLinearLayer)
-        oriented = (weight + delta).T if op.transpose else weight + delta
-        norm = torch.linalg.norm(oriented, dim=1)
-        factor = (self._adapter(op.magnitude) / norm).view(-1, 1)
-        return (factor.T if op.transpose else factor) * (weight + delta)
-
-    def raw(self, info: TensorInfo) -> torch.Tensor:
-        """The merged tensor in the base tensor's dtype (a pass-through view when the adapter leaves it alone)."""
-        if info.name not in self.plan.tensors:
-            return self._base_reader.raw(self._base_infos[info.name])
-        if self._cache is None or self._cache[0] != info.name:
-            self._cache = None
-            self._cache = (info.name, self._merge(info))
-        return self._cache[1]
-
-    def float32(self, info: TensorInfo) -> torch.Tensor:
-        """The merged tensor as a fresh float32 tensor."""
-        if info.name not in self.plan.tensors:
-            return self._base_reader.float32(self._base_infos[info.name])
-        return self.raw(info).to(torch.float32, copy=True)
-
-    def stream(self, infos: Iterable[TensorInfo] | None = None) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
-        """Yield (info, float32 merged tensor) in canonical order, like TensorReader.stream."""
-        for info in (self.artifact.tensors if infos is None else infos):
-            yield info, self.float32(info)
-
-    def release(self, info: TensorInfo) -> None:
-        """Drop the merged copy of `info` once the caller is done with it (the extractor calls this)."""
-        if self._cache is not None and self._cache[0] == info.name:
-            self._cache = None
-
-    def close(self) -> None:
-        self._cache = None
-        self._base_reader.close()
-        self._adapter_reader.close()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-
-def open_merged(adapter: Artifact, base: Artifact) -> MergedReader:
-    """Check `adapter` against `base` (headers only) and return a reader of the merged weights.
-
-    Raises UnsupportedAdapterError / AdapterFormatError for adapters that cannot be merged and
-    AdapterMismatchError (listing the misfits) when the adapter does not fit this base.
-    """
-    if base.layout == "adapter":
-        raise AdapterFormatError(f"{base.root}: the base of adapter {adapter.root} is itself an adapter; "
-                                 f"merge it first and pass the full weights")
-    spec = parse_adapter(adapter)
-    label = f"base {base.root}"
-    plan = plan_merge(spec, {t.name: t.shape for t in base.tensors}, base_config=base.config, base_label=label)
-    errors = plan.errors
-    if errors:
-        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        raise AdapterMismatchError("; ".join(f.message for f in errors[:3]) + more)
-    return MergedReader(adapter, base, plan)
+                           f"which matches none of the declared base's names ({listed})")]
 
 
 def base_record(base: Artifact, digests: Mapping[str, str]) -> dict[str, Any]:

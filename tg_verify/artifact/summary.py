@@ -72,6 +72,12 @@ def describe(artifact: Artifact, digests: dict[str, str] | None = None) -> dict[
                         "category": category})
     undecodable = sorted(d for d in dtypes if d not in DECODABLE_DTYPES)
     warnings = list(artifact.warnings)
+    if artifact.unexpected:
+        names = [shown(t.name) for t in artifact.unexpected]
+        warnings.append(f"TGV_UNEXPECTED_TENSORS: {len(names)} stored tensor(s) are not loaded by a "
+                        f"{artifact.architecture} runtime and are never fingerprinted: "
+                        + ", ".join(f"'{n}'" for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5
+                                                                   else ""))
     if undecodable:
         warnings.append(f"dtype(s) {', '.join(undecodable)} cannot be decoded to float32: fingerprinting will refuse")
     matrices = sum(1 for t in artifact.tensors if len(t.shape) == 2)
@@ -80,7 +86,8 @@ def describe(artifact: Artifact, digests: dict[str, str] | None = None) -> dict[
     document: dict[str, Any] = {
         "schema": SCHEMA,
         "artifact": {"name": shown(artifact.name), "path": shown(artifact.root), "layout": artifact.layout,
-                     "model_type": _json_safe(artifact.model_type)},
+                     "format": artifact.format, "model_type": _json_safe(artifact.model_type),
+                     "architecture": artifact.architecture},
         "config": _excerpt(artifact.config, CONFIG_KEYS),
         "adapter": _excerpt(artifact.adapter_config, ADAPTER_KEYS),
         "files": files,
@@ -91,6 +98,9 @@ def describe(artifact: Artifact, digests: dict[str, str] | None = None) -> dict[
         "dtypes": dict(sorted(dtypes.items())),
         "categories": categories,
         "tensors": tensors,
+        "unexpected_tensors": [{"name": shown(t.name), "file": shown(t.file), "dtype": t.dtype, "shape": list(t.shape)}
+                               for t in artifact.unexpected],
+        "other_weights": [shown(name) for name in artifact.other_weights],
         "metadata": {shown(k): v for k, v in sorted(artifact.metadata.items())},
         "validation": {"status": "valid", "header_only": True, "checks": list(CHECKS), "warnings": warnings},
     }

@@ -19,7 +19,7 @@ from tg_verify.commands import add_threads_option
 from tg_verify.errors import EXIT_OK, UsageError
 from tg_verify.escaping import one_line
 from tg_verify.fingerprint.document import load
-from tg_verify.fingerprint.settings import DEVICE_CHOICES, STRATEGY_CHOICES, FingerprintSettings
+from tg_verify.fingerprint.settings import DEVICE_CHOICES, STRATEGY_CHOICES, FingerprintSettings, assemble_settings
 from tg_verify.progress import progress_sink, wants_progress
 
 VERB = "fingerprint"
@@ -70,15 +70,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> FingerprintSettings:
     """FingerprintSettings from the flags, on top of --settings-from when given."""
-    base: dict[str, Any] = {}
+    recorded: list[dict[str, Any]] = []
     if getattr(args, "settings_from", None):
         reference = load(args.settings_from)
         if reference.legacy:
             raise UsageError(f"{args.settings_from}: a legacy fingerprint records no settings to reuse")
-        base = {k: v for k, v in reference.settings.items() if k != "device"}
-    overrides = {key: getattr(args, key) for key in ("seed", "repeats", "strategy", "device", "sketch")
-                 if getattr(args, key, None) is not None}
-    return FingerprintSettings.from_dict(base, **overrides)
+        recorded.append(reference.settings)
+    return assemble_settings(recorded=recorded, **{key: getattr(args, key, None)
+                                                   for key in ("seed", "repeats", "strategy", "device", "sketch")})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ a time: the sketch's products come out of the same block-wise pass as the respon
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +19,9 @@ import numpy as np
 import torch
 
 from tg_verify import __version__
-from tg_verify.artifact import Artifact, TensorInfo, TensorReader, categorize, file_digests, root_digest
+from tg_verify.artifact import Artifact, TensorInfo, categorize, file_digests, naming, root_digest
+from tg_verify.artifact.formats import open_reader
+from tg_verify.artifact.model import FLOAT_DTYPES
 from tg_verify.errors import UsageError, WeightValueError
 from tg_verify.fingerprint import noise
 from tg_verify.fingerprint.document import FEATURE_NAMES, Fingerprint
@@ -31,14 +32,8 @@ from tg_verify.fingerprint.sketch import SketchBuilder
 from tg_verify.fingerprint.workers import WorkerPool, check_threads, default_threads, helper_threads
 from tg_verify.progress import NullProgress, ProgressSink
 
-# Safetensors dtypes whose values are real numbers a gradient can be taken against. Integer
-# tensors (quantised packs, index buffers) have no Linear meaning and are not analysed.
-FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ",
-                                          "F8_E5M2FNUZ"})
 CATEGORY_FEATURES: tuple[str, ...] = ("attention", "ffn", "embedding")
 CATEGORY_SAMPLE = 3  # "up to three layers from each category" (§III-C)
-# A decoder block index in a tensor name: model.layers.7., transformer.h.7., blocks.7., ...
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
 
 
 class TensorSource(Protocol):
@@ -113,9 +108,9 @@ def count_layers(names: list[str]) -> tuple[int, str | None]:
     """Model depth: distinct block indices under the name prefix that has the most (the decoder stack)."""
     stacks: dict[str, set[int]] = {}
     for name in names:
-        match = _BLOCK.search(name)
-        if match:
-            stacks.setdefault(name[:match.start(1)], set()).add(int(match.group(1)))
+        block = naming.block_of(name)
+        if block is not None:
+            stacks.setdefault(block[0], set()).add(block[1])
     if not stacks:
         return 0, None
     prefix = max(sorted(stacks), key=lambda p: len(stacks[p]))
@@ -258,7 +253,7 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     sink.start(f"fingerprint {label}", total=tensor_bytes + hash_bytes)
     tracker = _Progress(sink, len(artifact.tensors))
     owned = reader is None
-    source: TensorSource = TensorReader(artifact) if reader is None else reader
+    source: TensorSource = open_reader(artifact) if reader is None else reader
     stop = threading.Event()
     hashing = digests is None
     # On CUDA one thread drives the device (whole-tensor products); a helper is then only there to hash.
@@ -318,6 +313,8 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
         features, summary = aggregate(analysed, [info.name for info in artifact.tensors], artifact.total_params)
         summary["degenerate_tensors"] = [r["name"] for r in records if r["analysis"] == "degenerate"]
         summary["skipped_tensors"] = {k: kinds.count(k) for k in ("one-dimensional", "not-float", "empty")}
+        if artifact.unexpected:  # stored but not loaded by the runtime: listed, never fingerprinted
+            summary["unexpected_tensors"] = [info.name for info in artifact.unexpected]
         summary["strategies"] = {s: sum(1 for r in records if r.get("strategy") == s and r["analysis"] == "gradient")
                                  for s in sorted({r["strategy"] for r in records if "strategy" in r})}
         sketch = builder.finish() if builder is not None else None

@@ -7,6 +7,7 @@ Two fingerprints are comparable only when every setting that changes feature val
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -103,3 +104,21 @@ class FingerprintSettings:
 def semantic(recorded: dict[str, Any]) -> dict[str, Any]:
     """A recorded settings dict without the keys that do not change feature values."""
     return {k: v for k, v in recorded.items() if k not in NON_SEMANTIC}
+
+
+def assemble_settings(*, block: Mapping[str, Any] | None = None, recorded: Iterable[Mapping[str, Any]] = (),
+                      **overrides: Any) -> FingerprintSettings:
+    """The one place settings for a fingerprint made now are put together (policy, CLI, batch, analyses).
+
+    An explicit `block` (a policy's `fingerprint:`) wins; else the first of `recorded` (settings a
+    fingerprint recorded, so new fingerprints compare with it; its `device` is where it ran, not a
+    setting, and is dropped); else the defaults. `overrides` whose value is not None go on top.
+    """
+    if block:
+        base: dict[str, Any] = dict(block)
+    else:
+        first = next(iter(recorded), None)
+        base = {k: v for k, v in first.items() if k != "device"} if first is not None else {}
+    if not isinstance(base, dict):
+        raise UsageError("fingerprint settings must be an object")
+    return FingerprintSettings.from_dict(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -10,7 +10,6 @@ norm gains, q/k and v/o rescaling, or fused-vs-split projections. See docs/linea
 from __future__ import annotations
 
 import base64
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tg_verify.artifact import naming
 from tg_verify.artifact.model import Artifact, TensorInfo
 from tg_verify.artifact.reader import TensorReader
 from tg_verify.errors import InternalError, UsageError
@@ -35,24 +35,11 @@ LAYER_ROLES: tuple[str, ...] = ("attn_qk", "attn_ov", "mlp_gate", "mlp_ud")
 GLOBAL_ROLES: tuple[str, ...] = ("embed", "head")
 SYMMETRIC_ROLES: frozenset[str] = frozenset({"embed", "head", "mlp_gate"})
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
-# Projection leaf name -> which part of a block it is. Fused ones are split by config.
-_PARTS: dict[str, str] = {
-    "q_proj": "q", "wq": "q", "query": "q",
-    "k_proj": "k", "wk": "k", "key": "k",
-    "v_proj": "v", "wv": "v", "value": "v",
-    "qkv_proj": "qkv", "wqkv": "qkv",
-    "o_proj": "o", "wo": "o", "out_proj": "o", "dense": "o",
-    "gate_proj": "gate", "w1": "gate",
-    "up_proj": "up", "w3": "up", "fc1": "up",
-    "gate_up_proj": "gate_up",
-    "down_proj": "down", "w2": "down", "fc2": "down",
-}
-_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
-_HEADS = ("lm_head", "embed_out", "output")
-_ATTN_NORMS = ("input_layernorm", "attention_norm", "ln_1")
-_MLP_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ffn_norm", "ln_2")
-_FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_norm")
+# Tensor-name rules live in the artifact layer (one module for every reader of names).
+_PARTS = naming.PROJECTIONS
+_EMBEDDINGS, _HEADS = naming.EMBEDDINGS, naming.HEADS
+_ATTN_NORMS, _MLP_NORMS, _FINAL_NORMS = naming.ATTN_NORMS, naming.MLP_NORMS, naming.FINAL_NORMS
+_leaf, _layer_of = naming.leaf, naming.layer_of
 
 
 def probe_ids(vocab: int, k: int, seed: int) -> np.ndarray:
@@ -81,16 +68,6 @@ def _setting(settings: Any, name: str, default: Any) -> Any:
     if isinstance(settings, Mapping):
         return settings.get(name, default)
     return getattr(settings, name, default)
-
-
-def _leaf(name: str) -> str:
-    parts = name.split(".")
-    return parts[-2] if len(parts) >= 2 else parts[0]
-
-
-def _layer_of(name: str) -> int | None:
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
 
 
 def encode_matrix(matrix: torch.Tensor) -> str:

@@ -60,6 +60,7 @@ def build_report(result: VerificationResult) -> dict[str, Any]:
                   "out_of_cluster": policy.thresholds.out_of_cluster, "on_out_of_cluster": policy.on_out_of_cluster,
                   "on_base_mismatch": policy.on_base_mismatch, "on_name_mismatch": policy.on_name_mismatch,
                   "on_statistics_disagree": policy.on_statistics_disagree,
+                  "on_unexpected_tensors": policy.on_unexpected_tensors,
                   "lineage": {"enabled": policy.lineage.enabled, "alpha": policy.lineage.alpha,
                               "on_unavailable": policy.lineage.on_unavailable}},
         "candidate": {
@@ -70,6 +71,7 @@ def build_report(result: VerificationResult) -> dict[str, Any]:
             "files": [dict(f) for f in cand.files], "root_digest": cand.root_digest,
             "weights_digest": cand.weights_digest or cand.root_digest, "read_through_symlinks": cand.symlinks,
             "files_verified": cand.files_verified, "base": cand.base, "warnings": list(cand.warnings),
+            "unexpected_tensors": list(cand.unexpected),
         },
         "attribution": {
             "family": cls.family, "base": cls.base, "distance": cls.distance, "threshold": cls.threshold,

@@ -1,0 +1,183 @@
+"""What the runtime loads: each architecture's tensor-name grammar against transformers' own model classes,
+prefix and ambiguity rules, and the decoy-tensor attack (an unrelated model plus the base's weights under
+names no runtime loads) end to end through verify."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tg_verify import demo
+from tg_verify.artifact import resolve
+from tg_verify.artifact.errors import AmbiguousTensorError
+from tg_verify.artifact.loading import GRAMMARS, classify, expected_parameters
+from tg_verify.artifact.model import TensorInfo
+from tg_verify.fingerprint.extract import fingerprint_artifact
+from tg_verify.fingerprint.settings import FingerprintSettings
+from tg_verify.pipeline import verify
+from tg_verify.policy import load_policy
+
+# (transformers config class, keyword variations that change which parameters exist)
+FAMILIES: dict[str, tuple[str, list[dict[str, Any]]]] = {
+    "llama": ("LlamaConfig", [{}, {"attention_bias": True, "mlp_bias": True}, {"tie_word_embeddings": True}]),
+    "mistral": ("MistralConfig", [{}]),
+    "qwen2": ("Qwen2Config", [{}, {"tie_word_embeddings": True}]),
+    "qwen3": ("Qwen3Config", [{}, {"attention_bias": True}]),
+    "gemma": ("GemmaConfig", [{}, {"attention_bias": True}, {"tie_word_embeddings": False}]),
+    "gemma2": ("Gemma2Config", [{}]),
+    "gemma3_text": ("Gemma3TextConfig", [{}]),
+    "phi3": ("Phi3Config", [{"pad_token_id": 0}]),
+    "olmo2": ("Olmo2Config", [{}]),
+    "granite": ("GraniteConfig", [{}, {"mlp_bias": True}]),
+    "starcoder2": ("Starcoder2Config", [{}, {"use_bias": False}]),
+    "phi": ("PhiConfig", [{}, {"qk_layernorm": True}]),
+    "cohere": ("CohereConfig", [{}, {"use_qk_norm": True}]),
+    "gpt2": ("GPT2Config", [{}]),
+    "gpt_neox": ("GPTNeoXConfig", [{}, {"attention_bias": False}]),
+}
+SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 256}
+GPT2_SIZES = {"n_embd": 64, "n_layer": 3, "n_head": 4, "vocab_size": 256}
+
+
+def meta_model(family: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], set[str], set[str]]:
+    """(config.json as save_pretrained writes it, state-dict keys, tied keys that save_pretrained drops)."""
+    import transformers
+
+    class_name, _ = FAMILIES[family]
+    sizes = GPT2_SIZES if family == "gpt2" else SIZES
+    config = getattr(transformers, class_name)(**sizes, **overrides)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    document = config.to_diff_dict()  # what config.json holds: only values that differ from the defaults
+    document["architectures"] = [type(model).__name__]
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    return document, set(model.state_dict()), tied
+
+
+def infos(names: list[str]) -> list[TensorInfo]:
+    return [TensorInfo(name, "F32", (2, 2), "model.safetensors", 16 * i, 16 * (i + 1)) for i, name in enumerate(names)]
+
+
+def test_every_grammar_is_tested() -> None:
+    assert {g.family for g in GRAMMARS} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_grammar_is_what_transformers_loads(family: str) -> None:
+    """The grammar names exactly the state dict of the class transformers builds from the config (meta
+    device: no weights, no network); a checkpoint saved without the tied head loads with nothing missing."""
+    for overrides in FAMILIES[family][1]:
+        config, keys, tied = meta_model(family, overrides)
+        assert set(expected_parameters(config) or ()) == keys, (family, overrides)
+        loaded = classify(infos(sorted(keys)), config, "m")
+        assert loaded.architecture == family and not loaded.unexpected and not loaded.notes
+        saved = sorted(keys - tied)  # save_pretrained drops tied copies
+        assert not classify(infos(saved), config, "m").notes, (family, overrides)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_base_model_prefix_is_added_or_stripped_per_key_and_two_keys_for_one_parameter_are_refused(family: str
+                                                                                                     ) -> None:
+    config, keys, _ = meta_model(family, FAMILIES[family][1][0])
+    prefix = next(g.prefix for g in GRAMMARS if g.family == family) + "."
+    bare = sorted(k[len(prefix):] if k.startswith(prefix) else k for k in keys)  # saved from the base model class
+    assert len(classify(infos(bare), config, "m").loaded) == len(keys)
+    inner = next(k for k in sorted(keys) if k.startswith(prefix))
+    with pytest.raises(AmbiguousTensorError, match="both load into"):
+        classify(infos(sorted(keys) + [inner[len(prefix):]]), config, "m")
+
+
+def test_parameters_outside_the_grammar_are_unexpected_and_never_loaded() -> None:
+    config, keys, _ = meta_model("llama", {})
+    extra = ["a.wte.weight", "zz.h.0.self_attn.q_proj.weight", "zz.lm_head.weight", "model.layers.3.mlp.up_proj.weight",
+             "model.layers.01.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.bias", "model.embed_tokens.weight.x"]
+    result = classify(infos(sorted(keys) + extra), config, "m")
+    assert sorted(t.name for t in result.unexpected) == sorted(extra)
+    assert {t.name for t in result.loaded} == keys
+
+
+def test_a_base_model_class_loads_no_head_and_unknown_classes_fall_back() -> None:
+    config, keys, _ = meta_model("llama", {})
+    result = classify(infos(sorted(keys)), {**config, "architectures": ["LlamaModel"]}, "m")
+    assert [t.name for t in result.unexpected] == ["lm_head.weight"]
+    generic = classify(infos(sorted(keys)), {**config, "architectures": ["LlamaForSequenceClassification"]}, "m")
+    assert generic.architecture is None and len(generic.loaded) == len(keys)
+    assert "cannot be checked" in generic.notes[0]
+
+
+def test_missing_parameters_and_ignored_buffers_are_reported() -> None:
+    config, keys, _ = meta_model("llama", {})
+    present = sorted(keys - {"model.layers.1.mlp.down_proj.weight"}) + ["model.layers.0.self_attn.rotary_emb.inv_freq"]
+    result = classify(infos(present), config, "m")
+    assert not result.unexpected and len(result.loaded) == len(keys) - 1
+    assert any("model.layers.1.mlp.down_proj.weight" in n and "randomly" in n for n in result.notes)
+    assert any("inv_freq" in n for n in result.notes)
+
+
+def test_without_config_or_grammar_every_tensor_is_kept_with_a_warning_and_prefix_twins_are_refused(
+        tmp_path: Path) -> None:
+    save_file({"w": torch.ones(2, 2), "embed_tokens.weight": torch.ones(4, 2)}, str(tmp_path / "model.safetensors"))
+    artifact = resolve(tmp_path / "model.safetensors")
+    assert artifact.architecture is None and len(artifact.tensors) == 2 and not artifact.unexpected
+    assert any("no config.json" in w and "cannot be checked" in w for w in artifact.warnings)
+    save_file({"model.embed_tokens.weight": torch.ones(4, 2), "embed_tokens.weight": torch.ones(4, 2)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(AmbiguousTensorError):
+        resolve(tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(AmbiguousTensorError):
+        resolve(tmp_path)
+
+
+# ------------------------------------------------------------------------------- the decoy attack, end to end
+
+
+@pytest.fixture(scope="module")
+def decoy_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(demo tree, a candidate = the unrelated model + the base's weights under names no llama runtime loads)."""
+    tree, _ = demo.ensure(tmp_path_factory.getbasetemp() / "tg-demo")
+    candidate = tmp_path_factory.mktemp("decoy")
+    state = load_file(str(tree / "models" / "unrelated" / "model.safetensors"))
+    for name, tensor in load_file(str(tree / "models" / "base" / "model.safetensors")).items():
+        decoy = ("a.wte.weight" if name == "model.embed_tokens.weight" else "zz.lm_head.weight"
+                 if name == "lm_head.weight" else "zz." + name.replace("model.layers.", "h.").replace("model.", ""))
+        state[decoy] = tensor
+    save_file(state, str(candidate / "model.safetensors"))
+    shutil.copy(tree / "models" / "unrelated" / "config.json", candidate / "config.json")
+    return tree, candidate
+
+
+def test_decoy_tensors_are_never_fingerprinted(decoy_tree: tuple[Path, Path]) -> None:
+    tree, candidate = decoy_tree
+    artifact = resolve(candidate)
+    assert {t.name for t in artifact.tensors} == {t.name for t in resolve(tree / "models" / "unrelated").tensors}
+    assert len(artifact.unexpected) == len(resolve(tree / "models" / "base").tensors)
+    settings = FingerprintSettings(device="cpu")
+    fp = fingerprint_artifact(artifact, settings)
+    clean = fingerprint_artifact(resolve(tree / "models" / "unrelated"), settings)
+    assert fp.features == clean.features and fp.sketch == clean.sketch
+    assert sorted(fp.extraction["unexpected_tensors"]) == sorted(t.name for t in artifact.unexpected)
+
+
+@pytest.mark.parametrize("relaxed", [False, True])
+def test_decoy_candidate_fails_verify(decoy_tree: tuple[Path, Path], tmp_path: Path, relaxed: bool) -> None:
+    """Before the grammar this passed with lineage 1.000: the sketch took `a.wte.weight` and the base's blocks."""
+    tree, candidate = decoy_tree
+    policy = tmp_path / "policy.yml"
+    policy.write_text(
+        f"version: 1\ncandidate:\n  path: {candidate}\ndeclared:\n  base: {demo.BASE_ID}\nreferences:\n"
+        f"  - id: {demo.BASE_ID}\n    family: llama\n    fingerprint: {tree / 'refs' / f'{demo.BASE_ID}.json'}\n"
+        f"on_out_of_cluster: warn\n" + ("on_unexpected_tensors: warn\n" if relaxed else ""))
+    result = verify(load_policy(policy))
+    codes = {f.code: f.severity for f in result.verdict.findings}
+    assert codes["TGV_UNEXPECTED_TENSORS"] == ("warn" if relaxed else "fail")
+    assert codes.get("TGV_LINEAGE_NOT_ESTABLISHED") == "fail"  # the lineage test saw only the unrelated model
+    assert not result.passed
+    assert len(result.candidate.unexpected) == len(resolve(tree / "models" / "base").tensors)

@@ -1,0 +1,76 @@
+"""Tensor-name rules in one place: block indices, module leaves and the names of embeddings, heads,
+norms and projections across the transformer families tg-verify reads.
+
+The fingerprint extractor, the lineage sketch and the analyses read names only through this module,
+so a rule changes here once. Which tensors a runtime loads at all is decided in artifact/loading.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+# A decoder block index in a tensor name: model.layers.7., transformer.h.7., gpt_neox.layers.7., blocks.7., ...
+BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
+
+# Module leaves (the component before `.weight`/`.bias`) of the global tensors.
+EMBEDDINGS: tuple[str, ...] = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
+HEADS: tuple[str, ...] = ("lm_head", "embed_out", "output")
+ATTN_NORMS: tuple[str, ...] = ("input_layernorm", "attention_norm", "ln_1")
+MLP_NORMS: tuple[str, ...] = ("pre_feedforward_layernorm", "post_attention_layernorm", "ffn_norm", "ln_2")
+FINAL_NORMS: tuple[str, ...] = ("norm", "final_layernorm", "ln_f", "final_norm", "final_layer_norm")
+NORMS: tuple[str, ...] = ATTN_NORMS + MLP_NORMS + FINAL_NORMS
+
+# Projection leaf -> the part of a block it is. Fused ones (qkv, gate_up) are split by the config's head counts.
+PROJECTIONS: dict[str, str] = {
+    "q_proj": "q", "wq": "q", "query": "q",
+    "k_proj": "k", "wk": "k", "key": "k",
+    "v_proj": "v", "wv": "v", "value": "v",
+    "qkv_proj": "qkv", "wqkv": "qkv",
+    "o_proj": "o", "wo": "o", "out_proj": "o", "dense": "o",
+    "gate_proj": "gate", "w1": "gate",
+    "up_proj": "up", "w3": "up", "fc1": "up",
+    "gate_up_proj": "gate_up",
+    "down_proj": "down", "w2": "down", "fc2": "down",
+}
+
+
+def leaf(name: str) -> str:
+    """The module a parameter belongs to: `model.layers.0.mlp.up_proj.weight` -> `up_proj`."""
+    parts = name.split(".")
+    return parts[-2] if len(parts) >= 2 else parts[0]
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder block index in `name`, or None for a tensor outside the blocks."""
+    match = BLOCK.search(name)
+    return int(match.group(1)) if match else None
+
+
+def block_of(name: str) -> tuple[str, int, str] | None:
+    """(stack prefix up to and including the stack word and dot, block index, rest after the index), or None.
+
+    `model.layers.3.mlp.down_proj.weight` -> (`model.layers.`, 3, `mlp.down_proj.weight`).
+    """
+    match = BLOCK.search(name)
+    if match is None:
+        return None
+    return name[:match.start(1)], int(match.group(1)), name[match.end(1) + 1:]
+
+
+def global_role(name: str) -> str | None:
+    """"embed", "head" or "final_norm" for a tensor outside the blocks whose leaf says so, else None."""
+    if layer_of(name) is not None:
+        return None
+    module = leaf(name)
+    if module in EMBEDDINGS:
+        return "embed"
+    if module in HEADS:
+        return "head"
+    if module in FINAL_NORMS:
+        return "final_norm"
+    return None
+
+
+def projection(name: str) -> str | None:
+    """The block part a projection weight is (q, k, v, qkv, o, gate, up, gate_up, down), or None."""
+    return PROJECTIONS.get(leaf(name))
