@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import math
@@ -15,6 +16,7 @@ from tg_verify.attestation import record, statement
 from tg_verify.attestation.record import ROOT_ANNOTATION, parse_predicate, parse_statement, to_json
 from tg_verify.errors import AttestationError
 from tg_verify.verdict import DecisionRules, Finding
+from tg_verify.waivers import Waiver
 
 
 def test_statement_is_in_toto_v1_with_one_subject_per_file_and_a_root_subject(tiny_models):
@@ -98,7 +100,9 @@ def test_every_decision_rule_is_recorded():
     changed = DecisionRules(declared_base="b", declared_family="f", declared_root="r", forbidden=("x",),
                             on_out_of_cluster="warn", on_base_mismatch="fail", on_name_mismatch="fail",
                             lineage_enabled=False, on_lineage_unavailable="fail", require_weights=True,
-                            on_statistics_disagree="fail", on_unexpected_tensors="warn")
+                            on_statistics_disagree="fail", on_unexpected_tensors="warn",
+                            waivers=(Waiver("TGV_OUT_OF_CLUSTER", "new family, SEC-9", dt.date(2027, 1, 1)),
+                                     Waiver("TGV_FORBIDDEN_MATCH", "r", dt.date(2026, 12, 31), "x")))
     for spec in fields(DecisionRules):
         assert getattr(changed, spec.name) != getattr(DecisionRules(), spec.name), spec.name
     declared, decision = record._rules_json(changed, "standardized")

@@ -120,7 +120,7 @@ def test_statement_made_by_actions_attest_around_our_predicate_verifies(release,
     path.write_text(json.dumps(bundle))
     code, report = run_json(capsys, str(path), str(model))
     name = theirs["subject"][0]["name"]
-    assert code == 2 and "is not the digest of an attested file" in failed(report)[f"subject {name}"]
+    assert code == 2 and "differs from the attested file" in failed(report)[f"subject {name}"]
 
 
 def test_root_subject_that_disagrees_is_named(release, capsys):

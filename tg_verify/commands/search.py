@@ -76,8 +76,13 @@ def _number(value: float | None, spec: str) -> str:
 
 def render(console: Any, document: dict[str, Any]) -> None:
     """The human view: the attribution, the hits with their lineage tests, the nearest by features, caveats."""
-    from rich.markup import escape
+    from rich.markup import escape as markup_escape
     from rich.table import Table
+
+    from tg_verify.escaping import shown
+
+    def escape(value: object) -> str:  # values from fingerprints and the index: one safe line, no rich markup
+        return markup_escape(shown(value))
 
     from tg_verify.commands.compare import caveat_lines
 
