@@ -230,3 +230,26 @@ def test_verify_attestation_prints_attestation_strings_escaped(tmp_path: Path, c
     out = capsys.readouterr()
     _no_commands(out.out + out.err)
     assert json.loads(out.out)["ok"] is False  # the JSON stays valid JSON
+
+
+def test_index_search_and_classify_print_stored_names_escaped(tiny_models, tmp_path: Path, capsys) -> None:
+    """Model names recorded in fingerprint files reach the verbs added since (index, search, classify): they
+    print as one escaped line, never as a command or as rich markup; an index refuses a name with a line
+    break when it is built (it could not read it back), naming the file."""
+    fps = tmp_path / "fps"
+    names = {"llama": "llama ::add-mask::FAIL ##[error]x [bold]", "qwen2": "qwen\n::stop-commands::tok"}
+    for arch, name in names.items():
+        assert main(["fingerprint", str(tiny_models[arch]["single"]), "-o", str(fps / f"{arch}.json"),
+                     "--name", name]) == 0
+    capsys.readouterr()
+    index = tmp_path / "index"
+    assert main(["index", "build", str(fps), "-o", str(index)]) == 2  # the qwen2 name is refused, llama indexed
+    out = capsys.readouterr()
+    assert "qwen2.json" in out.err and "holds control characters" in out.err
+    for argv in (["search", str(fps / "llama.json"), "--index", str(index)], ["index", "verify", str(index)],
+                 ["classify", str(fps / "llama.json"), "--refs", str(fps)]):
+        assert main(argv) == 0, argv
+        out = capsys.readouterr()
+        _no_commands(out.out + out.err)
+        if argv[0] != "index":
+            assert ":\\u003aadd-mask:\\u003aFAIL #\\u0023[error]x [bold]" in out.out  # shown, markup kept as text

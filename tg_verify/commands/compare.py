@@ -90,9 +90,9 @@ def emit(document: dict[str, Any], args: argparse.Namespace, render: Any) -> int
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:
-        from rich.console import Console
+        from tg_verify.report.console import make_console
 
-        console = Console(highlight=False)
+        console = make_console()  # outside a terminal: full width, so no table is cut at 80 columns
         render(console)
         if args.output:
             console.print(f"[dim]JSON result written to {escape(str(args.output))}[/dim]")
