@@ -4,16 +4,19 @@ A verdict table a reviewer reads in the run page, the reasons, the distance tabl
 and the details (checks, settings, digests) folded in <details>. Size-bounded by construction.
 Every value that comes from an input (names, ids, families, messages, paths) goes through `cell()` or
 `code()`, so HTML or Markdown in a model file or a policy shows as text and never renders.
+The pipeline and the analysis are imported only where a verify result is rendered, so the light verb
+`verify-attestation --format markdown` stays free of torch and scikit-learn.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tg_verify.analysis.attribution import NOT_MEANINGFUL, attribution_text
 from tg_verify.escaping import markdown_code, markdown_text
-from tg_verify.pipeline import ReferenceOutcome, VerificationResult
 from tg_verify.verdict import summarize
+
+if TYPE_CHECKING:
+    from tg_verify.pipeline import ReferenceOutcome, VerificationResult
 
 MAX_REFERENCE_ROWS = 200
 MAX_FILE_ROWS = 200
@@ -43,6 +46,8 @@ def _lineage(ref: ReferenceOutcome) -> str:
 
 def render(result: VerificationResult) -> str:
     """The summary as GitHub-flavoured Markdown."""
+    from tg_verify.analysis.attribution import NOT_MEANINGFUL, attribution_text
+
     policy, cand, cls = result.policy, result.candidate, result.classification
     label = "PASS" if result.passed else "FAIL"
     lines = [f"## {ICONS['pass' if result.passed else 'fail']} tg-verify: {label} — {cell(cand.name)}", "",
