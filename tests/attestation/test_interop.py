@@ -100,26 +100,35 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def run_action(root: Path, tmp_path: Path, policy: str) -> dict[str, str]:
-    temp = tmp_path / "runner-temp"
-    temp.mkdir()
-    env = {"GITHUB_WORKSPACE": str(root), "RUNNER_TEMP": str(temp), "GITHUB_OUTPUT": str(temp / "out"),
-           "INPUT_POLICY": policy, "INPUT_CACHE": str(tmp_path / "cache"), "INPUT_SUMMARY": "false"}
+@pytest.fixture(scope="module")
+def cache(release: Path) -> Path:
+    """One reference cache for the module: the references are fingerprinted once, by the first run."""
+    return release.parent / f"{release.name}-cache"
+
+
+@pytest.fixture(scope="module")
+def released(release: Path, cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The Action's outputs for the release policy, run once (it also writes the candidate's fingerprint)."""
+    temp = tmp_path_factory.mktemp("runner-temp")
+    env = {"GITHUB_WORKSPACE": str(release), "RUNNER_TEMP": str(temp), "GITHUB_OUTPUT": str(temp / "out"),
+           "INPUT_POLICY": str(release / "release.yml"), "INPUT_CACHE": str(cache), "INPUT_SUMMARY": "false",
+           "INPUT_ARGS": f"--fingerprint-out {temp / 'candidate.fp.json'}"}
     log = io.StringIO()
     assert action.run(type("Args", (), {"debug": False})(), environ=env, out=log) == 0, log.getvalue()
     text = (temp / "out").read_text()
-    outputs = {}
+    outputs = {"fingerprint-path": str(temp / "candidate.fp.json")}
     for match in re.finditer(r"^([^<\n]+)<<(ghadelimiter_[0-9a-f-]{36})\n(.*?)\n\2\n", text, re.S | re.M):
         outputs[match[1]] = match[3]
     return outputs
 
 
-def test_the_documented_release_workflow_verifies(release: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_the_documented_release_workflow_verifies(release: Path, released: dict[str, str], tmp_path: Path, capsys,
+                                                  monkeypatch) -> None:
     """subject-path `*.safetensors` and `*.json` (the tokenizer and generation config included), or
     subject-checksums from the Action: the Statement actions/attest makes verifies, and says which subjects
     are evidence."""
     monkeypatch.chdir(release)
-    outputs = run_action(release, tmp_path, "release.yml")
+    outputs = released
     model = release / "candidate"
     for how in ({"subject_path": ("*.safetensors", "*.json")}, {"subject_checksums": Path(outputs["subjects-path"])}):
         statement = actions_attest_statement(model, Path(outputs["predicate-path"]), outputs["predicate-type"], **how)
@@ -136,10 +145,10 @@ def test_the_documented_release_workflow_verifies(release: Path, tmp_path: Path,
         assert "subject generation_config.json" in details
 
 
-def test_a_subject_outside_the_predicate_is_reported_not_fatal(release: Path, tmp_path: Path, capsys,
-                                                               monkeypatch) -> None:
+def test_a_subject_outside_the_predicate_is_reported_not_fatal(release: Path, released: dict[str, str],
+                                                               tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(release)
-    outputs = run_action(release, tmp_path, "release.yml")
+    outputs = released
     model = tmp_path / "delivered"
     shutil.copytree(release / "candidate", model)
     (model / "tg-report.json").write_text("{}")  # written next to the model after the verify step
@@ -156,10 +165,11 @@ def test_a_subject_outside_the_predicate_is_reported_not_fatal(release: Path, tm
         checks["file tg-report.json"]["detail"]
 
 
-def test_the_whole_model_subject_is_model_signings_digest(release: Path, tmp_path: Path, monkeypatch) -> None:
+def test_the_whole_model_subject_is_model_signings_digest(release: Path, cache: Path, tmp_path: Path,
+                                                         monkeypatch) -> None:
     monkeypatch.chdir(release)
     statement = tmp_path / "att.json"
-    assert main(["verify", "release.yml", "--attestation", str(statement), "--no-cache"]) == 0
+    assert main(["verify", "release.yml", "--attestation", str(statement), "--cache-dir", str(cache)]) == 0
     document = json.loads(statement.read_text())
     root = next(s for s in document["subject"] if s.get("annotations"))
     signed = Payload(hashing.Config().hash(release / "candidate")).statement.pb.subject[0].digest["sha256"]
@@ -171,6 +181,32 @@ def test_the_whole_model_subject_is_model_signings_digest(release: Path, tmp_pat
     assert evidence == {"config.json", "model.safetensors"}
     assert {"generation_config.json", "tokenizer.json"} <= {f["name"] for f in candidate["files"]} - evidence
     assert candidate["weightsDigest"]["sha256"] != signed
+
+
+def test_a_fingerprint_only_candidate_claims_no_model_signing_digest(release: Path, released: dict[str, str],
+                                                                    cache: Path, tmp_path: Path, capsys,
+                                                                    monkeypatch) -> None:
+    """Known only by its fingerprint file, the candidate's directory was never listed: the attestation's root
+    digest is its weights digest, no `serialization` (ignorePaths, allowSymlinks) is claimed, and the files
+    outside the fingerprint are reported as never covered, not as a moved model_signing digest."""
+    monkeypatch.chdir(release)
+    policy = release / "fp-only.yml"
+    policy.write_text(POLICY.format(candidate="candidate").replace(
+        "  path: ./candidate", f"  fingerprint: {released['fingerprint-path']}\n  require_weights: false"))
+    statement = tmp_path / "att.json"
+    assert main(["verify", str(policy), "--attestation", str(statement), "--cache-dir", str(cache)]) == 0
+    candidate = json.loads(statement.read_text())["predicate"]["candidate"]
+    assert "serialization" not in candidate and candidate["evidence"]["fileDigests"] == "recorded"
+    assert candidate["rootDigest"] == candidate["weightsDigest"]
+    assert {f["name"] for f in candidate["files"]} == {"config.json", "model.safetensors"}
+    signed = Payload(hashing.Config().hash(release / "candidate")).statement.pb.subject[0].digest["sha256"]
+    assert candidate["rootDigest"]["sha256"] != signed  # it never claims the directory's digest
+    capsys.readouterr()
+    assert main(["verify-attestation", str(statement), str(release / "candidate"), "--allow-fingerprint-evidence",
+                 "--json"]) == 0
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert checks["file tokenizer.json"]["ok"]
+    assert "covers only the weight files the fingerprint recorded" in checks["file tokenizer.json"]["detail"]
 
 
 def hf_cache(source: Path, root: Path) -> Path:
@@ -185,13 +221,14 @@ def hf_cache(source: Path, root: Path) -> Path:
     return snapshot
 
 
-def test_a_model_from_a_hugging_face_cache_is_attested_as_read_and_verifies(release: Path, tmp_path: Path, capsys,
+def test_a_model_from_a_hugging_face_cache_is_attested_as_read_and_verifies(release: Path, cache: Path,
+                                                                            tmp_path: Path, capsys,
                                                                             monkeypatch) -> None:
     snapshot = hf_cache(release / "candidate", tmp_path / "models--acme--llama")
     monkeypatch.chdir(release)
     statement = tmp_path / "att.json"
     assert main(["verify", "release.yml", "--candidate", str(snapshot), "--attestation", str(statement),
-                 "--no-cache"]) == 0
+                 "--cache-dir", str(cache)]) == 0
     document = json.loads(statement.read_text())
     assert document["predicate"]["candidate"]["serialization"]["allowSymlinks"] is True  # recorded as read
     signed = Payload(hashing.Config().set_allow_symlinks(True).hash(snapshot)).statement.pb.subject[0].digest

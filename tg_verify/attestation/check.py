@@ -208,10 +208,10 @@ def check_files(parsed: ParsedStatement, model: Path, progress: Callable[[int], 
                     f"{recorded_root}")]
     candidate = predicate.candidate
     if candidate.weights_digest is not None:
-        weights = candidate.weights_digest_of_files()
-        checks.append(Check(INTEGRITY, "weights digest (recorded)", candidate.weights_digest == weights,
+        recorded_weights = candidate.weights_digest_of_files()
+        checks.append(Check(INTEGRITY, "weights digest (recorded)", candidate.weights_digest == recorded_weights,
                             f"predicate.candidate.weightsDigest {candidate.weights_digest}, computed from the "
-                            f"attested files the fingerprint was made from {weights}"))
+                            f"attested files the fingerprint was made from {recorded_weights}"))
     checks.extend(_check_subjects(parsed))
     root, artifact, problem = _model_root(model)
     if problem is not None:
