@@ -263,14 +263,14 @@ def test_dockerfile_follows_the_docker_action_rules():
 
 
 # ---------------------------------------------------------------------------------------------
-# The composite step as the runner runs it: bash, INPUT_* from `env:`, runner: local, tg-verify on PATH
+# The composite step as the runner runs it: bash, INPUT_* from `env:`, runner: local, tg-verify on PATH.
+# Each run is a fresh `tg-verify action` process (the entrypoint as the runner starts it), so these tests
+# also stand for the entrypoint's process tests: PASS 0, FAIL 1, bad input 2, report-only 0 on FAIL.
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    from attestation_helpers import build_workspace
-
-    return build_workspace(tmp_path_factory.mktemp("composite"))
+def workspace(action_workspace):
+    return action_workspace  # shared with tests/commands/test_action.py (tests/conftest.py)
 
 
 def run_composite(workspace: Path, tmp_path: Path, **inputs: str) -> tuple[int, str, dict[str, str], str]:
@@ -302,6 +302,8 @@ def test_composite_pass(workspace, tmp_path):
     assert code == 0, log
     assert outputs["verdict"] == "pass" and not outputs.get("error")
     assert outputs["report-path"].startswith(str(tmp_path)) and Path(outputs["sarif-path"]).is_file()
+    for name in ("report-path", "attestation-path", "predicate-path", "subjects-path"):
+        assert Path(outputs[name]).is_file(), name
     assert "## ✅ tg-verify: PASS" in summary and "::error" not in log
 
 
@@ -310,7 +312,8 @@ def test_composite_fail_fails_the_step(workspace, tmp_path):
     assert code == 1, log
     assert outputs["verdict"] == "fail" and "TGV_LINEAGE_NOT_ESTABLISHED" in outputs["reasons"]
     assert re.search(r"^::error file=fail\.yml,line=\d+,title=tg-verify FAIL::TGV_", log, re.M)
-    assert "## ❌ tg-verify: FAIL" in summary
+    assert "## ❌ tg-verify: FAIL" in summary and Path(outputs["attestation-path"]).is_file()
+    assert "report-only" not in log
     sarif_log = json.loads(Path(outputs["sarif-path"]).read_text())
     assert {r["level"] for r in sarif_log["runs"][0]["results"]} >= {"error"}
 
@@ -330,4 +333,5 @@ def test_composite_bad_input_fails_even_report_only(workspace, tmp_path, inputs)
     code, log, outputs, summary = run_composite(workspace, tmp_path, **inputs)
     assert code == 2, log
     assert outputs["verdict"] == "" and outputs["error"]
+    assert inputs["policy"] != "missing.yml" or "missing.yml" in outputs["error"]
     assert log.startswith("::error ") and "tg-verify could not verify" in summary

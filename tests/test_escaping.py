@@ -140,7 +140,7 @@ def _no_commands(text: str) -> None:
 
 def test_cli_verify_of_an_adapter_with_commands_in_its_config(hostile: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(hostile)
-    code = main(["verify", "adapter.yml", "--no-cache"])
+    code = main(["verify", "adapter.yml", "--cache-dir", str(hostile / ".tg-cache")])
     out = capsys.readouterr()
     assert code in (0, 1), out.err
     assert "TGV_ADAPTER_BASE_NAME_MISMATCH" in out.out  # the finding that quotes the name is shown...
@@ -157,7 +157,7 @@ def test_cli_inspect_of_the_adapter(hostile: Path, capsys) -> None:
 def test_cli_verify_of_hostile_directory_and_file_names(hostile: Path, which: str, capsys, monkeypatch) -> None:
     monkeypatch.chdir(hostile)
     candidate = CANDIDATES[which](hostile)
-    code = main(["verify", "pass.yml", "--candidate", str(candidate), "--no-cache"])
+    code = main(["verify", "pass.yml", "--candidate", str(candidate), "--cache-dir", str(hostile / ".tg-cache")])
     out = capsys.readouterr()
     assert code in (0, 1, 2), out.err
     _no_commands(out.out + out.err)
@@ -177,7 +177,7 @@ def _action_env(root: Path, tmp_path: Path, **inputs: str) -> dict[str, str]:
     temp.mkdir()
     env = {"GITHUB_ACTIONS": "true", "GITHUB_WORKSPACE": str(root), "RUNNER_TEMP": str(temp),
            "GITHUB_OUTPUT": str(temp / "output"), "GITHUB_STEP_SUMMARY": str(temp / "summary"),
-           "INPUT_CACHE": str(tmp_path / "cache")}
+           "INPUT_CACHE": str(root / ".tg-cache")}  # the module's cache: references fingerprinted once
     env.update({f"INPUT_{k.upper()}": v for k, v in inputs.items()})
     return env
 
