@@ -3,11 +3,13 @@
 It maps the INPUT_* variables to the same `VerifyRequest` the command line builds (the inputs become
 verify flags, parsed by the verify parser itself) and calls the same `execute`: every verify flag
 works the same through `args`, or is refused with a message naming it. What it adds is the Actions
-glue: the predicate alone for actions/attest, step outputs to $GITHUB_OUTPUT (random heredoc
-delimiters), the Markdown verdict to $GITHUB_STEP_SUMMARY (size-bounded), `::error`/`::warning`
-annotations on the file an error or finding is about, and `::group::` around each long phase.
-Features must be recomputed from the weights unless the policy says otherwise
-(candidate.require_weights defaults to true here). Exit 0 PASS, 1 FAIL, 2 bad input, like the CLI.
+glue: the predicate alone and the attested files as a subject-checksums file for actions/attest, the
+SARIF log for code scanning, step outputs to $GITHUB_OUTPUT (random heredoc delimiters), the Markdown
+verdict to $GITHUB_STEP_SUMMARY (size-bounded), `::error`/`::warning` annotations on the file an error
+or finding is about, and `::group::` around each long phase. Every line it prints passes a CommandGuard
+(tg_verify/escaping.py): the only workflow commands in its log are the ones it means. Features must be
+recomputed from the weights unless the policy says otherwise (candidate.require_weights defaults to true
+here). Exit 0 PASS, 1 FAIL (0 with the report-only input), 2 bad input, like the CLI.
 """
 
 from __future__ import annotations

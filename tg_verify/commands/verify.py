@@ -1,8 +1,9 @@
 """`tg-verify POLICY.yml` (= `tg-verify verify POLICY.yml`): the main job, a lineage verdict for a release gate.
 
-Prints a summary (or the JSON report with --json), writes the report, the attestation, the candidate's
-fingerprint and the Markdown summary when asked, and appends the summary to $GITHUB_STEP_SUMMARY.
-Exit 0 PASS, 1 FAIL, 2 bad input (nothing written).
+Prints a summary (or, with --format json|markdown|sarif, that document), writes the report, the
+attestation, the candidate's fingerprint, the Markdown summary and the SARIF log when asked, and appends
+the summary to $GITHUB_STEP_SUMMARY. Exit 0 PASS, 1 FAIL (0 with --report-only), 2 bad input (nothing
+written).
 
 The one verify path: the command line and the GitHub Action (commands/action.py) both build a
 `VerifyRequest` and call `execute`, which checks every output path before any work, runs the policy
