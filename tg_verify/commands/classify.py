@@ -39,7 +39,7 @@ ORDER = 31
 REPORT_SCHEMA = "https://tg-verify.dev/schemas/classify"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the `classify` parser."""
     parser = subparsers.add_parser(
         VERB, help="attribute a model to the family of the nearest reference cluster",

@@ -115,7 +115,7 @@ def lineage_summary(result: dict[str, Any] | None) -> str:
             f"p = {result['p_value']:.3g}, stated false-positive rate {result['false_positive_rate']:.2%}")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the `compare` parser."""
     parser = subparsers.add_parser(
         VERB, help="distance between two models or fingerprints (and lineage evidence)",

@@ -12,7 +12,7 @@ VERB = "demo"
 ORDER = 90
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the `demo` parser."""
     parser = subparsers.add_parser(
         VERB, help="see tg-verify work in under a minute: no network, no model needed",

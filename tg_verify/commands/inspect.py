@@ -28,7 +28,7 @@ VERB = "inspect"
 ORDER = 40
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the `inspect` parser."""
     parser = subparsers.add_parser(
         VERB, help="show and validate a model artifact's layout, files and tensors (header-only)",

@@ -31,7 +31,7 @@ SHORT_STRATEGY = {"adversarial": "adv", "structural": "struct", "low-frequency":
                   "gaussian": "gauss"}
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `study clustering` and `study perturbation`."""
     parser = subparsers.add_parser(
         VERB, help="reproduce the paper's studies on your models (clustering: Table I; perturbation: Fig. 5)",
