@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,9 @@ def make_policy(**changes: object) -> Policy:
     return replace(policy, **changes)  # type: ignore[arg-type]
 
 
-def decide(policy: Policy, evidence: Evidence) -> Verdict:
-    """The verdict under the policy's rules (verify decides exactly so)."""
-    return decide_rules(policy.decision_rules(), evidence)
+def decide(policy: Policy, evidence: Evidence, today: date | None = None) -> Verdict:
+    """The verdict under the policy's rules (verify decides exactly so), its waivers judged on `today`."""
+    return decide_rules(policy.decision_rules(), evidence if today is None else replace(evidence, verified_on=today))
 
 
 def lineage(derived: bool, score: float | None = None, comparable: bool = True) -> LineageEvidence:
