@@ -40,7 +40,7 @@ def lineage(derived: bool, score: float | None = None, comparable: bool = True) 
     return LineageEvidence(score=score if score is not None else (0.9 if derived else 0.05), threshold=0.5,
                            p_value=1 / 201 if derived else 81 / 201, false_positive_rate=0.01, derived=derived,
                            comparable=comparable, alpha=0.01, notes=() if comparable else ("probe seeds differ",),
-                           method="tgl2", calibration="llama:h64", null_size=200, rate=0.0 if derived else 0.4,
+                           method="tgl3", calibration="llama:h64", null_size=200, rate=0.0 if derived else 0.4,
                            rate_upper=0.015 if derived else 0.46)
 
 

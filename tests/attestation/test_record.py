@@ -191,11 +191,11 @@ def test_a_calibrated_lineage_test_is_recorded_and_its_decision_checked(tiny_mod
                                               predicate.references[1]))
 
     calibrated = LineageEvidence(score=0.42, threshold=0.29, derived=True, p_value=1 / 1846,
-                                 false_positive_rate=0.0097, alpha=0.01, method="tgl2",
+                                 false_positive_rate=0.0097, alpha=0.01, method="tgl3",
                                  calibration="gemma:h96:l3:v512:a6/2:i192", null_size=1845, rate=0.0, rate_upper=0.0016)
     predicate = with_lineage(calibrated)
     written = to_json(predicate)["references"][0]["lineage"]
-    assert written["method"] == "tgl2" and written["calibration"] == "gemma:h96:l3:v512:a6/2:i192"
+    assert written["method"] == "tgl3" and written["calibration"] == "gemma:h96:l3:v512:a6/2:i192"
     assert written["nullPairs"] == 1845 and written["rateAtScore"] == 0.0 and written["rateUpperBound95"] == 0.0016
     assert parse_predicate(json.loads(canonical_json(to_json(predicate)))) == predicate
     assert "0/1845 unrelated pairs score as high (95% upper bound 0.2%" in calibrated.rate_text()
