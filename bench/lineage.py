@@ -2,14 +2,18 @@
 
 For each of the five tiny architectures, two independently trained roots (a base and its twin:
 same config, different seed and data order, trained on Python stdlib source tokenised with a
-512-token bigram vocabulary so every probe token is a real, used token). Each root gets every
-derivative (fine-tunes, adapter merges, casts, quantisation, re-sharding, vocabulary growth, layer
-surgery, weight averaging) and every evasion (verified function-preserving first). Positives: each
-derivative against its own root. Negatives: each derivative against the other root of its
-architecture (twins and their fine-tunes are not derived from the base), the roots against each
-other, and roots of different architectures. The paper's method on the same pairs: Euclidean
-distance in the standardised 15-feature space fitted on the ten roots (derived when <= 7), and the
-nearest-root rule.
+512-token bigram vocabulary, shipped beside the weights as tokenizer.json). Each root gets every
+derivative (fine-tunes, long continued pre-training on two new domains, adapter merges, casts,
+quantisation, re-sharding, vocabulary growth, layer surgery, weight averaging), every evasion
+(verified function-preserving first) and the attacks on the evidence (embedding rows re-drawn:
+tgs1's 32 public probe rows, or a random tenth of all rows; the vocabulary relabelled, with the
+tokenizer rewritten to match, or shipped without one). Positives: each derivative against its own
+root. Negatives: each derivative against the other root of its architecture (twins and their
+fine-tunes are not derived from the base), the roots against each other, and roots of different
+architectures. None of these models is in the calibration (bench/calibrate.py: other seeds), so
+the false-positive column measures the calibrated threshold on models it never saw. The paper's
+method on the same pairs: Euclidean distance in the standardised 15-feature space fitted on the ten
+roots (derived when <= 7), and the nearest-root rule.
 
     python bench/lineage.py [--work bench/out/lineage] [--quick] [--cost]
 
@@ -42,7 +46,7 @@ from bench.zoo import cast, corpus, fine_tune, int8_roundtrip, lora_merge  # noq
 from tg_verify.analysis.lineage import lineage_test  # noqa: E402
 from tg_verify.analysis.space import FeatureSpace, euclidean  # noqa: E402
 from tg_verify.fingerprint.document import VECTOR_FEATURES, Fingerprint, load  # noqa: E402
-from tg_verify.tiny import ARCHITECTURES, build_model  # noqa: E402
+from tg_verify.tiny import ARCHITECTURES, build_model, one_thread  # noqa: E402
 
 VOCAB = 512
 PAPER_THRESHOLD = 7.0
@@ -64,12 +68,34 @@ class Recipe:
     lora_lr: float = 2e-3
     ia3_lr: float = 1e-2
     vocab_extra: int = 64
+    cpt_steps: int = 300  # continued pre-training on a new domain: twice pretraining, at a third of its rate
+    cpt_lr: float = 1e-3
+    redraw_fraction: float = 0.1
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-QUICK = Recipe(corpus_bytes=200_000, pretrain_steps=60, light_steps=10, heavy_steps=60, adapter_steps=20)
+QUICK = Recipe(corpus_bytes=200_000, pretrain_steps=60, light_steps=10, heavy_steps=60, adapter_steps=20,
+               cpt_steps=120)
+DOMAINS: tuple[str, ...] = ("c", "prose")
+
+
+def domain_text(name: str, size: int) -> torch.Tensor:
+    """Text of a domain the roots never saw, from every CPython install: "c" = the C headers of Python's include
+    directory, "prose" = the English documentation in pydoc_data/topics.py."""
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    if name == "c":
+        data = b"".join(p.read_bytes() for p in sorted(Path(paths["include"]).rglob("*.h")))
+    elif name == "prose":
+        data = (Path(paths["stdlib"]) / "pydoc_data" / "topics.py").read_bytes()
+    else:
+        raise ValueError(f"unknown domain {name!r}")
+    if len(data) < 4096:
+        raise RuntimeError(f"too little offline text for domain {name!r}")
+    return torch.frombuffer(bytearray(data[:size]), dtype=torch.uint8).to(torch.long)
 
 
 # -- text: a 512-token bigram vocabulary, so every token id is used ---------------------------------
@@ -87,6 +113,33 @@ def bigram_tokenizer(text: torch.Tensor) -> np.ndarray:
     for n, pair in enumerate(top):
         table[pair] = ids[len(present) + n]
     return table
+
+
+def vocabulary(table: np.ndarray) -> dict[str, int]:
+    """The bigram table as token strings (latin-1: one character per byte) -> id, as a tokenizer file holds them."""
+    strings: dict[str, int] = {}
+    for entry in np.flatnonzero(table >= 0):
+        text = bytes([int(entry) - 65536]) if entry >= 65536 else bytes([int(entry) >> 8, int(entry) & 255])
+        strings[text.decode("latin-1")] = int(table[entry])
+    return strings
+
+
+def write_tokenizer(directory: Path, table: np.ndarray, order: np.ndarray | None = None, extra: int = 0) -> Path:
+    """Write the vocabulary beside the weights as a Hugging Face tokenizer.json (WordLevel model), as repositories
+    ship it; `extra` new tokens after the table's ids (a vocabulary extension); with `order` (old id -> new id)
+    the ids are rewritten, as a relabelling evader would."""
+    vocab = vocabulary(table)
+    first = max(vocab.values()) + 1
+    vocab.update({f"<extra_{n}>": first + n for n in range(extra)})
+    if order is not None:
+        vocab = {text: int(order[i]) for text, i in vocab.items()}
+    document = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+                "pre_tokenizer": None, "post_processor": None, "decoder": None,
+                "model": {"type": "WordLevel", "vocab": dict(sorted(vocab.items(), key=lambda kv: kv[1])),
+                          "unk_token": min(vocab, key=vocab.__getitem__)}}
+    path = Path(directory) / "tokenizer.json"
+    path.write_text(json.dumps(document, ensure_ascii=False))
+    return path
 
 
 def tokenize(text: torch.Tensor, table: np.ndarray) -> torch.Tensor:
@@ -115,13 +168,13 @@ class Entry:
     id: str
     arch: str
     root: str
-    relation: str  # "root" or the derivation/evasion name
-    kind: str  # root | derivative | evasion
+    relation: str  # "root" or the derivation/evasion/attack name
+    kind: str  # root | derivative | evasion | attack
     fingerprint: Fingerprint | None = None
 
 
 def _current(fp_path: Path) -> bool:
-    """Whether a cached fingerprint exists and was made by the current feature version and probe size."""
+    """Whether a cached fingerprint exists and was made by the current feature and sketch versions."""
     from tg_verify.fingerprint import sketch as sk
     from tg_verify.fingerprint.document import FEATURE_VERSION
 
@@ -129,7 +182,8 @@ def _current(fp_path: Path) -> bool:
         return False
     cached = load(fp_path)
     return (cached.feature_version == FEATURE_VERSION and cached.sketch is not None
-            and cached.sketch["probe"]["tokens"] == sk.DEFAULT_TOKENS)
+            and cached.sketch.get("version") == sk.SKETCH_VERSION
+            and cached.sketch["probe"].get("mixtures") == sk.DEFAULT_TOKENS)
 
 
 def load_checkpoint(directory: Path) -> T.Checkpoint:
@@ -151,11 +205,15 @@ class Bench:
         (self.work / "models").mkdir(parents=True, exist_ok=True)
         (self.work / "fingerprints").mkdir(parents=True, exist_ok=True)
         text = {part: corpus(part, recipe.corpus_bytes) for part in ("pretrain", "light", "heavy", "lora")}
-        table = bigram_tokenizer(text["pretrain"])
-        self.tokens = {part: tokenize(t, table) for part, t in text.items()}
+        text.update({name: domain_text(name, recipe.corpus_bytes) for name in DOMAINS})
+        self.table = bigram_tokenizer(text["pretrain"])
+        self.tokens = {part: tokenize(t, self.table) for part, t in text.items()}
         self.entries: list[Entry] = []
 
-    def _model(self, entry: Entry, make: Callable[[], T.Checkpoint], layout: str = "single") -> T.Checkpoint | None:
+    def _model(self, entry: Entry, make: Callable[[], T.Checkpoint], layout: str = "single",
+               tokenizer: Callable[[Path], object] | None = None) -> T.Checkpoint | None:
+        """Build (once) and fingerprint (once per version) one model; `tokenizer(directory)` writes what ships
+        beside its weights (default: the vocabulary as it is)."""
         directory = self.work / "models" / entry.id
         fp_path = self.work / "fingerprints" / f"{entry.id}.json"
         ck = None
@@ -164,6 +222,8 @@ class Bench:
             ck = make()
             ck.save(directory, layout)
             self.log(f"  built {entry.id} in {time.perf_counter() - started:.1f}s")
+            fp_path.unlink(missing_ok=True)
+        (tokenizer or (lambda d: write_tokenizer(d, self.table)))(directory)
         if not _current(fp_path):
             from tg_verify.artifact import resolve
             from tg_verify.fingerprint.extract import fingerprint_artifact
@@ -192,6 +252,7 @@ class Bench:
                 self._model(Entry(root_id, arch, root_id, "root", "root"), pretrain)
                 root = self.checkpoint(root_id)
                 self._derivatives(arch, root_id, root, seed)
+                self._attacks(arch, root_id, root, seed)
                 for name, evasion in {**T.EVASIONS, "all-at-once": T.all_evasions}.items():
                     def evade(root: T.Checkpoint = root, evasion: Callable = evasion) -> T.Checkpoint:
                         out = evasion(root)
@@ -221,9 +282,38 @@ class Bench:
             "dropped-layer": (lambda: light(T.drop_layer(root, root.layers // 2), seed + 7), "single"),
             "duplicated-layer": (lambda: light(T.duplicate_layer(root, root.layers // 2), seed + 8), "single"),
             "merge-avg": (lambda: T.average(light(root, seed + 1), light(root, seed + 9, "heavy")), "single"),
+            **{f"cpt-{name}": ((lambda name=name: T.from_model(fine_tune(root.model(), tok[name], r.cpt_steps, r.cpt_lr,
+                                                                         seed + 10 + len(name)))), "single")
+               for name in DOMAINS},
         }
         for name, (make, layout) in recipes.items():
-            self._model(Entry(f"{root_id}~{name}", arch, root_id, name, "derivative"), make, layout)
+            extra = r.vocab_extra if name == "vocab-extended" else 0
+            self._model(Entry(f"{root_id}~{name}", arch, root_id, name, "derivative"), make, layout,
+                        tokenizer=lambda d, extra=extra: write_tokenizer(d, self.table, extra=extra))
+
+    def _attacks(self, arch: str, root_id: str, root: T.Checkpoint, seed: int) -> None:
+        """Attacks on the evidence, each on a light fine-tune of the root (the model an evader would ship)."""
+        from tg_verify.fingerprint.sketch import probe_ids
+
+        vocab = int(root.config.vocab_size)
+        shipped = self.checkpoint(f"{root_id}~ft-light")
+        count = round(self.recipe.redraw_fraction * vocab)
+        tenth = np.random.default_rng(seed + 11).choice(vocab, count, replace=False)
+        order = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed + 12))
+
+        def relabelled() -> T.Checkpoint:
+            out = T.relabel(shipped, order)
+            T.same_function_relabelled(shipped, out, order)  # the same text gives the same probabilities
+            return out
+
+        attacks: dict[str, tuple[Callable[[], T.Checkpoint], Callable[[Path], object] | None]] = {
+            "old-probe-rows": (lambda: T.redraw_rows(shipped, probe_ids(vocab, 32, 0).tolist(), seed + 13), None),
+            "rows-10%": (lambda: T.redraw_rows(shipped, tenth.tolist(), seed + 14), None),
+            "relabelled": (relabelled, lambda d: write_tokenizer(d, self.table, order=order.numpy())),
+            "relabelled-no-tokenizer": (relabelled, lambda d: (d / "tokenizer.json").unlink(missing_ok=True)),
+        }
+        for name, (make, tokenizer) in attacks.items():
+            self._model(Entry(f"{root_id}~{name}", arch, root_id, name, "attack"), make, tokenizer=tokenizer)
 
     # -- measurement --------------------------------------------------------------------------------
 
@@ -246,7 +336,7 @@ class Bench:
                     result.append((a, b, False, "other architecture"))
         return result
 
-    def run(self, permutations: int) -> dict[str, Any]:
+    def run(self) -> dict[str, Any]:
         roots = [e for e in self.entries if e.kind == "root"]
         space = FeatureSpace.fit([e.fingerprint for e in roots], VECTOR_FEATURES)  # type: ignore[misc]
         root_points = space.transform([e.fingerprint for e in roots])  # type: ignore[misc]
@@ -254,7 +344,7 @@ class Bench:
         started = time.perf_counter()
         for candidate, reference, truth, group in self.pairs():
             assert candidate.fingerprint is not None and reference.fingerprint is not None
-            result = lineage_test(candidate.fingerprint, reference.fingerprint, permutations=permutations)
+            result = lineage_test(candidate.fingerprint, reference.fingerprint)
             point = space.transform([candidate.fingerprint])
             distances = euclidean(point, root_points)[0]
             ref_index = roots.index(reference)
@@ -263,13 +353,14 @@ class Bench:
             rows.append({"candidate": candidate.id, "reference": reference.id, "truth": truth, "group": group,
                          "kind": candidate.kind, "score": result.score, "p_value": result.p_value,
                          "threshold": result.threshold, "fpr": result.false_positive_rate,
+                         "rate": result.rate, "rate_upper": result.rate_upper, "null_size": result.null_size,
+                         "calibration": result.calibration,
                          "derived": result.derived, "comparable": result.comparable,
                          "paper_distance": float(distances[ref_index]),
                          "paper_derived": bool(distances[ref_index] <= PAPER_THRESHOLD),
                          "nearest_derived": bool(nearest), "notes": result.notes})
         elapsed = time.perf_counter() - started
-        return {"recipe": asdict(self.recipe), "permutations": permutations, "rows": rows,
-                "seconds_per_test": elapsed / max(len(rows), 1)}
+        return {"recipe": asdict(self.recipe), "rows": rows, "seconds_per_test": elapsed / max(len(rows), 1)}
 
 
 # -- reporting -------------------------------------------------------------------------------------
@@ -279,45 +370,74 @@ def _rate(rows: list[dict[str, Any]], key: str) -> str:
     return f"{hits}/{len(rows)} ({100 * hits / len(rows):.0f}%)" if rows else "-"
 
 
+def _scores(rows: list[dict[str, Any]], pick: Callable[..., float]) -> str:
+    values = [r["score"] for r in rows if r["comparable"]]
+    return f"{pick(values):.3f}" if values else "-"
+
+
 def report(results: dict[str, Any]) -> str:
     rows = results["rows"]
     lines = ["### True derivatives (TPR: called derived)", "",
-             "| relation | pairs | sketch lineage test | min score | paper: distance <= 7 | paper: nearest root |",
-             "|---|---|---|---|---|---|"]
-    by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
+             "| relation | pairs | sketch lineage test | not comparable | min score | paper: distance <= 7 "
+             "| paper: nearest root |",
+             "|---|---|---|---|---|---|---|"]
+    by_group: dict[tuple[bool, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        by_group[(row["truth"], row["group"])].append(row)  # type: ignore[index]
+        by_group[(row["truth"], row["group"])].append(row)
     positives = [r for r in rows if r["truth"]]
     for (truth, group), members in sorted(by_group.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
         if truth:
             lines.append(f"| {group} | {len(members)} | {_rate(members, 'derived')} | "
-                         f"{min(m['score'] for m in members):.3f} | {_rate(members, 'paper_derived')} | "
-                         f"{_rate(members, 'nearest_derived')} |")
-    lines.append(f"| **all derivatives and evasions** | {len(positives)} | {_rate(positives, 'derived')} | "
-                 f"{min(m['score'] for m in positives):.3f} | {_rate(positives, 'paper_derived')} | "
-                 f"{_rate(positives, 'nearest_derived')} |")
+                         f"{sum(1 for m in members if not m['comparable'])} | {_scores(members, min)} | "
+                         f"{_rate(members, 'paper_derived')} | {_rate(members, 'nearest_derived')} |")
+    lines.append(f"| **all derivatives, evasions and attacks** | {len(positives)} | {_rate(positives, 'derived')} | "
+                 f"{sum(1 for m in positives if not m['comparable'])} | {_scores(positives, min)} | "
+                 f"{_rate(positives, 'paper_derived')} | {_rate(positives, 'nearest_derived')} |")
     negatives = [r for r in rows if not r["truth"]]
     lines += ["", "### Unrelated pairs (FPR: called derived)", "",
-              "| pairs | count | sketch lineage test | max score | p <= 0.01 | paper: distance <= 7 "
+              "| pairs | count | sketch lineage test | not comparable | max score | paper: distance <= 7 "
               "| paper: nearest root |",
               "|---|---|---|---|---|---|---|"]
     for (truth, group), members in sorted(by_group.items(), key=lambda kv: kv[0][1]):
         if not truth:
-            significant = [dict(m, sig=m["p_value"] <= 0.01) for m in members]
             lines.append(f"| {group} | {len(members)} | {_rate(members, 'derived')} | "
-                         f"{max(m['score'] for m in members):.3f} | {_rate(significant, 'sig')} | "
+                         f"{sum(1 for m in members if not m['comparable'])} | {_scores(members, max)} | "
                          f"{_rate(members, 'paper_derived')} | {_rate(members, 'nearest_derived')} |")
     lines.append(f"| **all unrelated** | {len(negatives)} | {_rate(negatives, 'derived')} | "
-                 f"{max(m['score'] for m in negatives):.3f} | "
-                 f"{_rate([dict(m, sig=m['p_value'] <= 0.01) for m in negatives], 'sig')} | "
+                 f"{sum(1 for m in negatives if not m['comparable'])} | {_scores(negatives, max)} | "
                  f"{_rate(negatives, 'paper_derived')} | {_rate(negatives, 'nearest_derived')} |")
-    twin_p = [r["p_value"] for r in negatives]
-    lines += ["", f"Scores: derivatives median {statistics.median(r['score'] for r in positives):.3f}; "
-                  f"unrelated median {statistics.median(r['score'] for r in negatives):.3f}. "
-                  f"Unrelated p-values: median {statistics.median(twin_p):.3f}, "
-                  f"share <= 0.05: {np.mean(np.array(twin_p) <= 0.05):.2f}. "
-                  f"{results['permutations']} permutations, {results['seconds_per_test']:.2f} s per test."]
+    thresholds: dict[str, tuple[float, int]] = {r["calibration"]: (r["threshold"], r["null_size"])
+                                                for r in rows if r["comparable"]}
+    comparable_neg = [r for r in negatives if r["comparable"]]
+    comparable_pos = [r for r in positives if r["comparable"]]
+    lines += ["", f"Scores: derivatives median {statistics.median(r['score'] for r in comparable_pos):.3f}; "
+                  f"unrelated median {statistics.median(r['score'] for r in comparable_neg):.3f}. "
+                  f"{results['seconds_per_test'] * 1000:.0f} ms per test.", "",
+              "Thresholds (target rate 1%, from tg_verify/analysis/data/lineage_calibration.json): " + "; ".join(
+                  f"{key} {value:.3f} (null of {n})" for key, (value, n) in sorted(thresholds.items())) + ".", "",
+              "Stated rate at each unrelated pair's score (share of the calibration null at or above it): median "
+              + (f"{statistics.median(rates):.3f}" if (rates := [r['rate'] for r in comparable_neg if r['null_size']])
+                 else "- (no calibrated class)")
+              + f"; the test's false-positive rate on these held-out pairs: {_rate(comparable_neg, 'derived')}."]
     return "\n".join(lines)
+
+
+def sketch_size(layers: int, vocab: int, k: int = 32) -> int:
+    """Bytes of a sketch's JSON for a model of `layers` blocks (every unit present, the layer budget applied):
+    computed from the format, not measured."""
+    from tg_verify.fingerprint import sketch as sk
+
+    unit = {"role": "attn_qk", "layer": 0, "data": "A" * (4 * -(-2 * k * k // 3))}
+    kept = min(layers, sk.layer_budget(k))
+    document = {"version": sk.SKETCH_VERSION,
+                "probe": {"seed": 0, "mixtures": k, "keys": "strings", "keyed_rows": vocab, "rows": vocab,
+                          "key_sample": "A" * (4 * -(-8 * sk.KEY_SAMPLE // 3)), "head_rows": sk.HEAD_ROWS},
+                "architecture": {"model_type": "llama", "hidden_size": 8192, "layers": layers, "vocab": vocab,
+                                 "heads": 64, "kv_heads": 8, "intermediate_size": 28672},
+                "dtype": "float16", "layers": list(range(kept)),
+                "units": [dict(unit, layer=i) for i in range(kept) for _ in sk.LAYER_ROLES] + [unit, unit],
+                "notes": []}
+    return len(json.dumps(document))
 
 
 COST_SHAPES: dict[str, dict[str, int]] = {
@@ -369,7 +489,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "lineage")
     parser.add_argument("--archs", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
     parser.add_argument("--quick", action="store_true", help="short training, for a smoke run")
-    parser.add_argument("--permutations", type=int, default=999)
     parser.add_argument("--cost", action="store_true", help="also measure the sketch's share of fingerprint time")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -378,13 +497,18 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     bench = Bench(args.work, QUICK if args.quick else Recipe(), log)
-    bench.build(tuple(args.archs))
-    results = bench.run(args.permutations)
+    with one_thread():  # tiny models gain nothing from threads; on a shared machine each one's barriers cost ~10x
+        bench.build(tuple(args.archs))
+    results = bench.run()
     (bench.work / "results.json").write_text(json.dumps(results, indent=1, default=float))
     print(report(results))
     if args.cost:
         print()
         print(cost())
+    print()
+    print("Sketch size, computed from the format (k = 32): " + "; ".join(
+        f"{name} ({layers} layers, vocabulary {vocab}) {sketch_size(layers, vocab) / 1e6:.2f} MB"
+        for name, layers, vocab in (("7B", 32, 32000), ("70B", 80, 128256))) + ".")
     return 0
 
 

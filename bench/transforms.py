@@ -42,12 +42,13 @@ class Checkpoint:
         return model
 
     def save(self, directory: str | Path, layout: str = "single") -> Path:
-        """Write it as a Hugging Face directory, keeping the stored dtype of the weights."""
+        """Write it as a Hugging Face directory, keeping the stored dtype of the weights; no tokenizer (the benches
+        write the one their models were trained through, or none on purpose)."""
         dtypes = {v.dtype for v in self.state.values()}
         model = self.model()
         if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
             model = model.to(dtype)
-        return save_model(model, directory, layout)  # type: ignore[arg-type]
+        return save_model(model, directory, layout, vocabulary=False)  # type: ignore[arg-type]
 
     @property
     def heads(self) -> tuple[int, int, int]:
@@ -87,11 +88,17 @@ def sketch_fingerprint_of(ck: Checkpoint, directory: str | Path, layout: str = "
 
     The paper's features are not computed: they are zero here and must not be compared.
     """
+    return sketch_fingerprint_of_folder(ck.save(directory, layout))
+
+
+def sketch_fingerprint_of_folder(directory: str | Path) -> Any:
+    """The lineage sketch of a saved model folder (tokenizer included when there is one), as a Fingerprint
+    whose paper features are zero (not to be compared)."""
     from tg_verify.artifact import open_reader, resolve
     from tg_verify.fingerprint.document import FEATURE_NAMES, Fingerprint
     from tg_verify.fingerprint.sketch import SketchBuilder
 
-    artifact = resolve(ck.save(directory, layout))
+    artifact = resolve(Path(directory))
     with open_reader(artifact) as reader:
         builder = SketchBuilder(artifact, reader, None)
         for info, weight in reader.stream():
@@ -423,6 +430,50 @@ def average(a: Checkpoint, b: Checkpoint) -> Checkpoint:
     out = a.clone()
     out.state = {k: (a.state[k].float() + b.state[k].float()) / 2 for k in a.state}
     return out
+
+
+def redraw_rows(ck: Checkpoint, ids: list[int], seed: int) -> Checkpoint:
+    """Re-draw embedding rows `ids` (and an untied head's) from each matrix's own per-column mean and spread: the
+    cheap way to strip evidence carried by a few token rows. A tied head follows the embedding."""
+    out, g = ck.clone(), torch.Generator().manual_seed(seed)
+    index = torch.as_tensor(sorted(set(ids)), dtype=torch.long)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if key in out.state:
+            weight = out.state[key].clone()
+            work = weight.float()
+            mean, spread = work.mean(0, keepdim=True), work.std(0, keepdim=True)
+            weight[index] = (mean + spread * torch.randn(len(index), work.shape[1], generator=g)).to(weight.dtype)
+            out.state[key] = weight
+    return out
+
+
+def relabel(ck: Checkpoint, order: torch.Tensor) -> Checkpoint:
+    """Renumber the vocabulary: token i's embedding (and head) row moves to id order[i]. With the tokenizer
+    rewritten to match (bench/lineage.py's write_tokenizer) the model reads and writes the same text."""
+    out = ck.clone()
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if key in out.state:
+            moved = torch.empty_like(out.state[key])
+            moved[order] = out.state[key]
+            out.state[key] = moved
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(out.config, name, None)
+        if isinstance(value, int) and 0 <= value < len(order):
+            setattr(out.config, name, int(order[value]))
+    return out
+
+
+def same_function_relabelled(a: Checkpoint, b: Checkpoint, order: torch.Tensor, seed: int = 0,
+                             tolerance: float = 1e-3) -> float:
+    """Like `same_function`, for a relabelled `b`: the same text (ids mapped through `order`) gives the same
+    next-token probabilities (logits mapped back)."""
+    inputs = torch.randint(0, len(order), (3, 12), generator=torch.Generator().manual_seed(seed))
+    la, lb = logits(a, inputs), logits(b, order[inputs])[..., order]
+    scale = float(la.abs().max())
+    diff = float((la - lb).abs().max())
+    if diff > tolerance * max(1.0, scale):
+        raise AssertionError(f"relabelling changed the function: max logit difference {diff:.3g} (scale {scale:.3g})")
+    return diff
 
 
 EVASIONS: dict[str, Callable[[Checkpoint], Checkpoint]] = {

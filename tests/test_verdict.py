@@ -39,8 +39,10 @@ def decide(policy: Policy, evidence: Evidence, today: date | None = None) -> Ver
 
 def lineage(derived: bool, score: float | None = None, comparable: bool = True) -> LineageEvidence:
     return LineageEvidence(score=score if score is not None else (0.9 if derived else 0.05), threshold=0.5,
-                           p_value=0.001 if derived else 0.4, false_positive_rate=0.01, derived=derived,
-                           comparable=comparable, alpha=0.01, notes=() if comparable else ("probe seeds differ",))
+                           p_value=1 / 201 if derived else 81 / 201, false_positive_rate=0.01, derived=derived,
+                           comparable=comparable, alpha=0.01, notes=() if comparable else ("probe seeds differ",),
+                           method="tgl3", calibration="llama:h64", null_size=200, rate=0.0 if derived else 0.4,
+                           rate_upper=0.015 if derived else 0.46)
 
 
 def make_evidence(distances: dict[str, float] | None = None, derived: tuple[str, ...] = ("base",),
@@ -179,7 +181,7 @@ def test_forbidden_attribution_is_not_claimed_without_a_meaningful_attribution()
 def test_lineage_not_established_names_where_lineage_points() -> None:
     verdict = decide(make_policy(), make_evidence(derived=("sibling",)))
     failure = next(f for f in verdict.failures if f.code == "TGV_LINEAGE_NOT_ESTABLISHED")
-    assert "'sibling'" in failure.message and "false-positive rate 1.00%" in failure.message
+    assert "'sibling'" in failure.message and "80/200 unrelated pairs score as high" in failure.message
 
 
 def test_not_comparable_lineage_is_not_a_silent_pass() -> None:

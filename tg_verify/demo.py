@@ -28,7 +28,7 @@ from tg_verify.policy import load_policy
 from tg_verify.progress import NullProgress, ProgressSink
 from tg_verify.tiny import build_model, one_thread, save_model
 
-DEMO_VERSION = "demo-v2"  # bump when what the demo builds changes: older caches are then rebuilt
+DEMO_VERSION = "demo-v4"  # bump when what the demo builds changes: older caches are then rebuilt
 BASE_ID = "demo-llama-base"
 OTHER_REFERENCES = (("demo-qwen2-base", "qwen2", 2), ("demo-gemma-base", "gemma", 3))  # (id, arch, seed)
 STEPS = 30
@@ -138,17 +138,18 @@ def build(directory: Path, progress: ProgressSink | None = None, log: Callable[[
     try:
         say(f"training a tiny llama base ({STEPS} steps on stdlib text)")
         base = train(build_model("llama", seed=0), corpus(0), steps=STEPS, seed=0)
-        save_model(base, staging / "models" / "base")
+        save_model(base, staging / "models" / "base", vocabulary=True)
         say(f"fine-tuning it on other text ({STEPS // 2} steps)")
-        save_model(train(base, corpus(1), steps=STEPS // 2, seed=1, lr=1e-3), staging / "models" / "finetune")
+        save_model(train(base, corpus(1), steps=STEPS // 2, seed=1, lr=1e-3), staging / "models" / "finetune",
+                   vocabulary=True)
         say(f"training an unrelated llama of the same shape (other seed and data order, {STEPS} steps)")
         unrelated = train(build_model("llama", seed=1), corpus(0), steps=STEPS, seed=2)
-        save_model(unrelated, staging / "models" / "unrelated")
+        save_model(unrelated, staging / "models" / "unrelated", vocabulary=True)
         folders = [(BASE_ID, "base")]
         for ref_id, arch, seed in OTHER_REFERENCES:
             say(f"training a tiny {arch} base as another family ({STEPS} steps)")
             other = train(build_model(arch, seed=seed), corpus(0), steps=STEPS, seed=seed)
-            save_model(other, staging / "models" / arch)
+            save_model(other, staging / "models" / arch, vocabulary=True)
             folders.append((ref_id, arch))
         settings = FingerprintSettings(device="cpu")
         for ref_id, folder in folders:

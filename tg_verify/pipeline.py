@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import hmac
+import math
 import os
 import secrets
 import stat
@@ -587,17 +588,24 @@ def _lineage(policy: Policy, candidate: Fingerprint, fp: Fingerprint) -> tuple[L
         return None, f"the reference fingerprint has no lineage sketch ({why})"
     from tg_verify.analysis.lineage import lineage_test
 
-    if policy.lineage.min_score is None:
-        return lineage_test(candidate, fp, alpha=policy.lineage.alpha), None
     return lineage_test(candidate, fp, alpha=policy.lineage.alpha, min_score=policy.lineage.min_score), None
 
 
 def lineage_evidence(result: LineageResult) -> LineageEvidence:
-    """What the verdict (and the attestation) keep of a lineage test."""
+    """What the verdict (and the attestation) keep of a lineage test: the decision's numbers, the method and the
+    calibrated rate at the score (None where uncalibrated)."""
+    def finite(value: float) -> float | None:
+        return float(value) if math.isfinite(value) else None
+
+    calibrated = result.comparable and result.calibrated
     return LineageEvidence(score=float(result.score), threshold=float(result.threshold),
                            p_value=float(result.p_value), false_positive_rate=float(result.false_positive_rate),
                            derived=bool(result.derived), comparable=bool(result.comparable),
-                           alpha=float(result.alpha), notes=tuple(result.notes))
+                           alpha=float(result.alpha), notes=tuple(result.notes), method=result.method,
+                           calibration=result.calibration if calibrated else None,
+                           null_size=result.null_size if calibrated else None,
+                           rate=finite(result.rate) if calibrated else None,
+                           rate_upper=finite(result.rate_upper) if calibrated else None)
 
 
 # ------------------------------------------------------------------------------------------ verify

@@ -101,8 +101,8 @@ class LineagePolicy:
     """How the sketch-based lineage test takes part in the verdict."""
 
     enabled: bool = True
-    alpha: float = DEFAULT_ALPHA  # the stated false-positive rate of a "derived" call
-    min_score: float | None = None  # minimum similarity for a "derived" call (None: the test's default)
+    alpha: float = DEFAULT_ALPHA  # target false-positive rate: the calibrated threshold's level (docs/lineage.md)
+    min_score: float | None = None  # a floor under the calibrated threshold (None: no floor)
     on_unavailable: Action = "warn"  # a fingerprint without a sketch (e.g. a legacy reference)
 
 

@@ -66,12 +66,19 @@ def build_model(arch: str, seed: int = 0, size: str = "small", **overrides: Any)
     return model
 
 
+def placeholder_tokens(vocab: int) -> list[str]:
+    """The tiny models' vocabulary: one placeholder text per id, the same in vocab.json and in GGUF metadata."""
+    return [f"<t{i}>" for i in range(vocab)]
+
+
 def save_model(model: torch.nn.Module, directory: str | os.PathLike[str], layout: SaveLayout = "single",
-               shards: int = 3) -> Path:
+               shards: int = 3, vocabulary: bool = False) -> Path:
     """Save a model's weights (and config.json) in one of the layouts users ship.
 
     'single' writes model.safetensors; 'indexed-shards' and 'shards' split tensors over `shards`
     files named model-0000i-of-0000N.safetensors, with or without model.safetensors.index.json.
+    With `vocabulary`, a vocab.json of placeholder tokens goes beside them (as a model ships its tokenizer,
+    and as save_gguf writes the same tokens into GGUF metadata).
     """
     from safetensors.torch import save_file
 
@@ -81,6 +88,9 @@ def save_model(model: torch.nn.Module, directory: str | os.PathLike[str], layout
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     model.config.to_json_file(directory / "config.json")
+    if vocabulary:
+        tokens = placeholder_tokens(int(model.config.vocab_size))
+        (directory / "vocab.json").write_text(json.dumps({text: i for i, text in enumerate(tokens)}))
     if layout == "single":
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
         return directory
@@ -180,7 +190,7 @@ def save_gguf(model: torch.nn.Module, path: str | os.PathLike[str], qtype: str =
     theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
     if theta is not None:
         writer.add_rope_freq_base(float(theta))
-    writer.add_token_list([f"<t{i}>" for i in range(int(config.vocab_size))])
+    writer.add_token_list(placeholder_tokens(int(config.vocab_size)))
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, value in model.state_dict().items():
         if hf_name == "lm_head.weight" and tied:

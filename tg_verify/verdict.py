@@ -120,6 +120,22 @@ class LineageEvidence:
     comparable: bool = True
     alpha: float | None = None
     notes: tuple[str, ...] = ()
+    method: str | None = None  # the test's method (analysis/lineage_rule.py); None: the earlier tgl1
+    # the calibration class, its null sample size, the share of it scoring at least `score` and that share's exact
+    # one-sided 95% upper bound (analysis/calibration.py); None when the reference's architecture is uncalibrated
+    calibration: str | None = None
+    null_size: int | None = None
+    rate: float | None = None
+    rate_upper: float | None = None
+
+    def rate_text(self) -> str:
+        """The stated rate in words: the calibrated share of unrelated pairs at the score, or 'uncalibrated'."""
+        if self.calibration is None or not self.null_size or self.rate is None or self.rate_upper is None:
+            return ("uncalibrated (no null measured for this architecture)" if self.method is not None
+                    else f"stated false-positive rate {self.false_positive_rate:.2%}")
+        count = round(self.rate * self.null_size)
+        return (f"{count}/{self.null_size} unrelated pairs score as high "
+                f"(95% upper bound {self.rate_upper:.1%}; {self.calibration})")
 
 
 @dataclass(frozen=True)
@@ -233,8 +249,7 @@ def _lineage_text(result: LineageEvidence) -> str:
     if not result.comparable:
         notes = "; ".join(result.notes) or "no common probe"
         return f"not comparable ({notes})"
-    return (f"score {_fmt(result.score)} vs threshold {_fmt(result.threshold)}, p = {result.p_value:.4g}, "
-            f"stated false-positive rate {result.false_positive_rate:.2%}")
+    return f"score {_fmt(result.score)} vs threshold {_fmt(result.threshold)}: {result.rate_text()}"
 
 
 class _Findings:

@@ -150,7 +150,8 @@ def decoy_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
                  if name == "lm_head.weight" else "zz." + name.replace("model.layers.", "h.").replace("model.", ""))
         state[decoy] = tensor
     save_file(state, str(candidate / "model.safetensors"))
-    shutil.copy(tree / "models" / "unrelated" / "config.json", candidate / "config.json")
+    for name in ("config.json", "vocab.json"):
+        shutil.copy(tree / "models" / "unrelated" / name, candidate / name)
     return tree, candidate
 
 

@@ -81,11 +81,11 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tokenizers import Tokenizer, models
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-    from tg_verify.tiny import build_model, save_model
+    from tg_verify.tiny import build_model, placeholder_tokens, save_model
 
     root = tmp_path_factory.mktemp("release")
     base = build_model("llama", seed=0)
-    save_model(base, root / "llama-base")
+    save_model(base, root / "llama-base", vocabulary=True)  # the base ships its vocabulary, as the candidate does
     save_model(build_model("qwen2", seed=1), root / "qwen-base")
     import torch
 
@@ -94,8 +94,10 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
             parameter.add_(torch.randn_like(parameter) * parameter.std() * 0.02 if parameter.numel() > 1 else 0)
     base.save_pretrained(root / "candidate")
     GenerationConfig(max_new_tokens=8).save_pretrained(root / "candidate")
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")),
-                            unk_token="<unk>").save_pretrained(root / "candidate")
+    tokens = placeholder_tokens(int(base.config.vocab_size))
+    vocabulary = {text: i for i, text in enumerate(tokens)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocabulary, unk_token=tokens[0])),
+                            unk_token=tokens[0]).save_pretrained(root / "candidate")
     (root / "release.yml").write_text(POLICY.format(candidate="candidate"))
     return root
 

@@ -221,3 +221,42 @@ def test_structure_validation_names_the_fault(tiny_models, mutate, message):
     with pytest.raises(AttestationError, match=message) as raised:
         parse_statement(built, "a.json")
     assert str(raised.value).startswith("a.json: ") and "\n" not in str(raised.value)
+
+
+def test_a_calibrated_lineage_test_is_recorded_and_its_decision_checked(tiny_models):
+    """Method tgl2: the record carries the calibration class, null size and rates, reads them back exactly, and
+    verify-attestation re-checks `derived` as score > threshold (an uncalibrated test records no rate)."""
+    from tg_verify.attestation.check import check_evidence
+    from tg_verify.verdict import LineageEvidence
+
+    def with_lineage(lineage: LineageEvidence) -> record.Predicate:
+        predicate = make_predicate(tiny_models["llama"]["single"])
+        return replace(predicate, references=(replace(predicate.references[0], lineage=lineage),
+                                              predicate.references[1]))
+
+    calibrated = LineageEvidence(score=0.42, threshold=0.29, derived=True, p_value=1 / 1846,
+                                 false_positive_rate=0.0097, alpha=0.01, method="tgl3",
+                                 calibration="gemma:h96:l3:v512:a6/2:i192", null_size=1845, rate=0.0, rate_upper=0.0016)
+    predicate = with_lineage(calibrated)
+    written = to_json(predicate)["references"][0]["lineage"]
+    assert written["method"] == "tgl3" and written["calibration"] == "gemma:h96:l3:v512:a6/2:i192"
+    assert written["nullPairs"] == 1845 and written["rateAtScore"] == 0.0 and written["rateUpperBound95"] == 0.0016
+    assert parse_predicate(json.loads(canonical_json(to_json(predicate)))) == predicate
+    assert "0/1845 unrelated pairs score as high (95% upper bound 0.2%" in calibrated.rate_text()
+    assert not [c for c in check_evidence(predicate) if c.name == "lineage base-1b"]
+    flipped = [c for c in check_evidence(with_lineage(replace(calibrated, derived=False)))
+               if c.name == "lineage base-1b"]
+    assert flipped and not flipped[0].ok
+    # uncalibrated: no p-value or rate is written, and the record still reads back and checks
+    uncalibrated = replace(calibrated, p_value=math.nan, false_positive_rate=math.nan, calibration=None,
+                           null_size=None, rate=None, rate_upper=None)
+    written = to_json(with_lineage(uncalibrated))["references"][0]["lineage"]
+    assert not {"pValue", "falsePositiveRate", "calibration", "nullPairs", "rateAtScore"} & set(written)
+    back = parse_predicate(json.loads(canonical_json(to_json(with_lineage(uncalibrated)))))
+    assert back.references[0].lineage is not None and back.references[0].lineage.rate_text().startswith("uncalibrated")
+    assert not [c for c in check_evidence(back) if c.name == "lineage base-1b"]
+    # a rate outside [0, 1] is refused with the field named
+    broken = to_json(predicate)
+    broken["references"][0]["lineage"]["rateAtScore"] = 1.5
+    with pytest.raises(AttestationError, match=r"rateAtScore"):
+        parse_predicate(broken)

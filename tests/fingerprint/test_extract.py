@@ -290,7 +290,7 @@ def test_settings_and_provenance_are_recorded(tiny_models):
 def _decoded_units(sketch: dict) -> dict[tuple[str, int | None], np.ndarray]:
     import base64
 
-    k = sketch["probe"]["tokens"]
+    k = sketch["probe"]["mixtures"]
     return {(u["role"], u["layer"]): np.frombuffer(base64.b64decode(u["data"]), dtype="<f2").astype(np.float32)
             .reshape(k, k) for u in sketch["units"]}
 

@@ -13,9 +13,15 @@ from tg_verify.artifact import file_digests, resolve
 from tg_verify.artifact.merge import open_merged
 from tg_verify.fingerprint.extract import fingerprint_artifact
 from tg_verify.fingerprint.settings import FingerprintSettings
-from tg_verify.tiny import ARCHITECTURES, save_gguf, save_lora_adapter
+from tg_verify.tiny import ARCHITECTURES, save_gguf, save_lora_adapter, save_model
 
 SETTINGS = FingerprintSettings(device="cpu")
+
+
+def _with_vocabulary(model: torch.nn.Module, directory: Path) -> Path:
+    """The safetensors original with its vocabulary beside it (the tokens save_gguf writes into the GGUF file):
+    the lineage sketch keys tokens by text, so the two are compared with the same vocabulary on both sides."""
+    return save_model(model, directory, vocabulary=True)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -23,10 +29,17 @@ def test_f32_gguf_fingerprint_equals_the_safetensors_one(arch: str, tiny_models:
                                                           tiny_model_objects: dict[str, torch.nn.Module],
                                                           tmp_path: Path) -> None:
     path = save_gguf(tiny_model_objects[arch], tmp_path / f"{arch}.gguf", "F32")
-    original = fingerprint_artifact(resolve(tiny_models[arch]["single"]), SETTINGS)
+    original = fingerprint_artifact(resolve(_with_vocabulary(tiny_model_objects[arch], tmp_path / arch)), SETTINGS)
     converted = fingerprint_artifact(resolve(path), SETTINGS)
     assert converted.features == original.features
+    assert converted.sketch is not None and original.sketch is not None
+    if arch == "mistral":  # llama.cpp stores mistral as its llama architecture: the sketch records what the file says
+        assert converted.sketch["architecture"]["model_type"] == "llama"
+        converted.sketch["architecture"]["model_type"] = "mistral"
     assert converted.sketch == original.sketch
+    assert converted.sketch["probe"]["keys"] == "strings"
+    bare = fingerprint_artifact(resolve(tiny_models[arch]["single"]), SETTINGS)  # weights only: keyed by ids
+    assert bare.features == original.features and bare.sketch is not None and bare.sketch["probe"]["keys"] == "ids"
     assert [(t["name"], t["shape"]) for t in converted.tensors] == [(t["name"], t["shape"]) for t in original.tensors]
     record = converted.artifact
     assert record["format"] == "gguf" and "format" not in original.artifact
@@ -59,8 +72,9 @@ def test_an_adapter_merges_onto_a_gguf_base_as_onto_its_safetensors_original(
     base_model = tiny_model_objects["llama"]
     adapter = resolve(save_lora_adapter(base_model, tmp_path / "adapter"))
     gguf_base = resolve(save_gguf(base_model, tmp_path / "base.gguf", "F32"))
-    with open_merged(adapter, resolve(tiny_models["llama"]["single"])) as merged:
+    with open_merged(adapter, resolve(_with_vocabulary(base_model, tmp_path / "base"))) as merged:
         expected = fingerprint_artifact(merged.artifact, SETTINGS, reader=merged)
     with open_merged(adapter, gguf_base) as merged:
         got = fingerprint_artifact(merged.artifact, SETTINGS, reader=merged)
     assert got.features == expected.features and got.sketch == expected.sketch
+    assert got.sketch is not None and got.sketch["probe"]["keys"] == "strings"  # the base's vocabulary keys both

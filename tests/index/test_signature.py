@@ -10,25 +10,28 @@ from tg_verify.fingerprint.sketch import LAYER_ROLES, SYMMETRIC_ROLES
 from tg_verify.index.signature import DIMS, parameters, signature_of
 
 
-def _sketch(rng: np.random.Generator, layers: int = 6, k: int = 32, vocab: int = 4096,
-            ids: np.ndarray | None = None) -> ParsedSketch:
-    ids = np.sort(rng.choice(vocab, k, replace=False)) if ids is None else ids
+def _sketch(rng: np.random.Generator, layers: int = 6, k: int = 32, vocab: int = 4096, seed: int = 0,
+            keys: str = "strings") -> ParsedSketch:
+    """A sketch of random units whose probe is k seeded mixtures (sketch formats tgs2 and later)."""
     units = {}
     for role, layer in [("embed", None), ("head", None)] + [(r, n) for n in range(layers) for r in LAYER_ROLES]:
-        m = rng.normal(size=(len(ids), len(ids))).astype(np.float32)
+        m = rng.normal(size=(k, k)).astype(np.float32)
         units[(role, layer)] = (m + m.T) / 2 if role in SYMMETRIC_ROLES else m
-    return ParsedSketch(seed=0, vocab=vocab, ids=ids, units=units)
+    return _with(units, seed=seed, keys=keys, vocab=vocab)
+
+
+def _with(units: dict, seed: int = 0, keys: str = "strings", vocab: int = 4096) -> ParsedSketch:
+    architecture = {"model_type": "llama", "hidden_size": 64, "layers": 6, "vocab": vocab, "heads": 4,
+                    "kv_heads": 2, "intermediate_size": 128}
+    return ParsedSketch(seed=seed, mixtures=next(iter(units.values())).shape[0] if units else 32, keys=keys,
+                        keyed_rows=vocab, rows=vocab, key_sample=np.arange(min(vocab, 256), dtype=np.uint64),
+                        architecture=architecture, units=units)
 
 
 def _similarity(a: ParsedSketch, b: ParsedSketch) -> float:
     x, y = signature_of(a), signature_of(b)
     assert x is not None and y is not None
     return float(x @ y)
-
-
-def _restricted(sketch: ParsedSketch, keep: np.ndarray) -> ParsedSketch:
-    return ParsedSketch(sketch.seed, sketch.vocab, sketch.ids[keep],
-                        {key: m[np.ix_(keep, keep)] for key, m in sketch.units.items()})
 
 
 def test_signature_is_a_deterministic_unit_vector() -> None:
@@ -43,16 +46,12 @@ def test_signature_is_a_deterministic_unit_vector() -> None:
 def test_related_sketches_point_the_same_way_and_independent_ones_do_not() -> None:
     rng = np.random.default_rng(1)
     base = _sketch(rng)
-    noisy = ParsedSketch(base.seed, base.vocab, base.ids,
-                         {key: m + 0.5 * m.std() * rng.normal(size=m.shape).astype(np.float32)
-                          for key, m in base.units.items()})
-    dropped = ParsedSketch(base.seed, base.vocab, base.ids,
-                           {key: m for key, m in base.units.items() if key[1] != 3})
-    shared = _restricted(base, np.arange(4, 32))  # a probe that lost 4 tokens (another vocabulary size)
+    noisy = _with({key: m + 0.5 * m.std() * rng.normal(size=m.shape).astype(np.float32)
+                   for key, m in base.units.items()})
+    dropped = _with({key: m for key, m in base.units.items() if key[1] != 3})
     independent = [_sketch(np.random.default_rng(100 + n)) for n in range(20)]
     assert _similarity(base, noisy) > 0.7
     assert _similarity(base, dropped) > 0.7  # a dropped layer moves weight between depth bins only
-    assert _similarity(base, shared) > 0.6  # entries are keyed by token ids, not probe positions
     assert max(abs(_similarity(base, other)) for other in independent) < 0.25
 
 
@@ -62,32 +61,22 @@ def test_the_models_own_token_geometry_is_removed() -> None:
     shared = a.units[("embed", None)]
     plain = _similarity(a, b)
     # both models' units carry the same token geometry (as independently trained models' do): corrected away
-    tinted = [ParsedSketch(s.seed, s.vocab, s.ids, {**{key: m + 3 * shared for key, m in s.units.items()},
-                                                    ("embed", None): shared}) for s in (a, b)]
+    tinted = [_with({**{key: m + 3 * shared for key, m in s.units.items()}, ("embed", None): shared})
+              for s in (a, b)]
     assert abs(_similarity(*tinted) - plain) < 0.1
 
 
 def test_a_sketch_without_units_has_no_signature() -> None:
-    empty = ParsedSketch(seed=0, vocab=10, ids=np.arange(8), units={})
-    only_embed = ParsedSketch(seed=0, vocab=10, ids=np.arange(8), units={("embed", None): np.eye(8, dtype=np.float32)})
+    empty = _with({}, vocab=10)
+    only_embed = _with({("embed", None): np.eye(8, dtype=np.float32)}, vocab=10)
     assert signature_of(empty) is None and signature_of(only_embed) is None
 
 
-class _MixtureSketch:
-    """A stand-in for a sketch whose probe is k seeded mixtures of embedding rows: no token ids, a seed, keys."""
-
-    def __init__(self, units: dict, seed: int, keys: str = "strings") -> None:
-        self.units, self.seed, self.keys = units, seed, keys
-        self.mixtures = next(iter(units.values())).shape[0]
-
-
 def test_a_probe_of_mixtures_aligns_by_position_only_under_the_same_seed_and_keys() -> None:
-    rng = np.random.default_rng(3)
-    units = _sketch(rng).units
-    same = signature_of(_MixtureSketch(units, seed=0))  # type: ignore[arg-type]
-    again = signature_of(_MixtureSketch(units, seed=0))  # type: ignore[arg-type]
-    other_seed = signature_of(_MixtureSketch(units, seed=1))  # type: ignore[arg-type]
-    other_keys = signature_of(_MixtureSketch(units, seed=0, keys="ids"))  # type: ignore[arg-type]
+    units = _sketch(np.random.default_rng(3)).units
+    same, again = signature_of(_with(units, seed=0)), signature_of(_with(units, seed=0))
+    other_seed = signature_of(_with(units, seed=1))
+    other_keys = signature_of(_with(units, seed=0, keys="ids"))
     assert same is not None and again is not None and other_seed is not None and other_keys is not None
     assert float(same @ again) == pytest.approx(1.0)
     assert abs(float(same @ other_seed)) < 0.25 and abs(float(same @ other_keys)) < 0.25  # other probes: unrelated

@@ -34,7 +34,7 @@ def test_console_shows_candidate_declaration_attribution_distances_lineage_and_v
     text = " ".join(render_console(results["fail"]).split())  # wrapping aside
     result = results["fail"]
     for expected in (result.candidate.name, f"base {demo.BASE_ID}", f"family {result.classification.family}",
-                     "TGV_LINEAGE_NOT_ESTABLISHED", "not derived", "stated false-positive rate", "FAIL",
+                     "TGV_LINEAGE_NOT_ESTABLISHED", "not derived", "unrelated pairs score as high", "FAIL",
                      "exit 1", _distance_shown(result)):
         assert expected in text, expected
     passed = " ".join(render_console(results["pass"]).replace("│", " ").split())

@@ -317,15 +317,16 @@ def _flags(predicate: Predicate) -> list[Check]:
         lineage = ref.lineage
         if lineage is None:
             continue
-        if lineage.alpha is not None:
-            expected = is_derived(score=lineage.score, threshold=lineage.threshold, p_value=lineage.p_value,
-                                  alpha=lineage.alpha, comparable=lineage.comparable)
+        if lineage.method is not None or lineage.alpha is not None:
+            expected = is_derived(score=lineage.score, threshold=lineage.threshold, comparable=lineage.comparable,
+                                  method=lineage.method, p_value=lineage.p_value, alpha=lineage.alpha)
         else:  # an attestation without alpha: a "derived" call still needs a comparable test above the threshold
             expected = lineage.derived and lineage.comparable and lineage.score >= lineage.threshold
         if lineage.derived != expected:
             checks.append(Check(EVIDENCE, f"lineage {ref.id}", False,
                                 f"derived={lineage.derived} but score {lineage.score} vs threshold "
-                                f"{lineage.threshold}, p {lineage.p_value} vs alpha {lineage.alpha}"
+                                f"{lineage.threshold}" + ("" if lineage.method is not None else
+                                                          f", p {lineage.p_value} vs alpha {lineage.alpha}")
                                 + ("" if lineage.comparable else ", not comparable")))
     att = predicate.attribution
     if not att.meaningful:  # the out-of-cluster rule was not applied: nothing may be out of cluster

@@ -130,7 +130,6 @@ class ReferenceRecord:
     threshold: float
     within_threshold: bool  # as recorded (checked against distance and threshold)
     lineage: LineageEvidence | None = None
-    lineage_method: str | None = None
 
     def evidence(self) -> ReferenceEvidence:
         return ReferenceEvidence(id=self.id, family=self.family, distance=self.distance, threshold=self.threshold,
@@ -241,17 +240,23 @@ def _drop_none(mapping: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in mapping.items() if v is not None}
 
 
-def _lineage_json(lineage: LineageEvidence, method: str | None, where: str) -> dict[str, Any]:
+def _lineage_json(lineage: LineageEvidence, where: str) -> dict[str, Any]:
     def number(value: float, name: str) -> float | None:
-        # a test whose sketches were not comparable has no score or threshold: left out, never NaN
-        return None if not lineage.comparable and not math.isfinite(value) else _finite(value, f"{where}.{name}")
+        # a test whose sketches were not comparable, or whose reference is uncalibrated, has no rate: left out,
+        # never NaN
+        if not math.isfinite(value) and (not lineage.comparable or name in ("pValue", "falsePositiveRate")):
+            return None
+        return _finite(value, f"{where}.{name}")
 
     return _drop_none({
-        "method": method, "score": number(lineage.score, "score"), "threshold": number(lineage.threshold, "threshold"),
-        "pValue": number(lineage.p_value, "pValue"),
+        "method": lineage.method, "score": number(lineage.score, "score"),
+        "threshold": number(lineage.threshold, "threshold"), "pValue": number(lineage.p_value, "pValue"),
         "falsePositiveRate": number(lineage.false_positive_rate, "falsePositiveRate"),
         "alpha": _finite(lineage.alpha, f"{where}.alpha"), "comparable": lineage.comparable,
         "derived": lineage.derived, "notes": list(lineage.notes) or None,
+        "calibration": lineage.calibration, "nullPairs": lineage.null_size,
+        "rateAtScore": _finite(lineage.rate, f"{where}.rateAtScore"),
+        "rateUpperBound95": _finite(lineage.rate_upper, f"{where}.rateUpperBound95"),
     })
 
 
@@ -322,8 +327,7 @@ def to_json(predicate: Predicate) -> dict[str, Any]:
             "distance": _finite(r.distance, f"references.{r.id}.distance"),
             "threshold": _finite(r.threshold, f"references.{r.id}.threshold"),
             "withinThreshold": r.within_threshold,
-            "lineage": None if r.lineage is None else _lineage_json(r.lineage, r.lineage_method,
-                                                                    f"references.{r.id}.lineage"),
+            "lineage": None if r.lineage is None else _lineage_json(r.lineage, f"references.{r.id}.lineage"),
         }) for r in sorted(predicate.references, key=lambda r: r.id)],
         "attribution": _drop_none({
             "family": att.family, "base": att.base, "distance": _finite(att.distance, "attribution.distance"),
@@ -571,25 +575,40 @@ def _waivers(r: _Reader, raw: Any, ids: set[str]) -> tuple[Waiver, ...]:
     return tuple(waivers)
 
 
-def _lineage(r: _Reader, raw: Any, path: str) -> tuple[LineageEvidence, str | None]:
+def _lineage(r: _Reader, raw: Any, path: str) -> LineageEvidence:
     doc = r.obj(raw, path)
     comparable = r.boolean(doc.get("comparable", True), f"{path}.comparable")
+    method = r.opt_text(doc.get("method"), f"{path}.method")
+    # the earlier test (no method) decided with its p-value; tgl2 states no rate where the reference is uncalibrated
+    required = ("score", "threshold") if method is not None else ("score", "threshold", "pValue")
 
     def number(key: str, default: float) -> float:
         value = doc.get(key)
         if value is None:
-            if comparable and key in ("score", "threshold", "pValue"):
+            if comparable and key in required:
                 raise r.fail(f"{path}.{key}", "a comparable lineage test records a number here")
             return default  # not comparable: no score, threshold or rate
         return r.number(value, f"{path}.{key}")
 
+    def rate(key: str) -> float | None:
+        value = r.opt_number(doc.get(key), f"{path}.{key}")
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise r.fail(f"{path}.{key}", f"a rate is in [0, 1], got {value}")
+        return value
+
+    null_size = doc.get("nullPairs")
+    if null_size is not None and (isinstance(null_size, bool) or not isinstance(null_size, int) or null_size <= 0
+                                  or null_size > 10**9):
+        raise r.fail(f"{path}.nullPairs", f"expected a positive count of null pairs, got {_kind(null_size)}")
     notes = tuple(r.text(note, f"{path}.notes[{n}]", empty=True)
                   for n, note in enumerate(r.lst(doc.get("notes", []), f"{path}.notes")))
-    lineage = LineageEvidence(score=number("score", math.nan), threshold=number("threshold", math.nan),
-                              p_value=number("pValue", 1.0), false_positive_rate=number("falsePositiveRate", math.nan),
-                              derived=r.boolean(doc.get("derived"), f"{path}.derived"), comparable=comparable,
-                              alpha=r.opt_number(doc.get("alpha"), f"{path}.alpha"), notes=notes)
-    return lineage, r.opt_text(doc.get("method"), f"{path}.method")
+    return LineageEvidence(score=number("score", math.nan), threshold=number("threshold", math.nan),
+                           p_value=number("pValue", 1.0 if method is None else math.nan),
+                           false_positive_rate=number("falsePositiveRate", math.nan),
+                           derived=r.boolean(doc.get("derived"), f"{path}.derived"), comparable=comparable,
+                           alpha=r.opt_number(doc.get("alpha"), f"{path}.alpha"), notes=notes, method=method,
+                           calibration=r.opt_text(doc.get("calibration"), f"{path}.calibration"),
+                           null_size=null_size, rate=rate("rateAtScore"), rate_upper=rate("rateUpperBound95"))
 
 
 def _references(r: _Reader, raw: Any) -> tuple[ReferenceRecord, ...]:
@@ -602,7 +621,7 @@ def _references(r: _Reader, raw: Any) -> tuple[ReferenceRecord, ...]:
         if ref_id in seen:
             raise r.fail(f"{at}.id", f"duplicate reference {ref_id[:80]!r}")
         seen.add(ref_id)
-        lineage, method = (None, None) if doc.get("lineage") is None else _lineage(r, doc["lineage"], f"{at}.lineage")
+        lineage = None if doc.get("lineage") is None else _lineage(r, doc["lineage"], f"{at}.lineage")
         refs.append(ReferenceRecord(
             id=ref_id, family=r.text(doc.get("family"), f"{at}.family"),
             role=r.text(doc.get("role", "reference"), f"{at}.role", choices=("declared-base", "forbidden",
@@ -611,7 +630,7 @@ def _references(r: _Reader, raw: Any) -> tuple[ReferenceRecord, ...]:
             distance=r.number(doc.get("distance"), f"{at}.distance"),
             threshold=r.number(doc.get("threshold"), f"{at}.threshold"),
             within_threshold=r.boolean(doc.get("withinThreshold"), f"{at}.withinThreshold"),
-            lineage=lineage, lineage_method=method))
+            lineage=lineage))
     if not refs:
         raise r.fail("predicate.references", "must list the references the candidate was measured against")
     return tuple(sorted(refs, key=lambda ref: ref.id))

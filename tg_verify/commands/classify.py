@@ -87,7 +87,7 @@ def lineage_table(lineage: list[dict[str, Any]]) -> Any:
             continue
         decision = "[bold green]derived[/bold green]" if entry["derived"] else "not derived"
         table.add_row(reference, family, f"{entry['score']:.3f}", f"{entry['threshold']:.3f}",
-                      f"{entry['p_value']:.3g}", decision)
+                      "—" if entry.get("p_value") is None else f"{entry['p_value']:.3g}", decision)
     return table
 
 

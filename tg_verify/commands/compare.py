@@ -111,8 +111,13 @@ def lineage_summary(result: dict[str, Any] | None) -> str:
     if not result.get("comparable", True):
         return f"[yellow]lineage: not comparable[/yellow] ({escape('; '.join(result.get('notes', [])))})"
     verdict = "[bold green]derived[/bold green]" if result["derived"] else "not derived"
-    return (f"lineage: {verdict} — score {result['score']:.3f} (threshold {result['threshold']:.3f}), "
-            f"p = {result['p_value']:.3g}, stated false-positive rate {result['false_positive_rate']:.2%}")
+    if result.get("calibration", "uncalibrated") == "uncalibrated" or result.get("rate") is None:
+        stated = "uncalibrated (no null measured for this architecture)"
+    else:
+        count = round(result["rate"] * result["null_size"])
+        stated = (f"{count}/{result['null_size']} unrelated pairs score as high (95% upper bound "
+                  f"{result['rate_upper']:.1%}; {escape(result['calibration'])})")
+    return f"lineage: {verdict} — score {result['score']:.3f} (threshold {result['threshold']:.3f}), {stated}"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -22,7 +22,9 @@ MAX_REPEATS = 10_000
 MAX_SEED = 2**63 - 1
 
 # Settings recorded in the document that do not change feature values.
-NON_SEMANTIC: frozenset[str] = frozenset({"device"})
+# Keys that do not change feature values: the device, and the lineage sketch's probe seed (the sketch records it).
+NON_SEMANTIC: frozenset[str] = frozenset({"device", "sketch_seed"})
+MAX_SKETCH_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class FingerprintSettings:
     high_band: float = 0.5
     device: str = "auto"
     sketch: bool = True
+    # The lineage probe's seed (fingerprint/sketch.py). 0, the default, is public; a seed kept private by the
+    # verifier, used for the candidate and `model:` references alike, gives a probe no edit could aim at.
+    sketch_seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
@@ -68,14 +73,21 @@ class FingerprintSettings:
                 raise UsageError(f"fingerprint settings: {name} must be a fraction in (0, 1], got {value!r}")
         if not isinstance(self.sketch, bool):
             raise UsageError(f"fingerprint settings: sketch must be true or false, got {self.sketch!r}")
+        if (isinstance(self.sketch_seed, bool) or not isinstance(self.sketch_seed, int)
+                or not 0 <= self.sketch_seed <= MAX_SKETCH_SEED):
+            raise UsageError(f"fingerprint settings: sketch_seed must be an integer in [0, 2^32-1], "
+                             f"got {self.sketch_seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings recorded in a fingerprint document: every value-changing setting plus the device.
 
-        `sketch` is not recorded here: the document's `sketch` field says whether one is attached.
+        `sketch` is not recorded here: the document's `sketch` field says whether one is attached; `sketch_seed`
+        only when it is not the default 0 (so documents made before it existed read the same).
         """
         recorded = asdict(self)
         recorded.pop("sketch")
+        if recorded["sketch_seed"] == 0:
+            recorded.pop("sketch_seed")
         for name in ("epsilon", "noise_scale", "structural_scale", "structural_band", "low_band", "high_band"):
             recorded[name] = float(recorded[name])
         return recorded

@@ -1,10 +1,14 @@
-"""Lineage sketch: per-block token-probe matrices that survive derivation and re-parameterisation.
+"""Lineage sketch: per-block probe matrices that survive derivation, re-parameterisation and relabelling.
 
-The vocabulary is the one coordinate system a base shares with its derivatives. The sketch takes
-the embedding rows of k seeded token ids (the probe) and, per transformer block, evaluates the
-block's weights as bilinear forms on those tokens: k x k matrices that do not change under
-permutation or rotation of the residual stream, heads or MLP units, per-channel rescaling through
-norm gains, q/k and v/o rescaling, or fused-vs-split projections. See docs/lineage.md.
+The probe is k seeded random mixtures of *every* embedding row (rows unit-normalised), each token
+weighted by a random sign drawn from its key (tokens.py: a hash of its text when the tokenizer is at
+hand, of its id otherwise), then flattened along the embedding's few leading principal directions so
+that it spreads over the whole residual stream (flatten_probe). Per transformer block, the block's
+weights are evaluated as bilinear forms on the k probe vectors: k x k matrices unchanged by permutation
+or rotation of the residual stream, head or MLP-unit permutation, per-channel rescaling through norm
+gains, q/k and v/o rescaling, fused-vs-split projections, and (with a tokenizer) any renumbering of the
+vocabulary. No small set of rows carries the probe: re-drawing a fraction f of the rows moves each
+mixture by about sqrt(f). See docs/lineage.md.
 """
 
 from __future__ import annotations
@@ -19,16 +23,27 @@ import torch
 
 from tg_verify.artifact import naming
 from tg_verify.artifact.model import Artifact, TensorInfo
-from tg_verify.artifact.reader import TensorReader
-from tg_verify.errors import InternalError, UsageError
+from tg_verify.errors import InternalError, UsageError, WeightValueError
+from tg_verify.fingerprint.tokens import TokenKeys, artifact_keys, id_keys
 
-SKETCH_VERSION = "tgs1"
+# tgs3: the mixture probe with the embedding's dominant directions flattened; tgs2: plain mixtures keyed by token
+# text or id; tgs1: 32 individual token rows
+SKETCH_VERSION = "tgs3"
 DEFAULT_TOKENS = 32  # probe size k: k(k-1)=992 compared entries per unit, 2 KiB per unit in fp16
 DEFAULT_SEED = 0
 MAX_LAYERS = 256  # at k=32: 4 units x 2 KiB x 256 layers, base64: 2.8 MB
 MIN_TOKENS, MAX_TOKENS = 8, 64
-HEAD_ROWS = 4096  # output-head rows (tokens) summed in the head unit: a seeded nested sample, for cost
-SIZE_BUDGET = 3_500_000  # base64 bytes of unit data; with ids and field names the sketch stays under 4 MB
+HEAD_ROWS = 4096  # output-head rows (tokens) summed in the head unit: those with the smallest keys, for cost
+# The probe is flattened along the embedding's FLATTEN_DIRECTIONS leading principal directions (estimated from the
+# same HEAD_ROWS sampled rows by FLATTEN_ITERATIONS subspace iterations on FLATTEN_DIRECTIONS + FLATTEN_OVERSAMPLE
+# token-keyed start vectors): see flatten_probe.
+FLATTEN_DIRECTIONS = 32
+FLATTEN_OVERSAMPLE = 16
+FLATTEN_ITERATIONS = 8
+_FLATTEN_STREAM = 0xF1A7  # the start vectors' seed: fixed, so that every sketch flattens alike whatever its probe seed
+KEY_SAMPLE = 256  # smallest keys recorded, so two sketches can estimate how much of their vocabularies they share
+SIZE_BUDGET = 3_500_000  # base64 bytes of unit data; with the rest the sketch stays under 4 MB
+_BLOCK_ELEMENTS = 1 << 20  # embedding rows are mixed in blocks of this many float32 values (4 MB)
 
 # Roles of the per-layer units, in stored order, and whether their matrix is symmetric (a Gram).
 LAYER_ROLES: tuple[str, ...] = ("attn_qk", "attn_ov", "mlp_gate", "mlp_ud")
@@ -42,11 +57,78 @@ _ATTN_NORMS, _MLP_NORMS, _FINAL_NORMS = naming.ATTN_NORMS, naming.MLP_NORMS, nam
 _leaf, _layer_of = naming.leaf, naming.layer_of
 
 
-def probe_ids(vocab: int, k: int, seed: int) -> np.ndarray:
-    """The k token ids with the smallest seeded hash among [0, vocab), ascending (a bottom-k sample).
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        out: np.ndarray = z ^ (z >> np.uint64(31))
+        return out
 
-    Nested by construction: a grown vocabulary keeps every old probe id that still ranks in its
-    bottom k, so a base and its vocabulary-extended derivative share most of their probe.
+
+def mixture_coefficients(keys: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """[k, n] random signs (+1 or -1, float64), each a function of (token key, mixture index, seed) alone.
+
+    So a token weighs the same in every model that keys it the same, wherever its row sits. Signs serve a
+    random projection as well as normals do (same mean and variance, Johnson-Lindenstrauss alike), come
+    64 to one hash of the key, and are exact on every machine.
+    """
+    out = np.empty((k, keys.shape[0]), dtype=np.float64)
+    shifts = np.arange(64, dtype=np.uint64)[:, None]
+    for word in range(-(-k // 64)):
+        stream = _splitmix(np.asarray([(seed % 2**32) * 2**16 + word], dtype=np.uint64))
+        bits = (_splitmix(keys ^ stream)[None, :] >> shifts) & np.uint64(1)
+        rows = min(64, k - 64 * word)
+        out[64 * word:64 * word + rows] = 1.0 - 2.0 * bits[:rows].astype(np.float64)
+    return out
+
+
+def flatten_probe(probe: torch.Tensor, sample: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """The probe rows with the embedding's leading principal directions flattened, then unit-normalised.
+
+    `sample`: unit-normalised embedding rows [m, d] (a keyed sample), `start`: token-keyed start vectors
+    [m, c] (`flatten_start`). The sample's covariance C = sampleᵀ sample / m is estimated in its leading r
+    directions U (eigenvalues λ) by subspace iteration from sampleᵀ start; every probe row p becomes
+    p (U diag(λ^-1/2) Uᵀ + σ⁻¹ (I - U Uᵀ)), σ² the mean eigenvalue of the rest: the probe weighs the leading
+    directions no more than the bulk. Plain mixtures of embedding rows lie mostly along those few directions,
+    which independently trained models share and which a fine-tune can rewrite at little cost to what the
+    model does on text; flattened, the probe spreads over the whole residual stream. Every step is a
+    polynomial in the sample applied to token-keyed vectors, so the result turns with any rotation of the
+    residual stream and ignores the rows' order (differentiable; float64 inside).
+    """
+    x = sample.to(torch.float64)
+    m, d = x.shape
+    r = min(FLATTEN_DIRECTIONS, d // 2, m // 2)
+    if r < 1:
+        return unit_rows(probe)
+    basis = x.T @ start.to(torch.float64)[:, :min(start.shape[1], d)]
+    for _ in range(FLATTEN_ITERATIONS):
+        basis, _ = torch.linalg.qr(basis)
+        basis = x.T @ (x @ basis)
+    basis, _ = torch.linalg.qr(basis)
+    projected = x @ basis
+    values, vectors = torch.linalg.eigh(projected.T @ projected / m)
+    top = torch.argsort(values, descending=True)[:r]
+    lam = values[top].clamp_min(1e-12)
+    directions = basis @ vectors[:, top]
+    total = x.pow(2).sum() / m  # trace of C (1 for unit rows; zero rows count as nothing)
+    bulk = ((total - lam.sum()) / max(d - r, 1)).clamp_min(1e-12)
+    p = probe.to(torch.float64)
+    flat = p / bulk.sqrt() + ((p @ directions) * (lam.rsqrt() - bulk.rsqrt())) @ directions.T
+    return unit_rows(flat).to(probe.dtype)
+
+
+def flatten_start(sample_keys: np.ndarray, width: int) -> torch.Tensor:
+    """[m, c] token-keyed random signs for flatten_probe's subspace iteration (c = directions + oversampling)."""
+    columns = min(FLATTEN_DIRECTIONS + FLATTEN_OVERSAMPLE, max(width, 1))
+    return torch.from_numpy(mixture_coefficients(sample_keys, columns, _FLATTEN_STREAM).T.copy())
+
+
+def probe_ids(vocab: int, k: int, seed: int) -> np.ndarray:
+    """The k token ids with the smallest seeded hash among [0, vocab), ascending (a nested bottom-k sample).
+
+    tgs1's probe (32 public rows); kept for the attack benches and tests, which re-draw exactly these rows.
     """
     ids = np.arange(vocab, dtype=np.uint64)
     with np.errstate(over="ignore"):
@@ -56,6 +138,14 @@ def probe_ids(vocab: int, k: int, seed: int) -> np.ndarray:
         x = x ^ (x >> np.uint64(31))
     chosen = np.argsort(x, kind="stable")[:min(k, vocab)]
     return np.sort(chosen).astype(np.int64)
+
+
+def smallest_keys(keys: TokenKeys, count: int) -> np.ndarray:
+    """The rows (ascending) whose keys are among the `count` smallest keyed ones: nested as a vocabulary grows,
+    and the same tokens whatever their ids when keys are texts."""
+    rows = np.flatnonzero(keys.present)
+    order = np.argsort(keys.keys[rows], kind="stable")[:count]
+    return np.sort(rows[order]).astype(np.int64)
 
 
 def layer_budget(k: int) -> int:
@@ -77,10 +167,9 @@ def encode_matrix(matrix: torch.Tensor) -> str:
 
 
 def normalise(matrix: torch.Tensor, symmetric: bool) -> torch.Tensor:
-    """Remove per-token scale: cosine normalisation for Grams, row/column RMS for the others.
+    """Remove per-probe scale: cosine normalisation for Grams, row/column RMS for the others.
 
-    Token norms carry frequency effects that independent models share, so only the pattern of
-    the off-diagonal entries is compared.
+    Only the pattern of the off-diagonal entries is compared.
     """
     m = matrix.to(torch.float64)
     tiny = 1e-30
@@ -93,9 +182,83 @@ def normalise(matrix: torch.Tensor, symmetric: bool) -> torch.Tensor:
     return (m / cols[None, :]).to(torch.float32)
 
 
+def unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to unit norm (zero rows stay zero): what the first RMSNorm passes on of a token."""
+    out: torch.Tensor = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return out
+
+
+def heads_of(config: Mapping[str, Any], width: int) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, head dim) from a config, or None when it does not say."""
+    heads = config.get("num_attention_heads")
+    if not isinstance(heads, int) or heads <= 0:
+        return None
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or (width // heads)
+    if not isinstance(kv, int) or not isinstance(head_dim, int) or kv <= 0 or heads % kv:
+        return None
+    return heads, kv, head_dim
+
+
+def split_fused(part: str, product: torch.Tensor, shape: tuple[int, int, int] | None) -> dict[str, torch.Tensor] | None:
+    """A fused projection's product split into its parts (rows), or None when the config does not fit it."""
+    if part == "gate_up":
+        half = product.shape[0] // 2
+        return {"gate": product[:half], "up": product[half:]}
+    if shape is None or product.shape[0] != (shape[0] + 2 * shape[1]) * shape[2]:
+        return None
+    q_rows, kv_rows = shape[0] * shape[2], shape[1] * shape[2]
+    return {"q": product[:q_rows], "k": product[q_rows:q_rows + kv_rows], "v": product[q_rows + kv_rows:]}
+
+
+def layer_units(parts: Mapping[str, torch.Tensor], shape: tuple[int, int, int] | None,
+                note: Any = None) -> dict[str, torch.Tensor]:
+    """A block's unnormalised units from its probe products: right ones ([out, k]) for q/k/v/gate/up, left ones
+    ([k, in]) for o/down. `note(text)` is told why a unit is skipped."""
+    def say(text: str) -> None:
+        if note is not None:
+            note(text)
+
+    units: dict[str, torch.Tensor] = {}
+    q, k, v, o = (parts.get(n) for n in ("q", "k", "v", "o"))
+    if q is not None and k is not None and shape is not None:
+        heads, kv, head_dim = shape
+        if q.shape[0] == heads * head_dim and k.shape[0] == kv * head_dim:
+            qh = q.reshape(heads, head_dim, -1)
+            kh = k.reshape(kv, head_dim, -1).repeat_interleave(heads // kv, dim=0)
+            units["attn_qk"] = torch.einsum("hdi,hdj->ij", qh, kh)
+            if v is not None and o is not None and v.shape[0] == kv * head_dim and o.shape[1] == heads * head_dim:
+                vh = v.reshape(kv, head_dim, -1).repeat_interleave(heads // kv, dim=0)
+                oh = o.reshape(o.shape[0], heads, head_dim)
+                units["attn_ov"] = torch.einsum("ihd,hdj->ij", oh, vh)
+        else:
+            say("attention shapes do not match the config's head counts: attention units skipped")
+    elif q is not None:
+        say("no usable head counts in config.json: attention units skipped")
+    gate, up, down = parts.get("gate"), parts.get("up"), parts.get("down")
+    if gate is not None:
+        units["mlp_gate"] = gate.T @ gate
+    if up is not None and down is not None and down.shape[1] == up.shape[0]:
+        units["mlp_ud"] = down @ up
+    return units
+
+
+def architecture_of(config: Mapping[str, Any], width: int, layers: int, vocab: int) -> dict[str, Any]:
+    """The shape a sketch records: what the calibration classes are keyed by (analysis/calibration.py)."""
+    def number(name: str) -> int | None:
+        value = config.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+    model_type = config.get("model_type")
+    return {"model_type": model_type if isinstance(model_type, str) else None, "hidden_size": width,
+            "layers": layers, "vocab": vocab, "heads": number("num_attention_heads"),
+            "kv_heads": number("num_key_value_heads") or number("num_attention_heads"),
+            "intermediate_size": number("intermediate_size")}
+
+
 @dataclass
 class _Block:
-    """Per-layer probe projections, kept until the layer's units can be formed."""
+    """Per-layer probe products, kept until the layer's units can be formed."""
 
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -103,12 +266,13 @@ class _Block:
 class SketchBuilder:
     """Builds the lineage sketch from the tensor stream the fingerprint extractor already reads.
 
-    Per tensor in canonical order the extractor asks for `right_probe` / `left_probe`, computes
-    the products in its own block-wise pass over the weight and hands them to `add_products`
-    (`add` does the same from a whole float32 weight); `finish` returns the JSON-safe sketch.
+    The probe is mixed from the embedding up front (one blocked pass). Per tensor in canonical order the
+    extractor asks for `right_probe` / `left_probe`, computes the products in its own block-wise pass over
+    the weight and hands them to `add_products` (`add` does the same from a whole float32 weight);
+    `finish` returns the JSON-safe sketch.
     """
 
-    def __init__(self, artifact: Artifact, reader: TensorReader, settings: Any = None) -> None:
+    def __init__(self, artifact: Artifact, reader: Any, settings: Any = None) -> None:
         # The probe seed is not the fingerprint's noise seed: any two sketches must share a probe.
         self.k = int(_setting(settings, "sketch_tokens", default=DEFAULT_TOKENS))
         self.seed = int(_setting(settings, "sketch_seed", default=DEFAULT_SEED))
@@ -134,21 +298,62 @@ class SketchBuilder:
         self.embedding = self._find(artifact, _EMBEDDINGS)
         self._tied = self._find(artifact, _HEADS) is None  # then the embedding is also the output head
         self.vocab = 0
-        self.ids = np.zeros(0, dtype=np.int64)
+        self.width = 0
+        self.keys: TokenKeys = id_keys(0)
         self.probe: torch.Tensor | None = None
         if self.embedding is None:
             self.notes.append("no token embedding found: sketch has no units")
             return
-        self.vocab = self.embedding.shape[0]
-        self.ids = probe_ids(self.vocab, self.k, self.seed)
-        # the head unit sums over output tokens; a nested sample of them keeps it cheap on big vocabularies
-        self._head_rows = torch.from_numpy(probe_ids(self.vocab, HEAD_ROWS, self.seed + 1))
-        ids = torch.from_numpy(self.ids)
-        pick = getattr(reader, "rows", None)  # a GGUF reader dequantises only the probe rows
-        rows = pick(self.embedding, ids) if pick is not None else reader.raw(self.embedding)[ids].to(torch.float32)
-        self.probe = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)  # what RMSNorm feeds forward
+        self.vocab, self.width = self.embedding.shape[0], self.embedding.shape[1]
+        # an adapter merged onto its base (artifact/merge.py's reader) is keyed by the base's tokenizer unless it
+        # ships its own
+        self.keys = artifact_keys(artifact, self.vocab, base=getattr(reader, "base", None))
+        if not self.keys.present.any():
+            self.notes.append(f"{self.keys.source} names none of the {self.vocab} embedding rows: sketch has no units")
+            self.embedding = None
+            return
+        # the head unit sums over output tokens; those with the smallest keys keep it cheap on big vocabularies
+        self._head_rows = torch.from_numpy(smallest_keys(self.keys, HEAD_ROWS))
+        mixed, sample = self._mix(reader, self.embedding)
+        start = flatten_start(self.keys.keys[self._head_rows.numpy()], self.width)
+        self.probe = flatten_probe(mixed, sample, start).to(torch.float32)
         self._units[("embed", -1)] = self.probe @ self.probe.T
-        self.width = self.probe.shape[1]
+
+    def _mix(self, reader: Any, info: TensorInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k probe mixtures Σ_t c_j(key_t) ê_t over every keyed embedding row, unit-normalised, and the
+        unit-normalised sampled rows (`_head_rows`) that flatten_probe estimates the leading directions from.
+
+        One pass in row blocks converted into one reused float32 buffer; dividing the coefficients by the row
+        norms stands for normalising the rows (ê_t = e_t / |e_t|) without a second pass over the block.
+        """
+        rows, width = info.shape[0], info.shape[1]
+        pick = getattr(reader, "rows", None)  # a reader that decodes selected rows (GGUF) instead of viewing them
+        raw = None if pick is not None else reader.raw(info)
+        step = max(1, _BLOCK_ELEMENTS // max(width, 1))
+        buffer = torch.empty(min(rows, step) * width, dtype=torch.float32)
+        total = torch.zeros((self.k, width), dtype=torch.float64)
+        sampled = self._head_rows[self._head_rows < rows]
+        sample = torch.zeros((len(sampled), width), dtype=torch.float32)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            present = self.keys.present[start:stop]
+            if not present.any():
+                continue
+            block = buffer[:(stop - start) * width].view(stop - start, width)
+            block.copy_(pick(info, torch.arange(start, stop)) if pick is not None else raw[start:stop])  # type: ignore[index]
+            norms = torch.linalg.vector_norm(block, dim=1).clamp_min(1e-30)
+            lo, hi = np.searchsorted(sampled.numpy(), [start, stop])
+            if hi > lo:
+                picked = sampled[lo:hi] - start
+                sample[lo:hi] = block[picked] / norms[picked, None]
+            coefficients = torch.from_numpy(
+                (mixture_coefficients(self.keys.keys[start:stop], self.k, self.seed) * present[None, :])
+                .astype(np.float32)) / norms[None, :]
+            total += (coefficients @ block).double()
+        if not bool(torch.isfinite(total).all()):
+            raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
+                                   f"a fingerprint of it would be meaningless")
+        return unit_rows(total).to(torch.float32), sample
 
     @staticmethod
     def _select_layers(layers: list[int], budget: int) -> list[int]:
@@ -197,7 +402,7 @@ class SketchBuilder:
         return ("right", layer, part) if width == self.width else None
 
     def right_probe(self, info: TensorInfo) -> torch.Tensor | None:
-        """The [k, in] matrix Ê diag(g) whose product W (Ê diag(g))ᵀ the sketch needs, or None.
+        """The [k, in] matrix P diag(g) whose product W (P diag(g))ᵀ the sketch needs, or None.
 
         Input-side projections (q, k, v, gate, up, fused ones) and the output head read the
         residual stream through their norm's gain; the extractor returns the product to `add_products`.
@@ -211,7 +416,7 @@ class SketchBuilder:
         return self._input_probe(self._gain(layer, _ATTN_NORMS if part in ("q", "k", "v", "qkv") else _MLP_NORMS))
 
     def left_probe(self, info: TensorInfo) -> torch.Tensor | None:
-        """The [k, out] probe Ê whose product Ê W the sketch needs (o_proj, down_proj), or None."""
+        """The [k, out] probe P whose product P W the sketch needs (o_proj, down_proj), or None."""
         role = self._role(info)
         return self.probe if role is not None and role[0] == "left" else None
 
@@ -250,72 +455,31 @@ class SketchBuilder:
             else:
                 self._head_from_lm = unit
             return
+        assert part is not None
         block = self._blocks.setdefault(layer, _Block())
-        if part == "qkv":
-            self._split_qkv(block, product)
-        elif part == "gate_up":
-            half = product.shape[0] // 2
-            block.parts["gate"], block.parts["up"] = product[:half], product[half:]
+        if part in ("qkv", "gate_up"):
+            split = split_fused(part, product, heads_of(self.config, self.width))
+            if split is None:
+                self._note_once("fused qkv projection does not match the config's head counts: attention units skipped")
+            else:
+                block.parts.update(split)
         else:
             block.parts[part] = product
-        if self._complete(block):
+        if {"q", "k", "v", "o", "gate", "up", "down"} <= set(block.parts):
             self._close(layer)
-
-    def _heads(self) -> tuple[int, int, int] | None:
-        heads = self.config.get("num_attention_heads")
-        if not isinstance(heads, int) or heads <= 0:
-            return None
-        kv = self.config.get("num_key_value_heads") or heads
-        head_dim = self.config.get("head_dim") or (self.width // heads)
-        if not isinstance(kv, int) or not isinstance(head_dim, int) or kv <= 0 or heads % kv:
-            return None
-        return heads, kv, head_dim
-
-    def _split_qkv(self, block: _Block, projected: torch.Tensor) -> None:
-        shape = self._heads()
-        if shape is None or projected.shape[0] != (shape[0] + 2 * shape[1]) * shape[2]:
-            self._note_once("fused qkv projection does not match the config's head counts: attention units skipped")
-            return
-        q_rows, kv_rows = shape[0] * shape[2], shape[1] * shape[2]
-        block.parts["q"] = projected[:q_rows]
-        block.parts["k"] = projected[q_rows:q_rows + kv_rows]
-        block.parts["v"] = projected[q_rows + kv_rows:]
-
-    @staticmethod
-    def _complete(block: _Block) -> bool:
-        return {"q", "k", "v", "o", "gate", "up", "down"} <= set(block.parts)
 
     def _note_once(self, note: str) -> None:
         if note not in self.notes:
             self.notes.append(note)
 
     def _close(self, layer: int) -> None:
-        """Form the layer's units from its probe projections and drop the buffers."""
+        """Form the layer's units from its probe products and drop the buffers."""
         parts = self._blocks.pop(layer).parts
-        shape = self._heads()
-        q, k, v, o = (parts.get(n) for n in ("q", "k", "v", "o"))
-        if q is not None and k is not None and shape is not None:
-            heads, kv, head_dim = shape
-            if q.shape[0] == heads * head_dim and k.shape[0] == kv * head_dim:
-                qh = q.reshape(heads, head_dim, -1)
-                kh = k.reshape(kv, head_dim, -1).repeat_interleave(heads // kv, dim=0)
-                self._units[("attn_qk", layer)] = torch.einsum("hdi,hdj->ij", qh, kh)
-                if v is not None and o is not None and v.shape[0] == kv * head_dim and o.shape[1] == heads * head_dim:
-                    vh = v.reshape(kv, head_dim, -1).repeat_interleave(heads // kv, dim=0)
-                    oh = o.reshape(o.shape[0], heads, head_dim)
-                    self._units[("attn_ov", layer)] = torch.einsum("ihd,hdj->ij", oh, vh)
-            else:
-                self._note_once("attention shapes do not match the config's head counts: attention units skipped")
-        elif q is not None:
-            self._note_once("no usable head counts in config.json: attention units skipped")
-        if parts.get("gate") is not None:
-            self._units[("mlp_gate", layer)] = parts["gate"].T @ parts["gate"]
-        if parts.get("up") is not None and parts.get("down") is not None \
-                and parts["down"].shape[1] == parts["up"].shape[0]:
-            self._units[("mlp_ud", layer)] = parts["down"] @ parts["up"]
+        for role, unit in layer_units(parts, heads_of(self.config, self.width), self._note_once).items():
+            self._units[(role, layer)] = unit
 
     def finish(self) -> dict[str, Any]:
-        """The JSON-safe sketch: probe ids, vocabulary size and one normalised k x k matrix per unit."""
+        """The JSON-safe sketch: probe description, architecture and one normalised k x k matrix per unit."""
         for layer in sorted(self._blocks):
             self._close(layer)
         head = self._head_from_lm if self._head_from_lm is not None else self._head_from_embedding
@@ -328,12 +492,87 @@ class SketchBuilder:
                           "data": encode_matrix(normalise(matrix, role in SYMMETRIC_ROLES))})
         if len(self._stored_layers) < len(self._layer_ids):
             self.notes.append(f"{len(self._layer_ids)} layers: {len(self._stored_layers)} evenly spaced ones sketched")
+        sample = np.sort(self.keys.keys[self.keys.present])[:KEY_SAMPLE].astype("<u8")
         return {
             "version": SKETCH_VERSION,
-            "probe": {"seed": self.seed, "tokens": int(len(self.ids)), "vocab": int(self.vocab),
-                      "ids": [int(i) for i in self.ids], "head_rows": int(len(self._head_rows))},
+            "probe": {"seed": self.seed, "mixtures": self.k, "keys": self.keys.kind,
+                      "keyed_rows": int(self.keys.present.sum()), "rows": int(self.vocab),
+                      "key_sample": base64.b64encode(sample.tobytes()).decode("ascii"),
+                      "head_rows": int(len(self._head_rows))},
+            "architecture": architecture_of(self.config, self.width, len(self._layer_ids), self.vocab),
             "dtype": "float16",
             "layers": sorted({u["layer"] for u in units if u["layer"] is not None}),
             "units": units,
             "notes": list(self.notes),
         }
+
+
+# -- the same units from live parameters, differentiable -----------------------------------------------
+
+def _named(state: Mapping[str, torch.Tensor], leaves: tuple[str, ...]) -> str | None:
+    for name, tensor in state.items():
+        if tensor.dim() == 2 and name.endswith(".weight") and _layer_of(name) is None and _leaf(name) in leaves:
+            return name
+    return None
+
+
+def sketch_units(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], keys: TokenKeys | None = None, *,
+                 tokens: int = DEFAULT_TOKENS, seed: int = DEFAULT_SEED) -> dict[tuple[str, int | None], torch.Tensor]:
+    """The sketch's normalised k x k units as differentiable functions of a model's parameters.
+
+    `state` maps Hugging Face parameter names to live tensors (gradients flow through every unit),
+    `config` is the config.json dict, `keys` the token keys (tokens.tokenizer_keys, or None for ids).
+    Equal, up to float rounding, to what `SketchBuilder` records from the same weights (every layer is
+    returned, whatever the layer budget); for an adaptive attacker's penalty and for tests.
+    """
+    embed_name = _named(state, _EMBEDDINGS)
+    if embed_name is None:
+        raise UsageError("sketch_units: no token embedding among the parameters")
+    embedding = state[embed_name]
+    rows, width = embedding.shape
+    keys = keys if keys is not None else id_keys(rows)
+    if len(keys.keys) != rows:
+        raise UsageError(f"sketch_units: {len(keys.keys)} token keys for {rows} embedding rows")
+    offset = 1.0 if str(config.get("model_type") or "").startswith("gemma") else 0.0
+    gains: dict[tuple[int | None, str], torch.Tensor] = {
+        (_layer_of(name), _leaf(name)): tensor + offset for name, tensor in state.items()
+        if tensor.dim() == 1 and name.endswith(".weight") and _leaf(name) in _ATTN_NORMS + _MLP_NORMS + _FINAL_NORMS}
+
+    def gain(layer: int | None, leaves: tuple[str, ...]) -> torch.Tensor:
+        for leaf in leaves:
+            g = gains.get((layer, leaf))
+            if g is not None and g.shape[0] == width:
+                return g
+        return torch.ones(width, dtype=embedding.dtype, device=embedding.device)
+
+    coefficients = mixture_coefficients(keys.keys, tokens, seed) * keys.present[None, :]
+    rows_unit = unit_rows(embedding)
+    head_rows = torch.from_numpy(smallest_keys(keys, HEAD_ROWS))
+    probe = flatten_probe(unit_rows(torch.from_numpy(coefficients).to(embedding) @ rows_unit), rows_unit[head_rows],
+                          flatten_start(keys.keys[head_rows.numpy()], width).to(embedding))
+    units: dict[tuple[str, int | None], torch.Tensor] = {("embed", None): probe @ probe.T}
+    head_name = _named(state, _HEADS)
+    head = state[head_name] if head_name is not None else embedding
+    product = head[head_rows[head_rows < head.shape[0]]] @ (probe * gain(None, _FINAL_NORMS)).T
+    units[("head", None)] = product.T @ product
+    shape = heads_of(config, width)
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    for name, weight in state.items():
+        layer, part = _layer_of(name), _PARTS.get(_leaf(name))
+        if layer is None or part is None or weight.dim() != 2 or not name.endswith(".weight"):
+            continue
+        if part in ("o", "down"):
+            if weight.shape[0] == width:
+                blocks.setdefault(layer, {})[part] = probe @ weight
+            continue
+        if weight.shape[1] != width:
+            continue
+        norms = _ATTN_NORMS if part in ("q", "k", "v", "qkv") else _MLP_NORMS
+        right = weight @ (probe * gain(layer, norms)).T
+        split = split_fused(part, right, shape) if part in ("qkv", "gate_up") else {part: right}
+        if split is not None:
+            blocks.setdefault(layer, {}).update(split)
+    for layer in sorted(blocks):
+        for role, unit in layer_units(blocks[layer], shape).items():
+            units[(role, layer)] = unit
+    return {key: normalise(unit, key[0] in SYMMETRIC_ROLES) for key, unit in units.items()}

@@ -3,6 +3,7 @@ lineage evidence, checks, and the verdict in one glance."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -66,9 +67,11 @@ def lineage_caption(result: VerificationResult) -> str | None:
               if r.lineage is not None and getattr(r.lineage, "comparable", True)]
     if not tested:
         return None
-    return (f"lineage: derived when p ≤ {result.policy.lineage.alpha:g} and score ≥ threshold "
-            f"{_span([t.threshold for t in tested], '.3f')}; stated false-positive rate "
-            f"{_span([t.false_positive_rate for t in tested], '.2%')}")
+    rates = [t.false_positive_rate for t in tested if math.isfinite(t.false_positive_rate)]
+    stated = (f"unrelated models above it in the calibration: {_span(rates, '.2%')}" if rates
+              else "uncalibrated for this architecture")
+    return (f"lineage: derived when score > threshold {_span([t.threshold for t in tested], '.3f')} "
+            f"(target rate {result.policy.lineage.alpha:g}); {stated}; p: share of unrelated pairs scoring as high")
 
 
 def _overview(result: VerificationResult) -> Table:
@@ -121,7 +124,8 @@ def _distances(result: VerificationResult) -> Table:
                       Text(shown(ref.spec.family)), role,
                       Text(f"{ref.distance:.3f} {'>' if over else '≤'} {ref.threshold:g}" if cls.meaningful
                            else f"{ref.distance:.3f}", style="bold red" if over and ref.declared else ""),
-                      lineage_cell(ref), "" if ref.lineage is None else f"{ref.lineage.p_value:.3g}")
+                      lineage_cell(ref), "" if ref.lineage is None or not math.isfinite(ref.lineage.p_value)
+                      else f"{ref.lineage.p_value:.3g}")
     return table
 
 

@@ -40,8 +40,9 @@ def _lineage(ref: ReferenceOutcome) -> str:
     if not getattr(result, "comparable", True):
         return "not comparable: " + "; ".join(cell(note) for note in getattr(result, "notes", []) or [])
     decision = "**derived**" if result.derived else "not derived"
-    return (f"{result.score:.3f} / {result.threshold:.3f}, p={result.p_value:.3g}, "
-            f"FPR {result.false_positive_rate:.1%}: {decision}")
+    rate_text = getattr(result, "rate_text", None)  # the calibrated rate in words (analysis/lineage.py)
+    stated = rate_text() if callable(rate_text) else f"p={result.p_value:.3g}, FPR {result.false_positive_rate:.1%}"
+    return f"{result.score:.3f} / {result.threshold:.3f}, {stated}: {decision}"
 
 
 def render(result: VerificationResult) -> str:

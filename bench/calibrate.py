@@ -1,0 +1,261 @@
+"""Calibration of the lineage test: the empirical null of independently trained models, shipped as package data.
+
+For each tiny architecture and size, independently trained roots (same config, different seeds and data
+order, at several training lengths) and derivatives of each: a light fine-tune, a heavy one as long as the
+shortest pretraining, and a middle layer dropped or duplicated (then lightly fine-tuned). Every model is
+sketched; every pair (candidate, reference root) where the candidate does not descend from that root is
+scored with the lineage test's score (no calibration applied): candidates of the reference's own
+architecture, and of the other architectures of the same size (but never two models from the same
+seed, whose embeddings start alike). The scores of each reference architecture class form its null
+sample, written with the recipe, the method version and the pair names to
+tg_verify/analysis/data/lineage_calibration.json, from which the test takes its threshold and the rate it
+reports (tg_verify/analysis/calibration.py).
+
+The models share nothing with bench/lineage.py's zoo (other seeds), so that bench measures the
+calibrated test on models the calibration never saw.
+
+    nice -n 10 python bench/calibrate.py [--work bench/out/calibrate] [--train-only] [--archs llama gemma]
+        [--sizes small medium] [--output tg_verify/analysis/data/lineage_calibration.json]
+
+Prints a per-class summary; models and sketches are cached under WORK/<recipe digest>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import transforms as T
+from bench.lineage import bigram_tokenizer, load_checkpoint, tokenize, write_tokenizer
+from bench.zoo import corpus, fine_tune
+from tg_verify.tiny import ARCHITECTURES, build_model, one_thread
+
+DEFAULT_OUTPUT = ROOT / "tg_verify" / "analysis" / "data" / "lineage_calibration.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every knob of the calibration zoo; its digest keys the model cache and is recorded in the output."""
+
+    corpus_bytes: int = 600_000
+    seeds: tuple[int, ...] = (101, 202, 303)  # bench/lineage.py uses 0..40 and 1000..1040
+    # mistral's tiny configs initialise and train exactly like llama's from one seed: its roots take others
+    mistral_seeds: tuple[int, ...] = (404, 505, 606)
+    lengths: tuple[int, ...] = (150, 300, 600, 1200)  # pretraining steps: each seed trains one root per length
+    pretrain_lr: float = 3e-3
+    light_steps: int = 20
+    light_lr: float = 2e-4
+    heavy_steps: int = 150
+    heavy_lr: float = 1e-3
+    surgery_steps: int = 20  # a middle layer dropped or duplicated, then a light fine-tune (lr light_lr)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    def training_digest(self) -> str:
+        """What trains each model (not which seeds and lengths there are): the model cache's key, so that adding
+        a seed or a length trains only the new models."""
+        knobs = {k: v for k, v in asdict(self).items() if k not in ("seeds", "mistral_seeds", "lengths")}
+        return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Model:
+    """One calibration model: id, class (architecture and size), the root it descends from, relation."""
+
+    id: str
+    arch: str
+    size: str
+    root: str
+    relation: str  # "root", "ft-light", "ft-heavy", "dropped-layer" or "duplicated-layer"
+    seed: int  # the root's training seed (initialisation and data order)
+
+
+class Zoo:
+    """Builds (or reloads) the calibration models under WORK/<digest>/models."""
+
+    def __init__(self, work: Path, recipe: Recipe, log: Callable[[str], None]) -> None:
+        self.work, self.recipe, self.log = work / recipe.training_digest(), recipe, log
+        (self.work / "models").mkdir(parents=True, exist_ok=True)
+        text = {part: corpus(part, recipe.corpus_bytes) for part in ("pretrain", "light", "heavy")}
+        self.table = bigram_tokenizer(text["pretrain"])
+        self.tokens = {part: tokenize(t, self.table) for part, t in text.items()}
+        self.models: list[Model] = []
+
+    def path(self, model_id: str) -> Path:
+        return self.work / "models" / model_id
+
+    def _model(self, model: Model, make: Callable[[], T.Checkpoint]) -> None:
+        directory = self.path(model.id)
+        if not (directory / "config.json").exists():
+            started = time.perf_counter()
+            make().save(directory)
+            self.log(f"  built {model.id} in {time.perf_counter() - started:.1f}s")
+        write_tokenizer(directory, self.table)
+        self.models.append(model)
+
+    def build(self, archs: tuple[str, ...], sizes: tuple[str, ...]) -> list[Model]:
+        r = self.recipe
+        with one_thread():
+            for size in sizes:
+                for arch in archs:
+                    for seed in (r.mistral_seeds if arch == "mistral" else r.seeds):
+                        for steps in r.lengths:
+                            root_id = f"{arch}-{size}-s{seed}-{steps}"
+                            run_seed = seed * 10 + steps
+
+                            def pretrain(arch: str = arch, size: str = size, seed: int = run_seed,
+                                         steps: int = steps) -> T.Checkpoint:
+                                model = build_model(arch, seed=seed, size=size)
+                                return T.from_model(fine_tune(model, self.tokens["pretrain"], steps, r.pretrain_lr,
+                                                              seed))
+                            self._model(Model(root_id, arch, size, root_id, "root", run_seed), pretrain)
+                            root = load_checkpoint(self.path(root_id))
+                            for relation, start, part, n, lr, offset in (
+                                    ("ft-light", None, "light", r.light_steps, r.light_lr, 1),
+                                    ("ft-heavy", None, "heavy", r.heavy_steps, r.heavy_lr, 2),
+                                    ("dropped-layer", T.drop_layer, "light", r.surgery_steps, r.light_lr, 3),
+                                    ("duplicated-layer", T.duplicate_layer, "light", r.surgery_steps, r.light_lr, 4)):
+                                def derive(root: T.Checkpoint = root, start: Any = start, part: str = part, n: int = n,
+                                           lr: float = lr, seed: int = run_seed + offset) -> T.Checkpoint:
+                                    model = (root if start is None else start(root, root.layers // 2)).model()
+                                    return T.from_model(fine_tune(model, self.tokens[part], n, lr, seed))
+                                self._model(Model(f"{root_id}~{relation}", arch, size, root_id, relation, run_seed),
+                                            derive)
+        return self.models
+
+
+# -- scoring ----------------------------------------------------------------------------------------
+
+def sketches(zoo: Zoo) -> dict[str, Any]:
+    """Every model's fingerprint with its sketch only (what the lineage test reads), cached per sketch version."""
+    from tg_verify.fingerprint.document import load
+    from tg_verify.fingerprint.sketch import SKETCH_VERSION
+
+    out: dict[str, Any] = {}
+    cache = zoo.work / "sketches" / SKETCH_VERSION
+    cache.mkdir(parents=True, exist_ok=True)
+    for model in zoo.models:
+        path = cache / f"{model.id}.json"
+        if not path.exists():
+            fp = T.sketch_fingerprint_of_folder(zoo.path(model.id))
+            path.write_bytes(fp.to_json_bytes())
+        out[model.id] = load(path)
+    return out
+
+
+def null_pairs(models: list[Model]) -> list[tuple[Model, Model]]:
+    """(candidate, reference root) for every candidate of the reference's size that does not descend from it:
+    of its own architecture, or of another one trained from another seed (same-seed models of different
+    architectures start from the same embedding, so they are not independent)."""
+    roots = [m for m in models if m.relation == "root"]
+    return [(c, r) for r in roots for c in models
+            if c.size == r.size and c.root != r.root and (c.arch == r.arch or c.seed != r.seed)]
+
+
+def score_pairs(zoo: Zoo, models: list[Model]) -> dict[str, dict[str, Any]]:
+    """Per reference class: its key, the null scores, and each score's (candidate, reference) as indices into the
+    sorted model list."""
+    from tg_verify.analysis.calibration import class_key
+    from tg_verify.analysis.lineage import lineage_score
+
+    fps = sketches(zoo)
+    index = {model_id: n for n, model_id in enumerate(sorted(m.id for m in models))}
+    classes: dict[str, dict[str, Any]] = {}
+    for candidate, reference in null_pairs(models):
+        result = lineage_score(fps[candidate.id], fps[reference.id])
+        if result.score is None:
+            raise RuntimeError(f"{candidate.id} vs {reference.id}: not comparable ({result.notes})")
+        architecture = fps[reference.id].sketch["architecture"]  # type: ignore[index]
+        key = class_key(architecture)
+        entry = classes.setdefault(key, {"key": key, "architecture": architecture, "scores": [], "pairs": [],
+                                         "same_architecture": []})
+        entry["scores"].append(round(float(result.score), 6))
+        entry["pairs"].append([index[candidate.id], index[reference.id]])
+        entry["same_architecture"].append(candidate.arch == reference.arch)
+    return classes
+
+
+def write(output: Path, recipe: Recipe, classes: dict[str, dict[str, Any]], models: list[Model]) -> dict[str, Any]:
+    from tg_verify.analysis.calibration import CALIBRATION_FORMAT, load_calibration
+    from tg_verify.analysis.lineage import LINEAGE_METHOD
+    from tg_verify.fingerprint.sketch import SKETCH_VERSION
+
+    document = {
+        "format": CALIBRATION_FORMAT,
+        "method": LINEAGE_METHOD,
+        "sketch_version": SKETCH_VERSION,
+        "built_by": "bench/calibrate.py",
+        "recipe": {**asdict(recipe), "digest": recipe.digest(),
+                   "models": "tiny transformers configs (tg_verify/tiny.py), trained on Python stdlib source "
+                             "through bench/lineage.py's 512-token bigram vocabulary",
+                   "pairs": "per reference root: every model of its size that does not descend from it, of its own "
+                            "architecture or of another trained from another seed (models: sorted ids; pairs: "
+                            "[candidate, reference] indices)"},
+        "models": sorted(m.id for m in models),
+        "classes": [classes[key] for key in sorted(classes)],
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(document, sort_keys=True, separators=(",", ":")) + "\n")
+    load_calibration(output)  # what was written must read back through the validator
+    return document
+
+
+def summary(document: dict[str, Any], alpha: float) -> str:
+    from tg_verify.analysis.calibration import NullSample
+
+    lines = [f"### Lineage calibration ({document['method']}, target rate {alpha:g})", "",
+             "| class | null pairs (same architecture) | median | 99th percentile | max (same architecture) "
+             "| threshold | rate at threshold (95% upper) |",
+             "|---|---|---|---|---|---|---|"]
+    for entry in document["classes"]:
+        null = NullSample(key=entry["key"], scores=np.asarray(entry["scores"]))
+        same = np.asarray(entry["same_architecture"], dtype=bool)
+        threshold = null.threshold(alpha)
+        above, n = null.exceeding(threshold)
+        lines.append(f"| {entry['key']} | {n} ({int(same.sum())}) | {np.median(null.scores):.3f} | "
+                     f"{np.quantile(null.scores, 0.99):.3f} | {null.scores.max():.3f} "
+                     f"({null.scores[same].max():.3f}) | {threshold:.3f} | "
+                     f"{above}/{n} ({null.upper_bound(above):.2%}) |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "calibrate")
+    parser.add_argument("--archs", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
+    parser.add_argument("--sizes", nargs="+", default=["small", "medium"], choices=["small", "medium"])
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--train-only", action="store_true", help="build the models, score nothing")
+    parser.add_argument("--alpha", type=float, default=0.01, help="target rate for the printed thresholds")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    zoo = Zoo(args.work, Recipe(), log)
+    models = zoo.build(tuple(args.archs), tuple(args.sizes))
+    if args.train_only:
+        return 0
+    document = write(args.output, zoo.recipe, score_pairs(zoo, models), models)
+    print(summary(document, args.alpha))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

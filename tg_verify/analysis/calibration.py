@@ -1,0 +1,161 @@
+"""The lineage test's empirical null: scores of independently trained models, per architecture class.
+
+bench/calibrate.py trains unrelated models (same-config twins at several training lengths and their
+fine-tunes) and writes their pairwise lineage scores to tg_verify/analysis/data/lineage_calibration.json, with
+the method version and the recipe. Here that file is read as untrusted data; the decision threshold
+and every rate a report states come from it: the rate at a score is the share of null pairs scoring
+at least as high, with its sample size and an exact (Clopper-Pearson) one-sided 95% upper bound.
+A reference whose architecture class the file does not hold is "uncalibrated".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tg_verify.errors import FingerprintFormatError
+
+CALIBRATION_FORMAT = 1
+RESOURCE = "lineage_calibration.json"
+DATA_FILE = Path(__file__).with_name("data") / RESOURCE
+CONFIDENCE = 0.95
+MAX_SCORES = 1_000_000
+UNCALIBRATED = "uncalibrated"
+
+
+def class_key(architecture: Mapping[str, Any]) -> str:
+    """The calibration class of a sketch's `architecture`: model type and every dimension, so a null measured
+    on one shape is never applied to another."""
+    def part(name: str) -> str:
+        value = architecture.get(name)
+        return "?" if value is None else str(value)
+
+    return (f"{part('model_type')}:h{part('hidden_size')}:l{part('layers')}:v{part('vocab')}"
+            f":a{part('heads')}/{part('kv_heads')}:i{part('intermediate_size')}")
+
+
+def upper_bound(count: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """Exact one-sided upper confidence bound (Clopper-Pearson) on a rate observed as count/n."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return math.nan
+    if count >= n:
+        return 1.0
+    return float(beta.ppf(confidence, count + 1, n - count))
+
+
+@dataclass(frozen=True)
+class NullSample:
+    """The null scores of one architecture class."""
+
+    key: str
+    scores: np.ndarray = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return int(len(self.scores))
+
+    def at_or_above(self, score: float) -> int:
+        """How many null pairs score at least `score`."""
+        return int(np.count_nonzero(self.scores >= score))
+
+    def above(self, threshold: float) -> int:
+        """How many null pairs a test with this threshold calls derived (score strictly above it)."""
+        return int(np.count_nonzero(self.scores > threshold))
+
+    def exceeding(self, threshold: float) -> tuple[int, int]:
+        return self.above(threshold), self.size
+
+    def threshold(self, alpha: float) -> float:
+        """The lowest threshold at which at most floor(alpha * n) null pairs score above it: the
+        (floor(alpha * n) + 1)-th highest null score (the highest when n < 1 / alpha)."""
+        ranked = np.sort(self.scores)[::-1]
+        return float(ranked[min(int(math.floor(alpha * self.size)), self.size - 1)])
+
+    def upper_bound(self, count: int) -> float:
+        return upper_bound(count, self.size)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A validated calibration file: the method it was measured with and one null sample per class."""
+
+    method: str
+    sketch_version: str
+    recipe: dict[str, Any]
+    classes: dict[str, NullSample]
+    source: str
+
+    def null_for(self, architecture: Mapping[str, Any]) -> NullSample | None:
+        return self.classes.get(class_key(architecture))
+
+    def conservative_threshold(self, alpha: float) -> float:
+        """For an uncalibrated architecture: the highest threshold any calibrated class has at `alpha`."""
+        return max(null.threshold(alpha) for null in self.classes.values())
+
+
+def parse_calibration(document: Any, source: str) -> Calibration:
+    """Validate an untrusted calibration document; problems are FingerprintFormatError naming the field."""
+    def bad(message: str) -> FingerprintFormatError:
+        return FingerprintFormatError(f"{source}: {message}")
+
+    if not isinstance(document, dict):
+        raise bad("a calibration document must be a JSON object")
+    if document.get("format") != CALIBRATION_FORMAT:
+        raise bad(f"format {document.get('format')!r} is not supported (expected {CALIBRATION_FORMAT})")
+    method, version, recipe = document.get("method"), document.get("sketch_version"), document.get("recipe")
+    if not isinstance(method, str) or not isinstance(version, str):
+        raise bad("'method' and 'sketch_version' must be strings")
+    if not isinstance(recipe, dict):
+        raise bad("'recipe' must be an object")
+    raw = document.get("classes")
+    if not isinstance(raw, list) or not raw:
+        raise bad("'classes' must be a non-empty list")
+    classes: dict[str, NullSample] = {}
+    for n, entry in enumerate(raw):
+        where = f"classes[{n}]"
+        if not isinstance(entry, dict):
+            raise bad(f"{where} must be an object")
+        architecture, scores = entry.get("architecture"), entry.get("scores")
+        if not isinstance(architecture, dict):
+            raise bad(f"{where}.architecture must be an object")
+        key = class_key(architecture)
+        if entry.get("key") != key:
+            raise bad(f"{where}.key {entry.get('key')!r} does not match its architecture ({key!r})")
+        if key in classes:
+            raise bad(f"{where} repeats class {key!r}")
+        if (not isinstance(scores, list) or not 0 < len(scores) <= MAX_SCORES
+                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
+                           and -1.0 <= s <= 1.0 for s in scores)):
+            raise bad(f"{where}.scores must be a non-empty list of at most {MAX_SCORES} finite numbers in [-1, 1]")
+        classes[key] = NullSample(key=key, scores=np.asarray(scores, dtype=np.float64))
+    return Calibration(method=method, sketch_version=version, recipe=recipe, classes=classes, source=source)
+
+
+def load_calibration(path: str | Path | None = None) -> Calibration:
+    """The calibration file at `path`, or the one shipped inside the package."""
+    if path is None:
+        text = DATA_FILE.read_text(encoding="utf-8")
+        source = f"tg_verify/analysis/data/{RESOURCE}"
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+        source = str(path)
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise FingerprintFormatError(f"{source}: not valid JSON ({exc})") from None
+    return parse_calibration(document, source)
+
+
+@lru_cache(maxsize=1)
+def packaged_calibration() -> Calibration:
+    """The shipped calibration, read once."""
+    return load_calibration()
