@@ -55,7 +55,7 @@ class Recipe:
     seeds: tuple[int, ...] = (101, 202, 303)  # bench/lineage.py uses 0..40 and 1000..1040
     # mistral's tiny configs initialise and train exactly like llama's from one seed: its roots take others
     mistral_seeds: tuple[int, ...] = (404, 505, 606)
-    lengths: tuple[int, ...] = (150, 300, 600)  # pretraining steps: each seed trains one root per length
+    lengths: tuple[int, ...] = (150, 300, 600, 1200)  # pretraining steps: each seed trains one root per length
     pretrain_lr: float = 3e-3
     light_steps: int = 20
     light_lr: float = 2e-4
@@ -65,6 +65,12 @@ class Recipe:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    def training_digest(self) -> str:
+        """What trains each model (not which seeds and lengths there are): the model cache's key, so that adding
+        a seed or a length trains only the new models."""
+        knobs = {k: v for k, v in asdict(self).items() if k not in ("seeds", "mistral_seeds", "lengths")}
+        return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ class Zoo:
     """Builds (or reloads) the calibration models under WORK/<digest>/models."""
 
     def __init__(self, work: Path, recipe: Recipe, log: Callable[[str], None]) -> None:
-        self.work, self.recipe, self.log = work / recipe.digest(), recipe, log
+        self.work, self.recipe, self.log = work / recipe.training_digest(), recipe, log
         (self.work / "models").mkdir(parents=True, exist_ok=True)
         text = {part: corpus(part, recipe.corpus_bytes) for part in ("pretrain", "light", "heavy")}
         self.table = bigram_tokenizer(text["pretrain"])

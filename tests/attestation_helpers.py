@@ -31,7 +31,8 @@ def candidate_record(model_dir: Path, **overrides) -> CandidateRecord:
     digests = file_digests(artifact)
     files = tuple(FileDigest(f.path, digests[f.path], f.size, f.role) for f in artifact.files)
     record = CandidateRecord(name=artifact.name, layout=artifact.layout, root_digest=root_digest(digests),
-                             files=files, features="recomputed", files_hashed=True)
+                             files=files, features="recomputed", files_hashed=True,
+                             weights_digest=root_digest(digests))
     return replace(record, **overrides)
 
 

@@ -24,6 +24,15 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
 
 
 @pytest.fixture(scope="session")
+def action_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One repository checkout for the Action's tests (two bases, a fine-tune, pass.yml and fail.yml), built
+    once per session; its reference cache is `.tg-cache`, so the references are fingerprinted once."""
+    from attestation_helpers import build_workspace
+
+    return build_workspace(tmp_path_factory.mktemp("action-workspace"))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_objects() -> dict[str, object]:
     """The in-memory torch modules behind `tiny_models` (same seeds), for reference computations."""
     return {arch: build_model(arch, seed=number) for number, arch in enumerate(ARCHITECTURES)}

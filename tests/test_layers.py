@@ -8,7 +8,7 @@ still a dependency up the layers).
     fingerprint   the fingerprint document, extraction, the lineage sketch; batch (many models)
     analysis      distances, attribution, lineage test, the paper's studies
     index         the reference index and lineage search over it
-    decision      policy (the rules a file states), verdict (decide(rules, evidence))
+    decision      policy (the rules a file states), verdict (decide(rules, evidence)), waivers
     pipeline      verify(policy): the run that gathers the evidence; demo
     attestation   the in-toto Statement of a result, and its offline check
     report        console, JSON, Markdown, GitHub runner protocol, plots
@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("fingerprint", ("tg_verify.fingerprint", "tg_verify.fingerprint.", "tg_verify.batch")),
     ("analysis", ("tg_verify.analysis", "tg_verify.analysis.")),
     ("index", ("tg_verify.index", "tg_verify.index.")),
-    ("decision", ("tg_verify.policy", "tg_verify.verdict")),
+    ("decision", ("tg_verify.policy", "tg_verify.verdict", "tg_verify.waivers")),
     ("pipeline", ("tg_verify.pipeline", "tg_verify.demo")),
     ("attestation", ("tg_verify.attestation", "tg_verify.attestation.")),
     ("report", ("tg_verify.report", "tg_verify.report.")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,27 @@ def test_errors_name_the_file_and_the_field_as_attributes(tmp_path: Path) -> Non
     with pytest.raises(PolicyError) as raised:
         load_policy(path)
     assert raised.value.file == str(path) and raised.value.field is None
+
+
+@pytest.mark.parametrize("old, new, field", [
+    ("  - id: qwen2.5-7b", "  - id: qw\u0435n2.5-7b\n    family: qwen\n    fingerprint: refs/cand.json\n"
+                           "  - id: qwen2.5-7b", "references[1].id"),
+    ("forbidden: [qwen2.5-7b]", "forbidden: [qw\u0435n2.5-7b]", "forbidden[0]"),
+    ("  base: llama-3.2-1b", "  base: ll\u0430ma-3.2-1b", "declared.base"),
+    ("    family: qwen\n", "    family: qw\u0435n\n", "references[1].family"),
+    ("  - id: llama-3.2-1b", "  - id: llama-3.2-1b\u200b", "references[0].id"),
+    ("  - id: llama-3.2-1b", "  - id: llama 3.2 1b", "references[0].id"),
+])
+def test_ids_and_families_outside_the_documented_character_set_are_refused(
+        workspace: Path, old: str, new: str, field: str) -> None:
+    """A Cyrillic letter, a zero-width space or a blank would let two ids look the same to a reviewer."""
+    path = write(workspace, GOOD.replace(old, new, 1))
+    with pytest.raises(PolicyError, match=rf"{re.escape(field)}: .* is not an identifier: use ASCII letters") as raised:
+        load_policy(path)
+    message = str(raised.value)
+    assert "\n" not in message and ("CYRILLIC" in message or "SPACE" in message), message
+
+
+def test_hugging_face_style_ids_are_identifiers(workspace: Path) -> None:
+    text = GOOD.replace("llama-3.2-1b", "meta-llama/Llama-3.2-1B_v1.0+ft@main")
+    assert load_policy(write(workspace, text)).declared.base == "meta-llama/Llama-3.2-1B_v1.0+ft@main"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -31,16 +32,16 @@ def make_policy(**changes: object) -> Policy:
     return replace(policy, **changes)  # type: ignore[arg-type]
 
 
-def decide(policy: Policy, evidence: Evidence) -> Verdict:
-    """The verdict under the policy's rules (verify decides exactly so)."""
-    return decide_rules(policy.decision_rules(), evidence)
+def decide(policy: Policy, evidence: Evidence, today: date | None = None) -> Verdict:
+    """The verdict under the policy's rules (verify decides exactly so), its waivers judged on `today`."""
+    return decide_rules(policy.decision_rules(), evidence if today is None else replace(evidence, verified_on=today))
 
 
 def lineage(derived: bool, score: float | None = None, comparable: bool = True) -> LineageEvidence:
     return LineageEvidence(score=score if score is not None else (0.9 if derived else 0.05), threshold=0.5,
                            p_value=1 / 201 if derived else 81 / 201, false_positive_rate=0.01, derived=derived,
                            comparable=comparable, alpha=0.01, notes=() if comparable else ("probe seeds differ",),
-                           method="tgl2", calibration="llama:h64", null_size=200, rate=0.0 if derived else 0.4,
+                           method="tgl3", calibration="llama:h64", null_size=200, rate=0.0 if derived else 0.4,
                            rate_upper=0.015 if derived else 0.46)
 
 

@@ -10,6 +10,7 @@ weight distributions) and the lineage test refutes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -186,6 +187,34 @@ def cases(tree: Path) -> tuple[DemoCase, DemoCase]:
             DemoCase("unrelated model claiming the same base", tree / "policies" / "fail.yml", False,
                      "an independently trained model of the same architecture claims that base: the lineage "
                      "test refutes the claim"))
+
+
+def attribution_note(item: DemoRun) -> str | None:
+    """Why the attribution names a family that is not the candidate's architecture (the unrelated model), or None.
+
+    Attribution is the paper's nearest cluster centre over 16 weight statistics; it never reads the
+    architecture, so a model that belongs to no reference family is given the nearest one.
+    """
+    result = item.result
+    cls = result.classification
+    path = result.candidate.path
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8")) if path is not None else {}
+    except (OSError, ValueError):
+        return None
+    architecture = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(architecture, str) or cls.family == architecture:
+        return None
+    declared = result.declared_reference
+    lineage = declared.lineage if declared is not None else None
+    refuted = (f" What refutes its claim is the lineage test against {declared.spec.id}: no derivation "
+               f"(p = {lineage.p_value:.3g})." if declared is not None and lineage is not None and not lineage.derived
+               else "")
+    return (f"why family {cls.family}? Attribution names the reference family whose cluster centre is nearest in "
+            f"the paper's 16 weight statistics ({cls.base}, distance {cls.distance:.3f}); it does not read the "
+            f"architecture. This model is a {architecture} by architecture but was trained from its own random "
+            f"start, so it belongs to none of the reference families, and with three tiny references the nearest "
+            f"centre is close to arbitrary.{refuted}")
 
 
 def run(directory: Path, progress: ProgressSink | None = None, log: Callable[[str], None] | None = None

@@ -9,6 +9,7 @@ the fingerprint cache (when given a cache directory, see FingerprintCache).
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import hmac
 import math
@@ -26,6 +27,7 @@ from tg_verify.analysis.attribution import Classification, ClassifierSettings, c
 from tg_verify.analysis.compat import comparability
 from tg_verify.analysis.references import Reference
 from tg_verify.artifact import Artifact, file_digests, resolve, root_digest
+from tg_verify.artifact.digest import OTHER_ROLE, model_file_digests
 from tg_verify.atomic import canonical_json, write_bytes
 from tg_verify.errors import DigestMismatchError, IncompatibleFingerprintsError, InputError, TgVerifyError
 from tg_verify.fingerprint.document import (
@@ -92,10 +94,14 @@ class CandidateOutcome:
     path: Path | None
     fingerprint_path: Path | None
     layout: str
-    files: tuple[FileDigest, ...]
+    files: tuple[FileDigest, ...]  # role "other": hashed for the root digest only, not read for the verdict
+    # model_signing's digest of the model path (artifact/digest.py) over `files` when they were hashed in this
+    # run; for a candidate known only by a fingerprint file, the weights digest (no directory was listed)
     root_digest: str
+    weights_digest: str  # the same construction over the artifact's own files only (the fingerprinted ones)
     base: BaseModelRecord | None = None  # adapters: the base merged onto (its files and root digest)
     warnings: tuple[str, ...] = ()
+    symlinks: bool = False  # some file was read through a symbolic link (a Hugging Face cache)
     unexpected: tuple[str, ...] = ()  # stored tensors the runtime does not load (not fingerprinted)
 
     @property
@@ -149,6 +155,8 @@ class VerificationResult:
     tool: dict[str, str]
     timings: dict[str, float]
     caveats: tuple[str, ...] = ()
+    # when the run gathered its evidence (UTC): the attestation's timeVerified, and the day waivers are judged on
+    time_verified: _dt.datetime = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc))
 
     @property
     def passed(self) -> bool:
@@ -468,7 +476,7 @@ def _recorded_candidate(policy: Policy, fp: Fingerprint) -> CandidateOutcome:
     return CandidateOutcome(
         name=spec.name or fp.model_name, fingerprint=fp, fingerprint_digest=fp.digest(), source="fingerprint",
         path=None, fingerprint_path=spec.fingerprint, layout=str(fp.artifact.get("layout", "unknown")), files=files,
-        root_digest=computed_root, base=fp.base, unexpected=_recorded_unexpected(fp))
+        root_digest=computed_root, weights_digest=computed_root, base=fp.base, unexpected=_recorded_unexpected(fp))
 
 
 def _candidate(policy: Policy, settings: FingerprintSettings, recorded_fp: Fingerprint | None,
@@ -478,8 +486,11 @@ def _candidate(policy: Policy, settings: FingerprintSettings, recorded_fp: Finge
         assert recorded_fp is not None
         return _recorded_candidate(policy, recorded_fp), ()
     with _context(policy, "candidate.path"):
+
         artifact = resolve(spec.path)
         digests = file_digests(artifact)
+        # model_signing's file set of the model path: the artifact's files plus tokenizer, generation config...
+        model_digests, listed = model_file_digests(spec.path, artifact, digests)
         name = spec.name or artifact.name
         if recorded_fp is not None:
             _check_digests(recorded_fp.file_digests, digests, f"candidate.fingerprint {spec.fingerprint}")
@@ -504,10 +515,15 @@ def _candidate(policy: Policy, settings: FingerprintSettings, recorded_fp: Finge
             source = "model"
     if source == "model+fingerprint" and artifact.layout == "adapter":
         _check_recorded_base(policy, artifact, fp)
+    # files model_signing hashes for the model path that tg-verify does not read (tokenizer, generation config)
+    others = tuple(FileDigest(path=f.path, sha256=model_digests[f.path], size=f.size, role=OTHER_ROLE)
+                   for f in listed if f.path not in digests)
     return CandidateOutcome(
         name=name, fingerprint=fp, fingerprint_digest=fp.digest(), source=source,  # type: ignore[arg-type]
-        path=spec.path, fingerprint_path=spec.fingerprint, layout=artifact.layout, files=opened.files,
-        root_digest=root_digest(digests), base=opened.base, warnings=opened.warnings,
+        path=spec.path, fingerprint_path=spec.fingerprint, layout=artifact.layout, files=opened.files + others,
+        root_digest=root_digest(model_digests), weights_digest=root_digest(digests), base=opened.base,
+        warnings=opened.warnings,
+        symlinks=any(f.symlink for f in listed) or any(artifact.path_of(p).is_symlink() for p in digests),
         unexpected=tuple(t.name for t in opened.artifact.unexpected) or _recorded_unexpected(fp),
     ), opened.name_mismatches
 
@@ -678,7 +694,7 @@ def _support_warnings(policy: Policy, refs: dict[str, Fingerprint]) -> list[str]
 
 
 def _evidence(candidate: CandidateOutcome, outcomes: list[ReferenceOutcome], classification: Classification,
-              name_mismatches: tuple[str, ...]) -> Evidence:
+              name_mismatches: tuple[str, ...], verified_on: _dt.date) -> Evidence:
     return Evidence(
         references=tuple(ReferenceEvidence(id=o.spec.id, family=o.spec.family, distance=o.distance,
                                            threshold=o.threshold,
@@ -692,13 +708,14 @@ def _evidence(candidate: CandidateOutcome, outcomes: list[ReferenceOutcome], cla
                                         not_meaningful=tuple(classification.not_meaningful)),
         adapter_name_mismatches=name_mismatches, artifact_warnings=candidate.warnings,
         unexpected_tensors=candidate.unexpected, caveats=tuple(classification.caveats),
-        features_from=_features_from(candidate))
+        features_from=_features_from(candidate), verified_on=verified_on)
 
 
 def verify(policy: Policy, options: VerifyOptions | None = None) -> VerificationResult:
     """Run the policy: fingerprint what needs it, measure, test lineage, decide. Raises on bad input."""
     options = options or VerifyOptions()
     rules = policy.decision_rules(require_weights_default=options.require_weights)
+    started = _dt.datetime.now(_dt.timezone.utc)
     clock = _Clock()
     with clock.phase("load"):
         recorded_candidate, recorded_refs = _load_recorded(policy)
@@ -728,9 +745,9 @@ def verify(policy: Policy, options: VerifyOptions | None = None) -> Verification
                 spec=ref, fingerprint=fp, fingerprint_digest=fp.digest(), source=source, distance=distances[ref.id],
                 threshold=policy.threshold_for(ref), declared=ref.id == policy.declared.base,
                 forbidden=ref.id in policy.forbidden, lineage=lineage, lineage_unavailable=unavailable))
-    evidence = _evidence(candidate, outcomes, classification, name_mismatches)
+    evidence = _evidence(candidate, outcomes, classification, name_mismatches, started.date())
     return VerificationResult(
         policy=policy, candidate=candidate, references=tuple(outcomes), classification=classification, rules=rules,
         evidence=evidence, verdict=decide(rules, evidence), settings=dict(candidate.fingerprint.settings),
         feature_version=candidate.fingerprint.feature_version, tool=component_versions(), timings=clock.total(),
-        caveats=tuple(classification.caveats))
+        caveats=tuple(classification.caveats), time_verified=started)

@@ -7,10 +7,12 @@ was expected. Paths in the policy are relative to the policy file. docs/policy.m
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import hashlib
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +23,20 @@ from yaml.events import AliasEvent, NodeEvent
 
 from tg_verify.analysis.lineage_rule import DEFAULT_ALPHA
 from tg_verify.errors import InputError, PolicyError
+from tg_verify.escaping import shown
 from tg_verify.verdict import Action, DecisionRules
+from tg_verify.waivers import UNWAIVABLE, Waiver
 
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 MAX_POLICY_BYTES = 1 << 20  # a policy is a few hundred bytes; 1 MiB leaves room for thousands of references
 MAX_DEPTH = 16
 MAX_STRING = 4096
+# Reference ids and family names (docs/policy.md, "Identifiers"): ASCII only, so look-alike letters from
+# other scripts cannot make two ids a reviewer reads as one.
+MAX_IDENTIFIER = 128
+IDENTIFIER = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+@/-]{{0,{MAX_IDENTIFIER - 1}}}")
+MAX_WAIVERS = 100
+WAIVER_CODE = re.compile(r"TGV_[A-Z0-9_]{1,64}")
 MAX_REFERENCES = 10_000
 MAX_INT = 2**63 - 1
 DEFAULT_MAX_DISTANCE = 7.0  # the paper's out-of-cluster distance in the standardised 15-feature space
@@ -128,6 +138,7 @@ class Policy:
     on_statistics_disagree: Action = "warn"
     on_unexpected_tensors: Action = "fail"  # stored tensors no runtime loads (artifact/loading.py)
     outputs: Outputs = field(default_factory=Outputs)
+    waivers: tuple[Waiver, ...] = ()  # reviewed, dated exceptions for single findings (tg_verify/waivers.py)
 
     def reference(self, ref_id: str) -> ReferenceSpec:
         """The reference with this id (the policy guarantees ids are unique and declared ones exist)."""
@@ -161,7 +172,7 @@ class Policy:
             on_name_mismatch=self.on_name_mismatch, lineage_enabled=self.lineage.enabled,
             on_lineage_unavailable=self.lineage.on_unavailable, on_statistics_disagree=self.on_statistics_disagree,
             on_unexpected_tensors=self.on_unexpected_tensors,
-            require_weights=require_weights_default if require is None else require)
+            require_weights=require_weights_default if require is None else require, waivers=self.waivers)
 
     def threshold_for(self, ref: ReferenceSpec) -> float:
         return ref.max_distance if ref.max_distance is not None else self.thresholds.max_distance
@@ -268,6 +279,18 @@ class _Checker:
             raise self.fail(where, f"expected one of {', '.join(choices)}, got {value!r}")
         return value
 
+    def identifier(self, value: Any, where: str) -> str:
+        """A reference id or family name: ASCII letters, digits and `. _ - + @ /` only (IDENTIFIER), so two
+        names a reviewer reads as the same (a Cyrillic letter, a zero-width space) cannot be two ids."""
+        text = self.string(value, where)
+        if IDENTIFIER.fullmatch(text) is None:
+            bad = next((c for c in text if not (c.isascii() and (c.isalnum() or c in "._-+@/"))), text[0])
+            what = f"{unicodedata.name(bad, 'an unnamed character')} (U+{ord(bad):04X})"
+            raise self.fail(where, f"{shown(text)!r} is not an identifier: use ASCII letters, digits and . _ - + @ / "
+                                   f"(starting with a letter or digit, at most {MAX_IDENTIFIER} characters); "
+                                   f"found {what}")
+        return text
+
     def number(self, value: Any, where: str, *, low: float, high: float, low_open: bool = False) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(where, f"expected a number, got {_kind(value)}")
@@ -320,7 +343,7 @@ def _bound_document(check: _Checker, value: Any, where: str = "") -> None:
 
 TOP_KEYS = ("version", "candidate", "declared", "references", "forbidden", "thresholds", "lineage", "fingerprint",
             "on_out_of_cluster", "on_name_mismatch", "on_base_mismatch", "on_statistics_disagree",
-            "on_unexpected_tensors", "outputs")
+            "on_unexpected_tensors", "outputs", "waivers")
 ACTIONS: tuple[str, ...] = ("fail", "warn")
 
 
@@ -349,18 +372,18 @@ def _references(check: _Checker, raw: Any) -> tuple[ReferenceSpec, ...]:
         where = f"references[{i}]"
         doc = check.mapping(item, where, ("id", "family", "fingerprint", "model", "max_distance", "parent",
                                           "sha256"), required=("id", "family"))
-        ref_id = check.string(doc["id"], f"{where}.id")
+        ref_id = check.identifier(doc["id"], f"{where}.id")
         if ref_id in seen:
             raise check.fail(f"{where}.id", f"duplicate id {ref_id!r} (also references[{seen[ref_id]}])")
         seen[ref_id] = i
-        family = check.string(doc["family"], f"{where}.family")
+        family = check.identifier(doc["family"], f"{where}.family")
         if ("fingerprint" in doc) == ("model" in doc):
             raise check.fail(where, "needs exactly one of `fingerprint: FILE` or `model: PATH`")
         fingerprint = check.path_value(doc["fingerprint"], f"{where}.fingerprint") if "fingerprint" in doc else None
         model = check.path_value(doc["model"], f"{where}.model") if "model" in doc else None
         limit = check.number(doc["max_distance"], f"{where}.max_distance", low=0.0, high=1e6, low_open=True) \
             if "max_distance" in doc else None
-        parent = check.string(doc["parent"], f"{where}.parent") if "parent" in doc else None
+        parent = check.identifier(doc["parent"], f"{where}.parent") if "parent" in doc else None
         pin = _sha256_pin(check, doc["sha256"], f"{where}.sha256") if "sha256" in doc else None
         refs.append(ReferenceSpec(id=ref_id, family=family, index=i, fingerprint=fingerprint, model=model,
                                   max_distance=limit, parent=parent, sha256=pin))
@@ -402,8 +425,8 @@ def _check_parents(check: _Checker, refs: list[ReferenceSpec]) -> None:
 def _declared(check: _Checker, raw: Any, refs: tuple[ReferenceSpec, ...]) -> Declared:
     doc = check.mapping(raw, "declared", ("base", "family", "relation"))
     ids = {r.id: r for r in refs}
-    base = check.string(doc["base"], "declared.base") if "base" in doc else None
-    family = check.string(doc["family"], "declared.family") if "family" in doc else None
+    base = check.identifier(doc["base"], "declared.base") if "base" in doc else None
+    family = check.identifier(doc["family"], "declared.family") if "family" in doc else None
     relation = check.string(doc["relation"], "declared.relation", choices=RELATIONS) if "relation" in doc else None
     if base is None and family is None:
         raise check.fail("declared", "needs `base` (a reference id) or `family`, or both")
@@ -424,7 +447,7 @@ def _forbidden(check: _Checker, raw: Any, refs: tuple[ReferenceSpec, ...], decla
     ids = {r.id for r in refs}
     result: list[str] = []
     for i, item in enumerate(raw):
-        ref_id = check.string(item, f"forbidden[{i}]")
+        ref_id = check.identifier(item, f"forbidden[{i}]")
         if ref_id not in ids:
             raise check.fail(f"forbidden[{i}]", f"unknown reference id {ref_id!r} (known: {', '.join(sorted(ids))})")
         if ref_id == declared.base:
@@ -506,6 +529,40 @@ def _action(check: _Checker, doc: dict[str, Any], key: str, default: str) -> Act
     return check.string(doc[key], key, choices=ACTIONS) if key in doc else default  # type: ignore[return-value]
 
 
+def _waivers(check: _Checker, raw: Any, refs: tuple[ReferenceSpec, ...]) -> tuple[Waiver, ...]:
+    if not isinstance(raw, list):
+        raise check.fail("waivers", f"expected a list of waivers, got {_kind(raw)}")
+    if len(raw) > MAX_WAIVERS:
+        raise check.fail("waivers", f"more than {MAX_WAIVERS} waivers")
+    ids = {r.id for r in refs}
+    result: list[Waiver] = []
+    for i, item in enumerate(raw):
+        where = f"waivers[{i}]"
+        doc = check.mapping(item, where, ("code", "reference", "reason", "expires"),
+                            required=("code", "reason", "expires"))
+        code = check.string(doc["code"], f"{where}.code")
+        if WAIVER_CODE.fullmatch(code) is None or code in UNWAIVABLE:
+            raise check.fail(f"{where}.code", f"{shown(code)!r} is not a reason code a waiver can name (TGV_..., "
+                                              "docs/reasons.md; waiver codes themselves cannot be waived)")
+        reference = check.identifier(doc["reference"], f"{where}.reference") if "reference" in doc else None
+        if reference is not None and reference not in ids:
+            raise check.fail(f"{where}.reference", f"unknown reference id {reference!r} "
+                                                   f"(known: {', '.join(sorted(ids))})")
+        reason = check.string(doc["reason"], f"{where}.reason")
+        expires = doc["expires"]
+        if isinstance(expires, str):
+            try:
+                expires = _dt.date.fromisoformat(expires)
+            except ValueError:
+                expires = None
+        if not isinstance(expires, _dt.date) or isinstance(expires, _dt.datetime):
+            raise check.fail(f"{where}.expires", "expected a date, YYYY-MM-DD (the last day the waiver applies)")
+        if any(w.code == code and w.reference == reference for w in result):
+            raise check.fail(where, f"a second waiver for {code}" + (f" on {reference}" if reference else ""))
+        result.append(Waiver(code=code, reason=reason, expires=expires, reference=reference))
+    return tuple(result)
+
+
 def parse_policy(data: bytes, path: Path, *, candidate_override: Path | None = None) -> Policy:
     """Validate policy bytes read from `path` (used for messages and to resolve relative paths)."""
     check = _Checker(path)
@@ -527,6 +584,7 @@ def parse_policy(data: bytes, path: Path, *, candidate_override: Path | None = N
         "lineage": lambda: _lineage(check, doc["lineage"]),
         "fingerprint": lambda: _fingerprint(check, doc["fingerprint"]),
         "outputs": lambda: _outputs(check, doc["outputs"]),
+        "waivers": lambda: _waivers(check, doc["waivers"], refs),
     }
     extras = {key: make() for key, make in steps.items() if key in doc}
     return Policy(path=path, sha256=hashlib.sha256(data).hexdigest(), version=version,

@@ -11,9 +11,12 @@ reasons the attestation states. The types it reads (DecisionRules, Evidence and 
 
 from __future__ import annotations
 
+import datetime as _dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from tg_verify.waivers import Waiver, waive
 
 Severity = Literal["fail", "warn", "info", "pass"]
 Action = Literal["fail", "warn"]  # what a policy may make of a finding whose severity it controls
@@ -62,6 +65,9 @@ REASON_CODES: dict[str, tuple[str, str]] = {
     "TGV_FEATURES_FROM_FINGERPRINT": ("warn", "the candidate's features were read from a fingerprint file, not "
                                               "recomputed from its weights (policy candidate.require_weights: "
                                               "true makes it fatal)"),
+    "TGV_WAIVER_EXPIRED": ("fail", "a policy waiver is past its expiry date: it no longer waives, and must be "
+                                   "reviewed"),
+    "TGV_WAIVER_UNUSED": ("warn", "a policy waiver matches no failure or warning of this run"),
 }
 
 
@@ -98,6 +104,8 @@ class DecisionRules:
     on_statistics_disagree: Action = "warn"
     # stored tensors the runtime does not load (decoys): fail, or warn
     on_unexpected_tensors: Action = "fail"
+    # reviewed, dated exceptions for single findings (tg_verify/waivers.py), judged on Evidence.verified_on
+    waivers: tuple[Waiver, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -180,6 +188,8 @@ class Evidence:
     unexpected_tensors: tuple[str, ...] = ()  # stored tensor names the runtime does not load (never fingerprinted)
     caveats: tuple[str, ...] = ()
     features_from: str | None = None
+    # the day (UTC) the evidence was gathered: the rules' waivers are judged on it (an attestation's timeVerified)
+    verified_on: _dt.date | None = None
 
     def reference(self, ref_id: str) -> ReferenceEvidence:
         for ref in self.references:
@@ -463,7 +473,8 @@ def _candidate(rules: DecisionRules, ev: Evidence, out: _Findings) -> None:
 
 
 def decide(rules: DecisionRules, evidence: Evidence) -> Verdict:
-    """Apply the rules to the evidence. Pure: the same inputs give the same verdict."""
+    """Apply the rules to the evidence, then the rules' waivers as of `evidence.verified_on`.
+    Pure: the same inputs give the same verdict."""
     out = _Findings()
     _declared_base(rules, evidence, out)
     _family(rules, evidence, out)
@@ -472,7 +483,13 @@ def decide(rules: DecisionRules, evidence: Evidence) -> Verdict:
     _not_meaningful(rules, evidence, out)
     _lineage(rules, evidence, out)
     _candidate(rules, evidence, out)
-    findings = sorted(out.items, key=lambda f: SEVERITY_ORDER[f.severity])  # stable: rule order within a severity
+    items = out.items
+    if rules.waivers:
+        if evidence.verified_on is None:
+            raise ValueError("decide: the rules carry waivers, so the evidence must say the day it was gathered "
+                             "(Evidence.verified_on)")
+        items = waive(items, rules.waivers, evidence.verified_on, Finding)
+    findings = sorted(items, key=lambda f: SEVERITY_ORDER[f.severity])  # stable: rule order within a severity
     return Verdict(passed=not any(f.severity == "fail" for f in findings), findings=tuple(findings))
 
 

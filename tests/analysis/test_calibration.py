@@ -46,7 +46,7 @@ def test_threshold_allows_at_most_alpha_n_null_pairs_above() -> None:
 
 
 def document() -> dict:
-    return {"format": CALIBRATION_FORMAT, "method": "tgl2", "sketch_version": "tgs2", "recipe": {"seeds": [1]},
+    return {"format": CALIBRATION_FORMAT, "method": "tgl3", "sketch_version": "tgs3", "recipe": {"seeds": [1]},
             "classes": [{"key": class_key(ARCH), "architecture": ARCH, "scores": [0.1, -0.05, 0.2]}]}
 
 

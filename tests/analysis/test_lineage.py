@@ -247,6 +247,7 @@ def _corrupt(base: Fingerprint, change: Callable[[dict], None]) -> Fingerprint:
 
 @pytest.mark.parametrize("change, message", [
     (lambda s: s.update(version="tgs1"), "older tg-verify .* re-fingerprint"),
+    (lambda s: s.update(version="tgs2"), "older tg-verify .* re-fingerprint"),
     (lambda s: s.update(version="zz"), "sketch.version 'zz' is not supported"),
     (lambda s: s["probe"].update(keys="bytes"), "probe.keys must be one of"),
     (lambda s: s["probe"].update(mixtures=4), "probe.mixtures must be an integer"),

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import math
 from dataclasses import fields, replace
 
 import pytest
-from attestation_helpers import make_predicate
+from attestation_helpers import candidate_record, make_predicate
 
 from tg_verify.atomic import canonical_json
 from tg_verify.attestation import record, statement
 from tg_verify.attestation.record import ROOT_ANNOTATION, parse_predicate, parse_statement, to_json
 from tg_verify.errors import AttestationError
 from tg_verify.verdict import DecisionRules, Finding
+from tg_verify.waivers import Waiver
 
 
 def test_statement_is_in_toto_v1_with_one_subject_per_file_and_a_root_subject(tiny_models):
@@ -91,6 +93,32 @@ def test_the_record_reads_back_exactly_what_was_written(tiny_models):
     again = parse_predicate(json.loads(canonical_json(to_json(replace(
         predicate, references=(close, predicate.references[1]))))))
     assert again.references[0].distance > again.references[0].threshold
+    # what the action branch added reads back too: the weights digest, symlinks as read, the waivers
+    model = tiny_models["llama"]["single"]
+    linked = replace(predicate, candidate=candidate_record(model, allow_symlinks=True),
+                     rules=replace(predicate.rules, waivers=(Waiver("TGV_OUT_OF_CLUSTER", "new family, SEC-9",
+                                                                    dt.date(2027, 1, 1)),)))
+    assert linked.candidate.weights_digest is not None
+    assert parse_predicate(json.loads(canonical_json(to_json(linked)))) == linked
+
+
+def test_a_fingerprint_only_candidate_claims_no_serialization(tiny_models):
+    """Digests recorded in a fingerprint file were not serialized in the run: the record says nothing of
+    model_signing's ignore rules or symbolic links, its root digest is the weights digest, and a record that
+    claims a serialization for such digests is refused."""
+    model = tiny_models["llama"]["single"]
+    recorded = candidate_record(model, features="fingerprint", files_hashed=False)
+    predicate = make_predicate(model, candidate=recorded)
+    candidate = to_json(predicate)["candidate"]
+    assert "serialization" not in candidate and candidate["evidence"]["fileDigests"] == "recorded"
+    assert candidate["rootDigest"] == candidate["weightsDigest"]
+    assert parse_predicate(to_json(predicate)) == predicate
+    hashed = to_json(make_predicate(model))
+    assert hashed["candidate"]["serialization"]["ignorePaths"] == [".git", ".gitattributes", ".github", ".gitignore"]
+    forged = to_json(predicate)
+    forged["candidate"]["serialization"] = hashed["candidate"]["serialization"]
+    with pytest.raises(AttestationError, match="candidate.serialization: recorded file digests"):
+        parse_predicate(forged, "a.json")
 
 
 def test_every_decision_rule_is_recorded():
@@ -98,7 +126,9 @@ def test_every_decision_rule_is_recorded():
     changed = DecisionRules(declared_base="b", declared_family="f", declared_root="r", forbidden=("x",),
                             on_out_of_cluster="warn", on_base_mismatch="fail", on_name_mismatch="fail",
                             lineage_enabled=False, on_lineage_unavailable="fail", require_weights=True,
-                            on_statistics_disagree="fail", on_unexpected_tensors="warn")
+                            on_statistics_disagree="fail", on_unexpected_tensors="warn",
+                            waivers=(Waiver("TGV_OUT_OF_CLUSTER", "new family, SEC-9", dt.date(2027, 1, 1)),
+                                     Waiver("TGV_FORBIDDEN_MATCH", "r", dt.date(2026, 12, 31), "x")))
     for spec in fields(DecisionRules):
         assert getattr(changed, spec.name) != getattr(DecisionRules(), spec.name), spec.name
     declared, decision = record._rules_json(changed, "standardized")
@@ -170,6 +200,20 @@ def _set(path: str, value):
     (_set("predicate.reasons", [{"code": "TGV_X", "severity": "fatal"}]), "severity"),
     (lambda s: s["predicate"].pop("attribution"), "attribution: expected an object"),
     (_set("predicate.references", []), "must list the references"),
+    (_set("predicate.timeVerified", "yesterday"), r"timeVerified: expected an RFC 3339 timestamp"),
+    (_set("predicate.timeVerified", "2026-01-02T03:04:05"), r"timeVerified: expected an RFC 3339 timestamp"),
+    (_set("predicate.candidate.weightsDigest", {"sha256": "x"}), r"weightsDigest\.sha256: expected 64"),
+    (_set("predicate.candidate.serialization.allowSymlinks", "yes"), r"allowSymlinks: expected true or false"),
+    (_set("predicate.candidate.serialization.hashType", "md5"), r"hashType: expected one of sha256"),
+    (_set("predicate.decisionRules.waivers", {"code": "TGV_X"}), r"waivers: expected a list, got an object"),
+    (_set("predicate.decisionRules.waivers", [{"code": "TGV_X", "reason": "r", "expires": "soon"}]),
+     r"waivers\[0\]\.expires: expected a date"),
+    (_set("predicate.decisionRules.waivers", [{"code": "TGV_X", "reason": "r", "expires": "2027-01-01",
+                                               "reference": "nobody"}]), r"waivers\[0\]\.reference: .*not one of"),
+    (_set("predicate.decisionRules.waivers", [{"code": "TGV_X", "expires": "2027-01-01"}]),
+     r"waivers\[0\]\.reason: expected a non-empty string"),
+    (_set("predicate.decisionRules.waivers", [{"code": "TGV_X", "reason": "r", "expires": "2027-01-01"}] * 2),
+     r"waivers\[1\]: a second waiver"),
 ])
 def test_structure_validation_names_the_fault(tiny_models, mutate, message):
     built = json.loads(canonical_json(statement.statement_of(make_predicate(tiny_models["llama"]["single"]))))
@@ -191,11 +235,11 @@ def test_a_calibrated_lineage_test_is_recorded_and_its_decision_checked(tiny_mod
                                               predicate.references[1]))
 
     calibrated = LineageEvidence(score=0.42, threshold=0.29, derived=True, p_value=1 / 1846,
-                                 false_positive_rate=0.0097, alpha=0.01, method="tgl2",
+                                 false_positive_rate=0.0097, alpha=0.01, method="tgl3",
                                  calibration="gemma:h96:l3:v512:a6/2:i192", null_size=1845, rate=0.0, rate_upper=0.0016)
     predicate = with_lineage(calibrated)
     written = to_json(predicate)["references"][0]["lineage"]
-    assert written["method"] == "tgl2" and written["calibration"] == "gemma:h96:l3:v512:a6/2:i192"
+    assert written["method"] == "tgl3" and written["calibration"] == "gemma:h96:l3:v512:a6/2:i192"
     assert written["nullPairs"] == 1845 and written["rateAtScore"] == 0.0 and written["rateUpperBound95"] == 0.0016
     assert parse_predicate(json.loads(canonical_json(to_json(predicate)))) == predicate
     assert "0/1845 unrelated pairs score as high (95% upper bound 0.2%" in calibrated.rate_text()

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-from attestation_helpers import build_workspace
 
 from tg_verify.attestation.record import PREDICATE_TYPE
 from tg_verify.cli import main
@@ -17,8 +16,8 @@ from tg_verify.errors import UsageError
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    return build_workspace(tmp_path_factory.mktemp("workspace"))
+def workspace(action_workspace: Path) -> Path:
+    return action_workspace  # shared with tests/test_action_yml.py (tests/conftest.py)
 
 
 def runner_env(workspace: Path, tmp_path: Path, **inputs: str) -> dict[str, str]:
@@ -28,7 +27,7 @@ def runner_env(workspace: Path, tmp_path: Path, **inputs: str) -> dict[str, str]
     env = {"GITHUB_ACTIONS": "true", "CI": "true", "GITHUB_WORKSPACE": str(workspace), "RUNNER_TEMP": str(temp),
            "GITHUB_OUTPUT": str(temp / "_runner_file_commands" / "set_output"),
            "GITHUB_STEP_SUMMARY": str(temp / "_runner_file_commands" / "step_summary"),
-           "INPUT_CACHE": str(workspace / ".cache")}
+           "INPUT_CACHE": str(workspace / ".tg-cache")}
     env.update({f"INPUT_{name.upper()}": value for name, value in inputs.items()})
     return env
 
@@ -211,7 +210,7 @@ def test_the_action_runs_the_cli_verify_path_with_every_flag(workspace, tmp_path
     env = runner_env(workspace, tmp_path, policy="pass.yml", summary="false", args="--threads 1")
     code, log = run_action(env, monkeypatch, workspace)
     assert code == 0, log
-    assert seen[0].threads == 1 and seen[0].require_weights is True and seen[0].cache_dir == workspace / ".cache"
+    assert seen[0].threads == 1 and seen[0].require_weights is True and seen[0].cache_dir == workspace / ".tg-cache"
     seen.clear()
     env = runner_env(workspace, tmp_path / "check", policy="pass.yml", args="--check-policy")
     code, log = run_action(env, monkeypatch, workspace)
@@ -238,7 +237,7 @@ def fingerprinted(workspace):
     ({"attestation": "fps/llama-base.json"}, "would overwrite references[0].fingerprint"),
     ({"predicate": "candidate/model-00001-of-00003.safetensors"}, "would write into the candidate model"),
     ({"attestation": "out/a.json", "predicate": "out/a.json"}, "the attestation and predicate outputs name the same"),
-    ({"args": "--fingerprint-out .cache/x.json"}, "would write into the reference cache"),
+    ({"args": "--fingerprint-out .tg-cache/x.json"}, "would write into the reference cache"),
 ])
 def test_action_outputs_never_overwrite_inputs_or_each_other(fingerprinted, tmp_path, monkeypatch, inputs, message):
     before = {p: p.read_bytes() for p in fingerprinted.rglob("*") if p.is_file() and ".cache" not in p.parts}
@@ -263,26 +262,3 @@ def test_the_action_requires_recomputed_features_by_default(fingerprinted, tmp_p
     env = runner_env(fingerprinted, tmp_path / "relaxed", policy="fp-only-relaxed.yml", summary="false")
     code, log = run_action(env, monkeypatch, fingerprinted)
     assert code == 0 and "TGV_FEATURES_FROM_FINGERPRINT" in read_outputs(env["GITHUB_OUTPUT"])["reasons"]
-
-
-def test_the_entrypoint_as_a_process_for_pass_fail_and_bad_input(workspace, tmp_path):
-    """`tg-verify action` started as the runner starts it: a fresh process, INPUT_* in its environment, the
-    runner's file-command files; PASS exits 0, FAIL 1, bad input 2, each with its outputs and summary."""
-    import os
-    import subprocess
-    import sys
-
-    for name, policy, expected in (("pass", "pass.yml", 0), ("fail", "fail.yml", 1), ("bad", "missing.yml", 2)):
-        env = {**os.environ, **runner_env(workspace, tmp_path / name, policy=policy)}
-        done = subprocess.run([sys.executable, "-m", "tg_verify", "action"], cwd=workspace, env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == expected, done.stdout + done.stderr
-        outputs = read_outputs(env["GITHUB_OUTPUT"])
-        summary = Path(env["GITHUB_STEP_SUMMARY"]).read_text()
-        if name == "bad":
-            assert outputs["verdict"] == "" and "missing.yml" in outputs["error"]
-            assert done.stdout.startswith("::error ") and "tg-verify could not verify" in summary
-        else:
-            assert outputs["verdict"] == name and Path(outputs["attestation-path"]).is_file()
-            assert f"tg-verify: {name.upper()}" in summary
-            assert ("::error " in done.stdout) == (name == "fail")

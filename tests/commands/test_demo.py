@@ -20,6 +20,7 @@ def test_demo_builds_then_reuses_and_both_verdicts_come_out_as_expected(
     out = capsys.readouterr().out
     assert "demo: both verdicts as expected" in out
     assert "PASS" in out and "FAIL" in out and "TGV_LINEAGE_NOT_ESTABLISHED" in out
+    assert "why family" in out and "llama by architecture" in out
     tree = directory / demo.DEMO_VERSION
     assert sorted(p.name for p in (tree / "policies").iterdir()) == ["fail.yml", "pass.yml"]
     assert sorted(p.name for p in (tree / "refs").iterdir()) == sorted(
@@ -46,3 +47,14 @@ def test_demo_directory_that_is_a_file_is_bad_input(tmp_path: Path, capsys: pyte
     target.write_text("x")
     assert main(["demo", "--dir", str(target)]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_the_unrelated_models_family_is_explained(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The unrelated llama is attributed to another reference family; the demo says why, and what refutes it."""
+    fine_tune, unrelated = demo.run(tmp_path_factory.getbasetemp() / "tg-demo")
+    assert demo.attribution_note(fine_tune) is None  # attributed to llama, its architecture: nothing to explain
+    family = unrelated.result.classification.family
+    note = demo.attribution_note(unrelated)
+    assert family != "llama" and note is not None
+    assert note.startswith(f"why family {family}?") and "llama by architecture" in note
+    assert f"lineage test against {demo.BASE_ID}: no derivation" in note

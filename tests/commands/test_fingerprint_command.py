@@ -31,6 +31,17 @@ def test_writes_a_loadable_document_and_one_summary_line(tiny_models, tmp_path, 
     assert not list(out.parent.glob(".*.tmp"))
 
 
+def test_dash_writes_the_document_to_standard_output(tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fingerprint", str(tiny_models["llama"]["single"]), "-o", "-", "--repeats", "4",
+                 "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert not (tmp_path / "-").exists() and list(tmp_path.iterdir()) == []
+    document = json.loads(out)
+    assert document["settings"]["repeats"] == 4 and out.endswith("\n")
+    assert len(err.strip().splitlines()) == 1 and "<stdout>: fingerprint of" in err
+
+
 def test_settings_from_an_existing_fingerprint_and_flags_override(tiny_models, tmp_path):
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     model = str(tiny_models["qwen2"]["single"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,28 @@ def test_hash_adds_sha256_and_root_digest(tiny_models: dict[str, dict[str, Path]
     assert doc["root_digest"] == expected_root
     code, text, _ = _inspect(capsys, str(root), "--hash", "--no-progress")
     assert f"{digests['config.json']}  config.json" in text and expected_root in text
+
+
+def test_hash_gives_the_model_signing_root_digest_and_the_weights_digest(
+        tiny_models: dict[str, dict[str, Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from model_signing import hashing
+    from model_signing._signing.signing import Payload
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"]["indexed-shards"], folder)
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "generation_config.json").write_text("{}")
+    code, out, _ = _inspect(capsys, str(folder), "--json", "--hash", "--no-progress")
+    doc = json.loads(out)
+    signed = Payload(hashing.Config().hash(folder)).statement.pb.subject[0].digest["sha256"]
+    assert code == 0 and doc["root_digest"] == signed
+    assert {f["path"] for f in doc["other_files"]} == {"tokenizer.json", "generation_config.json"}
+    weights = {f["path"]: f["sha256"] for f in doc["files"]}
+    assert doc["weights_digest"] == hashlib.sha256(b"".join(bytes.fromhex(weights[p]) for p in sorted(weights))
+                                                   ).hexdigest() != signed
+    code, text, _ = _inspect(capsys, str(folder), "--hash", "--no-progress")
+    assert f"root digest sha256:{signed} (model_signing's, over all 7 files)" in text
+    assert "tokenizer.json" in text and f"weights digest sha256:{doc['weights_digest']}" in text
 
 
 def test_human_output_names_the_essentials(tiny_models: dict[str, dict[str, Path]],

@@ -78,6 +78,9 @@ def test_help_and_version_import_no_heavy_library(tmp_path: Path) -> None:
     assert code == 0 and out.startswith("tg-verify ") and imports == {"attempts": [], "loaded": []}
     code, imports, out = run_light(tmp_path, "--help")
     assert code == 0 and "verify-attestation" in out and imports == {"attempts": [], "loaded": []}
+    # a mistyped verb is answered from the registry (tg_verify.commands.VERBS), no command module imported
+    code, imports, out = run_light(tmp_path, "verify-atestation", "a.json")
+    assert code == 2 and "did you mean 'verify-attestation'?" in out and imports == {"attempts": [], "loaded": []}
 
 
 def test_inspect_imports_no_heavy_library(tmp_path: Path, tiny_models: dict[str, dict[str, Path]]) -> None:
@@ -99,6 +102,10 @@ def test_verify_attestation_imports_no_heavy_library(tmp_path: Path, tiny_models
     code, imports, out = run_light(tmp_path, "verify-attestation", str(path), str(model))
     assert code == 0, out
     assert "VERIFIED" in out and imports == {"attempts": [], "loaded": []}
+    for output in ("markdown", "sarif"):  # the other formats stay light too
+        code, imports, out = run_light(tmp_path, "verify-attestation", str(path), str(model), "--format", output)
+        assert code == 0 and "VERIFIED" in out or '"verified": true' in out, out
+        assert imports == {"attempts": [], "loaded": []}, output
 
 
 def test_the_hook_would_see_a_heavy_import(tmp_path: Path, tiny_models: dict[str, dict[str, Path]]) -> None:

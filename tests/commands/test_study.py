@@ -43,7 +43,7 @@ def test_without_matplotlib_tables_print_and_the_hint_is_given(tiny_fingerprints
     out = tmp_path / "study"
     assert main(_clustering_args(tiny_fingerprints, labels, "--out", str(out))) == 0
     text = capsys.readouterr().out
-    assert "pip install 'tg-verify[plots]'" in text and "Centroid-init K-Means" in text
+    assert "pip install 'matplotlib>=3.7', the [plots] extra" in text and "Centroid-init K-Means" in text
     assert (out / "clustering-study.json").exists() and not list(out.glob("*.png"))
 
 
@@ -83,3 +83,16 @@ def test_perturbation_without_out_says_how_to_get_plots(tiny_models, capsys):
 
 def test_study_needs_a_kind(capsys):
     assert main(["study"]) == 2
+
+
+def test_tables_are_not_cut_outside_a_terminal(tiny_fingerprints, labels, capsys, monkeypatch):
+    """In a CI log or a pipe the tables keep every column and every character (no 80-column cut, no "…")."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert main(_clustering_args(tiny_fingerprints, labels)) == 0
+    text = capsys.readouterr().out
+    assert "…" not in text
+    header = next(line for line in text.splitlines() if "strategy" in line and "ARI" in line)
+    for column in ("paper", "Hungarian", "ARI", "clusters", "over seeds"):
+        assert column in header
+    assert "Centroid-init K-Means" in text
+    assert "tables only: pass --out DIR for the JSON result and the PNG plots" in text  # one line, not wrapped

@@ -280,3 +280,14 @@ def test_outputs_are_all_or_nothing(demo_tree: Path, tmp_path: Path, monkeypatch
     assert "No space left on device" in capsys.readouterr().err
     assert staged and not any(p.exists() for p in outputs) and not (tmp_path / "out").exists()
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_report_only_reports_a_fail_and_exits_0(demo_tree: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    policy = demo_tree / "policies" / "fail.yml"
+    report = tmp_path / "r.json"
+    assert main([str(policy), "--report-only", "--report", str(report)]) == 0
+    out, err = capsys.readouterr()
+    assert "FAIL" in out and "verdict FAIL reported, not enforced (--report-only): exit 0" in err
+    assert json.loads(report.read_text())["verdict"] == "fail"
+    assert main([str(tmp_path / "missing.yml"), "--report-only"]) == 2  # bad input still fails

@@ -92,7 +92,8 @@ def test_file_on_disk_that_was_not_attested_is_named(tiny_models, tmp_path, caps
     # An attestation of the same model made before config.json was added to it.
     predicate = make_predicate(model)
     kept = tuple(f for f in predicate.candidate.files if f.path != "config.json")
-    candidate = replace(predicate.candidate, files=kept, root_digest=root_digest({f.path: f.sha256 for f in kept}))
+    kept_root = root_digest({f.path: f.sha256 for f in kept})
+    candidate = replace(predicate.candidate, files=kept, root_digest=kept_root, weights_digest=kept_root)
     path = write(replace(predicate, candidate=candidate), tmp_path / "a.json")
     code, report = run_json(capsys, str(path), str(model))
     assert code == 2
@@ -120,7 +121,7 @@ def test_statement_made_by_actions_attest_around_our_predicate_verifies(release,
     path.write_text(json.dumps(bundle))
     code, report = run_json(capsys, str(path), str(model))
     name = theirs["subject"][0]["name"]
-    assert code == 2 and "is not the digest of an attested file" in failed(report)[f"subject {name}"]
+    assert code == 2 and "differs from the attested file" in failed(report)[f"subject {name}"]
 
 
 def test_root_subject_that_disagrees_is_named(release, capsys):

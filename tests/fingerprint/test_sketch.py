@@ -22,6 +22,8 @@ from tg_verify.fingerprint.sketch import (
     LAYER_ROLES,
     MAX_LAYERS,
     SketchBuilder,
+    flatten_probe,
+    flatten_start,
     layer_budget,
     mixture_coefficients,
     normalise,
@@ -107,7 +109,15 @@ def test_units_equal_a_direct_computation(tiny_models: dict[str, dict[str, Path]
     k = sketch["probe"]["mixtures"]
     embedding = model.model.embed_tokens.weight.detach().double()
     coefficients = torch.from_numpy(mixture_coefficients(id_keys(512).keys, k, 0))
-    probe = unit_rows(coefficients @ unit_rows(embedding)).float()
+    rows = unit_rows(embedding)
+    mixtures = unit_rows(coefficients @ rows)
+    # flattened: the 32 leading principal directions of the rows' covariance scaled to the bulk (exact eigenvectors
+    # here; the sketch estimates them by a few subspace iterations, hence the looser tolerance below)
+    values, vectors = torch.linalg.eigh(rows.T @ rows / 512)
+    lam, directions = values.flip(0)[:32], vectors.flip(1)[:, :32]
+    bulk = (1 - lam.sum()) / (64 - 32)
+    flat = mixtures / bulk.sqrt() + ((mixtures @ directions) * (lam.rsqrt() - bulk.rsqrt())) @ directions.T
+    probe = unit_rows(flat).float()
     layer = model.model.layers[1]
     gain_attn = layer.input_layernorm.weight.detach()
     gain_mlp = layer.post_attention_layernorm.weight.detach()
@@ -126,7 +136,37 @@ def test_units_equal_a_direct_computation(tiny_models: dict[str, dict[str, Path]
                 ("mlp_gate", 1): normalise(gate.T @ gate, True), ("mlp_ud", 1): normalise(ud, False)}
     units = units_of(sketch)
     for key, matrix in expected.items():
-        assert np.allclose(units[key], matrix.numpy(), atol=2e-3, rtol=2e-3), key
+        assert np.allclose(units[key], matrix.numpy(), atol=3e-2, rtol=3e-2), key
+        assert np.corrcoef(units[key].ravel(), matrix.numpy().ravel())[0, 1] > 0.999, key
+
+
+def test_flattening_converges_to_the_exact_one_and_turns_with_the_residual_stream(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """flatten_probe is the embedding's leading directions scaled to the bulk (exact in the limit of iterations),
+    gives the same probe whatever the order of the rows, and rotates with the residual stream."""
+    from tg_verify.fingerprint import sketch as sketch_module
+
+    generator = torch.Generator().manual_seed(0)
+    rows = unit_rows(torch.randn(400, 48, generator=generator, dtype=torch.float64)
+                     @ torch.diag(torch.linspace(4, 0.5, 48, dtype=torch.float64)))
+    keys = id_keys(400).keys
+    start = flatten_start(keys, 48)
+    probe = unit_rows(torch.from_numpy(mixture_coefficients(keys, 16, 3)) @ rows)
+    monkeypatch.setattr(sketch_module, "FLATTEN_ITERATIONS", 200)
+    values, vectors = torch.linalg.eigh(rows.T @ rows / 400)
+    lam, directions = values.flip(0)[:24], vectors.flip(1)[:, :24]
+    bulk = (1 - lam.sum()) / 24
+    exact = unit_rows(probe / bulk.sqrt() + ((probe @ directions) * (lam.rsqrt() - bulk.rsqrt())) @ directions.T)
+    assert torch.allclose(flatten_probe(probe, rows, start), exact, atol=1e-8)
+    monkeypatch.undo()
+    flat = flatten_probe(probe, rows, start)
+    order = torch.randperm(400, generator=generator)
+    assert torch.allclose(flatten_probe(probe, rows[order], start[order]), flat, atol=1e-10)
+    rotation, _ = torch.linalg.qr(torch.randn(48, 48, generator=generator, dtype=torch.float64))
+    assert torch.allclose(flatten_probe(probe @ rotation, rows @ rotation, start), flat @ rotation, atol=1e-10)
+    # the probe no longer lies along the leading directions: its share there falls to about the bulk's
+    share = lambda p: float((p @ directions).pow(2).sum() / p.pow(2).sum())  # noqa: E731
+    assert share(probe) > 0.8 and share(flat) < 0.7
 
 
 @pytest.mark.parametrize("name", ["llama", "phi3", "gemma"])  # split, fused, tied with 1 + w gains

@@ -12,7 +12,7 @@ from tg_verify.index.signature import DIMS, parameters, signature_of
 
 def _sketch(rng: np.random.Generator, layers: int = 6, k: int = 32, vocab: int = 4096, seed: int = 0,
             keys: str = "strings") -> ParsedSketch:
-    """A sketch of random units whose probe is k seeded mixtures (the sketch format tgs2)."""
+    """A sketch of random units whose probe is k seeded mixtures (sketch formats tgs2 and later)."""
     units = {}
     for role, layer in [("embed", None), ("head", None)] + [(r, n) for n in range(layers) for r in LAYER_ROLES]:
         m = rng.normal(size=(k, k)).astype(np.float32)

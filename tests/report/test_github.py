@@ -88,3 +88,15 @@ def test_workspace_relative(tmp_path):
     assert github.workspace_relative(policy, {"GITHUB_WORKSPACE": str(tmp_path)}) == "policies/gate.yml"
     assert github.workspace_relative(Path("/elsewhere/x.yml"), {"GITHUB_WORKSPACE": str(tmp_path)}) == \
         "/elsewhere/x.yml"
+
+
+def test_output_paths_are_normalised_and_workspace_relative(tmp_path, monkeypatch):
+    workspace = tmp_path / "ws"
+    (workspace / "policies").mkdir(parents=True)
+    monkeypatch.chdir(workspace)
+    env = {"GITHUB_WORKSPACE": str(workspace)}
+    assert github.output_path("policies/../out/./report.json", env) == "out/report.json"
+    assert github.output_path(workspace / "policies" / ".." / "tg.json", env) == "tg.json"
+    assert github.output_path(tmp_path / "temp" / "x" / ".." / "predicate.json", env) == \
+        (tmp_path / "temp" / "predicate.json").as_posix()  # outside the workspace: absolute
+    assert github.output_path("a/../b.json", {}) == (workspace / "b.json").as_posix()

@@ -40,4 +40,4 @@ def test_availability_follows_matplotlib(monkeypatch):
     assert plots.plots_available()
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert not plots.plots_available()
-    assert "tg-verify[plots]" in plots.PLOTS_HINT
+    assert "matplotlib" in plots.PLOTS_HINT and "tg-verify[plots]" not in plots.PLOTS_HINT  # not on PyPI

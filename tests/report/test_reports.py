@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import replace
-from pathlib import Path
 
-import pytest
 from rich.console import Console
 
 from tg_verify import demo
 from tg_verify.atomic import canonical_json
-from tg_verify.pipeline import VerificationResult, verify
-from tg_verify.policy import load_policy
+from tg_verify.pipeline import VerificationResult
 from tg_verify.report import console, json_report, markdown
-
-
-@pytest.fixture(scope="session")
-def demo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo's models, reference fingerprints and policies, built once per session (shared by modules)."""
-    tree, _ = demo.ensure(tmp_path_factory.getbasetemp() / "tg-demo")
-    return tree
-
-
-@pytest.fixture(scope="module")
-def results(demo_tree: Path) -> dict[str, VerificationResult]:
-    return {name: verify(load_policy(demo_tree / "policies" / f"{name}.yml")) for name in ("pass", "fail")}
 
 
 def render_console(result: VerificationResult, width: int = 100) -> str:
@@ -97,11 +83,41 @@ def test_markdown_escapes_table_cells_and_bounds_rows(results: dict[str, Verific
     text = markdown.render(replace(result, candidate=hostile, references=(*result.references, *many)))
     candidate_row = next(line for line in text.splitlines() if line.startswith("| Candidate |"))
     assert candidate_row.count(" | ") == 1 and "\\|" in candidate_row  # the pipe is escaped, not a column
-    assert "`evil \\| name 'with' ticks and newline`" in candidate_row
+    assert "`evil \\| name 'with' ticks\\nand newline`" in candidate_row  # the newline shown as \n, one line
     assert f"… {len(result.references) + 50} more in the JSON report" in text
     assert len(text.encode()) < 200_000
 
 
 def test_cell_and_code_helpers() -> None:
-    assert markdown.cell("a|b\n c") == "a\\|b c"
+    assert markdown.cell("a|b c") == "a\\|b c"
+    assert markdown.cell("a\nb") == "a\\\\nb"  # one line; the escape's backslash is itself escaped for Markdown
     assert markdown.code("x`y") == "`x'y`"
+    assert markdown.cell("<img src=x>") == "&lt;img src=x&gt;" and markdown.cell("![t](u)") == "\\!\\[t\\]\\(u\\)"
+
+
+HTML_PAYLOAD = "</details><h1>PASS</h1><img src=https://example.invalid/t.png>"
+
+
+def test_markdown_summary_never_renders_html_or_markdown_from_inputs(results: dict[str, VerificationResult]) -> None:
+    """Names, ids, families and messages from model files and the policy are text in the step summary."""
+    from tg_verify.verdict import Finding
+
+    result = results["fail"]
+    ref = next(r for r in result.references if not r.declared)
+    others = tuple(r for r in result.references if r is not ref)
+    hostile = replace(
+        result,
+        candidate=replace(result.candidate, name=HTML_PAYLOAD, files=(
+            replace(result.candidate.files[0], path=HTML_PAYLOAD + ".safetensors"), *result.candidate.files[1:])),
+        references=(replace(ref, spec=replace(ref.spec, id="![x](https://example.invalid/p.png)",
+                                              family=HTML_PAYLOAD)), *others),
+        verdict=replace(result.verdict, findings=(*result.verdict.findings,
+                                                  Finding("TGV_X", "fail", f"model says {HTML_PAYLOAD}"))))
+    text = markdown.render(hostile)
+    # Inside an inline code span nothing renders; outside one, no tag and no image may remain.
+    spans = re.findall(r"`[^`\n]*`", text)
+    assert all(span.count("`") == 2 for span in spans)
+    outside = re.sub(r"`[^`\n]*`", "", text)
+    assert "<h1>" not in outside and "<img" not in outside and "![x]" not in outside
+    assert outside.count("<details>") == 1 and outside.count("</details>") == 1  # only the summary's own block
+    assert "&lt;/details&gt;&lt;h1&gt;PASS&lt;/h1&gt;" in outside  # the finding's message, shown as text

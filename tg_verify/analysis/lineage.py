@@ -163,8 +163,8 @@ def parse_sketch(sketch: Any, where: str) -> ParsedSketch:
     if version != SKETCH_VERSION:
         if isinstance(version, str) and version.startswith("tgs"):
             raise FingerprintFormatError(
-                f"{where}: sketch.version {version!r} was made by an older tg-verify (its probe was 32 public "
-                f"token rows, which an evader can re-draw); re-fingerprint the model with this version "
+                f"{where}: sketch.version {version!r} was made by an older tg-verify (a probe an evader can defeat "
+                f"cheaply, docs/lineage.md); re-fingerprint the model with this version "
                 f"(sketch {SKETCH_VERSION!r})")
         raise FingerprintFormatError(f"{where}: sketch.version {version!r} is not supported "
                                      f"(expected {SKETCH_VERSION!r})")

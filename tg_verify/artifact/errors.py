@@ -7,6 +7,7 @@ callers may branch on `type(exc)` or `exc.code`, never on message text.
 from __future__ import annotations
 
 from tg_verify.errors import AdapterError, ArtifactError, HeaderError
+from tg_verify.escaping import shown as shown  # the one escaping module, re-exported for the artifact layer
 
 # --- resolving the path -------------------------------------------------------------------------------
 
@@ -338,13 +339,3 @@ class GGUFSplitError(ArtifactError):
 
     code = "TGV_GGUF_SPLIT"
 
-
-def shown(value: object, limit: int = 400) -> str:
-    """Untrusted text (a tensor or file name) made safe for a one-line message: control characters escaped,
-    cut to `limit` characters."""
-    text = str(value)
-    if len(text) > limit:
-        text = text[:limit] + f"...({len(text) - limit} more characters)"
-    if text.isprintable():
-        return text
-    return repr(text)[1:-1]

@@ -20,6 +20,7 @@ from typing import Any
 
 from tg_verify.analysis.lineage_rule import is_derived
 from tg_verify.artifact import Artifact, ArtifactFile, file_digests, resolve, root_digest
+from tg_verify.artifact.digest import OTHER_ROLE, model_files
 from tg_verify.artifact.formats import FOREIGN_WEIGHT_SUFFIXES, format_for_path
 from tg_verify.artifact.layout import PICKLE_SUFFIXES, SUFFIX
 from tg_verify.attestation.envelope import LoadedStatement
@@ -31,6 +32,7 @@ from tg_verify.attestation.record import (
     parse_statement,
 )
 from tg_verify.errors import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OK, ArtifactError, InputError
+from tg_verify.escaping import shown
 from tg_verify.verdict import REASON_CODES, Finding, decide
 
 # Check kinds, in order of gravity: integrity (files, policy: tampering -> exit 2), evidence (the
@@ -102,15 +104,33 @@ def _model_root(model: Path) -> tuple[Path, Artifact | None, str | None]:
         return root, None, str(exc)
 
 
-def _hash_files(root: Path, names: list[str], progress: Callable[[int], None] | None) -> dict[str, str | None]:
-    """sha256 of each named file under root (None when it is missing or not a regular file)."""
+def _linked(root: Path, path: Path) -> bool:
+    """Whether `path` (under `root`) is reached through a symbolic link: itself or a directory on its way."""
+    return any(p.is_symlink() for p in (path, *path.parents) if p == root or root in p.parents)
+
+
+def _hash_files(root: Path, names: list[str], progress: Callable[[int], None] | None,
+                allow_symlinks: bool = False) -> tuple[dict[str, str | None], set[str]]:
+    """sha256 of each named file under root (None when it is missing or not a regular file), and the names that
+    are reached through a symbolic link although the attestation says none were (`allow_symlinks` false).
+
+    Symbolic links are followed exactly when the attestation records `allowSymlinks: true` (a model read from a
+    Hugging Face cache), as the verify run read them; model_signing refuses them otherwise, and so does this.
+    """
     present: list[ArtifactFile] = []
     found: dict[str, str | None] = {}
+    refused: set[str] = set()
     for name in names:
+        path = root / name
+        linked = _linked(root, path)
         try:
-            info = os.lstat(root / name)
+            info = os.stat(path) if allow_symlinks and linked else os.lstat(path)
         except OSError:
             found[name] = None
+            continue
+        if linked and not allow_symlinks:
+            found[name] = None
+            refused.add(name)
             continue
         if not stat.S_ISREG(info.st_mode):
             found[name] = None
@@ -119,7 +139,7 @@ def _hash_files(root: Path, names: list[str], progress: Callable[[int], None] | 
     if present:
         shell = Artifact(root=root, name=root.name, layout="single", files=tuple(present), tensors=())
         found.update(file_digests(shell, progress))
-    return found
+    return found, refused
 
 
 def _weight_files(root: Path, depth: int = 0, prefix: str = "") -> Iterator[str]:
@@ -138,27 +158,41 @@ def _weight_files(root: Path, depth: int = 0, prefix: str = "") -> Iterator[str]
 
 
 def _check_subjects(parsed: ParsedStatement) -> list[Check]:
-    """Every subject must be an attested file or the model's root digest.
+    """Every subject is an attested file, the model's root digest, or reported as outside the verdict.
 
-    tg-verify's own Statement names files by relative path and adds the root subject; a Statement
-    made by actions/attest around our predicate names them by basename (and has no root subject).
+    tg-verify's own Statement names files by relative path and adds the root subject; a Statement made by
+    actions/attest around our predicate names them by basename, or as written in a subject-checksums file,
+    and has no root subject. The predicate says which files are evidence (a role other than `other`) and
+    which were hashed for the root digest only. A subject the predicate does not list is signed but not
+    covered by the verdict: reported, never fatal. A subject named like an attested file with another digest
+    contradicts the predicate: fatal.
     """
     files = {f.path: f.sha256 for f in parsed.predicate.candidate.files}
+    roles = {f.path: f.role or "unknown" for f in parsed.predicate.candidate.files}
     root = parsed.predicate.candidate.root_digest
     checks: list[Check] = []
     for subject in parsed.subjects:
         if subject.root or (subject.sha256 == root and subject.name not in files):
             ok = subject.sha256 == root
-            detail = f"whole-model subject {subject.name!r}: sha256 {subject.sha256}" + (
+            detail = f"whole-model subject {shown(subject.name)!r}: sha256 {subject.sha256}" + (
                 "" if ok else f", predicate records {root}")
             checks.append(Check(INTEGRITY, "root subject", ok, detail))
             continue
-        matches = [path for path, sha in files.items()
-                   if sha == subject.sha256 and (path == subject.name or PurePosixPath(path).name == subject.name)]
-        if not matches:
+        named = [path for path in files if path == subject.name or PurePosixPath(path).name == subject.name]
+        matches = [path for path in named if files[path] == subject.sha256]
+        if matches:
+            role = roles[matches[0]]
+            what = ("hashed for the root digest only, not read for the verdict" if role == OTHER_ROLE
+                    else f"evidence (role {shown(role)})")
+            checks.append(Check(INTEGRITY, f"subject {subject.name}", True, f"attested file {matches[0]}: {what}"))
+        elif named:
             checks.append(Check(INTEGRITY, f"subject {subject.name}", False,
-                                f"sha256 {subject.sha256} is not the digest of an attested file named "
-                                f"{subject.name!r}"))
+                                f"sha256 {subject.sha256} differs from the attested file {named[0]} "
+                                f"({files[named[0]]})"))
+        else:
+            checks.append(Check(INTEGRITY, f"subject {subject.name}", True,
+                                f"not in the predicate's files: signed, but the verdict says nothing about it "
+                                f"(sha256 {subject.sha256}; reported, not fatal)"))
     return checks
 
 
@@ -172,14 +206,24 @@ def check_files(parsed: ParsedStatement, model: Path, progress: Callable[[int], 
     checks = [Check(INTEGRITY, "root digest (recorded)", predicate_root == recorded_root,
                     f"predicate.candidate.rootDigest {predicate_root}, computed from the attested files "
                     f"{recorded_root}")]
+    candidate = predicate.candidate
+    if candidate.weights_digest is not None:
+        recorded_weights = candidate.weights_digest_of_files()
+        checks.append(Check(INTEGRITY, "weights digest (recorded)", candidate.weights_digest == recorded_weights,
+                            f"predicate.candidate.weightsDigest {candidate.weights_digest}, computed from the "
+                            f"attested files the fingerprint was made from {recorded_weights}"))
     checks.extend(_check_subjects(parsed))
     root, artifact, problem = _model_root(model)
     if problem is not None:
         checks.append(Check(INTEGRITY, "artifact resolves", False, problem))
-    on_disk = _hash_files(root, sorted(files), progress)
+    on_disk, refused = _hash_files(root, sorted(files), progress, candidate.allow_symlinks)
     for name in sorted(files):
         actual = on_disk.get(name)
-        if actual is None:
+        if name in refused:
+            checks.append(Check(INTEGRITY, f"file {name}", False,
+                                f"{root / name} is reached through a symbolic link, but the attestation records "
+                                "allowSymlinks: false (its files were not read through links)"))
+        elif actual is None:
             checks.append(Check(INTEGRITY, f"file {name}", False, f"missing: {root / name} is not a regular file"))
         elif actual != files[name]:
             checks.append(Check(INTEGRITY, f"file {name}", False,
@@ -189,15 +233,35 @@ def check_files(parsed: ParsedStatement, model: Path, progress: Callable[[int], 
     extra = sorted(f.path for f in artifact.files if f.path not in files) if artifact is not None else []
     for name in extra:
         checks.append(Check(INTEGRITY, f"file {name}", False, "extra: part of the model on disk but not attested"))
+    weights: set[str] = set()
     if model.is_dir():  # a model given as one file is loaded as that file; a directory is loaded by a runtime's rules
         beside = set(artifact.other_weights) if artifact is not None else set()  # the artifact layer's own list
-        names = sorted(beside | set(_weight_files(root)))
-        checks.extend(_unattested(names, set(files) | set(extra), "file"))
+        weights = beside | set(_weight_files(root))
+        checks.extend(_unattested(sorted(weights), set(files) | set(extra), "file"))
     if all(on_disk.get(name) for name in files):
         disk_root = root_digest({name: on_disk[name] or "" for name in files})
         checks.append(Check(INTEGRITY, "root digest (disk)", disk_root == predicate_root,
-                            f"model_signing digest of {root} is sha256:{disk_root}"))
+                            f"the attested files as found in {root}: sha256:{disk_root}"))
+    if model.is_dir() and artifact is not None:
+        covered = set(files) | set(extra) | weights | {f.path for f in artifact.files}
+        checks.extend(_unlisted_files(root, covered, candidate.files_hashed))
     return checks
+
+
+def _unlisted_files(root: Path, covered: set[str], hashed: bool) -> list[Check]:
+    """Files model_signing would hash in the directory now that the attestation does not list and tg-verify does
+    not read (a README added later): reported, not fatal. With files hashed in the run, the directory's
+    model_signing digest now differs from the attested root digest; an attestation made from a fingerprint
+    file never claimed the directory's digest (its root digest covers the recorded weight files only)."""
+    try:
+        listed = model_files(root)
+    except (InputError, OSError):
+        return []
+    why = ("the directory's model_signing digest now differs from the attested root digest" if hashed else
+           "the attested root digest covers only the weight files the fingerprint recorded, not the directory")
+    return [Check(INTEGRITY, f"file {entry.path}", True, f"not attested and not read by tg-verify: {why} "
+                                                         "(reported, not fatal)")
+            for entry in listed if entry.path not in covered]
 
 
 def _unattested(names: list[str], covered: set[str], label: str) -> list[Check]:
@@ -215,7 +279,7 @@ def check_base(predicate: Predicate, base: Path, progress: Callable[[int], None]
                                                      "(the candidate is not an adapter)")]
     files = recorded.digests
     root = base.parent if base.is_file() else base
-    on_disk = _hash_files(root, sorted(files), progress)
+    on_disk, _ = _hash_files(root, sorted(files), progress, predicate.candidate.allow_symlinks)
     checks = []
     for name in sorted(files):
         actual = on_disk.get(name)
@@ -302,7 +366,8 @@ def check_evidence(predicate: Predicate) -> list[Check]:
     version). A recorded code this version does not know is taken as recorded: it can only add a reason.
     """
     checks = _flags(predicate)
-    verdict = decide(predicate.rules, predicate.evidence())
+    evidence = predicate.evidence()
+    verdict = decide(predicate.rules, evidence)
     unknown = tuple(r for r in predicate.reasons if r.code not in REASON_CODES)
     expected = _tally(verdict.reasons + unknown)
     recorded = _tally(predicate.reasons)
@@ -320,6 +385,11 @@ def check_evidence(predicate: Predicate) -> list[Check]:
         checks.insert(0, Check(EVIDENCE, "evidence", True,
                                f"{len(predicate.references)} reference(s) and {len(predicate.reasons)} reason(s) "
                                f"decided again from the recorded rules"))
+    day = evidence.verified_on
+    for waiver in predicate.rules.waivers:  # listed for the reader: what the recorded verdict waived, and until when
+        state = "active" if day is not None and waiver.active(day) else "EXPIRED"
+        checks.append(Check(EVIDENCE, f"waiver {waiver.code}", True,
+                            f"{waiver.describe()} ({state} on {day.isoformat() if day else 'an unrecorded day'})"))
     return checks
 
 

@@ -11,6 +11,7 @@ what verify recorded. docs/attestation.md documents the schema.
 
 from __future__ import annotations
 
+import datetime as _dt
 import math
 import re
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
+from tg_verify.artifact.digest import GIT_PATHS, OTHER_ROLE, root_digest
 from tg_verify.errors import AttestationError
 from tg_verify.fingerprint.document import BaseModelRecord, FileDigest
 from tg_verify.verdict import (
@@ -29,6 +31,7 @@ from tg_verify.verdict import (
     LineageEvidence,
     ReferenceEvidence,
 )
+from tg_verify.waivers import Waiver
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://tg-verify.dev/attestation/model-lineage/v1"
@@ -70,6 +73,10 @@ class CandidateRecord:
     `features`: "recomputed" (fingerprinted from these files in the run) or "fingerprint" (read from
     a fingerprint file); None in attestations written before this was recorded, which proves nothing.
     `files_hashed`: the digests were computed from the files in the run (not only as a fingerprint recorded).
+    Then `root_digest` is model_signing's digest of the model path (every file but git paths; files not read
+    for the verdict have role `other`) and `allow_symlinks` says whether some file was read through a
+    symbolic link. A candidate known only by a fingerprint file has no directory listing: its root digest
+    is then the weights digest over the files the fingerprint recorded, and no serialization is claimed.
     """
 
     name: str
@@ -80,10 +87,21 @@ class CandidateRecord:
     files_hashed: bool
     base: BaseModelRecord | None = None
     format: str = "safetensors"  # the candidate's file format: "safetensors" | "gguf"
+    weights_digest: str | None = None  # as recorded (None: written before it was); checked against `files`
+    allow_symlinks: bool = False  # some file was read through a symbolic link (a Hugging Face cache)
 
     @property
     def features_recomputed(self) -> bool:
         return self.features == "recomputed"
+
+    @property
+    def evidence_files(self) -> tuple[FileDigest, ...]:
+        """The files the fingerprint was computed from (role other than `other`)."""
+        return tuple(f for f in self.files if f.role != OTHER_ROLE)
+
+    def weights_digest_of_files(self) -> str:
+        """The weights digest the attested files give (root digest over the evidence files)."""
+        return root_digest({f.path: f.sha256 for f in self.evidence_files})
 
 
 @dataclass(frozen=True)
@@ -172,7 +190,13 @@ class Predicate:
             else "an unrecorded source (this attestation does not say the features were recomputed)")
         return Evidence(references=tuple(r.evidence() for r in self.references),
                         attribution=self.attribution.evidence(), features_from=features_from,
+                        verified_on=self.verified_on,
                         **{name: tuple(messages) for name, messages in observed.items()})
+
+    @property
+    def verified_on(self) -> _dt.date:
+        """The UTC day of timeVerified: the day the run judged the policy's waivers on."""
+        return parse_time(self.time_verified).date()
 
     @property
     def passed(self) -> bool:
@@ -185,6 +209,14 @@ class ParsedStatement:
 
     subjects: tuple[Subject, ...]
     predicate: Predicate
+
+
+def parse_time(text: str) -> _dt.datetime:
+    """An RFC 3339 timestamp with a time zone (as `timeVerified` records it) in UTC; ValueError otherwise."""
+    moment = _dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+    if moment.tzinfo is None or "T" not in text.upper():
+        raise ValueError(f"{text[:40]!r} is not an RFC 3339 timestamp with a time zone")
+    return moment.astimezone(_dt.timezone.utc)
 
 
 def rounded(value: float) -> float:
@@ -240,6 +272,7 @@ def _rules_json(rules: DecisionRules, distance_space: str | None,
         "requireLineage": rules.lineage_enabled, "lineageOnUnavailable": rules.on_lineage_unavailable,
         "requireWeights": rules.require_weights, "onStatisticsDisagree": rules.on_statistics_disagree,
         "onUnexpectedTensors": rules.on_unexpected_tensors, "distanceSpace": distance_space,
+        "waivers": [w.to_dict() for w in rules.waivers] or None,
     })
     if attribution is not None:
         decision.update(_drop_none({"distanceScale": attribution.scale, "distancesMeaningful": attribution.meaningful,
@@ -262,8 +295,13 @@ def to_json(predicate: Predicate) -> dict[str, Any]:
                                 "fileDigests": "hashed" if cand.files_hashed else "recorded"}),
         "files": _files_json(cand.files, roles=True),
     }
-    if cand.files_hashed:  # the root digest was made from the files read in this run, as model_signing makes it
-        candidate["serialization"] = {"method": "files", "hashType": "sha256", "allowSymlinks": False}
+    if cand.weights_digest is not None:
+        candidate["weightsDigest"] = {"sha256": cand.weights_digest}
+    if cand.files_hashed:
+        # the root digest was made in this run from the model path's files, as model_signing makes it (its
+        # predicate's `serialization`); a fingerprint-only candidate listed no directory, so it claims none
+        candidate["serialization"] = {"method": "files", "hashType": "sha256", "allowSymlinks": cand.allow_symlinks,
+                                      "ignorePaths": list(GIT_PATHS)}
     if cand.base is not None:
         candidate["base"] = {"name": cand.base.name, "rootDigest": {"sha256": cand.base.root_digest},
                              "files": _files_json(cand.base.files, roles=False)}
@@ -429,6 +467,8 @@ def _candidate(r: _Reader, raw: Any) -> CandidateRecord:
         features = r.text(features, "predicate.candidate.evidence.features", choices=("recomputed", "fingerprint"))
     digests = evidence.get("fileDigests", "hashed" if "serialization" in doc else "recorded")
     hashed = r.text(digests, "predicate.candidate.evidence.fileDigests", choices=("hashed", "recorded")) == "hashed"
+    allow_symlinks = _serialization(r, doc.get("serialization"), hashed)
+    weights = doc.get("weightsDigest")
     base = None
     if doc.get("base") is not None:
         record = r.obj(doc["base"], "predicate.candidate.base")
@@ -440,7 +480,29 @@ def _candidate(r: _Reader, raw: Any) -> CandidateRecord:
                            root_digest=r.digest(doc.get("rootDigest"), "predicate.candidate.rootDigest"),
                            files=files, features=features, files_hashed=hashed, base=base,  # type: ignore[arg-type]
                            format=r.text(doc.get("format", "safetensors"), "predicate.candidate.format",
-                                         choices=("safetensors", "gguf")))
+                                         choices=("safetensors", "gguf")),
+                           weights_digest=None if weights is None else r.digest(weights,
+                                                                                "predicate.candidate.weightsDigest"),
+                           allow_symlinks=allow_symlinks)
+
+
+def _serialization(r: _Reader, raw: Any, hashed: bool) -> bool:
+    """candidate.serialization (how the root digest was made, in model_signing's terms): its allowSymlinks.
+
+    Only files hashed in the run can claim one; a record of digests taken from a fingerprint file cannot.
+    """
+    path = "predicate.candidate.serialization"
+    if raw is None:
+        return False
+    if not hashed:
+        raise r.fail(path, "recorded file digests (evidence.fileDigests: recorded) were not serialized in the run; "
+                           "no serialization can be claimed for them")
+    doc = r.obj(raw, path)
+    r.text(doc.get("method"), f"{path}.method", choices=("files",))
+    r.text(doc.get("hashType"), f"{path}.hashType", choices=("sha256",))
+    for n, item in enumerate(r.lst(doc.get("ignorePaths", []), f"{path}.ignorePaths")):
+        r.text(item, f"{path}.ignorePaths[{n}]")
+    return r.boolean(doc.get("allowSymlinks", False), f"{path}.allowSymlinks")
 
 
 def _fingerprint(r: _Reader, raw: Any) -> FingerprintRecord:
@@ -485,8 +547,32 @@ def _rules(r: _Reader, declared_raw: Any, rules_raw: Any, ids: set[str]) -> tupl
         # attestations written before this rule existed applied every statistic and let none be outweighed
         on_statistics_disagree=action("onStatisticsDisagree", "fail"),  # type: ignore[arg-type]
         on_unexpected_tensors=action("onUnexpectedTensors", "fail"),  # type: ignore[arg-type]
-        require_weights=flag("requireWeights", False))
+        require_weights=flag("requireWeights", False),
+        waivers=_waivers(r, doc.get("waivers"), ids))
     return rules, r.opt_text(doc.get("distanceSpace"), "predicate.decisionRules.distanceSpace")
+
+
+def _waivers(r: _Reader, raw: Any, ids: set[str]) -> tuple[Waiver, ...]:
+    """decisionRules.waivers: the policy's waivers as recorded (tg_verify/waivers.py, Waiver.to_dict)."""
+    path = "predicate.decisionRules.waivers"
+    waivers: list[Waiver] = []
+    for n, entry in enumerate(r.lst(raw if raw is not None else [], path)):
+        at = f"{path}[{n}]"
+        doc = r.obj(entry, at)
+        reference = r.opt_text(doc.get("reference"), f"{at}.reference")
+        if reference is not None and reference not in ids:
+            raise r.fail(f"{at}.reference", f"{reference[:80]!r} is not one of the recorded references")
+        expires = r.text(doc.get("expires"), f"{at}.expires")
+        try:
+            day = _dt.date.fromisoformat(expires)
+        except ValueError:
+            raise r.fail(f"{at}.expires", f"expected a date YYYY-MM-DD, got {expires[:40]!r}") from None
+        waiver = Waiver(code=r.text(doc.get("code"), f"{at}.code"), reason=r.text(doc.get("reason"), f"{at}.reason"),
+                        expires=day, reference=reference)
+        if any(w.code == waiver.code and w.reference == waiver.reference for w in waivers):
+            raise r.fail(at, f"a second waiver for {waiver.code[:80]!r}")
+        waivers.append(waiver)
+    return tuple(waivers)
 
 
 def _lineage(r: _Reader, raw: Any, path: str) -> LineageEvidence:
@@ -583,6 +669,16 @@ def _reasons(r: _Reader, raw: Any) -> tuple[Finding, ...]:
     return sort_reasons(tuple(reasons))
 
 
+def _time(r: _Reader, raw: Any) -> str:
+    text = r.text(raw, "predicate.timeVerified")
+    try:
+        parse_time(text)
+    except ValueError:
+        raise r.fail("predicate.timeVerified", f"expected an RFC 3339 timestamp such as 2026-01-02T03:04:05Z, "
+                                               f"got {text[:40]!r}") from None
+    return text
+
+
 def parse_predicate(raw: Any, where: str = "<attestation>") -> Predicate:
     """Validate an untrusted predicate and return its typed form; AttestationError (exit 2) naming the field."""
     r = _Reader(where)
@@ -596,7 +692,7 @@ def parse_predicate(raw: Any, where: str = "<attestation>") -> Predicate:
     return Predicate(
         verifier_version={r.text(k, "predicate.verifier.version"): r.text(v, f"predicate.verifier.version.{k}")
                           for k, v in versions.items()},
-        time_verified=r.text(doc.get("timeVerified"), "predicate.timeVerified"),
+        time_verified=_time(r, doc.get("timeVerified")),
         policy_sha256=r.digest(policy.get("digest"), "predicate.policy.digest"),
         policy_name=r.opt_text(policy.get("name"), "predicate.policy.name"),
         policy_uri=r.opt_text(policy.get("uri"), "predicate.policy.uri"),

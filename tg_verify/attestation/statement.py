@@ -51,7 +51,8 @@ def predicate_of(result: VerificationResult, *, time_verified: _dt.datetime | No
 
     The numbers the verdict was decided on (distances, thresholds, lineage) are recorded exactly, so
     re-deciding from the record gives the same verdict even at a threshold; features and margins,
-    which decide nothing, are rounded so that re-runs give the same bytes.
+    which decide nothing, are rounded so that re-runs give the same bytes. `timeVerified` is when the run
+    gathered its evidence (the day its waivers were judged on) unless `time_verified` says otherwise.
     """
     cand, cls, evidence = result.candidate, result.classification, result.evidence
     references = []
@@ -64,11 +65,12 @@ def predicate_of(result: VerificationResult, *, time_verified: _dt.datetime | No
     declared = result.rules.declared_family
     return Predicate(
         verifier_version=dict(versions if versions is not None else component_versions()),
-        time_verified=rfc3339(time_verified), policy_sha256=result.policy.sha256,
+        time_verified=rfc3339(time_verified or result.time_verified), policy_sha256=result.policy.sha256,
         policy_name=result.policy.path.name,
         candidate=CandidateRecord(name=cand.name, layout=cand.layout, root_digest=cand.root_digest, files=cand.files,
                                   features="recomputed" if cand.files_verified else "fingerprint",
-                                  files_hashed=cand.files_hashed,
+                                  files_hashed=cand.files_hashed, weights_digest=cand.weights_digest,
+                                  allow_symlinks=cand.files_hashed and cand.symlinks,
                                   format=str(cand.fingerprint.artifact.get("format", "safetensors")),
                                   base=None if cand.base is None else replace(
                                       cand.base, layout=None,

@@ -69,3 +69,26 @@ def add_executor_options(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--ray-address", metavar="ADDR",
                         help="with --executor ray: the cluster to join ('auto', 'ray://HOST:10001', HOST:6379); "
                              "default: RAY_ADDRESS, else a local Ray started for this run")
+
+
+FORMATS = ("text", "json", "markdown", "sarif")
+
+
+def add_format_option(parser: argparse.ArgumentParser, text: str) -> None:
+    """`--format text|json|markdown|sarif` for the verbs that report a verdict; `--json` is `--format json`."""
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help=f"what to print on stdout: text ({text}, the default), json, markdown, or sarif "
+                             "(SARIF 2.1.0 for GitHub code scanning)")
+    parser.add_argument("--json", action="store_true", help="the same as --format json")
+
+
+def chosen_format(args: argparse.Namespace) -> str:
+    """The output format of `add_format_option`; --json with another --format is a usage error."""
+    from tg_verify.errors import UsageError
+
+    chosen = getattr(args, "format", None)
+    if getattr(args, "json", False):
+        if chosen not in (None, "json"):
+            raise UsageError(f"--json and --format {chosen} disagree; give one of them")
+        return "json"
+    return chosen or "text"

@@ -3,11 +3,13 @@
 It maps the INPUT_* variables to the same `VerifyRequest` the command line builds (the inputs become
 verify flags, parsed by the verify parser itself) and calls the same `execute`: every verify flag
 works the same through `args`, or is refused with a message naming it. What it adds is the Actions
-glue: the predicate alone for actions/attest, step outputs to $GITHUB_OUTPUT (random heredoc
-delimiters), the Markdown verdict to $GITHUB_STEP_SUMMARY (size-bounded), `::error`/`::warning`
-annotations on the file an error or finding is about, and `::group::` around each long phase.
-Features must be recomputed from the weights unless the policy says otherwise
-(candidate.require_weights defaults to true here). Exit 0 PASS, 1 FAIL, 2 bad input, like the CLI.
+glue: the predicate alone and the attested files as a subject-checksums file for actions/attest, the
+SARIF log for code scanning, step outputs to $GITHUB_OUTPUT (random heredoc delimiters), the Markdown
+verdict to $GITHUB_STEP_SUMMARY (size-bounded), `::error`/`::warning` annotations on the file an error
+or finding is about, and `::group::` around each long phase. Every line it prints passes a CommandGuard
+(tg_verify/escaping.py): the only workflow commands in its log are the ones it means. Features must be
+recomputed from the weights unless the policy says otherwise (candidate.require_weights defaults to true
+here). Exit 0 PASS, 1 FAIL (0 with the report-only input), 2 bad input, like the CLI.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from tg_verify.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, TgVerifyError, UsageError
+from tg_verify.escaping import CommandGuard, one_line, shown
 from tg_verify.report import github
 
 if TYPE_CHECKING:
@@ -42,7 +45,10 @@ FLAG_INPUTS: dict[str, str] = {
     "attestation": "--attestation",
     "device": "--device",
     "cache": "--cache-dir",
+    "sarif": "--sarif",
 }
+# Inputs that are verify flags without a value (true/false).
+SWITCH_INPUTS: dict[str, str] = {"report-only": "--report-only"}
 # Inputs that are not verify flags: the policy (verify's positional), extra flags, and Actions glue.
 OTHER_INPUTS = ("policy", "args", "predicate", "summary")
 # Inputs the composite wrapper consumes itself (how to run the image); never seen by this entrypoint.
@@ -50,6 +56,8 @@ WRAPPER_INPUTS = ("runner", "image", "gpus")
 # verify flags that make no sense in a workflow step, and why.
 REFUSED_FLAGS: dict[str, str] = {
     "--json": "the Action writes the JSON report to a file (input 'report') and its path to the report-path output",
+    "--format": "the Action writes the JSON report, the SARIF log and the summary to files (inputs report, sarif; "
+                "$GITHUB_STEP_SUMMARY) and their paths to its outputs",
     "--progress": "the job log shows progress as log groups",
     "--no-progress": "the job log shows progress as log groups",
 }
@@ -117,6 +125,15 @@ def parse_inputs(environ: Mapping[str, str]) -> ActionInputs:
                 raise UsageError(f"input 'args': {full} is not available in the Action ({why})")
     if extra and not extra[0].startswith("-"):
         raise UsageError(f"input 'args' must hold flags, not {extra[0]!r}")
+    for name, flag in SWITCH_INPUTS.items():
+        value = read_input(name, environ).lower()
+        if value not in TRUE + FALSE:
+            raise UsageError(f"input '{name}' must be true or false, not {value!r}")
+        if any(flag.startswith(token.split("=", 1)[0]) and token.startswith("--") and len(token) > 2
+               for token in extra):
+            raise UsageError(f"input 'args' sets {flag}; use the input '{name}' instead")
+        if value in TRUE:
+            argv.append(flag)
     summary = read_input("summary", environ).lower() or "true"
     if summary not in TRUE + FALSE:
         raise UsageError(f"input 'summary' must be true or false, not {summary!r}")
@@ -134,17 +151,19 @@ class _InputParser(argparse.ArgumentParser):
 
 def verify_request(inputs: ActionInputs, environ: Mapping[str, str]) -> VerifyRequest:
     """The VerifyRequest the inputs describe: the verify flags parsed by the verify parser, plus the Action's
-    defaults (outputs under $RUNNER_TEMP/tg-verify, the predicate, candidate.require_weights on)."""
+    defaults (outputs under $RUNNER_TEMP/tg-verify, the predicate, the SARIF log, candidate.require_weights on)
+    and the subject-checksums file for actions/attest, next to the predicate."""
     from tg_verify.commands import verify
 
     parser = _InputParser(prog="tg-verify verify", add_help=False)
     verify.add_arguments(parser)
     args = parser.parse_args(list(inputs.argv))
     default = _default_dir(environ)
+    predicate = inputs.predicate or default / "predicate.json"
     return verify.request_from_args(
-        args, predicate=inputs.predicate, require_weights=True,
+        args, predicate=inputs.predicate, require_weights=True, subjects=predicate.with_name("subjects.sha256"),
         defaults={"report": default / "report.json", "attestation": default / "attestation.json",
-                  "predicate": default / "predicate.json"})
+                  "predicate": predicate, "sarif": default / "tg-verify.sarif"})
 
 
 def _default_dir(environ: Mapping[str, str]) -> Path:
@@ -155,7 +174,7 @@ class GroupProgress:
     """A progress sink for the job log: one `::group::` per phase holding a progress line every
     `interval` seconds (so a long GPU phase shows it is alive) and a closing line with size and time."""
 
-    def __init__(self, out: TextIO, interval: float = 15.0) -> None:
+    def __init__(self, out: CommandGuard, interval: float = 15.0) -> None:
         self._out = out
         self._interval = interval
         self._open = False
@@ -171,7 +190,7 @@ class GroupProgress:
 
     def start(self, description: str, total: float | None) -> None:
         self._close()
-        self._write(github.group_start(description))
+        self._out.command(github.group_start(shown(description)))
         self._open, self._title, self._total, self._done, self._last_text = True, description, total, 0.0, ""
         self._started = self._printed = time.monotonic()
 
@@ -183,7 +202,7 @@ class GroupProgress:
         now = time.monotonic()
         if now - self._printed >= self._interval:
             self._printed = now
-            self._write(f"{text} ({now - self._started:.0f} s)")
+            self._write(f"{shown(text)} ({now - self._started:.0f} s)")
 
     def finish(self) -> None:
         self._close()
@@ -193,24 +212,14 @@ class GroupProgress:
             return
         elapsed = time.monotonic() - self._started
         size = f", {self._done / 1e6:.1f} MB read" if self._total else ""
-        self._write(f"{self._last_text or self._title}{size} in {elapsed:.1f} s")
-        self._write(github.group_end())
+        self._write(f"{shown(self._last_text or self._title)}{size} in {elapsed:.1f} s")
+        self._out.command(github.group_end())
         self._open = False
 
 
 def _policy_line(policy: Path, needle: str | None) -> int | None:
     """1-based line of the first policy line mentioning `needle` (a reference id), for annotations."""
-    if not needle:
-        return None
-    try:
-        lines = policy.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    for number, line in enumerate(lines, start=1):
-        text = line.split("#", 1)[0]
-        if needle in text.replace('"', " ").replace("'", " ").split() or text.strip().endswith(f" {needle}"):
-            return number
-    return None
+    return github.policy_line(policy, needle)
 
 
 def _error_file(exc: TgVerifyError, policy: Path | None, environ: Mapping[str, str]) -> str | None:
@@ -234,13 +243,14 @@ def _fmt(value: Any) -> str:
     return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else str(value))
 
 
-def outputs_for(outcome: VerifyOutcome) -> dict[str, str]:
-    """The step outputs of a verify run (see action.yml `outputs`)."""
+def outputs_for(outcome: VerifyOutcome, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The step outputs of a verify run (see action.yml `outputs`); paths normalised and workspace-relative."""
     from tg_verify.attestation.record import PREDICATE_TYPE
 
-    written = {kind: str(path) for kind, path in outcome.written.items()}
+    written = {kind: github.output_path(path, environ) for kind, path in outcome.written.items()}
     paths = {"report-path": written.get("report", ""), "attestation-path": written.get("attestation", ""),
-             "predicate-path": written.get("predicate", ""), "predicate-type": PREDICATE_TYPE}
+             "predicate-path": written.get("predicate", ""), "sarif-path": written.get("sarif", ""),
+             "subjects-path": written.get("subjects", ""), "predicate-type": PREDICATE_TYPE}
     result = outcome.result
     if result is None:  # --check-policy: no verdict
         return {"verdict": "", **paths, "predicate-type": ""}
@@ -272,12 +282,12 @@ def annotations_for(result: VerificationResult, policy: Path, environ: Mapping[s
         line = None
         if file == policy_file:
             line = _policy_line(policy, finding.subject) or _policy_line(policy, "declared:")
-        lines.append(github.annotation(level, f"{finding.code}: {finding.message}", file=file, line=line,
+        lines.append(github.annotation(level, one_line(f"{finding.code}: {finding.message}"), file=file, line=line,
                                        title=f"tg-verify {'FAIL' if level == 'error' else 'warning'}"))
     return lines
 
 
-def execute(inputs: ActionInputs, environ: Mapping[str, str], out: TextIO) -> int:
+def execute(inputs: ActionInputs, environ: Mapping[str, str], out: CommandGuard) -> int:
     """Verify exactly as `tg-verify verify` does (same request, same function), then add the Actions glue."""
     from rich.console import Console
 
@@ -293,18 +303,24 @@ def execute(inputs: ActionInputs, environ: Mapping[str, str], out: TextIO) -> in
     if outcome.result is None:
         for line in verify.describe_policy(outcome):
             out.write(line + "\n")
-        github.write_outputs(outputs_for(outcome), environ)
+        github.write_outputs(outputs_for(outcome, environ), environ)
         out.flush()
-        return 0
+        return outcome.exit_code
     result = outcome.result
-    console.render(result, Console(file=out, force_terminal=False, width=120, soft_wrap=True, highlight=False))
+    console.render(result, Console(file=cast(TextIO, out), force_terminal=False, width=120, soft_wrap=True,
+                                   highlight=False))
     for line in annotations_for(result, outcome.policy.path, environ):
-        out.write(line + "\n")
+        out.command(line)
     if inputs.summary:
         github.append_step_summary(markdown.render(result), environ)
-    github.write_outputs(outputs_for(outcome), environ)
+    github.write_outputs(outputs_for(outcome, environ), environ)
+    if outcome.fail_not_enforced:
+        # report-only: the FAIL is in the log, the summary, the outputs and the files, but does not fail the job
+        out.command(github.annotation("warning", "verdict FAIL reported, not enforced (input report-only: true)",
+                                      file=github.workspace_relative(outcome.policy.path, environ),
+                                      title="tg-verify report-only"))
     out.flush()
-    return result.exit_code
+    return outcome.exit_code
 
 
 def _bad_input_summary(message: str) -> str:
@@ -315,7 +331,17 @@ def _bad_input_summary(message: str) -> str:
 def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None, out: TextIO | None = None) -> int:
     """Entrypoint: an error becomes one ::error annotation, an `error` output and a summary note."""
     env = os.environ if environ is None else environ
-    stream = sys.stdout if out is None else out
+    raw = sys.stdout if out is None else out
+    # Every line goes through a guard, so nothing from a model file or the policy can be read as a workflow
+    # command; the annotations and groups this entrypoint means as commands go past it (CommandGuard.command).
+    stream = raw if isinstance(raw, CommandGuard) else CommandGuard(raw)
+    try:
+        return _run(args, env, stream)
+    finally:
+        stream.finish()
+
+
+def _run(args: argparse.Namespace, env: Mapping[str, str], stream: CommandGuard) -> int:
     inputs: ActionInputs | None = None
     try:
         inputs = parse_inputs(env)
@@ -328,8 +354,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None, out:
         title = "tg-verify: bad input" if code == EXIT_BAD_INPUT else "tg-verify: internal error"
         file = _error_file(exc, inputs.policy if inputs else None, env) \
             if isinstance(exc, TgVerifyError) and code == EXIT_BAD_INPUT else None
-        stream.write(github.annotation("error", message, file=file, title=title) + "\n")
-        stream.flush()
+        stream.command(github.annotation("error", one_line(message), file=file, title=title))
         github.write_outputs({"verdict": "", "error": message.splitlines()[0][:1000]}, env)
         if inputs is None or inputs.summary:
             github.append_step_summary(_bad_input_summary(message), env)

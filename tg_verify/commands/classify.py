@@ -30,6 +30,7 @@ from tg_verify.commands.compare import (
     emit,
     resolve_inputs,
 )
+from tg_verify.escaping import one_line, shown
 from tg_verify.fingerprint.document import Fingerprint
 from tg_verify.versions import tool_record
 
@@ -38,7 +39,7 @@ ORDER = 31
 REPORT_SCHEMA = "https://tg-verify.dev/schemas/classify"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the `classify` parser."""
     parser = subparsers.add_parser(
         VERB, help="attribute a model to the family of the nearest reference cluster",
@@ -72,17 +73,20 @@ def lineage_against_bases(candidate: Fingerprint, references: list[Reference]) -
 def lineage_table(lineage: list[dict[str, Any]]) -> Any:
     """The lineage tests against the bases: score, p-value, decision."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="lineage evidence (sketch test against each base)", title_justify="left")
     for column, justify in (("base", "left"), ("family", "left"), ("score", "right"), ("threshold", "right"),
                             ("p", "right"), ("decision", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for entry in sorted(lineage, key=lambda e: (-(e.get("score") or -2.0), e["reference"])):
+        # ids and families come from fingerprint files: one safe line each, never rich markup
+        reference, family = Text(shown(entry["reference"])), Text(shown(entry["family"]))
         if not entry.get("comparable", True):
-            table.add_row(entry["reference"], entry["family"], "—", "—", "—", "[yellow]not comparable[/yellow]")
+            table.add_row(reference, family, "—", "—", "—", "[yellow]not comparable[/yellow]")
             continue
         decision = "[bold green]derived[/bold green]" if entry["derived"] else "not derived"
-        table.add_row(entry["reference"], entry["family"], f"{entry['score']:.3f}", f"{entry['threshold']:.3f}",
+        table.add_row(reference, family, f"{entry['score']:.3f}", f"{entry['threshold']:.3f}",
                       "—" if entry.get("p_value") is None else f"{entry['p_value']:.3g}", decision)
     return table
 
@@ -127,24 +131,30 @@ def decide_family(result: Classification, lineage: list[dict[str, Any]]) -> dict
 
 def render(console: Any, result: Classification, lineage: list[dict[str, Any]],
            decision: dict[str, Any] | None = None) -> None:
-    """The human view: lineage decision first, the statistical attribution, the tables, caveats."""
-    from rich.table import Table
+    """The human view: lineage decision first, the statistical attribution, the tables, caveats.
 
-    name, family, base = escape(result.model_name), escape(result.family), escape(result.base)
+    Names, ids and families come from fingerprint files: each is one safe line (escaping.shown) and never
+    rich markup (Text cells, escaped markup); the sentences that quote them are made one line too."""
+    from rich.table import Table
+    from rich.text import Text
+
+    name, family, base = (escape(shown(v)) for v in (result.model_name, result.family, result.base))
     on = scale_words(result.scale, result.space.get("reference_count"))
     if decision is not None and decision["by"] == "lineage":
-        console.print(f"[bold]{name}[/bold]: lineage test: derived from [bold green]{escape(decision['base'])}"
-                      f"[/bold green] (family {escape(decision['family'])}); the statistics below are reported beside")
+        derived_base, derived_family = escape(shown(decision["base"])), escape(shown(decision["family"]))
+        console.print(f"[bold]{name}[/bold]: lineage test: derived from [bold green]{derived_base}"
+                      f"[/bold green] (family {derived_family}); the statistics below are reported beside")
         if decision["agrees"] is False:
             console.print(f"[yellow]the statistical attribution (family {family}) disagrees with the lineage "
                           "evidence; the lineage test is the stronger evidence[/yellow]")
     prefix = "statistics: " if decision is not None and decision["by"] == "lineage" else f"[bold]{name}[/bold]: "
+    why = escape(one_line(not_meaningful_text(result.not_meaningful)))
     if not result.attribution_meaningful:
-        console.print(f"{prefix}family attribution [bold yellow]{escape(not_meaningful_text(result.not_meaningful))}"
-                      f"[/bold yellow] [dim](nearest: {family}, base {base})[/dim]")
+        console.print(f"{prefix}family attribution [bold yellow]{why}[/bold yellow] [dim](nearest: {family}, base "
+                      f"{base})[/dim]")
     elif not result.meaningful:
         console.print(f"{prefix}nearest family {family} (base {base}); distance {result.distance:.3f} on the {on}: "
-                      f"[bold yellow]{escape(not_meaningful_text(result.not_meaningful))}[/bold yellow]")
+                      f"[bold yellow]{why}[/bold yellow]")
     elif result.out_of_cluster:
         console.print(f"{prefix}[bold yellow]OUT OF CLUSTER[/bold yellow] — nearest family {family} "
                       f"(base {base}) at {result.distance:.3f} > threshold {result.threshold:g} on the {on}: a new "
@@ -157,7 +167,8 @@ def render(console: Any, result: Classification, lineage: list[dict[str, Any]],
         confidence.append(f"margin to runner-up {result.margin:.3f}, ratio {result.ratio:.3f}")
     if result.family_margin is not None:
         confidence.append(f"margin to another family {result.family_margin:.3f}")
-    confidence.append(f"nearest reference {result.nearest_reference} at {result.nearest_reference_distance:.3f}")
+    confidence.append(f"nearest reference {escape(shown(result.nearest_reference))} at "
+                      f"{result.nearest_reference_distance:.3f}")
     how = (f"ranked on the lineage scale (distance {result.lineage_distance:.3f}), {len(result.references)} references"
            if result.scale == "population" else
            f"{result.space['space']} space of {result.space['reference_count']} references, K-Means converged in "
@@ -171,13 +182,15 @@ def render(console: Any, result: Classification, lineage: list[dict[str, Any]],
         centroids.add_column(column, justify=justify)  # type: ignore[arg-type]
     for row in result.centroids:
         extra = [f"{row.lineage_distance:.3f}"] if lineage_scale and row.lineage_distance is not None else []
-        centroids.add_row(row.base, row.family, f"{row.distance:.3f}", *extra, str(len(row.members)))
+        centroids.add_row(Text(shown(row.base)), Text(shown(row.family)), f"{row.distance:.3f}", *extra,
+                          str(len(row.members)))
     console.print(centroids)
     refs = Table(title="references", title_justify="left")
     for column, justify in (("reference", "left"), ("family", "left"), ("role", "left"), ("distance", "right")):
         refs.add_column(column, justify=justify)  # type: ignore[arg-type]
     for ref in result.references:
-        refs.add_row(ref.id, ref.family, "base" if ref.base else "derivative", f"{ref.distance:.3f}")
+        refs.add_row(Text(shown(ref.id)), Text(shown(ref.family)), "base" if ref.base else "derivative",
+                     f"{ref.distance:.3f}")
     console.print(refs)
     if lineage:
         console.print(lineage_table(lineage))

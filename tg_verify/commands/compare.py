@@ -20,6 +20,7 @@ from tg_verify.analysis.references import load_fingerprints
 from tg_verify.analysis.space import DEFAULT_PCA_COMPONENTS, DEFAULT_SPACE, SPACES
 from tg_verify.atomic import canonical_json, write_bytes
 from tg_verify.errors import EXIT_OK, UsageError
+from tg_verify.escaping import one_line, shown
 from tg_verify.fingerprint.document import Fingerprint
 from tg_verify.fingerprint.settings import DEVICE_CHOICES, FingerprintSettings
 from tg_verify.progress import progress_sink, wants_progress
@@ -89,9 +90,9 @@ def emit(document: dict[str, Any], args: argparse.Namespace, render: Any) -> int
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:
-        from rich.console import Console
+        from tg_verify.report.console import make_console
 
-        console = Console(highlight=False)
+        console = make_console()  # outside a terminal: full width, so no table is cut at 80 columns
         render(console)
         if args.output:
             console.print(f"[dim]JSON result written to {escape(str(args.output))}[/dim]")
@@ -100,7 +101,7 @@ def emit(document: dict[str, Any], args: argparse.Namespace, render: Any) -> int
 
 def caveat_lines(caveats: list[str]) -> list[str]:
     """Caveats as dimmed console lines."""
-    return [f"[yellow]caveat:[/yellow] {escape(c)}" for c in caveats]
+    return [f"[yellow]caveat:[/yellow] {escape(one_line(c))}" for c in caveats]
 
 
 def lineage_summary(result: dict[str, Any] | None) -> str:
@@ -119,7 +120,7 @@ def lineage_summary(result: dict[str, Any] | None) -> str:
     return f"lineage: {verdict} — score {result['score']:.3f} (threshold {result['threshold']:.3f}), {stated}"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the `compare` parser."""
     parser = subparsers.add_parser(
         VERB, help="distance between two models or fingerprints (and lineage evidence)",
@@ -162,7 +163,7 @@ def render(console: Any, result: Comparison, a: Fingerprint, b: Fingerprint) -> 
     """The human view: the distances, the per-feature table, lineage, caveats."""
     from rich.table import Table
 
-    console.print(f"[bold]{escape(a.model_name)}[/bold] vs [bold]{escape(b.model_name)}[/bold]")
+    console.print(f"[bold]{escape(shown(a.model_name))}[/bold] vs [bold]{escape(shown(b.model_name))}[/bold]")
     console.print(f"relative distance {result.relative_distance:.4f}  [dim](scale-free, mean over features of "
                   f"|a-b|/(|a|+|b|); 0 = identical)[/dim]")
     if result.distance is not None and result.space is not None:

@@ -12,7 +12,7 @@ VERB = "demo"
 ORDER = 90
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the `demo` parser."""
     parser = subparsers.add_parser(
         VERB, help="see tg-verify work in under a minute: no network, no model needed",
@@ -34,14 +34,13 @@ def run(args: argparse.Namespace) -> int:
     import shutil
     import time
 
-    from rich.console import Console
     from rich.rule import Rule
 
     from tg_verify import demo
     from tg_verify.progress import progress_sink, wants_progress
     from tg_verify.report import console as console_report
 
-    out = Console(highlight=False)
+    out = console_report.make_console()
     directory = Path(args.dir) if args.dir else demo.default_demo_dir()
     if args.rebuild and (directory / demo.DEMO_VERSION).exists():
         shutil.rmtree(directory / demo.DEMO_VERSION)
@@ -59,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         out.print(Rule(f"[bold]{number}. {item.case.name}[/] (expected {expected})"))
         out.print(f"{item.case.story}\npolicy: {item.case.policy}", style="dim", markup=False)
         console_report.render(item.result, out)
+        note = demo.attribution_note(item)
+        if note:
+            out.print(note, style="yellow", markup=False)
     ok = all(item.as_expected for item in runs)
     out.print(Rule())
     verdicts = ", ".join(f"{item.case.name}: {item.result.verdict.label.upper()}" for item in runs)

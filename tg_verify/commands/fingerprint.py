@@ -17,6 +17,7 @@ from tg_verify.artifact import resolve
 from tg_verify.atomic import write_bytes
 from tg_verify.commands import add_executor_options, add_threads_option
 from tg_verify.errors import EXIT_OK, UsageError
+from tg_verify.escaping import one_line
 from tg_verify.fingerprint.document import load
 from tg_verify.fingerprint.settings import DEVICE_CHOICES, STRATEGY_CHOICES, FingerprintSettings, assemble_settings
 from tg_verify.progress import progress_sink, wants_progress
@@ -36,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog="Exit codes: 0 written; 2 bad input (unreadable model, NaN weights, bad flags); 3 internal error.")
     parser.add_argument("model", metavar="MODEL", nargs="?",
                         help="model directory, .safetensors or .gguf file, or index")
-    parser.add_argument("-o", "--output", metavar="FILE.json", help="where to write the fingerprint")
+    parser.add_argument("-o", "--output", metavar="FILE.json",
+                        help="where to write the fingerprint ('-': standard output, the summary line then goes to "
+                             "standard error)")
     parser.add_argument("--name", help="model_name recorded in the document (default: the artifact's name)")
     parser.add_argument("--settings-from", metavar="FINGERPRINT.json",
                         help="reuse the extraction settings of an existing fingerprint (so the two compare); "
@@ -102,13 +105,13 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     def report(outcome: BatchOutcome) -> None:
         if outcome.status == "failed":
-            print(f"tg-verify: FAILED {outcome.source}: {outcome.message}", file=sys.stderr)
+            print(one_line(f"tg-verify: FAILED {outcome.source}: {outcome.message}"), file=sys.stderr)
             return
         retried = f", {outcome.attempts} attempts" if outcome.attempts > 1 else ""
-        print(f"{outcome.status:8} {outcome.source} -> {outcome.output} ({outcome.message}, "
-              f"{outcome.seconds:.1f}s{retried})")
+        print(one_line(f"{outcome.status:8} {outcome.source} -> {outcome.output} ({outcome.message}, "
+                       f"{outcome.seconds:.1f}s{retried})"))
         for warning in outcome.warnings:
-            print(f"tg-verify: warning: {outcome.source}: {warning}", file=sys.stderr)
+            print(one_line(f"tg-verify: warning: {outcome.source}: {warning}"), file=sys.stderr)
 
     executor = make_executor(args.executor, args.ray_address)
     try:
@@ -121,7 +124,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     print(f"{len(result.outcomes)} models: {result.count('computed')} computed, {result.count('skipped')} "
           f"up to date, {len(failed)} failed")
     for outcome in failed:
-        print(f"tg-verify: failed: {outcome.source}: [{outcome.code}] {outcome.message}", file=sys.stderr)
+        print(one_line(f"tg-verify: failed: {outcome.source}: [{outcome.code}] {outcome.message}"), file=sys.stderr)
     return result.exit_code
 
 
@@ -141,10 +144,15 @@ def _run_single(args: argparse.Namespace) -> int:
         result = fingerprint_model(artifact, settings, base=args.base, progress=sink, model_name=args.name,
                                    threads=args.threads)
     fingerprint = result.fingerprint
-    path = write_bytes(args.output, fingerprint.to_json_bytes())
-    print(summary_line(path, fingerprint, time.perf_counter() - started))
+    if args.output == "-":
+        sys.stdout.buffer.write(fingerprint.to_json_bytes())
+        sys.stdout.flush()
+        print(one_line(summary_line(Path("<stdout>"), fingerprint, time.perf_counter() - started)), file=sys.stderr)
+    else:
+        path = write_bytes(args.output, fingerprint.to_json_bytes())
+        print(one_line(summary_line(path, fingerprint, time.perf_counter() - started)))
     for warning in result.warnings:
-        print(f"tg-verify: warning: {warning}", file=sys.stderr)
+        print(one_line(f"tg-verify: warning: {warning}"), file=sys.stderr)
     return EXIT_OK
 
 

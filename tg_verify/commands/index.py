@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from tg_verify.commands import add_executor_options
+from tg_verify.escaping import one_line, shown
 
 VERB = "index"
 ORDER = 33
@@ -120,12 +121,12 @@ def _print(report: Any, args: argparse.Namespace) -> int:
         parts = [f"{len(getattr(report, name))} {name}" for name in ("added", "replaced", "unchanged", "removed")
                  if getattr(report, name)]
         checked = "checked, " if args.action == "verify" else ""
-        print(f"{report.index}: {report.count} references, {checked}{', '.join(parts) or 'no change'}"
+        print(f"{shown(report.index)}: {report.count} references, {checked}{', '.join(parts) or 'no change'}"
               + (f"; index sha256 {report.digest}" if report.digest else ""))
-        for note in report.notes:
-            print(f"note: {note}")
+        for note in report.notes:  # notes and problems name fingerprint files and reference ids: one line each
+            print(f"note: {one_line(note)}")
     for what, message in report.problems:
-        print(f"tg-verify: problem: {what}: {message}", file=sys.stderr)
+        print(f"tg-verify: problem: {shown(what)}: {one_line(message)}", file=sys.stderr)
     if report.problems:
         print(f"tg-verify: {len(report.problems)} problem(s)", file=sys.stderr)
     return int(report.exit_code)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
-from tg_verify.artifact.digest import file_digests
+from tg_verify.artifact.digest import ModelFile, file_digests, model_file_digests, root_digest
 from tg_verify.artifact.errors import shown
 from tg_verify.artifact.layout import resolve
 from tg_verify.artifact.model import Artifact
@@ -27,7 +28,7 @@ VERB = "inspect"
 ORDER = 40
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the `inspect` parser."""
     parser = subparsers.add_parser(
         VERB, help="show and validate a model artifact's layout, files and tensors (header-only)",
@@ -40,7 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("path", metavar="PATH",
                         help="model directory, .safetensors or .gguf file, or *.safetensors.index.json")
     parser.add_argument("--json", action="store_true", help="print the canonical JSON document on stdout")
-    parser.add_argument("--hash", action="store_true", help="also compute the sha256 of every file and the root digest")
+    parser.add_argument("--hash", action="store_true",
+                        help="also compute the sha256 of every file, the weights digest (the artifact's files) and "
+                             "the root digest (model_signing's, over every file of the model directory)")
     parser.add_argument("--tensors", action="store_true", help="list every tensor in the human-readable output")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar while hashing (default: on a terminal outside CI)")
@@ -54,16 +57,25 @@ def run(args: argparse.Namespace) -> int:
     """Resolve, optionally hash, then print the document (JSON) or tables (human)."""
     try:
         artifact = resolve(args.path)
-        digests = None
+        digests = everything = None
+        listed: tuple[ModelFile, ...] = ()
         if args.hash:
             with progress_sink(wants_progress(args.progress)) as sink:
-                sink.start("sha256", float(sum(f.size for f in artifact.files)))
+                sink.start("sha256", None)
                 digests = file_digests(artifact, sink)
+                everything, listed = model_file_digests(Path(args.path), artifact, digests, sink)
     except InputError as error:
         if args.json:
             sys.stdout.write(canonical_json(describe_error(args.path, error)).decode("utf-8"))
         raise
     document = describe(artifact, digests)
+    if digests is not None and everything is not None:
+        # weights digest: the artifact's files; root digest: model_signing's, over the model path's files
+        document["weights_digest"] = root_digest(digests)
+        document["root_digest"] = root_digest(everything)
+        document["other_files"] = [{"path": shown(f.path), "size": f.size, "sha256": everything[f.path]}
+                                   for f in listed if f.path not in digests]
+        document["read_through_symlinks"] = any(f.symlink for f in listed)
     status = EXIT_OK
     if args.against:
         document["adapter_fit"] = _adapter_fit(artifact, args.against)
@@ -124,9 +136,13 @@ def _render(doc: dict[str, Any], list_tensors: bool) -> None:
     console.print(files)
     if "root_digest" in doc:  # sha256sum format, so `sha256sum -c` can re-check the files
         console.print("sha256 (sha256sum -c format)")
-        for item in doc["files"]:
+        for item in [*doc["files"], *doc.get("other_files", [])]:
             console.print(f"{item['sha256']}  {text(item['path'])}", overflow="ignore", crop=False)
-        console.print(f"root digest (model_signing) sha256:{doc['root_digest']}")
+        count = len(doc["files"]) + len(doc.get("other_files", []))
+        links = "; read through symbolic links" if doc.get("read_through_symlinks") else ""
+        console.print(f"root digest sha256:{doc['root_digest']} (model_signing's, over all {count} files{links})")
+        console.print(f"weights digest sha256:{doc['weights_digest']} (over the {len(doc['files'])} files tg-verify "
+                      "reads: weights, index, configs)")
     console.print(f"tensors {doc['tensor_count']:,} (2-D {doc['matrices']:,})   parameters "
                   f"{_count(doc['total_params'])}   tensor bytes {_size(doc['total_bytes'])}")
     console.print("dtypes  " + ", ".join(f"{d} {v['tensors']} tensors / {_count(v['params'])}"

@@ -76,8 +76,16 @@ def _number(value: float | None, spec: str) -> str:
 
 def render(console: Any, document: dict[str, Any]) -> None:
     """The human view: the attribution, the hits with their lineage tests, the nearest by features, caveats."""
-    from rich.markup import escape
+    from rich.markup import escape as markup_escape
     from rich.table import Table
+
+    from tg_verify.escaping import one_line, shown
+
+    def escape(value: object) -> str:  # names from fingerprints and the index: one safe line, no rich markup
+        return markup_escape(shown(value))
+
+    def sentence(text: str) -> str:  # a sentence quoting such names: one safe line, not cut
+        return markup_escape(one_line(text))
 
     from tg_verify.commands.compare import caveat_lines
 
@@ -94,9 +102,10 @@ def render(console: Any, document: dict[str, Any]) -> None:
     elif attribution["by"] == "statistics":
         console.print(f"[bold]{name}[/bold]: [bold yellow]no base found by the lineage test[/bold yellow]; the "
                       f"statistics attribute it to family {escape(attribution['family'])} (nearest base "
-                      f"{escape(attribution['base'])}) — {escape(attribution['note'])}")
+                      f"{escape(attribution['base'])}) — {sentence(attribution['note'])}")
     else:
-        console.print(f"[bold]{name}[/bold]: [bold yellow]no base found[/bold yellow] — {escape(attribution['note'])}")
+        console.print(f"[bold]{name}[/bold]: [bold yellow]no base found[/bold yellow] — "
+                      f"{sentence(attribution['note'])}")
     index = document["index"]
     console.print(f"[dim]index {escape(index['path'])}: {index['references']} references (sha256 "
                   f"{index['sha256'][:16]}…); {len(result['hits'])} short-listed by signature and tested[/dim]")
@@ -120,9 +129,9 @@ def render(console: Any, document: dict[str, Any]) -> None:
         reasons = statistics.get("not_meaningful") or []
         words = (f"family {escape(statistics['family'])} (nearest base {escape(statistics['base'])}, distance "
                  f"{statistics['distance']:.2f} on the {statistics['scale']} scale)" if statistics["meaningful"]
-                 else f"not meaningful ({escape('; '.join(reasons))})")
+                 else f"not meaningful ({sentence('; '.join(reasons))})")
         console.print(f"[dim]statistics (the paper's features, over the short list): {words}[/dim]")
     elif statistics is not None:
-        console.print(f"[dim]statistics: not available ({escape(statistics['reason'])})[/dim]")
+        console.print(f"[dim]statistics: not available ({sentence(statistics['reason'])})[/dim]")
     for line in caveat_lines(result["caveats"]):
         console.print(line)

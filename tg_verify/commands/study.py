@@ -31,7 +31,7 @@ SHORT_STRATEGY = {"adversarial": "adv", "structural": "struct", "low-frequency":
                   "gaussian": "gauss"}
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `study clustering` and `study perturbation`."""
     parser = subparsers.add_parser(
         VERB, help="reproduce the paper's studies on your models (clustering: Table I; perturbation: Fig. 5)",
@@ -85,7 +85,7 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
 
 def _finish(document: dict[str, Any], args: argparse.Namespace, stem: str, render: Any, draw: Any) -> int:
     """Write JSON and plots under --out; print the JSON or the tables; say where the plots went or why not."""
-    from rich.console import Console
+    from tg_verify.report.console import make_console
 
     data = canonical_json(document)
     written: list[Path] = []
@@ -101,9 +101,9 @@ def _finish(document: dict[str, Any], args: argparse.Namespace, stem: str, rende
     if args.json:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
-        console = Console(stderr=True, highlight=False)
+        console = make_console(stderr=True)
     else:
-        console = Console(highlight=False)
+        console = make_console()  # outside a terminal: full width, so no table is cut at 80 columns
         render(console)
     for path in written:
         console.print(f"[dim]wrote {escape(str(path))}[/dim]")
@@ -141,7 +141,7 @@ def render_clustering(console: Any, study: ClusteringStudy) -> None:
                   f"derivatives scored), {len(study.families)} families; {study.space['space']} space")
     table = Table(title="accuracy by strategy (derivatives in a cluster of their own family)", title_justify="left")
     for column in ("strategy", "accuracy", "paper", "Hungarian", "ARI", "clusters", "over seeds"):
-        table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=column == "strategy")
+        table.add_column(column, justify="left" if column == "strategy" else "right", overflow="fold")
     for result in study.results:
         seeds = ""
         if result.seed_accuracies:
@@ -185,7 +185,7 @@ def render_perturbation(console: Any, study: PerturbationStudy) -> None:
 
     table = Table(title="sensitivity: z-score within the model of the mean ||grad||_F", title_justify="left",
                   box=box.SIMPLE)
-    table.add_column("layer", no_wrap=True)
+    table.add_column("layer", overflow="fold")
     for strategy in study.strategies:
         table.add_column(SHORT_STRATEGY.get(strategy, strategy), justify="right")
     for i, name in enumerate(study.short_names):

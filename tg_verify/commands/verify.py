@@ -1,8 +1,9 @@
 """`tg-verify POLICY.yml` (= `tg-verify verify POLICY.yml`): the main job, a lineage verdict for a release gate.
 
-Prints a summary (or the JSON report with --json), writes the report, the attestation, the candidate's
-fingerprint and the Markdown summary when asked, and appends the summary to $GITHUB_STEP_SUMMARY.
-Exit 0 PASS, 1 FAIL, 2 bad input (nothing written).
+Prints a summary (or, with --format json|markdown|sarif, that document), writes the report, the
+attestation, the candidate's fingerprint, the Markdown summary and the SARIF log when asked, and appends
+the summary to $GITHUB_STEP_SUMMARY. Exit 0 PASS, 1 FAIL (0 with --report-only), 2 bad input (nothing
+written).
 
 The one verify path: the command line and the GitHub Action (commands/action.py) both build a
 `VerifyRequest` and call `execute`, which checks every output path before any work, runs the policy
@@ -19,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tg_verify.commands import add_threads_option
-from tg_verify.errors import UsageError
+from tg_verify.commands import add_format_option, add_threads_option, chosen_format
+from tg_verify.errors import EXIT_FAIL, EXIT_OK, UsageError
+from tg_verify.escaping import one_line, shown
 from tg_verify.fingerprint.settings import DEVICE_CHOICES
 
 if TYPE_CHECKING:
@@ -30,14 +32,18 @@ if TYPE_CHECKING:
 
 VERB = "verify"
 ORDER = 10
-OUTPUT_KINDS = ("report", "attestation", "predicate", "summary", "fingerprint")
+# "subjects": the attested files in sha256sum format (actions/attest subject-checksums), written by the Action
+OUTPUT_KINDS = ("report", "attestation", "predicate", "summary", "fingerprint", "sarif", "subjects")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The verify flags: shared by `tg-verify verify` and the Action's `args` input."""
     parser.add_argument("policy", metavar="POLICY.yml", help="the policy file")
     parser.add_argument("--report", metavar="FILE", help="write the JSON report here (overrides outputs.report)")
-    parser.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of the summary")
+    add_format_option(parser, "the summary")
+    parser.add_argument("--sarif", metavar="FILE",
+                        help="write SARIF 2.1.0 here (FAIL and warning findings as alerts on the policy file, for "
+                             "GitHub code scanning)")
     parser.add_argument("--attestation", metavar="FILE",
                         help="write an in-toto attestation here (overrides outputs.attestation)")
     parser.add_argument("--summary", metavar="FILE", help="write the Markdown summary here (overrides outputs.summary)")
@@ -52,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="fingerprint `model:` references on every run")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: on a terminal outside CI)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="report the verdict and write every output, but exit 0 on FAIL (a job that must not "
+                             "fail yet); bad input still exits 2")
     parser.add_argument("--check-policy", action="store_true",
                         help="only validate the policy and the fingerprint files it names (no model is read); "
                              "exit 0 when valid, 2 otherwise")
@@ -78,7 +87,7 @@ class VerifyRequest:
 
     Output paths given here override the policy's `outputs:`; `defaults` name outputs to write when
     neither says (the Action's files under $RUNNER_TEMP). `require_weights` is the default of the
-    policy's candidate.require_weights.
+    policy's candidate.require_weights. `report_only`: a FAIL verdict is reported in full but exits 0.
     """
 
     policy: Path
@@ -88,12 +97,15 @@ class VerifyRequest:
     predicate: Path | None = None  # the predicate alone (actions/attest predicate-path)
     summary: Path | None = None
     fingerprint_out: Path | None = None
+    sarif: Path | None = None  # SARIF 2.1.0 for GitHub code scanning
+    subjects: Path | None = None  # the attested files in sha256sum format (actions/attest subject-checksums)
     device: str | None = None
     threads: int | None = None
     cache_dir: Path | None = None
     no_cache: bool = False
     check_policy: bool = False
     require_weights: bool = False
+    report_only: bool = False
     defaults: Mapping[str, Path] = field(default_factory=dict)
 
     def cache(self) -> Path | None:
@@ -116,8 +128,8 @@ def request_from_args(args: argparse.Namespace, **overrides: object) -> VerifyRe
     request = VerifyRequest(
         policy=Path(args.policy), candidate=_path(args.candidate), report=_path(args.report),
         attestation=_path(args.attestation), summary=_path(args.summary), fingerprint_out=_path(args.fingerprint_out),
-        device=args.device, threads=args.threads, cache_dir=_path(args.cache_dir), no_cache=args.no_cache,
-        check_policy=args.check_policy)
+        sarif=_path(args.sarif), device=args.device, threads=args.threads, cache_dir=_path(args.cache_dir),
+        no_cache=args.no_cache, check_policy=args.check_policy, report_only=args.report_only)
     from dataclasses import replace
 
     return replace(request, **overrides)  # type: ignore[arg-type]
@@ -126,10 +138,11 @@ def request_from_args(args: argparse.Namespace, **overrides: object) -> VerifyRe
 def output_targets(request: VerifyRequest, policy: Policy) -> dict[str, Path | None]:
     """Where each output goes: the request, else the policy's `outputs:` entry, else the request's default."""
     configured = {"report": policy.outputs.report, "attestation": policy.outputs.attestation,
-                  "summary": policy.outputs.summary, "fingerprint": policy.outputs.fingerprint, "predicate": None}
+                  "summary": policy.outputs.summary, "fingerprint": policy.outputs.fingerprint}
     given = {"report": request.report, "attestation": request.attestation, "summary": request.summary,
-             "fingerprint": request.fingerprint_out, "predicate": request.predicate}
-    return {kind: given[kind] or configured[kind] or request.defaults.get(kind) for kind in OUTPUT_KINDS}
+             "fingerprint": request.fingerprint_out, "predicate": request.predicate, "sarif": request.sarif,
+             "subjects": request.subjects}
+    return {kind: given.get(kind) or configured.get(kind) or request.defaults.get(kind) for kind in OUTPUT_KINDS}
 
 
 # ---------------------------------------------------------------------------------------- the guard
@@ -217,6 +230,19 @@ class VerifyOutcome:
     result: VerificationResult | None
     notes: tuple[str, ...] = ()
     written: Mapping[str, Path] = field(default_factory=dict)
+    report_only: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """0 for --check-policy; else the verdict's, but a FAIL exits 0 when the request is report-only."""
+        if self.result is None:
+            return EXIT_OK
+        return EXIT_OK if self.report_only and self.result.exit_code == EXIT_FAIL else self.result.exit_code
+
+    @property
+    def fail_not_enforced(self) -> bool:
+        """A FAIL verdict that report-only turned into exit 0 (said in the log by the caller)."""
+        return self.result is not None and self.result.exit_code == EXIT_FAIL and self.exit_code == EXIT_OK
 
 
 def render_outputs(result: VerificationResult, targets: Mapping[str, Path | None]) -> dict[str, bytes]:
@@ -239,7 +265,22 @@ def render_outputs(result: VerificationResult, targets: Mapping[str, Path | None
         outputs["summary"] = markdown.render(result).encode("utf-8")
     if targets.get("fingerprint") is not None:
         outputs["fingerprint"] = result.candidate.fingerprint.to_json_bytes()
+    if targets.get("sarif") is not None:
+        from tg_verify.report.sarif import sarif_bytes, verify_sarif
+
+        outputs["sarif"] = sarif_bytes(verify_sarif(result))
+    if targets.get("subjects") is not None:
+        outputs["subjects"] = subject_checksums(result)
     return outputs
+
+
+def subject_checksums(result: VerificationResult) -> bytes:
+    """The attested files in sha256sum format, for actions/attest `subject-checksums`: its subjects are then
+    exactly the predicate's files, named by their path in the model. A name with a line break is left out:
+    the format cannot carry it; it stays in the predicate, and verify-attestation needs no subject for it."""
+    files = sorted(result.candidate.files, key=lambda f: f.path)
+    lines = [f"{f.sha256}  {f.path}\n" for f in files if "\n" not in f.path and "\r" not in f.path]
+    return "".join(lines).encode("utf-8")
 
 
 def execute(request: VerifyRequest, progress: ProgressSink | None = None) -> VerifyOutcome:
@@ -265,7 +306,7 @@ def execute(request: VerifyRequest, progress: ProgressSink | None = None) -> Ver
     outputs = render_outputs(result, targets)
     paths = {kind: path for kind, path in targets.items() if path is not None and kind in outputs}
     write_all({paths[kind]: data for kind, data in outputs.items()})
-    return VerifyOutcome(policy=policy, result=result, written=paths)
+    return VerifyOutcome(policy=policy, result=result, written=paths, report_only=request.report_only)
 
 
 def describe_policy(outcome: VerifyOutcome) -> list[str]:
@@ -273,37 +314,43 @@ def describe_policy(outcome: VerifyOutcome) -> list[str]:
     policy = outcome.policy
     declared = ", ".join(x for x in (f"base {policy.declared.base}" if policy.declared.base else "",
                                      f"family {policy.declared_family}") if x)
-    lines = [f"{policy.path}: valid policy (version {policy.version}; {len(policy.references)} references; "
+    lines = [f"{shown(policy.path)}: valid policy (version {policy.version}; {len(policy.references)} references; "
              f"declares {declared})"]
-    for note in outcome.notes:
+    for note in outcome.notes:  # notes name paths from the policy: one safe line each
         warning = note.startswith("WARNING: ")
-        lines.append(f"  {'warning' if warning else 'note'}: {note.removeprefix('WARNING: ')}")
+        lines.append(f"  {'warning' if warning else 'note'}: {one_line(note.removeprefix('WARNING: '))}")
     return lines
 
 
 def run(args: argparse.Namespace) -> int:
-    """Verify, print, write outputs; the exit code is the verdict's."""
+    """Verify, print, write outputs; the exit code is the verdict's (a FAIL exits 0 with --report-only)."""
     from tg_verify.progress import progress_sink, wants_progress
 
+    output_format = chosen_format(args)  # a --json/--format clash is refused before any work
     request = request_from_args(args)
     with progress_sink(wants_progress(args.progress) and not request.check_policy) as sink:
         outcome = execute(request, sink)
     if outcome.result is None:
         print("\n".join(describe_policy(outcome)))
-        return 0
+        return outcome.exit_code
     result = outcome.result
-    from rich.console import Console
-
     from tg_verify.report import console, json_report, markdown
     from tg_verify.report.github import append_step_summary
 
     append_step_summary(markdown.render(result))
-    if args.json:
-        sys.stdout.buffer.write(json_report.report_bytes(result))
+    if output_format != "text":
+        from tg_verify.report.sarif import sarif_bytes, verify_sarif
+
+        data = {"json": lambda: json_report.report_bytes(result),
+                "markdown": lambda: markdown.render(result).encode("utf-8"),
+                "sarif": lambda: sarif_bytes(verify_sarif(result))}[output_format]()
+        sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:
-        out = Console(highlight=False)
+        out = console.make_console()
         console.render(result, out)
         for path in outcome.written.values():
-            out.print(f"wrote {path}", style="dim", markup=False)
-    return result.exit_code
+            out.print(f"wrote {shown(str(path))}", style="dim", markup=False)
+    if outcome.fail_not_enforced:
+        print("tg-verify: verdict FAIL reported, not enforced (--report-only): exit 0", file=sys.stderr)
+    return outcome.exit_code

@@ -16,6 +16,8 @@ import sys
 from tg_verify.atomic import canonical_json
 from tg_verify.attestation.check import AttestationReport, verify_attestation
 from tg_verify.attestation.envelope import load_attestation
+from tg_verify.commands import add_format_option, chosen_format
+from tg_verify.escaping import one_line, shown
 from tg_verify.progress import progress_sink, wants_progress
 
 VERB = "verify-attestation"
@@ -47,37 +49,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--allow-fingerprint-evidence", action="store_true",
                         help="accept an attestation whose features were read from a fingerprint file rather than "
                              "recomputed from the attested files (reported, not failed)")
-    parser.add_argument("--json", action="store_true", help="print the checks as JSON on stdout")
+    add_format_option(parser, "one line per check")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar while hashing (default: on a terminal outside CI)")
     parser.set_defaults(handler=run)
 
 
 def _render(report: AttestationReport) -> str:
-    lines = [f"attestation {report.source} ({report.wrapper}) for {report.model}"]
+    # Names, codes and ids in the checks come from the attestation, which anyone can write: escaped, one line each.
+    lines = [f"attestation {shown(report.source)} ({report.wrapper}) for {shown(report.model)}"]
     for check in report.checks:
         mark = "ok  " if check.ok else "FAIL"
-        lines.append(f"  {mark} {check.name}: {check.detail}")
+        lines.append(f"  {mark} {one_line(check.name)}: {one_line(check.detail)}")
     if report.has_base and not any(c.name.startswith("base file") for c in report.checks):
         lines.append("  note: the candidate is an adapter; pass --base DIR to check the base model it was merged onto")
     if not report.policy_checked:
         lines.append(f"  note: {POLICY_NOT_CHECKED}")
     verdict = "VERIFIED" if report.ok else "NOT VERIFIED"
     unchecked = "" if report.policy_checked else "; the policy was NOT checked"
-    lines.append(f"{verdict}: attested {report.verification_result}; exit {report.exit_code}{unchecked}")
+    lines.append(f"{verdict}: attested {shown(report.verification_result)}; exit {report.exit_code}{unchecked}")
     lines.append(f"note: {SIGNATURE_NOTE}")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
+    output_format = chosen_format(args)
     loaded = load_attestation(args.attestation)
     with progress_sink(wants_progress(args.progress)) as sink:
         sink.start("hashing model files", None)
         report = verify_attestation(loaded, args.model, policy=args.policy, base=args.base,
                                     allow_fingerprint_evidence=args.allow_fingerprint_evidence,
                                     progress=sink.advance)
-    if args.json:
+    if output_format == "json":
         sys.stdout.write(canonical_json(report.to_dict()).decode("utf-8"))
+    elif output_format == "markdown":
+        from tg_verify.report.markdown import render_attestation
+
+        sys.stdout.write(render_attestation(report))
+    elif output_format == "sarif":
+        from tg_verify.report.sarif import attestation_sarif, sarif_bytes
+
+        sys.stdout.write(sarif_bytes(attestation_sarif(report)).decode("utf-8"))
     else:
         print(_render(report))
     return report.exit_code

@@ -1,12 +1,14 @@
 """Lineage sketch: per-block probe matrices that survive derivation, re-parameterisation and relabelling.
 
 The probe is k seeded random mixtures of *every* embedding row (rows unit-normalised), each token
-weighted by a Gaussian drawn from its key (tokens.py: a hash of its text when the tokenizer is at hand,
-of its id otherwise). Per transformer block, the block's weights are evaluated as bilinear forms on
-the k mixtures: k x k matrices unchanged by permutation or rotation of the residual stream, head or
-MLP-unit permutation, per-channel rescaling through norm gains, q/k and v/o rescaling, fused-vs-split
-projections, and (with a tokenizer) any renumbering of the vocabulary. No small set of rows carries
-the probe: re-drawing a fraction f of the rows moves each mixture by about sqrt(f). See docs/lineage.md.
+weighted by a random sign drawn from its key (tokens.py: a hash of its text when the tokenizer is at
+hand, of its id otherwise), then flattened along the embedding's few leading principal directions so
+that it spreads over the whole residual stream (flatten_probe). Per transformer block, the block's
+weights are evaluated as bilinear forms on the k probe vectors: k x k matrices unchanged by permutation
+or rotation of the residual stream, head or MLP-unit permutation, per-channel rescaling through norm
+gains, q/k and v/o rescaling, fused-vs-split projections, and (with a tokenizer) any renumbering of the
+vocabulary. No small set of rows carries the probe: re-drawing a fraction f of the rows moves each
+mixture by about sqrt(f). See docs/lineage.md.
 """
 
 from __future__ import annotations
@@ -24,12 +26,21 @@ from tg_verify.artifact.model import Artifact, TensorInfo
 from tg_verify.errors import InternalError, UsageError, WeightValueError
 from tg_verify.fingerprint.tokens import TokenKeys, artifact_keys, id_keys
 
-SKETCH_VERSION = "tgs2"  # tgs2: mixture probe keyed by token text or id (tgs1: 32 individual token rows)
+# tgs3: the mixture probe with the embedding's dominant directions flattened; tgs2: plain mixtures keyed by token
+# text or id; tgs1: 32 individual token rows
+SKETCH_VERSION = "tgs3"
 DEFAULT_TOKENS = 32  # probe size k: k(k-1)=992 compared entries per unit, 2 KiB per unit in fp16
 DEFAULT_SEED = 0
 MAX_LAYERS = 256  # at k=32: 4 units x 2 KiB x 256 layers, base64: 2.8 MB
 MIN_TOKENS, MAX_TOKENS = 8, 64
 HEAD_ROWS = 4096  # output-head rows (tokens) summed in the head unit: those with the smallest keys, for cost
+# The probe is flattened along the embedding's FLATTEN_DIRECTIONS leading principal directions (estimated from the
+# same HEAD_ROWS sampled rows by FLATTEN_ITERATIONS subspace iterations on FLATTEN_DIRECTIONS + FLATTEN_OVERSAMPLE
+# token-keyed start vectors): see flatten_probe.
+FLATTEN_DIRECTIONS = 32
+FLATTEN_OVERSAMPLE = 16
+FLATTEN_ITERATIONS = 8
+_FLATTEN_STREAM = 0xF1A7  # the start vectors' seed: fixed, so that every sketch flattens alike whatever its probe seed
 KEY_SAMPLE = 256  # smallest keys recorded, so two sketches can estimate how much of their vocabularies they share
 SIZE_BUDGET = 3_500_000  # base64 bytes of unit data; with the rest the sketch stays under 4 MB
 _BLOCK_ELEMENTS = 1 << 20  # embedding rows are mixed in blocks of this many float32 values (4 MB)
@@ -71,6 +82,47 @@ def mixture_coefficients(keys: np.ndarray, k: int, seed: int) -> np.ndarray:
         rows = min(64, k - 64 * word)
         out[64 * word:64 * word + rows] = 1.0 - 2.0 * bits[:rows].astype(np.float64)
     return out
+
+
+def flatten_probe(probe: torch.Tensor, sample: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """The probe rows with the embedding's leading principal directions flattened, then unit-normalised.
+
+    `sample`: unit-normalised embedding rows [m, d] (a keyed sample), `start`: token-keyed start vectors
+    [m, c] (`flatten_start`). The sample's covariance C = sampleᵀ sample / m is estimated in its leading r
+    directions U (eigenvalues λ) by subspace iteration from sampleᵀ start; every probe row p becomes
+    p (U diag(λ^-1/2) Uᵀ + σ⁻¹ (I - U Uᵀ)), σ² the mean eigenvalue of the rest: the probe weighs the leading
+    directions no more than the bulk. Plain mixtures of embedding rows lie mostly along those few directions,
+    which independently trained models share and which a fine-tune can rewrite at little cost to what the
+    model does on text; flattened, the probe spreads over the whole residual stream. Every step is a
+    polynomial in the sample applied to token-keyed vectors, so the result turns with any rotation of the
+    residual stream and ignores the rows' order (differentiable; float64 inside).
+    """
+    x = sample.to(torch.float64)
+    m, d = x.shape
+    r = min(FLATTEN_DIRECTIONS, d // 2, m // 2)
+    if r < 1:
+        return unit_rows(probe)
+    basis = x.T @ start.to(torch.float64)[:, :min(start.shape[1], d)]
+    for _ in range(FLATTEN_ITERATIONS):
+        basis, _ = torch.linalg.qr(basis)
+        basis = x.T @ (x @ basis)
+    basis, _ = torch.linalg.qr(basis)
+    projected = x @ basis
+    values, vectors = torch.linalg.eigh(projected.T @ projected / m)
+    top = torch.argsort(values, descending=True)[:r]
+    lam = values[top].clamp_min(1e-12)
+    directions = basis @ vectors[:, top]
+    total = x.pow(2).sum() / m  # trace of C (1 for unit rows; zero rows count as nothing)
+    bulk = ((total - lam.sum()) / max(d - r, 1)).clamp_min(1e-12)
+    p = probe.to(torch.float64)
+    flat = p / bulk.sqrt() + ((p @ directions) * (lam.rsqrt() - bulk.rsqrt())) @ directions.T
+    return unit_rows(flat).to(probe.dtype)
+
+
+def flatten_start(sample_keys: np.ndarray, width: int) -> torch.Tensor:
+    """[m, c] token-keyed random signs for flatten_probe's subspace iteration (c = directions + oversampling)."""
+    columns = min(FLATTEN_DIRECTIONS + FLATTEN_OVERSAMPLE, max(width, 1))
+    return torch.from_numpy(mixture_coefficients(sample_keys, columns, _FLATTEN_STREAM).T.copy())
 
 
 def probe_ids(vocab: int, k: int, seed: int) -> np.ndarray:
@@ -262,11 +314,14 @@ class SketchBuilder:
             return
         # the head unit sums over output tokens; those with the smallest keys keep it cheap on big vocabularies
         self._head_rows = torch.from_numpy(smallest_keys(self.keys, HEAD_ROWS))
-        self.probe = self._mix(reader, self.embedding)
+        mixed, sample = self._mix(reader, self.embedding)
+        start = flatten_start(self.keys.keys[self._head_rows.numpy()], self.width)
+        self.probe = flatten_probe(mixed, sample, start).to(torch.float32)
         self._units[("embed", -1)] = self.probe @ self.probe.T
 
-    def _mix(self, reader: Any, info: TensorInfo) -> torch.Tensor:
-        """The k probe mixtures Σ_t c_j(key_t) ê_t over every keyed embedding row, unit-normalised.
+    def _mix(self, reader: Any, info: TensorInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k probe mixtures Σ_t c_j(key_t) ê_t over every keyed embedding row, unit-normalised, and the
+        unit-normalised sampled rows (`_head_rows`) that flatten_probe estimates the leading directions from.
 
         One pass in row blocks converted into one reused float32 buffer; dividing the coefficients by the row
         norms stands for normalising the rows (ê_t = e_t / |e_t|) without a second pass over the block.
@@ -277,6 +332,8 @@ class SketchBuilder:
         step = max(1, _BLOCK_ELEMENTS // max(width, 1))
         buffer = torch.empty(min(rows, step) * width, dtype=torch.float32)
         total = torch.zeros((self.k, width), dtype=torch.float64)
+        sampled = self._head_rows[self._head_rows < rows]
+        sample = torch.zeros((len(sampled), width), dtype=torch.float32)
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             present = self.keys.present[start:stop]
@@ -285,6 +342,10 @@ class SketchBuilder:
             block = buffer[:(stop - start) * width].view(stop - start, width)
             block.copy_(pick(info, torch.arange(start, stop)) if pick is not None else raw[start:stop])  # type: ignore[index]
             norms = torch.linalg.vector_norm(block, dim=1).clamp_min(1e-30)
+            lo, hi = np.searchsorted(sampled.numpy(), [start, stop])
+            if hi > lo:
+                picked = sampled[lo:hi] - start
+                sample[lo:hi] = block[picked] / norms[picked, None]
             coefficients = torch.from_numpy(
                 (mixture_coefficients(self.keys.keys[start:stop], self.k, self.seed) * present[None, :])
                 .astype(np.float32)) / norms[None, :]
@@ -292,7 +353,7 @@ class SketchBuilder:
         if not bool(torch.isfinite(total).all()):
             raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
                                    f"a fingerprint of it would be meaningless")
-        return unit_rows(total).to(torch.float32)
+        return unit_rows(total).to(torch.float32), sample
 
     @staticmethod
     def _select_layers(layers: list[int], budget: int) -> list[int]:
@@ -485,11 +546,13 @@ def sketch_units(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], k
         return torch.ones(width, dtype=embedding.dtype, device=embedding.device)
 
     coefficients = mixture_coefficients(keys.keys, tokens, seed) * keys.present[None, :]
-    probe = unit_rows(torch.from_numpy(coefficients).to(embedding) @ unit_rows(embedding))
+    rows_unit = unit_rows(embedding)
+    head_rows = torch.from_numpy(smallest_keys(keys, HEAD_ROWS))
+    probe = flatten_probe(unit_rows(torch.from_numpy(coefficients).to(embedding) @ rows_unit), rows_unit[head_rows],
+                          flatten_start(keys.keys[head_rows.numpy()], width).to(embedding))
     units: dict[tuple[str, int | None], torch.Tensor] = {("embed", None): probe @ probe.T}
     head_name = _named(state, _HEADS)
     head = state[head_name] if head_name is not None else embedding
-    head_rows = torch.from_numpy(smallest_keys(keys, HEAD_ROWS))
     product = head[head_rows[head_rows < head.shape[0]]] @ (probe * gain(None, _FINAL_NORMS)).T
     units[("head", None)] = product.T @ product
     shape = heads_of(config, width)

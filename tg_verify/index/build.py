@@ -23,6 +23,7 @@ import numpy as np
 
 from tg_verify.analysis.references import Label, fingerprint_paths
 from tg_verify.errors import EXIT_OK, IndexFormatError, InputError, TgVerifyError, UsageError
+from tg_verify.escaping import shown
 from tg_verify.fingerprint.document import load
 from tg_verify.fingerprint.settings import semantic
 from tg_verify.index.signature import fingerprint_signature
@@ -138,6 +139,10 @@ def _identify(item: Prepared, id_from: IdFrom, labels: Mapping[str, Label] | Non
     """(id, family, base, parent) of a prepared fingerprint, from its name or file and the labels."""
     stem = Path(item.path).name.removesuffix(".json")
     ident = item.model_name if id_from == "name" and item.model_name else stem
+    for what, text in (("model name", item.model_name), ("reference id", ident)):
+        if text and not text.isprintable():  # the index stores printable names only (store._text refuses others)
+            raise InputError(f"{what} '{shown(text)}' holds control characters; an index stores printable names "
+                             "only")
     if labels is None:
         return ident, ident, True, None
     label = labels.get(ident) or labels.get(stem)

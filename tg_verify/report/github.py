@@ -76,6 +76,37 @@ def workspace_relative(path: str | os.PathLike[str], environ: Mapping[str, str] 
     return Path(path).as_posix()
 
 
+def policy_line(policy: Path, needle: str | None) -> int | None:
+    """1-based line of the first policy line that names `needle` (a reference id or a key such as
+    `declared:`), comments ignored; where annotations and SARIF results point."""
+    if not needle:
+        return None
+    try:
+        lines = policy.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for number, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0]
+        if needle in text.replace('"', " ").replace("'", " ").replace("[", " ").replace("]", " ").replace(",", " ") \
+                .split() or text.strip().endswith(f" {needle}"):
+            return number
+    return None
+
+
+def output_path(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> str:
+    """A path as a step output: normalised (no `..`, no `./`), relative to $GITHUB_WORKSPACE when inside it
+    (what later steps such as actions/upload-artifact resolve against), else absolute; POSIX separators."""
+    env = os.environ if environ is None else environ
+    resolved = Path(os.path.abspath(path))
+    workspace = env.get("GITHUB_WORKSPACE")
+    if workspace:
+        try:
+            return resolved.relative_to(Path(os.path.abspath(workspace))).as_posix()
+        except ValueError:
+            pass
+    return resolved.as_posix()
+
+
 def format_output(name: str, value: str, delimiter: str | None = None) -> str:
     """One `name<<DELIM\\nvalue\\nDELIM\\n` record for $GITHUB_OUTPUT, as the toolkit writes it.
 

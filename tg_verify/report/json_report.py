@@ -70,6 +70,7 @@ def build_report(result: VerificationResult) -> dict[str, Any]:
             "fingerprint_digest": cand.fingerprint_digest, "layout": cand.layout,
             "total_params": cand.fingerprint.features.get("total_params"),
             "files": [f.to_dict() for f in cand.files], "root_digest": cand.root_digest,
+            "weights_digest": cand.weights_digest, "read_through_symlinks": cand.symlinks,
             "files_hashed": cand.files_hashed, "files_verified": cand.files_verified,
             "base": cand.base.to_dict() if cand.base is not None else None, "warnings": list(cand.warnings),
             "unexpected_tensors": list(cand.unexpected),

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from tg_verify.analysis.clustering import ClusteringStudy, StrategyResult
     from tg_verify.analysis.perturbation import PerturbationStudy
 
-PLOTS_HINT = "pip install 'tg-verify[plots]'"
+# tg-verify is not on PyPI, so the hint names matplotlib itself (the [plots] extra of a checkout or git URL)
+PLOTS_HINT = "pip install 'matplotlib>=3.7', the [plots] extra"
 CATEGORY_COLOURS = {"attention": "#f28e2b", "ffn": "#4e79a7", "embedding": "#59a14f", "norm": "#b07aa1",
                     "unknown": "#9c9c9c"}
 
