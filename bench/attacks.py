@@ -59,8 +59,9 @@ def probe_coefficients(fingerprint: Any, keys: Any) -> torch.Tensor:
     """The k x V matrix C with probe = C @ unit-normalised embedding rows, as an evader computes it from a
     published fingerprint and the token keys of the tokenizer it ships (`token_keys`).
 
-    A mixture probe (tgs2): `sketch.mixture_coefficients` at the published seed and mixture count, zero
-    for rows without a key. A row probe (tgs1): its published rows, one-hot.
+    A mixture probe (tgs2, tgs3): `sketch.mixture_coefficients` at the published seed and mixture count,
+    zero for rows without a key (tgs3 then flattens these mixtures along the embedding's leading
+    directions, a fixed linear map for given weights). A row probe (tgs1): its published rows, one-hot.
     """
     from tg_verify.fingerprint.sketch import mixture_coefficients
 

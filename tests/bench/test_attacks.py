@@ -202,13 +202,26 @@ def _keys_and_fingerprint(tmp_path, ck, tokenizer):
 
 
 def test_probe_coefficients_are_the_ones_the_sketch_uses(tmp_path, tokenizer):
-    from tg_verify.fingerprint.sketch import normalise, sketch_units, unit_rows
+    from tg_verify.fingerprint.sketch import (
+        HEAD_ROWS,
+        flatten_probe,
+        flatten_start,
+        normalise,
+        sketch_units,
+        smallest_keys,
+        unit_rows,
+    )
 
     ck = checkpoint("qwen2", vocab=tokenizer.get_vocab_size())
     keys, fp = _keys_and_fingerprint(tmp_path, ck, tokenizer)
     assert keys.kind == "strings" and fp.sketch["probe"]["keys"] == "strings"
     c = A.probe_coefficients(fp, keys)
-    probe = unit_rows(c.float() @ unit_rows(ck.state[A.EMBED]))
+    rows = unit_rows(ck.state[A.EMBED])
+    mixtures = unit_rows(c.float() @ rows)
+    # tgs3 flattens the mixtures along the leading directions of a keyed sample of the rows: a fixed
+    # linear map for given weights, so the evader's C still names what the probe is made of
+    sample = torch.from_numpy(smallest_keys(keys, HEAD_ROWS))
+    probe = flatten_probe(mixtures, rows[sample], flatten_start(keys.keys[sample.numpy()], rows.shape[1]).float())
     embed = sketch_units(ck.state, ck.config.to_dict(), keys)[("embed", None)]
     assert torch.allclose(normalise(probe @ probe.T, True), embed, atol=1e-5)
 
