@@ -51,7 +51,7 @@ def public_probe(fingerprint: Any) -> list[int]:
         return sorted(int(i) for i in ids)
     from tg_verify.fingerprint.sketch import probe_ids
 
-    vocab = int(probe.get("vocab", probe.get("rows", 0))) if isinstance(probe, dict) else 0
+    vocab = int(probe.get("vocab") or probe.get("rows") or 0) if isinstance(probe, dict) else 0
     return [int(i) for i in probe_ids(vocab, 32, 0)]
 
 
@@ -203,7 +203,8 @@ def _cancelling_mlp(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, pa
 
 def _cancelling_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                       biases: dict[str, torch.Tensor], shape: tuple[int, int, int], pairs: int, scale: float,
-                      generator: torch.Generator, *, keep: bool = True) -> tuple[torch.Tensor, ...]:
+                      generator: torch.Generator, *, keep: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """q, k, v, o (and q/k/v biases) with `pairs` pairs of new key/value groups appended (or, keep=False,
     only the new ones): group two is group one with q -> A q, k -> A^-T k (same scores; A commutes with
     rotary embeddings), v -> B v and o -> -o B^-1, so the pair's outputs and its share of o @ v cancel."""
@@ -239,7 +240,7 @@ def _cancelling_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torc
     else:
         parts = [new.to(old.dtype) for old, new in zip(olds, parts)]
         extra = {n: torch.cat(new_b[n]).to(biases[n].dtype) for n in biases}
-    return (*parts, extra)
+    return parts[0], parts[1], parts[2], parts[3], extra
 
 
 def _layer_biases(ck: Checkpoint, i: int) -> dict[str, torch.Tensor]:
@@ -472,7 +473,7 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, context: int = 128,
     data = tokens[:count * context].reshape(count, context)
     model.eval()
     total, n = 0.0, 0
-    for chunk in data.split(batch):
+    for chunk in torch.split(data, batch):
         logits = model(input_ids=chunk).logits[:, :-1].float()
         targets = chunk[:, 1:]
         total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),

@@ -421,8 +421,9 @@ class Bench:
         for name, (source, key, grid) in sources.items():
             tag = hashlib.sha256(f"{name}/{key}".encode()).hexdigest()[:8]
             for steps in grid:
-                made = self.trained(f"{arch}/repair-{tag}-{steps}", lambda source=source, steps=steps, name=name:
-                                    self.fine_tune(arch, source, steps, r.repair_lr, "repair", name, steps))
+                def repair(source: T.Checkpoint = source, steps: int = steps, name: str = name) -> T.Checkpoint:
+                    return self.fine_tune(arch, source, steps, r.repair_lr, "repair", name, steps)
+                made = self.trained(f"{arch}/repair-{tag}-{steps}", repair)
                 self.measure(subject, "repair", name, f"{steps} steps", steps, self._plain(made))
 
     def _adaptive(self, subject: Subject, reinitialised: T.Checkpoint) -> None:
