@@ -152,6 +152,10 @@ class Row:
     score: float = float("nan")
     threshold: float = float("nan")
     p_value: float = float("nan")
+    calibration: str = ""  # the reference's calibration class, or "uncalibrated"
+    rate: float = float("nan")  # share of that class's null at or above the score, and its 95% upper bound
+    rate_upper: float = float("nan")
+    null_size: int = 0
     derived: bool = False
     comparable: bool = True
     reparam_score: float = float("nan")
@@ -302,6 +306,8 @@ class Bench:
         directory = save(made.checkpoint, made.shipped, self.scratch / "candidate")
         result = lineage(fingerprint(directory, f"{arch} {attack} {strength}"), subject.references[(made.reference, 0)])
         row.score, row.threshold, row.p_value = result.score, result.threshold, result.p_value
+        row.calibration, row.rate, row.rate_upper, row.null_size = (result.calibration, result.rate,
+                                                                    result.rate_upper, result.null_size)
         row.derived, row.comparable, row.notes = result.derived, result.comparable, list(result.notes)
         by_role: dict[str, list[float]] = {}
         for unit in getattr(result, "units", None) or []:
