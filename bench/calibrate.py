@@ -274,10 +274,10 @@ def scope(trend: dict[str, Any]) -> str:
     if longest is None or len(shares) < 2:
         return text
     if shares[-1] > shares[0] and shares[-1] > alpha:
-        return (f"{text}; its tail grows with training length ({longest['above']}/{longest['pairs']} pairs "
-                f"trained {lengths[-1]} steps above the threshold vs {rows[str(lengths[0])]['above']}/"
-                f"{rows[str(lengths[0])]['pairs']} at {lengths[0]}): the rate is not known for models trained "
-                "longer")
+        first = rows[str(lengths[0])]
+        return (f"{text}, pooled; its tail grows with training length: pairs both trained {lengths[-1]} steps score "
+                f"above the threshold {longest['share']:.1%} of the time (95% upper bound {longest['upper95']:.1%}; "
+                f"{first['share']:.1%} at {lengths[0]}), and for models trained longer the rate is not known")
     return f"{text}; no growth of its tail with training length measured there"
 
 
