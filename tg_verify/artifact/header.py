@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,7 +119,7 @@ def header_length(prefix: bytes, file_size: int, where: str, max_header_bytes: i
     """Checks 1-3: the 8-byte little-endian length, within the cap and within the file."""
     if file_size < 8 or len(prefix) < 8:
         raise HeaderTooSmallError(f"{where}: file is {file_size} bytes, shorter than the 8-byte header length")
-    (length,) = struct.unpack("<Q", prefix[:8])
+    length = int.from_bytes(prefix[:8], "little")  # the unsigned 64-bit little-endian length
     if length > max_header_bytes:
         raise HeaderTooLargeError(f"{where}: header length {length} exceeds the limit of {max_header_bytes} bytes")
     if 8 + length > file_size:

@@ -68,7 +68,9 @@ def analysis_kind(info: TensorInfo, fmt: str = "safetensors") -> str:
 
 def tensor_inputs(settings: FingerprintSettings, name: str, strategy: str, width: int) -> np.ndarray:
     """The float32 inputs of a weight-independent strategy, [repeats, width] (values exactly as used)."""
-    return noise.base_inputs(settings, name, width) + noise.additive_noise(settings, name, strategy, width)
+    inputs: np.ndarray = noise.base_inputs(settings, name, width) + noise.additive_noise(settings, name, strategy,
+                                                                                         width)
+    return inputs
 
 
 def _nonfinite_error(source: TensorSource, info: TensorInfo, engine: ResponseEngine) -> WeightValueError:
@@ -272,7 +274,7 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     pool = WorkerPool(helper_threads(compute, hashing), _hashing(artifact, tracker, stop) if hashing else None,
                       prelude_joins=compute > 1)
     try:
-        builder = SketchBuilder(artifact, source, settings) if settings.sketch else None  # type: ignore[arg-type]
+        builder = SketchBuilder(artifact, source, settings) if settings.sketch else None
         capacity = max((info.numel for info, kind in zip(artifact.tensors, kinds) if kind == "gradient"), default=0)
         engines: list[ResponseEngine | None] = [None] * pool.workers
         release = getattr(source, "release", None)
