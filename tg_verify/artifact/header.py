@@ -36,6 +36,7 @@ from tg_verify.artifact.errors import (
     TooManyTensorsError,
     TrailingBytesError,
     UnknownDtypeError,
+    about_file,
     shown,
 )
 from tg_verify.artifact.model import DTYPE_BITS, tensor_budget
@@ -244,15 +245,18 @@ def read_header(path: str | os.PathLike[str], *, max_header_bytes: int = MAX_HEA
     try:
         try:
             prefix = read_exactly(fd, 8)
-            length = header_length(prefix, info.st_size, where, max_header_bytes)
+            with about_file(path):
+                length = header_length(prefix, info.st_size, where, max_header_bytes)
             raw = read_exactly(fd, length)
         except OSError as exc:
             raise os_error(path, exc, "weights file") from None
     finally:
         os.close(fd)
     if len(raw) != length:
-        raise HeaderLengthError(f"{where}: header truncated while reading ({len(raw)} of {length} bytes)")
-    tensors, metadata, canonical = parse_header(raw, info.st_size, where)
+        raise HeaderLengthError(f"{where}: header truncated while reading ({len(raw)} of {length} bytes)",
+                                file=str(path))
+    with about_file(path):
+        tensors, metadata, canonical = parse_header(raw, info.st_size, where)
     return Header(path=path, file_size=info.st_size, data_start=8 + length, tensors=tensors, metadata=metadata,
                   canonical=canonical)
 

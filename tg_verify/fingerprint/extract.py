@@ -335,7 +335,8 @@ def _screen(run: _Pass) -> list[dict[str, Any]]:
         if (kind == "one-dimensional" and real_valued(info.dtype, run.artifact.format)
                 and not bool(torch.isfinite(run.source.float32(info)).all())):
             raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
-                                   f"a fingerprint of it would be meaningless")
+                                   f"a fingerprint of it would be meaningless",
+                                   file=str(run.artifact.path_of(info.file)))
         if run.release is not None:
             run.release(info)
         run.tracker.tensor_done(run.label, info.nbytes)
