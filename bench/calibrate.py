@@ -16,6 +16,7 @@ calibrated test on models the calibration never saw.
 
     nice -n 10 python bench/calibrate.py [--work bench/out/calibrate] [--train-only] [--archs llama gemma]
         [--sizes small medium] [--output tg_verify/analysis/data/lineage_calibration.json]
+    python bench/calibrate.py --resummarise   # re-derive the trend with training length of the written file
 
 Prints a per-class summary; models and sketches are cached under WORK/<recipe digest>/.
 """
@@ -191,7 +192,7 @@ def score_pairs(zoo: Zoo, models: list[Model]) -> dict[str, dict[str, Any]]:
 
 
 def write(output: Path, recipe: Recipe, classes: dict[str, dict[str, Any]], models: list[Model]) -> dict[str, Any]:
-    from tg_verify.analysis.calibration import CALIBRATION_FORMAT, load_calibration
+    from tg_verify.analysis.calibration import CALIBRATION_FORMAT
     from tg_verify.analysis.lineage import LINEAGE_METHOD
     from tg_verify.fingerprint.sketch import SKETCH_VERSION
 
@@ -209,10 +210,75 @@ def write(output: Path, recipe: Recipe, classes: dict[str, dict[str, Any]], mode
         "models": sorted(m.id for m in models),
         "classes": [classes[key] for key in sorted(classes)],
     }
+    return save(output, document)
+
+
+def save(output: Path, document: dict[str, Any]) -> dict[str, Any]:
+    """Write the document with its measured trend with training length at the default target rate and the scope
+    it implies (recipe.trend, recipe.scope), and read it back through the validator."""
+    from tg_verify.analysis.calibration import load_calibration
+    from tg_verify.analysis.lineage_rule import DEFAULT_ALPHA
+
+    trend = length_trend(document, DEFAULT_ALPHA)
+    document["recipe"] = {**document["recipe"], "trend": trend, "scope": scope(trend)}
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(document, sort_keys=True, separators=(",", ":")) + "\n")
     load_calibration(output)  # what was written must read back through the validator
     return document
+
+
+def _length(model_id: str) -> int:
+    """A model's pretraining length, from its root's id (`arch-size-sSEED-STEPS`)."""
+    return int(model_id.split("~")[0].rsplit("-", 1)[1])
+
+
+def length_trend(document: dict[str, Any], alpha: float) -> dict[str, Any]:
+    """The null's upper tail against training length: per length L, over the pairs whose two roots were both
+    trained L steps, how many score above their class's threshold at `alpha` (set from the whole null, every
+    length pooled), with the exact 95% upper bound; and per class the 99th percentile and maximum at each L."""
+    from tg_verify.analysis.calibration import NullSample, upper_bound
+
+    models = document["models"]
+    lengths = sorted({_length(m) for m in models})
+    pooled = {n: [0, 0] for n in lengths}
+    per_class: dict[str, dict[str, Any]] = {}
+    for entry in document["classes"]:
+        scores = np.asarray(entry["scores"], dtype=np.float64)
+        threshold = NullSample(key=entry["key"], scores=scores).threshold(alpha)
+        pair_lengths = np.asarray([(_length(models[c]), _length(models[r])) for c, r in entry["pairs"]])
+        rows = {}
+        for n in lengths:
+            at = scores[(pair_lengths[:, 0] == n) & (pair_lengths[:, 1] == n)]
+            if not len(at):
+                continue
+            above = int(np.count_nonzero(at > threshold))
+            pooled[n][0] += above
+            pooled[n][1] += len(at)
+            rows[str(n)] = {"pairs": len(at), "above": above, "p99": round(float(np.quantile(at, 0.99)), 4),
+                            "max": round(float(at.max()), 4)}
+        per_class[entry["key"]] = {"threshold": round(threshold, 4), "by_length": rows}
+    return {"alpha": alpha, "lengths": lengths,
+            "pairs": "both roots trained the same number of steps; threshold from the whole null of the class",
+            "by_length": {str(n): {"pairs": total, "above": above, "share": round(above / total, 5),
+                                   "upper95": round(upper_bound(above, total), 5)}
+                          for n, (above, total) in pooled.items() if total},
+            "classes": per_class}
+
+
+def scope(trend: dict[str, Any]) -> str:
+    """Which models the stated rates cover, in words, from the measured trend (no constant of ours in it)."""
+    lengths, rows, alpha = trend["lengths"], trend["by_length"], trend["alpha"]
+    shares = [rows[str(n)]["share"] for n in lengths if str(n) in rows]
+    text = f"null: tiny models trained {lengths[0]}-{lengths[-1]} steps"
+    longest = rows.get(str(lengths[-1]))
+    if longest is None or len(shares) < 2:
+        return text
+    if shares[-1] > shares[0] and shares[-1] > alpha:
+        first = rows[str(lengths[0])]
+        return (f"{text}, pooled; its tail grows with training length: pairs both trained {lengths[-1]} steps score "
+                f"above the threshold {longest['share']:.1%} of the time (95% upper bound {longest['upper95']:.1%}; "
+                f"{first['share']:.1%} at {lengths[0]}), and for models trained longer the rate is not known")
+    return f"{text}; no growth of its tail with training length measured there"
 
 
 def summary(document: dict[str, Any], alpha: float) -> str:
@@ -231,6 +297,20 @@ def summary(document: dict[str, Any], alpha: float) -> str:
                      f"{np.quantile(null.scores, 0.99):.3f} | {null.scores.max():.3f} "
                      f"({null.scores[same].max():.3f}) | {threshold:.3f} | "
                      f"{above}/{n} ({null.upper_bound(above):.2%}) |")
+    trend = document["recipe"].get("trend")
+    if trend:
+        lengths = trend["lengths"]
+        lines += ["", f"Null tail against training length (pairs whose roots both trained L steps; each class's "
+                      f"threshold at {trend['alpha']:g} from its whole null): above threshold, and 99th percentile",
+                  "", "| class | " + " | ".join(f"{n} steps" for n in lengths) + " |",
+                  "|---|" + "---|" * len(lengths)]
+        for key, row in trend["classes"].items():
+            cells = [f"{c['above']}/{c['pairs']}, p99 {c['p99']:.3f}" if (c := row["by_length"].get(str(n)))
+                     else "-" for n in lengths]
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        cells = [f"{r['above']}/{r['pairs']} ({r['share']:.2%}, 95% upper {r['upper95']:.2%})"
+                 if (r := trend["by_length"].get(str(n))) else "-" for n in lengths]
+        lines += ["| all classes | " + " | ".join(cells) + " |", "", f"scope: {document['recipe']['scope']}"]
     return "\n".join(lines)
 
 
@@ -242,8 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--train-only", action="store_true", help="build the models, score nothing")
     parser.add_argument("--alpha", type=float, default=0.01, help="target rate for the printed thresholds")
+    parser.add_argument("--resummarise", action="store_true",
+                        help="re-derive the trend and scope of the written OUTPUT and print its summary; train nothing")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.resummarise:
+        print(summary(save(args.output, json.loads(args.output.read_text())), args.alpha))
+        return 0
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

@@ -342,7 +342,9 @@ def republish(ck: Checkpoint) -> Checkpoint:
                   "hidden_act": getattr(c, "hidden_act", None) or getattr(c, "hidden_activation", "silu")}
     kind = c.model_type
     if kind == "llama":
-        out.config = transformers.MistralConfig(**{k: v for k, v in common.items() if k != "head_dim"},
+        # head_dim only where it is not hidden_size / heads (a model grown by bench/attacks.dead_units)
+        out.config = transformers.MistralConfig(**{k: v for k, v in common.items()
+                                                   if k != "head_dim" or hd * heads != c.hidden_size},
                                                 sliding_window=None)
         return out
     if kind == "qwen2":

@@ -106,8 +106,12 @@ def batches(tokens: torch.Tensor, batch: int, context: int, seed: int) -> Iterat
 # -- training ---------------------------------------------------------------------------------------
 
 def train(model: torch.nn.Module, tokens: torch.Tensor, steps: int, lr: float, seed: int, batch: int = 16,
-          context: int = 64, parameters: list[torch.nn.Parameter] | None = None) -> float:
-    """Causal-LM training in place with AdamW; returns the last loss. Deterministic for a seed."""
+          context: int = 64, parameters: list[torch.nn.Parameter] | None = None,
+          penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> float:
+    """Causal-LM training in place with AdamW; returns the last LM loss. Deterministic for a seed.
+
+    `penalty(model)`, when given, is added to every step's loss (bench/evasion.py's adaptive attacker).
+    """
     torch.manual_seed(seed)
     model.train()
     trainable = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
@@ -118,7 +122,7 @@ def train(model: torch.nn.Module, tokens: torch.Tensor, steps: int, lr: float, s
         inputs = next(stream)
         loss = model(input_ids=inputs, labels=inputs).loss
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if penalty is None else loss + penalty(model)).backward()
         optimiser.step()
     model.eval()
     return float(loss.detach())

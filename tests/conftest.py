@@ -1,9 +1,13 @@
-"""Shared fixtures: tiny models of five architectures, built once per session, in three layouts."""
+"""Shared fixtures: tiny models of five architectures, built once per session, in three layouts; trained tiny
+models (independent twins and a fine-tune) for the tests that claim detection."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +25,43 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
         model = build_model(arch, seed=number)
         result[arch] = {layout: save_model(model, root / arch / layout, layout) for layout in LAYOUTS}
     return result
+
+
+TRAIN_STEPS = 150  # the shortest training length of the lineage calibration's null (bench/calibrate.py)
+
+
+@dataclass(frozen=True)
+class TrainedZoo:
+    """Tiny models trained on Python stdlib source through bench/lineage.py's 512-token bigram vocabulary:
+    per architecture a base and an independently trained twin (other seed), and the llama base fine-tuned."""
+
+    table: Any  # the vocabulary (bench.lineage.bigram_tokenizer), for write_tokenizer
+    bases: dict[str, Any]  # arch -> bench.transforms.Checkpoint
+    twins: dict[str, Any]
+    fine_tuned: Any  # the llama base after 40 steps at lr 1e-3 on text it never saw
+
+
+@pytest.fixture(scope="session")
+def trained_zoo() -> TrainedZoo:
+    """Built once per session (TRAIN_STEPS steps of 8 windows of 64 tokens each, one thread, deterministic):
+    detection is claimed on trained models only, never on random initialisations."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.lineage import bigram_tokenizer, tokenize
+    from bench.transforms import from_model
+    from bench.zoo import corpus, fine_tune
+    from tg_verify.tiny import one_thread
+
+    text = {part: corpus(part, 200_000) for part in ("pretrain", "heavy")}
+    table = bigram_tokenizer(text["pretrain"])
+    tokens = {part: tokenize(t, table) for part, t in text.items()}
+    bases, twins = {}, {}
+    with one_thread():
+        for number, arch in enumerate(ARCHITECTURES):
+            for seeds, out in ((500, bases), (600, twins)):
+                model = build_model(arch, seed=seeds + number)
+                out[arch] = from_model(fine_tune(model, tokens["pretrain"], TRAIN_STEPS, 3e-3, seeds + number, batch=8))
+        tuned = fine_tune(bases["llama"].model(), tokens["heavy"], 40, 1e-3, 700, batch=8)
+    return TrainedZoo(table=table, bases=bases, twins=twins, fine_tuned=from_model(tuned))
 
 
 @pytest.fixture(scope="session")

@@ -605,7 +605,8 @@ def lineage_evidence(result: LineageResult) -> LineageEvidence:
                            calibration=result.calibration if calibrated else None,
                            null_size=result.null_size if calibrated else None,
                            rate=finite(result.rate) if calibrated else None,
-                           rate_upper=finite(result.rate_upper) if calibrated else None)
+                           rate_upper=finite(result.rate_upper) if calibrated else None,
+                           null_scope=(result.null_scope or None) if calibrated else None)
 
 
 # ------------------------------------------------------------------------------------------ verify

@@ -128,6 +128,7 @@ class LineageEvidence:
     null_size: int | None = None
     rate: float | None = None
     rate_upper: float | None = None
+    null_scope: str | None = None  # which models the null covers (the rate holds for those)
 
     def rate_text(self) -> str:
         """The stated rate in words: the calibrated share of unrelated pairs at the score, or 'uncalibrated'."""
@@ -135,8 +136,9 @@ class LineageEvidence:
             return ("uncalibrated (no null measured for this architecture)" if self.method is not None
                     else f"stated false-positive rate {self.false_positive_rate:.2%}")
         count = round(self.rate * self.null_size)
+        scope = f"; {self.null_scope}" if self.null_scope else ""
         return (f"{count}/{self.null_size} unrelated pairs score as high "
-                f"(95% upper bound {self.rate_upper:.1%}; {self.calibration})")
+                f"(95% upper bound {self.rate_upper:.1%}; {self.calibration}{scope})")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,10 @@ def test_a_valid_document_reads_back(tmp_path: Path) -> None:
     calibration = load_calibration(path)
     assert calibration.null_for(ARCH) is not None and calibration.null_for({**ARCH, "layers": 3}) is None
     assert calibration.conservative_threshold(0.01) == 0.2
+    assert calibration.scope == ""  # no recipe.scope: nothing said about which models the null covers
+    scoped = document()
+    scoped["recipe"]["scope"] = "null: models trained 150-1200 steps"
+    assert parse_calibration(scoped, "c.json").scope == "null: models trained 150-1200 steps"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -69,6 +73,9 @@ def test_a_valid_document_reads_back(tmp_path: Path) -> None:
     (lambda d: d["classes"][0].update(scores=[True]), "finite numbers"),
     (lambda d: d["classes"].append(copy.deepcopy(d["classes"][0])), "repeats class"),
     (lambda d: d["classes"][0].update(architecture=None), "architecture must be an object"),
+    (lambda d: d["recipe"].update(scope=["a"]), "recipe.scope must be a printable string"),
+    (lambda d: d["recipe"].update(scope="\x1b]8;;evil\x07"), "recipe.scope must be a printable string"),
+    (lambda d: d["recipe"].update(scope="x" * 401), "recipe.scope must be a printable string"),
 ])
 def test_malformed_calibrations_name_the_field(change, message: str) -> None:  # type: ignore[no-untyped-def]
     doc = document()

@@ -1,4 +1,5 @@
-"""Evasions: each transform is proven function-preserving, changes the model, and is still detected.
+"""Evasions on trained tiny models: each transform is proven function-preserving, changes the model, and leaves
+the lineage score at 1 (still derived); an independently trained twin is not derived.
 
 Sketch-only fingerprints keep this fast; tests/analysis/test_lineage.py goes through the extractor.
 """
@@ -7,28 +8,29 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from tg_verify.analysis.lineage import lineage_test
 from tg_verify.fingerprint.document import Fingerprint
-from tg_verify.tiny import ARCHITECTURES, build_model
+from tg_verify.tiny import ARCHITECTURES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.transforms import EVASIONS, Checkpoint, all_evasions, from_model, same_function, sketch_fingerprint_of  # noqa: E402
+from bench.transforms import EVASIONS, Checkpoint, all_evasions, same_function, sketch_fingerprint_of  # noqa: E402
 
 CASES = {**EVASIONS, "all-at-once": all_evasions}
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Checkpoint, Fingerprint, Fingerprint]]:
-    """Per architecture: the base checkpoint, its fingerprint, and an independent twin's fingerprint."""
+def zoo(tmp_path_factory: pytest.TempPathFactory, trained_zoo: Any
+        ) -> dict[str, tuple[Checkpoint, Fingerprint, Fingerprint]]:
+    """Per architecture: the trained base checkpoint, its fingerprint, and its independently trained twin's."""
     root = tmp_path_factory.mktemp("evasion")
     result = {}
-    for number, arch in enumerate(ARCHITECTURES):
-        base = from_model(build_model(arch, seed=number, size="small"))
-        twin = from_model(build_model(arch, seed=100 + number, size="small"))
+    for arch in ARCHITECTURES:
+        base, twin = trained_zoo.bases[arch], trained_zoo.twins[arch]
         result[arch] = (base, sketch_fingerprint_of(base, root / arch),
                         sketch_fingerprint_of(twin, root / f"{arch}-twin"))
     return result
@@ -62,6 +64,7 @@ def test_republished_model_type_really_changes(zoo: dict[str, tuple[Checkpoint, 
 
 
 def test_independent_twins_are_not_derived(zoo: dict[str, tuple[Checkpoint, Fingerprint, Fingerprint]]) -> None:
-    for arch, (_, base_fp, twin_fp) in zoo.items():
-        result = lineage_test(twin_fp, base_fp)
-        assert not result.derived and result.score < 0.3, (arch, result.to_dict())
+    """Same config, same data, another seed, trained as long as the calibration's shortest null models: not derived
+    at the shipped calibration's threshold (or the fallback's, for a class it does not hold)."""
+    results = {arch: lineage_test(twin_fp, base_fp) for arch, (_, base_fp, twin_fp) in zoo.items()}
+    assert not any(r.derived for r in results.values()), {a: (r.score, r.threshold) for a, r in results.items()}

@@ -8,11 +8,15 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tg_verify import demo
+from tg_verify.analysis.calibration import Calibration, NullSample, class_key, upper_bound
+from tg_verify.analysis.lineage_rule import LINEAGE_METHOD
 from tg_verify.cli import main
 from tg_verify.fingerprint.document import load
+from tg_verify.fingerprint.sketch import SKETCH_VERSION
 from tg_verify.policy import MAX_POLICY_BYTES
 
 BASE = demo.BASE_ID
@@ -73,16 +77,49 @@ def test_pass_writes_report_attestation_summary_and_fingerprint(demo_tree: Path,
     assert (tmp_path / "s.md").read_text() in step
 
 
-def test_fail_exit_1_and_json_on_stdout(demo_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _calibration(demo_tree: Path, method: str) -> Calibration:
+    """A calibration whose only class is the demo base's: 200 null scores spread over [-0.2, 0.3]."""
+    architecture = load(demo_tree / "refs" / f"{BASE}.json").sketch["architecture"]  # type: ignore[index]
+    key = class_key(architecture)
+    null = NullSample(key, np.linspace(-0.2, 0.3, 200))
+    return Calibration(method=method, sketch_version=SKETCH_VERSION, recipe={}, classes={key: null}, source="test",
+                       scope="null: models trained 150-1200 steps")
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_fail_exit_1_and_json_on_stdout_with_the_stated_rate(demo_tree: Path, tmp_path: Path, calibrated: bool,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report states what the rate rests on: the calibration class with its null's size and scope, the rate at
+    the score and its 95% upper bound; or "uncalibrated", every rate null (a calibration of another method)."""
+    calibration = _calibration(demo_tree, LINEAGE_METHOD if calibrated else "tgl0")
+    monkeypatch.setattr("tg_verify.analysis.lineage.packaged_calibration", lambda: calibration)
     policy = write_policy(tmp_path, policy_text(demo_tree, "unrelated"))
     code = main(["verify", str(policy), "--json", "--no-progress"])
     captured = capsys.readouterr()
     assert code == 1
     report = json.loads(captured.out)
-    assert report["verdict"] == "fail"
+    assert report["verdict"] == "fail" and report["report_version"] == 3
     assert "TGV_LINEAGE_NOT_ESTABLISHED" in {r["code"] for r in report["reasons"]}
-    declared = next(r for r in report["references"] if r["declared"])
-    assert declared["lineage"]["derived"] is False and declared["lineage"]["false_positive_rate"] is not None
+    lineage = next(r for r in report["references"] if r["declared"])["lineage"]
+    assert lineage["derived"] is False and lineage["comparable"] and lineage["method"] == LINEAGE_METHOD
+    assert lineage["calibrated"] is calibrated
+    (null,) = calibration.classes.values()
+    assert lineage["threshold"] == pytest.approx(null.threshold(0.01))  # the fallback is the same single class
+    if calibrated:
+        count = null.at_or_above(lineage["score"])
+        assert lineage["calibration"] == null.key and lineage["null_size"] == 200
+        assert lineage["null_scope"] == "null: models trained 150-1200 steps"
+        assert lineage["rate"] == pytest.approx(count / 200, abs=0.006)
+        assert lineage["rate_upper"] == pytest.approx(upper_bound(round(lineage["rate"] * 200), 200), abs=1e-6)
+        assert lineage["false_positive_rate"] == pytest.approx(null.above(null.threshold(0.01)) / 200)
+        assert lineage["stated"].startswith(f"{round(lineage['rate'] * 200)}/200 unrelated pairs score as high")
+        assert "null: models trained 150-1200 steps" in lineage["stated"]
+    else:
+        assert lineage["calibration"] == "uncalibrated" and lineage["stated"].startswith("uncalibrated")
+        assert all(lineage[k] is None for k in ("null_size", "rate", "rate_upper", "p_value", "false_positive_rate",
+                                                 "false_positive_upper"))
+        assert any("method 'tgl0'" in note for note in lineage["notes"])
 
 
 def test_candidate_override_from_the_command_line(demo_tree: Path, tmp_path: Path,

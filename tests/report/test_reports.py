@@ -29,12 +29,19 @@ def _distance_shown(result: VerificationResult) -> str:
     return f"{ref.distance:.3f} {'>' if ref.distance > ref.threshold else '≤'} {ref.threshold:g}"
 
 
+def _rate_shown(result: VerificationResult) -> str:
+    """How the console states the declared base's lineage rate: from the calibration, or "uncalibrated"."""
+    lineage = result.declared_reference.lineage
+    assert lineage is not None
+    return "unrelated pairs score as high" if lineage.calibrated else "uncalibrated"
+
+
 def test_console_shows_candidate_declaration_attribution_distances_lineage_and_verdict(
         results: dict[str, VerificationResult]) -> None:
     text = " ".join(render_console(results["fail"]).split())  # wrapping aside
     result = results["fail"]
     for expected in (result.candidate.name, f"base {demo.BASE_ID}", f"family {result.classification.family}",
-                     "TGV_LINEAGE_NOT_ESTABLISHED", "not derived", "unrelated pairs score as high", "FAIL",
+                     "TGV_LINEAGE_NOT_ESTABLISHED", "not derived", _rate_shown(result), "FAIL",
                      "exit 1", _distance_shown(result)):
         assert expected in text, expected
     passed = " ".join(render_console(results["pass"]).replace("│", " ").split())

@@ -27,6 +27,7 @@ RESOURCE = "lineage_calibration.json"
 DATA_FILE = Path(__file__).with_name("data") / RESOURCE
 CONFIDENCE = 0.95
 MAX_SCORES = 1_000_000
+MAX_SCOPE = 400
 UNCALIBRATED = "uncalibrated"
 
 
@@ -86,13 +87,15 @@ class NullSample:
 
 @dataclass(frozen=True)
 class Calibration:
-    """A validated calibration file: the method it was measured with and one null sample per class."""
+    """A validated calibration file: the method it was measured with, one null sample per class, and its scope
+    (which models the null covers, e.g. their training lengths: every stated rate holds for those only)."""
 
     method: str
     sketch_version: str
     recipe: dict[str, Any]
     classes: dict[str, NullSample]
     source: str
+    scope: str = ""
 
     def null_for(self, architecture: Mapping[str, Any]) -> NullSample | None:
         return self.classes.get(class_key(architecture))
@@ -116,6 +119,9 @@ def parse_calibration(document: Any, source: str) -> Calibration:
         raise bad("'method' and 'sketch_version' must be strings")
     if not isinstance(recipe, dict):
         raise bad("'recipe' must be an object")
+    scope = recipe.get("scope", "")
+    if not isinstance(scope, str) or len(scope) > MAX_SCOPE or not scope.isprintable():
+        raise bad(f"recipe.scope must be a printable string of at most {MAX_SCOPE} characters")
     raw = document.get("classes")
     if not isinstance(raw, list) or not raw:
         raise bad("'classes' must be a non-empty list")
@@ -137,7 +143,8 @@ def parse_calibration(document: Any, source: str) -> Calibration:
                            and -1.0 <= s <= 1.0 for s in scores)):
             raise bad(f"{where}.scores must be a non-empty list of at most {MAX_SCORES} finite numbers in [-1, 1]")
         classes[key] = NullSample(key=key, scores=np.asarray(scores, dtype=np.float64))
-    return Calibration(method=method, sketch_version=version, recipe=recipe, classes=classes, source=source)
+    return Calibration(method=method, sketch_version=version, recipe=recipe, classes=classes, source=source,
+                       scope=scope)
 
 
 def load_calibration(path: str | Path | None = None) -> Calibration:

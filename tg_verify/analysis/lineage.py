@@ -69,6 +69,7 @@ class LineageResult:
     score at least `score`, `rate_upper` its exact one-sided 95% upper bound; `p_value` = (1 + that
     count) / (n + 1); `false_positive_rate` (with `false_positive_upper`) is the share of the null the
     test calls derived at `threshold`. All are NaN when the reference's class is "uncalibrated".
+    `null_scope` says which models the null covers (the rates hold for those).
     """
 
     score: float
@@ -89,6 +90,7 @@ class LineageResult:
     false_positive_upper: float = math.nan
     keys: str = ""
     method: str = LINEAGE_METHOD
+    null_scope: str = ""
 
     @property
     def calibrated(self) -> bool:
@@ -101,8 +103,9 @@ class LineageResult:
         if not self.calibrated:
             return "uncalibrated (no null measured for this architecture)"
         count = round(self.rate * self.null_size)
+        scope = f"; {self.null_scope}" if self.null_scope else ""
         return (f"{count}/{self.null_size} unrelated pairs score as high "
-                f"(95% upper bound {self.rate_upper:.1%}; {self.calibration})")
+                f"(95% upper bound {self.rate_upper:.1%}; {self.calibration}{scope})")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -111,7 +114,8 @@ class LineageResult:
             "false_positive_upper": _round(self.false_positive_upper), "derived": self.derived,
             "comparable": self.comparable, "alpha": self.alpha, "min_score": self.min_score,
             "calibration": self.calibration, "null_size": self.null_size, "rate": _round(self.rate),
-            "rate_upper": _round(self.rate_upper), "method": self.method, "keys": self.keys,
+            "rate_upper": _round(self.rate_upper), "null_scope": self.null_scope, "method": self.method,
+            "keys": self.keys,
             "tokens": self.tokens, "units": [u.to_dict() for u in self.units], "notes": list(self.notes),
         }
 
@@ -447,7 +451,8 @@ def lineage_test(candidate: Fingerprint, reference: Fingerprint, *, alpha: float
     fields: dict[str, Any] = {}
     if null is not None:
         count, above = null.at_or_above(score), null.above(threshold)
-        fields = {"calibration": null.key, "null_size": null.size, "rate": count / null.size,
+        fields = {"calibration": null.key, "null_size": null.size, "null_scope": calibration.scope,
+                  "rate": count / null.size,
                   "rate_upper": null.upper_bound(count), "p_value": (1 + count) / (null.size + 1),
                   "false_positive_rate": above / null.size, "false_positive_upper": null.upper_bound(above)}
     return LineageResult(score=score, threshold=threshold, p_value=fields.pop("p_value", math.nan),

@@ -115,8 +115,9 @@ def lineage_summary(result: dict[str, Any] | None) -> str:
         stated = "uncalibrated (no null measured for this architecture)"
     else:
         count = round(result["rate"] * result["null_size"])
+        scope = f"; {result['null_scope']}" if result.get("null_scope") else ""
         stated = (f"{count}/{result['null_size']} unrelated pairs score as high (95% upper bound "
-                  f"{result['rate_upper']:.1%}; {escape(result['calibration'])})")
+                  f"{result['rate_upper']:.1%}; {escape(result['calibration'] + scope)})")
     return f"lineage: {verdict} — score {result['score']:.3f} (threshold {result['threshold']:.3f}), {stated}"
 
 

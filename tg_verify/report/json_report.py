@@ -7,28 +7,41 @@ meaning. Everything a reviewer needs to re-check the verdict by hand is in it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tg_verify.atomic import canonical_json
 from tg_verify.pipeline import ReferenceOutcome, VerificationResult
 from tg_verify.verdict import summarize
 
+if TYPE_CHECKING:
+    from tg_verify.analysis.lineage import LineageResult
+
 SCHEMA = "https://tg-verify.dev/schemas/report"
-REPORT_VERSION = 2  # 2: candidate.files_verified means the features were recomputed (files_hashed added)
+# 2: candidate.files_verified means the features were recomputed (files_hashed added)
+# 3: references[].lineage states its calibration: `calibrated`, the class or "uncalibrated", the null's size and
+#    scope, the rate at the score with its 95% upper bound, and `stated` (the rate in words); its rates are null
+#    where uncalibrated (they were a constant of the method before)
+REPORT_VERSION = 3
 
 
 def _path(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def lineage_dict(result: Any) -> dict[str, Any] | None:
-    """A lineage result as JSON (its own to_dict when it has one)."""
+def lineage_dict(result: LineageResult | None) -> dict[str, Any] | None:
+    """A lineage result as the report states it: the decision (score, threshold, derived, method), what the rate
+    rests on (the calibration class or "uncalibrated", its null's size and scope) and the rates measured there
+    (share of the null at or above the score with its exact 95% upper bound, p-value, the threshold's own rate),
+    null where uncalibrated or not comparable, with `stated`, the same in words; then the units and notes."""
     if result is None:
         return None
-    to_dict = getattr(result, "to_dict", None)
-    if callable(to_dict):
-        return dict(to_dict())
-    return {k: getattr(result, k) for k in ("score", "threshold", "p_value", "false_positive_rate", "derived")}
+    document = result.to_dict()
+    calibrated = bool(result.comparable and result.calibrated)
+    document.update(calibrated=calibrated, stated=result.rate_text())
+    if not calibrated:
+        document.update(null_size=None, rate=None, rate_upper=None, p_value=None, false_positive_rate=None,
+                        false_positive_upper=None)
+    return document
 
 
 def _reference(ref: ReferenceOutcome) -> dict[str, Any]:
