@@ -13,20 +13,31 @@ split projections:
 Statistics (each a score for a (candidate, reference) pair, maximised over monotone layer injections so a dropped
 or duplicated layer costs only its own evidence):
 
-    spectra   per unit, the normalised singular values (a TensorGuard-like distribution statistic: the control)
-    gram      cosines <M_i, M_j>_F between all units of all layers (the cross-layer Gram)
-    words     traces of seeded words of 2-4 units (and transposes) within a layer or two adjacent ones, centred by
-              their free-probability expectation Π τ(M_i)
-    eigframe  each layer's units read in the frame of its gate Gram's top-k eigenvectors (V_lᵀ M V_l, off-diagonal),
-              compared after the best sign flips of the frame (eigenvectors have no sign)
-    eigsq     the same entries squared (sign-free, no alignment)
-    procrustes  (needs the reference's weights) an orthogonal T aligning the candidate's residual basis to the
-              reference's, started from the eigenframes and refined by polar iterations on Σ_u <T C_u Tᵀ, R_u>; the
-              correlation of the aligned units
-    oracle    not invariant: the units' correlation in the stored bases; only meaningful when neither model was
-              rotated (every pair here), it bounds what any invariant could read from the blocks
+    spectra     per unit, the normalised singular values (a TensorGuard-like distribution statistic: the control)
+    gram        cosines <M_i, M_j>_F between all units of all layers (the cross-layer Gram)
+    words       traces of seeded words of 2-4 units (and transposes) within a layer or two adjacent ones, centred
+                by their free-probability expectation Π τ(M_i)
+    eigframe    each layer's OV, QK, UD read in the frame of its gate Gram's top-k eigenvectors (V_lᵀ M V_l,
+                off-diagonal), compared after the best sign flips of the frame (eigenvectors have no sign)
+    eigsq       the same entries squared (sign-free, no alignment)
+    subspace    all four units read in the top-r eigenframe of Σ_l GG_l; an orthogonal r x r alignment fitted on
+                the attention units and scored on the MLP units, and the reverse (cross-fitted)
+    robust      the same with only OV and UD (which cancelling dead units and heads leave exactly unchanged), the
+                frame from Σ_l Σ_{OV,UD} (M Mᵀ + Mᵀ M) over unnormalised units; fitted on OV, scored on UD, and
+                the reverse: what a fingerprint could store (L x 2 x r x r)
+    robust-local  the same with one frame and one alignment per layer (survives dropped / inserted layers)
+    robust-max  the larger of robust and robust-local (a fingerprint storing both)
+    procrustes  (needs the reference's weights) a full-width orthogonal T aligning the candidate's residual basis
+                to the reference's, started from the gate-Gram eigenframes, refined by polar iterations on
+                Σ_u <T C_u Tᵀ, R_u>; the correlation of the aligned units (identity part removed)
+    procrustes-cv  the same fitted on the attention units and scored on the MLP units, and the reverse
+    procrustes-ou  (needs the reference's weights) full width, robust frame from the matched layers, fitted on
+                OV and scored on UD, and the reverse
+    oracle      not invariant: the units' correlation in the stored bases; only meaningful when neither model was
+                rotated (every pair here), it bounds what any invariant could read from the blocks
 
-    nice -n 10 .venv/bin/python bench/block_lineage.py [--calibration DIR] [--evasion DIR] [--skip-invariance]
+    nice -n 10 .venv/bin/python bench/block_lineage.py --sample 30 [--stats NAME ...] [--calibration DIR]
+        [--evasion DIR] [--skip-invariance]     # about 40 minutes on one shared core; findings: NOTES-blocks.md
 
 Reads the calibration zoo (bench/calibrate.py) and the evasion bench's cached models (bench/evasion.py); trains
 nothing. Prints Markdown tables.
@@ -479,14 +490,15 @@ class Model:
     root: str
     relation: str
     length: int
+    seed: int  # the root's seed argument (its training seed is seed * 10 + length, bench/calibrate.py)
 
 
 def calibration_models(directory: Path) -> list[Model]:
     out = []
     for path in sorted(directory.iterdir()):
         root, _, relation = path.name.partition("~")
-        arch, size, _, steps = root.split("-")
-        out.append(Model(path.name, arch, size, root, relation or "root", int(steps)))
+        arch, size, seed, steps = root.split("-")
+        out.append(Model(path.name, arch, size, root, relation or "root", int(steps), int(seed[1:])))
     return out
 
 
@@ -550,10 +562,12 @@ def main() -> None:
     parser.add_argument("--evasion", type=Path, default=EVASION)
     parser.add_argument("--stats", nargs="*", default=[s.name for s in STATISTICS])
     parser.add_argument("--skip-invariance", action="store_true")
+    parser.add_argument("--cross-arch", action="store_true",
+                        help="also score roots against roots of the other architectures of the same size")
     parser.add_argument("--invariance-stats", nargs="*", help="statistics for the invariance table (default: --stats)")
     parser.add_argument("--sample", type=int, default=0,
-                        help="for the slow full-width procrustes statistics: at most this many null pairs per class "
-                             "(roots only, evenly spaced) and derived pairs per relation (0: all)")
+                        help="for the slow full-width procrustes and procrustes-cv: at most this many null pairs per "
+                             "class (roots only, evenly spaced) and derived pairs per relation (0: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -580,7 +594,7 @@ def main() -> None:
     for stat in stats:
         feats = {k: stat.features(b) for k, b in blocks.items()}
         nulls, derived_subset = null_pairs, derived_pairs
-        if stat.name.startswith("procrustes") and args.sample:
+        if stat.name in ("procrustes", "procrustes-cv") and args.sample:
             nulls, derived_subset = [], []
             for key in sorted({(m.arch, m.size) for m in roots}):
                 pool = [(c, r) for c, r in null_pairs if (c.arch, c.size) == key and c.relation == "root"]
@@ -612,16 +626,20 @@ def main() -> None:
                 by_length.append(f"{np.quantile(same, 0.99):.2f}/{max(same):.2f}" if same else "-")
             print(f"| {key} | {len(entries)} | {quantiles([s for *_, s in entries])} | {', '.join(by_length)} |")
         print("\n### Derived pairs (derivative vs its root)\n")
-        print("| relation | pairs | median | min | at or below its class's null 99th pct | at or below its class's "
-              "null max |")
-        print("|---|---|---|---|---|---|")
+        print("| relation | pairs | median | min | min small / medium | at or below its class's null 99th pct "
+              "(small / medium) | at or below its class's null max |")
+        print("|---|---|---|---|---|---|---|")
         for relation in ("ft-light", "ft-heavy", "dropped-layer", "duplicated-layer"):
             rows = [(c, r, s) for c, r, s in derived_scores if c.relation == relation]
             below = sum(s <= p99[f"{r.arch}-{r.size}"] for c, r, s in rows)
             below_max = sum(s <= top[f"{r.arch}-{r.size}"] for c, r, s in rows)
             values = np.asarray([s for *_, s in rows])
-            print(f"| {relation} | {len(rows)} | {np.median(values):.3f} | {values.min():.3f} | {below} | "
-                  f"{below_max} |")
+            by_size = [[s for c, r, s in rows if c.size == size] for size in ("small", "medium")]
+            below_size = [sum(s <= p99[f"{r.arch}-{r.size}"] for c, r, s in rows if c.size == size)
+                          for size in ("small", "medium")]
+            print(f"| {relation} | {len(rows)} | {np.median(values):.3f} | {values.min():.3f} | "
+                  f"{' / '.join(f'{min(v):.3f}' if v else '-' for v in by_size)} | {below} "
+                  f"({below_size[0]} / {below_size[1]}) | {below_max} |")
         worst = sorted(derived_scores, key=lambda x: x[2])[:3]
         print("\nLowest derived: " + "; ".join(f"{c.id} {s:.3f} (null p99 {p99[f'{r.arch}-{r.size}']:.3f})"
                                                for c, r, s in worst))
@@ -649,6 +667,18 @@ def main() -> None:
                     caught += score > p99[f"{arch}-medium"]
             print(f"| {arch} | {p99[f'{arch}-medium']:.3f} / {top[f'{arch}-medium']:.3f} | " + " | ".join(cells)
                   + " |")
+        if args.cross_arch:
+            cross = [(c, r) for r in roots for c in roots if c.size == r.size and c.arch != r.arch]
+            print("\n### Other architectures of the same shape (roots vs roots)\n")
+            print("| pairs | n | median | 99th pct | max | min |")
+            print("|---|---|---|---|---|---|")
+            for label, same_init in (("other seed (independent)", False),
+                                     ("same seed and length (bench/calibrate.py excludes these: shared init)", True)):
+                chosen = [(c, r) for c, r in cross if ((c.seed, c.length) == (r.seed, r.length)) == same_init]
+                values = [stat.score(feats[c.id], feats[r.id], blocks[c.id], blocks[r.id]) for c, r in chosen]
+                if values:
+                    print(f"| {label} | {len(values)} | {quantiles(values)} | {min(values):.3f} |")
+            log(f"{stat.name}: cross-architecture pairs done")
         n_derived = len(derived_scores)
         missed = sum(s <= p99[f"{r.arch}-{r.size}"] for c, r, s in derived_scores)
         summary.append(f"| {stat.name} | {missed}/{n_derived} | {caught}/{total} | "
