@@ -324,7 +324,7 @@ def main() -> None:
             ratios = sorted(f["wall_s"] / r["wall_s"] for f, r in zip(rounds[kind], rounds["read"]))
             print(f"{kind} / read within each round: {', '.join(f'{x:.2f}' for x in ratios)}; "
                   f"median {ratios[len(ratios) // 2]:.2f}x")
-        print(f"targets: fingerprint <= 3x read (medians): the issue's fingerprint, features + sha256 digests "
+        print(f"targets: fingerprint <= 3x read (medians): without the sketch, features + sha256 digests "
               f"(--no-sketch) {results['+sha256']['wall_s'] / read:.2f}x; the default command, + lineage sketch "
               f"{results['fingerprint']['wall_s'] / read:.2f}x; features alone on 1 thread "
               f"{results['features']['wall_s'] / read:.2f}x; peak RSS <= 2500 MB: "

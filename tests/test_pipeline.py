@@ -12,7 +12,7 @@ import pytest
 
 from tg_verify import demo
 from tg_verify.artifact import file_digests, resolve, root_digest
-from tg_verify.artifact.digest import OTHER_ROLE, model_file_digests
+from tg_verify.artifact.digest import OTHER_ROLE
 from tg_verify.errors import DigestMismatchError, IncompatibleFingerprintsError, InputError
 from tg_verify.fingerprint.document import FEATURE_NAMES, BaseModelRecord, load
 from tg_verify.pipeline import FingerprintCache, VerificationResult, VerifyOptions, verify
@@ -69,12 +69,12 @@ def test_true_derivative_passes_and_records_the_evidence(demo_tree: Path, tmp_pa
     assert not passed & {"TGV_DISTANCE_WITHIN_THRESHOLD", "TGV_FAMILY_MATCHES", "TGV_IN_CLUSTER"}
     artifact = resolve(demo_tree / "models" / "finetune")
     digests = file_digests(artifact)
-    # the artifact's files, then what else model_signing signs for the model path (the tokenizer here), role "other"
-    model_digests, _ = model_file_digests(demo_tree / "models" / "finetune", artifact, digests)
-    assert {f.path: f.sha256 for f in result.candidate.files} == model_digests
-    assert {f.path for f in result.candidate.files if f.role == OTHER_ROLE} == set(model_digests) - set(digests)
-    assert result.candidate.weights_digest == root_digest(digests)
-    assert result.candidate.root_digest == root_digest(model_digests) and result.candidate.files_verified
+    # the weights are the artifact's files; the root digest (model_signing's) also covers what ships beside them
+    assert {f.path: f.sha256 for f in result.candidate.files if f.role != OTHER_ROLE} == digests
+    others = {f.path for f in result.candidate.files if f.role == OTHER_ROLE}
+    assert others == {"config.json", "vocab.json"} - set(digests)
+    assert result.candidate.weights_digest == root_digest(digests) and result.candidate.files_verified
+    assert result.candidate.root_digest == root_digest({f.path: f.sha256 for f in result.candidate.files})
     assert result.evidence.features_from is None and result.rules == result.policy.decision_rules()
     declared = result.declared_reference
     assert declared is not None and declared.lineage is not None and declared.lineage.derived

@@ -209,6 +209,20 @@ def test_forbidden_match_and_forbidden_lineage() -> None:
     assert codes(by_lineage, "fail") == {"TGV_FORBIDDEN_LINEAGE"}
 
 
+def test_not_comparable_lineage_to_a_forbidden_reference_refutes_nothing() -> None:
+    """Withholding the tokenizer makes sketches incomparable; that must not read as 'no derivation'."""
+    evidence = make_evidence(derived=("base", "leaked"))
+    refs = tuple(replace(r, lineage=lineage(True, comparable=False)) if r.id == "leaked" else r
+                 for r in evidence.references)
+    withheld = replace(evidence, references=refs)
+    warned = decide(make_policy(forbidden=("leaked",)), withheld)
+    assert "TGV_NO_FORBIDDEN_LINEAGE" not in codes(warned) and "TGV_LINEAGE_UNAVAILABLE" in codes(warned, "warn")
+    finding = next(f for f in warned.findings if f.code == "TGV_LINEAGE_UNAVAILABLE")
+    assert finding.subject == "leaked" and "not comparable (probe seeds differ)" in finding.message
+    strict = make_policy(forbidden=("leaked",), lineage=LineagePolicy(on_unavailable="fail"))
+    assert not decide(strict, withheld).passed
+
+
 def test_forbidden_match_does_not_fire_out_of_cluster() -> None:
     policy = make_policy(forbidden=("leaked",), on_out_of_cluster="warn")
     verdict = decide(policy, make_evidence(attributed=("llama", "leaked"), out_of_cluster=True))

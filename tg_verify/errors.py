@@ -52,7 +52,9 @@ class ArtifactError(InputError):
     """A model artifact that cannot be resolved (layout, missing files, unsupported format).
 
     The artifact layer's messages start with the file they are about (`model/x.safetensors: ...`,
-    docs/artifact.md); unless `file` is given, that file becomes the `file` attribute when it exists.
+    docs/artifact.md), and it passes that file as `file` itself (tests/corpus/test_corpus.py checks every
+    case). For raisers elsewhere that leave `file` open, the message's leading path becomes `file` when
+    it names an existing file.
     """
 
     code = "TGV_ARTIFACT"

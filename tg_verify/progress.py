@@ -9,7 +9,10 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 
 class ProgressSink(Protocol):
@@ -55,7 +58,7 @@ class RichProgress:
         self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TransferSpeedColumn(), TimeElapsedColumn(),
                                   console=Console(stderr=True), transient=True)
-        self._task: int | None = None
+        self._task: TaskID | None = None
 
     def start(self, description: str, total: float | None) -> None:
         if self._task is None:

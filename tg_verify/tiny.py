@@ -61,7 +61,9 @@ def build_model(arch: str, seed: int = 0, size: str = "small", **overrides: Any)
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, size, **overrides))
+    # transformers leaves from_config unannotated (its result is a PreTrainedModel, a torch Module)
+    model: torch.nn.Module = transformers.AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+        tiny_config(arch, size, **overrides))
     model.eval()
     return model
 
@@ -85,11 +87,12 @@ def save_model(model: torch.nn.Module, directory: str | os.PathLike[str], layout
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
+    config: Any = model.config  # a transformers PretrainedConfig (torch's Module typing sees a submodule)
+    if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    model.config.to_json_file(directory / "config.json")
+    config.to_json_file(directory / "config.json")
     if vocabulary:
-        tokens = placeholder_tokens(int(model.config.vocab_size))
+        tokens = placeholder_tokens(int(config.vocab_size))
         (directory / "vocab.json").write_text(json.dumps({text: i for i, text in enumerate(tokens)}))
     if layout == "single":
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})

@@ -51,7 +51,8 @@ REASON_CODES: dict[str, tuple[str, str]] = {
     "TGV_NO_FORBIDDEN_LINEAGE": ("pass", "the lineage test shows no derivation from a forbidden reference"),
     "TGV_LINEAGE_CONTRADICTS_FAMILY": ("fail", "the lineage test shows derivation from a reference of another "
                                                "family than the declared one"),
-    "TGV_LINEAGE_UNAVAILABLE": ("warn", "a lineage test could not run: a fingerprint lacks the lineage sketch "
+    "TGV_LINEAGE_UNAVAILABLE": ("warn", "a lineage test could not run: a fingerprint lacks the lineage sketch, "
+                                        "or against a forbidden reference the sketches are not comparable "
                                         "(policy lineage.on_unavailable: warn | fail)"),
     "TGV_LINEAGE_DISABLED": ("info", "the policy turned the lineage test off (lineage.enabled: false)"),
     "TGV_ADAPTER_BASE_NAME_MISMATCH": ("warn", "the adapter's base_model_name_or_path disagrees with the declared "
@@ -437,7 +438,12 @@ def _lineage(rules: DecisionRules, ev: Evidence, out: _Findings) -> None:
         if _unavailable(rules, ref, "forbidden reference", out):
             continue
         assert ref.lineage is not None
-        if ref.lineage.derived:
+        if not ref.lineage.comparable:
+            # sketches that cannot be compared refute nothing: withholding a tokenizer must not buy a pass
+            out.add("TGV_LINEAGE_UNAVAILABLE", f"no lineage test against forbidden reference '{ref_id}': "
+                                               f"{_lineage_text(ref.lineage)}", ref_id,
+                    severity=rules.on_lineage_unavailable)
+        elif ref.lineage.derived:
             out.add("TGV_FORBIDDEN_LINEAGE", f"the candidate derives from forbidden reference '{ref_id}': "
                                              f"{_lineage_text(ref.lineage)}", ref_id)
         else:

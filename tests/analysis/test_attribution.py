@@ -142,7 +142,7 @@ def test_candidate_that_is_a_reference_is_flagged(family_set, make_fp):
 
 
 def test_attribution_does_not_depend_on_the_order_of_the_references(family_set, make_fp):
-    """Issue 9: a policy's verdict never depends on the order its references (or a directory's files) come in."""
+    """A policy's verdict never depends on the order its references (or a directory's files) come in."""
     for target in family_set:
         candidate = _derivative_of(make_fp, target)
         forward = classify(candidate, family_set)

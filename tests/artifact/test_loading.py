@@ -182,3 +182,27 @@ def test_decoy_candidate_fails_verify(decoy_tree: tuple[Path, Path], tmp_path: P
     assert codes.get("TGV_LINEAGE_NOT_ESTABLISHED") == "fail"  # the lineage test saw only the unrelated model
     assert not result.passed
     assert len(result.candidate.unexpected) == len(resolve(tree / "models" / "base").tensors)
+
+
+@pytest.mark.parametrize("config", ["withheld", "unknown model_type"])
+def test_decoy_tensors_without_a_grammar_are_refused(decoy_tree: tuple[Path, Path], tmp_path: Path,
+                                                    config: str) -> None:
+    """With config.json withheld (or naming a type tg-verify has no grammar for), the loaded set cannot be
+    checked; the decoys then collide with the real tensors by unit, and neither is verified."""
+    _, candidate = decoy_tree
+    bare = tmp_path / "bare"
+    shutil.copytree(candidate, bare)
+    state = load_file(str(bare / "model.safetensors"))
+    del state["zz.lm_head.weight"]  # the prefix-twin rule alone would catch this one
+    save_file(state, str(bare / "model.safetensors"))
+    if config == "withheld":
+        (bare / "config.json").unlink()
+    else:
+        (bare / "config.json").write_text(json.dumps({"model_type": "llama-custom", "num_hidden_layers": 2}))
+    with pytest.raises(AmbiguousTensorError, match="'a.wte.weight' and 'model.embed_tokens.weight'|"
+                                                   "'model.embed_tokens.weight' and 'a.wte.weight'"):
+        resolve(bare)
+    del state["a.wte.weight"]  # the block decoys alone collide too
+    save_file(state, str(bare / "model.safetensors"))
+    with pytest.raises(AmbiguousTensorError, match="same unit by name"):
+        resolve(bare)

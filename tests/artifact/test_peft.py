@@ -474,3 +474,21 @@ assert not heavy, heavy
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("config, tensors, file, field", [
+    ({"r": 2, "lora_alpha": "x"}, LORA_KEYS, "adapter_config.json", "lora_alpha"),
+    ({"r": 0, "lora_alpha": 2}, LORA_KEYS, "adapter_config.json", "r"),
+    ({"r": 2, "lora_alpha": 2, "rank_pattern": {"(a)\\1": 4}}, LORA_KEYS, "adapter_config.json", "rank_pattern"),
+    ({"r": 2, "lora_alpha": 2, "layer_replication": [[0, 2]]}, LORA_KEYS, "adapter_config.json",
+     "layer_replication"),
+    ({"r": 2, "lora_alpha": 2}, {k: v for k, v in LORA_KEYS.items() if "lora_A" in k}, "adapter_model.safetensors",
+     None),
+])
+def test_adapter_errors_carry_their_file_and_field(config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                                                   file: str, field: str | None, tmp_path: Path) -> None:
+    """The file (config or weights) and the config field are attributes, for the Action's annotations: not text."""
+    adapter = resolve(_adapter_dir(tmp_path, {"peft_type": "LORA", **config}, tensors))
+    with pytest.raises(AdapterError) as raised:
+        check_adapter(adapter, {"model.layers.0.self_attn.q_proj.weight": (64, 64)})
+    assert raised.value.file == str(adapter.root / file) and raised.value.field == field

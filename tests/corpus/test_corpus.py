@@ -8,11 +8,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from make_corpus import CASES, FILES, write
 
+import tg_verify.errors
+from tg_verify.artifact import resolve
 from tg_verify.cli import main
+from tg_verify.errors import ArtifactError
 
 
 def test_committed_corpus_matches_its_generator(tmp_path: Path) -> None:
@@ -34,6 +38,18 @@ def test_corpus_case_exits_2_with_its_code(name: str, capsys: pytest.CaptureFixt
     assert code == 2
     assert err.startswith("tg-verify: ") and err.count("\n") == 1 and "Traceback" not in err
     assert json.loads(out)["validation"]["error"]["code"] == CASES[name][0]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_corpus_error_names_its_file_as_an_attribute(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The raiser sets `file` itself (the Action annotates it): with ArtifactError's fallback, which reads the
+    file back out of the message, switched off, `file` is still the file the message names; None for a directory."""
+    monkeypatch.setattr(tg_verify.errors, "os", SimpleNamespace(path=SimpleNamespace(isfile=lambda _: False)))
+    with pytest.raises(ArtifactError) as raised:
+        resolve(FILES / name)
+    head = str(raised.value).split(": ", 1)[0]
+    assert raised.value.file == (head if os.path.isfile(head) else None)
+    assert raised.value.file is not None or os.path.isdir(head)
 
 
 def _special_paths(tmp_path: Path) -> dict[str, Path]:

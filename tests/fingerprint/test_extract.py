@@ -126,6 +126,16 @@ def test_infinite_norm_gain_is_a_weight_value_error(tmp_path):
         fingerprint_artifact(resolve(path), FAST)
 
 
+def test_a_non_finite_gain_error_names_its_file_as_an_attribute(tmp_path):
+    gain = torch.ones(16)
+    gain[3] = float("nan")
+    path = _write(tmp_path, {"model.norm.weight": gain, "model.embed_tokens.weight": torch.randn(32, 16)})
+    artifact = resolve(path)
+    with pytest.raises(WeightValueError) as raised:
+        fingerprint_artifact(artifact, FAST)
+    assert raised.value.file == str(artifact.path_of(artifact.files[0].path))
+
+
 def test_bf16_nan_is_caught_too(tmp_path):
     w = torch.randn(8, 16).bfloat16()
     w[0, 0] = float("inf")

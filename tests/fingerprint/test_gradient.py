@@ -61,6 +61,20 @@ def test_zero_response_repeats_are_excluded_and_all_zero_is_degenerate():
     assert tensor_statistics(np.zeros((3, 5)), x) is None
 
 
+def test_each_statistic_is_the_mean_of_its_own_column_over_valid_repeats():
+    """TensorStats' fields are filled by name: mean from the mean column, ..., kurtosis from the kurtosis column."""
+    rng = np.random.default_rng(5)
+    o = rng.normal(size=(4, 11)) + 0.2
+    x = rng.standard_exponential(size=(4, 13))  # skewed inputs: the five columns differ from one another
+    o[2] = 0.0
+    per_repeat, valid = repeat_statistics(o, x)
+    stats = tensor_statistics(o, x)
+    assert stats is not None and (stats.repeats, stats.degenerate_repeats) == (3, 1)
+    expected = per_repeat[valid].mean(axis=0)
+    assert len(set(expected.round(12))) == 5
+    np.testing.assert_array_equal([stats.mean, stats.std, stats.norm, stats.skewness, stats.kurtosis], expected)
+
+
 def test_constant_gradient_is_degenerate_not_nan():
     # A 1x1 weight: G = sign(w)·x has a single entry, so its variance is 0 and shape statistics undefined.
     assert tensor_statistics(np.array([[2.0], [3.0]]), np.array([[0.5], [1.5]])) is None

@@ -46,8 +46,9 @@ def extras(demo_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         made[f"{name}.json"].write_bytes(fp.to_json_bytes())
     qwen = build_model("qwen2", seed=2)
     qwen.load_state_dict(load_file(str(demo_tree / "models" / "qwen2" / "model.safetensors")), strict=False)
+    # a delivery ships its vocabulary, as the demo's bases do: without it the sketches are not comparable
     made["qwen2-finetune"] = save_model(demo.train(qwen, demo.corpus(1), steps=8, seed=9, lr=1e-3),
-                                        root / "qwen2-finetune")
+                                        root / "qwen2-finetune", vocabulary=True)
     llama = build_model("llama", seed=0)
     llama.load_state_dict(load_file(str(demo_tree / "models" / "base" / "model.safetensors")), strict=False)
     made["adapter"] = save_lora_adapter(llama, root / "adapter", seed=3)

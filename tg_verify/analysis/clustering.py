@@ -118,7 +118,7 @@ def _majority_mapping(clusters: np.ndarray, families: Sequence[str], bases: Sequ
     """Each cluster's majority family (ties: a base's family in the cluster, then alphabetical)."""
     mapping: dict[int, str] = {}
     for cluster in sorted(set(clusters.tolist()) - {-1}):
-        members = np.flatnonzero(clusters == cluster)
+        members = np.flatnonzero(clusters == cluster).tolist()
         counts = Counter(families[i] for i in members)
         top = max(counts.values())
         tied = sorted(f for f, c in counts.items() if c == top)

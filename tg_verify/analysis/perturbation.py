@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tg_verify.artifact import Artifact, categorize, naming, open_reader, resolve
+from tg_verify.artifact import Artifact, Category, categorize, naming, open_reader, resolve
 from tg_verify.errors import UsageError, WeightValueError
 from tg_verify.fingerprint import noise
 from tg_verify.fingerprint.extract import analysis_kind, gradient_response
@@ -39,13 +39,13 @@ class PerturbationStudy:
     strategies: list[str]
     layers: list[str]
     short_names: list[str]
-    categories: list[str]
+    categories: list[Category]
     input_widths: list[int]
     raw: dict[str, list[float]]
     zscores: dict[str, list[float]]
     variance: dict[str, float]  # variance of the raw scores across layers
     variance_ratio: dict[str, float]  # variance under "random" / variance under each strategy
-    category_means: dict[str, dict[str, float]]  # strategy -> category -> mean z-score
+    category_means: dict[str, dict[Category, float]]  # strategy -> category -> mean z-score
     drawn: dict[str, str]  # layer -> the strategy "random" drew for it
     notes: list[str] = field(default_factory=list)
 

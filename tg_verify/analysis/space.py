@@ -33,7 +33,8 @@ def feature_matrix(fingerprints: Sequence[Fingerprint], features: Sequence[str])
 
 def euclidean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Euclidean distances between the rows of `a` [n, d] and of `b` [m, d], exactly (no dot-product trick)."""
-    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=-1))
+    distances: np.ndarray = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=-1))
+    return distances
 
 
 def relative_distance(a: Sequence[float], b: Sequence[float]) -> float:
@@ -46,6 +47,15 @@ def relative_distance(a: Sequence[float], b: Sequence[float]) -> float:
     denominator = np.abs(x) + np.abs(y)
     terms = np.divide(np.abs(x - y), denominator, out=np.zeros_like(x), where=denominator > 0)
     return float(terms.mean()) if terms.size else 0.0
+
+
+def _space_name(space: str) -> SpaceName:
+    """`space` as a SpaceName, or a UsageError naming the choices (it comes from the command line or a policy)."""
+    if space == "standardized":
+        return "standardized"
+    if space == "pca":
+        return "pca"
+    raise UsageError(f"unknown distance space {space!r}; expected one of {', '.join(SPACES)}")
 
 
 @dataclass
@@ -69,8 +79,7 @@ class FeatureSpace:
         scaled (sklearn's convention, as in the release); with a single reference every feature has
         zero variance, so distances are in raw feature units and the threshold does not apply.
         """
-        if space not in SPACES:
-            raise UsageError(f"unknown distance space {space!r}; expected one of {', '.join(SPACES)}")
+        name = _space_name(space)
         if not references:
             raise UsageError("a feature space needs at least one reference fingerprint")
         names = tuple(features)
@@ -85,7 +94,7 @@ class FeatureSpace:
             caveats.append(f"features with zero variance across the references are centred but not scaled: "
                            f"{', '.join(zero)}")
         pca: PCA | None = None
-        if space == "pca":
+        if name == "pca":
             if pca_components < 1:
                 raise UsageError(f"pca_components must be at least 1, got {pca_components}")
             components = min(pca_components, len(references), len(names))
@@ -94,7 +103,7 @@ class FeatureSpace:
             pca = PCA(n_components=components, svd_solver="full").fit(scaler.transform(raw))
             caveats.append("distances are in a PCA projection of the standardised space (never larger than there); "
                            "the threshold of 7 was calibrated in the standardised space")
-        return cls(features=names, space=space, scaler=scaler, pca=pca, zero_variance=zero,
+        return cls(features=names, space=name, scaler=scaler, pca=pca, zero_variance=zero,
                    reference_count=len(references), caveats=caveats)
 
     def transform(self, fingerprints: Sequence[Fingerprint]) -> np.ndarray:
@@ -103,8 +112,11 @@ class FeatureSpace:
 
     def transform_matrix(self, raw: np.ndarray) -> np.ndarray:
         """Map raw feature vectors [n, len(features)] to points of this space."""
-        z = self.scaler.transform(raw)
-        return self.pca.transform(z) if self.pca is not None else z
+        z: np.ndarray = self.scaler.transform(raw)  # sklearn is untyped: its arrays come back as Any
+        if self.pca is None:
+            return z
+        projected: np.ndarray = self.pca.transform(z)
+        return projected
 
     @property
     def explained_variance(self) -> list[float] | None:

@@ -54,11 +54,11 @@ def file_digests(artifact: Artifact, progress: Progress = None) -> dict[str, str
         try:
             if info.st_size != entry.size:
                 raise FileChangedError(f"{shown(path)}: file is {info.st_size} bytes, not the {entry.size} "
-                                       f"validated by resolve(); the file changed while being verified")
+                                       f"validated by resolve(); the file changed while being verified", file=str(path))
             digests[entry.path] = _sha256(fd, entry.size, advance)
             if os.fstat(fd).st_size != entry.size:
                 raise FileChangedError(f"{shown(path)}: file size changed while it was hashed; "
-                                       f"the file changed while being verified")
+                                       f"the file changed while being verified", file=str(path))
         except OSError as exc:
             raise os_error(path, exc, "artifact file") from None
         finally:
@@ -150,7 +150,7 @@ def model_files(root: Path) -> tuple[ModelFile, ...]:
 
 
 def _walk_error(exc: OSError) -> None:
-    raise os_error(exc.filename or "?", exc, "model directory") from None
+    raise os_error(exc.filename or "?", exc, "model directory", directory=True) from None
 
 
 def stat_regular_size(path: Path) -> int:
@@ -158,7 +158,7 @@ def stat_regular_size(path: Path) -> int:
     info = stat_path(path, "model file")
     if not stat.S_ISREG(info.st_mode):
         raise NotRegularFileError(f"{shown(path)}: model file is not a regular file (a FIFO, device, socket or "
-                                  "directory); model_signing and tg-verify hash regular files only")
+                                  "directory); model_signing and tg-verify hash regular files only", file=str(path))
     return info.st_size
 
 
@@ -188,7 +188,7 @@ def model_file_digests(path: Path, artifact: Artifact, digests: Mapping[str, str
             result[entry.path] = _sha256(fd, info.st_size, advance)
             if os.fstat(fd).st_size != info.st_size:
                 raise FileChangedError(f"{shown(file_path)}: file size changed while it was hashed; "
-                                       f"the file changed while being verified")
+                                       f"the file changed while being verified", file=str(file_path))
         except OSError as exc:
             raise os_error(file_path, exc, "model file") from None
         finally:

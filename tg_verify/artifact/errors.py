@@ -6,8 +6,25 @@ callers may branch on `type(exc)` or `exc.code`, never on message text.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from tg_verify.errors import AdapterError, ArtifactError, HeaderError
 from tg_verify.escaping import shown as shown  # the one escaping module, re-exported for the artifact layer
+
+
+@contextmanager
+def about_file(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An ArtifactError raised inside is about `path` where its raiser left `file` open: the checks that parse a
+    file's bytes know only its display name (`where`), the caller that opened it knows the path."""
+    try:
+        yield
+    except ArtifactError as exc:
+        if exc.file is None:
+            exc.file = str(path)
+        raise
+
 
 # --- resolving the path -------------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from tg_verify.artifact.errors import (
     TooManyTensorsError,
     TrailingBytesError,
     UnknownDtypeError,
+    about_file,
     shown,
 )
 from tg_verify.artifact.header import valid_name
@@ -425,9 +426,9 @@ def read_gguf_header(path: str | os.PathLike[str], *, max_header_bytes: int = MA
     try:
         if info.st_size < FIXED_BYTES:
             raise HeaderTooSmallError(f"{where}: file is {info.st_size} bytes, shorter than the {FIXED_BYTES}-byte "
-                                      f"GGUF header")
+                                      f"GGUF header", file=str(path))
         try:
-            with mmap.mmap(fd, info.st_size, access=mmap.ACCESS_READ) as buffer:
+            with mmap.mmap(fd, info.st_size, access=mmap.ACCESS_READ) as buffer, about_file(path):
                 return parse_gguf(buffer, info.st_size, where, path, max_header_bytes)
         except OSError as exc:
             raise os_error(path, exc, "GGUF file") from None
@@ -452,7 +453,8 @@ def resolve_gguf(path: str | os.PathLike[str], warnings: tuple[str, ...] = ()) -
 
     path = Path(path)
     header = read_gguf_header(path)
-    mapped = map_model(header, shown(path))
+    with about_file(path):
+        mapped = map_model(header, shown(path))
     notes = list(warnings) + list(mapped.notes)
     if os.path.islink(path):
         notes.append(f"followed a symbolic link ({shown(path.name)} -> {shown(os.readlink(path))}); the digest is of "
@@ -461,7 +463,7 @@ def resolve_gguf(path: str | os.PathLike[str], warnings: tuple[str, ...] = ()) -
     too_many = tensor_budget(len(mapped.tensors), sum(t.nbytes for t in mapped.tensors))  # experts multiply
     if too_many:
         raise TooManyTensorsError(f"{shown(path)}: {too_many}; set TG_VERIFY_MAX_TENSORS to a larger count to "
-                                  f"accept it")
+                                  f"accept it", file=str(path))
     arch = header.metadata["general.architecture"].value
     tokens = header.metadata.get(VOCABULARY_KEY)
     vocabulary = tokens.value if tokens is not None and tokens.item_type == "STRING" else None

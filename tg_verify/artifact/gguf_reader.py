@@ -80,7 +80,7 @@ class GGUFTensorReader(TensorReader):
             raise UnsupportedDtypeError(
                 f"{shown(self.artifact.path_of(info.file))}: tensor '{shown(info.name)}' has ggml type {info.dtype}, "
                 f"which the installed gguf package cannot dequantise (supported: "
-                f"{', '.join(sorted(PLAIN_TYPES | dequantisable()))})")
+                f"{', '.join(sorted(PLAIN_TYPES | dequantisable()))})", file=str(self.artifact.path_of(info.file)))
         if info.numel == 0:
             return torch.empty(info.shape, dtype=torch.float32)
         qtype = gguf.GGMLQuantizationType[info.dtype]
@@ -152,5 +152,6 @@ class GGUFTensorReader(TensorReader):
             if bad:
                 raise WeightValueError(
                     f"{shown(self.artifact.path_of(info.file))}: tensor '{shown(info.name)}' holds {bad} NaN or "
-                    f"infinite value(s) of {info.numel}; a fingerprint of it would be meaningless")
+                    f"infinite value(s) of {info.numel}; a fingerprint of it would be meaningless",
+                    file=str(self.artifact.path_of(info.file)))
         return tensor

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from tg_verify.artifact.errors import (
     TooManyTensorsError,
     TrailingBytesError,
     UnknownDtypeError,
+    about_file,
     shown,
 )
 from tg_verify.artifact.model import DTYPE_BITS, tensor_budget
@@ -120,7 +120,7 @@ def header_length(prefix: bytes, file_size: int, where: str, max_header_bytes: i
     """Checks 1-3: the 8-byte little-endian length, within the cap and within the file."""
     if file_size < 8 or len(prefix) < 8:
         raise HeaderTooSmallError(f"{where}: file is {file_size} bytes, shorter than the 8-byte header length")
-    (length,) = struct.unpack("<Q", prefix[:8])
+    length = int.from_bytes(prefix[:8], "little")  # the unsigned 64-bit little-endian length
     if length > max_header_bytes:
         raise HeaderTooLargeError(f"{where}: header length {length} exceeds the limit of {max_header_bytes} bytes")
     if 8 + length > file_size:
@@ -245,15 +245,18 @@ def read_header(path: str | os.PathLike[str], *, max_header_bytes: int = MAX_HEA
     try:
         try:
             prefix = read_exactly(fd, 8)
-            length = header_length(prefix, info.st_size, where, max_header_bytes)
+            with about_file(path):
+                length = header_length(prefix, info.st_size, where, max_header_bytes)
             raw = read_exactly(fd, length)
         except OSError as exc:
             raise os_error(path, exc, "weights file") from None
     finally:
         os.close(fd)
     if len(raw) != length:
-        raise HeaderLengthError(f"{where}: header truncated while reading ({len(raw)} of {length} bytes)")
-    tensors, metadata, canonical = parse_header(raw, info.st_size, where)
+        raise HeaderLengthError(f"{where}: header truncated while reading ({len(raw)} of {length} bytes)",
+                                file=str(path))
+    with about_file(path):
+        tensors, metadata, canonical = parse_header(raw, info.st_size, where)
     return Header(path=path, file_size=info.st_size, data_start=8 + length, tensors=tensors, metadata=metadata,
                   canonical=canonical)
 

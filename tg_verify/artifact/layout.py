@@ -88,23 +88,24 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
         for raw in header.tensors:
             if raw.name in owner:
                 raise DuplicateTensorError(f"{shown(root / rel)}: tensor '{shown(raw.name)}' is also stored in "
-                                           f"{shown(owner[raw.name])}; each tensor must live in exactly one file")
+                                           f"{shown(owner[raw.name])}; each tensor must live in exactly one file",
+                                           file=str(root / rel))
             owner[raw.name] = rel
             tensors.append(TensorInfo(raw.name, raw.dtype, raw.shape, rel, header.data_start + raw.start,
                                       header.data_start + raw.stop))
     if expected is not None:
-        index_path = shown(root / index_name)
+        index_path, index_file = shown(root / index_name), str(root / index_name)
         for tensor_name, shard in expected.items():
             if tensor_name not in owner:
                 raise IndexMismatchError(f"{index_path}: weight_map puts '{shown(tensor_name)}' in {shown(shard)}, "
-                                         f"which does not contain it")
+                                         f"which does not contain it", file=index_file)
             if owner[tensor_name] != shard:
                 raise IndexMismatchError(f"{index_path}: weight_map puts '{shown(tensor_name)}' in {shown(shard)}, "
-                                         f"but it is stored in {shown(owner[tensor_name])}")
+                                         f"but it is stored in {shown(owner[tensor_name])}", file=index_file)
         for tensor_name, rel in owner.items():
             if tensor_name not in expected:
                 raise IndexMismatchError(f"{index_path}: tensor '{shown(tensor_name)}' stored in {shown(rel)} is "
-                                         f"missing from weight_map")
+                                         f"missing from weight_map", file=index_file)
     tensors.sort(key=lambda t: natural_key(t.name))
     unexpected: tuple[TensorInfo, ...] = ()
     architecture = None
@@ -144,15 +145,16 @@ def _index_entries(index_path: Path, index: dict[str, Any]) -> dict[str, str]:
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise IndexFormatError(f"{shown(index_path)}: 'weight_map' must be a non-empty object of tensor name -> "
-                               f"shard file name")
+                               f"shard file name", file=str(index_path))
     for tensor_name, shard in weight_map.items():
         if not valid_name(tensor_name):
             raise IndexFormatError(f"{shown(index_path)}: weight_map key '{shown(tensor_name)}' is not a valid "
-                                   f"tensor name (empty or control characters)")
+                                   f"tensor name (empty or control characters)", file=str(index_path))
         if (not isinstance(shard, str) or not valid_name(shard) or not shard.endswith(SUFFIX)
                 or "/" in shard or "\\" in shard or shard.startswith(".")):
             raise IndexFormatError(f"{shown(index_path)}: weight_map['{shown(tensor_name)}'] must name a "
-                                   f".safetensors file in the same directory, got {shown(repr(shard)[:80])}")
+                                   f".safetensors file in the same directory, got {shown(repr(shard)[:80])}",
+                                   file=str(index_path))
     return dict(weight_map)
 
 
@@ -163,14 +165,15 @@ def _resolve_index(root: Path, name: str, index_name: str, entries: set[str], wa
     shards = sorted(set(weight_map.values()), key=natural_key)
     for shard in shards:
         if shard not in entries:
-            raise MissingShardError(f"{shown(index_path)}: shard {shown(shard)} named in weight_map does not exist")
+            raise MissingShardError(f"{shown(index_path)}: shard {shown(shard)} named in weight_map does not exist",
+                                    file=str(index_path))
     present = sorted((e for e in entries if e.endswith(SUFFIX) and e != ADAPTER_WEIGHTS), key=natural_key)
     unlisted = [e for e in present if e not in weight_map.values()]
     stray = [e for e in unlisted if SHARD_PATTERN.match(e) or e == SINGLE_NAME]
     if stray:
         kind = UnlistedShardError if stray[0] != SINGLE_NAME else AmbiguousLayoutError
         raise kind(f"{shown(index_path)}: {shown(stray[0])} is not mentioned in weight_map; remove it or fix the index "
-                   f"(a loader might read it instead of the indexed shards)")
+                   f"(a loader might read it instead of the indexed shards)", file=str(index_path))
     warnings += _ignored(unlisted, f"not in {index_name}'s weight_map, so not part of this artifact and not "
                                    f"verified (some runtimes load such files instead)")
     extra = [ArtifactFile(index_name, index_size, "index")]
@@ -328,13 +331,13 @@ def resolve(path: str | os.PathLike[str]) -> Artifact:
     """
     path = Path(path)
     if not os.path.lexists(path):
-        raise NoModelError(f"{shown(path)}: no such file or directory")
+        raise NoModelError(f"{shown(path)}: no such file or directory", file=str(path))
     info = stat_path(path, "model path")
     if stat.S_ISDIR(info.st_mode):
         return _resolve_directory(path, path.resolve().name or shown(path))
     if not stat.S_ISREG(info.st_mode):
         raise NotRegularFileError(f"{shown(path)}: not a regular file or directory (a FIFO, device or socket is "
-                                  f"never read)")
+                                  f"never read)", file=str(path))
     file_name = path.name
     if file_name.endswith(INDEX_SUFFIX):
         root = path.parent
@@ -345,11 +348,11 @@ def resolve(path: str | os.PathLike[str]) -> Artifact:
         return _resolve_index(root, path.resolve().parent.name, file_name, entries, [])
     if file_name.endswith(PICKLE_SUFFIXES):
         raise PickleFormatError(f"{shown(path)}: pickle-based weights are refused (loading them can execute code); "
-                                f"convert to safetensors")
+                                f"convert to safetensors", file=str(path))
     fmt = format_for_path(path)
     if fmt is None:
         hint = " (pass the model directory)" if file_name.endswith(".json") else ""
-        raise NotSafetensorsError(f"{shown(path)}: not a .safetensors or .gguf file{hint}")
+        raise NotSafetensorsError(f"{shown(path)}: not a .safetensors or .gguf file{hint}", file=str(path))
     return resolve_with(fmt, path)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tg_verify.artifact import naming
 from tg_verify.artifact.errors import AmbiguousTensorError, shown
 from tg_verify.artifact.model import TensorInfo
 
@@ -345,6 +346,39 @@ def _generic(tensors: Sequence[TensorInfo], why: str, where: str) -> LoadedSet:
                 f"{where}: tensors '{shown(rest)}' and '{shown(info.name)}' would load into the same parameter "
                 f"(transformers adds or strips the base-model prefix '{shown(head)}.'); which one a runtime uses "
                 f"depends on load order, so neither can be verified (remove one)")
+    _refuse_role_twins(tensors, where)
     notes = [f"{why}: which tensors a runtime loads cannot be checked, so all {len(tensors)} are fingerprinted "
              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"] if tensors else []
     return LoadedSet(tuple(tensors), (), None, tuple(notes))
+
+
+def _role(name: str) -> tuple[object, ...] | None:
+    """The unit the fingerprint and the sketch read a tensor as, by name alone (artifact/naming.py): a global
+    role, or (block index, module leaf, kind) for a projection or a norm; None for any other tensor."""
+    kind = name.rsplit(".", 1)[-1]
+    if kind not in ("weight", "bias"):
+        return None
+    role = naming.global_role(name)
+    if role is not None:
+        return (role, kind)
+    layer, module = naming.layer_of(name), naming.leaf(name)
+    if layer is not None and (module in naming.PROJECTIONS or module in naming.NORMS):
+        return (layer, module, kind)
+    return None
+
+
+def _refuse_role_twins(tensors: Sequence[TensorInfo], where: str) -> None:
+    """Without a grammar, two tensors the fingerprint would read as one unit (two embeddings, two `q_proj` of block
+    3 under different stacks) leave the runtime's choice unknown: refused, never first- or last-one-wins. This is
+    what stops decoy tensors when config.json is withheld."""
+    owner: dict[tuple[object, ...], str] = {}
+    for info in tensors:
+        role = _role(info.name)
+        if role is None:
+            continue
+        if role in owner:
+            raise AmbiguousTensorError(
+                f"{where}: tensors '{shown(owner[role])}' and '{shown(info.name)}' are the same unit by name and no "
+                f"config.json says which one a runtime loads, so neither can be verified (ship config.json, or "
+                f"remove one)")
+        owner[role] = info.name

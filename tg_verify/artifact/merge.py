@@ -96,7 +96,8 @@ class MergedReader(AbstractContextManager["MergedReader"]):
             dtype = torch.float32  # a quantised GGUF base: the update is merged in float32, as llama.cpp applies LoRA
         if dtype is None or not dtype.is_floating_point:
             raise AdapterMismatchError(f"{self.base.path_of(base_info.file)}: tensor '{info.name}' has dtype "
-                                       f"{base_info.dtype}; an adapter can only be merged into floating-point weights")
+                                       f"{base_info.dtype}; an adapter can only be merged into floating-point weights",
+                                       file=str(self.base.path_of(base_info.file)))
         weight = self._adapter(plan.replacement) if plan.replacement is not None \
             else self._base_reader.float32(base_info)
         if plan.replacement is not None and plan.ops:
@@ -118,9 +119,10 @@ class MergedReader(AbstractContextManager["MergedReader"]):
             return WeightValueError(
                 f"{shown(file)}: adapter tensor(s) {', '.join(repr(shown(n)) for n in used[:4])} make the merged "
                 f"tensor '{shown(info.name)}' hold NaN or infinite values (the base's is finite); a fingerprint of "
-                f"it would be meaningless")
+                f"it would be meaningless", file=str(file))
         return WeightValueError(f"{shown(self.base.path_of(base_info.file))}: tensor '{shown(base_info.name)}' holds "
-                                f"NaN or infinite values; a fingerprint of it would be meaningless")
+                                f"NaN or infinite values; a fingerprint of it would be meaningless",
+                                file=str(self.base.path_of(base_info.file)))
 
     def _apply(self, op: LoraOp | LoraBiasOp | Ia3Op, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(op, Ia3Op):

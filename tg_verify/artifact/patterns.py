@@ -56,7 +56,7 @@ class PatternTable:
     def __init__(self, patterns: Mapping[str, Any], where: str, field: str) -> None:
         if len(patterns) > MAX_PATTERNS:
             raise PatternError(f"{where}: adapter_config.json field '{field}' has {len(patterns)} patterns; at most "
-                               f"{MAX_PATTERNS} are matched")
+                               f"{MAX_PATTERNS} are matched", field=field)
         self.keys = list(patterns)
         self.values = list(patterns.values())
         self._literal: dict[int, str] = {}
@@ -65,7 +65,8 @@ class PatternTable:
         for position, pattern in enumerate(self.keys):
             if len(pattern) > MAX_PATTERN_LENGTH:
                 raise PatternError(f"{where}: adapter_config.json field '{field}' has a pattern of {len(pattern)} "
-                                   f"characters ('{shown(pattern, 60)}'); at most {MAX_PATTERN_LENGTH} are matched")
+                                   f"characters ('{shown(pattern, 60)}'); at most {MAX_PATTERN_LENGTH} are matched",
+                                   field=field)
             if not _python_valid(pattern):
                 self._literal[position] = pattern
                 continue
@@ -76,14 +77,14 @@ class PatternTable:
             except re2.error:
                 raise PatternError(f"{where}: adapter_config.json field '{field}' pattern '{shown(pattern, 60)}' "
                                    f"uses a construct (a backreference or lookaround) that cannot be matched in "
-                                   f"linear time; write it as a plain regular expression") from None
+                                   f"linear time; write it as a plain regular expression", field=field) from None
             self._set_positions.append(position)
         if self._set is not None:
             try:
                 self._set.Compile()
             except re2.error:
                 raise PatternError(f"{where}: adapter_config.json field '{field}': the patterns are too large to "
-                                   f"compile within {MAX_PROGRAM_BYTES >> 20} MiB") from None
+                                   f"compile within {MAX_PROGRAM_BYTES >> 20} MiB", field=field) from None
 
     def position(self, module: str) -> int | None:
         """Index of the first pattern (in config order) that matches `module`, or None."""
@@ -101,13 +102,14 @@ def fullmatch(pattern: str, name: str, where: str, field: str) -> bool:
     """peft's `re.fullmatch(pattern, name)` in linear time; an invalid Python regex matches nothing."""
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise PatternError(f"{where}: adapter_config.json field '{field}' is a pattern of {len(pattern)} characters; "
-                           f"at most {MAX_PATTERN_LENGTH} are matched")
+                           f"at most {MAX_PATTERN_LENGTH} are matched", field=field)
     if not _python_valid(pattern):
         return False
     compiled = _compile(pattern)
     if compiled is None:
         raise PatternError(f"{where}: adapter_config.json field '{field}' pattern '{shown(pattern, 60)}' uses a "
-                           f"construct (a backreference or lookaround) that cannot be matched in linear time")
+                           f"construct (a backreference or lookaround) that cannot be matched in linear time",
+                           field=field)
     return compiled.fullmatch(name) is not None
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from tg_verify.artifact.digest import root_digest
+from tg_verify.artifact.errors import about_file
+from tg_verify.artifact.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tg_verify.artifact.model import Artifact, TensorInfo
 from tg_verify.artifact.patterns import PatternTable, fullmatch
 from tg_verify.errors import AdapterError
@@ -151,11 +153,12 @@ def _check_type(config: dict[str, Any], where: str) -> str:
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str) or not peft_type:
         raise AdapterFormatError(f"{where}: adapter_config.json lacks a 'peft_type' string "
-                                 f"(supported: {SUPPORTED_TEXT})")
+                                 f"(supported: {SUPPORTED_TEXT})", field="peft_type")
     normalised = peft_type.upper().replace("-", "_")
     if normalised not in SUPPORTED_TYPES:
         raise UnsupportedAdapterError(f"{where}: adapter type {peft_type} cannot be merged by tg-verify "
-                                      f"(supported: {SUPPORTED_TEXT}); merge it with peft and pass the full weights")
+                                      f"(supported: {SUPPORTED_TEXT}); merge it with peft and pass the full weights",
+                                      field="peft_type")
     return normalised
 
 
@@ -167,7 +170,7 @@ def _check_fields(config: dict[str, Any], peft_type: str, where: str) -> None:
     def expect(key: str, ok: bool, what: str) -> None:
         if key in config and config[key] is not None and not ok:
             raise AdapterFormatError(f"{where}: adapter_config.json field '{key}' must be {what}, "
-                                     f"got {config[key]!r}")
+                                     f"got {config[key]!r}", field=key)
 
     expect("fan_in_fan_out", isinstance(config.get("fan_in_fan_out"), bool), "true or false")
     expect("modules_to_save", isinstance(config.get("modules_to_save"), list)
@@ -184,10 +187,11 @@ def _check_fields(config: dict[str, Any], peft_type: str, where: str) -> None:
         return
     r = config.get("r")
     if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
-        raise AdapterFormatError(f"{where}: adapter_config.json field 'r' must be a positive integer, got {r!r}")
+        raise AdapterFormatError(f"{where}: adapter_config.json field 'r' must be a positive integer, got {r!r}",
+                                 field="r")
     if not _is_number(config.get("lora_alpha")):
         raise AdapterFormatError(f"{where}: adapter_config.json field 'lora_alpha' must be a finite number, "
-                                 f"got {config.get('lora_alpha')!r}")
+                                 f"got {config.get('lora_alpha')!r}", field="lora_alpha")
     for key in ("use_rslora", "use_dora", "lora_bias"):
         expect(key, isinstance(config.get(key), bool), "true or false")
     checks: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
@@ -200,23 +204,32 @@ def _check_fields(config: dict[str, Any], peft_type: str, where: str) -> None:
     bias = config.get("bias", "none")
     if bias not in ("none", "all", "lora_only", None):
         raise AdapterFormatError(f"{where}: adapter_config.json field 'bias' must be none, all or lora_only, "
-                                 f"got {bias!r}")
+                                 f"got {bias!r}", field="bias")
     for key, what in LORA_UNSUPPORTED_FIELDS.items():
         value = config.get(key)
         if value not in (None, False, [], {}, ""):
             raise UnsupportedAdapterError(f"{where}: {what} is not supported by tg-verify's merge (supported: "
-                                          f"{SUPPORTED_TEXT}); merge it with peft and pass the full weights")
+                                          f"{SUPPORTED_TEXT}); merge it with peft and pass the full weights", field=key)
 
 
 def parse_adapter(adapter: Artifact) -> AdapterSpec:
-    """Validate an adapter's config and group its tensors by the base module they act on (header only)."""
-    where = _where(adapter)
+    """Validate an adapter's config and group its tensors by the base module they act on (header only).
+
+    Errors name their file: adapter_config.json for the config's fields and patterns, the adapter's weights
+    file for its tensors."""
     if adapter.layout != "adapter" or adapter.adapter_config is None:
-        raise AdapterFormatError(f"{where}: not a PEFT adapter (expected adapter_config.json + "
+        raise AdapterFormatError(f"{_where(adapter)}: not a PEFT adapter (expected adapter_config.json + "
                                  f"adapter_model.safetensors)")
-    config = dict(adapter.adapter_config)
-    peft_type = _check_type(config, where)
-    _check_fields(config, peft_type, where)
+    with about_file(adapter.root / ADAPTER_WEIGHTS):
+        return _parse_adapter(adapter, dict(adapter.adapter_config))
+
+
+def _parse_adapter(adapter: Artifact, config: dict[str, Any]) -> AdapterSpec:
+    """parse_adapter's checks: the config's fields, then the tensors grouped by module and checked against it."""
+    where = _where(adapter)
+    with about_file(adapter.root / ADAPTER_CONFIG):
+        peft_type = _check_type(config, where)
+        _check_fields(config, peft_type, where)
     allowed = {"IA3": {"ia3_l"}, "LORA": {"lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A",
                                           "lora_embedding_B"}}[peft_type]
     if peft_type == "LORA" and config.get("use_dora"):
@@ -254,8 +267,9 @@ def parse_adapter(adapter: Artifact) -> AdapterSpec:
     if len(adapter_names) > 1:
         raise AdapterFormatError(f"{where}: adapter_model.safetensors mixes several adapters "
                                  f"({', '.join(sorted(adapter_names))}); save one adapter per directory")
-    ranks = PatternTable(config.get("rank_pattern") or {}, where, "rank_pattern")
-    alphas = PatternTable(config.get("alpha_pattern") or {}, where, "alpha_pattern")
+    with about_file(adapter.root / ADAPTER_CONFIG):
+        ranks = PatternTable(config.get("rank_pattern") or {}, where, "rank_pattern")
+        alphas = PatternTable(config.get("alpha_pattern") or {}, where, "alpha_pattern")
     for adapted in modules.values():
         _check_module_params(adapted, peft_type, config, where, ranks)
     if not modules and not replacements:

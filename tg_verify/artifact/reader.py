@@ -65,7 +65,8 @@ class TensorReader(AbstractContextManager["TensorReader"]):
             try:
                 if info.st_size != self._sizes.get(relpath):
                     raise FileChangedError(f"{shown(path)}: file is {info.st_size} bytes, not the "
-                                           f"{self._sizes.get(relpath)} validated by resolve(); it changed while open")
+                                           f"{self._sizes.get(relpath)} validated by resolve(); it changed while open",
+                                           file=str(path))
                 self._maps[relpath] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
             except OSError as exc:
                 raise os_error(path, exc, "weights file") from None
@@ -79,7 +80,8 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         if dtype is None:
             raise UnsupportedDtypeError(
                 f"{shown(self.artifact.path_of(info.file))}: tensor '{shown(info.name)}' has dtype {info.dtype}, "
-                f"which tg-verify cannot decode to float32 (supported: {', '.join(sorted(TORCH_DTYPES))})")
+                f"which tg-verify cannot decode to float32 (supported: {', '.join(sorted(TORCH_DTYPES))})",
+                file=str(self.artifact.path_of(info.file)))
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
         buffer = self._map(info.file)
@@ -98,7 +100,8 @@ class TensorReader(AbstractContextManager["TensorReader"]):
             if bad:
                 raise WeightValueError(
                     f"{shown(self.artifact.path_of(info.file))}: tensor '{shown(info.name)}' holds {bad} NaN or "
-                    f"infinite value(s) of {info.numel}; a fingerprint of it would be meaningless")
+                    f"infinite value(s) of {info.numel}; a fingerprint of it would be meaningless",
+                    file=str(self.artifact.path_of(info.file)))
         return tensor
 
     def stream(self, infos: Iterable[TensorInfo] | None = None, *, finite: bool = False

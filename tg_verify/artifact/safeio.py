@@ -37,15 +37,16 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def os_error(path: Path | str, exc: OSError, what: str) -> Exception:
-    """Map an OSError on `path` to the typed error a user should see."""
+def os_error(path: Path | str, exc: OSError, what: str, *, directory: bool = False) -> Exception:
+    """Map an OSError on `path` to the typed error a user should see; `file` is the path unless it is a directory."""
+    file = None if directory else str(path)
     if exc.errno == errno.ELOOP:
-        return SymlinkLoopError(f"{shown(path)}: {what} is a symbolic link loop (or nests too deep)")
+        return SymlinkLoopError(f"{shown(path)}: {what} is a symbolic link loop (or nests too deep)", file=file)
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         dangling = os.path.islink(path)
         return NoModelError(f"{shown(path)}: {what} " + ("is a symbolic link to a missing target" if dangling
-                                                         else "does not exist"))
-    return UnreadableFileError(f"{shown(path)}: cannot read {what} ({exc.strerror or exc})")
+                                                         else "does not exist"), file=file)
+    return UnreadableFileError(f"{shown(path)}: cannot read {what} ({exc.strerror or exc})", file=file)
 
 
 def stat_path(path: Path | str, what: str) -> os.stat_result:
@@ -60,7 +61,8 @@ def stat_regular(path: Path | str, what: str) -> os.stat_result:
     """Stat `path`, following symlinks, and require a regular file."""
     info = stat_path(path, what)
     if not stat.S_ISREG(info.st_mode):
-        raise NotRegularFileError(f"{shown(path)}: {what} is {_kind(info.st_mode)}; tg-verify reads regular files only")
+        raise NotRegularFileError(f"{shown(path)}: {what} is {_kind(info.st_mode)}; tg-verify reads regular files only",
+                                  file=str(path))
     return info
 
 
@@ -74,7 +76,8 @@ def open_regular(path: Path | str, what: str) -> tuple[int, os.stat_result]:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):  # swapped between stat and open
         os.close(fd)
-        raise NotRegularFileError(f"{shown(path)}: {what} is {_kind(info.st_mode)}; tg-verify reads regular files only")
+        raise NotRegularFileError(f"{shown(path)}: {what} is {_kind(info.st_mode)}; tg-verify reads regular files only",
+                                  file=str(path))
     if hasattr(os, "set_blocking"):
         os.set_blocking(fd, True)
     return fd, info
@@ -107,7 +110,8 @@ def load_json_file(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> tu
     fd, info = open_regular(path, what)
     try:
         if info.st_size > max_bytes:
-            raise JsonFileError(f"{shown(path)}: {what} is {info.st_size} bytes, over the {max_bytes}-byte limit")
+            raise JsonFileError(f"{shown(path)}: {what} is {info.st_size} bytes, over the {max_bytes}-byte limit",
+                                file=str(path))
         try:
             data = read_exactly(fd, info.st_size)
         except OSError as exc:
@@ -117,9 +121,11 @@ def load_json_file(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> tu
     try:
         document = strict_json(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise JsonFileError(f"{shown(path)}: {what} is not valid JSON ({shown(str(exc)[:120])})") from None
+        raise JsonFileError(f"{shown(path)}: {what} is not valid JSON ({shown(str(exc)[:120])})",
+                            file=str(path)) from None
     if not isinstance(document, dict):
-        raise JsonFileError(f"{shown(path)}: {what} must be a JSON object, got {type(document).__name__}")
+        raise JsonFileError(f"{shown(path)}: {what} must be a JSON object, got {type(document).__name__}",
+                            file=str(path))
     return document, len(data)
 
 

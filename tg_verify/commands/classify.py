@@ -21,6 +21,7 @@ from tg_verify.analysis.attribution import (
     not_meaningful_text,
     scale_words,
 )
+from tg_verify.analysis.family import Derivation, decide_family
 from tg_verify.analysis.references import Reference, build_references, load_fingerprints, read_labels
 from tg_verify.commands.compare import (
     add_space_options,
@@ -105,28 +106,20 @@ def run(args: argparse.Namespace) -> int:
     if not args.labels:
         result.caveats.append("no --labels: each reference is a base of its own family (named by its id)")
     lineage = lineage_against_bases(candidate, references) if args.lineage else []
-    decision = decide_family(result, lineage)
+    decision = family_decision(result, lineage)
     document = {"schema": REPORT_SCHEMA, "tool": tool_record(),
                 "candidate": describe(candidate), "classification": result.to_dict(), "lineage": lineage,
                 "decision": decision}
     return emit(document, args, lambda console: render(console, result, lineage, decision))
 
 
-def decide_family(result: Classification, lineage: list[dict[str, Any]]) -> dict[str, Any]:
-    """The answer to "which family": the lineage test's when it shows a derivation, else the statistics' when
-    meaningful, else none; with whether the two agree."""
-    derived = sorted((e for e in lineage if e.get("comparable", True) and e.get("derived")),
-                     key=lambda e: (-float(e["score"]), e["reference"]))
+def family_decision(result: Classification, lineage: list[dict[str, Any]]) -> dict[str, Any]:
+    """analysis.family's rule on this verb's evidence: the comparable derived bases (ties in score: by id), and the
+    statistical attribution when it is meaningful and in cluster."""
+    derived = [Derivation(e["reference"], e["family"], float(e["score"]))
+               for e in sorted(lineage, key=lambda e: e["reference"]) if e.get("comparable", True) and e.get("derived")]
     statistics = result.family if result.attribution_meaningful and not result.out_of_cluster else None
-    if derived:
-        top = derived[0]
-        return {"family": top["family"], "base": top["reference"], "by": "lineage",
-                "statistics_family": statistics,
-                "agrees": None if statistics is None else statistics == top["family"]}
-    if statistics is not None:
-        return {"family": statistics, "base": result.base, "by": "statistics", "statistics_family": statistics,
-                "agrees": None}
-    return {"family": None, "base": None, "by": None, "statistics_family": None, "agrees": None}
+    return decide_family(derived, statistics, result.base)
 
 
 def render(console: Any, result: Classification, lineage: list[dict[str, Any]],

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _adapter_fit(artifact: Artifact, fingerprint_path: str) -> dict[str, Any]:
-    """Header-only fit of an adapter to a reference fingerprint's structural metadata (issue 7, item 3)."""
+    """Header-only fit of an adapter to a reference fingerprint's structural metadata."""
     if artifact.layout != "adapter":
         raise UsageError(f"{artifact.root}: --against checks a PEFT adapter, but this is a {artifact.layout} model")
     reference = load_fingerprint(fingerprint_path)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from tg_verify.artifact import Artifact, TensorInfo, categorize, file_digests, naming, root_digest
-from tg_verify.artifact.formats import open_reader
+from tg_verify.artifact.formats import Reader, open_reader
 from tg_verify.artifact.model import FLOAT_DTYPES
 from tg_verify.errors import UsageError, WeightValueError
 from tg_verify.fingerprint import noise
@@ -68,7 +68,9 @@ def analysis_kind(info: TensorInfo, fmt: str = "safetensors") -> str:
 
 def tensor_inputs(settings: FingerprintSettings, name: str, strategy: str, width: int) -> np.ndarray:
     """The float32 inputs of a weight-independent strategy, [repeats, width] (values exactly as used)."""
-    return noise.base_inputs(settings, name, width) + noise.additive_noise(settings, name, strategy, width)
+    inputs: np.ndarray = noise.base_inputs(settings, name, width) + noise.additive_noise(settings, name, strategy,
+                                                                                         width)
+    return inputs
 
 
 def _nonfinite_error(source: TensorSource, info: TensorInfo, engine: ResponseEngine) -> WeightValueError:
@@ -248,86 +250,46 @@ def _tensor_result(engine: ResponseEngine, source: TensorSource, info: TensorInf
             release(info)
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """What every step of one fingerprinting pass reads: the artifact, how each tensor enters, the weights' source."""
+
+    artifact: Artifact
+    kinds: list[str]  # analysis_kind of each of artifact.tensors, in order
+    source: TensorSource
+    settings: FingerprintSettings
+    tracker: _Progress
+    label: str
+    release: Callable[[TensorInfo], None] | None  # the source's, where it can drop a tensor's stored bytes
+
+
 def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reader: TensorSource | None,
                  progress: ProgressSink | None, model_name: str | None, digests: dict[str, str] | None,
                  workers: int) -> Fingerprint:
+    """The pass behind fingerprint_artifact: records and checks, the weight matrices on the workers, the features,
+    the sketch and the digests; the reader it opened and the pool's threads are closed whatever happens."""
     settings = settings or FingerprintSettings()
-    if digests is not None and any(f.path not in digests for f in artifact.files):
-        missing = sorted(f.path for f in artifact.files if f.path not in digests)
-        raise UsageError(f"{artifact.root}: digests given for fingerprinting lack {', '.join(missing)}")
+    _check_digests(artifact, digests)
     device = resolve_device(settings.device)
-    sink = progress or NullProgress()
     label = model_name or artifact.name
-    kinds = [analysis_kind(info, artifact.format) for info in artifact.tensors]
-    tensor_bytes = sum(info.nbytes for info in artifact.tensors)
-    hash_bytes = 0 if digests is not None else sum(f.size for f in artifact.files)
-    sink.start(f"fingerprint {label}", total=tensor_bytes + hash_bytes)
-    tracker = _Progress(sink, len(artifact.tensors))
-    owned = reader is None
-    source: TensorSource = open_reader(artifact) if reader is None else reader
-    stop = threading.Event()
     hashing = digests is None
+    tracker = _start_progress(progress or NullProgress(), artifact, label, hashing)
+    owned: Reader | None = None
+    if reader is None:
+        reader = owned = open_reader(artifact)
+    run = _Pass(artifact, [analysis_kind(info, artifact.format) for info in artifact.tensors], reader, settings,
+                tracker, label, getattr(reader, "release", None))
+    stop = threading.Event()
     # On CUDA one thread drives the device (whole-tensor products); a helper is then only there to hash.
     compute = workers if device.type == "cpu" else 1
     pool = WorkerPool(helper_threads(compute, hashing), _hashing(artifact, tracker, stop) if hashing else None,
                       prelude_joins=compute > 1)
     try:
-        builder = SketchBuilder(artifact, source, settings) if settings.sketch else None  # type: ignore[arg-type]
-        capacity = max((info.numel for info, kind in zip(artifact.tensors, kinds) if kind == "gradient"), default=0)
-        engines: list[ResponseEngine | None] = [None] * pool.workers
-        release = getattr(source, "release", None)
-        records: list[dict[str, Any]] = []
-        for info, kind in zip(artifact.tensors, kinds):
-            records.append({"name": info.name, "shape": list(info.shape), "size": info.numel,
-                            "category": categorize(info.name), "dtype": info.dtype, "analysis": kind})
-            if kind == "gradient":
-                continue
-            if (kind == "one-dimensional" and real_valued(info.dtype, artifact.format)
-                    and not bool(torch.isfinite(source.float32(info)).all())):
-                raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
-                                       f"a fingerprint of it would be meaningless")
-            if release is not None:
-                release(info)
-            tracker.tensor_done(label, info.nbytes)
-        matrices = [n for n, kind in enumerate(kinds) if kind == "gradient"]
-        analysed: list[tuple[str, TensorStats]] = []
-
-        def work(item: int, worker: int) -> _TensorResult:
-            info = artifact.tensors[matrices[item]]
-            engine = engines[worker]
-            if engine is None:
-                engine = engines[worker] = ResponseEngine(device, capacity)
-            return _tensor_result(engine, source, info, settings, builder, release)
-
-        def fold(item: int, result: _TensorResult) -> None:
-            info = artifact.tensors[matrices[item]]
-            record = records[matrices[item]]
-            record["strategy"] = result.strategy
-            if result.stats is None:
-                record["analysis"] = "degenerate"
-            else:
-                record["stats"] = result.stats.to_dict()
-                if result.stats.degenerate_repeats:
-                    record["degenerate_repeats"] = result.stats.degenerate_repeats
-                analysed.append((info.name, result.stats))
-            if builder is not None:
-                builder.add_products(info, right=result.right, left=result.left)
-            tracker.tensor_done(label, info.nbytes)
-
-        pool.run(len(matrices), work, fold)
-        if not any(kind == "gradient" for kind in kinds):
-            raise WeightValueError(f"{artifact.root}: no tensor of rank 2 or more with a floating-point dtype; "
-                                   f"nothing to fingerprint")
-        if not analysed:
-            raise WeightValueError(f"{artifact.root}: every weight matrix gives a zero response (all-zero weights?); "
-                                   f"nothing to fingerprint")
-        features, summary = aggregate(analysed, [info.name for info in artifact.tensors], artifact.total_params)
-        summary["degenerate_tensors"] = [r["name"] for r in records if r["analysis"] == "degenerate"]
-        summary["skipped_tensors"] = {k: kinds.count(k) for k in ("one-dimensional", "not-float", "empty")}
-        if artifact.unexpected:  # stored but not loaded by the runtime: listed, never fingerprinted
-            summary["unexpected_tensors"] = [info.name for info in artifact.unexpected]
-        summary["strategies"] = {s: sum(1 for r in records if r.get("strategy") == s and r["analysis"] == "gradient")
-                                 for s in sorted({r["strategy"] for r in records if "strategy" in r})}
+        builder = SketchBuilder(artifact, run.source, settings) if settings.sketch else None
+        records = _screen(run)
+        analysed = _analyse_matrices(run, records, builder, pool, device)
+        _require_analysed(run, analysed)
+        features, summary = _summary(run, records, analysed)
         sketch = builder.finish() if builder is not None else None
         if hashing:
             digests = pool.prelude_result()
@@ -336,14 +298,115 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
         raise
     finally:
         pool.close()
-        if owned:
-            source.close()  # type: ignore[attr-defined]
+        if owned is not None:
+            owned.close()
     assert digests is not None
     files = [{"path": f.path, "role": f.role, "sha256": digests[f.path], "size": f.size} for f in artifact.files]
     return Fingerprint(
         model_name=label, features=features, settings={**settings.to_dict(), "device": device.type},
         tool={**tool_record(), "torch": torch.__version__.split("+")[0]},
         artifact=_artifact_record(artifact, files, digests), tensors=records, sketch=sketch, extraction=summary)
+
+
+def _check_digests(artifact: Artifact, digests: dict[str, str] | None) -> None:
+    """Digests given by the caller must cover every file of the artifact (none given: they are computed)."""
+    if digests is not None and any(f.path not in digests for f in artifact.files):
+        missing = sorted(f.path for f in artifact.files if f.path not in digests)
+        raise UsageError(f"{artifact.root}: digests given for fingerprinting lack {', '.join(missing)}")
+
+
+def _start_progress(sink: ProgressSink, artifact: Artifact, label: str, hashing: bool) -> _Progress:
+    """One bar over the bytes to fingerprint, plus the bytes to hash when the digests are computed here."""
+    tensor_bytes = sum(info.nbytes for info in artifact.tensors)
+    hash_bytes = sum(f.size for f in artifact.files) if hashing else 0
+    sink.start(f"fingerprint {label}", total=tensor_bytes + hash_bytes)
+    return _Progress(sink, len(artifact.tensors))
+
+
+def _screen(run: _Pass) -> list[dict[str, Any]]:
+    """A record for every tensor, in stored order; the tensors that are no weight matrix are done here: a real-valued
+    1-D one must be finite (a NaN gain poisons the model as surely as a NaN matrix), then each is released."""
+    records: list[dict[str, Any]] = []
+    for info, kind in zip(run.artifact.tensors, run.kinds):
+        records.append({"name": info.name, "shape": list(info.shape), "size": info.numel,
+                        "category": categorize(info.name), "dtype": info.dtype, "analysis": kind})
+        if kind == "gradient":
+            continue
+        if (kind == "one-dimensional" and real_valued(info.dtype, run.artifact.format)
+                and not bool(torch.isfinite(run.source.float32(info)).all())):
+            raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
+                                   f"a fingerprint of it would be meaningless",
+                                   file=str(run.artifact.path_of(info.file)))
+        if run.release is not None:
+            run.release(info)
+        run.tracker.tensor_done(run.label, info.nbytes)
+    return records
+
+
+def _analyse_matrices(run: _Pass, records: list[dict[str, Any]], builder: SketchBuilder | None, pool: WorkerPool,
+                      device: torch.device) -> list[tuple[str, TensorStats]]:
+    """The weight matrices on the pool's workers (one response engine each), folded in stored order: statistics
+    into their records and the returned list, sketch products into the builder. Results do not depend on the
+    number of workers."""
+    matrices = [n for n, kind in enumerate(run.kinds) if kind == "gradient"]
+    capacity = max((run.artifact.tensors[n].numel for n in matrices), default=0)
+    engines: list[ResponseEngine | None] = [None] * pool.workers
+    analysed: list[tuple[str, TensorStats]] = []
+
+    def work(item: int, worker: int) -> _TensorResult:
+        engine = engines[worker]
+        if engine is None:
+            engine = engines[worker] = ResponseEngine(device, capacity)
+        return _tensor_result(engine, run.source, run.artifact.tensors[matrices[item]], run.settings, builder,
+                              run.release)
+
+    def fold(item: int, result: _TensorResult) -> None:
+        info = run.artifact.tensors[matrices[item]]
+        _record_result(records[matrices[item]], result)
+        if result.stats is not None:
+            analysed.append((info.name, result.stats))
+        if builder is not None:
+            builder.add_products(info, right=result.right, left=result.left)
+        run.tracker.tensor_done(run.label, info.nbytes)
+
+    pool.run(len(matrices), work, fold)
+    return analysed
+
+
+def _record_result(record: dict[str, Any], result: _TensorResult) -> None:
+    """A weight matrix's record gets its strategy and statistics, or is marked degenerate (no usable repeat)."""
+    record["strategy"] = result.strategy
+    if result.stats is None:
+        record["analysis"] = "degenerate"
+        return
+    record["stats"] = result.stats.to_dict()
+    if result.stats.degenerate_repeats:
+        record["degenerate_repeats"] = result.stats.degenerate_repeats
+
+
+def _require_analysed(run: _Pass, analysed: list[tuple[str, TensorStats]]) -> None:
+    """No fingerprint without a weight matrix, or when every matrix gave a zero response."""
+    if not any(kind == "gradient" for kind in run.kinds):
+        raise WeightValueError(f"{run.artifact.root}: no tensor of rank 2 or more with a floating-point dtype; "
+                               f"nothing to fingerprint")
+    if not analysed:
+        raise WeightValueError(f"{run.artifact.root}: every weight matrix gives a zero response (all-zero weights?); "
+                               f"nothing to fingerprint")
+
+
+def _summary(run: _Pass, records: list[dict[str, Any]], analysed: list[tuple[str, TensorStats]]
+             ) -> tuple[dict[str, float], dict[str, Any]]:
+    """The 16 features and the document's `extraction` record: what fed each feature, what was skipped and why,
+    the tensors stored but not loaded by the runtime (listed, never fingerprinted), the strategies drawn."""
+    artifact = run.artifact
+    features, summary = aggregate(analysed, [info.name for info in artifact.tensors], artifact.total_params)
+    summary["degenerate_tensors"] = [r["name"] for r in records if r["analysis"] == "degenerate"]
+    summary["skipped_tensors"] = {k: run.kinds.count(k) for k in ("one-dimensional", "not-float", "empty")}
+    if artifact.unexpected:
+        summary["unexpected_tensors"] = [info.name for info in artifact.unexpected]
+    summary["strategies"] = {s: sum(1 for r in records if r.get("strategy") == s and r["analysis"] == "gradient")
+                             for s in sorted({r["strategy"] for r in records if "strategy" in r})}
+    return features, summary
 
 
 def _artifact_record(artifact: Artifact, files: list[dict[str, Any]], digests: dict[str, str]) -> dict[str, Any]:

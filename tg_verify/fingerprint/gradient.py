@@ -1,4 +1,4 @@
-"""TensorGuard gradient statistics in closed form (§III-C.3, DESIGN.md).
+"""TensorGuard gradient statistics in closed form (§III-C.3; docs/method.md).
 
 With o = x Wᵀ and L = ||o||₂, the gradient is G = ∂L/∂W = u ⊗ x with u = o/||o|| (shape [out, in]).
 Every moment of the entries of an outer product factorises: E[Gᵏ] = mean(uᵏ)·mean(xᵏ), so mean,
@@ -63,7 +63,8 @@ def _raw_moments(a: np.ndarray) -> np.ndarray:
     """[4, rows]: the row means of a, a², a³, a⁴ (row dot products: no cube or fourth-power arrays)."""
     a2 = a * a
     sums = (a.sum(axis=1), a2.sum(axis=1), np.einsum("ij,ij->i", a2, a), np.einsum("ij,ij->i", a2, a2))
-    return np.stack(sums) / a.shape[1]
+    moments: np.ndarray = np.stack(sums) / a.shape[1]
+    return moments
 
 
 def tensor_statistics(responses: np.ndarray, inputs: np.ndarray) -> TensorStats | None:
@@ -72,5 +73,6 @@ def tensor_statistics(responses: np.ndarray, inputs: np.ndarray) -> TensorStats 
     used = int(valid.sum())
     if used == 0:
         return None
-    average = stats[valid].mean(axis=0)
-    return TensorStats(*(float(v) for v in average), repeats=used, degenerate_repeats=int(len(valid) - used))
+    mean, std, norm, skewness, kurtosis = (float(v) for v in stats[valid].mean(axis=0))  # STAT_NAMES order
+    return TensorStats(mean=mean, std=std, norm=norm, skewness=skewness, kurtosis=kurtosis, repeats=used,
+                       degenerate_repeats=int(len(valid) - used))

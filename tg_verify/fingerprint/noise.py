@@ -104,18 +104,20 @@ def additive_noise(settings: FingerprintSettings, name: str, strategy: str, widt
 def pseudo_targets(settings: FingerprintSettings, name: str, classes: int) -> np.ndarray:
     """FGSM's pseudo-label per repeat: uniform over the tensor's `classes` outputs, int64 [repeats]."""
     raw = stream(settings.seed, name, "target").bit_generator.random_raw(settings.repeats)
-    return (raw % np.uint64(classes)).astype(np.int64)
+    targets: np.ndarray = (raw % np.uint64(classes)).astype(np.int64)
+    return targets
 
 
 def softmax_minus_onehot(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """d CE(o, t) / d o = softmax(o) - e_t, row-wise in float64 (stable: max subtracted)."""
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
-    probs = exp / exp.sum(axis=1, keepdims=True)
+    probs: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
     probs[np.arange(len(targets)), targets] -= 1.0
     return probs
 
 
 def fgsm(x0: np.ndarray, input_gradient: np.ndarray, epsilon: float) -> np.ndarray:
     """x_adv = x0 + epsilon * sign(grad_x J), Eq. (1)-(2)."""
-    return x0 + epsilon * np.sign(input_gradient)
+    adversarial: np.ndarray = x0 + epsilon * np.sign(input_gradient)
+    return adversarial

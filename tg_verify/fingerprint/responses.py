@@ -83,7 +83,7 @@ class ResponseEngine:
         assert self._raw is not None
         return max(1, BLOCK_ELEMENTS // max(1, self._raw.shape[1]))
 
-    def _each_block(self, work: Callable[[int, int, torch.Tensor], T], fold: Callable[[T], None] | None = None
+    def _each_block(self, work: Callable[[int, int, torch.Tensor], T], fold: Callable[[T], object] | None = None
                     ) -> None:
         """work(row0, row1, float32 block) for each block in order, converted into the one reused buffer;
         fold(value) after each, in block order."""
@@ -120,36 +120,44 @@ class ResponseEngine:
         repeats = inputs.shape[0]
         rhs = _padded(inputs)
         padded = rhs.shape[1]
-        stacked = right is not None and right_rows is None
-        if stacked:
-            rhs = torch.cat([rhs, right.to(torch.float32).t()], dim=1)  # type: ignore[union-attr]
-        sampled = right.to(torch.float32) if right is not None and right_rows is not None else None
+        stacked = False
+        sample: tuple[torch.Tensor, torch.Tensor] | None = None  # (right_rows, right in float32)
+        if right is not None and right_rows is None:
+            rhs = torch.cat([rhs, right.to(torch.float32).t()], dim=1)
+            stacked = True
+        elif right is not None and right_rows is not None:
+            sample = (right_rows, right.to(torch.float32))
         right_product: torch.Tensor | None = None
         left_product: torch.Tensor | None = None
         if self._on_device is not None:
             out = (self._on_device @ rhs.to(self.device)).cpu()
-            if sampled is not None:
-                right_product = (self._on_device[right_rows.to(self.device)] @ sampled.to(self.device).t()).cpu()
+            if sample is not None:
+                rows, sampled = sample
+                right_product = (self._on_device[rows.to(self.device)] @ sampled.to(self.device).t()).cpu()
             if left is not None:
                 left_product = (left.to(self.device, torch.float32) @ self._on_device).cpu()
         else:
             out = torch.empty((self._raw.shape[0], rhs.shape[1]), dtype=torch.float32)
-            if sampled is not None:
-                right_product = torch.empty((len(right_rows), sampled.shape[0]), dtype=torch.float32)
-            left32 = left.to(torch.float32) if left is not None else None
-            if left32 is not None:
-                left_product = torch.zeros((left32.shape[0], self._raw.shape[1]), dtype=torch.float32)
+            # what each block adds to: (rows, right, their product) and (left, its product)
+            sampling = None if sample is None else (*sample, torch.empty((len(sample[0]), sample[1].shape[0]),
+                                                                         dtype=torch.float32))
+            accumulating = None if left is None else (
+                left.to(torch.float32), torch.zeros((left.shape[0], self._raw.shape[1]), dtype=torch.float32))
 
             def work(start: int, stop: int, block: torch.Tensor) -> None:
                 torch.mm(block, rhs, out=out[start:stop])
-                if sampled is not None:
-                    lo, hi = (int(torch.searchsorted(right_rows, edge)) for edge in (start, stop))
+                if sampling is not None:
+                    rows, sampled, product = sampling
+                    lo, hi = (int(torch.searchsorted(rows, edge)) for edge in (start, stop))
                     if hi > lo:
-                        torch.mm(block[right_rows[lo:hi] - start], sampled.t(), out=right_product[lo:hi])
-                if left_product is not None:
-                    left_product.addmm_(left32[:, start:stop], block)  # accumulated in block order
+                        torch.mm(block[rows[lo:hi] - start], sampled.t(), out=product[lo:hi])
+                if accumulating is not None:
+                    left32, product = accumulating
+                    product.addmm_(left32[:, start:stop], block)  # accumulated in block order
 
             self._each_block(work)
+            right_product = None if sampling is None else sampling[2]
+            left_product = None if accumulating is None else accumulating[1]
         responses = out[:, :repeats].t().numpy().astype(np.float64)
         if stacked:
             right_product = out[:, padded:].contiguous()

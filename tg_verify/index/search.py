@@ -8,7 +8,7 @@ digest. Hits are ordered by that evidence (derived first, then by lineage score)
 decides which references are tested, never what is concluded. Family attribution follows the rule
 `tg-verify classify` applies: the lineage test's family when it shows a derivation (the strongest
 derived reference), else the statistical attribution (analysis.attribution.classify over the short
-list, on the shipped population scale when it applies) when that is meaningful, else none.
+list, on the shipped population scale when it applies) when that is meaningful, else none (analysis/family.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from tg_verify.analysis.family import Derivation, decide_family
 from tg_verify.analysis.lineage import LineageResult, lineage_test
 from tg_verify.analysis.references import Reference
 from tg_verify.errors import IndexFormatError, InputError, UsageError
@@ -137,28 +138,26 @@ def _statistics(candidate: Fingerprint, hits: Sequence[Hit], fingerprints: dict[
 
 
 def _attribution(hits: Sequence[Hit], statistics: dict[str, Any] | None, caveats: list[str]) -> dict[str, Any]:
-    """Which family: the lineage test's when it shows a derivation, else the statistics' when meaningful, else none
-    (the rule of `tg-verify classify`)."""
+    """Which family, by analysis.family's rule (that of `tg-verify classify`) over the short list; with the
+    lineage score and every derived reference when the lineage test decides, else a note on why it does not."""
     derived = [h for h in hits if h.lineage.derived]
     usable = statistics is not None and statistics.get("available") and statistics.get("attribution_meaningful") \
         and not statistics.get("out_of_cluster")
     statistics_family = statistics["family"] if usable and statistics is not None else None
-    if derived:
+    statistics_base = statistics["base"] if usable and statistics is not None else None
+    decision = decide_family([Derivation(h.entry.id, h.entry.family, h.lineage.score) for h in derived],
+                             statistics_family, statistics_base)
+    if decision["by"] == "lineage":
         families = sorted({h.entry.family for h in derived})
         if len(families) > 1:
             caveats.append(f"the lineage test calls references of several families derived: {', '.join(families)}; "
                            "the strongest decides, the others are listed")
-        top = derived[0]
-        return {"family": top.entry.family, "base": top.entry.id, "by": "lineage", "score": round(top.lineage.score, 6),
-                "derived_references": [h.entry.id for h in derived], "statistics_family": statistics_family,
-                "agrees": None if statistics_family is None else statistics_family == top.entry.family}
+        top = next(h for h in derived if h.entry.id == decision["base"])
+        return {**decision, "score": round(top.lineage.score, 6), "derived_references": [h.entry.id for h in derived]}
     best = max((h for h in hits if math.isfinite(h.lineage.score)), key=lambda h: h.lineage.score, default=None)
     note = ("the lineage test establishes none of the short-listed references as the candidate's base"
             + (f" (highest score {best.lineage.score:.3f}, {best.entry.id})" if best else ""))
-    if statistics_family is not None and statistics is not None:
-        return {"family": statistics_family, "base": statistics["base"], "by": "statistics", "note": note,
-                "statistics_family": statistics_family, "agrees": None}
-    return {"family": None, "base": None, "by": None, "note": note, "statistics_family": None, "agrees": None}
+    return {**decision, "note": note}
 
 
 def check_index_usable(index: ReferenceIndex) -> None:
