@@ -18,8 +18,13 @@ Writes a synthetic Llama-shaped bf16 checkpoint (TinyLlama-1.1B shapes by defaul
 
 Interpreter + import start-up is reported separately; every ratio uses wall times of one run.
 
+With --cold, a second table times `read` and `fingerprint` with the checkpoint evicted from the page cache
+before each (posix_fadvise DONTNEED on every file: no root needed): the I/O floor of a checkpoint read from
+this machine's disk, which is what a runner that has just fetched or mounted a model pays.
+
     python bench/fingerprint_speed.py                 # the full 1.1B model (~2.2 GB on disk)
     python bench/fingerprint_speed.py --params 3e8    # quicker, fewer layers
+    python bench/fingerprint_speed.py --skip-baseline --cold   # + the same from disk
 """
 
 from __future__ import annotations
@@ -248,6 +253,34 @@ def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     return chosen
 
 
+def evict(directory: Path) -> None:
+    """Drop the checkpoint's pages from the page cache (clean pages of unmapped files go, so written ones are
+    flushed first; no root needed)."""
+    for path in weight_files(directory):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+
+
+def cold_rounds(directory: Path, args: argparse.Namespace) -> None:
+    """`read` and `fingerprint` from disk, interleaved, each after evicting the files; prints the medians."""
+    runs: dict[str, list[dict[str, float]]] = {"read": [], "fingerprint": []}
+    for _ in range(args.rounds):
+        for kind in runs:
+            evict(directory)
+            runs[kind].append(run_child(kind, directory, args))
+    read, fingerprint = _median(runs["read"]), _median(runs["fingerprint"])
+    print(f"\nfrom disk (page cache evicted before each step), median of {args.rounds} interleaved rounds")
+    for kind, result in (("read", read), ("fingerprint", fingerprint)):
+        print(f"{kind:<12} {result['wall_s']:8.2f} s  x read {result['wall_s'] / read['wall_s']:5.2f}  "
+              f"cpu s {result.get('cpu_s', float('nan')):6.2f}  {result['walls']}")
+    ratios = sorted(f["wall_s"] / r["wall_s"] for f, r in zip(runs["fingerprint"], runs["read"]))
+    print(f"fingerprint / read from disk within each round: {', '.join(f'{x:.2f}' for x in ratios)}")
+
+
 def run_child(kind: str, directory: Path, args: argparse.Namespace) -> dict[str, float]:
     command = [sys.executable, __file__, "--child", kind, "--dir", str(directory), "--subset", str(args.subset),
                "--params", str(args.params)]
@@ -276,6 +309,7 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=6, help="tensors the autograd baseline times (extrapolated)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the quick steps (median)")
     parser.add_argument("--skip-baseline", action="store_true", help="leave out the transformers baseline")
+    parser.add_argument("--cold", action="store_true", help="also time read and fingerprint from disk (cache evicted)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -329,6 +363,12 @@ def main() -> None:
               f"{results['fingerprint']['wall_s'] / read:.2f}x; features alone on 1 thread "
               f"{results['features']['wall_s'] / read:.2f}x; peak RSS <= 2500 MB: "
               f"{results['fingerprint']['peak_rss_mb']:.0f} MB")
+        cpus = os.cpu_count() or 1
+        floor = results["fingerprint"]["cpu_s"] / cpus
+        print(f"arithmetic floor of the default command on {cpus} cores: its CPU seconds / cores = {floor:.2f} s = "
+              f"{floor / read:.2f}x read")
+        if args.cold:
+            cold_rounds(directory, args)
         print(f"machine load average at end: {os.getloadavg()[0]:.1f}")
     finally:
         if not args.keep and args.dir is None:

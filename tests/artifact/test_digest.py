@@ -41,6 +41,36 @@ def test_digests_match_hashlib_and_report_progress(tiny_models: dict[str, dict[s
     assert file_digests(artifact, sink) == digests and sink.total == sum(seen)
 
 
+def test_files_hashed_in_parallel_give_the_same_digests_and_the_first_error_in_file_order(
+        tiny_models: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    import shutil
+    import threading
+
+    source = tiny_models["gemma"]["indexed-shards"]
+    artifact = resolve(source)
+    assert len(artifact.files) >= 3
+    together = threading.Barrier(2, timeout=30)  # passed only when two files are being hashed at the same time
+    waited: set[str] = set()
+
+    def advance(count: int) -> None:
+        name = threading.current_thread().name
+        if name not in waited and len(waited) < 2:
+            waited.add(name)
+            together.wait()
+
+    assert file_digests(artifact, advance, threads=2) == file_digests(artifact)
+    assert len(waited) == 2 and not together.broken
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    artifact = resolve(copy)
+    later, sooner = artifact.files[-1], artifact.files[1]
+    for entry in (later, sooner):  # both change after resolve(): the error is the one a sequential run meets first
+        with open(artifact.path_of(entry.path), "ab") as handle:
+            handle.write(b" ")
+    with pytest.raises(FileChangedError, match=sooner.path):
+        file_digests(artifact, threads=4)
+
+
 def test_root_digest_is_over_sorted_raw_digests() -> None:
     digests = {"b": "00" * 32, "a": "ff" * 32}
     assert root_digest(digests) == hashlib.sha256(bytes.fromhex("ff" * 32 + "00" * 32)).hexdigest()

@@ -236,10 +236,12 @@ def test_a_calibrated_lineage_test_is_recorded_and_its_decision_checked(tiny_mod
 
     calibrated = LineageEvidence(score=0.42, threshold=0.29, derived=True, p_value=1 / 1846,
                                  false_positive_rate=0.0097, alpha=0.01, method="tgl3",
-                                 calibration="gemma:h96:l3:v512:a6/2:i192", null_size=1845, rate=0.0, rate_upper=0.0016)
+                                 calibration="gemma:h96:l3:v512:a6/2:i192", null_size=1845, rate=0.0, rate_upper=0.0016,
+                                 null_scope="twins trained 150-1200 steps")
     predicate = with_lineage(calibrated)
     written = to_json(predicate)["references"][0]["lineage"]
     assert written["method"] == "tgl3" and written["calibration"] == "gemma:h96:l3:v512:a6/2:i192"
+    assert written["nullScope"] == "twins trained 150-1200 steps"  # the rate holds for the models the null covers
     assert written["nullPairs"] == 1845 and written["rateAtScore"] == 0.0 and written["rateUpperBound95"] == 0.0016
     assert parse_predicate(json.loads(canonical_json(to_json(predicate)))) == predicate
     assert "0/1845 unrelated pairs score as high (95% upper bound 0.2%" in calibrated.rate_text()
@@ -249,9 +251,9 @@ def test_a_calibrated_lineage_test_is_recorded_and_its_decision_checked(tiny_mod
     assert flipped and not flipped[0].ok
     # uncalibrated: no p-value or rate is written, and the record still reads back and checks
     uncalibrated = replace(calibrated, p_value=math.nan, false_positive_rate=math.nan, calibration=None,
-                           null_size=None, rate=None, rate_upper=None)
+                           null_size=None, rate=None, rate_upper=None, null_scope=None)
     written = to_json(with_lineage(uncalibrated))["references"][0]["lineage"]
-    assert not {"pValue", "falsePositiveRate", "calibration", "nullPairs", "rateAtScore"} & set(written)
+    assert not {"pValue", "falsePositiveRate", "calibration", "nullPairs", "rateAtScore", "nullScope"} & set(written)
     back = parse_predicate(json.loads(canonical_json(to_json(with_lineage(uncalibrated)))))
     assert back.references[0].lineage is not None and back.references[0].lineage.rate_text().startswith("uncalibrated")
     assert not [c for c in check_evidence(back) if c.name == "lineage base-1b"]

@@ -158,13 +158,13 @@ def test_flattening_converges_to_the_exact_one_and_turns_with_the_residual_strea
     lam, directions = values.flip(0)[:24], vectors.flip(1)[:, :24]
     bulk = (1 - lam.sum()) / 24
     exact = unit_rows(probe / bulk.sqrt() + ((probe @ directions) * (lam.rsqrt() - bulk.rsqrt())) @ directions.T)
-    assert torch.allclose(flatten_probe(probe, rows, start), exact, atol=1e-8)
+    assert torch.allclose(flatten_probe(probe, rows, start), exact, atol=2e-6)  # float32 inside
     monkeypatch.undo()
     flat = flatten_probe(probe, rows, start)
     order = torch.randperm(400, generator=generator)
-    assert torch.allclose(flatten_probe(probe, rows[order], start[order]), flat, atol=1e-10)
+    assert torch.allclose(flatten_probe(probe, rows[order], start[order]), flat, atol=2e-6)
     rotation, _ = torch.linalg.qr(torch.randn(48, 48, generator=generator, dtype=torch.float64))
-    assert torch.allclose(flatten_probe(probe @ rotation, rows @ rotation, start), flat @ rotation, atol=1e-10)
+    assert torch.allclose(flatten_probe(probe @ rotation, rows @ rotation, start), flat @ rotation, atol=2e-6)
     # the probe no longer lies along the leading directions: its share there falls to about the bulk's
     share = lambda p: float((p @ directions).pow(2).sum() / p.pow(2).sum())  # noqa: E731
     assert share(probe) > 0.8 and share(flat) < 0.7
@@ -303,8 +303,9 @@ def test_non_finite_embedding_is_refused(tmp_path: Path) -> None:
     model = build_model("llama", seed=0)
     with torch.no_grad():
         model.model.embed_tokens.weight[7, 3] = float("nan")
-    with pytest.raises(WeightValueError, match="embed_tokens"):
+    with pytest.raises(WeightValueError, match="embed_tokens") as caught:
         sketch_of(save_model(model, tmp_path / "nan"))
+    assert caught.value.file is not None and Path(caught.value.file).is_file()  # names the weights file
 
 
 def test_private_sketch_seed_is_a_setting_that_changes_only_the_sketch(tiny_models: dict[str, dict[str, Path]]) -> None:

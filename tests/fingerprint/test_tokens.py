@@ -75,8 +75,9 @@ def test_vocab_json(tmp_path: Path) -> None:
 ])
 def test_malformed_tokenizers_name_the_field(tmp_path: Path, document: object, message: str) -> None:
     path = write(tmp_path / "tokenizer.json", document)
-    with pytest.raises(TokenizerError, match=message):
+    with pytest.raises(TokenizerError, match=message) as caught:
         read_tokenizer(path)
+    assert str(caught.value).startswith(f"{path}: ") and caught.value.file == str(path)
 
 
 def test_tokenizer_that_is_not_json(tmp_path: Path) -> None:

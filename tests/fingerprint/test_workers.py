@@ -154,3 +154,14 @@ def test_helper_threads_follow_the_cores_and_the_hashing():
     assert helper_threads(2, hashing=True) == helper_threads(2, hashing=False) == 1
     assert helper_threads(8, hashing=True) == 7
     assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+
+
+def test_hash_threads_use_only_the_cores_the_computation_leaves():
+    from tg_verify.fingerprint.workers import MAX_AUTO_THREADS, hash_threads
+
+    assert hash_threads(2, cores=2) == 1  # the 2-core runner: one hashing thread, which then computes
+    assert hash_threads(1, cores=2) == 1  # a GPU-driving thread + one hashing thread
+    assert hash_threads(6, cores=10) == 5  # 6 computing (one of them hashing first) + 4 idle cores
+    assert hash_threads(1, cores=6) == 5  # one thread drives the GPU: the other cores may hash
+    assert hash_threads(1, cores=64) == hash_threads(8, cores=64) == MAX_AUTO_THREADS  # capped
+    assert hash_threads(16, cores=4) == 1  # more threads than cores asked for: still one hashes

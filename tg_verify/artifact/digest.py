@@ -20,11 +20,12 @@ import mmap
 import os
 import stat
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from tg_verify.artifact.errors import FileChangedError, NotRegularFileError, shown
-from tg_verify.artifact.model import Artifact
+from tg_verify.artifact.model import Artifact, ArtifactFile
 from tg_verify.artifact.safeio import drop_pages, open_regular, os_error, stat_path
 from tg_verify.progress import ProgressSink
 
@@ -40,30 +41,49 @@ def _advance(progress: Progress) -> Callable[[int], None] | None:
     return progress
 
 
-def file_digests(artifact: Artifact, progress: Progress = None) -> dict[str, str]:
+def file_digests(artifact: Artifact, progress: Progress = None, threads: int = 1) -> dict[str, str]:
     """sha256 hex of every artifact file, keyed by relative POSIX path, streamed in 16 MiB chunks.
 
-    `progress` is a callable taking the byte count of each chunk, or a ProgressSink (its `advance`).
-    A file whose size differs from the one validated by `resolve` is a FileChangedError.
+    `progress` is a callable taking the byte count of each chunk, or a ProgressSink (its `advance`), and must be
+    thread-safe when `threads` > 1. A file whose size differs from the one validated by `resolve` is a
+    FileChangedError. With `threads` > 1, up to that many files are hashed at once: sha256 is sequential within
+    a file, so on a many-core runner the shards of a large model are otherwise hashed one after another while
+    the cores that computed the fingerprint wait. Errors are raised in file order, as a sequential run would.
     """
     advance = _advance(progress)
-    digests: dict[str, str] = {}
-    for entry in artifact.files:
-        path = artifact.path_of(entry.path)
-        fd, info = open_regular(path, "artifact file")
+    entries = list(artifact.files)
+
+    def one(entry: ArtifactFile) -> str:
+        return _file_digest(artifact, entry, advance)
+
+    if threads <= 1 or len(entries) <= 1:
+        return {entry.path: one(entry) for entry in entries}
+    with ThreadPoolExecutor(max_workers=min(threads, len(entries)), thread_name_prefix="tg-verify-hash") as pool:
+        futures = [pool.submit(one, entry) for entry in entries]
         try:
-            if info.st_size != entry.size:
-                raise FileChangedError(f"{shown(path)}: file is {info.st_size} bytes, not the {entry.size} "
-                                       f"validated by resolve(); the file changed while being verified", file=str(path))
-            digests[entry.path] = _sha256(fd, entry.size, advance)
-            if os.fstat(fd).st_size != entry.size:
-                raise FileChangedError(f"{shown(path)}: file size changed while it was hashed; "
-                                       f"the file changed while being verified", file=str(path))
-        except OSError as exc:
-            raise os_error(path, exc, "artifact file") from None
+            return {entry.path: future.result() for entry, future in zip(entries, futures)}
         finally:
-            os.close(fd)
-    return digests
+            for future in futures:
+                future.cancel()  # files not started yet are not hashed after an error
+
+
+def _file_digest(artifact: Artifact, entry: ArtifactFile, advance: Callable[[int], None] | None) -> str:
+    """sha256 of one artifact file, checked against the size resolve() validated, before and after."""
+    path = artifact.path_of(entry.path)
+    fd, info = open_regular(path, "artifact file")
+    try:
+        if info.st_size != entry.size:
+            raise FileChangedError(f"{shown(path)}: file is {info.st_size} bytes, not the {entry.size} "
+                                   f"validated by resolve(); the file changed while being verified", file=str(path))
+        digest = _sha256(fd, entry.size, advance)
+        if os.fstat(fd).st_size != entry.size:
+            raise FileChangedError(f"{shown(path)}: file size changed while it was hashed; "
+                                   f"the file changed while being verified", file=str(path))
+        return digest
+    except OSError as exc:
+        raise os_error(path, exc, "artifact file") from None
+    finally:
+        os.close(fd)
 
 
 def _sha256(fd: int, size: int, advance: Callable[[int], None] | None) -> str:

@@ -254,7 +254,7 @@ def _lineage_json(lineage: LineageEvidence, where: str) -> dict[str, Any]:
         "falsePositiveRate": number(lineage.false_positive_rate, "falsePositiveRate"),
         "alpha": _finite(lineage.alpha, f"{where}.alpha"), "comparable": lineage.comparable,
         "derived": lineage.derived, "notes": list(lineage.notes) or None,
-        "calibration": lineage.calibration, "nullPairs": lineage.null_size,
+        "calibration": lineage.calibration, "nullPairs": lineage.null_size, "nullScope": lineage.null_scope,
         "rateAtScore": _finite(lineage.rate, f"{where}.rateAtScore"),
         "rateUpperBound95": _finite(lineage.rate_upper, f"{where}.rateUpperBound95"),
     })
@@ -608,7 +608,8 @@ def _lineage(r: _Reader, raw: Any, path: str) -> LineageEvidence:
                            derived=r.boolean(doc.get("derived"), f"{path}.derived"), comparable=comparable,
                            alpha=r.opt_number(doc.get("alpha"), f"{path}.alpha"), notes=notes, method=method,
                            calibration=r.opt_text(doc.get("calibration"), f"{path}.calibration"),
-                           null_size=null_size, rate=rate("rateAtScore"), rate_upper=rate("rateUpperBound95"))
+                           null_size=null_size, rate=rate("rateAtScore"), rate_upper=rate("rateUpperBound95"),
+                           null_scope=r.opt_text(doc.get("nullScope"), f"{path}.nullScope"))
 
 
 def _references(r: _Reader, raw: Any) -> tuple[ReferenceRecord, ...]:

@@ -28,7 +28,7 @@ from tg_verify.fingerprint.gradient import TensorStats, tensor_statistics
 from tg_verify.fingerprint.responses import ResponseEngine, resolve_device
 from tg_verify.fingerprint.settings import FingerprintSettings
 from tg_verify.fingerprint.sketch import SketchBuilder
-from tg_verify.fingerprint.workers import WorkerPool, check_threads, default_threads, helper_threads
+from tg_verify.fingerprint.workers import WorkerPool, check_threads, default_threads, hash_threads, helper_threads
 from tg_verify.progress import NullProgress, ProgressSink
 from tg_verify.versions import tool_record
 
@@ -197,13 +197,14 @@ class _Cancelled(Exception):
     """Stops the background hashing when fingerprinting fails."""
 
 
-def _hashing(artifact: Artifact, progress: _Progress, stop: threading.Event) -> Callable[[], dict[str, str]]:
+def _hashing(artifact: Artifact, progress: _Progress, stop: threading.Event,
+             threads: int) -> Callable[[], dict[str, str]]:
     def advance(count: int) -> None:
         if stop.is_set():
             raise _Cancelled()
         progress.advance(count)
 
-    return lambda: file_digests(artifact, advance)
+    return lambda: file_digests(artifact, advance, threads=threads)
 
 
 def fingerprint_artifact(artifact: Artifact, settings: FingerprintSettings | None = None, *,
@@ -282,7 +283,8 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     stop = threading.Event()
     # On CUDA one thread drives the device (whole-tensor products); a helper is then only there to hash.
     compute = workers if device.type == "cpu" else 1
-    pool = WorkerPool(helper_threads(compute, hashing), _hashing(artifact, tracker, stop) if hashing else None,
+    pool = WorkerPool(helper_threads(compute, hashing),
+                      _hashing(artifact, tracker, stop, hash_threads(compute)) if hashing else None,
                       prelude_joins=compute > 1)
     try:
         builder = SketchBuilder(artifact, run.source, settings) if settings.sketch else None

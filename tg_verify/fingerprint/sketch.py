@@ -95,14 +95,15 @@ def flatten_probe(probe: torch.Tensor, sample: torch.Tensor, start: torch.Tensor
     which independently trained models share and which a fine-tune can rewrite at little cost to what the
     model does on text; flattened, the probe spreads over the whole residual stream. Every step is a
     polynomial in the sample applied to token-keyed vectors, so the result turns with any rotation of the
-    residual stream and ignores the rows' order (differentiable; float64 inside).
+    residual stream and ignores the rows' order (differentiable). Float32 inside: the iteration is most of the
+    sketch's set-up cost, and its rounding stays far below the float16 the units are stored in.
     """
-    x = sample.to(torch.float64)
+    x = sample.to(torch.float32)
     m, d = x.shape
     r = min(FLATTEN_DIRECTIONS, d // 2, m // 2)
     if r < 1:
         return unit_rows(probe)
-    basis = x.T @ start.to(torch.float64)[:, :min(start.shape[1], d)]
+    basis = x.T @ start.to(torch.float32)[:, :min(start.shape[1], d)]
     for _ in range(FLATTEN_ITERATIONS):
         basis, _ = torch.linalg.qr(basis)
         basis = x.T @ (x @ basis)
@@ -114,7 +115,7 @@ def flatten_probe(probe: torch.Tensor, sample: torch.Tensor, start: torch.Tensor
     directions = basis @ vectors[:, top]
     total = x.pow(2).sum() / m  # trace of C (1 for unit rows; zero rows count as nothing)
     bulk = ((total - lam.sum()) / max(d - r, 1)).clamp_min(1e-12)
-    p = probe.to(torch.float64)
+    p = probe.to(torch.float32)
     flat = p / bulk.sqrt() + ((p @ directions) * (lam.rsqrt() - bulk.rsqrt())) @ directions.T
     return unit_rows(flat).to(probe.dtype)
 
@@ -314,12 +315,12 @@ class SketchBuilder:
             return
         # the head unit sums over output tokens; those with the smallest keys keep it cheap on big vocabularies
         self._head_rows = torch.from_numpy(smallest_keys(self.keys, HEAD_ROWS))
-        mixed, sample = self._mix(reader, self.embedding)
+        mixed, sample = self._mix(reader, self.embedding, str(artifact.path_of(self.embedding.file)))
         start = flatten_start(self.keys.keys[self._head_rows.numpy()], self.width)
         self.probe = flatten_probe(mixed, sample, start).to(torch.float32)
         self._units[("embed", -1)] = self.probe @ self.probe.T
 
-    def _mix(self, reader: Any, info: TensorInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mix(self, reader: Any, info: TensorInfo, path: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The k probe mixtures Σ_t c_j(key_t) ê_t over every keyed embedding row, unit-normalised, and the
         unit-normalised sampled rows (`_head_rows`) that flatten_probe estimates the leading directions from.
 
@@ -352,7 +353,7 @@ class SketchBuilder:
             total += (coefficients @ block).double()
         if not bool(torch.isfinite(total).all()):
             raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
-                                   f"a fingerprint of it would be meaningless")
+                                   f"a fingerprint of it would be meaningless", file=path)
         return unit_rows(total).to(torch.float32), sample
 
     @staticmethod

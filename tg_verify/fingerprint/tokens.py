@@ -82,10 +82,11 @@ def _checked_text(value: Any, where: str) -> bytes:
     return value.encode("utf-8", "surrogatepass")
 
 
-def _vocab_entries(document: dict[str, Any], name: str) -> list[tuple[int, bytes]]:
-    """(id, text) pairs of a tokenizer.json (model.vocab and added_tokens) or a vocab.json (text -> id)."""
+def _vocab_entries(document: dict[str, Any], kind: str, name: str) -> list[tuple[int, bytes]]:
+    """(id, text) pairs of a tokenizer.json (model.vocab and added_tokens) or a vocab.json (text -> id), by `kind`
+    (the file's base name); `name` is the path the messages start with."""
     entries: list[tuple[int, bytes]] = []
-    if name == "vocab.json":
+    if kind == "vocab.json":
         for text, token_id in document.items():
             entries.append((_checked_id(token_id, f"{name}: the id of {text[:40]!r}"), _checked_text(text, name)))
         return entries
@@ -120,8 +121,8 @@ def read_tokenizer(path: Path) -> list[list[bytes]]:
     try:
         document, _ = load_json_file(path, path.name, max_bytes=MAX_TOKENIZER_BYTES)
     except ArtifactError as exc:
-        raise TokenizerError(str(exc)) from None
-    entries = _vocab_entries(document, path.name)
+        raise TokenizerError(str(exc), file=str(path)) from None
+    entries = _vocab_entries(document, path.name, str(path))
     if not entries:
         raise TokenizerError(f"{path}: the vocabulary is empty")
     texts: list[list[bytes]] = [[] for _ in range(max(i for i, _ in entries) + 1)]

@@ -237,3 +237,13 @@ def helper_threads(workers: int, hashing: bool) -> int:
     done, so on a 2-core runner both cores compute after hashing instead of one idling.
     """
     return max(workers - 1, 1 if hashing else 0)
+
+
+def hash_threads(compute: int, cores: int | None = None) -> int:
+    """Threads that may hash files at once beside `compute` computing threads without oversubscribing the cores.
+
+    The hashing helper is one of the compute threads when there are two or more (helper_threads), an extra one
+    otherwise (one thread driving a GPU, or `threads=1`); the cores left over hash further files in parallel.
+    """
+    cores = usable_cores() if cores is None else cores
+    return max(1, min(MAX_AUTO_THREADS, cores - compute + (1 if compute > 1 else 0)))
