@@ -73,6 +73,7 @@ CALIBRATION = Path("/work/wt/lineage/bench/out/calibrate/8f33da0eba9c/models")
 EVASION = Path("/work/wt/evasion/bench/out/evasion/02107aee2614/models")
 ROLES = ("OV", "QK", "GG", "UD")
 FRAME_K = 16  # eigenframe size
+RANK = 32  # the subspace / robust frames' size r (--rank)
 WORD_SEED = 12345
 PROCRUSTES_ITERATIONS = 20
 
@@ -345,11 +346,11 @@ def procrustes_score(bc: Blocks, br: Blocks, cross: bool = False) -> float:
     return best
 
 
-def subspace_features(b: Blocks, r: int = 32) -> tuple[list[np.ndarray], np.ndarray]:
+def subspace_features(b: Blocks) -> tuple[list[np.ndarray], np.ndarray]:
     """What a fingerprint could store: every unit read in the top-r eigenframe of the model's summed gate Grams,
     [L, 4, r, r], plus the per-layer gate Grams' r-frames for re-framing after a layer change (not stored: the
     global frame is recomputed from the stored per-layer GG blocks, an approximation, see subspace_score)."""
-    v = _frame([layer["GG"] for layer in b.layers])[:, :r]
+    v = _frame([layer["GG"] for layer in b.layers])[:, :RANK]
     return [np.stack([v.T @ layer[role] @ v for role in ROLES]) for layer in b.layers], v
 
 
@@ -368,18 +369,18 @@ def robust_frame(b: Blocks, layers: Any = None) -> np.ndarray:
     return vectors[:, np.argsort(values)[::-1]]
 
 
-def robust_features(b: Blocks, r: int = 32) -> list[np.ndarray]:
+def robust_features(b: Blocks) -> list[np.ndarray]:
     """What a fingerprint would store: per layer [2, r, r], OV and UD read in the top-r robust frame."""
-    v = robust_frame(b)[:, :r]
+    v = robust_frame(b)[:, :RANK]
     return [np.stack([v.T @ layer[role] @ v for role in ROBUST]) for layer in b.layers]
 
 
-def local_features(b: Blocks, r: int = 32) -> list[np.ndarray]:
+def local_features(b: Blocks) -> list[np.ndarray]:
     """Per layer [2, r, r]: OV and UD read in the top-r robust frame of that layer alone (survives any change of
     the other layers: drops, duplicates, inserted blocks)."""
     out = []
     for i, layer in enumerate(b.layers):
-        v = robust_frame(b, [i])[:, :r]
+        v = robust_frame(b, [i])[:, :RANK]
         out.append(np.stack([v.T @ layer[role] @ v for role in ROBUST]))
     return out
 
@@ -557,11 +558,13 @@ def invariance(models: dict[str, Blocks], calibration: Path, stats: list[Statist
 # -- main ------------------------------------------------------------------------------------------------
 
 def main() -> None:
+    global RANK
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calibration", type=Path, default=CALIBRATION)
     parser.add_argument("--evasion", type=Path, default=EVASION)
     parser.add_argument("--stats", nargs="*", default=[s.name for s in STATISTICS])
     parser.add_argument("--skip-invariance", action="store_true")
+    parser.add_argument("--rank", type=int, default=RANK, help="size r of the subspace / robust frames")
     parser.add_argument("--cross-arch", action="store_true",
                         help="also score roots against roots of the other architectures of the same size")
     parser.add_argument("--invariance-stats", nargs="*", help="statistics for the invariance table (default: --stats)")
@@ -569,6 +572,7 @@ def main() -> None:
                         help="for the slow full-width procrustes and procrustes-cv: at most this many null pairs per "
                              "class (roots only, evenly spaced) and derived pairs per relation (0: all)")
     args = parser.parse_args()
+    RANK = args.rank
     torch.set_num_threads(1)
     started = time.perf_counter()
 
