@@ -69,8 +69,20 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CALIBRATION = Path("/work/wt/lineage/bench/out/calibrate/8f33da0eba9c/models")
-EVASION = Path("/work/wt/evasion/bench/out/evasion/02107aee2614/models")
+# bench/calibrate.py's and bench/evasion.py's default work directories; each holds <recipe digest>/models
+CALIBRATION = ROOT / "bench" / "out" / "calibrate"
+EVASION = ROOT / "bench" / "out" / "evasion"
+
+
+def models_dir(path: Path, what: str) -> Path:
+    """`path` itself when it holds the models, else the one `<digest>/models` under it (a bench's work directory)."""
+    if path.name == "models" and path.is_dir():
+        return path
+    found = sorted(path.glob("*/models"))
+    if len(found) != 1:
+        raise SystemExit(f"{path}: expected the models directory of {what} or a work directory holding exactly one "
+                         f"<digest>/models, found {len(found)}; pass --{what} DIR")
+    return found[0]
 ROLES = ("OV", "QK", "GG", "UD")
 FRAME_K = 16  # eigenframe size
 RANK = 32  # the subspace / robust frames' size r (--rank)
@@ -560,8 +572,10 @@ def invariance(models: dict[str, Blocks], calibration: Path, stats: list[Statist
 def main() -> None:
     global RANK
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calibration", type=Path, default=CALIBRATION)
-    parser.add_argument("--evasion", type=Path, default=EVASION)
+    parser.add_argument("--calibration", type=Path, default=CALIBRATION,
+                        help="bench/calibrate.py's work directory or its models directory (default: %(default)s)")
+    parser.add_argument("--evasion", type=Path, default=EVASION,
+                        help="bench/evasion.py's work directory or its models directory (default: %(default)s)")
     parser.add_argument("--stats", nargs="*", default=[s.name for s in STATISTICS])
     parser.add_argument("--skip-invariance", action="store_true")
     parser.add_argument("--rank", type=int, default=RANK, help="size r of the subspace / robust frames")
@@ -572,6 +586,8 @@ def main() -> None:
                         help="for the slow full-width procrustes and procrustes-cv: at most this many null pairs per "
                              "class (roots only, evenly spaced) and derived pairs per relation (0: all)")
     args = parser.parse_args()
+    args.calibration = models_dir(args.calibration, "calibration")
+    args.evasion = models_dir(args.evasion, "evasion")
     RANK = args.rank
     torch.set_num_threads(1)
     started = time.perf_counter()
