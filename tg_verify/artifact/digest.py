@@ -52,14 +52,10 @@ def file_digests(artifact: Artifact, progress: Progress = None, threads: int = 1
     """
     advance = _advance(progress)
     entries = list(artifact.files)
-
-    def one(entry: ArtifactFile) -> str:
-        return _file_digest(artifact, entry, advance)
-
     if threads <= 1 or len(entries) <= 1:
-        return {entry.path: one(entry) for entry in entries}
+        return {entry.path: _file_digest(artifact, entry, advance) for entry in entries}
     with ThreadPoolExecutor(max_workers=min(threads, len(entries)), thread_name_prefix="tg-verify-hash") as pool:
-        futures = [pool.submit(one, entry) for entry in entries]
+        futures = [pool.submit(_file_digest, artifact, entry, advance) for entry in entries]
         try:
             return {entry.path: future.result() for entry, future in zip(entries, futures)}
         finally:
