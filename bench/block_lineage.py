@@ -369,21 +369,22 @@ def subspace_features(b: Blocks) -> tuple[list[np.ndarray], np.ndarray]:
 ROBUST = ("OV", "UD")  # sums over heads / units of products whose dead (cancelling) pairs add exactly zero
 
 
-def robust_frame(b: Blocks, layers: Any = None) -> np.ndarray:
+def robust_frame(b: Blocks, layers: Any = None, roles: tuple[str, ...] = ROBUST) -> np.ndarray:
     """Eigenvectors (descending) of Σ_l Σ_{OV, UD} (M Mᵀ + Mᵀ M) over raw (norm-weighted) units: a frame no
-    cancelling pair of units or heads moves, to which a dead block adds nothing."""
+    cancelling pair of units or heads moves, to which a dead block adds nothing. `roles`: the units it is
+    summed over (("OV",): the frame from the attention alone, cheap to estimate through its small factors)."""
     total = np.zeros((b.d, b.d))
     for i in (range(len(b.layers)) if layers is None else layers):
-        for role in ROBUST:
+        for role in roles:
             m = b.layers[i][role] * b.norms[i][role]
             total += m @ m.T + m.T @ m
     values, vectors = np.linalg.eigh(total)
     return vectors[:, np.argsort(values)[::-1]]
 
 
-def robust_features(b: Blocks) -> list[np.ndarray]:
+def robust_features(b: Blocks, frame_roles: tuple[str, ...] = ROBUST) -> list[np.ndarray]:
     """What a fingerprint would store: per layer [2, r, r], OV and UD read in the top-r robust frame."""
-    v = robust_frame(b)[:, :RANK]
+    v = robust_frame(b, roles=frame_roles)[:, :RANK]
     return [np.stack([v.T @ layer[role] @ v for role in ROBUST]) for layer in b.layers]
 
 
@@ -483,6 +484,7 @@ STATISTICS = [
     Statistic("eigsq", eigframe_features, lambda fc, fr, bc, br: eigframe_score(fc, fr, squared=True)),
     Statistic("subspace", subspace_features, lambda fc, fr, bc, br: subspace_score(fc, fr)),
     Statistic("robust", robust_features, lambda fc, fr, bc, br: robust_score(fc, fr)),
+    Statistic("robust-ov", lambda b: robust_features(b, ("OV",)), lambda fc, fr, bc, br: robust_score(fc, fr)),
     Statistic("robust-local", local_features, lambda fc, fr, bc, br: robust_score(fc, fr, per_layer=True)),
     Statistic("robust-max", lambda b: (robust_features(b), local_features(b)),
               lambda fc, fr, bc, br: max(robust_score(fc[0], fr[0]), robust_score(fc[1], fr[1], per_layer=True))),

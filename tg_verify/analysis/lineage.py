@@ -23,6 +23,7 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
+from tg_verify.analysis.alignment import align_layers
 from tg_verify.analysis.calibration import UNCALIBRATED, Calibration, class_key, packaged_calibration
 from tg_verify.analysis.lineage_rule import DEFAULT_ALPHA, LINEAGE_METHOD, is_derived
 from tg_verify.errors import FingerprintFormatError
@@ -296,31 +297,6 @@ def _band(lc: int, lr: int) -> list[tuple[int, int]]:
     return windows
 
 
-def _align(sims: np.ndarray) -> np.ndarray:
-    """Monotone layer alignment maximising the summed similarity (gaps free).
-
-    sims: (Lc, Lr) layer-pair similarities (NaN: not compared). Returns a boolean (Lc, Lr) mask of matched pairs.
-    """
-    lc, lr = sims.shape
-    gain = np.nan_to_num(sims, nan=0.0).astype(np.float64)
-    best = np.zeros((lc + 1, lr + 1))
-    for i in range(1, lc + 1):
-        candidate = best[i - 1].copy()
-        candidate[1:] = np.maximum(candidate[1:], best[i - 1, :-1] + gain[i - 1])
-        best[i] = np.maximum.accumulate(candidate)
-    mask = np.zeros((lc, lr), dtype=bool)
-    i, j = lc, lr
-    while i > 0 and j > 0:
-        if best[i - 1, j - 1] + gain[i - 1, j - 1] >= best[i, j]:
-            mask[i - 1, j - 1] = True
-            i, j = i - 1, j - 1
-        elif best[i - 1, j] >= best[i, j]:
-            i -= 1
-        else:
-            j -= 1
-    return mask
-
-
 @dataclass(frozen=True)
 class Score:
     """The uncalibrated part of a lineage test: the score (None when not comparable), matched units, notes."""
@@ -389,7 +365,7 @@ def lineage_score(candidate: Fingerprint, reference: Fingerprint) -> Score:
     layer_sims = [sims[r] for r in roles if r in LAYER_ROLES]
     if layer_sims and cand_layers and ref_layers:
         with _quiet():
-            mask = _align(np.nanmean(np.stack(layer_sims), axis=0))
+            mask = align_layers(np.nanmean(np.stack(layer_sims), axis=0))
     else:
         mask = np.zeros((lc, lr), dtype=bool)
     units: list[UnitMatch] = []

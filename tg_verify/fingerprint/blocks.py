@@ -1,0 +1,271 @@
+"""Block evidence: each layer's attention and MLP read in a frame the model's own blocks define.
+
+No token, embedding row or head row enters it, so re-initialising the embedding, relabelling the
+vocabulary or withholding the tokenizer leaves it where it was. Per layer l, with every norm gain
+absorbed into the weights it feeds and key/value groups shared by their query heads:
+
+    OV_l = Σ_h W_o^h W_v^{g(h)} diag(g_attn)        UD_l = W_down W_up diag(g_mlp)        (d x d)
+
+Both are sums of products that a cancelling pair of units or heads (dead capacity) leaves exactly
+unchanged, and both turn as Qᵀ M Q under any rotation, permutation or rescaling of the residual stream.
+The frame V (d x r) is the top-r eigenspace of S = Σ_l OV_l OV_lᵀ + OV_lᵀ OV_l, estimated through the
+small factors (W_o, W_v) by subspace iteration; each layer stores X_l = Vᵀ OV_l V and Y_l = Vᵀ UD_l V
+(r x r, float16, unit Frobenius norm). A derivative shares its base's residual basis across all blocks,
+so the rotation that maps its X's onto the base's also maps its Y's; an independently trained model's
+does not (analysis/blocks.py scores exactly that). See docs/lineage.md.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tg_verify.artifact import naming
+from tg_verify.artifact.model import Artifact, TensorInfo
+from tg_verify.errors import WeightValueError
+from tg_verify.fingerprint.sketch import architecture_of, heads_of
+
+BLOCKS_VERSION = "tgb1"
+RANK = 32  # r: the frame's width; 2 x r² float16 per layer (4 KiB)
+OVERSAMPLE = 16  # extra columns the subspace iteration carries, so the top r converge
+ITERATIONS = 8  # subspace iterations when S is not formed
+EXACT_WIDTH = 1024  # at or below this width S is formed and diagonalised exactly (cheaper than iterating)
+MAX_LAYERS = 256
+_START_SEED = 0xB10C  # the iteration's start vectors: fixed, so every model starts alike
+ROLES: tuple[str, ...] = ("attn_ov", "mlp_ud")
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """One block's factors: OV = ov_left @ ov_right, UD = ud_left @ ud_right (float32, gains absorbed)."""
+
+    layer: int
+    ov_left: torch.Tensor  # [d, kv * head_dim]: W_o with the heads of each key/value group summed
+    ov_right: torch.Tensor  # [kv * head_dim, d]: W_v diag(g_attn)
+    ud_left: torch.Tensor  # [d, m]: W_down
+    ud_right: torch.Tensor  # [m, d]: W_up diag(g_mlp)
+
+    def ov(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ov_left @ (self.ov_right @ x)
+
+    def ov_t(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ov_right.T @ (self.ov_left.T @ x)
+
+    def frame_product(self, x: torch.Tensor) -> torch.Tensor:
+        """(OV OVᵀ + OVᵀ OV) x, through the factors."""
+        return self.ov(self.ov_t(x)) + self.ov_t(self.ov(x))
+
+    def units(self, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vᵀ OV V and Vᵀ UD V."""
+        return ((frame.T @ self.ov_left) @ (self.ov_right @ frame),
+                (frame.T @ self.ud_left) @ (self.ud_right @ frame))
+
+
+def group_heads(o_proj: torch.Tensor, heads: int, kv: int, head_dim: int) -> torch.Tensor:
+    """W_o [d, heads * head_dim] with the query heads of each key/value group summed: [d, kv * head_dim].
+
+    Σ_h W_o^h W_v^{g(h)} = Σ_g (Σ_{h in g} W_o^h) W_v^g, so OV never needs the repeated values."""
+    d = o_proj.shape[0]
+    return o_proj.reshape(d, kv, heads // kv, head_dim).sum(dim=2).reshape(d, kv * head_dim)
+
+
+def factors_from_parts(layer: int, parts: Mapping[str, torch.Tensor], gains: tuple[torch.Tensor, torch.Tensor],
+                       shape: tuple[int, int, int] | None, width: int) -> LayerFactors | None:
+    """A layer's factors from its projections (q/k/v/o/gate/up/down, fused ones already split), or None when a
+    part is missing or its shape does not fit the config's head counts."""
+    v, o, up, down = (parts.get(n) for n in ("v", "o", "up", "down"))
+    if v is None or o is None or up is None or down is None or shape is None:
+        return None
+    heads, kv, head_dim = shape
+    if (v.shape != (kv * head_dim, width) or o.shape != (width, heads * head_dim) or up.shape[1] != width
+            or down.shape != (width, up.shape[0])):
+        return None
+    g_attn, g_mlp = gains
+    return LayerFactors(layer, group_heads(o, heads, kv, head_dim), v * g_attn[None, :], down, up * g_mlp[None, :])
+
+
+def split_parts(part: str, weight: torch.Tensor, shape: tuple[int, int, int] | None) -> dict[str, torch.Tensor] | None:
+    """A projection as the parts it holds: fused qkv / gate_up split by rows (None when the config does not fit)."""
+    if part == "gate_up":
+        half = weight.shape[0] // 2
+        return {"gate": weight[:half], "up": weight[half:]}
+    if part == "qkv":
+        if shape is None or weight.shape[0] != (shape[0] + 2 * shape[1]) * shape[2]:
+            return None
+        heads, kv, head_dim = shape
+        return {"v": weight[(heads + kv) * head_dim:]}
+    return {part: weight}
+
+
+def frame_of(layers: list[LayerFactors], width: int, rank: int = RANK, *, exact_width: int = EXACT_WIDTH,
+             iterations: int = ITERATIONS) -> tuple[torch.Tensor, str]:
+    """V [d, r]: the top-r eigenvectors of S = Σ_l OV_l OV_lᵀ + OV_lᵀ OV_l (descending), and how it was found.
+
+    Exactly (S formed) up to `exact_width`; beyond it by subspace iteration through the factors from fixed
+    start vectors, r + OVERSAMPLE wide, then Rayleigh-Ritz. Both turn with any rotation of the residual stream
+    (the iteration to within its convergence, which a spectrum as steep as trained models' makes fast)."""
+    r = min(rank, width)
+    if width <= exact_width:
+        total = torch.zeros((width, width), dtype=torch.float64)
+        for f in layers:
+            ov = (f.ov_left.double() @ f.ov_right.double())
+            total += ov @ ov.T + ov.T @ ov
+        values, vectors = torch.linalg.eigh(total)
+        return vectors[:, torch.argsort(values, descending=True)[:r]].to(torch.float32), "exact"
+    columns = min(width, r + OVERSAMPLE)
+    generator = torch.Generator().manual_seed(_START_SEED)
+    basis = torch.randn((width, columns), generator=generator, dtype=torch.float32)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for f in layers:
+            out += f.frame_product(x)
+        return out
+
+    for _ in range(iterations):
+        basis, _ = torch.linalg.qr(apply(basis))
+    projected = basis.T.double() @ apply(basis).double()
+    values, vectors = torch.linalg.eigh((projected + projected.T) / 2)
+    top = torch.argsort(values, descending=True)[:r]
+    return (basis.double() @ vectors[:, top]).to(torch.float32), f"iterated-{iterations}"
+
+
+def _unit_norm(matrix: torch.Tensor) -> torch.Tensor:
+    norm = matrix.norm()
+    return matrix / norm if float(norm) > 0 else matrix
+
+
+def encode(matrix: torch.Tensor) -> str:
+    array = matrix.detach().to(torch.float32).clamp(-60000, 60000).numpy().astype("<f2")
+    return base64.b64encode(array.tobytes()).decode("ascii")
+
+
+def block_units(layers: list[LayerFactors], width: int, rank: int = RANK, *, exact_width: int = EXACT_WIDTH
+                ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], str]:
+    """{layer: (X_l, Y_l)} each of unit Frobenius norm, and how the frame was found."""
+    frame, method = frame_of(layers, width, rank, exact_width=exact_width)
+    out = {}
+    for f in layers:
+        x, y = f.units(frame)
+        out[f.layer] = (_unit_norm(x), _unit_norm(y))
+    return out, method
+
+
+def build_blocks(artifact: Artifact, reader: Any, *, rank: int = RANK, exact_width: int = EXACT_WIDTH,
+                 note: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """The JSON-safe block evidence of an artifact, read through `reader` (`.float32(info)`), or None when its
+    blocks do not have the shape it reads (a note says why)."""
+    def say(text: str) -> None:
+        if note is not None:
+            note(text)
+
+    config = artifact.config or {}
+    embedding = next((i for i in artifact.tensors if len(i.shape) == 2 and naming.global_role(i.name) == "embed"), None)
+    by_layer: dict[int, list[TensorInfo]] = {}
+    for info in artifact.tensors:
+        layer = naming.layer_of(info.name)
+        if layer is not None and info.name.endswith(".weight"):
+            by_layer.setdefault(layer, []).append(info)
+    width = int(embedding.shape[1]) if embedding is not None else _width_from(config)
+    shape = heads_of(config, width) if width else None
+    if not by_layer or not width or shape is None:
+        say("block evidence: no decoder blocks with head counts in config.json")
+        return None
+    if len(by_layer) > MAX_LAYERS:
+        say(f"block evidence: {len(by_layer)} layers, more than {MAX_LAYERS}: left out")
+        return None
+    offset = 1.0 if str(config.get("model_type") or "").startswith("gemma") else 0.0
+    layers: list[LayerFactors] = []
+    skipped: list[int] = []
+    for layer in sorted(by_layer):
+        factors = _layer_factors(layer, by_layer[layer], reader, artifact, shape, width, offset)
+        if factors is None:
+            skipped.append(layer)
+        else:
+            layers.append(factors)
+    if not layers:
+        say("block evidence: no layer has the value, output, up and down projections it reads")
+        return None
+    if skipped:
+        say(f"block evidence: layers {skipped} lack a projection it reads, or do not fit the config")
+    units, method = block_units(layers, width, rank, exact_width=exact_width)
+    return {
+        "version": BLOCKS_VERSION, "rank": int(next(iter(units.values()))[0].shape[0]), "frame": method,
+        "architecture": architecture_of(config, width, len(by_layer), int(embedding.shape[0]) if embedding else 0),
+        "dtype": "float16",
+        "units": [{"layer": layer, "attn_ov": encode(x), "mlp_ud": encode(y)}
+                  for layer, (x, y) in sorted(units.items())],
+    }
+
+
+def _width_from(config: Mapping[str, Any]) -> int:
+    value = config.get("hidden_size")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _layer_factors(layer: int, infos: list[TensorInfo], reader: Any, artifact: Artifact,
+                   shape: tuple[int, int, int], width: int, offset: float) -> LayerFactors | None:
+    parts: dict[str, torch.Tensor] = {}
+    gains: dict[str, torch.Tensor] = {}
+    for info in infos:
+        module = naming.leaf(info.name)
+        if len(info.shape) == 1 and module in naming.ATTN_NORMS + naming.MLP_NORMS:
+            gains.setdefault("attn" if module in naming.ATTN_NORMS else "mlp", _finite(reader, info, artifact) + offset)
+            continue
+        part = naming.PROJECTIONS.get(module)
+        if part is None or len(info.shape) != 2 or part in ("q", "k", "gate"):
+            continue
+        split = split_parts(part, _finite(reader, info, artifact), shape)
+        if split is not None:
+            parts.update({k: v for k, v in split.items() if k in ("v", "o", "up", "down")})
+    ones = torch.ones(width)
+    g_attn, g_mlp = gains.get("attn", ones), gains.get("mlp", ones)
+    if g_attn.shape != (width,) or g_mlp.shape != (width,):
+        return None
+    return factors_from_parts(layer, parts, (g_attn, g_mlp), shape, width)
+
+
+def _finite(reader: Any, info: TensorInfo, artifact: Artifact) -> torch.Tensor:
+    weight: torch.Tensor = reader.float32(info)
+    if not bool(torch.isfinite(weight).all()):
+        raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
+                               f"a fingerprint of it would be meaningless", file=str(artifact.path_of(info.file)))
+    return weight
+
+
+# -- the same units from live parameters, differentiable -----------------------------------------------
+
+def block_units_of_state(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], rank: int = RANK
+                         ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (X_l, Y_l)} as differentiable functions of live parameters (HF names): what build_blocks records
+    (exact frame; eigenvectors carry gradients), for an adaptive attacker's penalty and for tests."""
+    embed = next(n for n, t in state.items() if t.dim() == 2 and naming.global_role(n) == "embed")
+    width = int(state[embed].shape[1])
+    shape = heads_of(config, width)
+    offset = 1.0 if str(config.get("model_type") or "").startswith("gemma") else 0.0
+    grouped: dict[int, dict[str, torch.Tensor]] = {}
+    gains: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        layer = naming.layer_of(name)
+        if layer is None or not name.endswith(".weight"):
+            continue
+        module = naming.leaf(name)
+        if tensor.dim() == 1 and module in naming.ATTN_NORMS + naming.MLP_NORMS:
+            gains.setdefault(layer, {}).setdefault("attn" if module in naming.ATTN_NORMS else "mlp", tensor + offset)
+        part = naming.PROJECTIONS.get(module)
+        if part is not None and tensor.dim() == 2:
+            split = split_parts(part, tensor, shape)
+            if split is not None:
+                grouped.setdefault(layer, {}).update(split)
+    layers = []
+    for layer in sorted(grouped):
+        ones = torch.ones(width, dtype=state[embed].dtype)
+        g = gains.get(layer, {})
+        factors = factors_from_parts(layer, grouped[layer], (g.get("attn", ones), g.get("mlp", ones)), shape, width)
+        if factors is not None:
+            layers.append(factors)
+    return block_units(layers, width, rank, exact_width=width)[0]
