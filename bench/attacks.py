@@ -555,3 +555,123 @@ class SketchPenalty:
         """The median same-layer similarity of `model` at a probe seed (close to the test's score), for logs."""
         with torch.no_grad():
             return float(np.median([float(v) for v in self.similarity(model, seed).values()]))
+
+
+# -- the adaptive attacker's view of the block evidence ------------------------------------------------
+# The library's own differentiable block units (tg_verify.fingerprint.blocks.block_units_of_state: the exact
+# frame, eigenvectors carrying gradients) and its score's pieces (tg_verify.analysis.blocks: fit_rotation,
+# centred, pearson): the attacker fits the rotations as the test does, without gradient, and pushes the
+# correlation of the units they map towards 0, what an unrelated model scores.
+
+BlockStacks = tuple[torch.Tensor, torch.Tensor]  # [L, r, r] attention OV units, [L, r, r] MLP down-up units
+
+
+def block_stacks(ck: Checkpoint) -> BlockStacks:
+    """A checkpoint's block units (X_l, Y_l) stacked in layer order, differentiable in its live parameters."""
+    from tg_verify.fingerprint.blocks import block_units_of_state
+
+    units = block_units_of_state(ck.state, ck.config.to_dict())
+    layers = sorted(units)
+    return torch.stack([units[n][0] for n in layers]), torch.stack([units[n][1] for n in layers])
+
+
+def _centred(m: torch.Tensor) -> torch.Tensor:
+    """analysis.blocks.centred in torch: the units without their identity part, flattened."""
+    r = m.shape[-1]
+    trace = m.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    return (m - trace / r * torch.eye(r, dtype=m.dtype)).reshape(*m.shape[:-2], r * r)
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """analysis.blocks.pearson in torch."""
+    a, b = a.reshape(-1) - a.mean(), b.reshape(-1) - b.mean()
+    return (a @ b) / torch.sqrt((a @ a) * (b @ b)).clamp_min(1e-30)
+
+
+def fit_direction(fit_c: np.ndarray, fit_r: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The rotation T (r x r) and the matched layers with which the block score maps a candidate's units of one
+    kind onto a reference's: a proportional layer map, a first fit, the monotone alignment of the fitted units,
+    a refit (analysis.blocks, numpy, no gradient)."""
+    from tg_verify.analysis.alignment import align_layers
+    from tg_verify.analysis.blocks import centred, fit_rotation, pearson
+
+    lc, lr = len(fit_c), len(fit_r)
+    pairs = [(0, 0)] if lc == 1 or lr == 1 else sorted({(c, round(c * (lr - 1) / (lc - 1))) for c in range(lc)})
+    t = fit_rotation(np.stack([fit_c[c] for c, _ in pairs]), np.stack([fit_r[r] for _, r in pairs]))
+    if lc > 1 and lr > 1:
+        mapped, reference = centred(t @ fit_c @ t.T), centred(fit_r)
+        sims = np.array([[pearson(a, b) for b in reference] for a in mapped])
+        mask = align_layers(sims)
+        pairs = [(int(c), int(r)) for c, r in zip(*np.nonzero(mask))] or pairs
+        t = fit_rotation(np.stack([fit_c[c] for c, _ in pairs]), np.stack([fit_r[r] for _, r in pairs]), t)
+    return t, pairs
+
+
+class BlockPenalty:
+    """weight x mean over the block score's two directions of its correlation²: pushes the cross-fitted
+    block score against the base towards 0.
+
+    Each direction fits its rotation on one kind of unit (attention OV, then MLP down-up) as
+    analysis.blocks.block_score does, detached (numpy), every `refit_every` calls; the correlation of the
+    other kind's mapped units with the base's (identity part removed) is differentiable in the live
+    parameters, through the frame's eigenvectors (`block_units_of_state`). `score(model)` is the block
+    score itself (the two directions' mean), as the test computes it from float16-stored units.
+    """
+
+    def __init__(self, base: Checkpoint, weight: float, refit_every: int = 1) -> None:
+        with torch.no_grad():
+            ov, ud = block_stacks(base)
+        self.reference = (ov.double().numpy(), ud.double().numpy())
+        self.targets = (_centred(ov.double()), _centred(ud.double()))
+        self.weight, self.refit_every, self.config = weight, refit_every, base.config
+        self.calls = 0
+        self._fits: tuple[tuple[np.ndarray, list[tuple[int, int]]], ...] | None = None
+
+    def directions(self, model: torch.nn.Module, refit: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fit on OV, score MLP down-up; fit on down-up, score OV): each a differentiable correlation."""
+        ov, ud = block_stacks(Checkpoint(self.config, dict(model.named_parameters())))
+        live = (ov.double(), ud.double())
+        if refit or self._fits is None:
+            mine = tuple(m.detach().numpy() for m in live)
+            self._fits = tuple(fit_direction(mine[k], self.reference[k]) for k in (0, 1))
+        out = []
+        for fit, test in ((0, 1), (1, 0)):
+            t, pairs = self._fits[fit]
+            rotation = torch.from_numpy(t)
+            mapped = torch.cat([_centred(rotation @ live[test][c] @ rotation.T) for c, _ in pairs])
+            out.append(_pearson(mapped, torch.cat([self.targets[test][r] for _, r in pairs])))
+        return out[0], out[1]
+
+    def score(self, model: torch.nn.Module) -> torch.Tensor:
+        forward, backward = self.directions(model)
+        return (forward + backward) / 2
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        refit = self.calls % self.refit_every == 0
+        self.calls += 1
+        forward, backward = self.directions(model, refit)
+        return self.weight * (forward.pow(2) + backward.pow(2)).float() / 2
+
+
+class Penalties:
+    """The sum of several penalties (the sketch's and the blocks' at once: the decision is an OR of both)."""
+
+    def __init__(self, *penalties: Callable[[torch.nn.Module], torch.Tensor]) -> None:
+        self.penalties = penalties
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        return torch.stack([p(model) for p in self.penalties]).sum()
+
+
+def block_penalty_id(base: Checkpoint, other: Checkpoint) -> str:
+    """Names what the block-adaptive models were trained against (in their cache key): the block evidence's
+    version and a digest of what the library's block units and the penalty compute on two models."""
+    from tg_verify.fingerprint.blocks import BLOCKS_VERSION
+
+    digest = hashlib.sha256(BLOCKS_VERSION.encode())
+    with torch.no_grad():
+        for ck in (base, other):
+            for stack in block_stacks(ck):
+                digest.update(np.round(stack.double().numpy(), 3).tobytes())
+        digest.update(f"{float(BlockPenalty(base, 1.0).score(other.model())):.3f}".encode())
+    return f"blocks-{BLOCKS_VERSION}-{digest.hexdigest()[:10]}"

@@ -18,13 +18,17 @@ to ship as "not derived". Every attack starts from that derivative, at growing s
   every block, in pairs whose outputs cancel exactly (function unchanged, checked; the model grows);
 * adaptive: a fine-tune whose loss adds weight x mean squared unit similarity to the base's sketch
   (the library's own differentiable sketch units and per-unit similarity), at the public probe seed or
-  averaged over fresh seeds drawn every step.
+  averaged over fresh seeds drawn every step; or weight x the squared block score against the base (the
+  library's own differentiable block units, rotations fitted as the test fits them), from the derivative
+  and from the re-initialised embedding; or both penalties at once.
 
 Each attacked model is also passed through every function-preserving re-parameterisation of
 bench/transforms.py at once (checked). Scores come from the public path: the attacked folder is
 fingerprinted as `tg-verify fingerprint` does and tested against the base's fingerprint as
 `tg-verify compare` does, so a re-run measures the current method; a third score has both sides
-sketched at a probe seed no attack aimed at. Damage is the held-out perplexity (text no model was
+sketched at a probe seed no attack aimed at. Beside each, the block score against the base (the block
+evidence, which never reads tokens: the fingerprint's own once it carries one, else built from the folder
+as the library builds it), plain and re-parameterised. Damage is the held-out perplexity (text no model was
 trained on) relative to the un-attacked derivative's.
 
     nice -n 10 .venv/bin/python bench/evasion.py [--archs llama gemma] [--quick] [--figure docs/evasion.png]
@@ -58,6 +62,7 @@ from bench import attacks as A
 from bench import transforms as T
 from bench.lineage import load_checkpoint
 from bench.zoo import corpus, fine_tune
+from tg_verify.analysis.blocks import ParsedBlocks, block_score, parse_blocks
 from tg_verify.analysis.lineage import lineage_test
 from tg_verify.fingerprint.document import Fingerprint
 from tg_verify.tiny import ARCHITECTURES, build_model, one_thread
@@ -95,6 +100,10 @@ class Recipe:
     adaptive_weights: tuple[float, ...] = (0.0, 0.1, 1.0, 10.0, 100.0)
     any_seed_weights: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)  # the penalty averaged over fresh seeds
     reinit_weight: float = 10.0  # the re-initialised embedding repaired with the fresh-seed penalty
+    block_weights: tuple[float, ...] = (1.0, 10.0, 100.0)  # the block penalty, from the derivative
+    both_weights: tuple[float, ...] = (10.0, 100.0)  # block weights beside the fresh-seed sketch penalty ...
+    any_seed_both: float = 10.0  # ... at this weight
+    reinit_block_weights: tuple[float, ...] = (10.0,)  # the re-initialised embedding repaired with the block penalty
     seeds_per_step: int = 4
     eval_context: int = 128  # evaluation only: not in the digest
     eval_windows: int = 100
@@ -106,12 +115,14 @@ class Recipe:
 
 
 _NOT_IN_DIGEST = {"eval_context", "eval_windows", "repair_steps", "long_repair_steps", "adaptive_weights",
-                  "any_seed_weights", "seeds_per_step", "reinit_weight"}
+                  "any_seed_weights", "seeds_per_step", "reinit_weight", "block_weights", "both_weights",
+                  "any_seed_both", "reinit_block_weights"}
 
 
 QUICK = Recipe(corpus_bytes=200_000, heldout_bytes=60_000, pretrain_steps=60, derive_steps=10, repair_steps=(20,),
                long_repair_steps=40,
-               adaptive_steps=20, adaptive_weights=(0.0, 10.0), any_seed_weights=(10.0,), eval_windows=40)
+               adaptive_steps=20, adaptive_weights=(0.0, 10.0), any_seed_weights=(10.0,), eval_windows=40,
+               block_weights=(10.0,), both_weights=(10.0,))
 
 
 @dataclass
@@ -135,6 +146,7 @@ class Subject:
     twin: T.Checkpoint
     derived: T.Checkpoint
     references: dict[tuple[str, int], Fingerprint]  # (base with tokenizer | "bare" without, probe seed)
+    blocks: ParsedBlocks | None  # the base's block evidence (no tokens: the same with or without tokenizer.json)
     probe: list[int]  # tgs1's published probe rows
     keys: Any  # token keys of the tokenizer the evader ships
     ppl: float  # the un-attacked derivative's held-out perplexity
@@ -164,6 +176,8 @@ class Row:
     private_score: float = float("nan")
     private_derived: bool = False
     private_comparable: bool = True
+    block_score: float = float("nan")  # cross-fitted block score against the base (nan: no block evidence)
+    reparam_block_score: float = float("nan")
     check: str = ""
     notes: list[str] = field(default_factory=list)
     roles: dict[str, float] = field(default_factory=dict)  # median similarity per unit role, public seed
@@ -185,6 +199,29 @@ def fingerprint(directory: Path, name: str, seed: int = 0) -> Fingerprint:
 def lineage(candidate: Fingerprint, reference: Fingerprint) -> Any:
     """What `tg-verify compare CANDIDATE REFERENCE` reports as lineage."""
     return lineage_test(candidate, reference)
+
+
+def blocks_of(fp: Fingerprint, directory: Path) -> ParsedBlocks | None:
+    """The block evidence of a fingerprinted folder: the fingerprint's own `blocks` once it records one, else
+    built from the folder as the library builds it (`build_blocks`); None when the model has none."""
+    blocks = getattr(fp, "blocks", None)
+    if blocks is None:
+        from tg_verify.artifact import open_reader, resolve
+        from tg_verify.fingerprint.blocks import build_blocks
+
+        artifact = resolve(directory)
+        with open_reader(artifact) as reader:
+            blocks = build_blocks(artifact, reader)
+    return None if blocks is None else parse_blocks(blocks, str(directory))
+
+
+def block_score_against(candidate: ParsedBlocks | None, reference: ParsedBlocks | None) -> float:
+    """The block score of `candidate` against `reference` (nan when either has no block evidence or the
+    two are not comparable)."""
+    if candidate is None or reference is None:
+        return float("nan")
+    score = block_score(candidate, reference).score
+    return float("nan") if score is None else score
 
 
 def save(ck: T.Checkpoint, tokenizer: Any, directory: Path) -> Path:
@@ -259,6 +296,7 @@ class Bench:
                                               (*self.recipe.repair_steps, self.recipe.long_repair_steps)),
         })
         self._adaptive(subject, redrawn[1.0])
+        self._adaptive_blocks(subject, redrawn[1.0])
         shutil.rmtree(self.scratch, ignore_errors=True)
 
     def _prepare(self, arch: str) -> Subject:
@@ -275,11 +313,13 @@ class Bench:
                                lambda: self.fine_tune(arch, base, r.derive_steps, r.derive_lr, "derive"))
         base_dir = self.work / "models" / arch / "base"
         bare = save(base, None, self.scratch / "base-without-tokenizer")
-        references = {("base", 0): fingerprint(base_dir, f"{arch}-base"),
+        reference = fingerprint(base_dir, f"{arch}-base")
+        references = {("base", 0): reference,
                       ("bare", 0): fingerprint(bare, f"{arch}-base (no tokenizer.json)"),
                       ("base", PRIVATE_SEED): fingerprint(base_dir, f"{arch}-base", PRIVATE_SEED),
                       ("bare", PRIVATE_SEED): fingerprint(bare, f"{arch}-base (no tokenizer.json)", PRIVATE_SEED)}
-        subject = Subject(arch, base, twin, derived, references, probe=A.public_probe(references[("base", 0)]),
+        subject = Subject(arch, base, twin, derived, references, blocks_of(reference, base_dir),
+                          probe=A.public_probe(references[("base", 0)]),
                           keys=A.token_keys(self.work / "tokenizer.json", r.vocab),  # the evader ships this one
                           ppl=self.ppl(derived, self.tokenizer))
         untrained = T.from_model(build_model(arch, seed=0, size=r.size, vocab_size=r.vocab))
@@ -304,7 +344,9 @@ class Bench:
         arch = subject.arch
         row = Row(arch, group, attack, strength, order, check=made.check)
         directory = save(made.checkpoint, made.shipped, self.scratch / "candidate")
-        result = lineage(fingerprint(directory, f"{arch} {attack} {strength}"), subject.references[(made.reference, 0)])
+        fp = fingerprint(directory, f"{arch} {attack} {strength}")
+        result = lineage(fp, subject.references[(made.reference, 0)])
+        row.block_score = block_score_against(blocks_of(fp, directory), subject.blocks)
         row.score, row.threshold, row.p_value = result.score, result.threshold, result.p_value
         row.calibration, row.rate, row.rate_upper, row.null_size = (result.calibration, result.rate,
                                                                     result.rate_upper, result.null_size)
@@ -323,15 +365,17 @@ class Bench:
         evaded = T.all_evasions(made.checkpoint)
         T.same_function(made.checkpoint, evaded)
         directory = save(evaded, made.shipped, self.scratch / "candidate")
-        again = lineage(fingerprint(directory, f"{arch} {attack} {strength} re-parameterised"),
-                        subject.references[(made.reference, 0)])
+        fp = fingerprint(directory, f"{arch} {attack} {strength} re-parameterised")
+        again = lineage(fp, subject.references[(made.reference, 0)])
+        row.reparam_block_score = block_score_against(blocks_of(fp, directory), subject.blocks)
         row.reparam_score, row.reparam_derived, row.reparam_comparable = again.score, again.derived, \
             again.comparable
         self.rows.append(row)
         verdict = "derived" if row.derived else "NOT derived" if row.comparable else "NOT COMPARABLE"
         self.log(f"  {group:11s} {attack:33s} {strength:10s} ppl x{row.ppl_ratio:6.3f}  score {row.score:6.3f}"
                  f" {verdict:14s} re-param {row.reparam_score:6.3f} private seed {row.private_score:6.3f}"
-                 f" threshold {row.threshold:.3f} roles "
+                 f" threshold {row.threshold:.3f} blocks {row.block_score:6.3f} re-param {row.reparam_block_score:6.3f}"
+                 f" roles "
                  + " ".join(f"{role} {value:.2f}" for role, value in row.roles.items()))
         return row
 
@@ -470,7 +514,60 @@ class Bench:
                      f"weight {r.reinit_weight:g}, {r.long_repair_steps} steps", r.long_repair_steps, self._plain(made))
 
 
+    def _adaptive_blocks(self, subject: Subject, reinitialised: T.Checkpoint) -> None:
+        """Fine-tunes against the block evidence: the block penalty alone from the derivative, beside the fresh-seed
+        sketch penalty (the decision is an OR of the two), and from the re-initialised embedding (its repair, with
+        the block penalty alone and with both)."""
+        arch, r = subject.arch, self.recipe
+        tag = hashlib.sha256(A.block_penalty_id(subject.base, subject.twin).encode()).hexdigest()[:8]
+        sketch_id = A.penalty_id(subject.base, subject.twin, subject.keys)
+        sketch_tag = hashlib.sha256(f"{sketch_id}".encode()).hexdigest()[:8]  # the sketch-adaptive models' tag
+
+        def sketch_penalty(weight: float, what: str) -> A.SketchPenalty:
+            return A.SketchPenalty(subject.base, weight, A.library_units(subject.keys),
+                                   seeds_per_step=r.seeds_per_step, seed=A.seed_of(arch, what))
+
+        def tuned(name: str, source: T.Checkpoint, steps: int, lr: float, parts: tuple[object, ...],
+                  blocks: A.BlockPenalty, sketch: A.SketchPenalty | None) -> T.Checkpoint:
+            def make() -> T.Checkpoint:
+                penalty = blocks if sketch is None else A.Penalties(sketch, blocks)
+                made = self.fine_tune(arch, source, steps, lr, *parts, penalty=penalty)
+                with torch.no_grad():
+                    score = float(A.BlockPenalty(subject.base, 1.0).score(made.model()))
+                self.log(f"  {name}: block score {score:.3f} (the attacker's own, float32)")
+                return made
+            return self.trained(f"{arch}/{name}", make)
+
+        for weight in r.block_weights:
+            made = tuned(f"adaptive-{tag}-blocks-{weight:g}", subject.derived, r.adaptive_steps, r.adaptive_lr,
+                         ("adaptive blocks", weight), A.BlockPenalty(subject.base, weight), None)
+            self.measure(subject, "adaptive", "block-penalty fine-tune", f"weight {weight:g}", weight,
+                         self._plain(made))
+        for weight in r.both_weights:
+            made = tuned(f"adaptive-{tag}-{sketch_tag}-both-{r.seeds_per_step}seeds-{r.any_seed_both:g}-{weight:g}",
+                         subject.derived, r.adaptive_steps, r.adaptive_lr, ("adaptive both", r.any_seed_both, weight),
+                         A.BlockPenalty(subject.base, weight), sketch_penalty(r.any_seed_both, "both seeds"))
+            self.measure(subject, "adaptive", f"block + fresh-seed sketch penalty (sketch weight {r.any_seed_both:g})",
+                         f"block weight {weight:g}", weight, self._plain(made))
+        for weight in r.reinit_block_weights:
+            made = tuned(f"adaptive-{tag}-reinit-blocks-{weight:g}-{r.long_repair_steps}", reinitialised,
+                         r.long_repair_steps, r.repair_lr, ("repair", "100% rows re-drawn, block penalty", weight),
+                         A.BlockPenalty(subject.base, weight), None)
+            self.measure(subject, "adaptive", "100% rows re-drawn, repair + block penalty",
+                         f"weight {weight:g}, {r.long_repair_steps} steps", weight, self._plain(made))
+            made = tuned(f"adaptive-{tag}-{sketch_tag}-reinit-both-{r.seeds_per_step}seeds-{r.reinit_weight:g}-"
+                         f"{weight:g}-{r.long_repair_steps}", reinitialised, r.long_repair_steps, r.repair_lr,
+                         ("repair", "100% rows re-drawn, both penalties", weight),
+                         A.BlockPenalty(subject.base, weight), sketch_penalty(r.reinit_weight, "reinit both seeds"))
+            self.measure(subject, "adaptive", f"100% rows re-drawn, repair + block + fresh-seed sketch penalty "
+                         f"(sketch weight {r.reinit_weight:g})", f"weight {weight:g}, {r.long_repair_steps} steps",
+                         weight, self._plain(made))
+
+
 # -- reporting -------------------------------------------------------------------------------------------
+
+NAN = float("nan")
+
 
 def _span(values: list[float], digits: int = 2) -> str:
     finite = [v for v in values if v == v]
@@ -516,16 +613,18 @@ def report(results: dict[str, Any]) -> str:
              f"{_span([r['threshold'] for r in rows if r['threshold'] == r['threshold']], 3)}. "
              f"n/c = not comparable (no score). "
              f"'evades' = held-out perplexity within {DAMAGE_LIMIT}x of the un-attacked derivative and not "
-             f"called derived (plain or re-parameterised).", "",
-             "| class | attack | strength | perplexity ratio | score | derived | re-parameterised: score | "
-             "derived | private seed: score | derived | evades | evades, private seed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"called derived (plain or re-parameterised). 'blocks' = the block score against the base "
+             f"(seed-free); 'derived' is lineage_test's decision.", "",
+             "| class | attack | strength | perplexity ratio | score | blocks | derived | re-parameterised: score | "
+             "blocks | derived | private seed: score | derived | evades | evades, private seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (group, attack, strength), members in grouped(rows):
         n = len(members)
         lines.append(
             f"| {group} | {attack} | {strength} | {_span([m['ppl_ratio'] for m in members])} | "
-            f"{_span([m['score'] for m in members])} | {_count(members, '')} | "
-            f"{_span([m['reparam_score'] for m in members])} | {_count(members, 'reparam_')} | "
+            f"{_span([m['score'] for m in members])} | {_span([m.get('block_score', NAN) for m in members])} | "
+            f"{_count(members, '')} | {_span([m['reparam_score'] for m in members])} | "
+            f"{_span([m.get('reparam_block_score', NAN) for m in members])} | {_count(members, 'reparam_')} | "
             f"{_span([m.get('private_score', float('nan')) for m in members])} | {_count(members, 'private_')} | "
             f"{sum(evades(m) for m in members if m['group'] != 'control')}/{n} | "
             f"{sum(evades_private(m) for m in members if m['group'] != 'control')}/{n} |")
@@ -544,6 +643,9 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"Lowest such score: {min(lowest['score'], lowest['reparam_score']):.3f} "
                      f"({lowest['arch']}, {lowest['attack']}, {lowest['strength']}, perplexity "
                      f"x{lowest['ppl_ratio']:.3f}).")
+    twins = [m.get("block_score", NAN) for m in rows if m["attack"] == "independent twin"]
+    lines.append(f"Block score of the independent twins: {_span(twins, 3)}; of the cheap evasions above: "
+                 f"{_span([m.get('block_score', NAN) for m in broken], 3) if broken else '-'}.")
     lines.append("Held-out perplexity (untrained / base / un-attacked derivative / twin): " + "; ".join(
         f"{arch} {p['untrained']:.0f} / {p['base']:.2f} / {p['derivative']:.2f} / {p['twin']:.2f}"
         for arch, p in results["perplexities"].items()) + ".")
@@ -582,7 +684,7 @@ def figure(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5), sharey=True)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 5), sharey=True)
     thresholds = [r["threshold"] for r in rows if r["threshold"] == r["threshold"]]
     threshold = statistics.median(thresholds) if thresholds else 0.5
     markers = "osD^vP*X<>"
@@ -595,7 +697,8 @@ def figure(results: dict[str, Any], path: Path) -> None:
 
     for ax, key, title in ((axes[0], "score", "attack alone"),
                            (axes[1], "reparam_score", "attack + every re-parameterisation"),
-                           (axes[2], "private_score", f"attack alone, scored at a private seed ({PRIVATE_SEED})")):
+                           (axes[2], "private_score", f"attack alone, scored at a private seed ({PRIVATE_SEED})"),
+                           (axes[3], "block_score", "attack alone: block score (no threshold drawn)")):
         attacks: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         for (group, attack, _), members in grouped(rows):
             ratio = statistics.median(m["ppl_ratio"] for m in members)
@@ -611,11 +714,13 @@ def figure(results: dict[str, Any], path: Path) -> None:
             ax.plot([p[1] for p in points], [p[2] for p in points], marker=markers[n % len(markers)],
                     color=COLOURS[group], label=attack, linewidth=1.2, markersize=5,
                     linestyle="-" if n % 2 == 0 else "--")
-        ax.axhline(threshold, color="grey", linestyle="--", linewidth=1)
+        if key != "block_score":
+            ax.axhline(threshold, color="grey", linestyle="--", linewidth=1)
         ax.axhline((NOT_COMPARABLE_Y + min(0.0, threshold)) / 2, color="lightgrey", linewidth=0.8)
         ax.text(X_MAX * 0.9, NOT_COMPARABLE_Y, "not comparable", fontsize=7, ha="right", va="center", color="grey")
         ax.axvline(DAMAGE_LIMIT, color="grey", linestyle=":", linewidth=1)
-        ax.fill_between([0.9, DAMAGE_LIMIT], -0.2, threshold, color="red", alpha=0.06, linewidth=0)
+        if key != "block_score":
+            ax.fill_between([0.9, DAMAGE_LIMIT], -0.2, threshold, color="red", alpha=0.06, linewidth=0)
         ax.set_xscale("log")
         ax.set_xlim(0.9, X_MAX)
         ax.set_ylim(-0.17, 1.05)
@@ -625,10 +730,11 @@ def figure(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("held-out perplexity / un-attacked derivative's (log)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("lineage score against the base")
+    axes[0].set_ylabel("score against the base (lineage test; right: block score)")
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(f"Evasion bench ({', '.join(sorted({r['arch'] for r in rows}))}): dashed = threshold "
-                 f"{threshold:.2f}, dotted = {DAMAGE_LIMIT}x perplexity; shaded = cheap evasion", fontsize=10)
+    fig.suptitle(f"Evasion bench ({', '.join(sorted({r['arch'] for r in rows}))}): dashed = the lineage test's "
+                 f"threshold {threshold:.2f}, dotted = {DAMAGE_LIMIT}x perplexity; shaded = cheap evasion of the "
+                 f"test's decision", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)

@@ -271,13 +271,86 @@ def test_sketch_penalty_over_fresh_seeds_is_deterministic_and_seed_dependent(tmp
         assert float(identical(base.model())) == pytest.approx(3.0, abs=1e-3)
 
 
+# -- the adaptive attacker's view of the block evidence -----------------------------------------------------
+
+def _library_block_score(candidate: T.Checkpoint, reference: T.Checkpoint, tmp_path: Path) -> float:
+    """What the library scores from the two folders (build_blocks, float16 storage, block_score)."""
+    from tg_verify.analysis.blocks import block_score, parse_blocks
+    from tg_verify.artifact import open_reader, resolve
+    from tg_verify.fingerprint.blocks import build_blocks
+
+    parsed = []
+    for name, ck in (("candidate", candidate), ("reference", reference)):
+        artifact = resolve(ck.save(tmp_path / name))
+        with open_reader(artifact) as reader:
+            parsed.append(parse_blocks(build_blocks(artifact, reader), name))
+    score = block_score(parsed[0], parsed[1]).score
+    assert score is not None
+    return score
+
+
+def _perturbed(ck: T.Checkpoint, scale: float, seed: int) -> T.Checkpoint:
+    """Every block matrix with Gaussian noise `scale` x its own standard deviation."""
+    out = ck.clone()
+    generator = torch.Generator().manual_seed(seed)
+    for name, weight in out.state.items():
+        if name.startswith("model.layers.") and weight.dim() == 2:
+            out.state[name] = weight + scale * weight.std() * torch.randn(weight.shape, generator=generator)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma"])
+def test_block_penalty_is_the_library_block_score(arch, tmp_path):
+    base = checkpoint(arch, seed=1)
+    penalty = A.BlockPenalty(base, 3.0)
+    for n, candidate in enumerate([base, _perturbed(base, 0.5, 2), _perturbed(base, 1.5, 3), checkpoint(arch, seed=4)]):
+        model = candidate.model()
+        with torch.no_grad():
+            forward, backward = penalty.directions(model)
+            ours = float(penalty.score(model))
+            value = float(penalty(model))
+        assert ours == pytest.approx(_library_block_score(candidate, base, tmp_path / str(n)), abs=1e-3)
+        assert value == pytest.approx(3.0 * (float(forward) ** 2 + float(backward) ** 2) / 2, rel=1e-5)
+    assert ours < 0.3  # an independent initialisation is far from the base (the candidates span the range)
+
+
+def test_block_penalty_steps_lower_the_block_score(tmp_path):
+    base = checkpoint("qwen2", seed=1)
+    candidate = _perturbed(base, 0.3, 2)
+    model = candidate.model()
+    penalty = A.BlockPenalty(base, 1.0)
+    before = _library_block_score(candidate, base, tmp_path / "before")
+    value = penalty(model)
+    value.backward()
+    grads = dict(model.named_parameters())
+    assert grads["model.layers.0.self_attn.v_proj.weight"].grad.abs().sum() > 0  # the attention's OV ...
+    assert grads["model.layers.0.mlp.down_proj.weight"].grad.abs().sum() > 0  # ... and the MLP's down-up
+    assert grads[A.EMBED].grad is None or float(grads[A.EMBED].grad.abs().sum()) == 0  # no token enters it
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(8):
+        optimiser.zero_grad(set_to_none=True)
+        penalty(model).backward()
+        optimiser.step()
+    after = _library_block_score(T.from_model(model), base, tmp_path / "after")
+    assert before > 0.5 and after < before - 0.2, (before, after)
+
+
+def test_penalties_add_up():
+    base = checkpoint("llama", seed=1)
+    model = checkpoint("llama", seed=2).model()
+    blocks = A.BlockPenalty(base, 2.0)
+    with torch.no_grad():
+        assert float(A.Penalties(blocks, blocks)(model)) == pytest.approx(2 * float(blocks(model)), rel=1e-6)
+
+
 # -- reporting ------------------------------------------------------------------------------------------
 
 def test_report_counts_only_cheap_evasions():
     def row(arch, ratio, derived, reparam, group="probe", private=True):
         return {"arch": arch, "group": group, "attack": "a", "strength": "s", "order": 1, "ppl_ratio": ratio,
                 "score": 0.2, "threshold": 0.5, "derived": derived, "reparam_score": 0.2,
-                "reparam_derived": reparam, "private_score": 0.9, "private_derived": private}
+                "reparam_derived": reparam, "private_score": 0.9, "private_derived": private,
+                "block_score": 0.7 if arch == "llama" else 0.5, "reparam_block_score": 0.6}
 
     assert evades(row("x", 1.2, False, False)) and evades(row("x", 1.2, True, False))
     assert not evades(row("x", 1.2, True, True)) and not evades(row("x", 1.6, False, False))
@@ -287,13 +360,14 @@ def test_report_counts_only_cheap_evasions():
                "perplexities": {"llama": {"untrained": 600, "base": 9, "derivative": 8, "twin": 9}},
                "seconds": 60, "trained": 0}
     text = report(results)
-    assert "| probe | a | s | 2.10 (1.20-3.00) | 0.20 (0.20-0.20) | 0/2 | 0.20 (0.20-0.20) | 0/2 | " \
-           "0.90 (0.90-0.90) | 2/2 | 1/2 | 0/2 |" in text
+    assert "| probe | a | s | 2.10 (1.20-3.00) | 0.20 (0.20-0.20) | 0.60 (0.50-0.70) | 0/2 | 0.20 (0.20-0.20) | " \
+           "0.60 (0.60-0.60) | 0/2 | 0.90 (0.90-0.90) | 2/2 | 1/2 | 0/2 |" in text
     assert "does not call derived: 1 of 2 (architecture x attack x strength), 0 of them" in text
+    assert "Block score of the independent twins: n/c; of the cheap evasions above: 0.700." in text
     # a "not comparable" result has no score and is counted apart
     results["rows"][1].update(score=float("nan"), comparable=False, ppl_ratio=1.1)
     text = report(results)
-    assert "| 0.20, 1 n/c | 0/2 (1 n/c) |" in text
+    assert "| 0.20, 1 n/c | 0.60 (0.50-0.70) | 0/2 (1 n/c) |" in text
     assert "does not call derived: 2 of 2 (architecture x attack x strength), 1 of them not comparable" in text
 
 
