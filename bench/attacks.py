@@ -566,11 +566,12 @@ class SketchPenalty:
 BlockStacks = tuple[torch.Tensor, torch.Tensor]  # [L, r, r] attention OV units, [L, r, r] MLP down-up units
 
 
-def block_stacks(ck: Checkpoint) -> BlockStacks:
-    """A checkpoint's block units (X_l, Y_l) stacked in layer order, differentiable in its live parameters."""
-    from tg_verify.fingerprint.blocks import block_units_of_state
+def block_stacks(ck: Checkpoint, rank: int | None = None) -> BlockStacks:
+    """A checkpoint's block units (X_l, Y_l) stacked in layer order, differentiable in its live parameters, in a
+    frame of `rank` columns (None: the library's)."""
+    from tg_verify.fingerprint.blocks import RANK, block_units_of_state
 
-    units = block_units_of_state(ck.state, ck.config.to_dict())
+    units = block_units_of_state(ck.state, ck.config.to_dict(), RANK if rank is None else rank)
     layers = sorted(units)
     return torch.stack([units[n][0] for n in layers]), torch.stack([units[n][1] for n in layers])
 
@@ -615,12 +616,14 @@ class BlockPenalty:
     analysis.blocks.block_score does, detached (numpy), every `refit_every` calls; the correlation of the
     other kind's mapped units with the base's (identity part removed) is differentiable in the live
     parameters, through the frame's eigenvectors (`block_units_of_state`). `score(model)` is the block
-    score itself (the two directions' mean), as the test computes it from float16-stored units.
+    score itself (the two directions' mean), as the test computes it from float16-stored units. `rank`: the
+    frame's width the attacker aims at (None: the one the fingerprint stores).
     """
 
-    def __init__(self, base: Checkpoint, weight: float, refit_every: int = 1) -> None:
+    def __init__(self, base: Checkpoint, weight: float, refit_every: int = 1, rank: int | None = None) -> None:
+        self.rank = rank
         with torch.no_grad():
-            ov, ud = block_stacks(base)
+            ov, ud = block_stacks(base, rank)
         self.reference = (ov.double().numpy(), ud.double().numpy())
         self.targets = (_centred(ov.double()), _centred(ud.double()))
         self.weight, self.refit_every, self.config = weight, refit_every, base.config
@@ -629,7 +632,7 @@ class BlockPenalty:
 
     def directions(self, model: torch.nn.Module, refit: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(fit on OV, score MLP down-up; fit on down-up, score OV): each a differentiable correlation."""
-        ov, ud = block_stacks(Checkpoint(self.config, dict(model.named_parameters())))
+        ov, ud = block_stacks(Checkpoint(self.config, dict(model.named_parameters())), self.rank)
         live = (ov.double(), ud.double())
         if refit or self._fits is None:
             mine = tuple(m.detach().numpy() for m in live)

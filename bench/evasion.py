@@ -64,6 +64,7 @@ from bench.lineage import load_checkpoint
 from bench.zoo import corpus, fine_tune
 from tg_verify.analysis.blocks import ParsedBlocks, block_score, parse_blocks
 from tg_verify.analysis.lineage import lineage_test
+from tg_verify.fingerprint.blocks import RANK
 from tg_verify.fingerprint.document import Fingerprint
 from tg_verify.tiny import ARCHITECTURES, build_model, one_thread
 
@@ -76,6 +77,7 @@ RELABEL_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 PROBE_DIRECTIONS = (0.25, 0.5, 1.0)
 DEAD_UNITS = ((1.0, 1.0), (1.0, 4.0), (4.0, 4.0))  # (units added per block, as a share of its own; weight scale)
 DEAD_BLOCK_SCALE = 4.0
+WIDE_RANK = 64  # a frame wider than the fingerprint's (r = 32; parse_blocks accepts up to 64): a diagnostic column
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class Recipe:
     both_weights: tuple[float, ...] = (10.0, 100.0)  # block weights beside the fresh-seed sketch penalty ...
     any_seed_both: float = 10.0  # ... at this weight
     reinit_block_weights: tuple[float, ...] = (10.0,)  # the re-initialised embedding repaired with the block penalty
+    wide_weight: float = 10.0  # the block penalty aimed at a frame of WIDE_RANK (from the derivative, and the repair)
     seeds_per_step: int = 4
     eval_context: int = 128  # evaluation only: not in the digest
     eval_windows: int = 100
@@ -116,7 +119,7 @@ class Recipe:
 
 _NOT_IN_DIGEST = {"eval_context", "eval_windows", "repair_steps", "long_repair_steps", "adaptive_weights",
                   "any_seed_weights", "seeds_per_step", "reinit_weight", "block_weights", "both_weights",
-                  "any_seed_both", "reinit_block_weights"}
+                  "any_seed_both", "reinit_block_weights", "wide_weight"}
 
 
 QUICK = Recipe(corpus_bytes=200_000, heldout_bytes=60_000, pretrain_steps=60, derive_steps=10, repair_steps=(20,),
@@ -147,6 +150,7 @@ class Subject:
     derived: T.Checkpoint
     references: dict[tuple[str, int], Fingerprint]  # (base with tokenizer | "bare" without, probe seed)
     blocks: ParsedBlocks | None  # the base's block evidence (no tokens: the same with or without tokenizer.json)
+    wide: ParsedBlocks | None  # the same in a frame of WIDE_RANK
     probe: list[int]  # tgs1's published probe rows
     keys: Any  # token keys of the tokenizer the evader ships
     ppl: float  # the un-attacked derivative's held-out perplexity
@@ -178,6 +182,7 @@ class Row:
     private_comparable: bool = True
     block_score: float = float("nan")  # cross-fitted block score against the base (nan: no block evidence)
     reparam_block_score: float = float("nan")
+    wide_block_score: float = float("nan")  # the same in a frame of WIDE_RANK, which no attack but one aims at
     check: str = ""
     notes: list[str] = field(default_factory=list)
     roles: dict[str, float] = field(default_factory=dict)  # median similarity per unit role, public seed
@@ -201,17 +206,18 @@ def lineage(candidate: Fingerprint, reference: Fingerprint) -> Any:
     return lineage_test(candidate, reference)
 
 
-def blocks_of(fp: Fingerprint, directory: Path) -> ParsedBlocks | None:
+def blocks_of(fp: Fingerprint | None, directory: Path, rank: int | None = None) -> ParsedBlocks | None:
     """The block evidence of a fingerprinted folder: the fingerprint's own `blocks` once it records one, else
-    built from the folder as the library builds it (`build_blocks`); None when the model has none."""
-    blocks = getattr(fp, "blocks", None)
+    built from the folder as the library builds it (`build_blocks`, in a frame of `rank` when given); None when
+    the model has none."""
+    blocks = getattr(fp, "blocks", None) if rank is None else None
     if blocks is None:
         from tg_verify.artifact import open_reader, resolve
-        from tg_verify.fingerprint.blocks import build_blocks
+        from tg_verify.fingerprint.blocks import RANK, build_blocks
 
         artifact = resolve(directory)
         with open_reader(artifact) as reader:
-            blocks = build_blocks(artifact, reader)
+            blocks = build_blocks(artifact, reader, rank=RANK if rank is None else rank)
     return None if blocks is None else parse_blocks(blocks, str(directory))
 
 
@@ -319,6 +325,7 @@ class Bench:
                       ("base", PRIVATE_SEED): fingerprint(base_dir, f"{arch}-base", PRIVATE_SEED),
                       ("bare", PRIVATE_SEED): fingerprint(bare, f"{arch}-base (no tokenizer.json)", PRIVATE_SEED)}
         subject = Subject(arch, base, twin, derived, references, blocks_of(reference, base_dir),
+                          blocks_of(None, base_dir, WIDE_RANK),
                           probe=A.public_probe(references[("base", 0)]),
                           keys=A.token_keys(self.work / "tokenizer.json", r.vocab),  # the evader ships this one
                           ppl=self.ppl(derived, self.tokenizer))
@@ -347,6 +354,7 @@ class Bench:
         fp = fingerprint(directory, f"{arch} {attack} {strength}")
         result = lineage(fp, subject.references[(made.reference, 0)])
         row.block_score = block_score_against(blocks_of(fp, directory), subject.blocks)
+        row.wide_block_score = block_score_against(blocks_of(None, directory, WIDE_RANK), subject.wide)
         row.score, row.threshold, row.p_value = result.score, result.threshold, result.p_value
         row.calibration, row.rate, row.rate_upper, row.null_size = (result.calibration, result.rate,
                                                                     result.rate_upper, result.null_size)
@@ -375,6 +383,7 @@ class Bench:
         self.log(f"  {group:11s} {attack:33s} {strength:10s} ppl x{row.ppl_ratio:6.3f}  score {row.score:6.3f}"
                  f" {verdict:14s} re-param {row.reparam_score:6.3f} private seed {row.private_score:6.3f}"
                  f" threshold {row.threshold:.3f} blocks {row.block_score:6.3f} re-param {row.reparam_block_score:6.3f}"
+                 f" r{WIDE_RANK} {row.wide_block_score:6.3f}"
                  f" roles "
                  + " ".join(f"{role} {value:.2f}" for role, value in row.roles.items()))
         return row
@@ -516,8 +525,8 @@ class Bench:
 
     def _adaptive_blocks(self, subject: Subject, reinitialised: T.Checkpoint) -> None:
         """Fine-tunes against the block evidence: the block penalty alone from the derivative, beside the fresh-seed
-        sketch penalty (the decision is an OR of the two), and from the re-initialised embedding (its repair, with
-        the block penalty alone and with both)."""
+        sketch penalty (the decision is an OR of the two), and from the re-initialised embedding (its repair with the
+        block penalty: the sketch is already at the null there)."""
         arch, r = subject.arch, self.recipe
         tag = hashlib.sha256(A.block_penalty_id(subject.base, subject.twin).encode()).hexdigest()[:8]
         sketch_id = A.penalty_id(subject.base, subject.twin, subject.keys)
@@ -555,13 +564,17 @@ class Bench:
                          A.BlockPenalty(subject.base, weight), None)
             self.measure(subject, "adaptive", "100% rows re-drawn, repair + block penalty",
                          f"weight {weight:g}, {r.long_repair_steps} steps", weight, self._plain(made))
-            made = tuned(f"adaptive-{tag}-{sketch_tag}-reinit-both-{r.seeds_per_step}seeds-{r.reinit_weight:g}-"
-                         f"{weight:g}-{r.long_repair_steps}", reinitialised, r.long_repair_steps, r.repair_lr,
-                         ("repair", "100% rows re-drawn, both penalties", weight),
-                         A.BlockPenalty(subject.base, weight), sketch_penalty(r.reinit_weight, "reinit both seeds"))
-            self.measure(subject, "adaptive", f"100% rows re-drawn, repair + block + fresh-seed sketch penalty "
-                         f"(sketch weight {r.reinit_weight:g})", f"weight {weight:g}, {r.long_repair_steps} steps",
-                         weight, self._plain(made))
+        # the attacker's answer to a wider frame: aim at it (a frame of r columns nests those of fewer)
+        w = r.wide_weight
+        made = tuned(f"adaptive-{tag}-blocks-r{WIDE_RANK}-{w:g}", subject.derived, r.adaptive_steps, r.adaptive_lr,
+                     ("adaptive blocks", WIDE_RANK, w), A.BlockPenalty(subject.base, w, rank=WIDE_RANK), None)
+        self.measure(subject, "adaptive", f"block-penalty fine-tune, aimed at r = {WIDE_RANK}", f"weight {w:g}", w,
+                     self._plain(made))
+        made = tuned(f"adaptive-{tag}-reinit-blocks-r{WIDE_RANK}-{w:g}-{r.long_repair_steps}", reinitialised,
+                     r.long_repair_steps, r.repair_lr, ("repair", "100% rows re-drawn, block penalty", WIDE_RANK, w),
+                     A.BlockPenalty(subject.base, w, rank=WIDE_RANK), None)
+        self.measure(subject, "adaptive", f"100% rows re-drawn, repair + block penalty aimed at r = {WIDE_RANK}",
+                     f"weight {w:g}, {r.long_repair_steps} steps", w, self._plain(made))
 
 
 # -- reporting -------------------------------------------------------------------------------------------
@@ -614,20 +627,23 @@ def report(results: dict[str, Any]) -> str:
              f"n/c = not comparable (no score). "
              f"'evades' = held-out perplexity within {DAMAGE_LIMIT}x of the un-attacked derivative and not "
              f"called derived (plain or re-parameterised). 'blocks' = the block score against the base "
-             f"(seed-free); 'derived' is lineage_test's decision.", "",
-             "| class | attack | strength | perplexity ratio | score | blocks | derived | re-parameterised: score | "
-             "blocks | derived | private seed: score | derived | evades | evades, private seed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"(seed-free), 'r{WIDE_RANK}' the same in a frame of {WIDE_RANK} columns (the fingerprint's has "
+             f"{RANK}); 'derived' is lineage_test's decision.", "",
+             f"| class | attack | strength | perplexity ratio | score | blocks | r{WIDE_RANK} | derived | "
+             "re-parameterised: score | blocks | derived | private seed: score | derived | evades | "
+             "evades, private seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (group, attack, strength), members in grouped(rows):
         n = len(members)
-        lines.append(
-            f"| {group} | {attack} | {strength} | {_span([m['ppl_ratio'] for m in members])} | "
-            f"{_span([m['score'] for m in members])} | {_span([m.get('block_score', NAN) for m in members])} | "
-            f"{_count(members, '')} | {_span([m['reparam_score'] for m in members])} | "
-            f"{_span([m.get('reparam_block_score', NAN) for m in members])} | {_count(members, 'reparam_')} | "
-            f"{_span([m.get('private_score', float('nan')) for m in members])} | {_count(members, 'private_')} | "
-            f"{sum(evades(m) for m in members if m['group'] != 'control')}/{n} | "
-            f"{sum(evades_private(m) for m in members if m['group'] != 'control')}/{n} |")
+
+        def span(key: str, members: list[dict[str, Any]] = members) -> str:
+            return _span([m.get(key, NAN) for m in members])
+        cells = [group, attack, strength, span("ppl_ratio"), span("score"), span("block_score"),
+                 span("wide_block_score"), _count(members, ""), span("reparam_score"), span("reparam_block_score"),
+                 _count(members, "reparam_"), span("private_score"), _count(members, "private_"),
+                 f"{sum(evades(m) for m in members if m['group'] != 'control')}/{n}",
+                 f"{sum(evades_private(m) for m in members if m['group'] != 'control')}/{n}"]
+        lines.append("| " + " | ".join(cells) + " |")
     attacked = [m for m in rows if m["group"] != "control"]
     broken = [m for m in attacked if evades(m)]
     unscored = [m for m in broken if not (m.get("comparable", True) and m.get("reparam_comparable", True))]
