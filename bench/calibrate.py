@@ -143,12 +143,14 @@ class Zoo:
 # -- scoring ----------------------------------------------------------------------------------------
 
 def sketches(zoo: Zoo) -> dict[str, Any]:
-    """Every model's fingerprint with its sketch only (what the lineage test reads), cached per sketch version."""
+    """Every model's fingerprint with its lineage evidence only (sketch and blocks, what the lineage test reads),
+    cached per sketch and block version."""
+    from tg_verify.fingerprint.blocks import BLOCKS_VERSION
     from tg_verify.fingerprint.document import load
     from tg_verify.fingerprint.sketch import SKETCH_VERSION
 
     out: dict[str, Any] = {}
-    cache = zoo.work / "sketches" / SKETCH_VERSION
+    cache = zoo.work / "sketches" / f"{SKETCH_VERSION}-{BLOCKS_VERSION}"
     cache.mkdir(parents=True, exist_ok=True)
     for model in zoo.models:
         path = cache / f"{model.id}.json"
@@ -169,23 +171,30 @@ def null_pairs(models: list[Model]) -> list[tuple[Model, Model]]:
 
 
 def score_pairs(zoo: Zoo, models: list[Model]) -> dict[str, dict[str, Any]]:
-    """Per reference class: its key, the null scores, and each score's (candidate, reference) as indices into the
-    sorted model list."""
+    """Per reference class: its key, the null scores of the sketch and, paired with them, of the blocks, and each
+    pair's (candidate, reference) as indices into the sorted model list."""
+    from tg_verify.analysis.blocks import block_score, parse_blocks
     from tg_verify.analysis.calibration import class_key
     from tg_verify.analysis.lineage import lineage_score
 
     fps = sketches(zoo)
+    blocks = {model_id: parse_blocks(fp.blocks, model_id) for model_id, fp in fps.items()}
     index = {model_id: n for n, model_id in enumerate(sorted(m.id for m in models))}
     classes: dict[str, dict[str, Any]] = {}
-    for candidate, reference in null_pairs(models):
+    started = time.perf_counter()
+    for n, (candidate, reference) in enumerate(null_pairs(models)):
         result = lineage_score(fps[candidate.id], fps[reference.id])
-        if result.score is None:
-            raise RuntimeError(f"{candidate.id} vs {reference.id}: not comparable ({result.notes})")
+        block = block_score(blocks[candidate.id], blocks[reference.id])
+        if result.score is None or block.score is None:
+            raise RuntimeError(f"{candidate.id} vs {reference.id}: not comparable ({result.notes + block.notes})")
+        if n % 2000 == 0:
+            zoo.log(f"  scored {n} pairs in {time.perf_counter() - started:.0f}s")
         architecture = fps[reference.id].sketch["architecture"]  # type: ignore[index]
         key = class_key(architecture)
-        entry = classes.setdefault(key, {"key": key, "architecture": architecture, "scores": [], "pairs": [],
-                                         "same_architecture": []})
+        entry = classes.setdefault(key, {"key": key, "architecture": architecture, "scores": [], "block_scores": [],
+                                         "pairs": [], "same_architecture": []})
         entry["scores"].append(round(float(result.score), 6))
+        entry["block_scores"].append(round(float(block.score), 6))
         entry["pairs"].append([index[candidate.id], index[reference.id]])
         entry["same_architecture"].append(candidate.arch == reference.arch)
     return classes
@@ -194,12 +203,14 @@ def score_pairs(zoo: Zoo, models: list[Model]) -> dict[str, dict[str, Any]]:
 def write(output: Path, recipe: Recipe, classes: dict[str, dict[str, Any]], models: list[Model]) -> dict[str, Any]:
     from tg_verify.analysis.calibration import CALIBRATION_FORMAT
     from tg_verify.analysis.lineage import LINEAGE_METHOD
+    from tg_verify.fingerprint.blocks import BLOCKS_VERSION
     from tg_verify.fingerprint.sketch import SKETCH_VERSION
 
     document = {
         "format": CALIBRATION_FORMAT,
         "method": LINEAGE_METHOD,
         "sketch_version": SKETCH_VERSION,
+        "blocks_version": BLOCKS_VERSION,
         "built_by": "bench/calibrate.py",
         "recipe": {**asdict(recipe), "digest": recipe.digest(),
                    "models": "tiny transformers configs (tg_verify/tiny.py), trained on Python stdlib source "
