@@ -122,7 +122,7 @@ def frame_of(layers: Layers, width: int, rank: int = RANK, *, exact_width: int =
     Exactly (S formed) up to `exact_width`; beyond it by subspace iteration through the factors (one pass over
     the attention per iteration) from fixed start vectors, r + OVERSAMPLE wide, then Rayleigh-Ritz. Both turn
     with any rotation of the residual stream (the iteration to within its convergence, which a spectrum as
-    steep as trained models' makes fast: tests/fingerprint/test_blocks.py)."""
+    steep as trained models' makes fast: tests/fingerprint/test_block_evidence.py)."""
     r = min(rank, width)
     if width <= exact_width:
         total = torch.zeros((width, width), dtype=torch.float64)
