@@ -143,12 +143,14 @@ class Zoo:
 # -- scoring ----------------------------------------------------------------------------------------
 
 def sketches(zoo: Zoo) -> dict[str, Any]:
-    """Every model's fingerprint with its sketch only (what the lineage test reads), cached per sketch version."""
+    """Every model's fingerprint with its lineage evidence only (sketch and blocks, what the lineage test reads),
+    cached per sketch and block version."""
+    from tg_verify.fingerprint.blocks import BLOCKS_VERSION
     from tg_verify.fingerprint.document import load
     from tg_verify.fingerprint.sketch import SKETCH_VERSION
 
     out: dict[str, Any] = {}
-    cache = zoo.work / "sketches" / SKETCH_VERSION
+    cache = zoo.work / "sketches" / f"{SKETCH_VERSION}-{BLOCKS_VERSION}"
     cache.mkdir(parents=True, exist_ok=True)
     for model in zoo.models:
         path = cache / f"{model.id}.json"
@@ -169,23 +171,30 @@ def null_pairs(models: list[Model]) -> list[tuple[Model, Model]]:
 
 
 def score_pairs(zoo: Zoo, models: list[Model]) -> dict[str, dict[str, Any]]:
-    """Per reference class: its key, the null scores, and each score's (candidate, reference) as indices into the
-    sorted model list."""
+    """Per reference class: its key, the null scores of the sketch and, paired with them, of the blocks, and each
+    pair's (candidate, reference) as indices into the sorted model list."""
+    from tg_verify.analysis.blocks import block_score, parse_blocks
     from tg_verify.analysis.calibration import class_key
     from tg_verify.analysis.lineage import lineage_score
 
     fps = sketches(zoo)
+    blocks = {model_id: parse_blocks(fp.blocks, model_id) for model_id, fp in fps.items()}
     index = {model_id: n for n, model_id in enumerate(sorted(m.id for m in models))}
     classes: dict[str, dict[str, Any]] = {}
-    for candidate, reference in null_pairs(models):
+    started = time.perf_counter()
+    for n, (candidate, reference) in enumerate(null_pairs(models)):
         result = lineage_score(fps[candidate.id], fps[reference.id])
-        if result.score is None:
-            raise RuntimeError(f"{candidate.id} vs {reference.id}: not comparable ({result.notes})")
+        block = block_score(blocks[candidate.id], blocks[reference.id])
+        if result.score is None or block.score is None:
+            raise RuntimeError(f"{candidate.id} vs {reference.id}: not comparable ({result.notes + block.notes})")
+        if n % 2000 == 0:
+            zoo.log(f"  scored {n} pairs in {time.perf_counter() - started:.0f}s")
         architecture = fps[reference.id].sketch["architecture"]  # type: ignore[index]
         key = class_key(architecture)
-        entry = classes.setdefault(key, {"key": key, "architecture": architecture, "scores": [], "pairs": [],
-                                         "same_architecture": []})
+        entry = classes.setdefault(key, {"key": key, "architecture": architecture, "scores": [], "block_scores": [],
+                                         "pairs": [], "same_architecture": []})
         entry["scores"].append(round(float(result.score), 6))
+        entry["block_scores"].append(round(float(block.score), 6))
         entry["pairs"].append([index[candidate.id], index[reference.id]])
         entry["same_architecture"].append(candidate.arch == reference.arch)
     return classes
@@ -194,12 +203,14 @@ def score_pairs(zoo: Zoo, models: list[Model]) -> dict[str, dict[str, Any]]:
 def write(output: Path, recipe: Recipe, classes: dict[str, dict[str, Any]], models: list[Model]) -> dict[str, Any]:
     from tg_verify.analysis.calibration import CALIBRATION_FORMAT
     from tg_verify.analysis.lineage import LINEAGE_METHOD
+    from tg_verify.fingerprint.blocks import BLOCKS_VERSION
     from tg_verify.fingerprint.sketch import SKETCH_VERSION
 
     document = {
         "format": CALIBRATION_FORMAT,
         "method": LINEAGE_METHOD,
         "sketch_version": SKETCH_VERSION,
+        "blocks_version": BLOCKS_VERSION,
         "built_by": "bench/calibrate.py",
         "recipe": {**asdict(recipe), "digest": recipe.digest(),
                    "models": "tiny transformers configs (tg_verify/tiny.py), trained on Python stdlib source "
@@ -232,36 +243,57 @@ def _length(model_id: str) -> int:
     return int(model_id.split("~")[0].rsplit("-", 1)[1])
 
 
+def _rule(entry: dict[str, Any], alpha: float) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """The shipped decision rule on one class's null: per pair, called derived by the sketch and by the blocks
+    (either-evidence rule: each threshold at alpha / 2), and the two thresholds."""
+    from tg_verify.analysis.calibration import NullSample
+
+    null = NullSample(key=entry["key"], scores=np.asarray(entry["scores"], dtype=np.float64),
+                      block_scores=np.asarray(entry["block_scores"], dtype=np.float64))
+    blocks = null.blocks()
+    assert blocks is not None
+    thresholds = {"sketch": null.threshold(alpha / 2), "blocks": blocks.threshold(alpha / 2)}
+    return null.scores > thresholds["sketch"], blocks.scores > thresholds["blocks"], thresholds
+
+
 def length_trend(document: dict[str, Any], alpha: float) -> dict[str, Any]:
     """The null's upper tail against training length: per length L, over the pairs whose two roots were both
-    trained L steps, how many score above their class's threshold at `alpha` (set from the whole null, every
-    length pooled), with the exact 95% upper bound; and per class the 99th percentile and maximum at each L."""
-    from tg_verify.analysis.calibration import NullSample, upper_bound
+    trained L steps, how many the decision rule at `alpha` calls derived (thresholds set from the whole null of
+    the class, every length pooled), with the exact 95% upper bound, and how many of those the sketch and the
+    blocks each call; per class the sketch's and the blocks' 99th percentile and maximum at each L."""
+    from tg_verify.analysis.calibration import upper_bound
 
     models = document["models"]
     lengths = sorted({_length(m) for m in models})
-    pooled = {n: [0, 0] for n in lengths}
+    pooled = {n: [0, 0, 0, 0] for n in lengths}  # rule, pairs, sketch, blocks
     per_class: dict[str, dict[str, Any]] = {}
     for entry in document["classes"]:
         scores = np.asarray(entry["scores"], dtype=np.float64)
-        threshold = NullSample(key=entry["key"], scores=scores).threshold(alpha)
+        block_scores = np.asarray(entry["block_scores"], dtype=np.float64)
+        by_sketch, by_blocks, thresholds = _rule(entry, alpha)
         pair_lengths = np.asarray([(_length(models[c]), _length(models[r])) for c, r in entry["pairs"]])
         rows = {}
         for n in lengths:
-            at = scores[(pair_lengths[:, 0] == n) & (pair_lengths[:, 1] == n)]
-            if not len(at):
+            at = (pair_lengths[:, 0] == n) & (pair_lengths[:, 1] == n)
+            if not at.any():
                 continue
-            above = int(np.count_nonzero(at > threshold))
-            pooled[n][0] += above
-            pooled[n][1] += len(at)
-            rows[str(n)] = {"pairs": len(at), "above": above, "p99": round(float(np.quantile(at, 0.99)), 4),
-                            "max": round(float(at.max()), 4)}
-        per_class[entry["key"]] = {"threshold": round(threshold, 4), "by_length": rows}
+            counts = [int(np.count_nonzero((by_sketch | by_blocks)[at])), int(at.sum()),
+                      int(np.count_nonzero(by_sketch[at])), int(np.count_nonzero(by_blocks[at]))]
+            pooled[n] = [a + b for a, b in zip(pooled[n], counts)]
+            rows[str(n)] = {"pairs": counts[1], "above": counts[0], "sketch_above": counts[2],
+                            "blocks_above": counts[3], "p99": round(float(np.quantile(scores[at], 0.99)), 4),
+                            "max": round(float(scores[at].max()), 4),
+                            "blocks_p99": round(float(np.quantile(block_scores[at], 0.99)), 4),
+                            "blocks_max": round(float(block_scores[at].max()), 4)}
+        per_class[entry["key"]] = {"threshold": round(thresholds["sketch"], 4),
+                                   "block_threshold": round(thresholds["blocks"], 4), "by_length": rows}
     return {"alpha": alpha, "lengths": lengths,
-            "pairs": "both roots trained the same number of steps; threshold from the whole null of the class",
+            "pairs": "both roots trained the same number of steps; thresholds from the whole null of the class; "
+                     "above: called derived by the either-evidence rule (sketch or blocks, each at alpha / 2)",
             "by_length": {str(n): {"pairs": total, "above": above, "share": round(above / total, 5),
-                                   "upper95": round(upper_bound(above, total), 5)}
-                          for n, (above, total) in pooled.items() if total},
+                                   "upper95": round(upper_bound(above, total), 5), "sketch_above": sketch,
+                                   "blocks_above": blocks}
+                          for n, (above, total, sketch, blocks) in pooled.items() if total},
             "classes": per_class}
 
 
@@ -278,37 +310,52 @@ def scope(trend: dict[str, Any]) -> str:
         return (f"{text}, pooled; its tail grows with training length: pairs both trained {lengths[-1]} steps score "
                 f"above the threshold {longest['share']:.1%} of the time (95% upper bound {longest['upper95']:.1%}; "
                 f"{first['share']:.1%} at {lengths[0]}), and for models trained longer the rate is not known")
+    worst = max((n for n in lengths if str(n) in rows), key=lambda n: rows[str(n)]["share"])
+    if rows[str(worst)]["share"] > alpha:
+        row = rows[str(worst)]
+        return (f"{text}, pooled; no growth of its tail with training length measured there, but pairs trained "
+                f"equally long are called derived more often: up to {row['share']:.1%} (95% upper bound "
+                f"{row['upper95']:.1%}) at {worst} steps")
     return f"{text}; no growth of its tail with training length measured there"
 
 
 def summary(document: dict[str, Any], alpha: float) -> str:
-    from tg_verify.analysis.calibration import NullSample
+    from tg_verify.analysis.calibration import NullSample, upper_bound
 
-    lines = [f"### Lineage calibration ({document['method']}, target rate {alpha:g})", "",
-             "| class | null pairs (same architecture) | median | 99th percentile | max (same architecture) "
-             "| threshold | rate at threshold (95% upper) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"### Lineage calibration ({document['method']}, target rate {alpha:g}: sketch or blocks, "
+             f"each at {alpha / 2:g})", "",
+             "| class | null pairs (same architecture) | sketch: median | p99 | max (same architecture) | threshold "
+             "| blocks: median | p99 | max (same architecture) | threshold "
+             "| rule's rate at the thresholds (95% upper) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for entry in document["classes"]:
-        null = NullSample(key=entry["key"], scores=np.asarray(entry["scores"]))
+        null = NullSample(key=entry["key"], scores=np.asarray(entry["scores"]),
+                          block_scores=np.asarray(entry["block_scores"]))
+        blocks = null.blocks()
+        assert blocks is not None
         same = np.asarray(entry["same_architecture"], dtype=bool)
-        threshold = null.threshold(alpha)
-        above, n = null.exceeding(threshold)
-        lines.append(f"| {entry['key']} | {n} ({int(same.sum())}) | {np.median(null.scores):.3f} | "
-                     f"{np.quantile(null.scores, 0.99):.3f} | {null.scores.max():.3f} "
-                     f"({null.scores[same].max():.3f}) | {threshold:.3f} | "
-                     f"{above}/{n} ({null.upper_bound(above):.2%}) |")
+        by_sketch, by_blocks, thresholds = _rule(entry, alpha)
+        above, n = int(np.count_nonzero(by_sketch | by_blocks)), null.size
+        cells = []
+        for sample, threshold in ((null, thresholds["sketch"]), (blocks, thresholds["blocks"])):
+            cells.append(f"{np.median(sample.scores):.3f} | {np.quantile(sample.scores, 0.99):.3f} | "
+                         f"{sample.scores.max():.3f} ({sample.scores[same].max():.3f}) | {threshold:.3f}")
+        lines.append(f"| {entry['key']} | {n} ({int(same.sum())}) | {cells[0]} | {cells[1]} | "
+                     f"{above}/{n} ({upper_bound(above, n):.2%}) |")
     trend = document["recipe"].get("trend")
     if trend:
         lengths = trend["lengths"]
-        lines += ["", f"Null tail against training length (pairs whose roots both trained L steps; each class's "
-                      f"threshold at {trend['alpha']:g} from its whole null): above threshold, and 99th percentile",
+        lines += ["", f"Null tail against training length (pairs whose roots both trained L steps; thresholds at "
+                      f"{trend['alpha'] / 2:g} each from the class's whole null): called derived by the rule (by the "
+                      f"sketch / by the blocks), and the sketch's and the blocks' 99th percentile",
                   "", "| class | " + " | ".join(f"{n} steps" for n in lengths) + " |",
                   "|---|" + "---|" * len(lengths)]
         for key, row in trend["classes"].items():
-            cells = [f"{c['above']}/{c['pairs']}, p99 {c['p99']:.3f}" if (c := row["by_length"].get(str(n)))
-                     else "-" for n in lengths]
+            cells = [f"{c['above']}/{c['pairs']} ({c['sketch_above']}/{c['blocks_above']}), p99 {c['p99']:.3f} / "
+                     f"{c['blocks_p99']:.3f}" if (c := row["by_length"].get(str(n))) else "-" for n in lengths]
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
-        cells = [f"{r['above']}/{r['pairs']} ({r['share']:.2%}, 95% upper {r['upper95']:.2%})"
+        cells = [f"{r['above']}/{r['pairs']} ({r['share']:.2%}, 95% upper {r['upper95']:.2%}; sketch "
+                 f"{r['sketch_above']}, blocks {r['blocks_above']})"
                  if (r := trend["by_length"].get(str(n))) else "-" for n in lengths]
         lines += ["| all classes | " + " | ".join(cells) + " |", "", f"scope: {document['recipe']['scope']}"]
     return "\n".join(lines)

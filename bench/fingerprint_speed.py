@@ -7,10 +7,12 @@ Writes a synthetic Llama-shaped bf16 checkpoint (TinyLlama-1.1B shapes by defaul
 
   read         plain sequential read of every file (the I/O floor)
   sha256sum    coreutils sha256sum over the files; hashlib  the same in Python (what tg-verify runs)
-  fingerprint  resolve + fingerprint_artifact as the CLI runs it: features + sketch, one thread per core,
-               one of them hashing (sha256) the files first
-  features     the same without hashing and without the sketch, one thread (the TensorGuard computation alone)
-  +sketch      features + lineage sketch, one thread, no hashing
+  fingerprint  resolve + fingerprint_artifact as the CLI runs it: features + lineage evidence (sketch and
+               blocks), one thread per core, one of them hashing (sha256) the files first
+  features     the same without hashing and without the lineage evidence, one thread (the TensorGuard
+               computation alone)
+  +sketch      features + lineage evidence (sketch and blocks), one thread, no hashing
+  blocks       the block evidence alone (fingerprint/blocks.py: a second read of v, o, up and down)
   +sha256      features + sha256, threads as the CLI, no sketch
   baseline     transformers from_pretrained (float32) + literal L.backward() per repeat for the same
                statistics (skewness/kurtosis from 500k sampled entries, as the paper); backward passes
@@ -163,6 +165,19 @@ def measure_fingerprint(directory: Path, hashing: bool, sketch: bool) -> dict[st
             "global_std": fingerprint.features["global_std"]}
 
 
+def measure_blocks(directory: Path) -> dict[str, float]:
+    """The block evidence alone (fingerprint/blocks.py), as the fingerprint builds it after its stream."""
+    from tg_verify.artifact import open_reader, resolve
+    from tg_verify.fingerprint.blocks import build_blocks
+
+    started = time.perf_counter()
+    artifact = resolve(directory)
+    with open_reader(artifact) as reader:
+        blocks = build_blocks(artifact, reader)
+    assert blocks is not None
+    return {"wall_s": time.perf_counter() - started, "layers": float(len(blocks["units"]))}
+
+
 def measure_baseline(directory: Path, subset: int, repeats: int) -> dict[str, float]:
     """The paper's way: whole model in float32 via transformers, one backward pass per repeat per tensor."""
     import torch
@@ -207,7 +222,7 @@ def child(kind: str, directory: Path, subset: int, repeats: int, params: float) 
         return
     t0 = time.perf_counter()
     cpu_at_start = 0.0
-    if kind in ("fingerprint", "features", "+sketch", "+sha256"):
+    if kind in ("fingerprint", "features", "+sketch", "+sha256", "blocks"):
         import tg_verify.fingerprint.extract  # noqa: F401  (import start-up, reported separately)
     elif kind == "baseline":
         import torch  # noqa: F401
@@ -232,6 +247,8 @@ def child(kind: str, directory: Path, subset: int, repeats: int, params: float) 
         result = measure_fingerprint(directory, hashing=False, sketch=True)
     elif kind == "+sha256":
         result = measure_fingerprint(directory, hashing=True, sketch=False)
+    elif kind == "blocks":
+        result = measure_blocks(directory)
     else:
         result = measure_baseline(directory, subset, repeats)
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -241,7 +258,7 @@ def child(kind: str, directory: Path, subset: int, repeats: int, params: float) 
     print(json.dumps(result))
 
 
-QUICK_STEPS = ("read", "sha256sum", "hashlib", "features", "+sketch", "+sha256", "fingerprint")
+QUICK_STEPS = ("read", "sha256sum", "hashlib", "features", "+sketch", "+sha256", "blocks", "fingerprint")
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:

@@ -92,9 +92,10 @@ def sketch_fingerprint_of(ck: Checkpoint, directory: str | Path, layout: str = "
 
 
 def sketch_fingerprint_of_folder(directory: str | Path) -> Any:
-    """The lineage sketch of a saved model folder (tokenizer included when there is one), as a Fingerprint
-    whose paper features are zero (not to be compared)."""
+    """The lineage evidence of a saved model folder (sketch, with the tokenizer when there is one, and blocks), as a
+    Fingerprint whose paper features are zero (not to be compared)."""
     from tg_verify.artifact import open_reader, resolve
+    from tg_verify.fingerprint.blocks import build_blocks
     from tg_verify.fingerprint.document import FEATURE_NAMES, Fingerprint
     from tg_verify.fingerprint.sketch import SketchBuilder
 
@@ -104,8 +105,9 @@ def sketch_fingerprint_of_folder(directory: str | Path) -> Any:
         for info, weight in reader.stream():
             builder.add(info, weight)
         sketch = builder.finish()
+        blocks = build_blocks(artifact, reader, note=sketch["notes"].append)
     return Fingerprint(model_name=artifact.name, features=dict.fromkeys(FEATURE_NAMES, 0.0),
-                       settings={"sketch_only": True}, sketch=sketch)
+                       settings={"sketch_only": True}, sketch=sketch, blocks=blocks)
 
 
 def logits(ckpt: Checkpoint, inputs: torch.Tensor) -> torch.Tensor:

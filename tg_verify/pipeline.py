@@ -606,7 +606,8 @@ def lineage_evidence(result: LineageResult) -> LineageEvidence:
                            null_size=result.null_size if calibrated else None,
                            rate=finite(result.rate) if calibrated else None,
                            rate_upper=finite(result.rate_upper) if calibrated else None,
-                           null_scope=(result.null_scope or None) if calibrated else None)
+                           null_scope=(result.null_scope or None) if calibrated else None,
+                           block_score=finite(result.block_score), block_threshold=finite(result.block_threshold))
 
 
 # ------------------------------------------------------------------------------------------ verify

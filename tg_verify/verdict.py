@@ -12,6 +12,7 @@ reasons the attestation states. The types it reads (DecisionRules, Evidence and 
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -129,6 +130,9 @@ class LineageEvidence:
     rate: float | None = None
     rate_upper: float | None = None
     null_scope: str | None = None  # which models the null covers (the rate holds for those)
+    # the block evidence's score and threshold (tgl4; None when either fingerprint lacks it or it was not comparable)
+    block_score: float | None = None
+    block_threshold: float | None = None
 
     def rate_text(self) -> str:
         """The stated rate in words: the calibrated share of unrelated pairs at the score, or 'uncalibrated'."""
@@ -252,7 +256,14 @@ def _lineage_text(result: LineageEvidence) -> str:
     if not result.comparable:
         notes = "; ".join(result.notes) or "no common probe"
         return f"not comparable ({notes})"
-    return f"score {_fmt(result.score)} vs threshold {_fmt(result.threshold)}: {result.rate_text()}"
+    parts = []
+    if math.isfinite(result.score):
+        parts.append(f"score {_fmt(result.score)} vs threshold {_fmt(result.threshold)}")
+    else:
+        parts.append("sketch not comparable")
+    if result.block_score is not None and result.block_threshold is not None:
+        parts.append(f"blocks {_fmt(result.block_score)} vs {_fmt(result.block_threshold)}")
+    return f"{'; '.join(parts)}: {result.rate_text()}"
 
 
 class _Findings:

@@ -20,6 +20,7 @@ from tg_verify.analysis.calibration import (
 )
 from tg_verify.analysis.lineage import LINEAGE_METHOD
 from tg_verify.errors import FingerprintFormatError
+from tg_verify.fingerprint.blocks import BLOCKS_VERSION
 from tg_verify.fingerprint.sketch import SKETCH_VERSION
 from tg_verify.tiny import ARCHITECTURES
 
@@ -45,9 +46,28 @@ def test_threshold_allows_at_most_alpha_n_null_pairs_above() -> None:
     assert small.at_or_above(0.2) == 2
 
 
+def test_either_evidence_rule_is_counted_on_the_pairs_as_they_are() -> None:
+    """The rule "sketch above t or blocks above u" counts each null pair once, whichever evidence calls it; and a
+    pair is as extreme as the observed one when its smaller tail share is at most the observed one's."""
+    sketch = np.array([0.9, 0.1, 0.2, 0.3, 0.0])
+    blocks = np.array([0.8, 0.7, 0.0, 0.1, 0.05])
+    null = NullSample("z", sketch, blocks)
+    assert null.either_above(0.5, 0.5) == 2  # pair 0 (both) and pair 1 (blocks alone)
+    assert null.either_above(0.95, 0.75) == 1
+    assert null.blocks() is not None and null.blocks().at_or_above(0.7) == 2  # type: ignore[union-attr]
+    # observed (0.25, 0.75): tail shares 2 (sketch >= 0.25: 0.9, 0.3) and 1 (blocks >= 0.75: 0.8) -> 1;
+    # null pairs' smaller tails: pair0 min(1,1)=1, pair1 min(4,2)=2, pair2 3/5 -> 3, pair3 min(2,3)=2, pair4 min(5,4)=4
+    assert null.either_at_or_above(0.25, 0.75) == 1
+    assert null.either_at_or_above(0.3, 0.0) == 3  # observed tail min(2, 5) = 2: pairs 0, 1, 3
+    with pytest.raises(ValueError, match="no block scores"):
+        NullSample("w", sketch).either_above(0.5, 0.5)
+
+
 def document() -> dict:
-    return {"format": CALIBRATION_FORMAT, "method": "tgl3", "sketch_version": "tgs3", "recipe": {"seeds": [1]},
-            "classes": [{"key": class_key(ARCH), "architecture": ARCH, "scores": [0.1, -0.05, 0.2]}]}
+    return {"format": CALIBRATION_FORMAT, "method": "tgl4", "sketch_version": "tgs3", "blocks_version": "tgb1",
+            "recipe": {"seeds": [1]},
+            "classes": [{"key": class_key(ARCH), "architecture": ARCH, "scores": [0.1, -0.05, 0.2],
+                         "block_scores": [0.02, 0.07, -0.01]}]}
 
 
 def test_a_valid_document_reads_back(tmp_path: Path) -> None:
@@ -56,6 +76,7 @@ def test_a_valid_document_reads_back(tmp_path: Path) -> None:
     calibration = load_calibration(path)
     assert calibration.null_for(ARCH) is not None and calibration.null_for({**ARCH, "layers": 3}) is None
     assert calibration.conservative_threshold(0.01) == 0.2
+    assert calibration.conservative_threshold(0.01, blocks=True) == 0.07
     assert calibration.scope == ""  # no recipe.scope: nothing said about which models the null covers
     scoped = document()
     scoped["recipe"]["scope"] = "null: models trained 150-1200 steps"
@@ -63,8 +84,12 @@ def test_a_valid_document_reads_back(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(format=2), "format 2 is not supported"),
-    (lambda d: d.update(method=3), "'method' and 'sketch_version' must be strings"),
+    (lambda d: d.update(format=1), "format 1 is not supported"),
+    (lambda d: d.update(method=3), "'method', 'sketch_version' and 'blocks_version' must be strings"),
+    (lambda d: d.pop("blocks_version"), "'blocks_version' must be strings"),
+    (lambda d: d["classes"][0].pop("block_scores"), "block_scores must be a list"),
+    (lambda d: d["classes"][0].update(block_scores=[0.1, 0.2]), "one per score \\(3\\)"),
+    (lambda d: d["classes"][0].update(block_scores=[0.1, 0.2, float("inf")]), "block_scores must be a list"),
     (lambda d: d.update(recipe=[]), "'recipe' must be an object"),
     (lambda d: d.update(classes=[]), "'classes' must be a non-empty list"),
     (lambda d: d["classes"][0].update(key="other"), "does not match its architecture"),
@@ -87,11 +112,13 @@ def test_malformed_calibrations_name_the_field(change, message: str) -> None:  #
 def test_the_shipped_calibration_matches_this_method_and_covers_the_tiny_models() -> None:
     calibration = packaged_calibration()
     assert calibration.method == LINEAGE_METHOD and calibration.sketch_version == SKETCH_VERSION
+    assert calibration.blocks_version == BLOCKS_VERSION
     assert calibration.recipe["digest"] and calibration.source.endswith("lineage_calibration.json")
     covered = {(key.split(":")[0], key.split(":")[1]) for key in calibration.classes}
     assert covered == {(arch, width) for arch in ARCHITECTURES for width in ("h64", "h96")}  # tiny small, medium
     for null in calibration.classes.values():
         assert null.size >= 1000  # enough pairs that a 1% target is a quantile, not the maximum alone
+        assert null.block_scores is not None and len(null.block_scores) == null.size
 
 
 def test_the_tiny_demo_shapes_are_calibrated() -> None:

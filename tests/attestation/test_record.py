@@ -262,3 +262,45 @@ def test_a_calibrated_lineage_test_is_recorded_and_its_decision_checked(tiny_mod
     broken["references"][0]["lineage"]["rateAtScore"] = 1.5
     with pytest.raises(AttestationError, match=r"rateAtScore"):
         parse_predicate(broken)
+
+
+def test_block_evidence_is_recorded_and_either_evidence_decides(tiny_models):
+    """Method tgl4: the block score and threshold are written and read back; verify-attestation re-checks `derived`
+    as sketch above its threshold or blocks above theirs, also when the sketch was not comparable (no score)."""
+    from tg_verify.attestation.check import check_evidence
+    from tg_verify.verdict import LineageEvidence
+
+    def with_lineage(lineage: LineageEvidence) -> record.Predicate:
+        predicate = make_predicate(tiny_models["llama"]["single"])
+        return replace(predicate, references=(replace(predicate.references[0], lineage=lineage),
+                                              predicate.references[1]))
+
+    def lineage_checks(predicate: record.Predicate) -> list:
+        return [c for c in check_evidence(predicate) if c.name == "lineage base-1b" and not c.ok]
+
+    by_blocks = LineageEvidence(score=0.02, threshold=0.31, derived=True, p_value=1 / 1846, false_positive_rate=0.009,
+                                alpha=0.01, method="tgl4", calibration="llama:h64:l2:v512:a4/2:i128", null_size=1845,
+                                rate=0.0, rate_upper=0.0016, block_score=0.64, block_threshold=0.08)
+    written = to_json(with_lineage(by_blocks))["references"][0]["lineage"]
+    assert written["blockScore"] == 0.64 and written["blockThreshold"] == 0.08 and written["method"] == "tgl4"
+    back = parse_predicate(json.loads(canonical_json(to_json(with_lineage(by_blocks)))))
+    assert back == with_lineage(by_blocks) and not lineage_checks(back)
+    assert lineage_checks(with_lineage(replace(by_blocks, derived=False)))  # blocks above theirs: derived
+    assert lineage_checks(with_lineage(replace(by_blocks, block_score=0.05)))  # neither above: not derived
+    # the sketch not comparable (tokenizer withheld on one side): no score written, the blocks decided alone
+    blocks_only = replace(by_blocks, score=math.nan, threshold=math.nan)
+    written = to_json(with_lineage(blocks_only))["references"][0]["lineage"]
+    assert "score" not in written and "threshold" not in written and written["blockScore"] == 0.64
+    back = parse_predicate(json.loads(canonical_json(to_json(with_lineage(blocks_only)))))
+    assert not lineage_checks(back)
+    from tg_verify.verdict import _lineage_text
+
+    assert _lineage_text(back.references[0].lineage).startswith("sketch not comparable; blocks 0.640 vs 0.080: 0/1845")
+    # half a pair is refused, with the field named
+    broken = to_json(with_lineage(by_blocks))
+    del broken["references"][0]["lineage"]["blockThreshold"]
+    with pytest.raises(AttestationError, match=r"blockScore"):
+        parse_predicate(broken)
+    # an old method's record ignores block numbers it could not have had
+    old = replace(by_blocks, method="tgl3", derived=False)
+    assert not lineage_checks(with_lineage(old))

@@ -26,6 +26,7 @@ from tg_verify.fingerprint.blocks import BLOCKS_VERSION, MAX_LAYERS, ROLES
 
 MIN_RANK, MAX_RANK = 4, 64
 POLAR_ITERATIONS = 20
+CONVERGED = 1e-6  # polar iterations stop once no entry of T moves more than this
 _ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "layers", "vocab", "heads", "kv_heads", "intermediate_size")
 
 
@@ -158,7 +159,9 @@ def fit_rotation(cs: np.ndarray, rs: np.ndarray, start: np.ndarray | None = None
     for _ in range(POLAR_ITERATIONS):
         g = (rs @ t @ cs.transpose(0, 2, 1) + rs.transpose(0, 2, 1) @ t @ cs).sum(axis=0)
         u, _, vt = np.linalg.svd(g)
-        t = u @ vt
+        t, previous = u @ vt, t
+        if np.abs(t - previous).max() < CONVERGED:
+            break
     return t
 
 

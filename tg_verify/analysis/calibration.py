@@ -22,7 +22,7 @@ import numpy as np
 
 from tg_verify.errors import FingerprintFormatError
 
-CALIBRATION_FORMAT = 1
+CALIBRATION_FORMAT = 2  # 2: block scores paired with the sketch's
 RESOURCE = "lineage_calibration.json"
 DATA_FILE = Path(__file__).with_name("data") / RESOURCE
 CONFIDENCE = 0.95
@@ -55,10 +55,33 @@ def upper_bound(count: int, n: int, confidence: float = CONFIDENCE) -> float:
 
 @dataclass(frozen=True)
 class NullSample:
-    """The null scores of one architecture class."""
+    """The null scores of one architecture class; `block_scores`, when present, the block evidence's scores of the
+    same pairs, in the same order (so a rule reading both is measured on the pairs as they are)."""
 
     key: str
     scores: np.ndarray = field(repr=False)
+    block_scores: np.ndarray | None = field(default=None, repr=False)
+
+    def blocks(self) -> NullSample | None:
+        """The block scores as a null sample of their own (None when not measured)."""
+        return None if self.block_scores is None else NullSample(self.key, self.block_scores)
+
+    def either_above(self, threshold: float, block_threshold: float) -> int:
+        """How many null pairs the either-evidence rule calls derived: sketch above `threshold` or blocks above
+        `block_threshold`."""
+        if self.block_scores is None:
+            raise ValueError(f"calibration class {self.key}: no block scores")
+        return int(np.count_nonzero((self.scores > threshold) | (self.block_scores > block_threshold)))
+
+    def either_at_or_above(self, score: float, block_score: float) -> int:
+        """How many null pairs are at least as extreme as (score, block_score) for the either-evidence rule: whose
+        smaller tail share (the share of the null scoring at least as high, sketch or blocks) is at most the
+        observed pair's."""
+        if self.block_scores is None:
+            raise ValueError(f"calibration class {self.key}: no block scores")
+        observed = min(self.at_or_above(score), int(np.count_nonzero(self.block_scores >= block_score)))
+        tails = np.minimum(_tail_counts(self.scores), _tail_counts(self.block_scores))
+        return int(np.count_nonzero(tails <= observed))
 
     @property
     def size(self) -> int:
@@ -85,6 +108,12 @@ class NullSample:
         return upper_bound(count, self.size)
 
 
+def _tail_counts(scores: np.ndarray) -> np.ndarray:
+    """For each score, how many scores of the sample are at least as high."""
+    ranked = np.sort(scores)
+    return len(scores) - np.searchsorted(ranked, scores, side="left")
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A validated calibration file: the method it was measured with, one null sample per class, and its scope
@@ -96,13 +125,16 @@ class Calibration:
     classes: dict[str, NullSample]
     source: str
     scope: str = ""
+    blocks_version: str = ""
 
     def null_for(self, architecture: Mapping[str, Any]) -> NullSample | None:
         return self.classes.get(class_key(architecture))
 
-    def conservative_threshold(self, alpha: float) -> float:
-        """For an uncalibrated architecture: the highest threshold any calibrated class has at `alpha`."""
-        return max(null.threshold(alpha) for null in self.classes.values())
+    def conservative_threshold(self, alpha: float, blocks: bool = False) -> float:
+        """For an uncalibrated architecture: the highest threshold any calibrated class has at `alpha` (of the
+        block scores with `blocks`)."""
+        nulls = [null.blocks() if blocks else null for null in self.classes.values()]
+        return max(null.threshold(alpha) for null in nulls if null is not None)
 
 
 def parse_calibration(document: Any, source: str) -> Calibration:
@@ -115,8 +147,9 @@ def parse_calibration(document: Any, source: str) -> Calibration:
     if document.get("format") != CALIBRATION_FORMAT:
         raise bad(f"format {document.get('format')!r} is not supported (expected {CALIBRATION_FORMAT})")
     method, version, recipe = document.get("method"), document.get("sketch_version"), document.get("recipe")
-    if not isinstance(method, str) or not isinstance(version, str):
-        raise bad("'method' and 'sketch_version' must be strings")
+    blocks_version = document.get("blocks_version")
+    if not isinstance(method, str) or not isinstance(version, str) or not isinstance(blocks_version, str):
+        raise bad("'method', 'sketch_version' and 'blocks_version' must be strings")
     if not isinstance(recipe, dict):
         raise bad("'recipe' must be an object")
     scope = recipe.get("scope", "")
@@ -142,9 +175,16 @@ def parse_calibration(document: Any, source: str) -> Calibration:
                 or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
                            and -1.0 <= s <= 1.0 for s in scores)):
             raise bad(f"{where}.scores must be a non-empty list of at most {MAX_SCORES} finite numbers in [-1, 1]")
-        classes[key] = NullSample(key=key, scores=np.asarray(scores, dtype=np.float64))
+        blocks = entry.get("block_scores")
+        if (not isinstance(blocks, list) or len(blocks) != len(scores)
+                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
+                           and -1.0 <= s <= 1.0 for s in blocks)):
+            raise bad(f"{where}.block_scores must be a list of finite numbers in [-1, 1], one per score "
+                      f"({len(scores)})")
+        classes[key] = NullSample(key=key, scores=np.asarray(scores, dtype=np.float64),
+                                  block_scores=np.asarray(blocks, dtype=np.float64))
     return Calibration(method=method, sketch_version=version, recipe=recipe, classes=classes, source=source,
-                       scope=scope)
+                       scope=scope, blocks_version=blocks_version)
 
 
 def load_calibration(path: str | Path | None = None) -> Calibration:

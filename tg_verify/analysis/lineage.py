@@ -24,6 +24,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from tg_verify.analysis.alignment import align_layers
+from tg_verify.analysis.blocks import BlockScore, block_score, parse_blocks
 from tg_verify.analysis.calibration import UNCALIBRATED, Calibration, class_key, packaged_calibration
 from tg_verify.analysis.lineage_rule import DEFAULT_ALPHA, LINEAGE_METHOD, is_derived
 from tg_verify.errors import FingerprintFormatError
@@ -92,10 +93,29 @@ class LineageResult:
     keys: str = ""
     method: str = LINEAGE_METHOD
     null_scope: str = ""
+    block_score: float = math.nan  # the block evidence's score and threshold (NaN: not available)
+    block_threshold: float = math.nan
+    block_layers: list[tuple[int, int]] = field(default_factory=list)  # matched (candidate, reference) layers
 
     @property
     def calibrated(self) -> bool:
         return self.calibration != UNCALIBRATED
+
+    @property
+    def evidence(self) -> str:
+        """Which evidence decided: "sketch+blocks", "sketch", "blocks" or "" (none comparable)."""
+        return "+".join(name for name, value in (("sketch", self.score), ("blocks", self.block_score))
+                        if math.isfinite(value))
+
+    def scores_text(self, thresholds: bool = False) -> str:
+        """The scores for reports: '0.812, blocks 0.764' (with thresholds: '0.812 / 0.301, blocks 0.764 / 0.081');
+        an evidence that was not comparable is left out."""
+        parts = []
+        for label, score, threshold in (("", self.score, self.threshold),
+                                        ("blocks ", self.block_score, self.block_threshold)):
+            if math.isfinite(score):
+                parts.append(f"{label}{score:.3f}" + (f" / {threshold:.3f}" if thresholds else ""))
+        return ", ".join(parts) or "n/a"
 
     def rate_text(self) -> str:
         """The stated rate in words, for reports: 'rate 0/216 null pairs at or above (95% upper bound 1.4%)'."""
@@ -116,7 +136,8 @@ class LineageResult:
             "comparable": self.comparable, "alpha": self.alpha, "min_score": self.min_score,
             "calibration": self.calibration, "null_size": self.null_size, "rate": _round(self.rate),
             "rate_upper": _round(self.rate_upper), "null_scope": self.null_scope, "method": self.method,
-            "keys": self.keys,
+            "keys": self.keys, "evidence": self.evidence, "block_score": _round(self.block_score),
+            "block_threshold": _round(self.block_threshold), "block_layers": [list(p) for p in self.block_layers],
             "tokens": self.tokens, "units": [u.to_dict() for u in self.units], "notes": list(self.notes),
         }
 
@@ -393,48 +414,93 @@ def lineage_score(candidate: Fingerprint, reference: Fingerprint) -> Score:
     return Score(score, units, notes, tokens=cand.mixtures, keys=cand.keys, reference_architecture=arch)
 
 
+def block_evidence(candidate: Fingerprint, reference: Fingerprint) -> tuple[BlockScore, dict[str, Any]]:
+    """The block score of a candidate against a reference (score None, with a note, when either fingerprint has
+    no block evidence or the two cannot be compared) and the reference's recorded architecture."""
+    for who, fingerprint in (("candidate", candidate), ("reference", reference)):
+        if fingerprint.blocks is None:
+            return BlockScore(None, notes=[f"block evidence missing in the {who} fingerprint "
+                                           f"({fingerprint.model_name})"]), {}
+    cand = parse_blocks(candidate.blocks, candidate.source or candidate.model_name)
+    ref = parse_blocks(reference.blocks, reference.source or reference.model_name)
+    return block_score(cand, ref), ref.architecture
+
+
+def _blocks_calibrated(calibration: Calibration, architecture: dict[str, Any]) -> bool:
+    """Whether the calibration can set a block threshold for this architecture: its class's null has block scores,
+    or (an uncalibrated class) some class's has."""
+    null = calibration.null_for(architecture)
+    if null is not None:
+        return null.block_scores is not None
+    return any(n.block_scores is not None for n in calibration.classes.values())
+
+
 def lineage_test(candidate: Fingerprint, reference: Fingerprint, *, alpha: float = DEFAULT_ALPHA,
                  min_score: float | None = None, calibration: Calibration | None = None) -> LineageResult:
-    """Test "candidate derives from reference" from the fingerprints' sketches.
+    """Test "candidate derives from reference" from the fingerprints' lineage evidence: the sketch and the blocks.
 
-    derived iff the score is above the threshold: the calibration null's level at target rate `alpha`
-    for the reference's architecture class (the most conservative calibrated class's when it has none),
-    raised to `min_score` when given. A missing sketch or incomparable probes give comparable=False,
-    derived=False and a note.
+    derived iff either evidence scores above its threshold. Each threshold is its calibration null's level for
+    the reference's architecture class (the most conservative calibrated class's when it has none) at `alpha`
+    when it is the only evidence both fingerprints hold, at alpha / 2 when both are (the rule's rate on the null,
+    measured on the pairs as they are, is stated beside). `min_score` raises the sketch's threshold only. No
+    comparable evidence gives comparable=False, derived=False and notes.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     calibration = calibration if calibration is not None else packaged_calibration()
-    result = lineage_score(candidate, reference)
-    if result.score is None:
+    sketch = lineage_score(candidate, reference)
+    blocks, block_architecture = block_evidence(candidate, reference)
+    notes = list(sketch.notes) + list(blocks.notes)
+    architecture = sketch.reference_architecture or block_architecture
+    if blocks.score is not None and not _blocks_calibrated(calibration, architecture):
+        notes.append(f"block evidence scored {blocks.score:.3f} but {calibration.source} holds no block null for "
+                     f"it: not used")
+        blocks = BlockScore(None, blocks.matched, blocks.notes)
+    if sketch.score is None and blocks.score is None:
         return LineageResult(score=math.nan, threshold=math.nan, p_value=math.nan, false_positive_rate=math.nan,
-                             derived=False, notes=result.notes, comparable=False, alpha=alpha, min_score=min_score)
-    notes = list(result.notes)
-    null = calibration.null_for(result.reference_architecture) if calibration.method == LINEAGE_METHOD else None
+                             derived=False, notes=notes, comparable=False, alpha=alpha, min_score=min_score)
     if calibration.method != LINEAGE_METHOD:
         notes.append(f"{calibration.source} was measured with lineage method {calibration.method!r}, not "
                      f"{LINEAGE_METHOD!r}: uncalibrated")
+    null = calibration.null_for(architecture) if calibration.method == LINEAGE_METHOD else None
+    level = alpha / 2 if sketch.score is not None and blocks.score is not None else alpha
+    block_null = null.blocks() if null is not None else None
+    threshold = block_threshold = math.nan
     if null is None:
-        threshold = calibration.conservative_threshold(alpha)
-        notes.append(f"uncalibrated: no null measured for {class_key(result.reference_architecture)}; the threshold "
-                     f"is the highest of the calibrated classes' ({threshold:.3f}), its error rate on this "
-                     f"architecture is unknown")
+        if sketch.score is not None:
+            threshold = calibration.conservative_threshold(level)
+        if blocks.score is not None:
+            block_threshold = calibration.conservative_threshold(level, blocks=True)
+        notes.append(f"uncalibrated: no null measured for {class_key(architecture)}; the thresholds are the highest "
+                     f"of the calibrated classes' (sketch {threshold:.3f}, blocks {block_threshold:.3f}), their error "
+                     f"rate on this architecture is unknown")
     else:
-        threshold = null.threshold(alpha)
-    if min_score is not None and min_score > threshold:
+        threshold = null.threshold(level) if sketch.score is not None else math.nan
+        if blocks.score is not None and block_null is not None:
+            block_threshold = block_null.threshold(level)
+    if sketch.score is not None and min_score is not None and min_score > threshold:
         threshold = min_score
-    score = result.score
+    score = sketch.score if sketch.score is not None else math.nan
+    block = blocks.score if blocks.score is not None else math.nan
     fields: dict[str, Any] = {}
     if null is not None:
-        count, above = null.at_or_above(score), null.above(threshold)
+        if sketch.score is not None and blocks.score is not None:
+            count, above = null.either_at_or_above(score, block), null.either_above(threshold, block_threshold)
+        elif sketch.score is not None:
+            count, above = null.at_or_above(score), null.above(threshold)
+        else:
+            assert block_null is not None
+            count, above = block_null.at_or_above(block), block_null.above(block_threshold)
         fields = {"calibration": null.key, "null_size": null.size, "null_scope": calibration.scope,
                   "rate": count / null.size,
                   "rate_upper": null.upper_bound(count), "p_value": (1 + count) / (null.size + 1),
                   "false_positive_rate": above / null.size, "false_positive_upper": null.upper_bound(above)}
+    derived = is_derived(score=score, threshold=threshold, block_score=block, block_threshold=block_threshold)
     return LineageResult(score=score, threshold=threshold, p_value=fields.pop("p_value", math.nan),
                          false_positive_rate=fields.pop("false_positive_rate", math.nan),
-                         derived=is_derived(score=score, threshold=threshold), units=result.units, notes=notes,
-                         alpha=alpha, min_score=min_score, tokens=result.tokens, keys=result.keys, **fields)
+                         derived=derived, units=sketch.units, notes=notes, alpha=alpha, min_score=min_score,
+                         tokens=sketch.tokens, keys=sketch.keys, block_score=block, block_threshold=block_threshold,
+                         block_layers=list(blocks.matched), **fields)
 
 
 # -- the per-unit similarity on live units, differentiable -------------------------------------------

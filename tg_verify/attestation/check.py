@@ -319,13 +319,17 @@ def _flags(predicate: Predicate) -> list[Check]:
             continue
         if lineage.method is not None or lineage.alpha is not None:
             expected = is_derived(score=lineage.score, threshold=lineage.threshold, comparable=lineage.comparable,
-                                  method=lineage.method, p_value=lineage.p_value, alpha=lineage.alpha)
+                                  method=lineage.method, p_value=lineage.p_value, alpha=lineage.alpha,
+                                  block_score=lineage.block_score, block_threshold=lineage.block_threshold)
         else:  # an attestation without alpha: a "derived" call still needs a comparable test above the threshold
             expected = lineage.derived and lineage.comparable and lineage.score >= lineage.threshold
         if lineage.derived != expected:
             checks.append(Check(EVIDENCE, f"lineage {ref.id}", False,
                                 f"derived={lineage.derived} but score {lineage.score} vs threshold "
-                                f"{lineage.threshold}" + ("" if lineage.method is not None else
+                                f"{lineage.threshold}"
+                                + ("" if lineage.block_score is None else
+                                   f", blocks {lineage.block_score} vs {lineage.block_threshold}")
+                                + ("" if lineage.method is not None else
                                                           f", p {lineage.p_value} vs alpha {lineage.alpha}")
                                 + ("" if lineage.comparable else ", not comparable")))
     att = predicate.attribution

@@ -242,9 +242,10 @@ def _drop_none(mapping: dict[str, Any]) -> dict[str, Any]:
 
 def _lineage_json(lineage: LineageEvidence, where: str) -> dict[str, Any]:
     def number(value: float, name: str) -> float | None:
-        # a test whose sketches were not comparable, or whose reference is uncalibrated, has no rate: left out,
-        # never NaN
-        if not math.isfinite(value) and (not lineage.comparable or name in ("pValue", "falsePositiveRate")):
+        # a test whose sketches were not comparable (tgl4: whose block evidence alone decided), or whose reference
+        # is uncalibrated, has no rate: left out, never NaN
+        if not math.isfinite(value) and (not lineage.comparable or name in ("pValue", "falsePositiveRate")
+                                         or (name in ("score", "threshold") and lineage.block_score is not None)):
             return None
         return _finite(value, f"{where}.{name}")
 
@@ -257,6 +258,8 @@ def _lineage_json(lineage: LineageEvidence, where: str) -> dict[str, Any]:
         "calibration": lineage.calibration, "nullPairs": lineage.null_size, "nullScope": lineage.null_scope,
         "rateAtScore": _finite(lineage.rate, f"{where}.rateAtScore"),
         "rateUpperBound95": _finite(lineage.rate_upper, f"{where}.rateUpperBound95"),
+        "blockScore": _finite(lineage.block_score, f"{where}.blockScore"),
+        "blockThreshold": _finite(lineage.block_threshold, f"{where}.blockThreshold"),
     })
 
 
@@ -579,8 +582,16 @@ def _lineage(r: _Reader, raw: Any, path: str) -> LineageEvidence:
     doc = r.obj(raw, path)
     comparable = r.boolean(doc.get("comparable", True), f"{path}.comparable")
     method = r.opt_text(doc.get("method"), f"{path}.method")
-    # the earlier test (no method) decided with its p-value; tgl2 states no rate where the reference is uncalibrated
-    required = ("score", "threshold") if method is not None else ("score", "threshold", "pValue")
+    block_score = r.opt_number(doc.get("blockScore"), f"{path}.blockScore")
+    block_threshold = r.opt_number(doc.get("blockThreshold"), f"{path}.blockThreshold")
+    if (block_score is None) != (block_threshold is None):
+        raise r.fail(f"{path}.blockScore", "blockScore and blockThreshold are recorded together or not at all")
+    if block_score is not None and not -1.0 <= block_score <= 1.0:
+        raise r.fail(f"{path}.blockScore", f"a score is in [-1, 1], got {block_score}")
+    # the earlier test (no method) decided with its p-value; tgl2 states no rate where the reference is uncalibrated;
+    # tgl4 may have decided on the block evidence alone (no sketch score then)
+    required = (() if block_score is not None else ("score", "threshold")) if method is not None \
+        else ("score", "threshold", "pValue")
 
     def number(key: str, default: float) -> float:
         value = doc.get(key)
@@ -609,7 +620,8 @@ def _lineage(r: _Reader, raw: Any, path: str) -> LineageEvidence:
                            alpha=r.opt_number(doc.get("alpha"), f"{path}.alpha"), notes=notes, method=method,
                            calibration=r.opt_text(doc.get("calibration"), f"{path}.calibration"),
                            null_size=null_size, rate=rate("rateAtScore"), rate_upper=rate("rateUpperBound95"),
-                           null_scope=r.opt_text(doc.get("nullScope"), f"{path}.nullScope"))
+                           null_scope=r.opt_text(doc.get("nullScope"), f"{path}.nullScope"),
+                           block_score=block_score, block_threshold=block_threshold)
 
 
 def _references(r: _Reader, raw: Any) -> tuple[ReferenceRecord, ...]:

@@ -51,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--device", choices=DEVICE_CHOICES, default=None,
                         help="where the products run; auto (default) uses CUDA when present")
     parser.add_argument("--no-sketch", dest="sketch", action="store_false", default=None,
-                        help="leave out the lineage sketch (smaller document; lineage tests then impossible)")
+                        help="leave out the lineage evidence, sketch and blocks (smaller document; lineage tests then "
+                             "impossible)")
     add_threads_option(parser)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: on a terminal outside CI)")
@@ -161,7 +162,8 @@ def summary_line(path: Path, fingerprint: Any, seconds: float) -> str:
     extraction = fingerprint.extraction or {}
     params = int(fingerprint.features["total_params"])
     files = len(fingerprint.artifact.get("files", []))
-    sketch = "with sketch" if fingerprint.sketch is not None else "no sketch"
+    sketch = ("with sketch" if fingerprint.sketch is not None else "no sketch") + (
+        " and block evidence" if fingerprint.blocks is not None else "")
     return (f"{path}: fingerprint of {fingerprint.model_name} ({len(fingerprint.tensors)} tensors, "
             f"{extraction.get('analysed_tensors', 0)} analysed, {params:,} parameters, {files} files bound by "
             f"sha256, {sketch}, device {fingerprint.settings.get('device')}) in {seconds:.1f}s")

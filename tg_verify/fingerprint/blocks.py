@@ -18,7 +18,7 @@ does not (analysis/blocks.py scores exactly that). See docs/lineage.md.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 
 from tg_verify.artifact import naming
 from tg_verify.artifact.model import Artifact, TensorInfo
-from tg_verify.errors import WeightValueError
+from tg_verify.errors import InternalError, WeightValueError
 from tg_verify.fingerprint.sketch import architecture_of, heads_of
 
 BLOCKS_VERSION = "tgb1"
@@ -35,19 +35,21 @@ OVERSAMPLE = 16  # extra columns the subspace iteration carries, so the top r co
 ITERATIONS = 8  # subspace iterations when S is not formed
 EXACT_WIDTH = 1024  # at or below this width S is formed and diagonalised exactly (cheaper than iterating)
 MAX_LAYERS = 256
+ATTENTION_CACHE_BYTES = 512 << 20  # attention factors kept between frame iterations up to this size (float32)
 _START_SEED = 0xB10C  # the iteration's start vectors: fixed, so every model starts alike
 ROLES: tuple[str, ...] = ("attn_ov", "mlp_ud")
 
 
 @dataclass(frozen=True)
 class LayerFactors:
-    """One block's factors: OV = ov_left @ ov_right, UD = ud_left @ ud_right (float32, gains absorbed)."""
+    """One block's factors: OV = ov_left @ ov_right, UD = ud_left @ ud_right (float32, gains absorbed); the MLP's
+    are None where only the frame is being estimated."""
 
     layer: int
     ov_left: torch.Tensor  # [d, kv * head_dim]: W_o with the heads of each key/value group summed
     ov_right: torch.Tensor  # [kv * head_dim, d]: W_v diag(g_attn)
-    ud_left: torch.Tensor  # [d, m]: W_down
-    ud_right: torch.Tensor  # [m, d]: W_up diag(g_mlp)
+    ud_left: torch.Tensor | None = None  # [d, m]: W_down
+    ud_right: torch.Tensor | None = None  # [m, d]: W_up diag(g_mlp)
 
     def ov(self, x: torch.Tensor) -> torch.Tensor:
         return self.ov_left @ (self.ov_right @ x)
@@ -61,8 +63,14 @@ class LayerFactors:
 
     def units(self, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Vᵀ OV V and Vᵀ UD V."""
+        if self.ud_left is None or self.ud_right is None:
+            raise InternalError(f"block evidence: layer {self.layer}'s MLP factors were not loaded")
         return ((frame.T @ self.ov_left) @ (self.ov_right @ frame),
                 (frame.T @ self.ud_left) @ (self.ud_right @ frame))
+
+
+# A pass over the model's blocks: yields each layer's factors (with the MLP's or not), loading them as it goes.
+Layers = Callable[[bool], Iterable[LayerFactors]]
 
 
 def group_heads(o_proj: torch.Tensor, heads: int, kv: int, head_dim: int) -> torch.Tensor:
@@ -70,22 +78,28 @@ def group_heads(o_proj: torch.Tensor, heads: int, kv: int, head_dim: int) -> tor
 
     Σ_h W_o^h W_v^{g(h)} = Σ_g (Σ_{h in g} W_o^h) W_v^g, so OV never needs the repeated values."""
     d = o_proj.shape[0]
+    if heads == kv:
+        return o_proj
     return o_proj.reshape(d, kv, heads // kv, head_dim).sum(dim=2).reshape(d, kv * head_dim)
 
 
 def factors_from_parts(layer: int, parts: Mapping[str, torch.Tensor], gains: tuple[torch.Tensor, torch.Tensor],
-                       shape: tuple[int, int, int] | None, width: int) -> LayerFactors | None:
-    """A layer's factors from its projections (q/k/v/o/gate/up/down, fused ones already split), or None when a
-    part is missing or its shape does not fit the config's head counts."""
+                       shape: tuple[int, int, int] | None, width: int, mlp: bool = True) -> LayerFactors | None:
+    """A layer's factors from its projections (v/o/up/down, fused ones already split), or None when a part is
+    missing or its shape does not fit the config's head counts. `mlp=False`: the attention's only."""
     v, o, up, down = (parts.get(n) for n in ("v", "o", "up", "down"))
-    if v is None or o is None or up is None or down is None or shape is None:
+    if v is None or o is None or shape is None:
         return None
     heads, kv, head_dim = shape
-    if (v.shape != (kv * head_dim, width) or o.shape != (width, heads * head_dim) or up.shape[1] != width
-            or down.shape != (width, up.shape[0])):
+    if v.shape != (kv * head_dim, width) or o.shape != (width, heads * head_dim):
         return None
     g_attn, g_mlp = gains
-    return LayerFactors(layer, group_heads(o, heads, kv, head_dim), v * g_attn[None, :], down, up * g_mlp[None, :])
+    attention = (group_heads(o, heads, kv, head_dim), v * g_attn[None, :])
+    if not mlp:
+        return LayerFactors(layer, *attention)
+    if up is None or down is None or up.shape[1] != width or down.shape != (width, up.shape[0]):
+        return None
+    return LayerFactors(layer, *attention, down, up * g_mlp[None, :])
 
 
 def split_parts(part: str, weight: torch.Tensor, shape: tuple[int, int, int] | None) -> dict[str, torch.Tensor] | None:
@@ -101,17 +115,18 @@ def split_parts(part: str, weight: torch.Tensor, shape: tuple[int, int, int] | N
     return {part: weight}
 
 
-def frame_of(layers: list[LayerFactors], width: int, rank: int = RANK, *, exact_width: int = EXACT_WIDTH,
+def frame_of(layers: Layers, width: int, rank: int = RANK, *, exact_width: int = EXACT_WIDTH,
              iterations: int = ITERATIONS) -> tuple[torch.Tensor, str]:
     """V [d, r]: the top-r eigenvectors of S = Σ_l OV_l OV_lᵀ + OV_lᵀ OV_l (descending), and how it was found.
 
-    Exactly (S formed) up to `exact_width`; beyond it by subspace iteration through the factors from fixed
-    start vectors, r + OVERSAMPLE wide, then Rayleigh-Ritz. Both turn with any rotation of the residual stream
-    (the iteration to within its convergence, which a spectrum as steep as trained models' makes fast)."""
+    Exactly (S formed) up to `exact_width`; beyond it by subspace iteration through the factors (one pass over
+    the attention per iteration) from fixed start vectors, r + OVERSAMPLE wide, then Rayleigh-Ritz. Both turn
+    with any rotation of the residual stream (the iteration to within its convergence, which a spectrum as
+    steep as trained models' makes fast: tests/fingerprint/test_block_evidence.py)."""
     r = min(rank, width)
     if width <= exact_width:
         total = torch.zeros((width, width), dtype=torch.float64)
-        for f in layers:
+        for f in layers(False):
             ov = (f.ov_left.double() @ f.ov_right.double())
             total += ov @ ov.T + ov.T @ ov
         values, vectors = torch.linalg.eigh(total)
@@ -122,7 +137,7 @@ def frame_of(layers: list[LayerFactors], width: int, rank: int = RANK, *, exact_
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
-        for f in layers:
+        for f in layers(False):
             out += f.frame_product(x)
         return out
 
@@ -144,21 +159,29 @@ def encode(matrix: torch.Tensor) -> str:
     return base64.b64encode(array.tobytes()).decode("ascii")
 
 
-def block_units(layers: list[LayerFactors], width: int, rank: int = RANK, *, exact_width: int = EXACT_WIDTH
+def block_units(layers: Layers, width: int, rank: int = RANK, *, exact_width: int = EXACT_WIDTH
                 ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], str]:
     """{layer: (X_l, Y_l)} each of unit Frobenius norm, and how the frame was found."""
     frame, method = frame_of(layers, width, rank, exact_width=exact_width)
     out = {}
-    for f in layers:
+    for f in layers(True):
         x, y = f.units(frame)
         out[f.layer] = (_unit_norm(x), _unit_norm(y))
     return out, method
 
 
+def in_memory(factors: list[LayerFactors]) -> Layers:
+    """A pass over factors already at hand."""
+    return lambda mlp: factors
+
+
 def build_blocks(artifact: Artifact, reader: Any, *, rank: int = RANK, exact_width: int = EXACT_WIDTH,
                  note: Callable[[str], None] | None = None) -> dict[str, Any] | None:
-    """The JSON-safe block evidence of an artifact, read through `reader` (`.float32(info)`), or None when its
-    blocks do not have the shape it reads (a note says why)."""
+    """The JSON-safe block evidence of an artifact, read through `reader` (`.raw(info)`, the stored values), or
+    None when its blocks do not have the shape it reads (a note says why).
+
+    Weights are read layer by layer and dropped after use: the attention's factors once per frame iteration
+    (kept between iterations while they fit ATTENTION_CACHE_BYTES), the MLP's once."""
     def say(text: str) -> None:
         if note is not None:
             note(text)
@@ -178,21 +201,14 @@ def build_blocks(artifact: Artifact, reader: Any, *, rank: int = RANK, exact_wid
     if len(by_layer) > MAX_LAYERS:
         say(f"block evidence: {len(by_layer)} layers, more than {MAX_LAYERS}: left out")
         return None
-    offset = 1.0 if str(config.get("model_type") or "").startswith("gemma") else 0.0
-    layers: list[LayerFactors] = []
-    skipped: list[int] = []
-    for layer in sorted(by_layer):
-        factors = _layer_factors(layer, by_layer[layer], reader, artifact, shape, width, offset)
-        if factors is None:
-            skipped.append(layer)
-        else:
-            layers.append(factors)
-    if not layers:
+    source = _BlockSource(artifact, reader, by_layer, shape, width)
+    skipped = source.check()
+    if len(skipped) == len(by_layer):
         say("block evidence: no layer has the value, output, up and down projections it reads")
         return None
     if skipped:
         say(f"block evidence: layers {skipped} lack a projection it reads, or do not fit the config")
-    units, method = block_units(layers, width, rank, exact_width=exact_width)
+    units, method = block_units(source.layers, width, rank, exact_width=exact_width)
     return {
         "version": BLOCKS_VERSION, "rank": int(next(iter(units.values()))[0].shape[0]), "frame": method,
         "architecture": architecture_of(config, width, len(by_layer), int(embedding.shape[0]) if embedding else 0),
@@ -207,30 +223,91 @@ def _width_from(config: Mapping[str, Any]) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def _layer_factors(layer: int, infos: list[TensorInfo], reader: Any, artifact: Artifact,
-                   shape: tuple[int, int, int], width: int, offset: float) -> LayerFactors | None:
-    parts: dict[str, torch.Tensor] = {}
-    gains: dict[str, torch.Tensor] = {}
-    for info in infos:
-        module = naming.leaf(info.name)
-        if len(info.shape) == 1 and module in naming.ATTN_NORMS + naming.MLP_NORMS:
-            gains.setdefault("attn" if module in naming.ATTN_NORMS else "mlp", _finite(reader, info, artifact) + offset)
-            continue
-        part = naming.PROJECTIONS.get(module)
-        if part is None or len(info.shape) != 2 or part in ("q", "k", "gate"):
-            continue
-        split = split_parts(part, _finite(reader, info, artifact), shape)
-        if split is not None:
-            parts.update({k: v for k, v in split.items() if k in ("v", "o", "up", "down")})
-    ones = torch.ones(width)
-    g_attn, g_mlp = gains.get("attn", ones), gains.get("mlp", ones)
-    if g_attn.shape != (width,) or g_mlp.shape != (width,):
-        return None
-    return factors_from_parts(layer, parts, (g_attn, g_mlp), shape, width)
+class _BlockSource:
+    """Reads each layer's factors from the artifact on demand; caches the attention's while they fit."""
+
+    def __init__(self, artifact: Artifact, reader: Any, by_layer: dict[int, list[TensorInfo]],
+                 shape: tuple[int, int, int], width: int) -> None:
+        self.artifact, self.reader, self.shape, self.width = artifact, reader, shape, width
+        offset = 1.0 if str((artifact.config or {}).get("model_type") or "").startswith("gemma") else 0.0
+        self.plan: dict[int, dict[str, TensorInfo]] = {}
+        self.gains: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer, infos in sorted(by_layer.items()):
+            parts: dict[str, TensorInfo] = {}
+            gains: dict[str, torch.Tensor] = {}
+            for info in infos:
+                module = naming.leaf(info.name)
+                if len(info.shape) == 1 and module in naming.ATTN_NORMS + naming.MLP_NORMS:
+                    kind = "attn" if module in naming.ATTN_NORMS else "mlp"
+                    if kind not in gains:
+                        gains[kind] = _finite(self.reader.float32(info), info, artifact) + offset
+                    continue
+                part = naming.PROJECTIONS.get(module)
+                if part in ("v", "o", "up", "down", "qkv", "gate_up") and len(info.shape) == 2:
+                    parts[part] = info
+            ones = torch.ones(width)
+            self.plan[layer] = parts
+            self.gains[layer] = (gains.get("attn", ones), gains.get("mlp", ones))
+        self.cache: dict[int, LayerFactors] = {}
+        self.cache_bytes = 0
+        self.usable: list[int] = []
+
+    def _parts(self, layer: int, mlp: bool) -> dict[str, torch.Tensor]:
+        """The layer's v and o (and up and down) in float32; of a fused projection only the rows it needs."""
+        wanted = {"v", "o", "qkv"} | ({"up", "down", "gate_up"} if mlp else set())
+        parts: dict[str, torch.Tensor] = {}
+        for part, info in self.plan[layer].items():
+            if part in wanted:
+                split = split_parts(part, self.reader.raw(info), self.shape)
+                for name, stored in (split or {}).items():
+                    if name in ("v", "o", "up", "down"):
+                        parts[name] = _finite(stored.to(torch.float32), info, self.artifact)
+        return parts
+
+    def factors(self, layer: int, mlp: bool) -> LayerFactors | None:
+        cached = self.cache.get(layer)
+        if cached is not None and not mlp:
+            return cached
+        gains = self.gains[layer]
+        if any(g.shape != (self.width,) for g in gains):
+            return None
+        factors = factors_from_parts(layer, self._parts(layer, mlp), gains, self.shape, self.width, mlp)
+        if factors is not None and not mlp:
+            size = (factors.ov_left.numel() + factors.ov_right.numel()) * 4
+            if self.cache_bytes + size <= ATTENTION_CACHE_BYTES:
+                self.cache[layer] = factors
+                self.cache_bytes += size
+        return factors
+
+    def check(self) -> list[int]:
+        """Which layers cannot be read (every layer's shapes are checked, from the headers alone)."""
+        skipped = []
+        for layer, parts in self.plan.items():
+            shapes = {p: tuple(i.shape) for p, i in parts.items()}
+            heads, kv, head_dim = self.shape
+            v_rows = kv * head_dim
+            has_v = shapes.get("v") == (v_rows, self.width) or shapes.get("qkv") == ((heads + 2 * kv) * head_dim,
+                                                                                      self.width)
+            has_o = shapes.get("o") == (self.width, heads * head_dim)
+            up = shapes.get("up") or ((shapes["gate_up"][0] // 2, shapes["gate_up"][1]) if "gate_up" in shapes
+                                      else None)
+            has_mlp = up is not None and up[1] == self.width and shapes.get("down") == (self.width, up[0])
+            gains_fit = all(g.shape == (self.width,) for g in self.gains[layer])
+            if has_v and has_o and has_mlp and gains_fit:
+                self.usable.append(layer)
+            else:
+                skipped.append(layer)
+        return skipped
+
+    def layers(self, mlp: bool) -> Iterator[LayerFactors]:
+        for layer in self.usable:
+            factors = self.factors(layer, mlp)
+            if factors is None:
+                raise InternalError(f"block evidence: layer {layer} passed the shape check but could not be read")
+            yield factors
 
 
-def _finite(reader: Any, info: TensorInfo, artifact: Artifact) -> torch.Tensor:
-    weight: torch.Tensor = reader.float32(info)
+def _finite(weight: torch.Tensor, info: TensorInfo, artifact: Artifact) -> torch.Tensor:
     if not bool(torch.isfinite(weight).all()):
         raise WeightValueError(f"{info.file}: tensor '{info.name}' holds NaN or infinite values; "
                                f"a fingerprint of it would be meaningless", file=str(artifact.path_of(info.file)))
@@ -268,4 +345,4 @@ def block_units_of_state(state: Mapping[str, torch.Tensor], config: Mapping[str,
         factors = factors_from_parts(layer, grouped[layer], (g.get("attn", ones), g.get("mlp", ones)), shape, width)
         if factors is not None:
             layers.append(factors)
-    return block_units(layers, width, rank, exact_width=width)[0]
+    return block_units(in_memory(layers), width, rank, exact_width=width)[0]

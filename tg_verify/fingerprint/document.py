@@ -102,7 +102,7 @@ def file_digests_of(raw: Any) -> tuple[FileDigest, ...]:
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """One model's fingerprint: the paper's 16 features plus provenance and the lineage sketch."""
+    """One model's fingerprint: the paper's 16 features plus provenance and the lineage evidence (sketch, blocks)."""
 
     model_name: str
     features: dict[str, float]
@@ -112,6 +112,7 @@ class Fingerprint:
     artifact: dict[str, Any] = field(default_factory=dict)  # layout, files [{path,size,sha256}], root_digest
     tensors: list[dict[str, Any]] = field(default_factory=list)  # [{name, shape, size, category}]
     sketch: dict[str, Any] | None = None  # lineage sketch (fingerprint/sketch.py), JSON-safe
+    blocks: dict[str, Any] | None = None  # block evidence (fingerprint/blocks.py), JSON-safe
     # Which tensors fed which feature, empty categories, degenerate tensors (docs/method.md).
     extraction: dict[str, Any] | None = None
     legacy: bool = False
@@ -135,6 +136,8 @@ class Fingerprint:
         }
         if self.sketch is not None:
             document["sketch"] = self.sketch
+        if self.blocks is not None:
+            document["blocks"] = self.blocks
         if self.extraction is not None:
             document["extraction"] = self.extraction
         return document
@@ -201,7 +204,7 @@ def from_dict(document: Any, source: str = "<fingerprint>") -> Fingerprint:
         raise FingerprintFormatError(
             f"{source}: format_version {document.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
     known = {"schema", "format_version", "feature_version", "model_name", "features", "settings", "tool",
-             "artifact", "tensors", "legacy", "sketch", "extraction"}
+             "artifact", "tensors", "legacy", "sketch", "blocks", "extraction"}
     extra = sorted(set(document) - known)
     if extra:
         raise FingerprintFormatError(f"{source}: unknown fields {', '.join(extra)}")
@@ -226,6 +229,9 @@ def from_dict(document: Any, source: str = "<fingerprint>") -> Fingerprint:
     sketch = document.get("sketch")
     if sketch is not None and not isinstance(sketch, dict):
         raise FingerprintFormatError(f"{source}: 'sketch' must be an object")
+    blocks = document.get("blocks")
+    if blocks is not None and not isinstance(blocks, dict):
+        raise FingerprintFormatError(f"{source}: 'blocks' must be an object")
     extraction = document.get("extraction")
     if extraction is not None and not isinstance(extraction, dict):
         raise FingerprintFormatError(f"{source}: 'extraction' must be an object")
@@ -234,8 +240,8 @@ def from_dict(document: Any, source: str = "<fingerprint>") -> Fingerprint:
         raise FingerprintFormatError(f"{source}: 'legacy' must be true or false")
     return Fingerprint(model_name=name, features=_features(document.get("features"), source),
                        settings=document["settings"], feature_version=feature_version, tool=document["tool"],
-                       artifact=document["artifact"], tensors=tensors, sketch=sketch, extraction=extraction,
-                       legacy=legacy, source=source)
+                       artifact=document["artifact"], tensors=tensors, sketch=sketch, blocks=blocks,
+                       extraction=extraction, legacy=legacy, source=source)
 
 
 def _from_legacy(document: dict[str, Any], source: str) -> Fingerprint:

@@ -23,6 +23,7 @@ from tg_verify.artifact.formats import Reader, open_reader
 from tg_verify.artifact.model import FLOAT_DTYPES
 from tg_verify.errors import UsageError, WeightValueError
 from tg_verify.fingerprint import noise
+from tg_verify.fingerprint.blocks import build_blocks
 from tg_verify.fingerprint.document import FEATURE_NAMES, Fingerprint
 from tg_verify.fingerprint.gradient import TensorStats, tensor_statistics
 from tg_verify.fingerprint.responses import ResponseEngine, resolve_device
@@ -293,6 +294,10 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
         _require_analysed(run, analysed)
         features, summary = _summary(run, records, analysed)
         sketch = builder.finish() if builder is not None else None
+        blocks = None
+        if sketch is not None:  # after the stream, on every computing thread: a few products per layer
+            with _torch_threads(compute):
+                blocks = build_blocks(artifact, run.source, note=sketch["notes"].append)
         if hashing:
             digests = pool.prelude_result()
     except BaseException:
@@ -307,7 +312,8 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     return Fingerprint(
         model_name=label, features=features, settings={**settings.to_dict(), "device": device.type},
         tool={**tool_record(), "torch": torch.__version__.split("+")[0]},
-        artifact=_artifact_record(artifact, files, digests), tensors=records, sketch=sketch, extraction=summary)
+        artifact=_artifact_record(artifact, files, digests), tensors=records, sketch=sketch, blocks=blocks,
+        extraction=summary)
 
 
 def _check_digests(artifact: Artifact, digests: dict[str, str] | None) -> None:

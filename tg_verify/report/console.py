@@ -48,7 +48,7 @@ def lineage_cell(ref: ReferenceOutcome) -> Text:
         return Text("off" if ref.lineage_unavailable is None else "unavailable", style="dim")
     if not getattr(result, "comparable", True):
         return Text("not comparable", style="yellow")
-    text = Text(f"{result.score:.3f} ")
+    text = Text(f"{result.scores_text()} ")
     if result.derived:
         text.append("derived", style="bold red" if ref.forbidden else "bold green")
     else:
@@ -70,8 +70,12 @@ def lineage_caption(result: VerificationResult) -> str | None:
     rates = [t.false_positive_rate for t in tested if math.isfinite(t.false_positive_rate)]
     stated = (f"unrelated models above it in the calibration: {_span(rates, '.2%')}" if rates
               else "uncalibrated for this architecture")
-    return (f"lineage: derived when score > threshold {_span([t.threshold for t in tested], '.3f')} "
-            f"(target rate {result.policy.lineage.alpha:g}); {stated}; p: share of unrelated pairs scoring as high")
+    sketch = [t.threshold for t in tested if math.isfinite(t.threshold)]
+    blocks = [t.block_threshold for t in tested if math.isfinite(t.block_threshold)]
+    rule = " or ".join(([f"score > {_span(sketch, '.3f')}"] if sketch else [])
+                       + ([f"blocks > {_span(blocks, '.3f')}"] if blocks else []))
+    return (f"lineage: derived when {rule} (target rate {result.policy.lineage.alpha:g}); {stated}; "
+            f"p: share of unrelated pairs scoring as high")
 
 
 def _overview(result: VerificationResult) -> Table:

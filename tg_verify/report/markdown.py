@@ -42,7 +42,9 @@ def _lineage(ref: ReferenceOutcome) -> str:
     decision = "**derived**" if result.derived else "not derived"
     rate_text = getattr(result, "rate_text", None)  # the calibrated rate in words (analysis/lineage.py)
     stated = rate_text() if callable(rate_text) else f"p={result.p_value:.3g}, FPR {result.false_positive_rate:.1%}"
-    return f"{result.score:.3f} / {result.threshold:.3f}, {stated}: {decision}"
+    scores = result.scores_text(thresholds=True) if hasattr(result, "scores_text") else \
+        f"{result.score:.3f} / {result.threshold:.3f}"
+    return f"{scores}, {stated}: {decision}"
 
 
 def render(result: VerificationResult) -> str:

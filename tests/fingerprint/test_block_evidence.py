@@ -1,0 +1,166 @@
+"""fingerprint/blocks.py: block evidence is what the fingerprint records, survives every function-preserving edit,
+does not read tokens, and its frame estimate agrees with the exact one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tg_verify.analysis.blocks import block_score, parse_blocks
+from tg_verify.artifact import open_reader, resolve
+from tg_verify.fingerprint.blocks import (
+    BLOCKS_VERSION,
+    block_units,
+    block_units_of_state,
+    build_blocks,
+    factors_from_parts,
+    frame_of,
+    group_heads,
+    in_memory,
+)
+from tg_verify.tiny import ARCHITECTURES, build_model, one_thread
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench import attacks as A  # noqa: E402
+from bench import transforms as T  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Any:
+    with one_thread():
+        yield
+
+
+def blocks_of(ck: T.Checkpoint, directory: Path, **options: Any) -> dict[str, Any]:
+    artifact = resolve(ck.save(directory))
+    with open_reader(artifact) as reader:
+        blocks = build_blocks(artifact, reader, **options)
+    assert blocks is not None
+    return blocks
+
+
+def score(a: dict[str, Any], b: dict[str, Any]) -> float:
+    result = block_score(parse_blocks(a, "a"), parse_blocks(b, "b"))
+    assert result.score is not None
+    return result.score
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_block_evidence_survives_function_preserving_edits_and_tells_seeds_apart(arch: str, tmp_path: Path) -> None:
+    """Rotation, permutations, rescaling, fused/split re-publication, dead units and heads, a dead block after every
+    block: each checked function-preserving first, each leaves the recorded evidence where it was."""
+    ck = T.from_model(build_model(arch, seed=0))
+    original = blocks_of(ck, tmp_path / "original")
+    assert original["version"] == BLOCKS_VERSION and original["frame"] == "exact"
+    edits = {"reparameterised": T.all_evasions, "dead-units": lambda c: A.dead_units(c, 1.0, 4.0, 11),
+             "dead-blocks": lambda c: A.dead_blocks(c, 4.0, 12)}
+    for name, edit in edits.items():
+        edited = edit(ck.clone())
+        T.same_function(ck, edited)
+        assert score(blocks_of(edited, tmp_path / name), original) > 0.999, name
+    other = blocks_of(T.from_model(build_model(arch, seed=1)), tmp_path / "other")
+    assert score(other, original) < 0.3
+
+
+def test_block_evidence_does_not_read_tokens(tmp_path: Path) -> None:
+    """Re-drawn embedding and head rows and a relabelled vocabulary leave the blocks' record bit-identical."""
+    ck = T.from_model(build_model("qwen2", seed=3))
+    original = blocks_of(ck, tmp_path / "original")
+    vocab = ck.state["model.embed_tokens.weight"].shape[0]
+    redrawn = T.redraw_rows(ck, list(range(vocab)), seed=1)
+    relabelled = T.relabel(redrawn, torch.randperm(vocab, generator=torch.Generator().manual_seed(2)))
+    assert blocks_of(relabelled, tmp_path / "attacked")["units"] == original["units"]
+
+
+def test_live_units_equal_what_the_fingerprint_records(tmp_path: Path) -> None:
+    """The differentiable units an adaptive attacker pushes are the recorded ones (float16 storage apart)."""
+    for arch in ("phi3", "gemma"):  # fused projections; 1 + w gains
+        ck = T.from_model(build_model(arch, seed=4))
+        recorded = parse_blocks(blocks_of(ck, tmp_path / arch), arch)
+        live = block_units_of_state(ck.state, ck.config.to_dict())
+        for n, layer in enumerate(recorded.layers):
+            x, y = live[layer]
+            # eigenvector signs are arbitrary but the same computation gives the same ones
+            assert np.abs(recorded.ov[n] - x.detach().numpy()).max() < 2e-3
+            assert np.abs(recorded.ud[n] - y.detach().numpy()).max() < 2e-3
+
+
+def test_iterated_frame_agrees_with_the_exact_one(trained_zoo: Any) -> None:
+    """Beyond EXACT_WIDTH the frame is found by subspace iteration through the factors: on a trained model it spans
+    the exact frame's subspace, and the units read in it score as the same model."""
+    ck = trained_zoo.bases["llama"]
+    state, config = ck.state, ck.config.to_dict()
+    width = config["hidden_size"]
+    exact_units = block_units_of_state(state, config)
+    layers = _factors(ck)
+    exact, how = frame_of(in_memory(layers), width, 16)
+    iterated, how_iterated = frame_of(in_memory(layers), width, 16, exact_width=0)
+    assert how == "exact" and how_iterated.startswith("iterated")
+    # principal angles between the two 16-dimensional subspaces: cosines near 1
+    cosines = torch.linalg.svdvals(exact.T @ iterated)
+    assert float(cosines.min()) > 0.95
+    units, _ = block_units(in_memory(layers), width, exact_width=0)
+    exact_doc = _document(exact_units, config)
+    iterated_doc = _document(units, config)
+    assert score(iterated_doc, exact_doc) > 0.95
+
+
+def test_grouped_heads_give_the_repeated_values_product() -> None:
+    """Σ_h W_o^h W_v^{g(h)} through the summed output heads equals the product with repeated value heads."""
+    generator = torch.Generator().manual_seed(0)
+    heads, kv, head_dim, width = 6, 2, 4, 12
+    o = torch.randn(width, heads * head_dim, generator=generator)
+    v = torch.randn(kv * head_dim, width, generator=generator)
+    repeated = v.reshape(kv, head_dim, width).repeat_interleave(heads // kv, dim=0).reshape(heads * head_dim, width)
+    assert torch.allclose(group_heads(o, heads, kv, head_dim) @ v, o @ repeated, atol=1e-5)
+
+
+def test_a_model_without_the_projections_it_reads_has_no_block_evidence(tmp_path: Path) -> None:
+    ck = T.from_model(build_model("llama", seed=0))
+    for key in [k for k in ck.state if k.endswith("v_proj.weight")]:
+        del ck.state[key]
+    directory = tmp_path / "broken"
+    directory.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in ck.state.items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(ck.config.to_json_string())
+    artifact = resolve(directory)
+    notes: list[str] = []
+    with open_reader(artifact) as reader:
+        assert build_blocks(artifact, reader, note=notes.append) is None
+    assert any("value, output, up and down" in n for n in notes)
+
+
+def _factors(ck: T.Checkpoint) -> list[Any]:
+    config = ck.config.to_dict()
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    shape = (heads, kv, config.get("head_dim") or config["hidden_size"] // heads)
+    out = []
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        parts = {n: ck.state[f"{p}self_attn.{n}_proj.weight"].float() for n in ("v", "o")}
+        parts.update({n: ck.state[f"{p}mlp.{n}_proj.weight"].float() for n in ("up", "down")})
+        gains = (ck.state[f"{p}input_layernorm.weight"].float(),
+                 ck.state[f"{p}post_attention_layernorm.weight"].float())
+        factors = factors_from_parts(layer, parts, gains, shape, config["hidden_size"])
+        assert factors is not None
+        out.append(factors)
+    return out
+
+
+def _document(units: dict[int, tuple[torch.Tensor, torch.Tensor]], config: dict[str, Any]) -> dict[str, Any]:
+    from tg_verify.fingerprint.blocks import encode
+    from tg_verify.fingerprint.sketch import architecture_of
+
+    rank = next(iter(units.values()))[0].shape[0]
+    return {"version": BLOCKS_VERSION, "rank": rank, "frame": "test", "dtype": "float16",
+            "architecture": architecture_of(config, config["hidden_size"], len(units), config["vocab_size"]),
+            "units": [{"layer": layer, "attn_ov": encode(x.detach()), "mlp_ud": encode(y.detach())}
+                      for layer, (x, y) in sorted(units.items())]}
