@@ -40,6 +40,12 @@ re-fingerprinted on every run (seconds).
 
 from __future__ import annotations
 
+import os
+
+# numpy's OpenBLAS would start a thread per core for each small SVD of the block score's rotation fits: on a
+# busy machine a 64 x 64 SVD then takes 0.1 s instead of 1 ms (set before numpy is first imported)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import hashlib
 import json
@@ -64,6 +70,7 @@ from bench.lineage import load_checkpoint
 from bench.zoo import corpus, fine_tune
 from tg_verify.analysis.blocks import ParsedBlocks, block_score, parse_blocks
 from tg_verify.analysis.lineage import lineage_test
+from tg_verify.analysis.lineage_rule import is_derived
 from tg_verify.fingerprint.blocks import RANK
 from tg_verify.fingerprint.document import Fingerprint
 from tg_verify.tiny import ARCHITECTURES, build_model, one_thread
@@ -77,6 +84,7 @@ RELABEL_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 PROBE_DIRECTIONS = (0.25, 0.5, 1.0)
 DEAD_UNITS = ((1.0, 1.0), (1.0, 4.0), (4.0, 4.0))  # (units added per block, as a share of its own; weight scale)
 DEAD_BLOCK_SCALE = 4.0
+NAN = float("nan")
 WIDE_RANK = 64  # a frame wider than the fingerprint's (r = 32; parse_blocks accepts up to 64): a diagnostic column
 
 
@@ -106,7 +114,7 @@ class Recipe:
     both_weights: tuple[float, ...] = (10.0, 100.0)  # block weights beside the fresh-seed sketch penalty ...
     any_seed_both: float = 10.0  # ... at this weight
     reinit_block_weights: tuple[float, ...] = (10.0,)  # the re-initialised embedding repaired with the block penalty
-    wide_weight: float = 10.0  # the block penalty aimed at a frame of WIDE_RANK (from the derivative, and the repair)
+    wide_weight: float = 10.0  # the block penalty aimed at a frame of WIDE_RANK (from the derivative)
     seeds_per_step: int = 4
     eval_context: int = 128  # evaluation only: not in the digest
     eval_windows: int = 100
@@ -181,6 +189,9 @@ class Row:
     private_derived: bool = False
     private_comparable: bool = True
     block_score: float = float("nan")  # cross-fitted block score against the base (nan: no block evidence)
+    block_threshold: float = float("nan")  # the test's block threshold (nan: the test had none)
+    sketch_derived: bool = False  # each evidence alone above its threshold, by the library's own rule
+    block_derived: bool = False
     reparam_block_score: float = float("nan")
     wide_block_score: float = float("nan")  # the same in a frame of WIDE_RANK, which no attack but one aims at
     check: str = ""
@@ -354,6 +365,10 @@ class Bench:
         fp = fingerprint(directory, f"{arch} {attack} {strength}")
         result = lineage(fp, subject.references[(made.reference, 0)])
         row.block_score = block_score_against(blocks_of(fp, directory), subject.blocks)
+        row.block_threshold = float(getattr(result, "block_threshold", NAN))
+        row.sketch_derived = bool(result.comparable) and is_derived(score=result.score, threshold=result.threshold)
+        row.block_derived = is_derived(score=NAN, threshold=NAN, block_score=row.block_score,
+                                       block_threshold=row.block_threshold)
         row.wide_block_score = block_score_against(blocks_of(None, directory, WIDE_RANK), subject.wide)
         row.score, row.threshold, row.p_value = result.score, result.threshold, result.p_value
         row.calibration, row.rate, row.rate_upper, row.null_size = (result.calibration, result.rate,
@@ -383,6 +398,7 @@ class Bench:
         self.log(f"  {group:11s} {attack:33s} {strength:10s} ppl x{row.ppl_ratio:6.3f}  score {row.score:6.3f}"
                  f" {verdict:14s} re-param {row.reparam_score:6.3f} private seed {row.private_score:6.3f}"
                  f" threshold {row.threshold:.3f} blocks {row.block_score:6.3f} re-param {row.reparam_block_score:6.3f}"
+                 f" threshold {row.block_threshold:.3f}"
                  f" r{WIDE_RANK} {row.wide_block_score:6.3f}"
                  f" roles "
                  + " ".join(f"{role} {value:.2f}" for role, value in row.roles.items()))
@@ -570,17 +586,9 @@ class Bench:
                      ("adaptive blocks", WIDE_RANK, w), A.BlockPenalty(subject.base, w, rank=WIDE_RANK), None)
         self.measure(subject, "adaptive", f"block-penalty fine-tune, aimed at r = {WIDE_RANK}", f"weight {w:g}", w,
                      self._plain(made))
-        made = tuned(f"adaptive-{tag}-reinit-blocks-r{WIDE_RANK}-{w:g}-{r.long_repair_steps}", reinitialised,
-                     r.long_repair_steps, r.repair_lr, ("repair", "100% rows re-drawn, block penalty", WIDE_RANK, w),
-                     A.BlockPenalty(subject.base, w, rank=WIDE_RANK), None)
-        self.measure(subject, "adaptive", f"100% rows re-drawn, repair + block penalty aimed at r = {WIDE_RANK}",
-                     f"weight {w:g}, {r.long_repair_steps} steps", w, self._plain(made))
 
 
 # -- reporting -------------------------------------------------------------------------------------------
-
-NAN = float("nan")
-
 
 def _span(values: list[float], digits: int = 2) -> str:
     finite = [v for v in values if v == v]
@@ -626,20 +634,25 @@ def report(results: dict[str, Any]) -> str:
              f"{_span([r['threshold'] for r in rows if r['threshold'] == r['threshold']], 3)}. "
              f"n/c = not comparable (no score). "
              f"'evades' = held-out perplexity within {DAMAGE_LIMIT}x of the un-attacked derivative and not "
-             f"called derived (plain or re-parameterised). 'blocks' = the block score against the base "
-             f"(seed-free), 'r{WIDE_RANK}' the same in a frame of {WIDE_RANK} columns (the fingerprint's has "
-             f"{RANK}); 'derived' is lineage_test's decision.", "",
+             f"called derived (plain or re-parameterised). 'score' = the sketch's, 'blocks' = the block score "
+             f"against the base (seed-free; threshold {_span([r.get('block_threshold', NAN) for r in rows], 3)}), "
+             f"'r{WIDE_RANK}' the same in a frame of {WIDE_RANK} columns (the fingerprint's has {RANK}); 'derived' "
+             f"is lineage_test's decision (either evidence above its threshold), 'sketch / blocks alone' each "
+             f"evidence's own.", "",
              f"| class | attack | strength | perplexity ratio | score | blocks | r{WIDE_RANK} | derived | "
-             "re-parameterised: score | blocks | derived | private seed: score | derived | evades | "
-             "evades, private seed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "sketch / blocks alone | re-parameterised: score | blocks | derived | private seed: score | derived | "
+             "evades | evades, private seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (group, attack, strength), members in grouped(rows):
         n = len(members)
 
         def span(key: str, members: list[dict[str, Any]] = members) -> str:
             return _span([m.get(key, NAN) for m in members])
         cells = [group, attack, strength, span("ppl_ratio"), span("score"), span("block_score"),
-                 span("wide_block_score"), _count(members, ""), span("reparam_score"), span("reparam_block_score"),
+                 span("wide_block_score"), _count(members, ""),
+                 f"{sum(m.get('sketch_derived', False) for m in members)} / "
+                 f"{sum(m.get('block_derived', False) for m in members)}",
+                 span("reparam_score"), span("reparam_block_score"),
                  _count(members, "reparam_"), span("private_score"), _count(members, "private_"),
                  f"{sum(evades(m) for m in members if m['group'] != 'control')}/{n}",
                  f"{sum(evades_private(m) for m in members if m['group'] != 'control')}/{n}"]
@@ -703,6 +716,8 @@ def figure(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(20, 5), sharey=True)
     thresholds = [r["threshold"] for r in rows if r["threshold"] == r["threshold"]]
     threshold = statistics.median(thresholds) if thresholds else 0.5
+    block_thresholds = [r["block_threshold"] for r in rows if r.get("block_threshold", NAN) == r.get("block_threshold")]
+    block_threshold = statistics.median(block_thresholds) if block_thresholds else NAN
     markers = "osD^vP*X<>"
 
     def x(value: float) -> float:
@@ -714,7 +729,7 @@ def figure(results: dict[str, Any], path: Path) -> None:
     for ax, key, title in ((axes[0], "score", "attack alone"),
                            (axes[1], "reparam_score", "attack + every re-parameterisation"),
                            (axes[2], "private_score", f"attack alone, scored at a private seed ({PRIVATE_SEED})"),
-                           (axes[3], "block_score", "attack alone: block score (no threshold drawn)")):
+                           (axes[3], "block_score", "attack alone: block score")):
         attacks: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         for (group, attack, _), members in grouped(rows):
             ratio = statistics.median(m["ppl_ratio"] for m in members)
@@ -730,13 +745,14 @@ def figure(results: dict[str, Any], path: Path) -> None:
             ax.plot([p[1] for p in points], [p[2] for p in points], marker=markers[n % len(markers)],
                     color=COLOURS[group], label=attack, linewidth=1.2, markersize=5,
                     linestyle="-" if n % 2 == 0 else "--")
-        if key != "block_score":
-            ax.axhline(threshold, color="grey", linestyle="--", linewidth=1)
+        line = block_threshold if key == "block_score" else threshold
+        if line == line:
+            ax.axhline(line, color="grey", linestyle="--", linewidth=1)
         ax.axhline((NOT_COMPARABLE_Y + min(0.0, threshold)) / 2, color="lightgrey", linewidth=0.8)
         ax.text(X_MAX * 0.9, NOT_COMPARABLE_Y, "not comparable", fontsize=7, ha="right", va="center", color="grey")
         ax.axvline(DAMAGE_LIMIT, color="grey", linestyle=":", linewidth=1)
-        if key != "block_score":
-            ax.fill_between([0.9, DAMAGE_LIMIT], -0.2, threshold, color="red", alpha=0.06, linewidth=0)
+        if line == line:
+            ax.fill_between([0.9, DAMAGE_LIMIT], -0.2, line, color="red", alpha=0.06, linewidth=0)
         ax.set_xscale("log")
         ax.set_xlim(0.9, X_MAX)
         ax.set_ylim(-0.17, 1.05)
@@ -748,9 +764,9 @@ def figure(results: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("score against the base (lineage test; right: block score)")
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(f"Evasion bench ({', '.join(sorted({r['arch'] for r in rows}))}): dashed = the lineage test's "
-                 f"threshold {threshold:.2f}, dotted = {DAMAGE_LIMIT}x perplexity; shaded = cheap evasion of the "
-                 f"test's decision", fontsize=10)
+    fig.suptitle(f"Evasion bench ({', '.join(sorted({r['arch'] for r in rows}))}): dashed = the evidence's threshold "
+                 f"(sketch {threshold:.2f}, blocks {block_threshold:.2f}: medians), dotted = {DAMAGE_LIMIT}x "
+                 f"perplexity; shaded = cheap evasion of that evidence alone", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)

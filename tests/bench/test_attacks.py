@@ -350,7 +350,8 @@ def test_report_counts_only_cheap_evasions():
         return {"arch": arch, "group": group, "attack": "a", "strength": "s", "order": 1, "ppl_ratio": ratio,
                 "score": 0.2, "threshold": 0.5, "derived": derived, "reparam_score": 0.2,
                 "reparam_derived": reparam, "private_score": 0.9, "private_derived": private,
-                "block_score": 0.7 if arch == "llama" else 0.5, "reparam_block_score": 0.6, "wide_block_score": 0.3}
+                "block_score": 0.7 if arch == "llama" else 0.5, "reparam_block_score": 0.6, "wide_block_score": 0.3,
+                "block_derived": arch == "llama"}
 
     assert evades(row("x", 1.2, False, False)) and evades(row("x", 1.2, True, False))
     assert not evades(row("x", 1.2, True, True)) and not evades(row("x", 1.6, False, False))
@@ -361,7 +362,7 @@ def test_report_counts_only_cheap_evasions():
                "seconds": 60, "trained": 0}
     text = report(results)
     assert "| probe | a | s | 2.10 (1.20-3.00) | 0.20 (0.20-0.20) | 0.60 (0.50-0.70) | 0.30 (0.30-0.30) | 0/2 | " \
-           "0.20 (0.20-0.20) | 0.60 (0.60-0.60) | 0/2 | 0.90 (0.90-0.90) | 2/2 | 1/2 | 0/2 |" in text
+           "0 / 1 | 0.20 (0.20-0.20) | 0.60 (0.60-0.60) | 0/2 | 0.90 (0.90-0.90) | 2/2 | 1/2 | 0/2 |" in text
     assert "does not call derived: 1 of 2 (architecture x attack x strength), 0 of them" in text
     assert "Block score of the independent twins: n/c; of the cheap evasions above: 0.700." in text
     # a "not comparable" result has no score and is counted apart
