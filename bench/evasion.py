@@ -32,10 +32,11 @@ as the library builds it), plain and re-parameterised. Damage is the held-out pe
 trained on) relative to the un-attacked derivative's.
 
     nice -n 10 .venv/bin/python bench/evasion.py [--archs llama gemma] [--quick] [--figure docs/evasion.png]
+    .venv/bin/python bench/evasion.py --report WORK/<digest>/results.json   # an earlier (or cut) run's table
 
-Prints a Markdown table; writes WORK/<digest>/results.json and the figure. Trained models are cached
-in WORK/<digest>/models (the digest covers every training knob); attacked models are rebuilt and
-re-fingerprinted on every run (seconds).
+Prints a Markdown table; writes WORK/<digest>/results.json (after every architecture) and the figure.
+Trained models are cached in WORK/<digest>/models (the digest covers every training knob); attacked
+models are rebuilt and re-fingerprinted on every run (seconds).
 """
 
 from __future__ import annotations
@@ -779,7 +780,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
     parser.add_argument("--quick", action="store_true", help="short training, for a smoke run")
     parser.add_argument("--figure", type=Path, help="where the PNG goes (default WORK/<digest>/evasion.png)")
+    parser.add_argument("--report", type=Path, metavar="RESULTS", help="only print the table (and draw the figure) "
+                        "of a results.json an earlier run wrote")
     args = parser.parse_args(argv)
+    if args.report is not None:
+        results = json.loads(args.report.read_text())
+        figure(results, args.figure or args.report.with_name("evasion.png"))
+        print(report(results))
+        return 0
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -788,12 +796,14 @@ def main(argv: list[str] | None = None) -> int:
     with one_thread():
         bench = Bench(args.work, QUICK if args.quick else Recipe(), log)
         before = set((bench.work / "models").rglob("config.json"))
-        for arch in args.archs:
+        for n, arch in enumerate(args.archs):
             bench.run_arch(arch)
-        trained = len(set((bench.work / "models").rglob("config.json")) - before)
-    results = {"recipe": asdict(bench.recipe), "archs": args.archs, "seconds": time.perf_counter() - started,
-               "trained": trained, "perplexities": bench.perplexities, "rows": [asdict(r) for r in bench.rows]}
-    (bench.work / "results.json").write_text(json.dumps(results, indent=1, default=float))
+            trained = len(set((bench.work / "models").rglob("config.json")) - before)
+            results = {"recipe": asdict(bench.recipe), "archs": args.archs[:n + 1],
+                       "seconds": time.perf_counter() - started, "trained": trained,
+                       "perplexities": bench.perplexities, "rows": [asdict(r) for r in bench.rows]}
+            # after every architecture, so an interrupted run leaves what it measured (report it with --report)
+            (bench.work / "results.json").write_text(json.dumps(results, indent=1, default=float))
     figure_path = args.figure or bench.work / "evasion.png"
     figure(results, figure_path)
     print(report(results))
