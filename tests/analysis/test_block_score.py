@@ -98,7 +98,7 @@ def paired(fp: Fingerprint, sketch: list[float], block: list[float]) -> Calibrat
     key = class_key(fp.sketch["architecture"])
     null = NullSample(key, np.asarray(sketch, dtype=float), np.asarray(block, dtype=float))
     return Calibration(method=LINEAGE_METHOD, sketch_version=SKETCH_VERSION, recipe={}, classes={key: null},
-                       source="test", blocks_version="tgb1")
+                       source="test", blocks_version="tgb2")
 
 
 def test_either_evidence_rule_splits_the_target_rate_and_states_the_rule_s_rate(
