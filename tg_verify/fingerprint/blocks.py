@@ -11,9 +11,9 @@ unchanged, and both turn as Qᵀ M Q under any rotation, permutation or rescalin
 The frame V (d x r) is the top-r eigenspace of S = Σ_l OV_l OV_lᵀ + OV_lᵀ OV_l, estimated through the
 small factors (W_o, W_v) by subspace iteration; each layer stores X_l = W Vᵀ OV_l V W and
 Y_l = W Vᵀ UD_l V W (r x r, float16, unit Frobenius norm), W = diag((λ_i / mean λ)^-1/4) flattening the
-frame's leading directions as the sketch flattens its probe's (block_units). A derivative shares its base's residual basis across all blocks,
-so the rotation that maps its X's onto the base's also maps its Y's; an independently trained model's
-does not (analysis/blocks.py scores exactly that). See docs/lineage.md.
+frame's leading directions as the sketch flattens its probe's (block_units). A derivative shares its
+base's residual basis across all blocks, so the rotation that maps its X's onto the base's also maps its
+Y's; an independently trained model's does not (analysis/blocks.py scores exactly that). See docs/lineage.md.
 """
 
 from __future__ import annotations
