@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -174,8 +175,9 @@ class Entry:
 
 
 def _current(fp_path: Path) -> bool:
-    """Whether a cached fingerprint exists and was made by the current feature and sketch versions."""
+    """Whether a cached fingerprint exists and was made by the current feature, sketch and block versions."""
     from tg_verify.fingerprint import sketch as sk
+    from tg_verify.fingerprint.blocks import BLOCKS_VERSION
     from tg_verify.fingerprint.document import FEATURE_VERSION
 
     if not fp_path.exists():
@@ -183,7 +185,8 @@ def _current(fp_path: Path) -> bool:
     cached = load(fp_path)
     return (cached.feature_version == FEATURE_VERSION and cached.sketch is not None
             and cached.sketch.get("version") == sk.SKETCH_VERSION
-            and cached.sketch["probe"].get("mixtures") == sk.DEFAULT_TOKENS)
+            and cached.sketch["probe"].get("mixtures") == sk.DEFAULT_TOKENS
+            and cached.blocks is not None and cached.blocks.get("version") == BLOCKS_VERSION)
 
 
 def load_checkpoint(directory: Path) -> T.Checkpoint:
@@ -352,6 +355,9 @@ class Bench:
             nearest = distances[ref_index] <= min(others) if others else True
             rows.append({"candidate": candidate.id, "reference": reference.id, "truth": truth, "group": group,
                          "kind": candidate.kind, "score": result.score, "p_value": result.p_value,
+                         "block_score": result.block_score, "block_threshold": result.block_threshold,
+                         "by_sketch": bool(result.score > result.threshold),
+                         "by_blocks": bool(result.block_score > result.block_threshold),
                          "threshold": result.threshold, "fpr": result.false_positive_rate,
                          "rate": result.rate, "rate_upper": result.rate_upper, "null_size": result.null_size,
                          "calibration": result.calibration,
@@ -370,51 +376,51 @@ def _rate(rows: list[dict[str, Any]], key: str) -> str:
     return f"{hits}/{len(rows)} ({100 * hits / len(rows):.0f}%)" if rows else "-"
 
 
-def _scores(rows: list[dict[str, Any]], pick: Callable[..., float]) -> str:
-    values = [r["score"] for r in rows if r["comparable"]]
+def _scores(rows: list[dict[str, Any]], pick: Callable[..., float], key: str = "score") -> str:
+    values = [r[key] for r in rows if r["comparable"] and math.isfinite(r.get(key, math.nan))]
     return f"{pick(values):.3f}" if values else "-"
+
+
+def _row(name: str, members: list[dict[str, Any]], pick: Callable[..., float]) -> str:
+    return (f"| {name} | {len(members)} | {_rate(members, 'derived')} | {_rate(members, 'by_sketch')} | "
+            f"{_rate(members, 'by_blocks')} | {sum(1 for m in members if not m['comparable'])} | "
+            f"{_scores(members, pick)} | {_scores(members, pick, 'block_score')} | "
+            f"{_rate(members, 'paper_derived')} | {_rate(members, 'nearest_derived')} |")
 
 
 def report(results: dict[str, Any]) -> str:
     rows = results["rows"]
-    lines = ["### True derivatives (TPR: called derived)", "",
-             "| relation | pairs | sketch lineage test | not comparable | min score | paper: distance <= 7 "
-             "| paper: nearest root |",
-             "|---|---|---|---|---|---|---|"]
+    header = ("| {} | pairs | lineage test (sketch or blocks) | by the sketch | by the blocks | not comparable "
+              "| {} sketch score | {} block score | paper: distance <= 7 | paper: nearest root |")
+    rule = "|---|---|---|---|---|---|---|---|---|---|"
+    lines = ["### True derivatives (TPR: called derived)", "", header.format("relation", "min", "min"), rule]
     by_group: dict[tuple[bool, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_group[(row["truth"], row["group"])].append(row)
     positives = [r for r in rows if r["truth"]]
     for (truth, group), members in sorted(by_group.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
         if truth:
-            lines.append(f"| {group} | {len(members)} | {_rate(members, 'derived')} | "
-                         f"{sum(1 for m in members if not m['comparable'])} | {_scores(members, min)} | "
-                         f"{_rate(members, 'paper_derived')} | {_rate(members, 'nearest_derived')} |")
-    lines.append(f"| **all derivatives, evasions and attacks** | {len(positives)} | {_rate(positives, 'derived')} | "
-                 f"{sum(1 for m in positives if not m['comparable'])} | {_scores(positives, min)} | "
-                 f"{_rate(positives, 'paper_derived')} | {_rate(positives, 'nearest_derived')} |")
+            lines.append(_row(group, members, min))
+    lines.append(_row("**all derivatives, evasions and attacks**", positives, min))
     negatives = [r for r in rows if not r["truth"]]
-    lines += ["", "### Unrelated pairs (FPR: called derived)", "",
-              "| pairs | count | sketch lineage test | not comparable | max score | paper: distance <= 7 "
-              "| paper: nearest root |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "### Unrelated pairs (FPR: called derived)", "", header.format("pairs", "max", "max"), rule]
     for (truth, group), members in sorted(by_group.items(), key=lambda kv: kv[0][1]):
         if not truth:
-            lines.append(f"| {group} | {len(members)} | {_rate(members, 'derived')} | "
-                         f"{sum(1 for m in members if not m['comparable'])} | {_scores(members, max)} | "
-                         f"{_rate(members, 'paper_derived')} | {_rate(members, 'nearest_derived')} |")
-    lines.append(f"| **all unrelated** | {len(negatives)} | {_rate(negatives, 'derived')} | "
-                 f"{sum(1 for m in negatives if not m['comparable'])} | {_scores(negatives, max)} | "
-                 f"{_rate(negatives, 'paper_derived')} | {_rate(negatives, 'nearest_derived')} |")
-    thresholds: dict[str, tuple[float, int]] = {r["calibration"]: (r["threshold"], r["null_size"])
-                                                for r in rows if r["comparable"]}
+            lines.append(_row(group, members, max))
+    lines.append(_row("**all unrelated**", negatives, max))
+    thresholds: dict[str, tuple[float, float, int]] = {
+        r["calibration"]: (r["threshold"], r["block_threshold"], r["null_size"]) for r in rows if r["comparable"]}
     comparable_neg = [r for r in negatives if r["comparable"]]
     comparable_pos = [r for r in positives if r["comparable"]]
-    lines += ["", f"Scores: derivatives median {statistics.median(r['score'] for r in comparable_pos):.3f}; "
-                  f"unrelated median {statistics.median(r['score'] for r in comparable_neg):.3f}. "
+    lines += ["", f"Sketch scores: derivatives median {_scores(comparable_pos, statistics.median)}; unrelated median "
+                  f"{_scores(comparable_neg, statistics.median)}. Block scores: derivatives median "
+                  f"{_scores(comparable_pos, statistics.median, 'block_score')}; unrelated median "
+                  f"{_scores(comparable_neg, statistics.median, 'block_score')}. "
                   f"{results['seconds_per_test'] * 1000:.0f} ms per test.", "",
-              "Thresholds (target rate 1%, from tg_verify/analysis/data/lineage_calibration.json): " + "; ".join(
-                  f"{key} {value:.3f} (null of {n})" for key, (value, n) in sorted(thresholds.items())) + ".", "",
+              "Thresholds (target rate 1%: sketch or blocks, each at 0.5%; from "
+              "tg_verify/analysis/data/lineage_calibration.json): " + "; ".join(
+                  f"{key} {value:.3f} / blocks {block:.3f} (null of {n})"
+                  for key, (value, block, n) in sorted(thresholds.items())) + ".", "",
               "Stated rate at each unrelated pair's score (share of the calibration null at or above it): median "
               + (f"{statistics.median(rates):.3f}" if (rates := [r['rate'] for r in comparable_neg if r['null_size']])
                  else "- (no calibrated class)")
@@ -437,6 +443,18 @@ def sketch_size(layers: int, vocab: int, k: int = 32) -> int:
                 "dtype": "float16", "layers": list(range(kept)),
                 "units": [dict(unit, layer=i) for i in range(kept) for _ in sk.LAYER_ROLES] + [unit, unit],
                 "notes": []}
+    return len(json.dumps(document))
+
+
+def blocks_size(layers: int) -> int:
+    """Bytes of the block evidence's JSON for a model of `layers` blocks, computed from the format."""
+    from tg_verify.fingerprint.blocks import BLOCKS_VERSION, RANK
+
+    matrix = "A" * (4 * -(-2 * RANK * RANK // 3))
+    document = {"version": BLOCKS_VERSION, "rank": RANK, "frame": "iterated-8", "dtype": "float16",
+                "architecture": {"model_type": "llama", "hidden_size": 8192, "layers": layers, "vocab": 128256,
+                                 "heads": 64, "kv_heads": 8, "intermediate_size": 28672},
+                "units": [{"layer": i, "attn_ov": matrix, "mlp_ud": matrix} for i in range(layers)]}
     return len(json.dumps(document))
 
 
@@ -506,8 +524,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(cost())
     print()
-    print("Sketch size, computed from the format (k = 32): " + "; ".join(
-        f"{name} ({layers} layers, vocabulary {vocab}) {sketch_size(layers, vocab) / 1e6:.2f} MB"
+    print("Lineage evidence size, computed from the format (k = 32, r = 32): " + "; ".join(
+        f"{name} ({layers} layers, vocabulary {vocab}) sketch {sketch_size(layers, vocab) / 1e6:.2f} MB + blocks "
+        f"{blocks_size(layers) / 1e6:.2f} MB"
         for name, layers, vocab in (("7B", 32, 32000), ("70B", 80, 128256))) + ".")
     return 0
 

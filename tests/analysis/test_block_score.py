@@ -50,11 +50,13 @@ def make(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Fingerprint]
 @pytest.fixture(scope="module")
 def reinitialised(trained_zoo: Any) -> Checkpoint:
     """The fine-tune with every embedding row re-drawn (the tied head follows), then repaired by 40 steps of
-    fine-tuning: the attack that takes the sketch to chance level at little cost in perplexity."""
+    fine-tuning at the rate bench/evasion.py's supplier fine-tunes at (3e-4): the attack that takes the sketch to
+    chance level at little cost in perplexity. (At 1e-3 after the heavy fine-tune, the blocks of this 150-step base
+    lose it too: docs/lineage.md.)"""
     tokens = tokenize(corpus("heavy", 200_000), trained_zoo.table)
     attacked = redraw_rows(trained_zoo.fine_tuned, list(range(512)), seed=5)
     with one_thread():
-        return from_model(fine_tune(attacked.model(), tokens, 40, 1e-3, 71, batch=8))
+        return from_model(fine_tune(attacked.model(), tokens, 40, 3e-4, 71, batch=8))
 
 
 def blocks(fp: Fingerprint) -> Any:
@@ -73,9 +75,8 @@ def test_block_score_detects_derivation_and_not_independent_training(make: Calla
         twin = block_score(blocks(make(trained_zoo.twins[arch])), blocks(make(trained_zoo.bases[arch])))
         assert twin.score is not None
         twins.append(abs(twin.score))
-    # the calibration null's 99th percentiles are 0.05-0.08 (docs/lineage.md); derivatives sit well above any twin,
-    # the re-initialised embedding's (40 repair steps at a rate that moves every block) lower than the fine-tune's
-    assert max(twins) < 0.1 and tuned.score > 0.5 and attacked.score > max(twins) + 0.1, (tuned, attacked, twins)
+    # the calibration null's 99th percentiles are 0.04-0.05 (docs/lineage.md); derivatives sit well above any twin
+    assert max(twins) < 0.1 and min(tuned.score, attacked.score) > max(twins) + 0.3, (tuned, attacked, twins)
 
 
 def test_the_packaged_calibration_calls_the_reinitialised_embedding_derived(
@@ -86,6 +87,7 @@ def test_the_packaged_calibration_calls_the_reinitialised_embedding_derived(
     base = make(trained_zoo.bases["llama"], tokenizer=tokenizer)
     result = lineage_test(make(reinitialised, tokenizer=tokenizer), base)
     assert result.evidence == "sketch+blocks" and result.calibrated
+    assert result.score < result.threshold  # the sketch alone misses it
     assert result.block_score > result.block_threshold and result.derived, result.to_dict()
     for arch in ARCHITECTURES:
         twin = lineage_test(make(trained_zoo.twins[arch], tokenizer=tokenizer),
@@ -98,7 +100,7 @@ def paired(fp: Fingerprint, sketch: list[float], block: list[float]) -> Calibrat
     key = class_key(fp.sketch["architecture"])
     null = NullSample(key, np.asarray(sketch, dtype=float), np.asarray(block, dtype=float))
     return Calibration(method=LINEAGE_METHOD, sketch_version=SKETCH_VERSION, recipe={}, classes={key: null},
-                       source="test", blocks_version="tgb1")
+                       source="test", blocks_version="tgb2")
 
 
 def test_either_evidence_rule_splits_the_target_rate_and_states_the_rule_s_rate(
@@ -172,3 +174,28 @@ def test_malformed_block_evidence_is_rejected_with_the_field(make: Callable[...,
                       blocks=_corrupt(fp, change))
     with pytest.raises(FingerprintFormatError, match=message):
         lineage_test(bad, fp)
+
+
+def test_a_test_the_blocks_decided_alone_reads_in_every_verb(make: Callable[..., Fingerprint], trained_zoo: Any,
+                                                            reinitialised: Checkpoint) -> None:
+    """No sketch score (the candidate ships no tokenizer, the base's fingerprint has one): compare's line, classify's
+    table and the verdict's text state the block score and never format a missing number."""
+    from rich.console import Console
+
+    from tg_verify.commands.classify import lineage_table
+    from tg_verify.commands.compare import lineage_summary
+    from tg_verify.pipeline import lineage_evidence
+    from tg_verify.verdict import _lineage_text
+
+    base = make(trained_zoo.bases["llama"], tokenizer=lambda d: write_tokenizer(d, trained_zoo.table))
+    result = lineage_test(make(reinitialised), base)
+    assert result.evidence == "blocks" and result.derived, result.to_dict()
+    document = {**result.to_dict(), "reference": "base", "family": "llama"}
+    assert document["score"] is None and document["block_score"] > document["block_threshold"]
+    line = lineage_summary(document)
+    assert f"— blocks {result.block_score:.3f} (threshold {result.block_threshold:.3f}), " in line
+    console = Console(record=True, width=200)
+    console.print(lineage_table([document]))
+    assert f"{result.block_score:.3f}" in console.export_text()
+    text = _lineage_text(lineage_evidence(result))
+    assert text.startswith(f"sketch not comparable; blocks {result.block_score:.3f} vs {result.block_threshold:.3f}")

@@ -64,7 +64,7 @@ def test_either_evidence_rule_is_counted_on_the_pairs_as_they_are() -> None:
 
 
 def document() -> dict:
-    return {"format": CALIBRATION_FORMAT, "method": "tgl4", "sketch_version": "tgs3", "blocks_version": "tgb1",
+    return {"format": CALIBRATION_FORMAT, "method": "tgl4", "sketch_version": "tgs3", "blocks_version": "tgb2",
             "recipe": {"seeds": [1]},
             "classes": [{"key": class_key(ARCH), "architecture": ARCH, "scores": [0.1, -0.05, 0.2],
                          "block_scores": [0.02, 0.07, -0.01]}]}

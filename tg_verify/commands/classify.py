@@ -10,6 +10,7 @@ the threshold, each reported as not meaningful where the scale cannot carry it. 
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from rich.markup import escape
@@ -76,18 +77,22 @@ def lineage_table(lineage: list[dict[str, Any]]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="lineage evidence (sketch test against each base)", title_justify="left")
+    def number(value: Any) -> str:
+        return "—" if value is None else f"{value:.3f}"
+
+    table = Table(title="lineage evidence (sketch and blocks against each base)", title_justify="left")
     for column, justify in (("base", "left"), ("family", "left"), ("score", "right"), ("threshold", "right"),
-                            ("p", "right"), ("decision", "left")):
+                            ("blocks", "right"), ("threshold", "right"), ("p", "right"), ("decision", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for entry in sorted(lineage, key=lambda e: (-(e.get("score") or -2.0), e["reference"])):
         # ids and families come from fingerprint files: one safe line each, never rich markup
         reference, family = Text(shown(entry["reference"])), Text(shown(entry["family"]))
         if not entry.get("comparable", True):
-            table.add_row(reference, family, "—", "—", "—", "[yellow]not comparable[/yellow]")
+            table.add_row(reference, family, "—", "—", "—", "—", "—", "[yellow]not comparable[/yellow]")
             continue
         decision = "[bold green]derived[/bold green]" if entry["derived"] else "not derived"
-        table.add_row(reference, family, f"{entry['score']:.3f}", f"{entry['threshold']:.3f}",
+        table.add_row(reference, family, number(entry.get("score")), number(entry.get("threshold")),
+                      number(entry.get("block_score")), number(entry.get("block_threshold")),
                       "—" if entry.get("p_value") is None else f"{entry['p_value']:.3g}", decision)
     return table
 
@@ -116,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
 def family_decision(result: Classification, lineage: list[dict[str, Any]]) -> dict[str, Any]:
     """analysis.family's rule on this verb's evidence: the comparable derived bases (ties in score: by id), and the
     statistical attribution when it is meaningful and in cluster."""
-    derived = [Derivation(e["reference"], e["family"], float(e["score"]))
+    # a test the blocks decided alone has no sketch score: it ranks after those that have one
+    derived = [Derivation(e["reference"], e["family"], math.nan if e.get("score") is None else float(e["score"]))
                for e in sorted(lineage, key=lambda e: e["reference"]) if e.get("comparable", True) and e.get("derived")]
     statistics = result.family if result.attribution_meaningful and not result.out_of_cluster else None
     return decide_family(derived, statistics, result.base)

@@ -56,7 +56,7 @@ def add_space_options(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--json", action="store_true", help="print the canonical JSON result instead of tables")
     out.add_argument("-o", "--output", metavar="FILE.json", help="also write the JSON result to FILE")
     out.add_argument("--no-lineage", dest="lineage", action="store_false",
-                     help="skip the sketch-based lineage test")
+                     help="skip the lineage test (sketch and block evidence)")
 
 
 def check_space_options(args: argparse.Namespace) -> None:
@@ -118,7 +118,11 @@ def lineage_summary(result: dict[str, Any] | None) -> str:
         scope = f"; {result['null_scope']}" if result.get("null_scope") else ""
         stated = (f"{count}/{result['null_size']} unrelated pairs score as high (95% upper bound "
                   f"{result['rate_upper']:.1%}; {escape(result['calibration'] + scope)})")
-    return f"lineage: {verdict} — score {result['score']:.3f} (threshold {result['threshold']:.3f}), {stated}"
+    scores = [f"{label} {result[score]:.3f} (threshold {result[threshold]:.3f})"
+              for label, score, threshold in (("score", "score", "threshold"),
+                                              ("blocks", "block_score", "block_threshold"))
+              if result.get(score) is not None and result.get(threshold) is not None]
+    return f"lineage: {verdict} — {', '.join(scores) or 'no score'}, {stated}"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

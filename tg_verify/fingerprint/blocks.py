@@ -9,10 +9,11 @@ absorbed into the weights it feeds and key/value groups shared by their query he
 Both are sums of products that a cancelling pair of units or heads (dead capacity) leaves exactly
 unchanged, and both turn as Qᵀ M Q under any rotation, permutation or rescaling of the residual stream.
 The frame V (d x r) is the top-r eigenspace of S = Σ_l OV_l OV_lᵀ + OV_lᵀ OV_l, estimated through the
-small factors (W_o, W_v) by subspace iteration; each layer stores X_l = Vᵀ OV_l V and Y_l = Vᵀ UD_l V
-(r x r, float16, unit Frobenius norm). A derivative shares its base's residual basis across all blocks,
-so the rotation that maps its X's onto the base's also maps its Y's; an independently trained model's
-does not (analysis/blocks.py scores exactly that). See docs/lineage.md.
+small factors (W_o, W_v) by subspace iteration; each layer stores X_l = W Vᵀ OV_l V W and
+Y_l = W Vᵀ UD_l V W (r x r, float16, unit Frobenius norm), W = diag((λ_i / mean λ)^-1/4) flattening the
+frame's leading directions as the sketch flattens its probe's (block_units). A derivative shares its
+base's residual basis across all blocks, so the rotation that maps its X's onto the base's also maps its
+Y's; an independently trained model's does not (analysis/blocks.py scores exactly that). See docs/lineage.md.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ from tg_verify.artifact.model import Artifact, TensorInfo
 from tg_verify.errors import InternalError, WeightValueError
 from tg_verify.fingerprint.sketch import architecture_of, heads_of
 
-BLOCKS_VERSION = "tgb1"
+BLOCKS_VERSION = "tgb2"
 RANK = 32  # r: the frame's width; 2 x r² float16 per layer (4 KiB)
 OVERSAMPLE = 16  # extra columns the subspace iteration carries, so the top r converge
 ITERATIONS = 8  # subspace iterations when S is not formed
 EXACT_WIDTH = 1024  # at or below this width S is formed and diagonalised exactly (cheaper than iterating)
 MAX_LAYERS = 256
 ATTENTION_CACHE_BYTES = 512 << 20  # attention factors kept between frame iterations up to this size (float32)
+FLATTEN = 0.25  # each unit's rows and columns weighted by (eigenvalue / mean)^-FLATTEN: half-way to whitened
+MIN_RELATIVE_EIGENVALUE = 1e-3  # eigenvalues below this share of the mean weigh as if they had it (rank-poor S)
 _START_SEED = 0xB10C  # the iteration's start vectors: fixed, so every model starts alike
 ROLES: tuple[str, ...] = ("attn_ov", "mlp_ud")
 
@@ -116,8 +119,9 @@ def split_parts(part: str, weight: torch.Tensor, shape: tuple[int, int, int] | N
 
 
 def frame_of(layers: Layers, width: int, rank: int = RANK, *, exact_width: int = EXACT_WIDTH,
-             iterations: int = ITERATIONS) -> tuple[torch.Tensor, str]:
-    """V [d, r]: the top-r eigenvectors of S = Σ_l OV_l OV_lᵀ + OV_lᵀ OV_l (descending), and how it was found.
+             iterations: int = ITERATIONS) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """V [d, r]: the top-r eigenvectors of S = Σ_l OV_l OV_lᵀ + OV_lᵀ OV_l (descending), their eigenvalues [r],
+    and how they were found.
 
     Exactly (S formed) up to `exact_width`; beyond it by subspace iteration through the factors (one pass over
     the attention per iteration) from fixed start vectors, r + OVERSAMPLE wide, then Rayleigh-Ritz. Both turn
@@ -130,7 +134,8 @@ def frame_of(layers: Layers, width: int, rank: int = RANK, *, exact_width: int =
             ov = (f.ov_left.double() @ f.ov_right.double())
             total += ov @ ov.T + ov.T @ ov
         values, vectors = torch.linalg.eigh(total)
-        return vectors[:, torch.argsort(values, descending=True)[:r]].to(torch.float32), "exact"
+        top = torch.argsort(values, descending=True)[:r]
+        return vectors[:, top].to(torch.float32), values[top].to(torch.float32), "exact"
     columns = min(width, r + OVERSAMPLE)
     generator = torch.Generator().manual_seed(_START_SEED)
     basis = torch.randn((width, columns), generator=generator, dtype=torch.float32)
@@ -146,7 +151,8 @@ def frame_of(layers: Layers, width: int, rank: int = RANK, *, exact_width: int =
     projected = basis.T.double() @ apply(basis).double()
     values, vectors = torch.linalg.eigh((projected + projected.T) / 2)
     top = torch.argsort(values, descending=True)[:r]
-    return (basis.double() @ vectors[:, top]).to(torch.float32), f"iterated-{iterations}"
+    return ((basis.double() @ vectors[:, top]).to(torch.float32), values[top].to(torch.float32),
+            f"iterated-{iterations}")
 
 
 def _unit_norm(matrix: torch.Tensor) -> torch.Tensor:
@@ -161,12 +167,20 @@ def encode(matrix: torch.Tensor) -> str:
 
 def block_units(layers: Layers, width: int, rank: int = RANK, *, exact_width: int = EXACT_WIDTH
                 ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], str]:
-    """{layer: (X_l, Y_l)} each of unit Frobenius norm, and how the frame was found."""
-    frame, method = frame_of(layers, width, rank, exact_width=exact_width)
+    """{layer: (X_l, Y_l)} read in the flattened frame, each of unit Frobenius norm, and how the frame was found.
+
+    Flattened: both sides of every unit are weighted by (λ_i / mean λ)^(-FLATTEN), λ the frame's eigenvalues,
+    so that the few leading directions, along which the first updates of every training run align a model's
+    attention and MLP alike (an unrelated pair of briefly trained models scores 0.1-0.3 without it), weigh
+    little more than the rest: the blocks' counterpart of the sketch's flattened probe."""
+    frame, values, method = frame_of(layers, width, rank, exact_width=exact_width)
+    scale = values.clamp_min(0).mean().clamp_min(1e-30)
+    weights = (values.clamp_min(0) / scale).clamp_min(MIN_RELATIVE_EIGENVALUE).pow(-FLATTEN)
     out = {}
     for f in layers(True):
         x, y = f.units(frame)
-        out[f.layer] = (_unit_norm(x), _unit_norm(y))
+        out[f.layer] = (_unit_norm(weights[:, None] * x * weights[None, :]),
+                        _unit_norm(weights[:, None] * y * weights[None, :]))
     return out, method
 
 
