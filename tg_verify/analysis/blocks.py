@@ -130,7 +130,7 @@ def centred(m: np.ndarray) -> np.ndarray:
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
     den = float(np.sqrt((a @ a) * (b @ b)))
-    return float(a @ b / den) if den > 0 else 0.0
+    return min(1.0, max(-1.0, float(a @ b / den))) if den > 0 else 0.0  # rounding can pass 1 by an ulp
 
 
 def best_signs(kmat: np.ndarray) -> np.ndarray:
