@@ -21,13 +21,13 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from tg_verify.analysis.alignment import align_layers
+from tg_verify.analysis.calibration import parse_architecture
 from tg_verify.errors import FingerprintFormatError
 from tg_verify.fingerprint.blocks import BLOCKS_VERSION, MAX_LAYERS, ROLES
 
 MIN_RANK, MAX_RANK = 4, 64
 POLAR_ITERATIONS = 20
 CONVERGED = 1e-6  # polar iterations stop once no entry of T moves more than this
-_ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "layers", "vocab", "heads", "kv_heads", "intermediate_size")
 
 
 @dataclass(frozen=True)
@@ -70,17 +70,7 @@ def parse_blocks(blocks: Any, where: str) -> ParsedBlocks:
         raise FingerprintFormatError(f"{where}: blocks.frame must be a short printable string")
     if blocks.get("dtype") != "float16":
         raise FingerprintFormatError(f"{where}: blocks.dtype must be 'float16'")
-    architecture = blocks.get("architecture")
-    if not isinstance(architecture, dict) or set(architecture) != set(_ARCHITECTURE_FIELDS):
-        raise FingerprintFormatError(f"{where}: blocks.architecture must be an object with exactly "
-                                     f"{', '.join(_ARCHITECTURE_FIELDS)}")
-    model_type = architecture["model_type"]
-    if model_type is not None and (not isinstance(model_type, str) or len(model_type) > 100):
-        raise FingerprintFormatError(f"{where}: blocks.architecture.model_type must be a short string or null")
-    for name in _ARCHITECTURE_FIELDS[1:]:
-        value = architecture[name]
-        if not (value is None and name in ("heads", "kv_heads", "intermediate_size")) and not _integer(value):
-            raise FingerprintFormatError(f"{where}: blocks.architecture.{name} must be a non-negative integer")
+    architecture = parse_architecture(blocks.get("architecture"), f"{where}: blocks.architecture")
     units = blocks.get("units")
     if not isinstance(units, list) or not 0 < len(units) <= MAX_LAYERS:
         raise FingerprintFormatError(f"{where}: blocks.units must be a non-empty list of at most {MAX_LAYERS} layers")
@@ -96,7 +86,7 @@ def parse_blocks(blocks: Any, where: str) -> ParsedBlocks:
         layers.append(layer)
         for role in ROLES:
             stacks[role].append(_matrix(unit[role], rank, f"{at}.{role}"))
-    return ParsedBlocks(rank=rank, architecture=dict(architecture), layers=layers,
+    return ParsedBlocks(rank=rank, architecture=architecture, layers=layers,
                         ov=np.stack(stacks["attn_ov"]), ud=np.stack(stacks["mlp_ud"]))
 
 
