@@ -85,12 +85,14 @@ def parse_blocks(blocks: Any, where: str) -> ParsedBlocks:
             raise FingerprintFormatError(f"{at}.layer must be a non-negative integer above the previous unit's")
         layers.append(layer)
         for role in ROLES:
-            stacks[role].append(_matrix(unit[role], rank, f"{at}.{role}"))
+            stacks[role].append(decode_matrix(unit[role], rank, f"{at}.{role}", np.float64))
     return ParsedBlocks(rank=rank, architecture=architecture, layers=layers,
                         ov=np.stack(stacks["attn_ov"]), ud=np.stack(stacks["mlp_ud"]))
 
 
-def _matrix(data: Any, rank: int, at: str) -> np.ndarray:
+def decode_matrix(data: Any, rank: int, at: str, dtype: type[np.floating[Any]]) -> np.ndarray:
+    """An untrusted base64 field holding a rank x rank float16 matrix (row-major), as `dtype`; every problem is a
+    FingerprintFormatError naming the field `at` (the sketch's units are read with it too)."""
     if not isinstance(data, str):
         raise FingerprintFormatError(f"{at} must be a base64 string")
     try:
@@ -100,7 +102,7 @@ def _matrix(data: Any, rank: int, at: str) -> np.ndarray:
     if len(raw) != 2 * rank * rank:
         raise FingerprintFormatError(f"{at} holds {len(raw)} bytes, expected {2 * rank * rank} "
                                      f"({rank}x{rank} float16)")
-    matrix = np.frombuffer(raw, dtype="<f2").astype(np.float64).reshape(rank, rank)
+    matrix = np.frombuffer(raw, dtype="<f2").astype(dtype).reshape(rank, rank)
     if not np.isfinite(matrix).all():
         raise FingerprintFormatError(f"{at} holds non-finite values")
     return matrix

@@ -24,7 +24,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from tg_verify.analysis.alignment import align_layers
-from tg_verify.analysis.blocks import BlockScore, block_score, parse_blocks
+from tg_verify.analysis.blocks import BlockScore, block_score, decode_matrix, parse_blocks
 from tg_verify.analysis.calibration import (
     UNCALIBRATED,
     Calibration,
@@ -228,17 +228,7 @@ def parse_sketch(sketch: Any, where: str) -> ParsedSketch:
         else:
             raise FingerprintFormatError(
                 f"{at}.role {role!r} is unknown (expected one of {', '.join(GLOBAL_ROLES + LAYER_ROLES)})")
-        if not isinstance(data, str):
-            raise FingerprintFormatError(f"{at}.data must be a base64 string")
-        try:
-            raw = base64.b64decode(data.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError):
-            raise FingerprintFormatError(f"{at}.data is not valid base64") from None
-        if len(raw) != 2 * k * k:
-            raise FingerprintFormatError(f"{at}.data holds {len(raw)} bytes, expected {2 * k * k} ({k}x{k} float16)")
-        matrix = np.frombuffer(raw, dtype="<f2").astype(np.float32).reshape(k, k)
-        if not np.isfinite(matrix).all():
-            raise FingerprintFormatError(f"{at}.data holds non-finite values")
+        matrix = decode_matrix(data, k, f"{at}.data", np.float32)
         if (role, layer) in units:
             raise FingerprintFormatError(f"{at} repeats role {role!r} layer {layer}")
         units[(role, layer)] = matrix
