@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,3 +51,22 @@ def family_set() -> list[Reference]:
                 references.append(Reference(id=name, family=family, base=False, parent=base_name,
                                             fingerprint=synthetic_fingerprint(name, values)))
     return references
+
+
+@pytest.fixture(scope="module")
+def make(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Fingerprint]:
+    """Trained-model tests: save a bench.transforms Checkpoint (with what `tokenizer(directory)` writes beside it)
+    and fingerprint it as the CLI does."""
+    from tg_verify.artifact import resolve
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.fingerprint.settings import FingerprintSettings
+
+    root = tmp_path_factory.mktemp("fingerprinted")
+    counter = iter(range(10_000))
+
+    def build(ck: Any, layout: str = "single", tokenizer: Callable[[Path], object] | None = None) -> Fingerprint:
+        directory = ck.save(root / f"m{next(counter)}", layout)
+        if tokenizer is not None:
+            tokenizer(directory)
+        return fingerprint_artifact(resolve(directory), FingerprintSettings(device="cpu"), model_name=directory.name)
+    return build

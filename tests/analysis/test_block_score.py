@@ -30,24 +30,6 @@ from bench.zoo import corpus, fine_tune  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def make(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Fingerprint]:
-    """Save a checkpoint (tokenizer optional) and fingerprint it as the CLI does."""
-    from tg_verify.artifact import resolve
-    from tg_verify.fingerprint.extract import fingerprint_artifact
-    from tg_verify.fingerprint.settings import FingerprintSettings
-
-    root = tmp_path_factory.mktemp("blocks")
-    counter = iter(range(10_000))
-
-    def build(ck: Checkpoint, tokenizer: Callable[[Path], object] | None = None) -> Fingerprint:
-        directory = ck.save(root / f"m{next(counter)}")
-        if tokenizer is not None:
-            tokenizer(directory)
-        return fingerprint_artifact(resolve(directory), FingerprintSettings(device="cpu"), model_name=directory.name)
-    return build
-
-
-@pytest.fixture(scope="module")
 def reinitialised(trained_zoo: Any) -> Checkpoint:
     """The fine-tune with every embedding row re-drawn (the tied head follows), then repaired by 40 steps of
     fine-tuning at the rate bench/evasion.py's supplier fine-tunes at (3e-4): the attack that takes the sketch to

@@ -42,24 +42,6 @@ from bench.zoo import cast, int8_roundtrip  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def make(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Fingerprint]:
-    """Save a checkpoint (with what `tokenizer(directory)` writes beside it) and fingerprint it as the CLI does."""
-    from tg_verify.artifact import resolve
-    from tg_verify.fingerprint.extract import fingerprint_artifact
-    from tg_verify.fingerprint.settings import FingerprintSettings
-
-    root = tmp_path_factory.mktemp("lineage")
-    counter = iter(range(10_000))
-
-    def build(ck: Checkpoint, layout: str = "single", tokenizer: Callable[[Path], object] | None = None) -> Fingerprint:
-        directory = ck.save(root / f"m{next(counter)}", layout)
-        if tokenizer is not None:
-            tokenizer(directory)
-        return fingerprint_artifact(resolve(directory), FingerprintSettings(device="cpu"), model_name=directory.name)
-    return build
-
-
-@pytest.fixture(scope="module")
 def base_ck(trained_zoo: Any) -> Checkpoint:
     """A trained llama (small: a class the shipped calibration holds)."""
     return trained_zoo.bases["llama"]  # type: ignore[no-any-return]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -320,6 +321,8 @@ def test_private_sketch_seed_is_a_setting_that_changes_only_the_sketch(tiny_mode
     assert private.settings["sketch_seed"] == 123456 and private.sketch["probe"]["seed"] == 123456
     assert FingerprintSettings(repeats=4).compatible_with(private.settings)
     assert lineage_test(private, private).derived
-    assert not lineage_test(private, public).comparable  # one probe, or no comparison
+    mixed = lineage_test(private, public)  # one probe, or no comparison of the sketches; the blocks have no seed
+    assert math.isnan(mixed.score) and any("probes differ" in n for n in mixed.notes)
+    assert mixed.evidence == "blocks" and private.blocks == public.blocks
     with pytest.raises(UsageError, match="sketch_seed"):
         FingerprintSettings(sketch_seed=-1)

@@ -21,13 +21,13 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from tg_verify.analysis.alignment import align_layers
+from tg_verify.analysis.calibration import parse_architecture
 from tg_verify.errors import FingerprintFormatError
 from tg_verify.fingerprint.blocks import BLOCKS_VERSION, MAX_LAYERS, ROLES
 
 MIN_RANK, MAX_RANK = 4, 64
 POLAR_ITERATIONS = 20
 CONVERGED = 1e-6  # polar iterations stop once no entry of T moves more than this
-_ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "layers", "vocab", "heads", "kv_heads", "intermediate_size")
 
 
 @dataclass(frozen=True)
@@ -70,17 +70,7 @@ def parse_blocks(blocks: Any, where: str) -> ParsedBlocks:
         raise FingerprintFormatError(f"{where}: blocks.frame must be a short printable string")
     if blocks.get("dtype") != "float16":
         raise FingerprintFormatError(f"{where}: blocks.dtype must be 'float16'")
-    architecture = blocks.get("architecture")
-    if not isinstance(architecture, dict) or set(architecture) != set(_ARCHITECTURE_FIELDS):
-        raise FingerprintFormatError(f"{where}: blocks.architecture must be an object with exactly "
-                                     f"{', '.join(_ARCHITECTURE_FIELDS)}")
-    model_type = architecture["model_type"]
-    if model_type is not None and (not isinstance(model_type, str) or len(model_type) > 100):
-        raise FingerprintFormatError(f"{where}: blocks.architecture.model_type must be a short string or null")
-    for name in _ARCHITECTURE_FIELDS[1:]:
-        value = architecture[name]
-        if not (value is None and name in ("heads", "kv_heads", "intermediate_size")) and not _integer(value):
-            raise FingerprintFormatError(f"{where}: blocks.architecture.{name} must be a non-negative integer")
+    architecture = parse_architecture(blocks.get("architecture"), f"{where}: blocks.architecture")
     units = blocks.get("units")
     if not isinstance(units, list) or not 0 < len(units) <= MAX_LAYERS:
         raise FingerprintFormatError(f"{where}: blocks.units must be a non-empty list of at most {MAX_LAYERS} layers")
@@ -95,12 +85,14 @@ def parse_blocks(blocks: Any, where: str) -> ParsedBlocks:
             raise FingerprintFormatError(f"{at}.layer must be a non-negative integer above the previous unit's")
         layers.append(layer)
         for role in ROLES:
-            stacks[role].append(_matrix(unit[role], rank, f"{at}.{role}"))
-    return ParsedBlocks(rank=rank, architecture=dict(architecture), layers=layers,
+            stacks[role].append(decode_matrix(unit[role], rank, f"{at}.{role}", np.float64))
+    return ParsedBlocks(rank=rank, architecture=architecture, layers=layers,
                         ov=np.stack(stacks["attn_ov"]), ud=np.stack(stacks["mlp_ud"]))
 
 
-def _matrix(data: Any, rank: int, at: str) -> np.ndarray:
+def decode_matrix(data: Any, rank: int, at: str, dtype: type[np.floating[Any]]) -> np.ndarray:
+    """An untrusted base64 field holding a rank x rank float16 matrix (row-major), as `dtype`; every problem is a
+    FingerprintFormatError naming the field `at` (the sketch's units are read with it too)."""
     if not isinstance(data, str):
         raise FingerprintFormatError(f"{at} must be a base64 string")
     try:
@@ -110,7 +102,7 @@ def _matrix(data: Any, rank: int, at: str) -> np.ndarray:
     if len(raw) != 2 * rank * rank:
         raise FingerprintFormatError(f"{at} holds {len(raw)} bytes, expected {2 * rank * rank} "
                                      f"({rank}x{rank} float16)")
-    matrix = np.frombuffer(raw, dtype="<f2").astype(np.float64).reshape(rank, rank)
+    matrix = np.frombuffer(raw, dtype="<f2").astype(dtype).reshape(rank, rank)
     if not np.isfinite(matrix).all():
         raise FingerprintFormatError(f"{at} holds non-finite values")
     return matrix
@@ -130,7 +122,7 @@ def centred(m: np.ndarray) -> np.ndarray:
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
     den = float(np.sqrt((a @ a) * (b @ b)))
-    return float(a @ b / den) if den > 0 else 0.0
+    return min(1.0, max(-1.0, float(a @ b / den))) if den > 0 else 0.0  # rounding can pass 1 by an ulp
 
 
 def best_signs(kmat: np.ndarray) -> np.ndarray:

@@ -31,6 +31,25 @@ MAX_SCOPE = 400
 UNCALIBRATED = "uncalibrated"
 
 
+ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "layers", "vocab", "heads", "kv_heads", "intermediate_size")
+
+
+def parse_architecture(raw: Any, at: str) -> dict[str, Any]:
+    """Validate an untrusted `architecture` record (what the calibration classes are keyed by) found at `at`
+    (e.g. "fp.json: sketch.architecture"); problems are FingerprintFormatError naming the field."""
+    if not isinstance(raw, dict) or set(raw) != set(ARCHITECTURE_FIELDS):
+        raise FingerprintFormatError(f"{at} must be an object with exactly {', '.join(ARCHITECTURE_FIELDS)}")
+    model_type = raw["model_type"]
+    if model_type is not None and (not isinstance(model_type, str) or len(model_type) > 100):
+        raise FingerprintFormatError(f"{at}.model_type must be a short string or null")
+    for name in ARCHITECTURE_FIELDS[1:]:
+        value = raw[name]
+        optional = value is None and name in ("heads", "kv_heads", "intermediate_size")
+        if not optional and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise FingerprintFormatError(f"{at}.{name} must be a non-negative integer")
+    return dict(raw)
+
+
 def class_key(architecture: Mapping[str, Any]) -> str:
     """The calibration class of a sketch's `architecture`: model type and every dimension, so a null measured
     on one shape is never applied to another."""

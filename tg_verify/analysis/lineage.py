@@ -24,8 +24,14 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from tg_verify.analysis.alignment import align_layers
-from tg_verify.analysis.blocks import BlockScore, block_score, parse_blocks
-from tg_verify.analysis.calibration import UNCALIBRATED, Calibration, class_key, packaged_calibration
+from tg_verify.analysis.blocks import BlockScore, block_score, decode_matrix, parse_blocks
+from tg_verify.analysis.calibration import (
+    UNCALIBRATED,
+    Calibration,
+    class_key,
+    packaged_calibration,
+    parse_architecture,
+)
 from tg_verify.analysis.lineage_rule import DEFAULT_ALPHA, LINEAGE_METHOD, is_derived
 from tg_verify.errors import FingerprintFormatError
 from tg_verify.fingerprint.document import Fingerprint
@@ -46,7 +52,6 @@ MIN_SHARED_VOCABULARY = 0.5
 # pure layer deletions or insertions never leave it, and deep models cost Lc x band, not Lc x Lr.
 BAND_SLACK = 4
 _KEY_KINDS = ("strings", "ids")
-_ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "layers", "vocab", "heads", "kv_heads", "intermediate_size")
 
 
 @dataclass(frozen=True)
@@ -164,20 +169,6 @@ def _integer(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _architecture(raw: Any, where: str) -> dict[str, Any]:
-    if not isinstance(raw, dict) or set(raw) != set(_ARCHITECTURE_FIELDS):
-        raise FingerprintFormatError(f"{where}: sketch.architecture must be an object with exactly "
-                                     f"{', '.join(_ARCHITECTURE_FIELDS)}")
-    model_type = raw["model_type"]
-    if model_type is not None and (not isinstance(model_type, str) or len(model_type) > 100):
-        raise FingerprintFormatError(f"{where}: sketch.architecture.model_type must be a short string or null")
-    for name in _ARCHITECTURE_FIELDS[1:]:
-        value = raw[name]
-        if not (value is None and name in ("heads", "kv_heads", "intermediate_size")) and not _integer(value):
-            raise FingerprintFormatError(f"{where}: sketch.architecture.{name} must be a non-negative integer")
-    return dict(raw)
-
-
 def parse_sketch(sketch: Any, where: str) -> ParsedSketch:
     """Validate an untrusted sketch object; every problem is a FingerprintFormatError naming the field.
 
@@ -217,7 +208,7 @@ def parse_sketch(sketch: Any, where: str) -> ParsedSketch:
     key_sample = np.frombuffer(raw_sample, dtype="<u8").astype(np.uint64)
     if np.any(np.diff(key_sample.astype(np.float64)) < 0) or len(np.unique(key_sample)) != len(key_sample):
         raise FingerprintFormatError(f"{where}: sketch.probe.key_sample must be distinct keys in ascending order")
-    architecture = _architecture(sketch.get("architecture"), where)
+    architecture = parse_architecture(sketch.get("architecture"), f"{where}: sketch.architecture")
     raw_units = sketch.get("units")
     limit = len(GLOBAL_ROLES) + len(LAYER_ROLES) * MAX_LAYERS
     if not isinstance(raw_units, list) or len(raw_units) > limit:
@@ -237,17 +228,7 @@ def parse_sketch(sketch: Any, where: str) -> ParsedSketch:
         else:
             raise FingerprintFormatError(
                 f"{at}.role {role!r} is unknown (expected one of {', '.join(GLOBAL_ROLES + LAYER_ROLES)})")
-        if not isinstance(data, str):
-            raise FingerprintFormatError(f"{at}.data must be a base64 string")
-        try:
-            raw = base64.b64decode(data.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError):
-            raise FingerprintFormatError(f"{at}.data is not valid base64") from None
-        if len(raw) != 2 * k * k:
-            raise FingerprintFormatError(f"{at}.data holds {len(raw)} bytes, expected {2 * k * k} ({k}x{k} float16)")
-        matrix = np.frombuffer(raw, dtype="<f2").astype(np.float32).reshape(k, k)
-        if not np.isfinite(matrix).all():
-            raise FingerprintFormatError(f"{at}.data holds non-finite values")
+        matrix = decode_matrix(data, k, f"{at}.data", np.float32)
         if (role, layer) in units:
             raise FingerprintFormatError(f"{at} repeats role {role!r} layer {layer}")
         units[(role, layer)] = matrix
