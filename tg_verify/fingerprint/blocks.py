@@ -34,7 +34,7 @@ BLOCKS_VERSION = "tgb2"
 RANK = 32  # r: the frame's width; 2 x r² float16 per layer (4 KiB)
 OVERSAMPLE = 16  # extra columns the subspace iteration carries, so the top r converge
 ITERATIONS = 8  # subspace iterations when S is not formed
-EXACT_WIDTH = 1024  # at or below this width S is formed and diagonalised exactly (cheaper than iterating)
+EXACT_WIDTH = 256  # at or below this width S is formed and diagonalised exactly (d³ per layer: cheap only when small)
 MAX_LAYERS = 256
 ATTENTION_CACHE_BYTES = 512 << 20  # attention factors kept between frame iterations up to this size (float32)
 FLATTEN = 0.25  # each unit's rows and columns weighted by (eigenvalue / mean)^-FLATTEN: half-way to whitened
@@ -174,11 +174,17 @@ def block_units(layers: Layers, width: int, rank: int = RANK, *, exact_width: in
     attention and MLP alike (an unrelated pair of briefly trained models scores 0.1-0.3 without it), weigh
     little more than the rest: the blocks' counterpart of the sketch's flattened probe."""
     frame, values, method = frame_of(layers, width, rank, exact_width=exact_width)
+    if not bool(torch.isfinite(values).all()):
+        raise WeightValueError("block evidence: the attention's weights hold NaN or infinite values; a fingerprint "
+                               "of them would be meaningless")
     scale = values.clamp_min(0).mean().clamp_min(1e-30)
     weights = (values.clamp_min(0) / scale).clamp_min(MIN_RELATIVE_EIGENVALUE).pow(-FLATTEN)
     out = {}
     for f in layers(True):
         x, y = f.units(frame)
+        if not bool(torch.isfinite(x).all() and torch.isfinite(y).all()):
+            raise WeightValueError(f"block evidence: layer {f.layer}'s weights hold NaN or infinite values; a "
+                                   f"fingerprint of them would be meaningless")
         out[f.layer] = (_unit_norm(weights[:, None] * x * weights[None, :]),
                         _unit_norm(weights[:, None] * y * weights[None, :]))
     return out, method
@@ -275,7 +281,7 @@ class _BlockSource:
                 split = split_parts(part, self.reader.raw(info), self.shape)
                 for name, stored in (split or {}).items():
                     if name in ("v", "o", "up", "down"):
-                        parts[name] = _finite(stored.to(torch.float32), info, self.artifact)
+                        parts[name] = stored.to(torch.float32)  # finiteness: checked on the products (units)
         return parts
 
     def factors(self, layer: int, mlp: bool) -> LayerFactors | None:
