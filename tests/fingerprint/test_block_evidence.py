@@ -165,3 +165,12 @@ def _document(units: dict[int, tuple[torch.Tensor, torch.Tensor]], config: dict[
             "architecture": architecture_of(config, config["hidden_size"], len(units), config["vocab_size"]),
             "units": [{"layer": layer, "attn_ov": encode(x.detach()), "mlp_ud": encode(y.detach())}
                       for layer, (x, y) in sorted(units.items())]}
+
+
+def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
+    from tg_verify.errors import WeightValueError
+
+    ck = T.from_model(build_model("llama", seed=0))
+    ck.state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    with pytest.raises(WeightValueError, match="layer 1's weights hold NaN or infinite values"):
+        blocks_of(ck, tmp_path / "nan")

@@ -33,8 +33,8 @@ from tg_verify.fingerprint.sketch import architecture_of, heads_of
 BLOCKS_VERSION = "tgb2"
 RANK = 32  # r: the frame's width; 2 x r² float16 per layer (4 KiB)
 OVERSAMPLE = 16  # extra columns the subspace iteration carries, so the top r converge
-ITERATIONS = 8  # subspace iterations when S is not formed
-EXACT_WIDTH = 1024  # at or below this width S is formed and diagonalised exactly (cheaper than iterating)
+ITERATIONS = 4  # subspace iterations when S is not formed (r + OVERSAMPLE columns; trained spectra are steep)
+EXACT_WIDTH = 256  # at or below this width S is formed and diagonalised exactly (d³ per layer: cheap only when small)
 MAX_LAYERS = 256
 ATTENTION_CACHE_BYTES = 512 << 20  # attention factors kept between frame iterations up to this size (float32)
 FLATTEN = 0.25  # each unit's rows and columns weighted by (eigenvalue / mean)^-FLATTEN: half-way to whitened
@@ -43,7 +43,7 @@ _START_SEED = 0xB10C  # the iteration's start vectors: fixed, so every model sta
 ROLES: tuple[str, ...] = ("attn_ov", "mlp_ud")
 
 
-@dataclass(frozen=True)
+@dataclass
 class LayerFactors:
     """One block's factors: OV = ov_left @ ov_right, UD = ud_left @ ud_right (float32, gains absorbed); the MLP's
     are None where only the frame is being estimated."""
@@ -53,16 +53,18 @@ class LayerFactors:
     ov_right: torch.Tensor  # [kv * head_dim, d]: W_v diag(g_attn)
     ud_left: torch.Tensor | None = None  # [d, m]: W_down
     ud_right: torch.Tensor | None = None  # [m, d]: W_up diag(g_mlp)
-
-    def ov(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ov_left @ (self.ov_right @ x)
-
-    def ov_t(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ov_right.T @ (self.ov_left.T @ x)
+    # (W_oᵀ W_o, W_v W_vᵀ) once computed, where the factors are thin enough that they pay (grouped-query attention)
+    grams: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def frame_product(self, x: torch.Tensor) -> torch.Tensor:
-        """(OV OVᵀ + OVᵀ OV) x, through the factors."""
-        return self.ov(self.ov_t(x)) + self.ov_t(self.ov(x))
+        """(OV OVᵀ + OVᵀ OV) x = A (B Bᵀ) Aᵀ x + Bᵀ (Aᵀ A) B x, through the factors A = ov_left, B = ov_right."""
+        a, b = self.ov_left, self.ov_right
+        if self.grams is None and 4 * a.shape[1] <= a.shape[0]:
+            self.grams = (a.T @ a, b @ b.T)
+        if self.grams is not None:
+            a_gram, b_gram = self.grams
+            return a @ (b_gram @ (a.T @ x)) + b.T @ (a_gram @ (b @ x))
+        return a @ (b @ (b.T @ (a.T @ x))) + b.T @ (a.T @ (a @ (b @ x)))
 
     def units(self, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Vᵀ OV V and Vᵀ UD V."""
@@ -174,11 +176,17 @@ def block_units(layers: Layers, width: int, rank: int = RANK, *, exact_width: in
     attention and MLP alike (an unrelated pair of briefly trained models scores 0.1-0.3 without it), weigh
     little more than the rest: the blocks' counterpart of the sketch's flattened probe."""
     frame, values, method = frame_of(layers, width, rank, exact_width=exact_width)
+    if not bool(torch.isfinite(values).all()):
+        raise WeightValueError("block evidence: the attention's weights hold NaN or infinite values; a fingerprint "
+                               "of them would be meaningless")
     scale = values.clamp_min(0).mean().clamp_min(1e-30)
     weights = (values.clamp_min(0) / scale).clamp_min(MIN_RELATIVE_EIGENVALUE).pow(-FLATTEN)
     out = {}
     for f in layers(True):
         x, y = f.units(frame)
+        if not bool(torch.isfinite(x).all() and torch.isfinite(y).all()):
+            raise WeightValueError(f"block evidence: layer {f.layer}'s weights hold NaN or infinite values; a "
+                                   f"fingerprint of them would be meaningless")
         out[f.layer] = (_unit_norm(weights[:, None] * x * weights[None, :]),
                         _unit_norm(weights[:, None] * y * weights[None, :]))
     return out, method
@@ -267,15 +275,19 @@ class _BlockSource:
         self.usable: list[int] = []
 
     def _parts(self, layer: int, mlp: bool) -> dict[str, torch.Tensor]:
-        """The layer's v and o (and up and down) in float32; of a fused projection only the rows it needs."""
+        """The layer's v and o (and up and down) as fresh float32 copies; of a fused projection only the rows it
+        needs. The stored bytes are released after (resident memory stays about one layer's)."""
         wanted = {"v", "o", "qkv"} | ({"up", "down", "gate_up"} if mlp else set())
         parts: dict[str, torch.Tensor] = {}
+        release = getattr(self.reader, "release", None)
         for part, info in self.plan[layer].items():
             if part in wanted:
                 split = split_parts(part, self.reader.raw(info), self.shape)
                 for name, stored in (split or {}).items():
-                    if name in ("v", "o", "up", "down"):
-                        parts[name] = _finite(stored.to(torch.float32), info, self.artifact)
+                    if name in ("v", "o", "up", "down"):  # finiteness: checked on the products (units)
+                        parts[name] = stored.to(torch.float32, copy=True)
+                if release is not None:
+                    release(info)
         return parts
 
     def factors(self, layer: int, mlp: bool) -> LayerFactors | None:

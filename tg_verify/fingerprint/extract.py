@@ -294,10 +294,9 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
         _require_analysed(run, analysed)
         features, summary = _summary(run, records, analysed)
         sketch = builder.finish() if builder is not None else None
-        blocks = None
-        if sketch is not None:  # after the stream, on every computing thread: a few products per layer
-            with _torch_threads(compute):
-                blocks = build_blocks(artifact, run.source, note=sketch["notes"].append)
+        # after the stream, on one thread like every product here (torch's own threads thrash on thin products when
+        # the machine is shared: 10x slower measured)
+        blocks = build_blocks(artifact, run.source, note=sketch["notes"].append) if sketch is not None else None
         if hashing:
             digests = pool.prelude_result()
     except BaseException:
