@@ -159,7 +159,7 @@ def frame_of(layers: Layers, width: int, rank: int = RANK, *, exact_width: int =
 
 def _unit_norm(matrix: torch.Tensor) -> torch.Tensor:
     norm = matrix.norm()
-    return matrix / norm if float(norm) > 0 else matrix
+    return matrix / norm if float(norm.detach()) > 0 else matrix
 
 
 def encode(matrix: torch.Tensor) -> str:
