@@ -28,7 +28,7 @@ from tg_verify.policy import load_policy
 from tg_verify.progress import NullProgress, ProgressSink
 from tg_verify.tiny import build_model, one_thread, save_model
 
-DEMO_VERSION = "demo-v4"  # bump when what the demo builds changes: older caches are then rebuilt
+DEMO_VERSION = "demo-v5"  # bump when what the demo builds changes: older caches are then rebuilt
 BASE_ID = "demo-llama-base"
 OTHER_REFERENCES = (("demo-qwen2-base", "qwen2", 2), ("demo-gemma-base", "gemma", 3))  # (id, arch, seed)
 STEPS = 30
