@@ -12,7 +12,7 @@ Writes a synthetic Llama-shaped bf16 checkpoint (TinyLlama-1.1B shapes by defaul
   features     the same without hashing and without the lineage evidence, one thread (the TensorGuard
                computation alone)
   +sketch      features + lineage evidence (sketch and blocks), one thread, no hashing
-  blocks       the block evidence alone, one thread (fingerprint/blocks.py: a second read of v, o, up and down)
+  blocks       the block evidence alone, as the CLI runs it (fingerprint/blocks.py: a second read of v, o, up, down)
   +sha256      features + sha256, threads as the CLI, no sketch
   baseline     transformers from_pretrained (float32) + literal L.backward() per repeat for the same
                statistics (skewness/kurtosis from 500k sampled entries, as the paper); backward passes
@@ -166,17 +166,19 @@ def measure_fingerprint(directory: Path, hashing: bool, sketch: bool) -> dict[st
 
 
 def measure_blocks(directory: Path) -> dict[str, float]:
-    """The block evidence alone (fingerprint/blocks.py), as the fingerprint builds it after its stream (one thread)."""
+    """The block evidence alone (fingerprint/blocks.py), as the fingerprint builds it after its stream (a layer per
+    computing thread, torch's threads at one)."""
     import torch
 
     from tg_verify.artifact import open_reader, resolve
     from tg_verify.fingerprint.blocks import build_blocks
+    from tg_verify.fingerprint.workers import default_threads
 
     torch.set_num_threads(1)
     started = time.perf_counter()
     artifact = resolve(directory)
     with open_reader(artifact) as reader:
-        blocks = build_blocks(artifact, reader)
+        blocks = build_blocks(artifact, reader, threads=default_threads())
     assert blocks is not None
     return {"wall_s": time.perf_counter() - started, "layers": float(len(blocks["units"]))}
 

@@ -174,3 +174,14 @@ def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
     ck.state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     with pytest.raises(WeightValueError, match="layer 1's weights hold NaN or infinite values"):
         blocks_of(ck, tmp_path / "nan")
+
+
+def test_threads_change_nothing(tmp_path: Path) -> None:
+    """Layers read on several threads give the same record, bit for bit, on both frame paths."""
+    directory = T.from_model(build_model("mistral", seed=2)).save(tmp_path / "m")
+    artifact = resolve(directory)
+    with open_reader(artifact) as reader:
+        for exact_width in (4096, 0):
+            one = build_blocks(artifact, reader, exact_width=exact_width, threads=1)
+            many = build_blocks(artifact, reader, exact_width=exact_width, threads=3)
+            assert one is not None and one == many

@@ -19,9 +19,11 @@ Y's; an independently trained model's does not (analysis/blocks.py scores exactl
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -41,6 +43,7 @@ FLATTEN = 0.25  # each unit's rows and columns weighted by (eigenvalue / mean)^-
 MIN_RELATIVE_EIGENVALUE = 1e-3  # eigenvalues below this share of the mean weigh as if they had it (rank-poor S)
 _START_SEED = 0xB10C  # the iteration's start vectors: fixed, so every model starts alike
 ROLES: tuple[str, ...] = ("attn_ov", "mlp_ud")
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -74,8 +77,11 @@ class LayerFactors:
                 (frame.T @ self.ud_left) @ (self.ud_right @ frame))
 
 
-# A pass over the model's blocks: yields each layer's factors (with the MLP's or not), loading them as it goes.
-Layers = Callable[[bool], Iterable[LayerFactors]]
+class Layers(Protocol):
+    """A pass over the model's blocks: fn applied to each layer's factors (with the MLP's or not), loaded as it
+    goes, possibly on several threads; the results in layer order."""
+
+    def __call__(self, mlp: bool, fn: Callable[[LayerFactors], _T]) -> list[_T]: ...
 
 
 def group_heads(o_proj: torch.Tensor, heads: int, kv: int, head_dim: int) -> torch.Tensor:
@@ -131,10 +137,13 @@ def frame_of(layers: Layers, width: int, rank: int = RANK, *, exact_width: int =
     steep as trained models' makes fast: tests/fingerprint/test_block_evidence.py)."""
     r = min(rank, width)
     if width <= exact_width:
+        def gram(f: LayerFactors) -> torch.Tensor:
+            ov = f.ov_left.double() @ f.ov_right.double()
+            return ov @ ov.T + ov.T @ ov
+
         total = torch.zeros((width, width), dtype=torch.float64)
-        for f in layers(False):
-            ov = (f.ov_left.double() @ f.ov_right.double())
-            total += ov @ ov.T + ov.T @ ov
+        for part in layers(False, gram):  # summed in layer order, whatever the threads: the same bits every time
+            total += part
         values, vectors = torch.linalg.eigh(total)
         top = torch.argsort(values, descending=True)[:r]
         return vectors[:, top].to(torch.float32), values[top].to(torch.float32), "exact"
@@ -144,8 +153,8 @@ def frame_of(layers: Layers, width: int, rank: int = RANK, *, exact_width: int =
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
-        for f in layers(False):
-            out += f.frame_product(x)
+        for part in layers(False, lambda f: f.frame_product(x)):
+            out += part
         return out
 
     for _ in range(iterations):
@@ -182,28 +191,30 @@ def block_units(layers: Layers, width: int, rank: int = RANK, *, exact_width: in
     scale = values.clamp_min(0).mean().clamp_min(1e-30)
     weights = (values.clamp_min(0) / scale).clamp_min(MIN_RELATIVE_EIGENVALUE).pow(-FLATTEN)
     out = {}
-    for f in layers(True):
-        x, y = f.units(frame)
+    for layer, x, y in layers(True, lambda f: (f.layer, *f.units(frame))):
         if not bool(torch.isfinite(x).all() and torch.isfinite(y).all()):
-            raise WeightValueError(f"block evidence: layer {f.layer}'s weights hold NaN or infinite values; a "
+            raise WeightValueError(f"block evidence: layer {layer}'s weights hold NaN or infinite values; a "
                                    f"fingerprint of them would be meaningless")
-        out[f.layer] = (_unit_norm(weights[:, None] * x * weights[None, :]),
+        out[layer] = (_unit_norm(weights[:, None] * x * weights[None, :]),
                         _unit_norm(weights[:, None] * y * weights[None, :]))
     return out, method
 
 
 def in_memory(factors: list[LayerFactors]) -> Layers:
-    """A pass over factors already at hand."""
-    return lambda mlp: factors
+    """A pass over factors already at hand, on this thread."""
+    def each(mlp: bool, fn: Callable[[LayerFactors], _T]) -> list[_T]:
+        return [fn(f) for f in factors]
+    return each
 
 
 def build_blocks(artifact: Artifact, reader: Any, *, rank: int = RANK, exact_width: int = EXACT_WIDTH,
-                 note: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+                 note: Callable[[str], None] | None = None, threads: int = 1) -> dict[str, Any] | None:
     """The JSON-safe block evidence of an artifact, read through `reader` (`.raw(info)`, the stored values), or
     None when its blocks do not have the shape it reads (a note says why).
 
     Weights are read layer by layer and dropped after use: the attention's factors once per frame iteration
-    (kept between iterations while they fit ATTENTION_CACHE_BYTES), the MLP's once."""
+    (kept between iterations while they fit ATTENTION_CACHE_BYTES), the MLP's once; `threads` layers at a time
+    (torch's own threads are left as the caller set them). The result does not depend on `threads`."""
     def say(text: str) -> None:
         if note is not None:
             note(text)
@@ -223,14 +234,14 @@ def build_blocks(artifact: Artifact, reader: Any, *, rank: int = RANK, exact_wid
     if len(by_layer) > MAX_LAYERS:
         say(f"block evidence: {len(by_layer)} layers, more than {MAX_LAYERS}: left out")
         return None
-    source = _BlockSource(artifact, reader, by_layer, shape, width)
+    source = _BlockSource(artifact, reader, by_layer, shape, width, threads)
     skipped = source.check()
     if len(skipped) == len(by_layer):
         say("block evidence: no layer has the value, output, up and down projections it reads")
         return None
     if skipped:
         say(f"block evidence: layers {skipped} lack a projection it reads, or do not fit the config")
-    units, method = block_units(source.layers, width, rank, exact_width=exact_width)
+    units, method = block_units(source.map, width, rank, exact_width=exact_width)
     return {
         "version": BLOCKS_VERSION, "rank": int(next(iter(units.values()))[0].shape[0]), "frame": method,
         "architecture": architecture_of(config, width, len(by_layer), int(embedding.shape[0]) if embedding else 0),
@@ -249,8 +260,9 @@ class _BlockSource:
     """Reads each layer's factors from the artifact on demand; caches the attention's while they fit."""
 
     def __init__(self, artifact: Artifact, reader: Any, by_layer: dict[int, list[TensorInfo]],
-                 shape: tuple[int, int, int], width: int) -> None:
-        self.artifact, self.reader, self.shape, self.width = artifact, reader, shape, width
+                 shape: tuple[int, int, int], width: int, threads: int = 1) -> None:
+        self.artifact, self.reader, self.shape, self.width, self.threads = artifact, reader, shape, width, threads
+        self._lock = threading.Lock()
         offset = 1.0 if str((artifact.config or {}).get("model_type") or "").startswith("gemma") else 0.0
         self.plan: dict[int, dict[str, TensorInfo]] = {}
         self.gains: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -300,9 +312,10 @@ class _BlockSource:
         factors = factors_from_parts(layer, self._parts(layer, mlp), gains, self.shape, self.width, mlp)
         if factors is not None and not mlp:
             size = (factors.ov_left.numel() + factors.ov_right.numel()) * 4
-            if self.cache_bytes + size <= ATTENTION_CACHE_BYTES:
-                self.cache[layer] = factors
-                self.cache_bytes += size
+            with self._lock:
+                if self.cache_bytes + size <= ATTENTION_CACHE_BYTES:
+                    self.cache[layer] = factors
+                    self.cache_bytes += size
         return factors
 
     def check(self) -> list[int]:
@@ -325,12 +338,18 @@ class _BlockSource:
                 skipped.append(layer)
         return skipped
 
-    def layers(self, mlp: bool) -> Iterator[LayerFactors]:
-        for layer in self.usable:
+    def map(self, mlp: bool, fn: Callable[[LayerFactors], _T]) -> list[_T]:
+        """fn over every usable layer's factors, `threads` layers at a time, results in layer order."""
+        def one(layer: int) -> _T:
             factors = self.factors(layer, mlp)
             if factors is None:
                 raise InternalError(f"block evidence: layer {layer} passed the shape check but could not be read")
-            yield factors
+            return fn(factors)
+
+        if self.threads <= 1 or len(self.usable) <= 1:
+            return [one(layer) for layer in self.usable]
+        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="tg-blocks") as pool:
+            return list(pool.map(one, self.usable))
 
 
 def _finite(weight: torch.Tensor, info: TensorInfo, artifact: Artifact) -> torch.Tensor:

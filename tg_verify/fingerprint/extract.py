@@ -294,9 +294,10 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
         _require_analysed(run, analysed)
         features, summary = _summary(run, records, analysed)
         sketch = builder.finish() if builder is not None else None
-        # after the stream, on one thread like every product here (torch's own threads thrash on thin products when
-        # the machine is shared: 10x slower measured)
-        blocks = build_blocks(artifact, run.source, note=sketch["notes"].append) if sketch is not None else None
+        # after the stream, one layer per computing thread, torch's own threads at one like every product here (they
+        # thrash on thin products when the machine is shared: 10x slower measured)
+        blocks = (build_blocks(artifact, run.source, note=sketch["notes"].append, threads=compute)
+                  if sketch is not None else None)
         if hashing:
             digests = pool.prelude_result()
     except BaseException:
