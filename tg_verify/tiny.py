@@ -39,16 +39,18 @@ def one_thread() -> Iterator[None]:
 
 
 def tiny_config(arch: str, size: str = "small", vocab_size: int = 512, **overrides: Any) -> Any:
-    """A transformers config for a tiny model of `arch` ('llama', 'qwen2', 'gemma', 'phi3', 'mistral')."""
+    """A transformers config for a tiny model of `arch`: one of ARCHITECTURES, or 'gemma2', 'gemma3_text' or 'qwen3'
+    (the fixtures' zoo keeps to the first five; the others are there for what only their layout has)."""
     import transformers
 
     classes = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig", "phi3": "Phi3Config",
-               "mistral": "MistralConfig"}
+               "mistral": "MistralConfig", "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig",
+               "qwen3": "Qwen3Config"}
     if arch not in classes:
         raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {', '.join(classes)}")
     params: dict[str, Any] = dict(_SIZES[size])
     params.update(vocab_size=vocab_size, max_position_embeddings=256)
-    if arch == "gemma":
+    if arch.startswith("gemma") or arch == "qwen3":
         params["head_dim"] = params["hidden_size"] // params["num_attention_heads"]
     if arch == "phi3":
         params.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)

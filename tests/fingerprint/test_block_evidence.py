@@ -78,6 +78,27 @@ def test_block_evidence_does_not_read_tokens(tmp_path: Path) -> None:
     assert blocks_of(relabelled, tmp_path / "attacked")["units"] == original["units"]
 
 
+def test_the_mlp_reads_through_its_own_norm_where_a_block_has_several(tmp_path: Path) -> None:
+    """Gemma 2/3 blocks store post_attention_layernorm (on the attention's output) beside pre_feedforward_layernorm
+    (the MLP's input): rescaling the MLP's input gain into gate and up is function-preserving and must leave the
+    evidence where it was, in the file and in the live units alike."""
+    ck = T.from_model(build_model("gemma2", seed=5))
+    original = blocks_of(ck, tmp_path / "original")
+    edited = ck.clone()
+    scale = torch.exp(torch.randn(ck.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.7)
+    for i in range(ck.layers):
+        p = f"model.layers.{i}."
+        edited.state[p + "pre_feedforward_layernorm.weight"] = (ck.state[p + "pre_feedforward_layernorm.weight"]
+                                                                + 1) * scale - 1  # gemma stores gain - 1
+        for part in ("gate_proj", "up_proj"):
+            edited.state[p + f"mlp.{part}.weight"] = ck.state[p + f"mlp.{part}.weight"] / scale[None, :]
+    T.same_function(ck, edited)
+    assert score(blocks_of(edited, tmp_path / "edited"), original) > 0.999
+    live, live_edited = (block_units_of_state(c.state, c.config.to_dict()) for c in (ck, edited))
+    for layer, (_, y) in live.items():
+        assert torch.allclose(y, live_edited[layer][1], atol=1e-4)
+
+
 def test_live_units_equal_what_the_fingerprint_records(tmp_path: Path) -> None:
     """The differentiable units an adaptive attacker pushes are the recorded ones (float16 storage apart)."""
     for arch in ("phi3", "gemma"):  # fused projections; 1 + w gains

@@ -8,6 +8,10 @@ so a rule changes here once. Which tensors a runtime loads at all is decided in 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import TypeVar
+
+_V = TypeVar("_V")
 
 # A decoder block index in a tensor name: model.layers.7., transformer.h.7., gpt_neox.layers.7., blocks.7., ...
 BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
@@ -16,6 +20,8 @@ BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
 EMBEDDINGS: tuple[str, ...] = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
 HEADS: tuple[str, ...] = ("lm_head", "embed_out", "output")
 ATTN_NORMS: tuple[str, ...] = ("input_layernorm", "attention_norm", "ln_1")
+# Each tuple in precedence order: a block with several (Gemma 2/3 also store post_attention_layernorm, which there
+# scales the attention's output) reads its input through the first one it has (input_norm).
 MLP_NORMS: tuple[str, ...] = ("pre_feedforward_layernorm", "post_attention_layernorm", "ffn_norm", "ln_2")
 FINAL_NORMS: tuple[str, ...] = ("norm", "final_layernorm", "ln_f", "final_norm", "final_layer_norm")
 NORMS: tuple[str, ...] = ATTN_NORMS + MLP_NORMS + FINAL_NORMS
@@ -69,6 +75,12 @@ def global_role(name: str) -> str | None:
     if module in FINAL_NORMS:
         return "final_norm"
     return None
+
+
+def input_norm(norms: Mapping[str, _V], leaves: tuple[str, ...]) -> _V | None:
+    """Of a block's norms (by leaf), the one its attention or MLP reads its input through: the first of `leaves`
+    (ATTN_NORMS or MLP_NORMS, in precedence order) that it has; never decided by storage order."""
+    return next((norms[leaf] for leaf in leaves if leaf in norms), None)
 
 
 def projection(name: str) -> str | None:

@@ -268,23 +268,28 @@ class _BlockSource:
         self.gains: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer, infos in sorted(by_layer.items()):
             parts: dict[str, TensorInfo] = {}
-            gains: dict[str, torch.Tensor] = {}
+            norms: dict[str, TensorInfo] = {}
             for info in infos:
                 module = naming.leaf(info.name)
                 if len(info.shape) == 1 and module in naming.ATTN_NORMS + naming.MLP_NORMS:
-                    kind = "attn" if module in naming.ATTN_NORMS else "mlp"
-                    if kind not in gains:
-                        gains[kind] = _finite(self.reader.float32(info), info, artifact) + offset
+                    norms[module] = info
                     continue
                 part = naming.PROJECTIONS.get(module)
                 if part in ("v", "o", "up", "down", "qkv", "gate_up") and len(info.shape) == 2:
                     parts[part] = info
-            ones = torch.ones(width)
             self.plan[layer] = parts
-            self.gains[layer] = (gains.get("attn", ones), gains.get("mlp", ones))
+            self.gains[layer] = (self._gain(norms, naming.ATTN_NORMS, offset),
+                                 self._gain(norms, naming.MLP_NORMS, offset))
         self.cache: dict[int, LayerFactors] = {}
         self.cache_bytes = 0
         self.usable: list[int] = []
+
+    def _gain(self, norms: Mapping[str, TensorInfo], leaves: tuple[str, ...], offset: float) -> torch.Tensor:
+        """The gain a block's attention or MLP reads its input through (ones where it has none)."""
+        info = naming.input_norm(norms, leaves)
+        if info is None:
+            return torch.ones(self.width)
+        return _finite(self.reader.float32(info), info, self.artifact) + offset
 
     def _parts(self, layer: int, mlp: bool) -> dict[str, torch.Tensor]:
         """The layer's v and o (and up and down) as fresh float32 copies; of a fused projection only the rows it
@@ -370,14 +375,14 @@ def block_units_of_state(state: Mapping[str, torch.Tensor], config: Mapping[str,
     shape = heads_of(config, width)
     offset = 1.0 if str(config.get("model_type") or "").startswith("gemma") else 0.0
     grouped: dict[int, dict[str, torch.Tensor]] = {}
-    gains: dict[int, dict[str, torch.Tensor]] = {}
+    gains: dict[int, dict[str, torch.Tensor]] = {}  # layer -> norm leaf -> gain
     for name, tensor in state.items():
         layer = naming.layer_of(name)
         if layer is None or not name.endswith(".weight"):
             continue
         module = naming.leaf(name)
         if tensor.dim() == 1 and module in naming.ATTN_NORMS + naming.MLP_NORMS:
-            gains.setdefault(layer, {}).setdefault("attn" if module in naming.ATTN_NORMS else "mlp", tensor + offset)
+            gains.setdefault(layer, {})[module] = tensor + offset
         part = naming.PROJECTIONS.get(module)
         if part is not None and tensor.dim() == 2:
             split = split_parts(part, tensor, shape)
@@ -387,7 +392,9 @@ def block_units_of_state(state: Mapping[str, torch.Tensor], config: Mapping[str,
     for layer in sorted(grouped):
         ones = torch.ones(width, dtype=state[embed].dtype)
         g = gains.get(layer, {})
-        factors = factors_from_parts(layer, grouped[layer], (g.get("attn", ones), g.get("mlp", ones)), shape, width)
+        attn, mlp = (naming.input_norm(g, leaves) for leaves in (naming.ATTN_NORMS, naming.MLP_NORMS))
+        factors = factors_from_parts(layer, grouped[layer], (ones if attn is None else attn,
+                                                             ones if mlp is None else mlp), shape, width)
         if factors is not None:
             layers.append(factors)
     return block_units(in_memory(layers), width, rank, exact_width=width)[0]
