@@ -70,6 +70,78 @@ def build_model(arch: str, seed: int = 0, size: str = "small", **overrides: Any)
     return model
 
 
+WRAPPERS: tuple[str, ...] = ("gemma3", "llava", "qwen2_vl")
+
+
+def build_wrapper(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised tiny multimodal model (`kind` one of WRAPPERS): a small language model, a vision
+    tower and a projector, as Gemma 3, LLaVA and Qwen2-VL ship them."""
+    import transformers
+
+    text = {**_SIZES["small"], "vocab_size": 512, "max_position_embeddings": 256}
+    config: Any
+    if kind == "gemma3":
+        config = transformers.Gemma3Config(
+            text_config={**text, "head_dim": 16}, mm_tokens_per_image=4,
+            vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                           "num_attention_heads": 2, "image_size": 28, "patch_size": 14})
+    elif kind == "llava":
+        config = transformers.LlavaConfig(
+            text_config={**text, "model_type": "llama"}, image_token_index=3,
+            vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                           "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": 28, "patch_size": 14,
+                           "projection_dim": 32})
+    elif kind == "qwen2_vl":
+        config = transformers.Qwen2VLConfig(
+            text_config={**text, "bos_token_id": 0, "eos_token_id": 1}, image_token_id=3, video_token_id=4,
+            vision_config={"depth": 3, "embed_dim": 32, "hidden_size": 64, "num_heads": 2})
+    else:
+        raise ValueError(f"unknown tiny wrapper {kind!r}; expected one of {', '.join(WRAPPERS)}")
+    torch.manual_seed(seed)
+    # transformers leaves from_config unannotated (its result is a PreTrainedModel, a torch Module)
+    model: torch.nn.Module = transformers.AutoModelForImageTextToText.from_config(config)  # type: ignore[no-untyped-call]
+    model.eval()
+    return model
+
+
+def save_published_moe(directory: str | os.PathLike[str], seed: int = 0, experts: int = 4,
+                       order: list[int] | None = None) -> Path:
+    """A tiny Mixtral saved as published checkpoints store it (each expert's w1/w2/w3 a tensor of its own,
+    `block_sparse_moe.gate` the router), its experts renumbered by `order` (router rows with them: the same model).
+
+    transformers >= 5 holds the experts fused into 3-D tensors in memory; Mixtral-8x7B and its fine-tunes ship
+    them one by one, which is what tg-verify reads."""
+    import transformers
+    from safetensors.torch import save_file
+
+    sizes: dict[str, Any] = dict(_SIZES["small"])
+    config = transformers.MixtralConfig(**sizes, vocab_size=512, max_position_embeddings=256,
+                                        num_local_experts=experts, num_experts_per_tok=2)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    order = list(range(experts)) if order is None else order
+    state: dict[str, torch.Tensor] = {}
+    for name, value in model.state_dict().items():
+        prefix, _, rest = name.partition("mlp.")
+        if rest == "experts.gate_up_proj":
+            half = value.shape[1] // 2
+            for new, old in enumerate(order):
+                state[f"{prefix}block_sparse_moe.experts.{new}.w1.weight"] = value[old, :half].clone()
+                state[f"{prefix}block_sparse_moe.experts.{new}.w3.weight"] = value[old, half:].clone()
+        elif rest == "experts.down_proj":
+            for new, old in enumerate(order):
+                state[f"{prefix}block_sparse_moe.experts.{new}.w2.weight"] = value[old].clone()
+        elif rest == "gate.weight":
+            state[f"{prefix}block_sparse_moe.gate.weight"] = value[order].clone()
+        else:
+            state[name] = value.clone()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.to_json_file(directory / "config.json")
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
 def placeholder_tokens(vocab: int) -> list[str]:
     """The tiny models' vocabulary: one placeholder text per id, the same in vocab.json and in GGUF metadata."""
     return [f"<t{i}>" for i in range(vocab)]

@@ -16,12 +16,21 @@ from safetensors.torch import load_file, save_file
 from tg_verify import demo
 from tg_verify.artifact import resolve
 from tg_verify.artifact.errors import AmbiguousTensorError
-from tg_verify.artifact.loading import GRAMMARS, classify, expected_parameters
+from tg_verify.artifact.loading import (
+    _BY_MODEL_TYPE,
+    GRAMMARS,
+    _component,
+    _language_name,
+    classify,
+    expected_parameters,
+    text_config_of,
+)
 from tg_verify.artifact.model import TensorInfo
 from tg_verify.fingerprint.extract import fingerprint_artifact
 from tg_verify.fingerprint.settings import FingerprintSettings
 from tg_verify.pipeline import verify
 from tg_verify.policy import load_policy
+from tg_verify.tiny import WRAPPERS, build_wrapper
 
 # (transformers config class, keyword variations that change which parameters exist)
 FAMILIES: dict[str, tuple[str, list[dict[str, Any]]]] = {
@@ -136,6 +145,16 @@ def test_without_config_or_grammar_every_tensor_is_kept_with_a_warning_and_prefi
         resolve(tmp_path)
 
 
+def test_experts_are_units_of_their_own_and_their_decoys_are_still_twins() -> None:
+    """Without a grammar (Mixtral, Qwen-MoE ...), expert 0's and expert 1's w1 of one block are two units, not twins;
+    the same expert's w1 under a second stack is."""
+    names = [f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight" for e in range(2) for w in ("w1", "w2", "w3")]
+    config = {"model_type": "mixtral", "num_hidden_layers": 1}
+    assert len(classify(infos(names), config, "m").loaded) == 6
+    with pytest.raises(AmbiguousTensorError, match="no tensor-name grammar says"):
+        classify(infos([*names, "zz.h.0.block_sparse_moe.experts.1.w1.weight"]), config, "m")
+
+
 # ------------------------------------------------------------------------------- the decoy attack, end to end
 
 
@@ -206,3 +225,55 @@ def test_decoy_tensors_without_a_grammar_are_refused(decoy_tree: tuple[Path, Pat
     save_file(state, str(bare / "model.safetensors"))
     with pytest.raises(AmbiguousTensorError, match="same unit by name"):
         resolve(bare)
+
+
+def wrapper_tree(kind: str, directory: Path, native: bool = False) -> tuple[Path, Any]:
+    """A tiny multimodal checkpoint as save_pretrained publishes it (`language_model.model.` roots), or with
+    `native` under the names the model class itself uses (`model.language_model.`, as transformers >= 4.52 saves)."""
+    model = build_wrapper(kind)
+    model.save_pretrained(directory)
+    if native:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if json.loads((directory / "config.json").read_text()).get("tie_word_embeddings"):
+            state.pop("lm_head.weight")
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory, model
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["published-names", "native-names"])
+@pytest.mark.parametrize("kind", WRAPPERS)
+def test_a_multimodal_wrapper_is_read_as_its_language_model_beside_its_components(kind: str, native: bool,
+                                                                                  tmp_path: Path) -> None:
+    """Gemma 3, LLaVA, Qwen2-VL: the language model is checked by its own grammar (text_config), nothing of it is
+    missing or unexpected, and the towers and projector are kept as components the lineage evidence does not read."""
+    directory, _ = wrapper_tree(kind, tmp_path / kind, native)
+    artifact = resolve(directory)
+    config = json.loads((directory / "config.json").read_text())
+    text = text_config_of(config)
+    assert text is not None and artifact.architecture == _BY_MODEL_TYPE[text["model_type"]].family
+    assert not artifact.unexpected and not any("not stored" in w for w in artifact.warnings)
+    language = artifact.language_model()
+    assert language.config == text and not language.components
+    expected = set(expected_parameters(text) or ())
+    if text.get("tie_word_embeddings", _BY_MODEL_TYPE[text["model_type"]].tied(text)):
+        expected.discard("lm_head.weight")
+    assert {_language_name(t.name) for t in language.tensors} == expected
+    assert set(artifact.components) == {t.name for t in artifact.tensors} - {t.name for t in language.tensors}
+    assert artifact.components and all(_component(name) for name in artifact.components)
+
+
+def test_a_wrapper_storing_its_language_model_twice_or_beside_stray_roots_is_refused_or_flagged(
+        tmp_path: Path) -> None:
+    """The same language-model parameter under the published and the native root is ambiguous; a tensor under a
+    root no wrapper has is unexpected (never fingerprinted)."""
+    directory, _ = wrapper_tree("llava", tmp_path / "llava")
+    state = load_file(directory / "model.safetensors")
+    up = state["language_model.model.layers.1.mlp.up_proj.weight"]
+    twin = dict(state, **{"model.language_model.layers.1.mlp.up_proj.weight": up.clone()})
+    save_file(twin, str(directory / "model.safetensors"))
+    with pytest.raises(AmbiguousTensorError, match="up_proj"):
+        resolve(directory)
+    stray = dict(state, **{"decoy.model.layers.1.mlp.up_proj.weight": up.clone()})
+    save_file(stray, str(directory / "model.safetensors"))
+    artifact = resolve(directory)
+    assert [t.name for t in artifact.unexpected] == ["decoy.model.layers.1.mlp.up_proj.weight"]

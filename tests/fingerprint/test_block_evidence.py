@@ -3,6 +3,8 @@ does not read tokens, and its frame estimate agrees with the exact one."""
 
 from __future__ import annotations
 
+import base64
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -206,3 +208,36 @@ def test_threads_change_nothing(tmp_path: Path) -> None:
             one = build_blocks(artifact, reader, exact_width=exact_width, threads=1)
             many = build_blocks(artifact, reader, exact_width=exact_width, threads=3)
             assert one is not None and one == many
+
+
+def test_a_mixture_of_experts_is_read_as_the_sum_over_its_experts(tmp_path: Path) -> None:
+    """Mixtral as published (one tensor per expert projection): resolved, not refused as twins; its MLP evidence sums
+    over the experts, so renumbering them (router rows with them: the same model) changes neither the blocks nor the
+    sketch, while another seed's model scores low; the live units are the recorded ones."""
+    from safetensors.torch import load_file
+
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.fingerprint.sketch import sketch_units
+    from tg_verify.tiny import save_published_moe
+
+    prints = {name: fingerprint_artifact(resolve(save_published_moe(tmp_path / name, seed=seed, order=order)))
+              for name, seed, order in (("moe", 0, None), ("renumbered", 0, [2, 0, 3, 1]), ("other", 1, None))}
+    moe, renumbered, other = prints["moe"], prints["renumbered"], prints["other"]
+    assert moe.blocks is not None and renumbered.blocks is not None
+    assert score(renumbered.blocks, moe.blocks) > 0.999  # the same sum, added in another order
+
+    def units(fingerprint: Any) -> dict[tuple[str, Any], np.ndarray]:
+        return {(u["role"], u["layer"]): np.frombuffer(base64.b64decode(u["data"]), "<f2").astype(np.float32)
+                for u in fingerprint.sketch["units"]}
+
+    mine, theirs = units(moe), units(renumbered)
+    assert {role for role, _ in mine} >= {"mlp_gate", "mlp_ud"} and mine.keys() == theirs.keys()
+    assert all(np.abs(mine[key] - theirs[key]).max() < 2e-3 for key in mine)
+    assert score(other.blocks, moe.blocks) < 0.3
+    state = load_file(tmp_path / "moe" / "model.safetensors")
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    recorded = parse_blocks(moe.blocks, "moe")
+    live = block_units_of_state(state, config)
+    for n, layer in enumerate(recorded.layers):
+        assert np.abs(recorded.ud[n] - live[layer][1].numpy()).max() < 2e-3
+    assert ("mlp_ud", 0) in sketch_units(state, config)

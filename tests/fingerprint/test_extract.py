@@ -16,7 +16,7 @@ from tg_verify.errors import UsageError, WeightValueError
 from tg_verify.fingerprint.document import FEATURE_NAMES, load
 from tg_verify.fingerprint.extract import count_layers, evenly_spaced, fingerprint_artifact
 from tg_verify.fingerprint.settings import FingerprintSettings
-from tg_verify.tiny import ARCHITECTURES, build_model, save_model
+from tg_verify.tiny import ARCHITECTURES, WRAPPERS, build_model, build_wrapper, save_model
 
 FAST = FingerprintSettings(repeats=6, sketch=False)
 
@@ -360,3 +360,27 @@ def test_response_pass_products_equal_whole_weight_products(monkeypatch):
     assert torch.allclose(right_product, w @ right.T, rtol=1e-5, atol=1e-5)
     assert torch.allclose(left_product, left @ w, rtol=1e-5, atol=1e-5)
     assert engine.respond_and_project(inputs)[1:] == (None, None)
+
+
+@pytest.mark.parametrize("kind", WRAPPERS)
+def test_a_multimodal_wrapper_has_its_language_models_lineage_evidence_and_depth(kind, tmp_path):
+    """The sketch and the block evidence of a wrapper are those of its language model published alone (a text-only
+    extraction is a derivative of the wrapper and the other way round); its tower and projector are fingerprinted
+    for the features, and num_layers is the language model's depth however deep the tower is."""
+    import transformers
+
+    wrapper = build_wrapper(kind)
+    wrapper.save_pretrained(tmp_path / "wrapper")
+    text_config = wrapper.config.text_config
+    if kind == "qwen2_vl":  # its language model has no causal-LM class of its own: Qwen2's, as published alone
+        text_config = transformers.Qwen2Config(**{k: v for k, v in text_config.to_dict().items()
+                                                  if k not in ("model_type", "rope_parameters")})
+    alone = transformers.AutoModelForCausalLM.from_config(text_config)
+    state = {k.replace("model.language_model.", "model."): v for k, v in wrapper.state_dict().items()
+             if k.startswith(("model.language_model.", "lm_head."))}
+    alone.load_state_dict(state)
+    save_model(alone, tmp_path / "alone")
+    both = [fingerprint_artifact(resolve(tmp_path / name)) for name in ("wrapper", "alone")]
+    assert both[0].sketch["units"] == both[1].sketch["units"] and both[0].blocks == both[1].blocks
+    assert both[0].features["num_layers"] == text_config.num_hidden_layers == both[1].features["num_layers"]
+    assert both[0].features["total_params"] > both[1].features["total_params"]

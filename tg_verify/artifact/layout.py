@@ -109,9 +109,12 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
     tensors.sort(key=lambda t: natural_key(t.name))
     unexpected: tuple[TensorInfo, ...] = ()
     architecture = None
+    components: tuple[str, ...] = ()
+    text_config = None
     if layout != "adapter":  # an adapter's own tensors are checked against its base when merged (peft.py)
         loaded = classify(tensors, config, shown(root))
         tensors, unexpected, architecture = list(loaded.loaded), loaded.unexpected, loaded.architecture
+        components, text_config = loaded.components, loaded.text_config
         notes.extend(loaded.notes)
     role = "adapter-weights" if layout == "adapter" else "weights"
     files = [ArtifactFile(rel, h.file_size, role) for rel, h in weights.items()] + extra  # type: ignore[arg-type]
@@ -122,7 +125,7 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
                     config=config, adapter_config=adapter_config,
                     metadata={rel: h.metadata for rel, h in weights.items() if h.metadata},
                     warnings=tuple(notes), unexpected=unexpected, architecture=architecture,
-                    other_weights=tuple(other_weights))
+                    other_weights=tuple(other_weights), components=components, text_config=text_config)
 
 
 def _config(root: Path, entries: set[str], extra: list[ArtifactFile]) -> dict[str, Any] | None:

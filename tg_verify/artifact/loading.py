@@ -177,6 +177,19 @@ GRAMMARS: tuple[Grammar, ...] = (
 _BY_MODEL_TYPE: dict[str, Grammar] = {t: g for g in GRAMMARS for t in g.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_BY_MODEL_TYPE))
 
+# Multimodal wrappers (Gemma 3, LLaVA, Mistral 3, Qwen2-VL ...): config.json nests the language model's config as
+# text_config and the checkpoint stores it under one of these roots, beside towers and projectors. Each stored root
+# maps onto the causal LM's own names; two stored tensors that land on one parameter are ambiguous, as anywhere.
+LANGUAGE_ROOTS: tuple[tuple[str, str], ...] = (
+    ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),  # as published (LLaVA, Gemma 3)
+    ("model.language_model.", "model."),  # as transformers >= 4.52 saves them
+)
+# A wrapper's components outside the language model, by their first name component (after an optional `model.`):
+# loaded by the runtime and fingerprinted as stored, but no grammar checks them and no lineage evidence reads them.
+COMPONENT_ROOTS: tuple[str, ...] = ("vision_tower", "vision_model", "visual", "multi_modal_projector",
+                                    "mm_projector", "image_newline", "audio_tower", "embed_vision", "embed_audio")
+_TEXT_ALIASES: dict[str, str] = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2"}  # Qwen2-VL's LM is Qwen2's
+
 
 @dataclass(frozen=True)
 class LoadedSet:
@@ -186,6 +199,8 @@ class LoadedSet:
     unexpected: tuple[TensorInfo, ...]
     architecture: str | None  # the grammar applied; None when no grammar applies
     notes: tuple[str, ...]  # warnings for the artifact (unknown architecture, missing tensors, ignored buffers)
+    components: tuple[str, ...] = ()  # a multimodal wrapper's loaded tensors outside its language model
+    text_config: dict[str, Any] | None = None  # a multimodal wrapper's language-model config (its text_config)
 
 
 class _Bound:
@@ -244,6 +259,25 @@ class _Bound:
         return names
 
 
+def text_config_of(config: Config | None) -> dict[str, Any] | None:
+    """A multimodal wrapper's language-model config (config.json's text_config, its tie_word_embeddings
+    inherited from the wrapper where it does not say), or None when config.json has its own grammar or no
+    text_config whose model_type has one."""
+    if config is None or config.get("model_type") in _BY_MODEL_TYPE:
+        return None
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        return None
+    model_type = text.get("model_type")
+    model_type = _TEXT_ALIASES.get(model_type, model_type) if isinstance(model_type, str) else None
+    if model_type not in _BY_MODEL_TYPE:
+        return None
+    merged = {**text, "model_type": model_type}
+    if "tie_word_embeddings" not in text and isinstance(config.get("tie_word_embeddings"), bool):
+        merged["tie_word_embeddings"] = config["tie_word_embeddings"]
+    return merged
+
+
 def grammar_for(config: Config | None) -> tuple[Grammar | None, bool, str | None]:
     """(grammar, causal LM?, why none applies) for a config.json document."""
     if config is None:
@@ -251,6 +285,9 @@ def grammar_for(config: Config | None) -> tuple[Grammar | None, bool, str | None
     model_type = config.get("model_type")
     grammar = _BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
     if grammar is None:
+        if text_config_of(config) is not None:
+            return None, True, (f"model_type {shown(repr(model_type), 60)} wraps a language model and components "
+                                f"no grammar describes")
         return None, True, f"model_type {shown(repr(model_type), 60)} has no tensor-name grammar in tg-verify"
     architectures = config.get("architectures")
     cls = architectures[0] if isinstance(architectures, list) and architectures else None
@@ -287,19 +324,28 @@ def classify(tensors: Sequence[TensorInfo], config: Config | None, where: str) -
     grammar (no config.json, an unsupported model_type), every tensor is kept, generic ambiguity
     checks still apply, and a note says the loaded set could not be checked.
     """
+    text = text_config_of(config)
+    if text is not None:
+        return _wrapped(tensors, config or {}, text, where)
     grammar, causal, why = grammar_for(config)
     if grammar is None:
         assert why is not None
         return _generic(tensors, why, where)
-    bound = _Bound(grammar, config or {}, causal)
+    return _by_grammar(tensors, grammar, config or {}, causal, where)
+
+
+def _by_grammar(tensors: Sequence[TensorInfo], grammar: Grammar, config: Config, causal: bool, where: str,
+                rename: Callable[[str], str] = lambda name: name) -> LoadedSet:
+    """classify() under one grammar; `rename` maps a stored name onto the grammar's first (a wrapper's roots)."""
+    bound = _Bound(grammar, config, causal)
     loaded: list[TensorInfo] = []
     unexpected: list[TensorInfo] = []
     ignored: list[str] = []
     owner: dict[str, TensorInfo] = {}
     for info in tensors:
-        target = bound.canonical(info.name)
+        target = bound.canonical(rename(info.name))
         if target is None:
-            if bound.is_ignored(info.name):
+            if bound.is_ignored(rename(info.name)):
                 ignored.append(info.name)
             else:
                 unexpected.append(info)
@@ -315,11 +361,47 @@ def classify(tensors: Sequence[TensorInfo], config: Config | None, where: str) -
     if ignored:
         notes.append(f"{len(ignored)} stored buffer(s) that transformers skips on load ({_listed(ignored)}) are "
                      f"not fingerprinted")
-    missing = _missing(bound, grammar, config or {}, causal, set(owner))
+    missing = _missing(bound, grammar, config, causal, set(owner))
     if missing:
         notes.append(f"{len(missing)} parameter(s) of {grammar.family} are not stored ({_listed(missing)}): a "
                      f"runtime would initialise them randomly, and they are not verified")
     return LoadedSet(tuple(loaded), tuple(unexpected), grammar.family, tuple(notes))
+
+
+def _language_name(name: str) -> str:
+    """A wrapper's stored name as its causal language model names the parameter (other names unchanged)."""
+    for stored, own in LANGUAGE_ROOTS:
+        if name.startswith(stored):
+            return own + name[len(stored):]
+    return name
+
+
+def _component(name: str) -> bool:
+    first = name.removeprefix("model.").split(".", 1)[0]
+    return first in COMPONENT_ROOTS
+
+
+def _wrapped(tensors: Sequence[TensorInfo], config: Config, text: dict[str, Any], where: str) -> LoadedSet:
+    """A multimodal wrapper: its language model checked by that model's grammar (text_config), its components
+    (vision tower, projector) kept as stored with generic checks, anything else unexpected."""
+    grammar = _BY_MODEL_TYPE[text["model_type"]]
+    if grammar.layers(text) is None:
+        return _generic(tensors, f"text_config has no usable {grammar.layers_key} for model_type {grammar.family}",
+                        where)
+    language = _by_grammar([t for t in tensors if not _component(t.name)], grammar, text, True, where,
+                           rename=_language_name)
+    components = [t for t in tensors if _component(t.name)]
+    _refuse_role_twins(components, where, "no tensor-name grammar says")
+    notes = list(language.notes)
+    if components:
+        roots = sorted({t.name.removeprefix("model.").split(".", 1)[0] for t in components})
+        notes.append(f"{len(components)} tensor(s) outside the language model ({', '.join(roots)}) are fingerprinted "
+                     f"as stored: no grammar checks which of them a runtime loads, and the lineage evidence reads "
+                     f"the language model's only")
+    order = {t.name: n for n, t in enumerate(tensors)}
+    loaded = tuple(sorted((*language.loaded, *components), key=lambda t: order[t.name]))
+    return LoadedSet(loaded, language.unexpected, grammar.family, tuple(notes),
+                     components=tuple(t.name for t in components), text_config=text)
 
 
 def _missing(bound: _Bound, grammar: Grammar, config: Config, causal: bool, present: set[str]) -> list[str]:
@@ -346,7 +428,8 @@ def _generic(tensors: Sequence[TensorInfo], why: str, where: str) -> LoadedSet:
                 f"{where}: tensors '{shown(rest)}' and '{shown(info.name)}' would load into the same parameter "
                 f"(transformers adds or strips the base-model prefix '{shown(head)}.'); which one a runtime uses "
                 f"depends on load order, so neither can be verified (remove one)")
-    _refuse_role_twins(tensors, where)
+    _refuse_role_twins(tensors, where, "no config.json says" if why == "no config.json" else
+                       "no tensor-name grammar says")
     notes = [f"{why}: which tensors a runtime loads cannot be checked, so all {len(tensors)} are fingerprinted "
              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"] if tensors else []
     return LoadedSet(tuple(tensors), (), None, tuple(notes))
@@ -354,7 +437,8 @@ def _generic(tensors: Sequence[TensorInfo], why: str, where: str) -> LoadedSet:
 
 def _role(name: str) -> tuple[object, ...] | None:
     """The unit the fingerprint and the sketch read a tensor as, by name alone (artifact/naming.py): a global
-    role, or (block index, module leaf, kind) for a projection or a norm; None for any other tensor."""
+    role, or (block index, expert index, module leaf, kind) for a projection or a norm; None for any other
+    tensor."""
     kind = name.rsplit(".", 1)[-1]
     if kind not in ("weight", "bias"):
         return None
@@ -363,11 +447,11 @@ def _role(name: str) -> tuple[object, ...] | None:
         return (role, kind)
     layer, module = naming.layer_of(name), naming.leaf(name)
     if layer is not None and (module in naming.PROJECTIONS or module in naming.NORMS):
-        return (layer, module, kind)
+        return (layer, naming.expert_of(name), module, kind)
     return None
 
 
-def _refuse_role_twins(tensors: Sequence[TensorInfo], where: str) -> None:
+def _refuse_role_twins(tensors: Sequence[TensorInfo], where: str, why: str = "no config.json says") -> None:
     """Without a grammar, two tensors the fingerprint would read as one unit (two embeddings, two `q_proj` of block
     3 under different stacks) leave the runtime's choice unknown: refused, never first- or last-one-wins. This is
     what stops decoy tensors when config.json is withheld."""
@@ -378,7 +462,6 @@ def _refuse_role_twins(tensors: Sequence[TensorInfo], where: str) -> None:
             continue
         if role in owner:
             raise AmbiguousTensorError(
-                f"{where}: tensors '{shown(owner[role])}' and '{shown(info.name)}' are the same unit by name and no "
-                f"config.json says which one a runtime loads, so neither can be verified (ship config.json, or "
-                f"remove one)")
+                f"{where}: tensors '{shown(owner[role])}' and '{shown(info.name)}' are the same unit by name and "
+                f"{why} which one a runtime loads, so neither can be verified (remove one)")
         owner[role] = info.name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -133,11 +134,24 @@ class Artifact:
     # token id -> the token's text as the file stores it, when the weights file holds the vocabulary (GGUF's
     # tokenizer.ggml.tokens); None otherwise. Hashed with the file it comes from.
     vocabulary: tuple[bytes, ...] | None = None
+    # A multimodal wrapper's loaded tensors outside its language model (vision tower, projector), and that model's
+    # config (config.json's text_config): the lineage evidence reads the language model alone (language_model()).
+    components: tuple[str, ...] = ()
+    text_config: dict[str, Any] | None = None
 
     @property
     def model_type(self) -> str | None:
         value = (self.config or {}).get("model_type")
         return value if isinstance(value, str) else None
+
+    def language_model(self) -> Artifact:
+        """The artifact as its language model: a wrapper's components left out, its text_config as the config.
+        Itself for every other artifact."""
+        if not self.components and self.text_config is None:
+            return self
+        outside = set(self.components)
+        return dataclasses.replace(self, tensors=tuple(t for t in self.tensors if t.name not in outside),
+                                   config=self.text_config, components=(), text_config=None)
 
     @property
     def total_params(self) -> int:

@@ -16,6 +16,9 @@ _V = TypeVar("_V")
 # A decoder block index in a tensor name: model.layers.7., transformer.h.7., gpt_neox.layers.7., blocks.7., ...
 BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
 
+# A mixture-of-experts expert index: model.layers.3.block_sparse_moe.experts.5.w1, model.layers.3.mlp.experts.5.up_proj
+EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.")
+
 # Module leaves (the component before `.weight`/`.bias`) of the global tensors.
 EMBEDDINGS: tuple[str, ...] = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
 HEADS: tuple[str, ...] = ("lm_head", "embed_out", "output")
@@ -49,6 +52,12 @@ def leaf(name: str) -> str:
 def layer_of(name: str) -> int | None:
     """The decoder block index in `name`, or None for a tensor outside the blocks."""
     match = BLOCK.search(name)
+    return int(match.group(1)) if match else None
+
+
+def expert_of(name: str) -> int | None:
+    """The expert index in a mixture-of-experts projection's name, or None (a dense or shared-expert projection)."""
+    match = EXPERT.search(name)
     return int(match.group(1)) if match else None
 
 

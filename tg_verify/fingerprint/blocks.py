@@ -30,7 +30,7 @@ import torch
 from tg_verify.artifact import naming
 from tg_verify.artifact.model import Artifact, TensorInfo
 from tg_verify.errors import InternalError, WeightValueError
-from tg_verify.fingerprint.sketch import architecture_of, heads_of
+from tg_verify.fingerprint.sketch import architecture_of, heads_of, with_experts
 
 BLOCKS_VERSION = "tgb2"
 RANK = 32  # r: the frame's width; 2 x r² float16 per layer (4 KiB)
@@ -264,10 +264,11 @@ class _BlockSource:
         self.artifact, self.reader, self.shape, self.width, self.threads = artifact, reader, shape, width, threads
         self._lock = threading.Lock()
         offset = 1.0 if str((artifact.config or {}).get("model_type") or "").startswith("gemma") else 0.0
-        self.plan: dict[int, dict[str, TensorInfo]] = {}
+        # layer -> (part, expert index or None) -> tensor; a mixture of experts' MLPs are joined (sketch.with_experts)
+        self.plan: dict[int, dict[tuple[str, int | None], TensorInfo]] = {}
         self.gains: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer, infos in sorted(by_layer.items()):
-            parts: dict[str, TensorInfo] = {}
+            parts: dict[tuple[str, int | None], TensorInfo] = {}
             norms: dict[str, TensorInfo] = {}
             for info in infos:
                 module = naming.leaf(info.name)
@@ -276,7 +277,7 @@ class _BlockSource:
                     continue
                 part = naming.PROJECTIONS.get(module)
                 if part in ("v", "o", "up", "down", "qkv", "gate_up") and len(info.shape) == 2:
-                    parts[part] = info
+                    parts[(part, naming.expert_of(info.name))] = info
             self.plan[layer] = parts
             self.gains[layer] = (self._gain(norms, naming.ATTN_NORMS, offset),
                                  self._gain(norms, naming.MLP_NORMS, offset))
@@ -291,21 +292,34 @@ class _BlockSource:
             return torch.ones(self.width)
         return _finite(self.reader.float32(info), info, self.artifact) + offset
 
-    def _parts(self, layer: int, mlp: bool) -> dict[str, torch.Tensor]:
-        """The layer's v and o (and up and down) as fresh float32 copies; of a fused projection only the rows it
-        needs. The stored bytes are released after (resident memory stays about one layer's)."""
+    def _assemble(self, layer: int, mlp: bool, fetch: Callable[[TensorInfo], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The layer's v and o (and up and down, its experts' joined) from `fetch`ed weights; of a fused projection
+        only the rows it needs."""
         wanted = {"v", "o", "qkv"} | ({"up", "down", "gate_up"} if mlp else set())
         parts: dict[str, torch.Tensor] = {}
+        experts: dict[tuple[str, int], torch.Tensor] = {}
+        for (part, expert), info in self.plan[layer].items():
+            if part not in wanted:
+                continue
+            for name, value in (split_parts(part, fetch(info), self.shape) or {}).items():
+                if expert is None and name in ("v", "o", "up", "down"):
+                    parts[name] = value
+                elif expert is not None and name in ("up", "down"):
+                    experts[(name, expert)] = value
+        return with_experts(parts, experts)
+
+    def _parts(self, layer: int, mlp: bool) -> dict[str, torch.Tensor]:
+        """The layer's parts as fresh float32 copies (finiteness is checked on the units). Each tensor's stored
+        bytes are released after (resident memory stays about one layer's)."""
         release = getattr(self.reader, "release", None)
-        for part, info in self.plan[layer].items():
-            if part in wanted:
-                split = split_parts(part, self.reader.raw(info), self.shape)
-                for name, stored in (split or {}).items():
-                    if name in ("v", "o", "up", "down"):  # finiteness: checked on the products (units)
-                        parts[name] = stored.to(torch.float32, copy=True)
-                if release is not None:
-                    release(info)
-        return parts
+
+        def fetch(info: TensorInfo) -> torch.Tensor:
+            value: torch.Tensor = self.reader.raw(info).to(torch.float32, copy=True)
+            if release is not None:
+                release(info)
+            return value
+
+        return self._assemble(layer, mlp, fetch)
 
     def factors(self, layer: int, mlp: bool) -> LayerFactors | None:
         cached = self.cache.get(layer)
@@ -326,15 +340,13 @@ class _BlockSource:
     def check(self) -> list[int]:
         """Which layers cannot be read (every layer's shapes are checked, from the headers alone)."""
         skipped = []
-        for layer, parts in self.plan.items():
-            shapes = {p: tuple(i.shape) for p, i in parts.items()}
-            heads, kv, head_dim = self.shape
-            v_rows = kv * head_dim
-            has_v = shapes.get("v") == (v_rows, self.width) or shapes.get("qkv") == ((heads + 2 * kv) * head_dim,
-                                                                                      self.width)
+        heads, kv, head_dim = self.shape
+        for layer in self.plan:
+            shapes = {name: tuple(value.shape) for name, value in
+                      self._assemble(layer, True, lambda info: torch.empty(info.shape, device="meta")).items()}
+            has_v = shapes.get("v") == (kv * head_dim, self.width)
             has_o = shapes.get("o") == (self.width, heads * head_dim)
-            up = shapes.get("up") or ((shapes["gate_up"][0] // 2, shapes["gate_up"][1]) if "gate_up" in shapes
-                                      else None)
+            up = shapes.get("up")
             has_mlp = up is not None and up[1] == self.width and shapes.get("down") == (self.width, up[0])
             gains_fit = all(g.shape == (self.width,) for g in self.gains[layer])
             if has_v and has_o and has_mlp and gains_fit:
@@ -375,6 +387,7 @@ def block_units_of_state(state: Mapping[str, torch.Tensor], config: Mapping[str,
     shape = heads_of(config, width)
     offset = 1.0 if str(config.get("model_type") or "").startswith("gemma") else 0.0
     grouped: dict[int, dict[str, torch.Tensor]] = {}
+    experts: dict[int, dict[tuple[str, int], torch.Tensor]] = {}
     gains: dict[int, dict[str, torch.Tensor]] = {}  # layer -> norm leaf -> gain
     for name, tensor in state.items():
         layer = naming.layer_of(name)
@@ -386,14 +399,20 @@ def block_units_of_state(state: Mapping[str, torch.Tensor], config: Mapping[str,
         part = naming.PROJECTIONS.get(module)
         if part is not None and tensor.dim() == 2:
             split = split_parts(part, tensor, shape)
-            if split is not None:
+            expert = naming.expert_of(name)
+            if split is None:
+                continue
+            if expert is None:
                 grouped.setdefault(layer, {}).update(split)
+            else:
+                experts.setdefault(layer, {}).update({(n, expert): v for n, v in split.items() if n in ("up", "down")})
     layers = []
     for layer in sorted(grouped):
         ones = torch.ones(width, dtype=state[embed].dtype)
         g = gains.get(layer, {})
         attn, mlp = (naming.input_norm(g, leaves) for leaves in (naming.ATTN_NORMS, naming.MLP_NORMS))
-        factors = factors_from_parts(layer, grouped[layer], (ones if attn is None else attn,
+        parts = with_experts({n: v for n, v in grouped[layer].items() if n != "gate"}, experts.get(layer, {}))
+        factors = factors_from_parts(layer, parts, (ones if attn is None else attn,
                                                              ones if mlp is None else mlp), shape, width)
         if factors is not None:
             layers.append(factors)

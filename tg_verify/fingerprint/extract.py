@@ -288,7 +288,8 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
                       _hashing(artifact, tracker, stop, hash_threads(compute)) if hashing else None,
                       prelude_joins=compute > 1)
     try:
-        builder = SketchBuilder(artifact, run.source, settings) if settings.sketch else None
+        language = artifact.language_model()  # what the lineage evidence reads: a wrapper's towers left out
+        builder = SketchBuilder(language, run.source, settings) if settings.sketch else None
         records = _screen(run)
         analysed = _analyse_matrices(run, records, builder, pool, device)
         _require_analysed(run, analysed)
@@ -296,7 +297,7 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
         sketch = builder.finish() if builder is not None else None
         # after the stream, one layer per computing thread, torch's own threads at one like every product here (they
         # thrash on thin products when the machine is shared: 10x slower measured)
-        blocks = (build_blocks(artifact, run.source, note=sketch["notes"].append, threads=compute)
+        blocks = (build_blocks(language, run.source, note=sketch["notes"].append, threads=compute)
                   if sketch is not None else None)
         if hashing:
             digests = pool.prelude_result()
@@ -407,7 +408,9 @@ def _summary(run: _Pass, records: list[dict[str, Any]], analysed: list[tuple[str
     """The 16 features and the document's `extraction` record: what fed each feature, what was skipped and why,
     the tensors stored but not loaded by the runtime (listed, never fingerprinted), the strategies drawn."""
     artifact = run.artifact
-    features, summary = aggregate(analysed, [info.name for info in artifact.tensors], artifact.total_params)
+    # depth is the language model's: a wrapper's vision tower can have more blocks (Qwen2-VL: 32 against 28)
+    depth_names = [info.name for info in artifact.language_model().tensors]
+    features, summary = aggregate(analysed, depth_names, artifact.total_params)
     summary["degenerate_tensors"] = [r["name"] for r in records if r["analysis"] == "degenerate"]
     summary["skipped_tensors"] = {k: run.kinds.count(k) for k in ("one-dimensional", "not-float", "empty")}
     if artifact.unexpected:

@@ -212,6 +212,30 @@ def split_fused(part: str, product: torch.Tensor, shape: tuple[int, int, int] | 
     return {"q": product[:q_rows], "k": product[q_rows:q_rows + kv_rows], "v": product[q_rows + kv_rows:]}
 
 
+MLP_AXES: dict[str, int] = {"gate": 0, "up": 0, "down": 1}  # the axis a projection's hidden units run along
+
+
+def with_experts(parts: Mapping[str, torch.Tensor], experts: Mapping[tuple[str, int], torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """A block's parts with a mixture of experts' MLPs joined into one: each of gate, up and down is the dense (or
+    shared-expert) part followed by every expert's in index order, along its hidden units. Then down @ up and
+    gateᵀ gate are sums over the experts, the same whatever order the experts are stored or numbered in. Experts
+    that do not have all three parts of the others leave the MLP out (no unit pairs one expert's up with another's
+    down)."""
+    if not experts:
+        return dict(parts)
+    out = {k: v for k, v in parts.items() if k not in MLP_AXES}
+    indices = {part: sorted(e for p, e in experts if p == part) for part in MLP_AXES}
+    present = [part for part in MLP_AXES if indices[part]]
+    if any(indices[part] != indices[present[0]] for part in present) or any(
+            (part in parts) != (present[0] in parts) for part in present):
+        return out
+    for part in present:
+        pieces = ([parts[part]] if part in parts else []) + [experts[(part, e)] for e in indices[part]]
+        out[part] = torch.cat(pieces, dim=MLP_AXES[part])
+    return out
+
+
 def layer_units(parts: Mapping[str, torch.Tensor], shape: tuple[int, int, int] | None,
                 note: Any = None) -> dict[str, torch.Tensor]:
     """A block's unnormalised units from its probe products: right ones ([out, k]) for q/k/v/gate/up, left ones
@@ -262,6 +286,7 @@ class _Block:
     """Per-layer probe products, kept until the layer's units can be formed."""
 
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    experts: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (part, expert index) -> product
 
 
 class SketchBuilder:
@@ -288,7 +313,10 @@ class SketchBuilder:
         self._head_from_lm: torch.Tensor | None = None
         self._head_from_embedding: torch.Tensor | None = None
         self._head_rows = torch.zeros(0, dtype=torch.int64)
+        self._members = {t.name for t in artifact.tensors}  # the stream may hold more (a wrapper's towers)
         self._layer_ids = sorted({i for t in artifact.tensors if (i := _layer_of(t.name)) is not None})
+        # layers with experts close when the stream ends: only then are all of their experts in
+        self._moe_layers = {_layer_of(t.name) for t in artifact.tensors if naming.expert_of(t.name) is not None}
         self._stored_layers = set(self._select_layers(self._layer_ids, layer_budget(self.k)))
         self._gains: dict[tuple[int | None, str], torch.Tensor] = {}
         for info in artifact.tensors:
@@ -384,7 +412,8 @@ class SketchBuilder:
 
     def _role(self, info: TensorInfo) -> tuple[str, int | None, str | None] | None:
         """How a tensor feeds the sketch: ("right" | "left", layer, part), or None when it does not."""
-        if self.probe is None or len(info.shape) != 2 or not info.name.endswith(".weight"):
+        if (self.probe is None or len(info.shape) != 2 or not info.name.endswith(".weight")
+                or info.name not in self._members):
             return None
         layer = _layer_of(info.name)
         leaf = _leaf(info.name)
@@ -458,15 +487,19 @@ class SketchBuilder:
             return
         assert part is not None
         block = self._blocks.setdefault(layer, _Block())
+        split: dict[str, torch.Tensor] | None = {part: product}
         if part in ("qkv", "gate_up"):
             split = split_fused(part, product, heads_of(self.config, self.width))
             if split is None:
                 self._note_once("fused qkv projection does not match the config's head counts: attention units skipped")
-            else:
-                block.parts.update(split)
+                return
+        expert = naming.expert_of(info.name)
+        assert split is not None
+        if expert is not None:
+            block.experts.update({(name, expert): value for name, value in split.items() if name in MLP_AXES})
         else:
-            block.parts[part] = product
-        if {"q", "k", "v", "o", "gate", "up", "down"} <= set(block.parts):
+            block.parts.update(split)
+        if {"q", "k", "v", "o", "gate", "up", "down"} <= set(block.parts) and layer not in self._moe_layers:
             self._close(layer)
 
     def _note_once(self, note: str) -> None:
@@ -475,7 +508,8 @@ class SketchBuilder:
 
     def _close(self, layer: int) -> None:
         """Form the layer's units from its probe products and drop the buffers."""
-        parts = self._blocks.pop(layer).parts
+        block = self._blocks.pop(layer)
+        parts = with_experts(block.parts, block.experts)
         for role, unit in layer_units(parts, heads_of(self.config, self.width), self._note_once).items():
             self._units[(role, layer)] = unit
 
@@ -557,23 +591,29 @@ def sketch_units(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], k
     product = head[head_rows[head_rows < head.shape[0]]] @ (probe * gain(None, _FINAL_NORMS)).T
     units[("head", None)] = product.T @ product
     shape = heads_of(config, width)
-    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    blocks: dict[int, _Block] = {}
     for name, weight in state.items():
         layer, part = _layer_of(name), _PARTS.get(_leaf(name))
         if layer is None or part is None or weight.dim() != 2 or not name.endswith(".weight"):
             continue
         if part in ("o", "down"):
-            if weight.shape[0] == width:
-                blocks.setdefault(layer, {})[part] = probe @ weight
+            if weight.shape[0] != width:
+                continue
+            split: dict[str, torch.Tensor] | None = {part: probe @ weight}
+        else:
+            if weight.shape[1] != width:
+                continue
+            norms = _ATTN_NORMS if part in ("q", "k", "v", "qkv") else _MLP_NORMS
+            right = weight @ (probe * gain(layer, norms)).T
+            split = split_fused(part, right, shape) if part in ("qkv", "gate_up") else {part: right}
+        if split is None:
             continue
-        if weight.shape[1] != width:
-            continue
-        norms = _ATTN_NORMS if part in ("q", "k", "v", "qkv") else _MLP_NORMS
-        right = weight @ (probe * gain(layer, norms)).T
-        split = split_fused(part, right, shape) if part in ("qkv", "gate_up") else {part: right}
-        if split is not None:
-            blocks.setdefault(layer, {}).update(split)
+        block, expert = blocks.setdefault(layer, _Block()), naming.expert_of(name)
+        if expert is None:
+            block.parts.update(split)
+        else:
+            block.experts.update({(n, expert): value for n, value in split.items() if n in MLP_AXES})
     for layer in sorted(blocks):
-        for role, unit in layer_units(blocks[layer], shape).items():
+        for role, unit in layer_units(with_experts(blocks[layer].parts, blocks[layer].experts), shape).items():
             units[(role, layer)] = unit
     return {key: normalise(unit, key[0] in SYMMETRIC_ROLES) for key, unit in units.items()}
