@@ -53,6 +53,17 @@ def score(a: dict[str, Any], b: dict[str, Any]) -> float:
     return result.score
 
 
+def sketch_matrices(fingerprint: Any) -> dict[tuple[str, Any], np.ndarray]:
+    return {(u["role"], u["layer"]): np.frombuffer(base64.b64decode(u["data"]), "<f2").astype(np.float32)
+            for u in fingerprint.sketch["units"]}
+
+
+def same_sketch(a: Any, b: Any) -> bool:
+    """The same sketch units, to float16 rounding (sums added in another order)."""
+    mine, theirs = sketch_matrices(a), sketch_matrices(b)
+    return mine.keys() == theirs.keys() and all(np.abs(mine[key] - theirs[key]).max() < 2e-3 for key in mine)
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_block_evidence_survives_function_preserving_edits_and_tells_seeds_apart(arch: str, tmp_path: Path) -> None:
     """Rotation, permutations, rescaling, fused/split re-publication, dead units and heads, a dead block after every
@@ -225,14 +236,8 @@ def test_a_mixture_of_experts_is_read_as_the_sum_over_its_experts(tmp_path: Path
     moe, renumbered, other = prints["moe"], prints["renumbered"], prints["other"]
     assert moe.blocks is not None and renumbered.blocks is not None
     assert score(renumbered.blocks, moe.blocks) > 0.999  # the same sum, added in another order
-
-    def units(fingerprint: Any) -> dict[tuple[str, Any], np.ndarray]:
-        return {(u["role"], u["layer"]): np.frombuffer(base64.b64decode(u["data"]), "<f2").astype(np.float32)
-                for u in fingerprint.sketch["units"]}
-
-    mine, theirs = units(moe), units(renumbered)
-    assert {role for role, _ in mine} >= {"mlp_gate", "mlp_ud"} and mine.keys() == theirs.keys()
-    assert all(np.abs(mine[key] - theirs[key]).max() < 2e-3 for key in mine)
+    assert {role for role, _ in sketch_matrices(moe)} >= {"mlp_gate", "mlp_ud"}
+    assert same_sketch(moe, renumbered)
     assert score(other.blocks, moe.blocks) < 0.3
     state = load_file(tmp_path / "moe" / "model.safetensors")
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
@@ -241,3 +246,50 @@ def test_a_mixture_of_experts_is_read_as_the_sum_over_its_experts(tmp_path: Path
     for n, layer in enumerate(recorded.layers):
         assert np.abs(recorded.ud[n] - live[layer][1].numpy()).max() < 2e-3
     assert ("mlp_ud", 0) in sketch_units(state, config)
+
+
+def test_gpt_neox_fused_heads_are_read_and_their_permutations_change_nothing(tmp_path: Path) -> None:
+    """GPT-NeoX (Pythia) fuses q, k and v within each head (`query_key_value`) and names its MLP dense_h_to_4h and
+    dense_4h_to_h: both evidences read them, a permutation of heads and of MLP units (checked function-preserving)
+    leaves both where they were, another seed's model scores low, and the live units are the recorded ones."""
+    import transformers
+
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.tiny import save_model
+
+    def neox(seed: int) -> Any:
+        torch.manual_seed(seed)
+        config = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, vocab_size=512, max_position_embeddings=256)
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+    model, heads, head_dim = neox(0), 4, 16
+    permuted = neox(0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    head_order, unit_order = torch.tensor([2, 0, 3, 1]), torch.randperm(128, generator=torch.Generator().manual_seed(3))
+    for i in range(2):
+        p = f"gpt_neox.layers.{i}."
+        for kind in ("weight", "bias"):
+            qkv = state[p + f"attention.query_key_value.{kind}"]
+            state[p + f"attention.query_key_value.{kind}"] = qkv.reshape(heads, -1, *qkv.shape[1:])[head_order] \
+                .reshape(qkv.shape)
+            state[p + f"mlp.dense_h_to_4h.{kind}"] = state[p + f"mlp.dense_h_to_4h.{kind}"][unit_order]
+        dense = state[p + "attention.dense.weight"]
+        state[p + "attention.dense.weight"] = dense.reshape(64, heads, head_dim)[:, head_order].reshape(64, 64)
+        state[p + "mlp.dense_4h_to_h.weight"] = state[p + "mlp.dense_4h_to_h.weight"][:, unit_order]
+    permuted.load_state_dict(state)
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens).logits, permuted(tokens).logits, atol=1e-4)
+    prints = {}
+    for name, m in (("base", model), ("permuted", permuted), ("other", neox(1))):
+        save_model(m, tmp_path / name)
+        prints[name] = fingerprint_artifact(resolve(tmp_path / name))
+    base = prints["base"]
+    assert {u["role"] for u in base.sketch["units"]} >= {"attn_qk", "attn_ov", "mlp_ud"} and base.blocks is not None
+    assert score(prints["permuted"].blocks, base.blocks) > 0.999 and score(prints["other"].blocks, base.blocks) < 0.3
+    assert same_sketch(prints["permuted"], base)
+    recorded = parse_blocks(base.blocks, "base")
+    live = block_units_of_state(model.state_dict(), model.config.to_dict())
+    for n, layer in enumerate(recorded.layers):
+        assert np.abs(recorded.ov[n] - live[layer][0].detach().numpy()).max() < 2e-3

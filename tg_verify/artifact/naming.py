@@ -34,13 +34,16 @@ PROJECTIONS: dict[str, str] = {
     "q_proj": "q", "wq": "q", "query": "q",
     "k_proj": "k", "wk": "k", "key": "k",
     "v_proj": "v", "wv": "v", "value": "v",
-    "qkv_proj": "qkv", "wqkv": "qkv",
+    "qkv_proj": "qkv", "wqkv": "qkv", "query_key_value": "qkv_heads",
     "o_proj": "o", "wo": "o", "out_proj": "o", "dense": "o",
     "gate_proj": "gate", "w1": "gate",
     "up_proj": "up", "w3": "up", "fc1": "up",
     "gate_up_proj": "gate_up",
     "down_proj": "down", "w2": "down", "fc2": "down",
+    "dense_h_to_4h": "up", "dense_4h_to_h": "down",  # GPT-NeoX
 }
+FUSED: tuple[str, ...] = ("qkv", "qkv_heads", "gate_up")  # parts that hold several (split by sketch.split_fused)
+ATTENTION_INPUTS: tuple[str, ...] = ("q", "k", "v", "qkv", "qkv_heads")  # read the residual through ATTN_NORMS
 
 
 def leaf(name: str) -> str:

@@ -30,7 +30,7 @@ import torch
 from tg_verify.artifact import naming
 from tg_verify.artifact.model import Artifact, TensorInfo
 from tg_verify.errors import InternalError, WeightValueError
-from tg_verify.fingerprint.sketch import architecture_of, heads_of, with_experts
+from tg_verify.fingerprint.sketch import architecture_of, heads_of, split_fused, with_experts
 
 BLOCKS_VERSION = "tgb2"
 RANK = 32  # r: the frame's width; 2 x r² float16 per layer (4 KiB)
@@ -114,16 +114,9 @@ def factors_from_parts(layer: int, parts: Mapping[str, torch.Tensor], gains: tup
 
 
 def split_parts(part: str, weight: torch.Tensor, shape: tuple[int, int, int] | None) -> dict[str, torch.Tensor] | None:
-    """A projection as the parts it holds: fused qkv / gate_up split by rows (None when the config does not fit)."""
-    if part == "gate_up":
-        half = weight.shape[0] // 2
-        return {"gate": weight[:half], "up": weight[half:]}
-    if part == "qkv":
-        if shape is None or weight.shape[0] != (shape[0] + 2 * shape[1]) * shape[2]:
-            return None
-        heads, kv, head_dim = shape
-        return {"v": weight[(heads + kv) * head_dim:]}
-    return {part: weight}
+    """A projection as the parts it holds: fused ones split by rows (sketch.split_fused; None when the config does
+    not fit)."""
+    return split_fused(part, weight, shape) if part in naming.FUSED else {part: weight}
 
 
 def frame_of(layers: Layers, width: int, rank: int = RANK, *, exact_width: int = EXACT_WIDTH,
@@ -276,7 +269,7 @@ class _BlockSource:
                     norms[module] = info
                     continue
                 part = naming.PROJECTIONS.get(module)
-                if part in ("v", "o", "up", "down", "qkv", "gate_up") and len(info.shape) == 2:
+                if part in ("v", "o", "up", "down", *naming.FUSED) and len(info.shape) == 2:
                     parts[(part, naming.expert_of(info.name))] = info
             self.plan[layer] = parts
             self.gains[layer] = (self._gain(norms, naming.ATTN_NORMS, offset),
@@ -295,7 +288,7 @@ class _BlockSource:
     def _assemble(self, layer: int, mlp: bool, fetch: Callable[[TensorInfo], torch.Tensor]) -> dict[str, torch.Tensor]:
         """The layer's v and o (and up and down, its experts' joined) from `fetch`ed weights; of a fused projection
         only the rows it needs."""
-        wanted = {"v", "o", "qkv"} | ({"up", "down", "gate_up"} if mlp else set())
+        wanted = {"v", "o", "qkv", "qkv_heads"} | ({"up", "down", "gate_up"} if mlp else set())
         parts: dict[str, torch.Tensor] = {}
         experts: dict[tuple[str, int], torch.Tensor] = {}
         for (part, expert), info in self.plan[layer].items():

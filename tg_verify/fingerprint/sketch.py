@@ -202,10 +202,17 @@ def heads_of(config: Mapping[str, Any], width: int) -> tuple[int, int, int] | No
 
 
 def split_fused(part: str, product: torch.Tensor, shape: tuple[int, int, int] | None) -> dict[str, torch.Tensor] | None:
-    """A fused projection's product split into its parts (rows), or None when the config does not fit it."""
+    """A fused projection (or its product) split into its parts by rows, or None when the config does not fit it:
+    gate_up as [gate; up], qkv as [q; k; v], qkv_heads (GPT-NeoX, Bloom) as [q; k; v] within each head."""
     if part == "gate_up":
         half = product.shape[0] // 2
         return {"gate": product[:half], "up": product[half:]}
+    if part == "qkv_heads":
+        if shape is None or shape[0] != shape[1] or product.shape[0] != 3 * shape[0] * shape[2]:
+            return None
+        heads, _, head_dim = shape
+        per_head = product.reshape(heads, 3, head_dim, product.shape[-1])
+        return {name: per_head[:, n].reshape(heads * head_dim, product.shape[-1]) for n, name in enumerate("qkv")}
     if shape is None or product.shape[0] != (shape[0] + 2 * shape[1]) * shape[2]:
         return None
     q_rows, kv_rows = shape[0] * shape[2], shape[1] * shape[2]
@@ -443,7 +450,7 @@ class SketchBuilder:
         _, layer, part = role
         if part == "head":
             return self._input_probe(self._gain(None, _FINAL_NORMS))
-        return self._input_probe(self._gain(layer, _ATTN_NORMS if part in ("q", "k", "v", "qkv") else _MLP_NORMS))
+        return self._input_probe(self._gain(layer, _ATTN_NORMS if part in naming.ATTENTION_INPUTS else _MLP_NORMS))
 
     def left_probe(self, info: TensorInfo) -> torch.Tensor | None:
         """The [k, out] probe P whose product P W the sketch needs (o_proj, down_proj), or None."""
@@ -488,7 +495,7 @@ class SketchBuilder:
         assert part is not None
         block = self._blocks.setdefault(layer, _Block())
         split: dict[str, torch.Tensor] | None = {part: product}
-        if part in ("qkv", "gate_up"):
+        if part in naming.FUSED:
             split = split_fused(part, product, heads_of(self.config, self.width))
             if split is None:
                 self._note_once("fused qkv projection does not match the config's head counts: attention units skipped")
@@ -603,9 +610,9 @@ def sketch_units(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], k
         else:
             if weight.shape[1] != width:
                 continue
-            norms = _ATTN_NORMS if part in ("q", "k", "v", "qkv") else _MLP_NORMS
+            norms = _ATTN_NORMS if part in naming.ATTENTION_INPUTS else _MLP_NORMS
             right = weight @ (probe * gain(layer, norms)).T
-            split = split_fused(part, right, shape) if part in ("qkv", "gate_up") else {part: right}
+            split = split_fused(part, right, shape) if part in naming.FUSED else {part: right}
         if split is None:
             continue
         block, expert = blocks.setdefault(layer, _Block()), naming.expert_of(name)
