@@ -293,3 +293,48 @@ def test_gpt_neox_fused_heads_are_read_and_their_permutations_change_nothing(tmp
     live = block_units_of_state(model.state_dict(), model.config.to_dict())
     for n, layer in enumerate(recorded.layers):
         assert np.abs(recorded.ov[n] - live[layer][0].detach().numpy()).max() < 2e-3
+
+
+def test_gpt2_conv1d_weights_are_read_as_the_linear_ones_they_transpose(tmp_path: Path) -> None:
+    """GPT-2 stores its projections as [in, out] (Conv1D) and names both output projections c_proj: read transposed
+    and by their module, a permutation of heads and of MLP units (checked function-preserving; either would move a
+    unit read the wrong way round) leaves both evidences where they were, and another seed's model scores low."""
+    import transformers
+
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.tiny import save_model
+
+    def gpt2(seed: int) -> Any:
+        torch.manual_seed(seed)
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=256)
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+    model, permuted, width = gpt2(0), gpt2(0), 64
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    heads = torch.tensor([2, 0, 3, 1]).repeat_interleave(16) * 16 + torch.arange(16).repeat(4)  # channel order
+    units = torch.randperm(4 * width, generator=torch.Generator().manual_seed(3))
+    for i in range(2):
+        p = f"transformer.h.{i}."
+        qkv = torch.cat([heads + n * width for n in range(3)])
+        state[p + "attn.c_attn.weight"] = state[p + "attn.c_attn.weight"][:, qkv]
+        state[p + "attn.c_attn.bias"] = state[p + "attn.c_attn.bias"][qkv]
+        state[p + "attn.c_proj.weight"] = state[p + "attn.c_proj.weight"][heads]
+        state[p + "mlp.c_fc.weight"] = state[p + "mlp.c_fc.weight"][:, units]
+        state[p + "mlp.c_fc.bias"] = state[p + "mlp.c_fc.bias"][units]
+        state[p + "mlp.c_proj.weight"] = state[p + "mlp.c_proj.weight"][units]
+    permuted.load_state_dict(state)
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens).logits, permuted(tokens).logits, atol=1e-4)
+    prints = {}
+    for name, m in (("base", model), ("permuted", permuted), ("other", gpt2(1))):
+        save_model(m, tmp_path / name)
+        prints[name] = fingerprint_artifact(resolve(tmp_path / name))
+    base = prints["base"]
+    assert {u["role"] for u in base.sketch["units"]} >= {"attn_qk", "attn_ov", "mlp_ud"} and base.blocks is not None
+    assert score(prints["permuted"].blocks, base.blocks) > 0.999 and score(prints["other"].blocks, base.blocks) < 0.3
+    assert same_sketch(prints["permuted"], base)
+    recorded = parse_blocks(base.blocks, "base")
+    live = block_units_of_state(model.state_dict(), model.config.to_dict())
+    for n, layer in enumerate(recorded.layers):
+        assert np.abs(recorded.ud[n] - live[layer][1].detach().numpy()).max() < 2e-3

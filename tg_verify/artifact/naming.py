@@ -42,6 +42,13 @@ PROJECTIONS: dict[str, str] = {
     "down_proj": "down", "w2": "down", "fc2": "down",
     "dense_h_to_4h": "up", "dense_4h_to_h": "down",  # GPT-NeoX
 }
+# Leaves whose part depends on the module above them: GPT-2's and Starcoder2's `c_proj` is the attention's output
+# under `attn` and the MLP's down projection under `mlp`.
+CONTEXT_PROJECTIONS: dict[tuple[str, str], str] = {
+    ("attn", "c_attn"): "qkv", ("attn", "c_proj"): "o", ("mlp", "c_fc"): "up", ("mlp", "c_proj"): "down",
+}
+# model_types whose projections store their weight as [in, out] (GPT-2's Conv1D), the transpose of nn.Linear's
+TRANSPOSED_MODEL_TYPES: tuple[str, ...] = ("gpt2",)
 FUSED: tuple[str, ...] = ("qkv", "qkv_heads", "gate_up")  # parts that hold several (split by sketch.split_fused)
 ATTENTION_INPUTS: tuple[str, ...] = ("q", "k", "v", "qkv", "qkv_heads")  # read the residual through ATTN_NORMS
 
@@ -96,5 +103,15 @@ def input_norm(norms: Mapping[str, _V], leaves: tuple[str, ...]) -> _V | None:
 
 
 def projection(name: str) -> str | None:
-    """The block part a projection weight is (q, k, v, qkv, o, gate, up, gate_up, down), or None."""
-    return PROJECTIONS.get(leaf(name))
+    """The block part a projection weight is (q, k, v, qkv, qkv_heads, o, gate, up, gate_up, down), or None."""
+    parts = name.split(".")
+    module = leaf(name)
+    part = PROJECTIONS.get(module)
+    if part is None and len(parts) >= 3:
+        part = CONTEXT_PROJECTIONS.get((parts[-3], module))
+    return part
+
+
+def transposed(config: Mapping[str, object] | None) -> bool:
+    """Whether this architecture stores its projections as [in, out] (GPT-2's Conv1D)."""
+    return (config or {}).get("model_type") in TRANSPOSED_MODEL_TYPES

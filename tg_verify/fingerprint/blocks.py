@@ -257,6 +257,7 @@ class _BlockSource:
         self.artifact, self.reader, self.shape, self.width, self.threads = artifact, reader, shape, width, threads
         self._lock = threading.Lock()
         offset = 1.0 if str((artifact.config or {}).get("model_type") or "").startswith("gemma") else 0.0
+        self.transposed = naming.transposed(artifact.config)
         # layer -> (part, expert index or None) -> tensor; a mixture of experts' MLPs are joined (sketch.with_experts)
         self.plan: dict[int, dict[tuple[str, int | None], TensorInfo]] = {}
         self.gains: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -268,7 +269,7 @@ class _BlockSource:
                 if len(info.shape) == 1 and module in naming.ATTN_NORMS + naming.MLP_NORMS:
                     norms[module] = info
                     continue
-                part = naming.PROJECTIONS.get(module)
+                part = naming.projection(info.name)
                 if part in ("v", "o", "up", "down", *naming.FUSED) and len(info.shape) == 2:
                     parts[(part, naming.expert_of(info.name))] = info
             self.plan[layer] = parts
@@ -294,7 +295,8 @@ class _BlockSource:
         for (part, expert), info in self.plan[layer].items():
             if part not in wanted:
                 continue
-            for name, value in (split_parts(part, fetch(info), self.shape) or {}).items():
+            weight = fetch(info).T if self.transposed else fetch(info)  # as nn.Linear holds it: [out, in]
+            for name, value in (split_parts(part, weight, self.shape) or {}).items():
                 if expert is None and name in ("v", "o", "up", "down"):
                     parts[name] = value
                 elif expert is not None and name in ("up", "down"):
@@ -389,9 +391,9 @@ def block_units_of_state(state: Mapping[str, torch.Tensor], config: Mapping[str,
         module = naming.leaf(name)
         if tensor.dim() == 1 and module in naming.ATTN_NORMS + naming.MLP_NORMS:
             gains.setdefault(layer, {})[module] = tensor + offset
-        part = naming.PROJECTIONS.get(module)
+        part = naming.projection(name)
         if part is not None and tensor.dim() == 2:
-            split = split_parts(part, tensor, shape)
+            split = split_parts(part, tensor.T if naming.transposed(config) else tensor, shape)
             expert = naming.expert_of(name)
             if split is None:
                 continue

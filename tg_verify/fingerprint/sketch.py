@@ -51,7 +51,6 @@ GLOBAL_ROLES: tuple[str, ...] = ("embed", "head")
 SYMMETRIC_ROLES: frozenset[str] = frozenset({"embed", "head", "mlp_gate"})
 
 # Tensor-name rules live in the artifact layer (one module for every reader of names).
-_PARTS = naming.PROJECTIONS
 _EMBEDDINGS, _HEADS = naming.EMBEDDINGS, naming.HEADS
 _ATTN_NORMS, _MLP_NORMS, _FINAL_NORMS = naming.ATTN_NORMS, naming.MLP_NORMS, naming.FINAL_NORMS
 _leaf, _layer_of = naming.leaf, naming.layer_of
@@ -191,7 +190,7 @@ def unit_rows(rows: torch.Tensor) -> torch.Tensor:
 
 def heads_of(config: Mapping[str, Any], width: int) -> tuple[int, int, int] | None:
     """(query heads, key/value heads, head dim) from a config, or None when it does not say."""
-    heads = config.get("num_attention_heads")
+    heads = config.get("num_attention_heads") or config.get("n_head")  # n_head: GPT-2's name
     if not isinstance(heads, int) or heads <= 0:
         return None
     kv = config.get("num_key_value_heads") or heads
@@ -282,10 +281,10 @@ def architecture_of(config: Mapping[str, Any], width: int, layers: int, vocab: i
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
     model_type = config.get("model_type")
+    heads = number("num_attention_heads") or number("n_head")
     return {"model_type": model_type if isinstance(model_type, str) else None, "hidden_size": width,
-            "layers": layers, "vocab": vocab, "heads": number("num_attention_heads"),
-            "kv_heads": number("num_key_value_heads") or number("num_attention_heads"),
-            "intermediate_size": number("intermediate_size")}
+            "layers": layers, "vocab": vocab, "heads": heads, "kv_heads": number("num_key_value_heads") or heads,
+            "intermediate_size": number("intermediate_size") or number("n_inner")}
 
 
 @dataclass
@@ -321,6 +320,7 @@ class SketchBuilder:
         self._head_from_embedding: torch.Tensor | None = None
         self._head_rows = torch.zeros(0, dtype=torch.int64)
         self._members = {t.name for t in artifact.tensors}  # the stream may hold more (a wrapper's towers)
+        self._transposed = naming.transposed(self.config)
         self._layer_ids = sorted({i for t in artifact.tensors if (i := _layer_of(t.name)) is not None})
         # layers with experts close when the stream ends: only then are all of their experts in
         self._moe_layers = {_layer_of(t.name) for t in artifact.tensors if naming.expert_of(t.name) is not None}
@@ -418,7 +418,9 @@ class SketchBuilder:
         return self.probe if gain is None else self.probe * gain[None, :]
 
     def _role(self, info: TensorInfo) -> tuple[str, int | None, str | None] | None:
-        """How a tensor feeds the sketch: ("right" | "left", layer, part), or None when it does not."""
+        """How a tensor feeds the sketch: ("right" | "left", layer, part), or None when it does not. The side is
+        the product of the projection as nn.Linear holds it (W [out, in]): input-side ones right, o and down left;
+        a transposed architecture's weight is Wᵀ, so its product is taken on the other side (`_stored_side`)."""
         if (self.probe is None or len(info.shape) != 2 or not info.name.endswith(".weight")
                 or info.name not in self._members):
             return None
@@ -431,31 +433,44 @@ class SketchBuilder:
             if leaf in _HEADS and width == self.width:
                 return "right", None, "head"
             return None
-        part = _PARTS.get(leaf)
+        part = naming.projection(info.name)
         if part is None or layer not in self._stored_layers:
             return None
+        if self._transposed:
+            out, width = width, out
         if part in ("o", "down"):
             return ("left", layer, part) if out == self.width else None
         return ("right", layer, part) if width == self.width else None
 
-    def right_probe(self, info: TensorInfo) -> torch.Tensor | None:
-        """The [k, in] matrix P diag(g) whose product W (P diag(g))ᵀ the sketch needs, or None.
+    def _stored_side(self, role: tuple[str, int | None, str | None]) -> str:
+        """The side of the stored weight the extractor multiplies for this role."""
+        side, layer, _ = role
+        if self._transposed and layer is not None:
+            return "left" if side == "right" else "right"
+        return side
 
-        Input-side projections (q, k, v, gate, up, fused ones) and the output head read the
-        residual stream through their norm's gain; the extractor returns the product to `add_products`.
-        """
-        role = self._role(info)
-        if role is None or role[0] != "right":
-            return None
-        _, layer, part = role
+    def _probe_for(self, role: tuple[str, int | None, str | None]) -> torch.Tensor:
+        """P diag(g) for what reads the residual stream (through its norm's gain), P for what writes it."""
+        side, layer, part = role
         if part == "head":
             return self._input_probe(self._gain(None, _FINAL_NORMS))
+        if side == "left":
+            assert self.probe is not None
+            return self.probe
         return self._input_probe(self._gain(layer, _ATTN_NORMS if part in naming.ATTENTION_INPUTS else _MLP_NORMS))
 
-    def left_probe(self, info: TensorInfo) -> torch.Tensor | None:
-        """The [k, out] probe P whose product P W the sketch needs (o_proj, down_proj), or None."""
+    def right_probe(self, info: TensorInfo) -> torch.Tensor | None:
+        """The [k, in] matrix whose product W (probe)ᵀ the sketch needs of the stored weight, or None: P diag(g) for
+        input-side projections (q, k, v, gate, up, fused ones) and the output head, which read the residual stream
+        through their norm's gain; P for a transposed o or down. The extractor returns it to `add_products`."""
         role = self._role(info)
-        return self.probe if role is not None and role[0] == "left" else None
+        return self._probe_for(role) if role is not None and self._stored_side(role) == "right" else None
+
+    def left_probe(self, info: TensorInfo) -> torch.Tensor | None:
+        """The [k, out] probe whose product (probe) W the sketch needs of the stored weight, or None: P for o_proj
+        and down_proj, P diag(g) for a transposed input-side projection."""
+        role = self._role(info)
+        return self._probe_for(role) if role is not None and self._stored_side(role) == "left" else None
 
     def right_rows(self, info: TensorInfo) -> torch.Tensor | None:
         """The rows of W (ascending) whose right product the sketch uses, when not all: the head's sample."""
@@ -479,9 +494,12 @@ class SketchBuilder:
         if role is None:
             return
         side, layer, part = role
-        product = right if side == "right" else left
+        stored_side = self._stored_side(role)
+        product = right if stored_side == "right" else left
         if product is None:
-            raise InternalError(f"sketch: tensor '{info.name}' needs its {side} probe product, none was given")
+            raise InternalError(f"sketch: tensor '{info.name}' needs its {stored_side} probe product, none was given")
+        if stored_side != side:
+            product = product.T  # of a transposed weight: the product nn.Linear's W would have given
         if layer is None:
             rows = self.right_rows(info)
             if rows is None or product.shape[0] != len(rows):
@@ -599,10 +617,13 @@ def sketch_units(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], k
     units[("head", None)] = product.T @ product
     shape = heads_of(config, width)
     blocks: dict[int, _Block] = {}
+    transposed = naming.transposed(config)
     for name, weight in state.items():
-        layer, part = _layer_of(name), _PARTS.get(_leaf(name))
+        layer, part = _layer_of(name), naming.projection(name)
         if layer is None or part is None or weight.dim() != 2 or not name.endswith(".weight"):
             continue
+        if transposed:
+            weight = weight.T
         if part in ("o", "down"):
             if weight.shape[0] != width:
                 continue
