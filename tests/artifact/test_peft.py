@@ -492,3 +492,23 @@ def test_adapter_errors_carry_their_file_and_field(config: dict[str, Any], tenso
     with pytest.raises(AdapterError) as raised:
         check_adapter(adapter, {"model.layers.0.self_attn.q_proj.weight": (64, 64)})
     assert raised.value.file == str(adapter.root / file) and raised.value.field == field
+
+
+def test_lora_on_a_multimodal_wrapper_merges_into_its_language_model_not_its_tower(tmp_path: Path) -> None:
+    """peft names a LLaVA's modules as the class holds them (`model.language_model.layers.0...`) while the published
+    base stores `language_model.model.layers.0...`; its vision tower has layers of the same names. The renaming may
+    only move base-model prefixes, so the update lands on the language model, as peft's own merge puts it."""
+    from tg_verify.tiny import build_wrapper
+
+    model = build_wrapper("llava", seed=2)
+    model.save_pretrained(tmp_path / "base")
+    expected = make_adapter(model, peft.LoraConfig(r=4, lora_alpha=8,
+                                                   target_modules=r".*language_model.*\.(q_proj|v_proj)"),
+                            tmp_path / "adapter")
+    published = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                 ("model.", ""))  # as save_pretrained writes the class's names; first match wins
+
+    def stored(name: str) -> str:
+        return next(new + name[len(old):] for old, new in published if name.startswith(old))
+
+    assert_merge_equals(tmp_path / "adapter", tmp_path / "base", {stored(k): v for k, v in expected.items()})

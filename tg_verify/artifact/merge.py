@@ -83,7 +83,8 @@ class MergedReader(AbstractContextManager["MergedReader"]):
             config=base.config, adapter_config=adapter.adapter_config, metadata=adapter.metadata,
             warnings=adapter.warnings + tuple(f.message for f in plan.findings if f.severity == "warning"),
             format=base.format, unexpected=base.unexpected, architecture=base.architecture,
-            other_weights=adapter.other_weights, vocabulary=base.vocabulary)
+            other_weights=adapter.other_weights, vocabulary=base.vocabulary, components=base.components,
+            text_config=base.text_config)
 
     def _adapter(self, info: TensorInfo) -> torch.Tensor:
         return self._adapter_reader.float32(info)

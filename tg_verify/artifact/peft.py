@@ -382,6 +382,12 @@ class MergePlan:
         return [f for f in self.findings if f.severity == "error"]
 
 
+# The path components a renaming may drop from adapter paths or add to them: base-model prefixes of causal LMs and
+# of multimodal wrappers' language models (artifact/loading.py's LANGUAGE_ROOTS), as peft and transformers add them.
+STRUCTURAL_PREFIXES: frozenset[str] = frozenset({"model", "transformer", "gpt_neox", "language_model", "base_model",
+                                                 "backbone", "decoder", "text_model", "llm"})
+
+
 def _rewrites(paths: Sequence[str], base_names: Iterable[str]) -> list[tuple[int, str]]:
     """Candidate (drop k leading components, add prefix P) rewrites from adapter module paths to base names."""
     names = list(base_names)
@@ -395,9 +401,10 @@ def _rewrites(paths: Sequence[str], base_names: Iterable[str]) -> list[tuple[int
                     full = tail + suffix
                     if name == full or name.endswith("." + full):
                         candidate = (k, name[: len(name) - len(full)])
-                        # only structural prefixes move ('model.', 'transformer.'), never layer indices
-                        moved = parts[:k] + candidate[1].split(".")
-                        if candidate not in candidates and not any(p.isdigit() for p in moved):
+                        # only structural prefixes move ('model.', 'transformer.', a wrapper's 'language_model.'),
+                        # never layer indices, nor a tower's ('vision_tower.encoder.' has layers of the same names)
+                        moved = [p for p in parts[:k] + candidate[1].split(".") if p]
+                        if candidate not in candidates and all(p in STRUCTURAL_PREFIXES for p in moved):
                             candidates.append(candidate)
     return candidates
 
