@@ -338,3 +338,36 @@ def test_gpt2_conv1d_weights_are_read_as_the_linear_ones_they_transpose(tmp_path
     live = block_units_of_state(model.state_dict(), model.config.to_dict())
     for n, layer in enumerate(recorded.layers):
         assert np.abs(recorded.ud[n] - live[layer][1].detach().numpy()).max() < 2e-3
+
+
+def test_a_parallel_blocks_mlp_reads_through_the_attentions_norm(tmp_path: Path) -> None:
+    """Phi (like GPT-J, Cohere, Falcon) has one norm per block that attention and MLP both read: rescaling it into
+    q, k, v and fc1 (checked function-preserving) leaves both evidences where they were."""
+    import transformers
+
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.tiny import save_model
+
+    torch.manual_seed(0)
+    config = transformers.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, vocab_size=512, max_position_embeddings=256)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    edited = transformers.AutoModelForCausalLM.from_config(config).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    scale = torch.exp(torch.randn(64, generator=torch.Generator().manual_seed(1)) * 0.7)
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            state[p + f"input_layernorm.{kind}"] = state[p + f"input_layernorm.{kind}"] * scale
+        for reader in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"):
+            state[p + f"{reader}.weight"] = state[p + f"{reader}.weight"] / scale[None, :]
+    edited.load_state_dict(state)
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens).logits, edited(tokens).logits, atol=1e-4)
+    prints = {}
+    for name, m in (("base", model), ("edited", edited)):
+        save_model(m, tmp_path / name)
+        prints[name] = fingerprint_artifact(resolve(tmp_path / name))
+    assert score(prints["edited"].blocks, prints["base"].blocks) > 0.999
+    assert same_sketch(prints["edited"], prints["base"])

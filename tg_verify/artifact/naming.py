@@ -26,6 +26,9 @@ ATTN_NORMS: tuple[str, ...] = ("input_layernorm", "attention_norm", "ln_1")
 # Each tuple in precedence order: a block with several (Gemma 2/3 also store post_attention_layernorm, which there
 # scales the attention's output) reads its input through the first one it has (input_norm).
 MLP_NORMS: tuple[str, ...] = ("pre_feedforward_layernorm", "post_attention_layernorm", "ffn_norm", "ln_2")
+# What an MLP reads its input through, in precedence order: its own norm, else (a parallel block: GPT-J, Phi,
+# Cohere, Falcon) the one norm the attention reads through too.
+MLP_INPUT_NORMS: tuple[str, ...] = MLP_NORMS + ATTN_NORMS
 FINAL_NORMS: tuple[str, ...] = ("norm", "final_layernorm", "ln_f", "final_norm", "final_layer_norm")
 NORMS: tuple[str, ...] = ATTN_NORMS + MLP_NORMS + FINAL_NORMS
 
@@ -39,7 +42,7 @@ PROJECTIONS: dict[str, str] = {
     "gate_proj": "gate", "w1": "gate",
     "up_proj": "up", "w3": "up", "fc1": "up",
     "gate_up_proj": "gate_up",
-    "down_proj": "down", "w2": "down", "fc2": "down",
+    "down_proj": "down", "w2": "down", "fc2": "down", "fc_in": "up", "fc_out": "down",  # fc_in/fc_out: GPT-J
     "dense_h_to_4h": "up", "dense_4h_to_h": "down",  # GPT-NeoX
 }
 # Leaves whose part depends on the module above them: GPT-2's and Starcoder2's `c_proj` is the attention's output

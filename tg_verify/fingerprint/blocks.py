@@ -274,7 +274,7 @@ class _BlockSource:
                     parts[(part, naming.expert_of(info.name))] = info
             self.plan[layer] = parts
             self.gains[layer] = (self._gain(norms, naming.ATTN_NORMS, offset),
-                                 self._gain(norms, naming.MLP_NORMS, offset))
+                                 self._gain(norms, naming.MLP_INPUT_NORMS, offset))
         self.cache: dict[int, LayerFactors] = {}
         self.cache_bytes = 0
         self.usable: list[int] = []
@@ -405,7 +405,7 @@ def block_units_of_state(state: Mapping[str, torch.Tensor], config: Mapping[str,
     for layer in sorted(grouped):
         ones = torch.ones(width, dtype=state[embed].dtype)
         g = gains.get(layer, {})
-        attn, mlp = (naming.input_norm(g, leaves) for leaves in (naming.ATTN_NORMS, naming.MLP_NORMS))
+        attn, mlp = (naming.input_norm(g, leaves) for leaves in (naming.ATTN_NORMS, naming.MLP_INPUT_NORMS))
         parts = with_experts({n: v for n, v in grouped[layer].items() if n != "gate"}, experts.get(layer, {}))
         factors = factors_from_parts(layer, parts, (ones if attn is None else attn,
                                                              ones if mlp is None else mlp), shape, width)

@@ -457,7 +457,8 @@ class SketchBuilder:
         if side == "left":
             assert self.probe is not None
             return self.probe
-        return self._input_probe(self._gain(layer, _ATTN_NORMS if part in naming.ATTENTION_INPUTS else _MLP_NORMS))
+        return self._input_probe(self._gain(layer, _ATTN_NORMS if part in naming.ATTENTION_INPUTS
+                                            else naming.MLP_INPUT_NORMS))
 
     def right_probe(self, info: TensorInfo) -> torch.Tensor | None:
         """The [k, in] matrix whose product W (probe)ᵀ the sketch needs of the stored weight, or None: P diag(g) for
@@ -631,7 +632,7 @@ def sketch_units(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], k
         else:
             if weight.shape[1] != width:
                 continue
-            norms = _ATTN_NORMS if part in naming.ATTENTION_INPUTS else _MLP_NORMS
+            norms = _ATTN_NORMS if part in naming.ATTENTION_INPUTS else naming.MLP_INPUT_NORMS
             right = weight @ (probe * gain(layer, norms)).T
             split = split_fused(part, right, shape) if part in naming.FUSED else {part: right}
         if split is None:
