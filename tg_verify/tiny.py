@@ -104,26 +104,31 @@ def build_wrapper(kind: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def save_published_moe(directory: str | os.PathLike[str], seed: int = 0, experts: int = 4,
-                       order: list[int] | None = None) -> Path:
-    """A tiny Mixtral saved as published checkpoints store it (each expert's w1/w2/w3 a tensor of its own,
-    `block_sparse_moe.gate` the router), its experts renumbered by `order` (router rows with them: the same model).
-
-    transformers >= 5 holds the experts fused into 3-D tensors in memory; Mixtral-8x7B and its fine-tunes ship
-    them one by one, which is what tg-verify reads."""
+def build_moe(seed: int = 0, experts: int = 4) -> torch.nn.Module:
+    """A randomly initialised tiny Mixtral (transformers >= 5 holds each block's experts fused in 3-D tensors)."""
     import transformers
-    from safetensors.torch import save_file
 
     sizes: dict[str, Any] = dict(_SIZES["small"])
     config = transformers.MixtralConfig(**sizes, vocab_size=512, max_position_embeddings=256,
                                         num_local_experts=experts, num_experts_per_tok=2)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
-    order = list(range(experts)) if order is None else order
+    model: torch.nn.Module = transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    return model.eval()
+
+
+def save_published_moe(model: torch.nn.Module, directory: str | os.PathLike[str],
+                       order: list[int] | None = None) -> Path:
+    """A tiny Mixtral (build_moe) saved as published checkpoints store it (each expert's w1/w2/w3 a tensor of its
+    own, `block_sparse_moe.gate` the router), its experts renumbered by `order` (router rows with them: the same
+    model). Mixtral-8x7B and its fine-tunes ship them so; save_model writes the 3-D form transformers >= 5 holds."""
+    from safetensors.torch import save_file
+
+    config: Any = model.config
+    order = list(range(config.num_local_experts)) if order is None else order
     state: dict[str, torch.Tensor] = {}
     for name, value in model.state_dict().items():
         prefix, _, rest = name.partition("mlp.")
-        if rest == "experts.gate_up_proj":
+        if rest == "experts.gate_up_proj":  # [experts, 2 x intermediate, hidden]: gate rows, then up rows
             half = value.shape[1] // 2
             for new, old in enumerate(order):
                 state[f"{prefix}block_sparse_moe.experts.{new}.w1.weight"] = value[old, :half].clone()

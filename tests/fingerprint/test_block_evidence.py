@@ -229,11 +229,17 @@ def test_a_mixture_of_experts_is_read_as_the_sum_over_its_experts(tmp_path: Path
 
     from tg_verify.fingerprint.extract import fingerprint_artifact
     from tg_verify.fingerprint.sketch import sketch_units
-    from tg_verify.tiny import save_published_moe
+    from tg_verify.tiny import build_moe, save_model, save_published_moe
 
-    prints = {name: fingerprint_artifact(resolve(save_published_moe(tmp_path / name, seed=seed, order=order)))
-              for name, seed, order in (("moe", 0, None), ("renumbered", 0, [2, 0, 3, 1]), ("other", 1, None))}
+    model = build_moe(seed=0)
+    prints = {name: fingerprint_artifact(resolve(save_published_moe(m, tmp_path / name, order=order)))
+              for name, m, order in (("moe", model, None), ("renumbered", model, [2, 0, 3, 1]),
+                                     ("other", build_moe(seed=1), None))}
     moe, renumbered, other = prints["moe"], prints["renumbered"], prints["other"]
+    # the same model as transformers >= 5 saves it, every block's experts in 3-D tensors: the same block evidence
+    native = fingerprint_artifact(resolve(save_model(model, tmp_path / "native")))
+    assert native.blocks is not None and score(native.blocks, moe.blocks) > 0.999
+    live_native = block_units_of_state(model.state_dict(), model.config.to_dict())
     assert moe.blocks is not None and renumbered.blocks is not None
     assert score(renumbered.blocks, moe.blocks) > 0.999  # the same sum, added in another order
     assert {role for role, _ in sketch_matrices(moe)} >= {"mlp_gate", "mlp_ud"}
@@ -245,6 +251,7 @@ def test_a_mixture_of_experts_is_read_as_the_sum_over_its_experts(tmp_path: Path
     live = block_units_of_state(state, config)
     for n, layer in enumerate(recorded.layers):
         assert np.abs(recorded.ud[n] - live[layer][1].numpy()).max() < 2e-3
+        assert np.abs(recorded.ud[n] - live_native[layer][1].detach().numpy()).max() < 2e-3
     assert ("mlp_ud", 0) in sketch_units(state, config)
 
 

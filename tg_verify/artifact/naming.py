@@ -68,6 +68,16 @@ def layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# Every expert of a block in one 3-D tensor [experts, out, in], as transformers >= 5 holds (and saves) them.
+FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|up_proj|gate_proj|down_proj)$")
+
+
+def fused_experts(name: str) -> str | None:
+    """The part (gate_up, up, gate, down) a 3-D all-experts tensor holds, by its name, or None."""
+    match = FUSED_EXPERTS.search(name)
+    return PROJECTIONS[match.group(1)] if match else None
+
+
 def expert_of(name: str) -> int | None:
     """The expert index in a mixture-of-experts projection's name, or None (a dense or shared-expert projection)."""
     match = EXPERT.search(name)

@@ -43,6 +43,7 @@ FLATTEN = 0.25  # each unit's rows and columns weighted by (eigenvalue / mean)^-
 MIN_RELATIVE_EIGENVALUE = 1e-3  # eigenvalues below this share of the mean weigh as if they had it (rank-poor S)
 _START_SEED = 0xB10C  # the iteration's start vectors: fixed, so every model starts alike
 ROLES: tuple[str, ...] = ("attn_ov", "mlp_ud")
+ALL_EXPERTS = -1  # a plan's expert index for a 3-D tensor that holds every expert of its block
 _T = TypeVar("_T")
 
 
@@ -217,7 +218,7 @@ def build_blocks(artifact: Artifact, reader: Any, *, rank: int = RANK, exact_wid
     by_layer: dict[int, list[TensorInfo]] = {}
     for info in artifact.tensors:
         layer = naming.layer_of(info.name)
-        if layer is not None and info.name.endswith(".weight"):
+        if layer is not None and (info.name.endswith(".weight") or naming.fused_experts(info.name)):
             by_layer.setdefault(layer, []).append(info)
     width = int(embedding.shape[1]) if embedding is not None else _width_from(config)
     shape = heads_of(config, width) if width else None
@@ -272,6 +273,8 @@ class _BlockSource:
                 part = naming.projection(info.name)
                 if part in ("v", "o", "up", "down", *naming.FUSED) and len(info.shape) == 2:
                     parts[(part, naming.expert_of(info.name))] = info
+                elif (fused := naming.fused_experts(info.name)) is not None and len(info.shape) == 3:
+                    parts[(fused, ALL_EXPERTS)] = info
             self.plan[layer] = parts
             self.gains[layer] = (self._gain(norms, naming.ATTN_NORMS, offset),
                                  self._gain(norms, naming.MLP_INPUT_NORMS, offset))
@@ -296,6 +299,11 @@ class _BlockSource:
             if part not in wanted:
                 continue
             weight = fetch(info).T if self.transposed else fetch(info)  # as nn.Linear holds it: [out, in]
+            if expert == ALL_EXPERTS:  # [experts, out, in]: each expert's slice, numbered by its place
+                for number, one in enumerate(weight.unbind(0)):
+                    experts.update({(name, number): value for name, value in (split_parts(part, one, None) or {})
+                                    .items() if name in ("up", "down")})
+                continue
             for name, value in (split_parts(part, weight, self.shape) or {}).items():
                 if expert is None and name in ("v", "o", "up", "down"):
                     parts[name] = value
@@ -386,11 +394,17 @@ def block_units_of_state(state: Mapping[str, torch.Tensor], config: Mapping[str,
     gains: dict[int, dict[str, torch.Tensor]] = {}  # layer -> norm leaf -> gain
     for name, tensor in state.items():
         layer = naming.layer_of(name)
-        if layer is None or not name.endswith(".weight"):
+        if layer is None or not (name.endswith(".weight") or naming.fused_experts(name)):
             continue
         module = naming.leaf(name)
         if tensor.dim() == 1 and module in naming.ATTN_NORMS + naming.MLP_NORMS:
             gains.setdefault(layer, {})[module] = tensor + offset
+        fused = naming.fused_experts(name)
+        if fused is not None and tensor.dim() == 3:
+            for number, one in enumerate(tensor.unbind(0)):
+                experts.setdefault(layer, {}).update({(n, number): v for n, v in (split_parts(fused, one, None) or {})
+                                                      .items() if n in ("up", "down")})
+            continue
         part = naming.projection(name)
         if part is not None and tensor.dim() == 2:
             split = split_parts(part, tensor.T if naming.transposed(config) else tensor, shape)
