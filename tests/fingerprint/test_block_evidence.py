@@ -255,14 +255,37 @@ def test_a_mixture_of_experts_is_read_as_the_sum_over_its_experts(tmp_path: Path
     assert ("mlp_ud", 0) in sketch_units(state, config)
 
 
+def assert_same_evidence(model: Any, edited: Any, directory: Path, other: Any = None) -> None:
+    """`edited` computes what `model` does (checked on random tokens); both evidences of the two agree, another
+    seed's `other` scores low on the blocks, and the live units are what the fingerprint records."""
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.tiny import save_model
+
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens).logits, edited(tokens).logits, atol=1e-4)
+    prints = {}
+    for name, m in (("base", model), ("edited", edited), ("other", other)):
+        if m is not None:
+            prints[name] = fingerprint_artifact(resolve(save_model(m, directory / name)))
+    base = prints["base"]
+    assert {u["role"] for u in base.sketch["units"]} >= {"attn_qk", "attn_ov", "mlp_ud"} and base.blocks is not None
+    assert score(prints["edited"].blocks, base.blocks) > 0.999 and same_sketch(prints["edited"], base)
+    if other is not None:
+        assert score(prints["other"].blocks, base.blocks) < 0.3
+    recorded = parse_blocks(base.blocks, "base")
+    live = block_units_of_state(model.state_dict(), model.config.to_dict())
+    for n, layer in enumerate(recorded.layers):
+        for mine, theirs in zip((recorded.ov[n], recorded.ud[n]), live[layer]):
+            assert np.abs(mine - theirs.detach().numpy()).max() < 2e-3
+
+
 def test_gpt_neox_fused_heads_are_read_and_their_permutations_change_nothing(tmp_path: Path) -> None:
     """GPT-NeoX (Pythia) fuses q, k and v within each head (`query_key_value`) and names its MLP dense_h_to_4h and
     dense_4h_to_h: both evidences read them, a permutation of heads and of MLP units (checked function-preserving)
     leaves both where they were, another seed's model scores low, and the live units are the recorded ones."""
     import transformers
 
-    from tg_verify.fingerprint.extract import fingerprint_artifact
-    from tg_verify.tiny import save_model
 
     def neox(seed: int) -> Any:
         torch.manual_seed(seed)
@@ -285,21 +308,7 @@ def test_gpt_neox_fused_heads_are_read_and_their_permutations_change_nothing(tmp
         state[p + "attention.dense.weight"] = dense.reshape(64, heads, head_dim)[:, head_order].reshape(64, 64)
         state[p + "mlp.dense_4h_to_h.weight"] = state[p + "mlp.dense_4h_to_h.weight"][:, unit_order]
     permuted.load_state_dict(state)
-    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.allclose(model(tokens).logits, permuted(tokens).logits, atol=1e-4)
-    prints = {}
-    for name, m in (("base", model), ("permuted", permuted), ("other", neox(1))):
-        save_model(m, tmp_path / name)
-        prints[name] = fingerprint_artifact(resolve(tmp_path / name))
-    base = prints["base"]
-    assert {u["role"] for u in base.sketch["units"]} >= {"attn_qk", "attn_ov", "mlp_ud"} and base.blocks is not None
-    assert score(prints["permuted"].blocks, base.blocks) > 0.999 and score(prints["other"].blocks, base.blocks) < 0.3
-    assert same_sketch(prints["permuted"], base)
-    recorded = parse_blocks(base.blocks, "base")
-    live = block_units_of_state(model.state_dict(), model.config.to_dict())
-    for n, layer in enumerate(recorded.layers):
-        assert np.abs(recorded.ov[n] - live[layer][0].detach().numpy()).max() < 2e-3
+    assert_same_evidence(model, permuted, tmp_path, other=neox(1))
 
 
 def test_gpt2_conv1d_weights_are_read_as_the_linear_ones_they_transpose(tmp_path: Path) -> None:
@@ -308,8 +317,6 @@ def test_gpt2_conv1d_weights_are_read_as_the_linear_ones_they_transpose(tmp_path
     unit read the wrong way round) leaves both evidences where they were, and another seed's model scores low."""
     import transformers
 
-    from tg_verify.fingerprint.extract import fingerprint_artifact
-    from tg_verify.tiny import save_model
 
     def gpt2(seed: int) -> Any:
         torch.manual_seed(seed)
@@ -330,21 +337,7 @@ def test_gpt2_conv1d_weights_are_read_as_the_linear_ones_they_transpose(tmp_path
         state[p + "mlp.c_fc.bias"] = state[p + "mlp.c_fc.bias"][units]
         state[p + "mlp.c_proj.weight"] = state[p + "mlp.c_proj.weight"][units]
     permuted.load_state_dict(state)
-    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.allclose(model(tokens).logits, permuted(tokens).logits, atol=1e-4)
-    prints = {}
-    for name, m in (("base", model), ("permuted", permuted), ("other", gpt2(1))):
-        save_model(m, tmp_path / name)
-        prints[name] = fingerprint_artifact(resolve(tmp_path / name))
-    base = prints["base"]
-    assert {u["role"] for u in base.sketch["units"]} >= {"attn_qk", "attn_ov", "mlp_ud"} and base.blocks is not None
-    assert score(prints["permuted"].blocks, base.blocks) > 0.999 and score(prints["other"].blocks, base.blocks) < 0.3
-    assert same_sketch(prints["permuted"], base)
-    recorded = parse_blocks(base.blocks, "base")
-    live = block_units_of_state(model.state_dict(), model.config.to_dict())
-    for n, layer in enumerate(recorded.layers):
-        assert np.abs(recorded.ud[n] - live[layer][1].detach().numpy()).max() < 2e-3
+    assert_same_evidence(model, permuted, tmp_path, other=gpt2(1))
 
 
 def test_a_parallel_blocks_mlp_reads_through_the_attentions_norm(tmp_path: Path) -> None:
@@ -352,8 +345,6 @@ def test_a_parallel_blocks_mlp_reads_through_the_attentions_norm(tmp_path: Path)
     q, k, v and fc1 (checked function-preserving) leaves both evidences where they were."""
     import transformers
 
-    from tg_verify.fingerprint.extract import fingerprint_artifact
-    from tg_verify.tiny import save_model
 
     torch.manual_seed(0)
     config = transformers.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -369,12 +360,4 @@ def test_a_parallel_blocks_mlp_reads_through_the_attentions_norm(tmp_path: Path)
         for reader in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"):
             state[p + f"{reader}.weight"] = state[p + f"{reader}.weight"] / scale[None, :]
     edited.load_state_dict(state)
-    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.allclose(model(tokens).logits, edited(tokens).logits, atol=1e-4)
-    prints = {}
-    for name, m in (("base", model), ("edited", edited)):
-        save_model(m, tmp_path / name)
-        prints[name] = fingerprint_artifact(resolve(tmp_path / name))
-    assert score(prints["edited"].blocks, prints["base"].blocks) > 0.999
-    assert same_sketch(prints["edited"], prints["base"])
+    assert_same_evidence(model, edited, tmp_path)
