@@ -26,6 +26,7 @@ from tg_verify.artifact.loading import (
     text_config_of,
 )
 from tg_verify.artifact.model import TensorInfo
+from tg_verify.artifact.summary import describe
 from tg_verify.fingerprint.extract import fingerprint_artifact
 from tg_verify.fingerprint.settings import FingerprintSettings
 from tg_verify.pipeline import verify
@@ -260,6 +261,9 @@ def test_a_multimodal_wrapper_is_read_as_its_language_model_beside_its_component
     assert {_language_name(t.name) for t in language.tensors} == expected
     assert set(artifact.components) == {t.name for t in artifact.tensors} - {t.name for t in language.tensors}
     assert artifact.components and all(_component(name) for name in artifact.components)
+    summary = describe(artifact)  # what `inspect --json` prints: the language model's dimensions, the towers' count
+    assert summary["config"]["hidden_size"] == text["hidden_size"]
+    assert summary["component_tensors"] == len(artifact.components)
 
 
 def test_a_wrapper_storing_its_language_model_twice_or_beside_stray_roots_is_refused_or_flagged(

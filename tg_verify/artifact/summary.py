@@ -97,7 +97,8 @@ def describe(artifact: Artifact, digests: dict[str, str] | None = None) -> dict[
         "artifact": {"name": shown(artifact.name), "path": shown(artifact.root), "layout": artifact.layout,
                      "format": artifact.format, "model_type": _json_safe(artifact.model_type),
                      "architecture": artifact.architecture},
-        "config": _excerpt(artifact.config, CONFIG_KEYS),
+        # a multimodal wrapper's dimensions are its language model's (text_config)
+        "config": _excerpt(artifact.text_config or artifact.config, CONFIG_KEYS),
         "adapter": _excerpt(artifact.adapter_config, ADAPTER_KEYS),
         "files": files,
         "tensor_count": len(artifact.tensors),
@@ -109,6 +110,7 @@ def describe(artifact: Artifact, digests: dict[str, str] | None = None) -> dict[
         "tensors": tensors,
         "unexpected_tensors": [{"name": shown(t.name), "file": shown(t.file), "dtype": t.dtype, "shape": list(t.shape)}
                                for t in artifact.unexpected],
+        "component_tensors": len(artifact.components),  # a wrapper's towers: fingerprinted, unchecked, no lineage
         "other_weights": [shown(name) for name in artifact.other_weights],
         "metadata": {shown(k): v for k, v in sorted(artifact.metadata.items())},
         "validation": {"status": "valid", "header_only": True,
