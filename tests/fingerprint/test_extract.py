@@ -365,8 +365,9 @@ def test_response_pass_products_equal_whole_weight_products(monkeypatch):
 @pytest.mark.parametrize("kind", WRAPPERS)
 def test_a_multimodal_wrapper_has_its_language_models_lineage_evidence_and_depth(kind, tmp_path):
     """The sketch and the block evidence of a wrapper are those of its language model published alone (a text-only
-    extraction is a derivative of the wrapper and the other way round); its tower and projector are fingerprinted
-    for the features, and num_layers is the language model's depth however deep the tower is."""
+    extraction is a derivative of the wrapper and the other way round); its tower and projector, whose loading no
+    grammar checks, move no feature (num_layers is the language model's depth however deep the tower is) and are
+    listed as left out."""
     import transformers
 
     wrapper = build_wrapper(kind)
@@ -383,4 +384,18 @@ def test_a_multimodal_wrapper_has_its_language_models_lineage_evidence_and_depth
     both = [fingerprint_artifact(resolve(tmp_path / name)) for name in ("wrapper", "alone")]
     assert both[0].sketch["units"] == both[1].sketch["units"] and both[0].blocks == both[1].blocks
     assert both[0].features["num_layers"] == text_config.num_hidden_layers == both[1].features["num_layers"]
-    assert both[0].features["total_params"] > both[1].features["total_params"]
+    assert both[0].features["total_params"] == both[1].features["total_params"]
+    components = resolve(tmp_path / "wrapper").components
+    assert components and both[0].extraction["component_tensors"] == list(components)
+    assert {t["name"] for t in both[0].tensors}.isdisjoint(components)
+    # a supplier's tensors under a tower's root (no runtime need load them) cannot move the fingerprint
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "wrapper" / "model.safetensors")
+    layer = next(t.name for t in resolve(tmp_path / "wrapper").language_model().tensors
+                 if t.name.endswith("layers.0.mlp.down_proj.weight"))
+    save_file({**state, "vision_tower.decoy.layers.0.mlp.down_proj.weight": state[layer] * 3},
+              str(tmp_path / "wrapper" / "model.safetensors"))
+    decoyed = fingerprint_artifact(resolve(tmp_path / "wrapper"))
+    assert decoyed.features == both[0].features and decoyed.blocks == both[0].blocks
+    assert "vision_tower.decoy.layers.0.mlp.down_proj.weight" in decoyed.extraction["component_tensors"]

@@ -185,7 +185,7 @@ LANGUAGE_ROOTS: tuple[tuple[str, str], ...] = (
     ("model.language_model.", "model."),  # as transformers >= 4.52 saves them
 )
 # A wrapper's components outside the language model, by their first name component (after an optional `model.`):
-# loaded by the runtime and fingerprinted as stored, but no grammar checks them and no lineage evidence reads them.
+# loaded by the runtime, but no grammar checks them, so nothing is fingerprinted of them.
 COMPONENT_ROOTS: tuple[str, ...] = ("vision_tower", "vision_model", "visual", "multi_modal_projector",
                                     "mm_projector", "image_newline", "audio_tower", "embed_vision", "embed_audio")
 _TEXT_ALIASES: dict[str, str] = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2"}  # Qwen2-VL's LM is Qwen2's
@@ -395,9 +395,9 @@ def _wrapped(tensors: Sequence[TensorInfo], config: Config, text: dict[str, Any]
     notes = list(language.notes)
     if components:
         roots = sorted({t.name.removeprefix("model.").split(".", 1)[0] for t in components})
-        notes.append(f"{len(components)} tensor(s) outside the language model ({', '.join(roots)}) are fingerprinted "
-                     f"as stored: no grammar checks which of them a runtime loads, and the lineage evidence reads "
-                     f"the language model's only")
+        notes.append(f"{len(components)} tensor(s) outside the language model ({', '.join(roots)}) are not "
+                     f"fingerprinted: no grammar says which of them a runtime loads, so the fingerprint and the "
+                     f"lineage evidence cover the language model alone (their files are still bound by digest)")
     order = {t.name: n for n, t in enumerate(tensors)}
     loaded = tuple(sorted((*language.loaded, *components), key=lambda t: order[t.name]))
     return LoadedSet(loaded, language.unexpected, grammar.family, tuple(notes),

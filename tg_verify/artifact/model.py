@@ -135,7 +135,7 @@ class Artifact:
     # tokenizer.ggml.tokens); None otherwise. Hashed with the file it comes from.
     vocabulary: tuple[bytes, ...] | None = None
     # A multimodal wrapper's loaded tensors outside its language model (vision tower, projector), and that model's
-    # config (config.json's text_config): the lineage evidence reads the language model alone (language_model()).
+    # config (config.json's text_config): the fingerprint covers the language model alone (language_model()).
     components: tuple[str, ...] = ()
     text_config: dict[str, Any] | None = None
 

@@ -110,7 +110,7 @@ def describe(artifact: Artifact, digests: dict[str, str] | None = None) -> dict[
         "tensors": tensors,
         "unexpected_tensors": [{"name": shown(t.name), "file": shown(t.file), "dtype": t.dtype, "shape": list(t.shape)}
                                for t in artifact.unexpected],
-        "component_tensors": len(artifact.components),  # a wrapper's towers: fingerprinted, unchecked, no lineage
+        "component_tensors": len(artifact.components),  # a wrapper's towers: bound by digest, not fingerprinted
         "other_weights": [shown(name) for name in artifact.other_weights],
         "metadata": {shown(k): v for k, v in sorted(artifact.metadata.items())},
         "validation": {"status": "valid", "header_only": True,

@@ -263,6 +263,7 @@ class _Pass:
     tracker: _Progress
     label: str
     release: Callable[[TensorInfo], None] | None  # the source's, where it can drop a tensor's stored bytes
+    components: tuple[str, ...] = ()  # a multimodal wrapper's tower tensors, left out (artifact is its language model)
 
 
 def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reader: TensorSource | None,
@@ -272,6 +273,9 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     the sketch and the digests; the reader it opened and the pool's threads are closed whatever happens."""
     settings = settings or FingerprintSettings()
     _check_digests(artifact, digests)
+    # a multimodal wrapper is fingerprinted as its language model: no grammar says which of its towers' tensors a
+    # runtime loads, so none of them may move a feature (their files stay bound by digest)
+    components, artifact = artifact.components, artifact.language_model()
     device = resolve_device(settings.device)
     label = model_name or artifact.name
     hashing = digests is None
@@ -280,7 +284,7 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
     if reader is None:
         reader = owned = open_reader(artifact)
     run = _Pass(artifact, [analysis_kind(info, artifact.format) for info in artifact.tensors], reader, settings,
-                tracker, label, getattr(reader, "release", None))
+                tracker, label, getattr(reader, "release", None), components)
     stop = threading.Event()
     # On CUDA one thread drives the device (whole-tensor products); a helper is then only there to hash.
     compute = workers if device.type == "cpu" else 1
@@ -288,8 +292,7 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
                       _hashing(artifact, tracker, stop, hash_threads(compute)) if hashing else None,
                       prelude_joins=compute > 1)
     try:
-        language = artifact.language_model()  # what the lineage evidence reads: a wrapper's towers left out
-        builder = SketchBuilder(language, run.source, settings) if settings.sketch else None
+        builder = SketchBuilder(artifact, run.source, settings) if settings.sketch else None
         records = _screen(run)
         analysed = _analyse_matrices(run, records, builder, pool, device)
         _require_analysed(run, analysed)
@@ -297,7 +300,7 @@ def _fingerprint(artifact: Artifact, settings: FingerprintSettings | None, reade
         sketch = builder.finish() if builder is not None else None
         # after the stream, one layer per computing thread, torch's own threads at one like every product here (they
         # thrash on thin products when the machine is shared: 10x slower measured)
-        blocks = (build_blocks(language, run.source, note=sketch["notes"].append, threads=compute)
+        blocks = (build_blocks(artifact, run.source, note=sketch["notes"].append, threads=compute)
                   if sketch is not None else None)
         if hashing:
             digests = pool.prelude_result()
@@ -406,15 +409,16 @@ def _require_analysed(run: _Pass, analysed: list[tuple[str, TensorStats]]) -> No
 def _summary(run: _Pass, records: list[dict[str, Any]], analysed: list[tuple[str, TensorStats]]
              ) -> tuple[dict[str, float], dict[str, Any]]:
     """The 16 features and the document's `extraction` record: what fed each feature, what was skipped and why,
-    the tensors stored but not loaded by the runtime (listed, never fingerprinted), the strategies drawn."""
+    the tensors stored but not loaded by the runtime and a wrapper's tower tensors (listed, never fingerprinted),
+    the strategies drawn."""
     artifact = run.artifact
-    # depth is the language model's: a wrapper's vision tower can have more blocks (Qwen2-VL: 32 against 28)
-    depth_names = [info.name for info in artifact.language_model().tensors]
-    features, summary = aggregate(analysed, depth_names, artifact.total_params)
+    features, summary = aggregate(analysed, [info.name for info in artifact.tensors], artifact.total_params)
     summary["degenerate_tensors"] = [r["name"] for r in records if r["analysis"] == "degenerate"]
     summary["skipped_tensors"] = {k: run.kinds.count(k) for k in ("one-dimensional", "not-float", "empty")}
     if artifact.unexpected:
         summary["unexpected_tensors"] = [info.name for info in artifact.unexpected]
+    if run.components:
+        summary["component_tensors"] = list(run.components)
     summary["strategies"] = {s: sum(1 for r in records if r.get("strategy") == s and r["analysis"] == "gradient")
                              for s in sorted({r["strategy"] for r in records if "strategy" in r})}
     return features, summary
