@@ -154,6 +154,13 @@ def test_experts_are_units_of_their_own_and_their_decoys_are_still_twins() -> No
     assert len(classify(infos(names), config, "m").loaded) == 6
     with pytest.raises(AmbiguousTensorError, match="no tensor-name grammar says"):
         classify(infos([*names, "zz.h.0.block_sparse_moe.experts.1.w1.weight"]), config, "m")
+    # the same block's experts fused in 3-D as well (transformers >= 5's form): which does a runtime load?
+    with pytest.raises(AmbiguousTensorError, match="both fused and one by one"):
+        classify(infos([*names, "model.layers.0.mlp.experts.down_proj"]), config, "m")
+    fused = ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"]
+    assert len(classify(infos(fused), config, "m").loaded) == 2
+    with pytest.raises(AmbiguousTensorError):
+        classify(infos([*fused, "zz.h.0.mlp.experts.down_proj"]), config, "m")
 
 
 # ------------------------------------------------------------------------------- the decoy attack, end to end

@@ -439,6 +439,9 @@ def _role(name: str) -> tuple[object, ...] | None:
     """The unit the fingerprint and the sketch read a tensor as, by name alone (artifact/naming.py): a global
     role, or (block index, expert index, module leaf, kind) for a projection or a norm; None for any other
     tensor."""
+    fused = naming.fused_experts(name)
+    if fused is not None:
+        return (naming.layer_of(name), "experts", fused)
     kind = name.rsplit(".", 1)[-1]
     if kind not in ("weight", "bias"):
         return None
@@ -456,7 +459,15 @@ def _refuse_role_twins(tensors: Sequence[TensorInfo], where: str, why: str = "no
     3 under different stacks) leave the runtime's choice unknown: refused, never first- or last-one-wins. This is
     what stops decoy tensors when config.json is withheld."""
     owner: dict[tuple[object, ...], str] = {}
+    experts: dict[int, tuple[bool, str]] = {}  # block -> (its experts fused in 3-D?, a tensor that says so)
     for info in tensors:
+        layer, fused = naming.layer_of(info.name), naming.fused_experts(info.name) is not None
+        if layer is not None and (fused or naming.expert_of(info.name) is not None):
+            form = experts.setdefault(layer, (fused, info.name))
+            if form[0] != fused:
+                raise AmbiguousTensorError(
+                    f"{where}: block {layer} stores its experts both fused and one by one ('{shown(form[1])}' and "
+                    f"'{shown(info.name)}'), and {why} which a runtime loads, so neither can be verified (remove one)")
         role = _role(info.name)
         if role is None:
             continue
