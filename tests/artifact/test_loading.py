@@ -288,3 +288,25 @@ def test_a_wrapper_storing_its_language_model_twice_or_beside_stray_roots_is_ref
     save_file(stray, str(directory / "model.safetensors"))
     artifact = resolve(directory)
     assert [t.name for t in artifact.unexpected] == ["decoy.model.layers.1.mlp.up_proj.weight"]
+
+
+def test_a_wrapper_whose_language_model_has_no_grammar_keeps_its_towers_apart(tmp_path: Path) -> None:
+    """Llama 3.2 Vision (mllama), Llama 4 and their kind: the language model has no grammar, so it is kept under the
+    generic rules, but its towers, whose layers share its leaf names, are still set apart (not refused as twins of
+    the language model's, as before); stored twice under two roots it is still ambiguous."""
+    directory, _ = wrapper_tree("llava", tmp_path / "llava")
+    config = json.loads((directory / "config.json").read_text())
+    config["text_config"]["model_type"] = "mystery_text"
+    (directory / "config.json").write_text(json.dumps(config))
+    artifact = resolve(directory)
+    assert artifact.architecture is None and artifact.components and not artifact.unexpected
+    assert any("'mystery_text' has no tensor-name grammar" in w for w in artifact.warnings)
+    language = artifact.language_model()
+    assert language.config is not None and language.config["model_type"] == "mystery_text"
+    assert not {t.name for t in language.tensors} & set(artifact.components)
+    state = load_file(directory / "model.safetensors")
+    up = state["language_model.model.layers.1.mlp.up_proj.weight"]
+    save_file(dict(state, **{"model.language_model.layers.1.mlp.up_proj.weight": up.clone()}),
+              str(directory / "model.safetensors"))
+    with pytest.raises(AmbiguousTensorError, match="same parameter"):
+        resolve(directory)

@@ -260,19 +260,18 @@ class _Bound:
 
 
 def text_config_of(config: Config | None) -> dict[str, Any] | None:
-    """A multimodal wrapper's language-model config (config.json's text_config, its tie_word_embeddings
-    inherited from the wrapper where it does not say), or None when config.json has its own grammar or no
-    text_config whose model_type has one."""
+    """A multimodal wrapper's language-model config (config.json's text_config, its model_type read through the
+    aliases and its tie_word_embeddings inherited from the wrapper where it does not say), or None when config.json
+    has a grammar of its own or no text_config."""
     if config is None or config.get("model_type") in _BY_MODEL_TYPE:
         return None
     text = config.get("text_config")
     if not isinstance(text, dict):
         return None
+    merged = dict(text)
     model_type = text.get("model_type")
-    model_type = _TEXT_ALIASES.get(model_type, model_type) if isinstance(model_type, str) else None
-    if model_type not in _BY_MODEL_TYPE:
-        return None
-    merged = {**text, "model_type": model_type}
+    if isinstance(model_type, str):
+        merged["model_type"] = _TEXT_ALIASES.get(model_type, model_type)
     if "tie_word_embeddings" not in text and isinstance(config.get("tie_word_embeddings"), bool):
         merged["tie_word_embeddings"] = config["tie_word_embeddings"]
     return merged
@@ -382,16 +381,18 @@ def _component(name: str) -> bool:
 
 
 def _wrapped(tensors: Sequence[TensorInfo], config: Config, text: dict[str, Any], where: str) -> LoadedSet:
-    """A multimodal wrapper: its language model checked by that model's grammar (text_config), its components
-    (vision tower, projector) kept as stored with generic checks, anything else unexpected."""
-    grammar = _BY_MODEL_TYPE[text["model_type"]]
-    if grammar.layers(text) is None:
-        return _generic(tensors, f"text_config has no usable {grammar.layers_key} for model_type {grammar.family}",
-                        where)
-    language = _by_grammar([t for t in tensors if not _component(t.name)], grammar, text, True, where,
-                           rename=_language_name)
+    """A multimodal wrapper: its components (vision tower, projector) set apart, never fingerprinted; its language
+    model checked by that model's grammar (text_config) where tg-verify has one, else by the generic rules."""
     components = [t for t in tensors if _component(t.name)]
-    _refuse_role_twins(components, where, "no tensor-name grammar says")
+    rest = [t for t in tensors if not _component(t.name)]
+    model_type = text.get("model_type")
+    grammar = _BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
+    if grammar is not None and grammar.layers(text) is not None:
+        language = _by_grammar(rest, grammar, text, True, where, rename=_language_name)
+    else:
+        why = (f"text_config has no usable {grammar.layers_key} for model_type {grammar.family}" if grammar else
+               f"text_config's model_type {shown(repr(model_type), 60)} has no tensor-name grammar in tg-verify")
+        language = _generic(rest, why, where, rename=_language_name)
     notes = list(language.notes)
     if components:
         roots = sorted({t.name.removeprefix("model.").split(".", 1)[0] for t in components})
@@ -400,7 +401,7 @@ def _wrapped(tensors: Sequence[TensorInfo], config: Config, text: dict[str, Any]
                      f"lineage evidence cover the language model alone (their files are still bound by digest)")
     order = {t.name: n for n, t in enumerate(tensors)}
     loaded = tuple(sorted((*language.loaded, *components), key=lambda t: order[t.name]))
-    return LoadedSet(loaded, language.unexpected, grammar.family, tuple(notes),
+    return LoadedSet(loaded, language.unexpected, language.architecture, tuple(notes),
                      components=tuple(t.name for t in components), text_config=text)
 
 
@@ -417,15 +418,25 @@ def _missing(bound: _Bound, grammar: Grammar, config: Config, causal: bool, pres
     return missing
 
 
-def _generic(tensors: Sequence[TensorInfo], why: str, where: str) -> LoadedSet:
+def _generic(tensors: Sequence[TensorInfo], why: str, where: str,
+             rename: Callable[[str], str] = lambda name: name) -> LoadedSet:
     """No grammar: keep every tensor, refuse a stored key that equals another with one leading component
-    added (the base-prefix rule every transformers model applies), and say the loaded set is unchecked."""
-    names = {info.name for info in tensors}
+    added (the base-prefix rule every transformers model applies; names read through `rename`, a wrapper's
+    roots), and say the loaded set is unchecked."""
+    names: dict[str, str] = {}
     for info in tensors:
-        head, dot, rest = info.name.partition(".")
+        name = rename(info.name)
+        if name in names:
+            raise AmbiguousTensorError(
+                f"{where}: tensors '{shown(names[name])}' and '{shown(info.name)}' would load into the same parameter "
+                f"'{shown(name)}'; which one a runtime uses depends on load order, so neither can be verified "
+                f"(remove one)")
+        names[name] = info.name
+    for name, stored in names.items():
+        head, dot, rest = name.partition(".")
         if dot and rest in names:
             raise AmbiguousTensorError(
-                f"{where}: tensors '{shown(rest)}' and '{shown(info.name)}' would load into the same parameter "
+                f"{where}: tensors '{shown(names[rest])}' and '{shown(stored)}' would load into the same parameter "
                 f"(transformers adds or strips the base-model prefix '{shown(head)}.'); which one a runtime uses "
                 f"depends on load order, so neither can be verified (remove one)")
     _refuse_role_twins(tensors, where, "no config.json says" if why == "no config.json" else
