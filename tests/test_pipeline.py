@@ -406,3 +406,27 @@ def test_a_forged_document_in_the_reference_cache_is_never_read_as_the_reference
     other = cache / f"{hashlib.sha256(b'other').hexdigest()}.json"
     other.write_bytes(entry.read_bytes())
     assert FingerprintCache(cache).get(other.stem, file_digests(resolve(base_dir))) is None
+
+
+def test_a_multimodal_candidate_is_verified_as_its_language_model(tmp_path: Path) -> None:
+    """A LLaVA whose language model is the declared base's passes on the lineage test, with a warning that its
+    towers are not fingerprinted; another LLaVA claiming the same base fails. The plumbing end to end (policy,
+    `model:` reference, report and attestation inputs), on untrained tiny models: identity, not detection."""
+    import transformers
+
+    from tg_verify.tiny import build_wrapper, save_model
+
+    wrapper = build_wrapper("llava", seed=0)
+    wrapper.save_pretrained(tmp_path / "candidate")
+    build_wrapper("llava", seed=1).save_pretrained(tmp_path / "impostor")
+    alone = transformers.AutoModelForCausalLM.from_config(wrapper.config.text_config)
+    alone.load_state_dict({k.replace("model.language_model.", "model."): v for k, v in wrapper.state_dict().items()
+                           if k.startswith(("model.language_model.", "lm_head."))})
+    save_model(alone, tmp_path / "base")
+    refs = f"references:\n  - id: text-base\n    family: llama\n    model: {tmp_path / 'base'}\n"
+    passed = run(tmp_path, tmp_path, f"  path: {tmp_path / 'candidate'}", "  base: text-base", refs=refs)
+    assert passed.passed and "TGV_LINEAGE_ESTABLISHED" in {f.code for f in passed.verdict.findings}
+    assert any(f.code == "TGV_ARTIFACT_WARNING" and "not fingerprinted" in f.message
+               for f in passed.verdict.findings)
+    failed = run(tmp_path, tmp_path, f"  path: {tmp_path / 'impostor'}", "  base: text-base", refs=refs)
+    assert "TGV_LINEAGE_NOT_ESTABLISHED" in fails(failed)
