@@ -310,3 +310,20 @@ def test_a_wrapper_whose_language_model_has_no_grammar_keeps_its_towers_apart(tm
               str(directory / "model.safetensors"))
     with pytest.raises(AmbiguousTensorError, match="same parameter"):
         resolve(directory)
+
+
+def test_a_wrapper_with_a_flat_config_is_read_as_its_language_model(tmp_path: Path) -> None:
+    """Qwen2-VL as first published: config.json holds the language model's keys at its top level beside a
+    vision_config, and no text_config. Its vision blocks must not be read as the language model's layers (they share
+    block indices, and outnumber them)."""
+    directory, _ = wrapper_tree("qwen2_vl", tmp_path / "qwen2_vl")
+    config = json.loads((directory / "config.json").read_text())
+    outer = {k: v for k, v in config.items() if k != "text_config"}
+    flat = {**outer, **config["text_config"], "model_type": "qwen2_vl"}
+    (directory / "config.json").write_text(json.dumps(flat))
+    artifact = resolve(directory)
+    assert artifact.architecture == "qwen2" and not artifact.unexpected
+    assert artifact.components and all(name.startswith("visual.") for name in artifact.components)
+    language = artifact.language_model()
+    assert language.config is not None and "vision_config" not in language.config
+    assert not any(t.name.startswith("visual.") for t in language.tensors)

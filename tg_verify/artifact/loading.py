@@ -188,7 +188,12 @@ LANGUAGE_ROOTS: tuple[tuple[str, str], ...] = (
 # loaded by the runtime, but no grammar checks them, so nothing is fingerprinted of them.
 COMPONENT_ROOTS: tuple[str, ...] = ("vision_tower", "vision_model", "visual", "multi_modal_projector",
                                     "mm_projector", "image_newline", "audio_tower", "embed_vision", "embed_audio")
-_TEXT_ALIASES: dict[str, str] = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2"}  # Qwen2-VL's LM is Qwen2's
+# Qwen2-VL's language model is Qwen2's (its text_config says qwen2_vl_text; its older, flat configs qwen2_vl)
+_TEXT_ALIASES: dict[str, str] = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen2_vl": "qwen2",
+                                 "qwen2_5_vl": "qwen2"}
+# Sub-configs of a wrapper's components: a config.json with one of these and no text_config is a wrapper whose
+# language model's config is its own top level (Qwen2-VL as first published)
+_COMPONENT_CONFIGS: tuple[str, ...] = ("vision_config", "audio_config")
 
 
 @dataclass(frozen=True)
@@ -260,12 +265,14 @@ class _Bound:
 
 
 def text_config_of(config: Config | None) -> dict[str, Any] | None:
-    """A multimodal wrapper's language-model config (config.json's text_config, its model_type read through the
-    aliases and its tie_word_embeddings inherited from the wrapper where it does not say), or None when config.json
-    has a grammar of its own or no text_config."""
+    """A multimodal wrapper's language-model config (config.json's text_config, or its own top level when it has
+    a tower's config and no text_config; the model_type read through the aliases, tie_word_embeddings inherited
+    from the wrapper where it does not say), or None when config.json has a grammar of its own or is no wrapper."""
     if config is None or config.get("model_type") in _BY_MODEL_TYPE:
         return None
     text = config.get("text_config")
+    if text is None and any(isinstance(config.get(key), dict) for key in _COMPONENT_CONFIGS):
+        text = {k: v for k, v in config.items() if k not in _COMPONENT_CONFIGS}
     if not isinstance(text, dict):
         return None
     merged = dict(text)
