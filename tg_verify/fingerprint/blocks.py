@@ -289,40 +289,34 @@ class _BlockSource:
             return torch.ones(self.width)
         return _finite(self.reader.float32(info), info, self.artifact) + offset
 
-    def _assemble(self, layer: int, mlp: bool, fetch: Callable[[TensorInfo], torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The layer's v and o (and up and down, its experts' joined) from `fetch`ed weights; of a fused projection
-        only the rows it needs."""
+    def _assemble(self, layer: int, mlp: bool, fetch: Callable[[TensorInfo], torch.Tensor],
+                  done: Callable[[TensorInfo], None] | None = None) -> dict[str, torch.Tensor]:
+        """The layer's v and o (and up and down, its experts' joined) as float32 copies of the `fetch`ed stored
+        weights: of a fused projection only the rows it needs are converted. `done(info)` after each tensor."""
         wanted = {"v", "o", "qkv", "qkv_heads"} | ({"up", "down", "gate_up"} if mlp else set())
         parts: dict[str, torch.Tensor] = {}
         experts: dict[tuple[str, int], torch.Tensor] = {}
         for (part, expert), info in self.plan[layer].items():
             if part not in wanted:
                 continue
-            weight = fetch(info).T if self.transposed else fetch(info)  # as nn.Linear holds it: [out, in]
-            if expert == ALL_EXPERTS:  # [experts, out, in]: each expert's slice, numbered by its place
-                for number, one in enumerate(weight.unbind(0)):
-                    experts.update({(name, number): value for name, value in (split_parts(part, one, None) or {})
-                                    .items() if name in ("up", "down")})
-                continue
-            for name, value in (split_parts(part, weight, self.shape) or {}).items():
-                if expert is None and name in ("v", "o", "up", "down"):
-                    parts[name] = value
-                elif expert is not None and name in ("up", "down"):
-                    experts[(name, expert)] = value
+            stored = fetch(info)
+            weight = stored.T if self.transposed else stored  # as nn.Linear holds it: [out, in]
+            pieces = (list(enumerate(weight.unbind(0))) if expert == ALL_EXPERTS  # [experts, out, in]: by place
+                      else [(expert, weight)])
+            for number, one in pieces:
+                for name, value in (split_parts(part, one, None if number is not None else self.shape) or {}).items():
+                    if number is None and name in ("v", "o", "up", "down"):
+                        parts[name] = value.to(torch.float32, copy=True)
+                    elif number is not None and name in ("up", "down"):
+                        experts[(name, number)] = value.to(torch.float32, copy=True)
+            if done is not None:
+                done(info)
         return with_experts(parts, experts)
 
     def _parts(self, layer: int, mlp: bool) -> dict[str, torch.Tensor]:
         """The layer's parts as fresh float32 copies (finiteness is checked on the units). Each tensor's stored
         bytes are released after (resident memory stays about one layer's)."""
-        release = getattr(self.reader, "release", None)
-
-        def fetch(info: TensorInfo) -> torch.Tensor:
-            value: torch.Tensor = self.reader.raw(info).to(torch.float32, copy=True)
-            if release is not None:
-                release(info)
-            return value
-
-        return self._assemble(layer, mlp, fetch)
+        return self._assemble(layer, mlp, self.reader.raw, getattr(self.reader, "release", None))
 
     def factors(self, layer: int, mlp: bool) -> LayerFactors | None:
         cached = self.cache.get(layer)
