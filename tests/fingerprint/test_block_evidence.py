@@ -361,3 +361,36 @@ def test_a_parallel_blocks_mlp_reads_through_the_attentions_norm(tmp_path: Path)
             state[p + f"{reader}.weight"] = state[p + f"{reader}.weight"] / scale[None, :]
     edited.load_state_dict(state)
     assert_same_evidence(model, edited, tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["multi-query", "grouped"])
+def test_falcon_fused_query_key_value_is_read_per_key_value_group(layout: str, tmp_path: Path) -> None:
+    """Falcon fuses q, k and v per key/value group (a multi-query model: one group; new_decoder_architecture: groups
+    of query heads, each with its key and value, read through ln_attn / ln_mlp): permuting the groups and the query
+    heads within them (checked function-preserving) leaves both evidences where they were."""
+    import transformers
+
+    options = ({"multi_query": True} if layout == "multi-query" else
+               {"new_decoder_architecture": True, "num_kv_heads": 2})
+
+    def falcon(seed: int) -> Any:
+        torch.manual_seed(seed)
+        config = transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           vocab_size=512, bias=False, **options)
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+    model, edited = falcon(0), falcon(0)
+    kv = 1 if layout == "multi-query" else 2
+    per_group, head_dim = 4 // kv, 16
+    groups = torch.arange(kv).flip(0)
+    within = torch.arange(per_group).flip(0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i in range(2):
+        p = f"transformer.h.{i}.self_attention."
+        qkv = state[p + "query_key_value.weight"].reshape(kv, per_group + 2, head_dim, 64)[groups]
+        qkv = torch.cat([qkv[:, within], qkv[:, per_group:]], dim=1)
+        state[p + "query_key_value.weight"] = qkv.reshape(-1, 64)
+        dense = state[p + "dense.weight"].reshape(64, kv, per_group, head_dim)[:, groups][:, :, within]
+        state[p + "dense.weight"] = dense.reshape(64, 64)
+    edited.load_state_dict(state)
+    assert_same_evidence(model, edited, tmp_path, other=falcon(1))

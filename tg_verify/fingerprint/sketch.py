@@ -193,7 +193,14 @@ def heads_of(config: Mapping[str, Any], width: int) -> tuple[int, int, int] | No
     heads = config.get("num_attention_heads") or config.get("n_head")  # n_head: GPT-2's name
     if not isinstance(heads, int) or heads <= 0:
         return None
-    kv = config.get("num_key_value_heads") or heads
+    # Falcon (and GPT-BigCode's multi_query): num_kv_heads counts only with new_decoder_architecture, else a
+    # multi-query model has one key/value head
+    if config.get("new_decoder_architecture") is True:
+        kv = config.get("num_kv_heads") or heads
+    elif config.get("multi_query") is True:
+        kv = 1
+    else:
+        kv = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or (width // heads)
     if not isinstance(kv, int) or not isinstance(head_dim, int) or kv <= 0 or heads % kv:
         return None
@@ -202,16 +209,18 @@ def heads_of(config: Mapping[str, Any], width: int) -> tuple[int, int, int] | No
 
 def split_fused(part: str, product: torch.Tensor, shape: tuple[int, int, int] | None) -> dict[str, torch.Tensor] | None:
     """A fused projection (or its product) split into its parts by rows, or None when the config does not fit it:
-    gate_up as [gate; up], qkv as [q; k; v], qkv_heads (GPT-NeoX, Bloom) as [q; k; v] within each head."""
+    gate_up as [gate; up], qkv as [q; k; v], qkv_heads per key/value group (GPT-NeoX, Bloom: [q; k; v] within each
+    head; Falcon: a group's query heads, then its key and value, multi-query a single group)."""
     if part == "gate_up":
         half = product.shape[0] // 2
         return {"gate": product[:half], "up": product[half:]}
-    if part == "qkv_heads":
-        if shape is None or shape[0] != shape[1] or product.shape[0] != 3 * shape[0] * shape[2]:
+    if part == "qkv_heads":  # per key/value group: its query heads, then its key, then its value
+        if shape is None or product.shape[0] != (shape[0] + 2 * shape[1]) * shape[2]:
             return None
-        heads, _, head_dim = shape
-        per_head = product.reshape(heads, 3, head_dim, product.shape[-1])
-        return {name: per_head[:, n].reshape(heads * head_dim, product.shape[-1]) for n, name in enumerate("qkv")}
+        heads, kv, head_dim = shape
+        grouped = product.reshape(kv, heads // kv + 2, head_dim, product.shape[-1])
+        return {"q": grouped[:, :-2].reshape(heads * head_dim, -1), "k": grouped[:, -2].reshape(kv * head_dim, -1),
+                "v": grouped[:, -1].reshape(kv * head_dim, -1)}
     if shape is None or product.shape[0] != (shape[0] + 2 * shape[1]) * shape[2]:
         return None
     q_rows, kv_rows = shape[0] * shape[2], shape[1] * shape[2]
