@@ -394,3 +394,30 @@ def test_falcon_fused_query_key_value_is_read_per_key_value_group(layout: str, t
         state[p + "dense.weight"] = dense.reshape(64, 64)
     edited.load_state_dict(state)
     assert_same_evidence(model, edited, tmp_path, other=falcon(1))
+
+
+def test_opt_reads_its_blocks_through_their_own_norms(tmp_path: Path) -> None:
+    """OPT names its norms self_attn_layer_norm and, inside each block, final_layer_norm (the MLP's): rescaling
+    both into the projections they feed (checked function-preserving) leaves both evidences where they were."""
+    import transformers
+
+    def opt(seed: int) -> Any:
+        torch.manual_seed(seed)
+        config = transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                        vocab_size=512, max_position_embeddings=256, word_embed_proj_dim=64)
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+    model, edited = opt(0), opt(0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(1)
+    for i in range(2):
+        p = f"model.decoder.layers.{i}."
+        for norm, readers in (("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                              ("final_layer_norm", ("fc1",))):
+            scale = torch.exp(torch.randn(64, generator=generator) * 0.7)
+            for kind in ("weight", "bias"):
+                state[p + f"{norm}.{kind}"] = state[p + f"{norm}.{kind}"] * scale
+            for reader in readers:
+                state[p + f"{reader}.weight"] = state[p + f"{reader}.weight"] / scale[None, :]
+    edited.load_state_dict(state)
+    assert_same_evidence(model, edited, tmp_path, other=opt(1))

@@ -22,10 +22,12 @@ EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 # Module leaves (the component before `.weight`/`.bias`) of the global tensors.
 EMBEDDINGS: tuple[str, ...] = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
 HEADS: tuple[str, ...] = ("lm_head", "embed_out", "output")
-ATTN_NORMS: tuple[str, ...] = ("input_layernorm", "attention_norm", "ln_1", "ln_attn")
+ATTN_NORMS: tuple[str, ...] = ("input_layernorm", "attention_norm", "ln_1", "ln_attn", "self_attn_layer_norm")
 # Each tuple in precedence order: a block with several (Gemma 2/3 also store post_attention_layernorm, which there
 # scales the attention's output) reads its input through the first one it has (input_norm).
-MLP_NORMS: tuple[str, ...] = ("pre_feedforward_layernorm", "post_attention_layernorm", "ffn_norm", "ln_2", "ln_mlp")
+# OPT names its MLP's norm final_layer_norm inside each block (outside the blocks the name is a final norm's).
+MLP_NORMS: tuple[str, ...] = ("pre_feedforward_layernorm", "post_attention_layernorm", "ffn_norm", "ln_2", "ln_mlp",
+                              "final_layer_norm")
 # What an MLP reads its input through, in precedence order: its own norm, else (a parallel block: GPT-J, Phi,
 # Cohere, Falcon) the one norm the attention reads through too.
 MLP_INPUT_NORMS: tuple[str, ...] = MLP_NORMS + ATTN_NORMS
