@@ -421,3 +421,27 @@ def test_opt_reads_its_blocks_through_their_own_norms(tmp_path: Path) -> None:
                 state[p + f"{reader}.weight"] = state[p + f"{reader}.weight"] / scale[None, :]
     edited.load_state_dict(state)
     assert_same_evidence(model, edited, tmp_path, other=opt(1))
+
+
+def test_mpt_reads_its_fused_projection_and_its_norms(tmp_path: Path) -> None:
+    """MPT names its norms norm_1 / norm_2, its fused projection Wqkv and its head count n_heads: rescaling the
+    norms into the projections they feed (checked function-preserving) leaves both evidences where they were."""
+    import transformers
+
+    def mpt(seed: int) -> Any:
+        torch.manual_seed(seed)
+        config = transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=512, expansion_ratio=2,
+                                        max_seq_len=256)
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+    model, edited = mpt(0), mpt(0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(1)
+    for i in range(2):
+        p = f"transformer.blocks.{i}."
+        for norm, reader in (("norm_1", "attn.Wqkv"), ("norm_2", "ffn.up_proj")):
+            scale = torch.exp(torch.randn(64, generator=generator) * 0.7)
+            state[p + f"{norm}.weight"] = state[p + f"{norm}.weight"] * scale
+            state[p + f"{reader}.weight"] = state[p + f"{reader}.weight"] / scale[None, :]
+    edited.load_state_dict(state)
+    assert_same_evidence(model, edited, tmp_path, other=mpt(1))

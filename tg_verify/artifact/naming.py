@@ -22,16 +22,17 @@ EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 # Module leaves (the component before `.weight`/`.bias`) of the global tensors.
 EMBEDDINGS: tuple[str, ...] = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
 HEADS: tuple[str, ...] = ("lm_head", "embed_out", "output")
-ATTN_NORMS: tuple[str, ...] = ("input_layernorm", "attention_norm", "ln_1", "ln_attn", "self_attn_layer_norm")
+ATTN_NORMS: tuple[str, ...] = ("input_layernorm", "attention_norm", "ln_1", "ln_attn", "self_attn_layer_norm",
+                               "norm_1")
 # Each tuple in precedence order: a block with several (Gemma 2/3 also store post_attention_layernorm, which there
 # scales the attention's output) reads its input through the first one it has (input_norm).
 # OPT names its MLP's norm final_layer_norm inside each block (outside the blocks the name is a final norm's).
 MLP_NORMS: tuple[str, ...] = ("pre_feedforward_layernorm", "post_attention_layernorm", "ffn_norm", "ln_2", "ln_mlp",
-                              "final_layer_norm")
+                              "final_layer_norm", "norm_2")
 # What an MLP reads its input through, in precedence order: its own norm, else (a parallel block: GPT-J, Phi,
 # Cohere, Falcon) the one norm the attention reads through too.
 MLP_INPUT_NORMS: tuple[str, ...] = MLP_NORMS + ATTN_NORMS
-FINAL_NORMS: tuple[str, ...] = ("norm", "final_layernorm", "ln_f", "final_norm", "final_layer_norm")
+FINAL_NORMS: tuple[str, ...] = ("norm", "final_layernorm", "ln_f", "final_norm", "final_layer_norm", "norm_f")
 NORMS: tuple[str, ...] = ATTN_NORMS + MLP_NORMS + FINAL_NORMS
 
 # Projection leaf -> the part of a block it is. Fused ones (qkv, gate_up) are split by the config's head counts.
@@ -39,7 +40,8 @@ PROJECTIONS: dict[str, str] = {
     "q_proj": "q", "wq": "q", "query": "q",
     "k_proj": "k", "wk": "k", "key": "k",
     "v_proj": "v", "wv": "v", "value": "v",
-    "qkv_proj": "qkv", "wqkv": "qkv", "query_key_value": "qkv_heads",
+    "qkv_proj": "qkv", "Wqkv": "qkv", "query_key_value": "qkv_heads",
+    "wqkv": "qkv_heads",  # InternLM2: per key/value group, as Falcon's
     "o_proj": "o", "wo": "o", "out_proj": "o", "dense": "o",
     "gate_proj": "gate", "w1": "gate",
     "up_proj": "up", "w3": "up", "fc1": "up",

@@ -190,7 +190,7 @@ def unit_rows(rows: torch.Tensor) -> torch.Tensor:
 
 def heads_of(config: Mapping[str, Any], width: int) -> tuple[int, int, int] | None:
     """(query heads, key/value heads, head dim) from a config, or None when it does not say."""
-    heads = config.get("num_attention_heads") or config.get("n_head")  # n_head: GPT-2's name
+    heads = config.get("num_attention_heads") or config.get("n_head") or config.get("n_heads")  # GPT-2's, MPT's
     if not isinstance(heads, int) or heads <= 0:
         return None
     # Falcon (and GPT-BigCode's multi_query): num_kv_heads counts only with new_decoder_architecture, else a
@@ -290,7 +290,7 @@ def architecture_of(config: Mapping[str, Any], width: int, layers: int, vocab: i
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
     model_type = config.get("model_type")
-    heads = number("num_attention_heads") or number("n_head")
+    heads = number("num_attention_heads") or number("n_head") or number("n_heads")
     return {"model_type": model_type if isinstance(model_type, str) else None, "hidden_size": width,
             "layers": layers, "vocab": vocab, "heads": heads, "kv_heads": number("num_key_value_heads") or heads,
             "intermediate_size": number("intermediate_size") or number("n_inner")}
