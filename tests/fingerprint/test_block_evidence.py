@@ -445,3 +445,28 @@ def test_mpt_reads_its_fused_projection_and_its_norms(tmp_path: Path) -> None:
             state[p + f"{reader}.weight"] = state[p + f"{reader}.weight"] / scale[None, :]
     edited.load_state_dict(state)
     assert_same_evidence(model, edited, tmp_path, other=mpt(1))
+
+
+def test_a_norm_it_does_not_know_is_named_in_a_note(tmp_path: Path) -> None:
+    """Gains it cannot absorb make a rescaling through them move the evidence (OPT's did, to 0.04, before its
+    names were known): a block's residual-width 1-D weight of an unknown name is named in the notes, while the
+    output and query/key norms that no residual reader goes through are not."""
+    from safetensors.torch import load_file, save_file
+
+    directory = T.from_model(build_model("llama", seed=2)).save(tmp_path / "model")
+    state = load_file(directory / "model.safetensors")
+    save_file({k.replace("input_layernorm", "mystery_norm"): v for k, v in state.items()},
+              str(directory / "model.safetensors"))
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "mystery"}))
+    notes: list[str] = []
+    artifact = resolve(directory)
+    with open_reader(artifact) as reader:
+        assert build_blocks(artifact, reader, note=notes.append) is not None
+    assert any("mystery_norm" in note and "not absorbed" in note for note in notes)
+    notes.clear()
+    gemma2 = T.from_model(build_model("gemma2", seed=2)).save(tmp_path / "gemma2")  # post_feedforward_layernorm
+    artifact = resolve(gemma2)
+    with open_reader(artifact) as reader:
+        build_blocks(artifact, reader, note=notes.append)
+    assert not any("not absorbed" in note for note in notes)

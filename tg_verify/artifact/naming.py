@@ -34,6 +34,9 @@ MLP_NORMS: tuple[str, ...] = ("pre_feedforward_layernorm", "post_attention_layer
 MLP_INPUT_NORMS: tuple[str, ...] = MLP_NORMS + ATTN_NORMS
 FINAL_NORMS: tuple[str, ...] = ("norm", "final_layernorm", "ln_f", "final_norm", "final_layer_norm", "norm_f")
 NORMS: tuple[str, ...] = ATTN_NORMS + MLP_NORMS + FINAL_NORMS
+# Norms no residual reader's input goes through (they scale a block's output, or queries and keys alone): the
+# lineage evidence has no gain of theirs to absorb.
+OUTPUT_NORMS: tuple[str, ...] = ("post_feedforward_layernorm", "q_norm", "k_norm", "q_layernorm", "k_layernorm")
 
 # Projection leaf -> the part of a block it is. Fused ones (qkv, gate_up) are split by the config's head counts.
 PROJECTIONS: dict[str, str] = {

@@ -235,6 +235,10 @@ def build_blocks(artifact: Artifact, reader: Any, *, rank: int = RANK, exact_wid
         return None
     if skipped:
         say(f"block evidence: layers {skipped} lack a projection it reads, or do not fit the config")
+    unknown = _unknown_gains(by_layer, width)
+    if unknown:
+        say(f"block evidence: 1-D weights it does not know as norms ({', '.join(unknown[:3])}) are not absorbed: "
+            f"a function-preserving rescaling through them would move this evidence")
     units, method = block_units(source.map, width, rank, exact_width=exact_width)
     return {
         "version": BLOCKS_VERSION, "rank": int(next(iter(units.values()))[0].shape[0]), "frame": method,
@@ -243,6 +247,15 @@ def build_blocks(artifact: Artifact, reader: Any, *, rank: int = RANK, exact_wid
         "units": [{"layer": layer, "attn_ov": encode(x), "mlp_ud": encode(y)}
                   for layer, (x, y) in sorted(units.items())],
     }
+
+
+def _unknown_gains(by_layer: Mapping[int, list[TensorInfo]], width: int) -> list[str]:
+    """The module leaves of residual-width 1-D weights in the blocks that are no norm naming knows (sorted): gains
+    the evidence cannot absorb, so rescaling through them is not an invariance of it."""
+    known = set(naming.NORMS + naming.OUTPUT_NORMS)
+    return sorted({naming.leaf(info.name) for infos in by_layer.values() for info in infos
+                   if len(info.shape) == 1 and info.shape[0] == width and info.name.endswith(".weight")
+                   and naming.leaf(info.name) not in known and naming.projection(info.name) is None})
 
 
 def _width_from(config: Mapping[str, Any]) -> int:
