@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,34 @@ def assert_same_evidence(model: Any, edited: Any, directory: Path, other: Any = 
             assert np.abs(mine - theirs.detach().numpy()).max() < 2e-3
 
 
+def seeded(config: Any) -> Callable[[int], Any]:
+    """A builder of `config`'s causal LM, randomly initialised from the seed it is given."""
+    import transformers
+
+    def build(seed: int) -> Any:
+        torch.manual_seed(seed)
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+    return build
+
+
+def rescaled_through_norms(model: Any, prefixes: list[str], norms: dict[str, tuple[str, ...]],
+                           seed: int = 1) -> dict[str, torch.Tensor]:
+    """`model`'s state with every norm's gain (and bias, where it has one) scaled per channel and the columns of
+    the projections it feeds divided back: the same function, each norm's scale drawn afresh."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    for p in prefixes:
+        for norm, readers in norms.items():
+            scale = torch.exp(torch.randn(state[p + f"{norm}.weight"].shape[0], generator=generator) * 0.7)
+            for kind in ("weight", "bias"):
+                if p + f"{norm}.{kind}" in state:
+                    state[p + f"{norm}.{kind}"] = state[p + f"{norm}.{kind}"] * scale
+            for reader in readers:
+                state[p + f"{reader}.weight"] = state[p + f"{reader}.weight"] / scale[None, :]
+    return state
+
+
 def test_gpt_neox_fused_heads_are_read_and_their_permutations_change_nothing(tmp_path: Path) -> None:
     """GPT-NeoX (Pythia) fuses q, k and v within each head (`query_key_value`) and names its MLP dense_h_to_4h and
     dense_4h_to_h: both evidences read them, a permutation of heads and of MLP units (checked function-preserving)
@@ -287,11 +316,8 @@ def test_gpt_neox_fused_heads_are_read_and_their_permutations_change_nothing(tmp
     import transformers
 
 
-    def neox(seed: int) -> Any:
-        torch.manual_seed(seed)
-        config = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                            num_attention_heads=4, vocab_size=512, max_position_embeddings=256)
-        return transformers.AutoModelForCausalLM.from_config(config).eval()
+    neox = seeded(transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, vocab_size=512, max_position_embeddings=256))
 
     model, heads, head_dim = neox(0), 4, 16
     permuted = neox(0)
@@ -318,10 +344,7 @@ def test_gpt2_conv1d_weights_are_read_as_the_linear_ones_they_transpose(tmp_path
     import transformers
 
 
-    def gpt2(seed: int) -> Any:
-        torch.manual_seed(seed)
-        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=256)
-        return transformers.AutoModelForCausalLM.from_config(config).eval()
+    gpt2 = seeded(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=256))
 
     model, permuted, width = gpt2(0), gpt2(0), 64
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -345,21 +368,13 @@ def test_a_parallel_blocks_mlp_reads_through_the_attentions_norm(tmp_path: Path)
     q, k, v and fc1 (checked function-preserving) leaves both evidences where they were."""
     import transformers
 
-
     torch.manual_seed(0)
     config = transformers.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                     num_attention_heads=4, vocab_size=512, max_position_embeddings=256)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     edited = transformers.AutoModelForCausalLM.from_config(config).eval()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    scale = torch.exp(torch.randn(64, generator=torch.Generator().manual_seed(1)) * 0.7)
-    for i in range(2):
-        p = f"model.layers.{i}."
-        for kind in ("weight", "bias"):
-            state[p + f"input_layernorm.{kind}"] = state[p + f"input_layernorm.{kind}"] * scale
-        for reader in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"):
-            state[p + f"{reader}.weight"] = state[p + f"{reader}.weight"] / scale[None, :]
-    edited.load_state_dict(state)
+    edited.load_state_dict(rescaled_through_norms(model, [f"model.layers.{i}." for i in range(2)], {
+        "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")}))
     assert_same_evidence(model, edited, tmp_path)
 
 
@@ -373,11 +388,8 @@ def test_falcon_fused_query_key_value_is_read_per_key_value_group(layout: str, t
     options = ({"multi_query": True} if layout == "multi-query" else
                {"new_decoder_architecture": True, "num_kv_heads": 2})
 
-    def falcon(seed: int) -> Any:
-        torch.manual_seed(seed)
-        config = transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                           vocab_size=512, bias=False, **options)
-        return transformers.AutoModelForCausalLM.from_config(config).eval()
+    falcon = seeded(transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              vocab_size=512, bias=False, **options))
 
     model, edited = falcon(0), falcon(0)
     kv = 1 if layout == "multi-query" else 2
@@ -401,24 +413,13 @@ def test_opt_reads_its_blocks_through_their_own_norms(tmp_path: Path) -> None:
     both into the projections they feed (checked function-preserving) leaves both evidences where they were."""
     import transformers
 
-    def opt(seed: int) -> Any:
-        torch.manual_seed(seed)
-        config = transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                                        vocab_size=512, max_position_embeddings=256, word_embed_proj_dim=64)
-        return transformers.AutoModelForCausalLM.from_config(config).eval()
+    opt = seeded(transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                        vocab_size=512, max_position_embeddings=256, word_embed_proj_dim=64))
 
     model, edited = opt(0), opt(0)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    generator = torch.Generator().manual_seed(1)
-    for i in range(2):
-        p = f"model.decoder.layers.{i}."
-        for norm, readers in (("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                              ("final_layer_norm", ("fc1",))):
-            scale = torch.exp(torch.randn(64, generator=generator) * 0.7)
-            for kind in ("weight", "bias"):
-                state[p + f"{norm}.{kind}"] = state[p + f"{norm}.{kind}"] * scale
-            for reader in readers:
-                state[p + f"{reader}.weight"] = state[p + f"{reader}.weight"] / scale[None, :]
+    state = rescaled_through_norms(model, [f"model.decoder.layers.{i}." for i in range(2)], {
+        "self_attn_layer_norm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "final_layer_norm": ("fc1",)})
     edited.load_state_dict(state)
     assert_same_evidence(model, edited, tmp_path, other=opt(1))
 
@@ -428,21 +429,12 @@ def test_mpt_reads_its_fused_projection_and_its_norms(tmp_path: Path) -> None:
     norms into the projections they feed (checked function-preserving) leaves both evidences where they were."""
     import transformers
 
-    def mpt(seed: int) -> Any:
-        torch.manual_seed(seed)
-        config = transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=512, expansion_ratio=2,
-                                        max_seq_len=256)
-        return transformers.AutoModelForCausalLM.from_config(config).eval()
+    mpt = seeded(transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=512, expansion_ratio=2,
+                                        max_seq_len=256))
 
     model, edited = mpt(0), mpt(0)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    generator = torch.Generator().manual_seed(1)
-    for i in range(2):
-        p = f"transformer.blocks.{i}."
-        for norm, reader in (("norm_1", "attn.Wqkv"), ("norm_2", "ffn.up_proj")):
-            scale = torch.exp(torch.randn(64, generator=generator) * 0.7)
-            state[p + f"{norm}.weight"] = state[p + f"{norm}.weight"] * scale
-            state[p + f"{reader}.weight"] = state[p + f"{reader}.weight"] / scale[None, :]
+    state = rescaled_through_norms(model, [f"transformer.blocks.{i}." for i in range(2)],
+                                   {"norm_1": ("attn.Wqkv",), "norm_2": ("ffn.up_proj",)})
     edited.load_state_dict(state)
     assert_same_evidence(model, edited, tmp_path, other=mpt(1))
 
