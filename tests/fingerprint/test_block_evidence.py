@@ -424,6 +424,28 @@ def test_opt_reads_its_blocks_through_their_own_norms(tmp_path: Path) -> None:
     assert_same_evidence(model, edited, tmp_path, other=opt(1))
 
 
+@pytest.mark.parametrize("family", ["apertus", "lfm2"])
+def test_newer_families_norm_names_are_absorbed(family: str, tmp_path: Path) -> None:
+    """Apertus (attention_layernorm, feedforward_layernorm) and LFM2 (operator_norm): rescaling their norms into
+    the projections they feed (checked function-preserving) leaves both evidences where they were."""
+    import transformers
+
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256, "pad_token_id": 0,
+             "bos_token_id": 1, "eos_token_id": 2}
+    attention = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    config, norms = {
+        "apertus": (transformers.ApertusConfig(**sizes),
+                    {"attention_layernorm": attention, "feedforward_layernorm": ("mlp.up_proj",)}),
+        "lfm2": (transformers.Lfm2Config(**sizes, layer_types=["full_attention"] * 2),
+                 {"operator_norm": attention, "ffn_norm": ("feed_forward.w1", "feed_forward.w3")}),
+    }[family]
+    build = seeded(config)
+    model, edited = build(0), build(0)
+    edited.load_state_dict(rescaled_through_norms(model, [f"model.layers.{i}." for i in range(2)], norms))
+    assert_same_evidence(model, edited, tmp_path, other=build(1))
+
+
 def test_mpt_reads_its_fused_projection_and_its_norms(tmp_path: Path) -> None:
     """MPT names its norms norm_1 / norm_2, its fused projection Wqkv and its head count n_heads: rescaling the
     norms into the projections they feed (checked function-preserving) leaves both evidences where they were."""

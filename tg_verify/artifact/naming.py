@@ -23,12 +23,12 @@ EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 EMBEDDINGS: tuple[str, ...] = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
 HEADS: tuple[str, ...] = ("lm_head", "embed_out", "output")
 ATTN_NORMS: tuple[str, ...] = ("input_layernorm", "attention_norm", "ln_1", "ln_attn", "self_attn_layer_norm",
-                               "norm_1")
+                               "norm_1", "attention_layernorm", "operator_norm")  # last two: Apertus, LFM2
 # Each tuple in precedence order: a block with several (Gemma 2/3 also store post_attention_layernorm, which there
 # scales the attention's output) reads its input through the first one it has (input_norm).
 # OPT names its MLP's norm final_layer_norm inside each block (outside the blocks the name is a final norm's).
 MLP_NORMS: tuple[str, ...] = ("pre_feedforward_layernorm", "post_attention_layernorm", "ffn_norm", "ln_2", "ln_mlp",
-                              "final_layer_norm", "norm_2")
+                              "final_layer_norm", "norm_2", "feedforward_layernorm", "pre_ff_layernorm")
 # What an MLP reads its input through, in precedence order: its own norm, else (a parallel block: GPT-J, Phi,
 # Cohere, Falcon) the one norm the attention reads through too.
 MLP_INPUT_NORMS: tuple[str, ...] = MLP_NORMS + ATTN_NORMS
@@ -36,7 +36,8 @@ FINAL_NORMS: tuple[str, ...] = ("norm", "final_layernorm", "ln_f", "final_norm",
 NORMS: tuple[str, ...] = ATTN_NORMS + MLP_NORMS + FINAL_NORMS
 # Norms no residual reader's input goes through (they scale a block's output, or queries and keys alone): the
 # lineage evidence has no gain of theirs to absorb.
-OUTPUT_NORMS: tuple[str, ...] = ("post_feedforward_layernorm", "q_norm", "k_norm", "q_layernorm", "k_layernorm")
+OUTPUT_NORMS: tuple[str, ...] = ("post_feedforward_layernorm", "q_norm", "k_norm", "q_layernorm", "k_layernorm",
+                                 "post_self_attn_layernorm", "post_mlp_layernorm")  # the last two: GLM-4
 
 # Projection leaf -> the part of a block it is. Fused ones (qkv, gate_up) are split by the config's head counts.
 PROJECTIONS: dict[str, str] = {

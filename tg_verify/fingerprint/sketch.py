@@ -334,8 +334,8 @@ class SketchBuilder:
         # layers with experts close when the stream ends: only then are all of their experts in
         self._moe_layers = {_layer_of(t.name) for t in artifact.tensors if naming.expert_of(t.name) is not None}
         if any(naming.fused_experts(t.name) for t in artifact.tensors):
-            self.notes.append("experts fused in 3-D tensors: their MLP units are not sketched (the block evidence "
-                              "reads them)")
+            self.notes.append("experts fused in 3-D tensors: their MLP units are not sketched (only the block "
+                              "evidence can read them)")
         self._stored_layers = set(self._select_layers(self._layer_ids, layer_budget(self.k)))
         self._gains: dict[tuple[int | None, str], torch.Tensor] = {}
         for info in artifact.tensors:
