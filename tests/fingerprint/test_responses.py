@@ -67,3 +67,22 @@ def test_fingerprint_through_the_whole_tensor_path_matches(tiny_models, monkeypa
         assert whole.features[name] == pytest.approx(value, rel=1e-5, abs=1e-9), name
     assert whole.file_digests == blocked.file_digests
     assert [u["role"] for u in whole.sketch["units"]] == [u["role"] for u in blocked.sketch["units"]]
+
+
+@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_project_gives_both_products_without_responses(whole, dtype, monkeypatch):
+    """`project` (the block evidence's MLP read): W right and left W of the stored weight, blocked or whole, equal to
+    the products of its float32 copy; 100-element blocks over 37-wide rows leave a partial last block."""
+    monkeypatch.setattr(responses, "BLOCK_ELEMENTS", 100)
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn((53, 37), generator=generator).to(dtype)
+    right, left = torch.randn((37, 5), generator=generator), torch.randn((4, 53), generator=generator)
+    engine = responses.ResponseEngine(CPU, weight.numel(), whole=whole)
+    engine.load(weight)
+    got_right, got_left = engine.project(right, left)
+    assert engine.project(None, None) == (None, None)
+    exact = weight.double()
+    assert got_right is not None and got_left is not None
+    torch.testing.assert_close(got_right.double(), exact @ right.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_left.double(), left.double() @ exact, rtol=1e-5, atol=1e-5)

@@ -22,7 +22,7 @@ import base64
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -30,7 +30,8 @@ import torch
 from tg_verify.artifact import naming
 from tg_verify.artifact.model import Artifact, TensorInfo
 from tg_verify.errors import InternalError, WeightValueError
-from tg_verify.fingerprint.sketch import architecture_of, heads_of, split_fused, with_experts
+from tg_verify.fingerprint.responses import ResponseEngine
+from tg_verify.fingerprint.sketch import architecture_of, heads_of, joined_experts, split_fused, with_experts
 
 BLOCKS_VERSION = "tgb2"
 RANK = 32  # r: the frame's width; 2 x r² float16 per layer (4 KiB)
@@ -44,13 +45,16 @@ MIN_RELATIVE_EIGENVALUE = 1e-3  # eigenvalues below this share of the mean weigh
 _START_SEED = 0xB10C  # the iteration's start vectors: fixed, so every model starts alike
 ROLES: tuple[str, ...] = ("attn_ov", "mlp_ud")
 ALL_EXPERTS = -1  # a plan's expert index for a 3-D tensor that holds every expert of its block
+_ATTENTION_PARTS = frozenset({"v", "o", "qkv", "qkv_heads"})  # the projections the attention's factors come from
+_MLP_PARTS = frozenset({"up", "down", "gate_up"})
 _T = TypeVar("_T")
 
 
 @dataclass
 class LayerFactors:
-    """One block's factors: OV = ov_left @ ov_right, UD = ud_left @ ud_right (float32, gains absorbed); the MLP's
-    are None where only the frame is being estimated."""
+    """One block's factors: OV = ov_left @ ov_right, UD = ud_left @ ud_right (float32, gains absorbed). The MLP's
+    are None where only the frame is being estimated, or where `mlp_in_frame` reads Vᵀ UD V from the stored weights
+    instead (an artifact's MLP is never held whole in float32)."""
 
     layer: int
     ov_left: torch.Tensor  # [d, kv * head_dim]: W_o with the heads of each key/value group summed
@@ -59,6 +63,7 @@ class LayerFactors:
     ud_right: torch.Tensor | None = None  # [m, d]: W_up diag(g_mlp)
     # (W_oᵀ W_o, W_v W_vᵀ) once computed, where the factors are thin enough that they pay (grouped-query attention)
     grams: tuple[torch.Tensor, torch.Tensor] | None = None
+    mlp_in_frame: Callable[[torch.Tensor], torch.Tensor] | None = None  # frame V -> Vᵀ UD V
 
     def frame_product(self, x: torch.Tensor) -> torch.Tensor:
         """(OV OVᵀ + OVᵀ OV) x = A (B Bᵀ) Aᵀ x + Bᵀ (Aᵀ A) B x, through the factors A = ov_left, B = ov_right."""
@@ -72,10 +77,12 @@ class LayerFactors:
 
     def units(self, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Vᵀ OV V and Vᵀ UD V."""
+        ov = (frame.T @ self.ov_left) @ (self.ov_right @ frame)
+        if self.mlp_in_frame is not None:
+            return ov, self.mlp_in_frame(frame)
         if self.ud_left is None or self.ud_right is None:
             raise InternalError(f"block evidence: layer {self.layer}'s MLP factors were not loaded")
-        return ((frame.T @ self.ov_left) @ (self.ov_right @ frame),
-                (frame.T @ self.ud_left) @ (self.ud_right @ frame))
+        return ov, (frame.T @ self.ud_left) @ (self.ud_right @ frame)
 
 
 class Layers(Protocol):
@@ -118,6 +125,38 @@ def split_parts(part: str, weight: torch.Tensor, shape: tuple[int, int, int] | N
     """A projection as the parts it holds: fused ones split by rows (sketch.split_fused; None when the config does
     not fit)."""
     return split_fused(part, weight, shape) if part in naming.FUSED else {part: weight}
+
+
+def mlp_pieces(parts: Mapping[str, torch.Tensor], experts: Mapping[tuple[str, int], torch.Tensor]
+               ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """A block's MLP as (down, up) pairs whose products sum to W_down W_up: its dense (shared-expert) part, then
+    each expert in index order, as sketch.with_experts joins them; None when it has no MLP or its experts do not
+    pair up."""
+    indices = joined_experts(parts, experts)
+    if indices is None or ("up" in parts) != ("down" in parts):
+        return None
+    pieces = [(parts["down"], parts["up"])] if "up" in parts else []
+    for expert in indices:
+        if ("up", expert) not in experts or ("down", expert) not in experts:
+            return None
+        pieces.append((experts[("down", expert)], experts[("up", expert)]))
+    return pieces or None
+
+
+def _streamed(engine: ResponseEngine, weight: torch.Tensor, right: torch.Tensor | None = None,
+              left: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """weight @ right and left @ weight (float32) by `engine`, in blocks of the stored rows: a transposed view
+    (GPT-2's Conv1D) is read as the stored matrix, with the products' roles swapped."""
+    if not weight.is_contiguous() and weight.T.is_contiguous():
+        engine.load(weight.T)
+        right_t, left_t = engine.project(None if left is None else left.T.contiguous(),
+                                         None if right is None else right.T.contiguous())
+        engine.unload()
+        return (None if left_t is None else left_t.T), (None if right_t is None else right_t.T)
+    engine.load(weight)
+    products = engine.project(right, left)
+    engine.unload()
+    return products
 
 
 def frame_of(layers: Layers, width: int, rank: int = RANK, *, exact_width: int = EXACT_WIDTH,
@@ -293,6 +332,7 @@ class _BlockSource:
                                  self._gain(norms, naming.MLP_INPUT_NORMS, offset))
         self.cache: dict[int, LayerFactors] = {}
         self.cache_bytes = 0
+        self._local = threading.local()  # each thread's ResponseEngine (its conversion buffer)
         self.usable: list[int] = []
 
     def _gain(self, norms: Mapping[str, TensorInfo], leaves: tuple[str, ...], offset: float) -> torch.Tensor:
@@ -302,62 +342,116 @@ class _BlockSource:
             return torch.ones(self.width)
         return _finite(self.reader.float32(info), info, self.artifact) + offset
 
-    def _assemble(self, layer: int, mlp: bool, fetch: Callable[[TensorInfo], torch.Tensor],
-                  done: Callable[[TensorInfo], None] | None = None) -> dict[str, torch.Tensor]:
-        """The layer's v and o (and up and down, its experts' joined) as float32 copies of the `fetch`ed stored
-        weights: of a fused projection only the rows it needs are converted. `done(info)` after each tensor."""
-        wanted = {"v", "o", "qkv", "qkv_heads"} | ({"up", "down", "gate_up"} if mlp else set())
+    def _gather(self, layer: int, wanted: frozenset[str], fetch: Callable[[TensorInfo], torch.Tensor]
+                ) -> tuple[dict[str, torch.Tensor], dict[tuple[str, int], torch.Tensor], list[TensorInfo]]:
+        """The layer's `wanted` projections as views of the `fetch`ed stored weights, oriented as nn.Linear holds
+        them ([out, in]), fused ones split, experts apart; and the tensors they came from."""
         parts: dict[str, torch.Tensor] = {}
         experts: dict[tuple[str, int], torch.Tensor] = {}
+        used: list[TensorInfo] = []
         for (part, expert), info in self.plan[layer].items():
             if part not in wanted:
                 continue
             stored = fetch(info)
-            weight = stored.T if self.transposed else stored  # as nn.Linear holds it: [out, in]
+            used.append(info)
+            weight = stored.T if self.transposed else stored
             pieces = (list(enumerate(weight.unbind(0))) if expert == ALL_EXPERTS  # [experts, out, in]: by place
                       else [(expert, weight)])
             for number, one in pieces:
                 for name, value in (split_parts(part, one, None if number is not None else self.shape) or {}).items():
-                    if number is None and name in ("v", "o", "up", "down"):
-                        parts[name] = value.to(torch.float32, copy=True)
+                    if number is None and name in wanted:
+                        parts[name] = value
                     elif number is not None and name in ("up", "down"):
-                        experts[(name, number)] = value.to(torch.float32, copy=True)
-            if done is not None:
-                done(info)
-        return with_experts(parts, experts)
+                        experts[(name, number)] = value
+        return parts, experts, used
 
-    def _parts(self, layer: int, mlp: bool) -> dict[str, torch.Tensor]:
-        """The layer's parts as fresh float32 copies (finiteness is checked on the units). Each tensor's stored
-        bytes are released after (resident memory stays about one layer's)."""
-        return self._assemble(layer, mlp, self.reader.raw, getattr(self.reader, "release", None))
+    def _release(self, infos: list[TensorInfo]) -> None:
+        release = getattr(self.reader, "release", None)
+        if release is not None:
+            for info in infos:
+                release(info)
+
+    def _engine(self) -> ResponseEngine:
+        """This thread's engine: its conversion buffer is reused from tensor to tensor."""
+        engine: ResponseEngine | None = getattr(self._local, "engine", None)
+        if engine is None:
+            engine = self._local.engine = ResponseEngine(torch.device("cpu"), 0, whole=False)
+        return engine
+
+    def _attention(self, layer: int) -> LayerFactors | None:
+        """The layer's attention factors in float32: W_o's key/value groups summed block by block as it is converted
+        (no float32 copy of the whole W_o), W_v (of a fused projection only its rows) copied; the stored bytes are
+        released after. None when a part is missing (check() has ruled that out for usable layers)."""
+        parts, _, used = self._gather(layer, _ATTENTION_PARTS, self.reader.raw)
+        v, o = parts.get("v"), parts.get("o")
+        if v is None or o is None:
+            self._release(used)
+            return None
+        heads, kv, head_dim = self.shape
+        if o.is_contiguous():
+            grouped = torch.empty((o.shape[0], kv * head_dim), dtype=torch.float32)
+
+            def group(start: int, stop: int, block: torch.Tensor) -> None:
+                grouped[start:stop] = group_heads(block, heads, kv, head_dim)
+
+            engine = self._engine()
+            engine.load(o)
+            engine.each_block(group)
+            engine.unload()
+        else:  # a transposed view (GPT-2's Conv1D): its rows are not stored rows
+            grouped = group_heads(o.to(torch.float32, copy=True), heads, kv, head_dim)
+        value = v.to(torch.float32, copy=True) * self.gains[layer][0][None, :]
+        self._release(used)
+        return LayerFactors(layer, grouped, value)
+
+    def _mlp_in_frame(self, layer: int, frame: torch.Tensor) -> torch.Tensor:
+        """Vᵀ UD V = Σ over the MLP's pieces (Vᵀ W_down)(W_up diag(g) V), read from the stored weights one cached
+        block at a time (no float32 copy of a whole weight)."""
+        parts, experts, used = self._gather(layer, _MLP_PARTS, self.reader.raw)
+        pieces = mlp_pieces({n: v for n, v in parts.items() if n in ("up", "down")}, experts)
+        if pieces is None:
+            raise InternalError(f"block evidence: layer {layer}'s MLP passed the shape check but could not be read")
+        engine = self._engine()
+        right = (self.gains[layer][1][:, None] * frame).contiguous()  # diag(g) V: the gain absorbed on the small side
+        left = frame.T.contiguous()
+        total = torch.zeros((frame.shape[1], frame.shape[1]), dtype=torch.float32)
+        for down, up in pieces:
+            read_down = _streamed(engine, down, left=left)[1]
+            read_up = _streamed(engine, up, right=right)[0]
+            assert read_down is not None and read_up is not None
+            total += read_down @ read_up
+        self._release(used)
+        return total
 
     def factors(self, layer: int, mlp: bool) -> LayerFactors | None:
-        cached = self.cache.get(layer)
-        if cached is not None and not mlp:
-            return cached
-        gains = self.gains[layer]
-        if any(g.shape != (self.width,) for g in gains):
+        if any(g.shape != (self.width,) for g in self.gains[layer]):
             return None
-        factors = factors_from_parts(layer, self._parts(layer, mlp), gains, self.shape, self.width, mlp)
-        if factors is not None and not mlp:
-            size = (factors.ov_left.numel() + factors.ov_right.numel()) * 4
-            with self._lock:
-                if self.cache_bytes + size <= ATTENTION_CACHE_BYTES:
-                    self.cache[layer] = factors
-                    self.cache_bytes += size
-        return factors
+        factors = self.cache.get(layer)
+        if factors is None:
+            factors = self._attention(layer)
+            if factors is not None and not mlp:
+                size = (factors.ov_left.numel() + factors.ov_right.numel()) * 4
+                with self._lock:
+                    if self.cache_bytes + size <= ATTENTION_CACHE_BYTES:
+                        self.cache[layer] = factors
+                        self.cache_bytes += size
+        if factors is None or not mlp:
+            return factors
+        return replace(factors, mlp_in_frame=lambda frame: self._mlp_in_frame(layer, frame))
 
     def check(self) -> list[int]:
         """Which layers cannot be read (every layer's shapes are checked, from the headers alone)."""
         skipped = []
         heads, kv, head_dim = self.shape
         for layer in self.plan:
-            shapes = {name: tuple(value.shape) for name, value in
-                      self._assemble(layer, True, lambda info: torch.empty(info.shape, device="meta")).items()}
-            has_v = shapes.get("v") == (kv * head_dim, self.width)
-            has_o = shapes.get("o") == (self.width, heads * head_dim)
-            up = shapes.get("up")
-            has_mlp = up is not None and up[1] == self.width and shapes.get("down") == (self.width, up[0])
+            parts, experts, _ = self._gather(layer, _ATTENTION_PARTS | _MLP_PARTS,
+                                             lambda info: torch.empty(info.shape, device="meta"))
+            has_v = tuple(parts["v"].shape) == (kv * head_dim, self.width) if "v" in parts else False
+            has_o = tuple(parts["o"].shape) == (self.width, heads * head_dim) if "o" in parts else False
+            pieces = mlp_pieces({n: v for n, v in parts.items() if n in ("up", "down")}, experts)
+            has_mlp = pieces is not None and all(
+                up.dim() == 2 and up.shape[1] == self.width and tuple(down.shape) == (self.width, up.shape[0])
+                for down, up in pieces)
             gains_fit = all(g.shape == (self.width,) for g in self.gains[layer])
             if has_v and has_o and has_mlp and gains_fit:
                 self.usable.append(layer)

@@ -83,7 +83,7 @@ class ResponseEngine:
         assert self._raw is not None
         return max(1, BLOCK_ELEMENTS // max(1, self._raw.shape[1]))
 
-    def _each_block(self, work: Callable[[int, int, torch.Tensor], T], fold: Callable[[T], object] | None = None
+    def each_block(self, work: Callable[[int, int, torch.Tensor], T], fold: Callable[[T], object] | None = None
                     ) -> None:
         """work(row0, row1, float32 block) for each block in order, converted into the one reused buffer;
         fold(value) after each, in block order."""
@@ -155,13 +155,35 @@ class ResponseEngine:
                     left32, product = accumulating
                     product.addmm_(left32[:, start:stop], block)  # accumulated in block order
 
-            self._each_block(work)
+            self.each_block(work)
             right_product = None if sampling is None else sampling[2]
             left_product = None if accumulating is None else accumulating[1]
         responses = out[:, :repeats].t().numpy().astype(np.float64)
         if stacked:
             right_product = out[:, padded:].contiguous()
         return responses, right_product, left_product
+
+    def project(self, right: torch.Tensor | None = None, left: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """W right ([out, k] for right [in, k]) and left W ([k, in] for left [k, out]) of the loaded tensor,
+        float32, without responses: one cache-sized block converted at a time on the CPU, as `respond_and_project`
+        (no float32 copy of the whole weight, whose page faults and memory traffic cost more than the products)."""
+        assert self._raw is not None
+        if self._on_device is not None:
+            return ((self._on_device @ right.to(self.device)).cpu() if right is not None else None,
+                    (left.to(self.device) @ self._on_device).cpu() if left is not None else None)
+        rows, cols = self._raw.shape
+        right_product = None if right is None else torch.empty((rows, right.shape[1]), dtype=torch.float32)
+        left_product = None if left is None else torch.zeros((left.shape[0], cols), dtype=torch.float32)
+
+        def work(start: int, stop: int, block: torch.Tensor) -> None:
+            if right is not None and right_product is not None:
+                torch.mm(block, right, out=right_product[start:stop])
+            if left is not None and left_product is not None:
+                left_product.addmm_(left[:, start:stop], block)  # accumulated in block order
+
+        self.each_block(work)
+        return right_product, left_product
 
     def input_gradient(self, coefficients: np.ndarray) -> np.ndarray:
         """C W for C [repeats, out]: the FGSM input gradient when C = softmax(o) - e_t. [repeats, in] float64."""
@@ -172,7 +194,7 @@ class ResponseEngine:
             return (left.to(self.device).t() @ self._on_device)[:repeats].double().cpu().numpy()
         total = torch.zeros((left.shape[1], self._raw.shape[1]), dtype=torch.float64)
 
-        self._each_block(lambda start, stop, block: torch.mm(left[start:stop].t(), block), total.add_)
+        self.each_block(lambda start, stop, block: torch.mm(left[start:stop].t(), block), total.add_)
         return total[:repeats].numpy()
 
     def finite(self) -> bool:

@@ -230,24 +230,37 @@ def split_fused(part: str, product: torch.Tensor, shape: tuple[int, int, int] | 
 MLP_AXES: dict[str, int] = {"gate": 0, "up": 0, "down": 1}  # the axis a projection's hidden units run along
 
 
+def joined_experts(parts: Mapping[str, torch.Tensor], experts: Mapping[tuple[str, int], torch.Tensor]
+                   ) -> list[int] | None:
+    """The expert indices a block's MLP joins, in order ([] without experts), or None when its experts do not all
+    have the same parts, or the dense (shared-expert) part is there for some of those parts only: such an MLP is
+    left out (no unit pairs one expert's up with another's down)."""
+    indices = {part: sorted(e for p, e in experts if p == part) for part in MLP_AXES}
+    present = [part for part in MLP_AXES if indices[part]]
+    if not present:
+        return []
+    if any(indices[part] != indices[present[0]] for part in present) or any(
+            (part in parts) != (present[0] in parts) for part in present):
+        return None
+    return indices[present[0]]
+
+
 def with_experts(parts: Mapping[str, torch.Tensor], experts: Mapping[tuple[str, int], torch.Tensor]
                  ) -> dict[str, torch.Tensor]:
     """A block's parts with a mixture of experts' MLPs joined into one: each of gate, up and down is the dense (or
-    shared-expert) part followed by every expert's in index order, along its hidden units. Then down @ up and
-    gateᵀ gate are sums over the experts, the same whatever order the experts are stored or numbered in. Experts
-    that do not have all three parts of the others leave the MLP out (no unit pairs one expert's up with another's
-    down)."""
+    shared-expert) part followed by every expert's in index order (joined_experts), along its hidden units. Then
+    down @ up and gateᵀ gate are sums over the experts, the same whatever order the experts are stored or numbered
+    in."""
     if not experts:
         return dict(parts)
     out = {k: v for k, v in parts.items() if k not in MLP_AXES}
-    indices = {part: sorted(e for p, e in experts if p == part) for part in MLP_AXES}
-    present = [part for part in MLP_AXES if indices[part]]
-    if any(indices[part] != indices[present[0]] for part in present) or any(
-            (part in parts) != (present[0] in parts) for part in present):
+    indices = joined_experts(parts, experts)
+    if indices is None:
         return out
-    for part in present:
-        pieces = ([parts[part]] if part in parts else []) + [experts[(part, e)] for e in indices[part]]
-        out[part] = torch.cat(pieces, dim=MLP_AXES[part])
+    for part in MLP_AXES:
+        if (part, indices[0]) in experts:
+            pieces = ([parts[part]] if part in parts else []) + [experts[(part, e)] for e in indices]
+            out[part] = torch.cat(pieces, dim=MLP_AXES[part])
     return out
 
 
