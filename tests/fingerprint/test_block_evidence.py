@@ -484,3 +484,57 @@ def test_a_norm_it_does_not_know_is_named_in_a_note(tmp_path: Path) -> None:
     with open_reader(artifact) as reader:
         build_blocks(artifact, reader, note=notes.append)
     assert not any("not absorbed" in note for note in notes)
+
+
+def test_latent_attention_is_read_through_its_latent(tmp_path: Path) -> None:
+    """DeepSeek-V2/V3's multi-head latent attention has no v_proj: values are expanded per head from a shared latent
+    (kv_b_proj after kv_a_proj_with_mqa and its norm). OV is read through the latent, so every block, dense or mixture
+    of experts, has evidence; rescaling the input and latent norms into what they feed, permuting heads and experts
+    (checked function-preserving) leaves it where it was; another seed's model scores low; the live units are the
+    recorded ones."""
+    import transformers
+
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.tiny import save_model
+
+    heads, nope, rope, value, experts, width = 4, 8, 8, 16, 4, 64
+    deepseek = seeded(transformers.DeepseekV3Config(
+        vocab_size=512, hidden_size=width, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+        num_attention_heads=heads, num_key_value_heads=heads, q_lora_rank=32, kv_lora_rank=16,
+        qk_rope_head_dim=rope, qk_nope_head_dim=nope, v_head_dim=value, head_dim=rope, n_routed_experts=experts,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+        max_position_embeddings=256))
+    model, edited = deepseek(0), deepseek(0)
+    prefixes = [f"model.layers.{i}." for i in range(3)]
+    state = rescaled_through_norms(model, prefixes, {
+        "input_layernorm": ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
+        "self_attn.kv_a_layernorm": ("self_attn.kv_b_proj",)})
+    order = torch.tensor([2, 0, 3, 1])
+    expert_order = torch.tensor([3, 1, 0, 2])
+    for p in prefixes:
+        a = p + "self_attn."
+        state[a + "q_b_proj.weight"] = state[a + "q_b_proj.weight"].reshape(heads, nope + rope, -1)[order].reshape(
+            heads * (nope + rope), -1)
+        state[a + "kv_b_proj.weight"] = state[a + "kv_b_proj.weight"].reshape(heads, nope + value, -1)[order].reshape(
+            heads * (nope + value), -1)
+        state[a + "o_proj.weight"] = state[a + "o_proj.weight"].reshape(width, heads, value)[:, order].reshape(
+            width, heads * value)
+        if p + "mlp.experts.gate_up_proj" in state:
+            for key in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight",
+                        "mlp.gate.e_score_correction_bias"):
+                state[p + key] = state[p + key][expert_order]
+    edited.load_state_dict(state)
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens).logits, edited(tokens).logits, atol=1e-4)
+    prints = {name: fingerprint_artifact(resolve(save_model(m, tmp_path / name)))
+              for name, m in (("base", model), ("edited", edited), ("other", deepseek(1)))}
+    base = prints["base"].blocks
+    assert base is not None and [u["layer"] for u in base["units"]] == [0, 1, 2]
+    assert score(prints["edited"].blocks, base) > 0.999
+    assert score(prints["other"].blocks, base) < 0.3
+    recorded = parse_blocks(base, "base")
+    live = block_units_of_state(model.state_dict(), model.config.to_dict())
+    for n, layer in enumerate(recorded.layers):
+        for mine, theirs in zip((recorded.ov[n], recorded.ud[n]), live[layer]):
+            assert np.abs(mine - theirs.detach().numpy()).max() < 2e-3

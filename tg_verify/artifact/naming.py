@@ -53,6 +53,11 @@ PROJECTIONS: dict[str, str] = {
     "down_proj": "down", "w2": "down", "fc2": "down", "fc_in": "up", "fc_out": "down",  # fc_in/fc_out: GPT-J
     "dense_h_to_4h": "up", "dense_4h_to_h": "down",  # GPT-NeoX
 }
+# Multi-head latent attention (DeepSeek-V2/V3, Kimi K2): the latent a block's keys and values are expanded from (its
+# first kv_lora_rank rows; the rest are the shared rotary key), and the expansion (per head: [key; value] rows). Apart
+# from PROJECTIONS: only the block evidence reads them.
+LATENT_PROJECTIONS: dict[str, str] = {"kv_a_proj_with_mqa": "kv_latent", "kv_b_proj": "kv_up"}
+LATENT_NORMS: tuple[str, ...] = ("kv_a_layernorm",)  # the latent's norm, between the two
 # Leaves whose part depends on the module above them: GPT-2's and Starcoder2's `c_proj` is the attention's output
 # under `attn` and the MLP's down projection under `mlp`.
 CONTEXT_PROJECTIONS: dict[tuple[str, str], str] = {
@@ -131,6 +136,11 @@ def projection(name: str) -> str | None:
     if part is None and len(parts) >= 3:
         part = CONTEXT_PROJECTIONS.get((parts[-3], module))
     return part
+
+
+def latent_projection(name: str) -> str | None:
+    """The latent attention part (kv_latent, kv_up) a weight is, or None."""
+    return LATENT_PROJECTIONS.get(leaf(name))
 
 
 def transposed(config: Mapping[str, object] | None) -> bool:

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -45,7 +46,8 @@ MIN_RELATIVE_EIGENVALUE = 1e-3  # eigenvalues below this share of the mean weigh
 _START_SEED = 0xB10C  # the iteration's start vectors: fixed, so every model starts alike
 ROLES: tuple[str, ...] = ("attn_ov", "mlp_ud")
 ALL_EXPERTS = -1  # a plan's expert index for a 3-D tensor that holds every expert of its block
-_ATTENTION_PARTS = frozenset({"v", "o", "qkv", "qkv_heads"})  # the projections the attention's factors come from
+# the projections the attention's factors come from (kv_latent, kv_up: latent attention)
+_ATTENTION_PARTS = frozenset({"v", "o", "qkv", "qkv_heads", "kv_latent", "kv_up"})
 _MLP_PARTS = frozenset({"up", "down", "gate_up"})
 _T = TypeVar("_T")
 
@@ -119,6 +121,29 @@ def factors_from_parts(layer: int, parts: Mapping[str, torch.Tensor], gains: tup
     if up is None or down is None or up.shape[1] != width or down.shape != (width, up.shape[0]):
         return None
     return LayerFactors(layer, *attention, down, up * g_mlp[None, :])
+
+
+def latent_of(config: Mapping[str, Any]) -> tuple[int, int, int, int] | None:
+    """(heads, qk_nope_head_dim, v_head_dim, kv_lora_rank) of multi-head latent attention (DeepSeek-V2/V3, Kimi K2),
+    or None for any other attention."""
+    values = [config.get(key) for key in ("num_attention_heads", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank")]
+    numbers = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    if len(numbers) != 4 or 0 in (numbers[0], numbers[2], numbers[3]):
+        return None
+    heads, nope, value, rank = numbers
+    return heads, nope, value, rank
+
+
+def latent_factors(layer: int, kv_latent: torch.Tensor, kv_up: torch.Tensor,
+                   times_o: Callable[[torch.Tensor], torch.Tensor], gains: tuple[torch.Tensor, torch.Tensor],
+                   latent: tuple[int, int, int, int]) -> LayerFactors:
+    """A latent attention block's factors: values are W_up^h diag(g_latent) norm(W_latent diag(g_attn) x) per head, so
+    OV = (Σ_h W_o^h W_up^h diag(g_latent)) (W_latent diag(g_attn)): thin factors of the latent's width, as grouped
+    heads give (the latent's norm divides by one number per token, which leaves OV's directions as they are).
+    `times_o(X)` is W_o X; `gains` (g_attn, g_latent)."""
+    heads, nope, value, rank = latent
+    values = kv_up.reshape(heads, nope + value, rank)[:, nope:].reshape(heads * value, rank)
+    return LayerFactors(layer, times_o(values * gains[1][None, :]), kv_latent[:rank] * gains[0][None, :])
 
 
 def split_parts(part: str, weight: torch.Tensor, shape: tuple[int, int, int] | None) -> dict[str, torch.Tensor] | None:
@@ -314,32 +339,38 @@ class _BlockSource:
         # layer -> (part, expert index or None) -> tensor; a mixture of experts' MLPs are joined (sketch.with_experts)
         self.plan: dict[int, dict[tuple[str, int | None], TensorInfo]] = {}
         self.gains: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.latent = latent_of(artifact.config or {})
+        self.latent_gains: dict[int, torch.Tensor] = {}  # latent attention: the gain of the latent's norm
         for layer, infos in sorted(by_layer.items()):
             parts: dict[tuple[str, int | None], TensorInfo] = {}
             norms: dict[str, TensorInfo] = {}
             for info in infos:
                 module = naming.leaf(info.name)
-                if len(info.shape) == 1 and module in naming.ATTN_NORMS + naming.MLP_NORMS:
+                if len(info.shape) == 1 and module in naming.ATTN_NORMS + naming.MLP_NORMS + naming.LATENT_NORMS:
                     norms[module] = info
                     continue
-                part = naming.projection(info.name)
-                if part in ("v", "o", "up", "down", *naming.FUSED) and len(info.shape) == 2:
+                part = naming.projection(info.name) or (naming.latent_projection(info.name) if self.latent else None)
+                if part in ("v", "o", "up", "down", "kv_latent", "kv_up", *naming.FUSED) and len(info.shape) == 2:
                     parts[(part, naming.expert_of(info.name))] = info
                 elif (fused := naming.fused_experts(info.name)) is not None and len(info.shape) == 3:
                     parts[(fused, ALL_EXPERTS)] = info
             self.plan[layer] = parts
             self.gains[layer] = (self._gain(norms, naming.ATTN_NORMS, offset),
                                  self._gain(norms, naming.MLP_INPUT_NORMS, offset))
+            if self.latent is not None:
+                self.latent_gains[layer] = self._gain(norms, naming.LATENT_NORMS, offset, self.latent[3])
         self.cache: dict[int, LayerFactors] = {}
         self.cache_bytes = 0
         self._local = threading.local()  # each thread's ResponseEngine (its conversion buffer)
         self.usable: list[int] = []
 
-    def _gain(self, norms: Mapping[str, TensorInfo], leaves: tuple[str, ...], offset: float) -> torch.Tensor:
-        """The gain a block's attention or MLP reads its input through (ones where it has none)."""
+    def _gain(self, norms: Mapping[str, TensorInfo], leaves: tuple[str, ...], offset: float, size: int = 0
+              ) -> torch.Tensor:
+        """The gain a block's attention or MLP (or a latent attention's expansion) reads its input through (ones, of
+        the residual width or `size`, where it has none)."""
         info = naming.input_norm(norms, leaves)
         if info is None:
-            return torch.ones(self.width)
+            return torch.ones(size or self.width)
         return _finite(self.reader.float32(info), info, self.artifact) + offset
 
     def _gather(self, layer: int, wanted: frozenset[str], fetch: Callable[[TensorInfo], torch.Tensor]
@@ -383,6 +414,8 @@ class _BlockSource:
         (no float32 copy of the whole W_o), W_v (of a fused projection only its rows) copied; the stored bytes are
         released after. None when a part is missing (check() has ruled that out for usable layers)."""
         parts, _, used = self._gather(layer, _ATTENTION_PARTS, self.reader.raw)
+        if self.latent is not None:
+            return self._latent_attention(layer, parts, used)
         v, o = parts.get("v"), parts.get("o")
         if v is None or o is None:
             self._release(used)
@@ -403,6 +436,26 @@ class _BlockSource:
         value = v.to(torch.float32, copy=True) * self.gains[layer][0][None, :]
         self._release(used)
         return LayerFactors(layer, grouped, value)
+
+    def _latent_attention(self, layer: int, parts: Mapping[str, torch.Tensor], used: list[TensorInfo]
+                          ) -> LayerFactors | None:
+        """A latent attention block's factors (latent_factors), W_o read in cached row blocks."""
+        kv_latent, kv_up, o = (parts.get(n) for n in ("kv_latent", "kv_up", "o"))
+        if kv_latent is None or kv_up is None or o is None or self.latent is None:
+            self._release(used)
+            return None
+        engine = self._engine()
+
+        def times_o(x: torch.Tensor) -> torch.Tensor:
+            product = _streamed(engine, o, right=x.contiguous())[0]
+            assert product is not None
+            return product
+
+        factors = latent_factors(layer, kv_latent[:self.latent[3]].to(torch.float32, copy=True),
+                                 kv_up.to(torch.float32, copy=True), times_o,
+                                 (self.gains[layer][0], self.latent_gains[layer]), self.latent)
+        self._release(used)
+        return factors
 
     def _mlp_in_frame(self, layer: int, frame: torch.Tensor) -> torch.Tensor:
         """Vᵀ UD V = Σ over the MLP's pieces (Vᵀ W_down)(W_up diag(g) V), read from the stored weights one cached
@@ -439,21 +492,32 @@ class _BlockSource:
             return factors
         return replace(factors, mlp_in_frame=lambda frame: self._mlp_in_frame(layer, frame))
 
+    def _attention_fits(self, layer: int, parts: Mapping[str, torch.Tensor]) -> bool:
+        """Whether the layer's attention parts have the shapes the config gives them."""
+        def shaped(name: str, *shape: int) -> bool:
+            return name in parts and tuple(parts[name].shape) == shape
+
+        if self.latent is not None:
+            heads, nope, value, rank = self.latent
+            return (shaped("kv_up", heads * (nope + value), rank) and shaped("o", self.width, heads * value)
+                    and "kv_latent" in parts and parts["kv_latent"].shape[0] >= rank
+                    and parts["kv_latent"].shape[1] == self.width and self.latent_gains[layer].shape == (rank,))
+        heads, kv, head_dim = self.shape
+        return shaped("v", kv * head_dim, self.width) and shaped("o", self.width, heads * head_dim)
+
     def check(self) -> list[int]:
         """Which layers cannot be read (every layer's shapes are checked, from the headers alone)."""
         skipped = []
-        heads, kv, head_dim = self.shape
         for layer in self.plan:
             parts, experts, _ = self._gather(layer, _ATTENTION_PARTS | _MLP_PARTS,
                                              lambda info: torch.empty(info.shape, device="meta"))
-            has_v = tuple(parts["v"].shape) == (kv * head_dim, self.width) if "v" in parts else False
-            has_o = tuple(parts["o"].shape) == (self.width, heads * head_dim) if "o" in parts else False
+            has_attention = self._attention_fits(layer, parts)
             pieces = mlp_pieces({n: v for n, v in parts.items() if n in ("up", "down")}, experts)
             has_mlp = pieces is not None and all(
                 up.dim() == 2 and up.shape[1] == self.width and tuple(down.shape) == (self.width, up.shape[0])
                 for down, up in pieces)
             gains_fit = all(g.shape == (self.width,) for g in self.gains[layer])
-            if has_v and has_o and has_mlp and gains_fit:
+            if has_attention and has_mlp and gains_fit:
                 self.usable.append(layer)
             else:
                 skipped.append(layer)
@@ -489,6 +553,7 @@ def block_units_of_state(state: Mapping[str, torch.Tensor], config: Mapping[str,
     embed = next(n for n, t in state.items() if t.dim() == 2 and naming.global_role(n) == "embed")
     width = int(state[embed].shape[1])
     shape = heads_of(config, width)
+    latent = latent_of(config)
     offset = 1.0 if str(config.get("model_type") or "").startswith("gemma") else 0.0
     grouped: dict[int, dict[str, torch.Tensor]] = {}
     experts: dict[int, dict[tuple[str, int], torch.Tensor]] = {}
@@ -498,7 +563,7 @@ def block_units_of_state(state: Mapping[str, torch.Tensor], config: Mapping[str,
         if layer is None or not (name.endswith(".weight") or naming.fused_experts(name)):
             continue
         module = naming.leaf(name)
-        if tensor.dim() == 1 and module in naming.ATTN_NORMS + naming.MLP_NORMS:
+        if tensor.dim() == 1 and module in naming.ATTN_NORMS + naming.MLP_NORMS + naming.LATENT_NORMS:
             gains.setdefault(layer, {})[module] = tensor + offset
         fused = naming.fused_experts(name)
         if fused is not None and tensor.dim() == 3:
@@ -506,7 +571,7 @@ def block_units_of_state(state: Mapping[str, torch.Tensor], config: Mapping[str,
                 experts.setdefault(layer, {}).update({(n, number): v for n, v in (split_parts(fused, one, None) or {})
                                                       .items() if n in ("up", "down")})
             continue
-        part = naming.projection(name)
+        part = naming.projection(name) or (naming.latent_projection(name) if latent else None)
         if part is not None and tensor.dim() == 2:
             split = split_parts(part, tensor.T if naming.transposed(config) else tensor, shape)
             expert = naming.expert_of(name)
@@ -522,8 +587,14 @@ def block_units_of_state(state: Mapping[str, torch.Tensor], config: Mapping[str,
         g = gains.get(layer, {})
         attn, mlp = (naming.input_norm(g, leaves) for leaves in (naming.ATTN_NORMS, naming.MLP_INPUT_NORMS))
         parts = with_experts({n: v for n, v in grouped[layer].items() if n != "gate"}, experts.get(layer, {}))
-        factors = factors_from_parts(layer, parts, (ones if attn is None else attn,
-                                                             ones if mlp is None else mlp), shape, width)
+        gain_pair = (ones if attn is None else attn, ones if mlp is None else mlp)
+        factors = factors_from_parts(layer, parts, gain_pair, shape, width)
+        if latent is not None and factors is None and {"kv_latent", "kv_up", "o", "up", "down"} <= set(parts):
+            latent_gain = naming.input_norm(g, naming.LATENT_NORMS)
+            attention = latent_factors(layer, parts["kv_latent"], parts["kv_up"], partial(torch.matmul, parts["o"]),
+                                       (gain_pair[0], torch.ones(latent[3]) if latent_gain is None else latent_gain),
+                                       latent)
+            factors = replace(attention, ud_left=parts["down"], ud_right=parts["up"] * gain_pair[1][None, :])
         if factors is not None:
             layers.append(factors)
     return block_units(in_memory(layers), width, rank, exact_width=width)[0]
