@@ -15,8 +15,10 @@ model (bench/evasion.py's `redraw_rows` of every row, the same repair seed and d
 Every model (the un-attacked derivative, each attacked one, the twin) is measured by the bench's own `measure`
 (the public fingerprint path: sketch score, the block score at r = 32 and 64, held-out perplexity ratio) and its
 block score against the base is also built in frames of 16 and 48 columns (`build_blocks(rank=...)`, as
-`blocks_of` builds the bench's r64 column). While training, every gradient that reaches a parameter is checked
-finite (total loss: LM + penalty) and, every CHECK_EVERY steps, the gradient of each width's penalty alone.
+`blocks_of` builds the bench's r64 column), and at full width with the base's weights at hand (no stored frame:
+bench/block_lineage.py's procrustes-ou, what a `model:` reference could afford). While training, every gradient
+that reaches a parameter is checked finite (total loss: LM + penalty) and, every CHECK_EVERY steps, the gradient
+of each width's penalty alone.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/block_widths.py [--archs llama mistral]
 
@@ -48,6 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import attacks as A  # noqa: E402
+from bench import block_lineage as BL  # noqa: E402
 from bench import evasion as E  # noqa: E402
 from bench import transforms as T  # noqa: E402
 from tg_verify.tiny import one_thread  # noqa: E402
@@ -167,9 +170,12 @@ def run_arch(bench: E.Bench, arch: str, args: argparse.Namespace, log: Any) -> l
                        made, info))
 
     rows = []
+    base_blocks = BL.blocks_of(subject.base.state, subject.base.config)
     for group, name, ck, info in models:
         row = bench.measure(subject, group, name, "-", 0, bench._plain(ck))
         widths = width_scores(bench, references, ck, "candidate")
+        # what a verifier holding the base's weights could read: no stored frame, full width (block_lineage.py)
+        full_width = BL.procrustes_robust_score(BL.blocks_of(ck.state, ck.config), base_blocks)
         for w, expected in ((32, row.block_score), (64, row.wide_block_score)):
             if abs(widths[w] - expected) > 1e-6:
                 log(f"  note: r{w} built here {widths[w]:.4f} differs from the bench's {expected:.4f}")
@@ -177,10 +183,10 @@ def run_arch(bench: E.Bench, arch: str, args: argparse.Namespace, log: Any) -> l
                  "sketch": row.score, "sketch_threshold": row.threshold, "private_sketch": row.private_score,
                  "block_threshold": row.block_threshold, "derived": row.derived,
                  "reparam_block_score": row.reparam_block_score,
-                 "widths": {str(w): widths[w] for w in args.widths},
+                 "widths": {str(w): widths[w] for w in args.widths}, "full_width": full_width,
                  "train": {k: v for k, v in info.items() if k != "trace"}}
         log(f"  {name}: ppl x{row.ppl_ratio:.3f} sketch {row.score:.3f} "
-            + " ".join(f"r{w} {widths[w]:.3f}" for w in args.widths)
+            + " ".join(f"r{w} {widths[w]:.3f}" for w in args.widths) + f" full width {full_width:.3f}"
             + f" derived {row.derived}" + (f" train {entry['train']}" if info else ""))
         rows.append(entry)
     return rows
@@ -188,15 +194,16 @@ def run_arch(bench: E.Bench, arch: str, args: argparse.Namespace, log: Any) -> l
 
 def table(rows: list[dict[str, Any]], widths: list[int]) -> str:
     lines = ["| arch | model | ppl ratio | sketch | " + " | ".join(f"blocks r{w}" for w in widths)
-             + " | r32 re-param | derived (tgl4) | non-finite grad steps / penalty checks |",
-             "|---|---|---|---|" + "---|" * len(widths) + "---|---|---|"]
+             + " | full width, base weights | r32 re-param | derived (tgl4) | non-finite grad steps / penalty checks |",
+             "|---|---|---|---|" + "---|" * len(widths) + "---|---|---|---|"]
     for m in rows:
         nonfinite = m["train"].get("nonfinite_grad_steps", "-")
         if m["train"]:
             nonfinite = f"{nonfinite} / {m['train'].get('nonfinite_penalty_calls', '-')}"
         lines.append(f"| {m['arch']} | {m['model']} | {m['ppl_ratio']:.3f} | {m['sketch']:.3f} | "
                      + " | ".join(f"{m['widths'][str(w)]:.3f}" for w in widths)
-                     + f" | {m['reparam_block_score']:.3f} | {'yes' if m['derived'] else 'no'} | {nonfinite} |")
+                     + f" | {m.get('full_width', float('nan')):.3f} | {m['reparam_block_score']:.3f} | "
+                     + f"{'yes' if m['derived'] else 'no'} | {nonfinite} |")
     return "\n".join(lines)
 
 
@@ -228,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, args.widths))
     print(f"\nppl ratio: held-out perplexity / the un-attacked derivative's; sketch: tgs3 score at the public seed; "
           f"blocks rN: cross-fitted block score against the base in a frame of N columns (the fingerprint stores "
-          f"r32; block threshold {rows[0]['block_threshold']:.3f} at r32); non-finite grad steps: steps with a "
-          f"non-finite parameter gradient / penalty checks not finite. Run time "
+          f"r32; block threshold {rows[0]['block_threshold']:.3f} at r32); full width: the same cross-fit on the whole "
+          f"residual stream with the base's weights at hand (bench/block_lineage.py's procrustes-ou, not shipped); "
+          f"non-finite grad steps: steps with a non-finite parameter gradient / penalty checks not finite. Run time "
           f"{(time.perf_counter() - started) / 60:.1f} min; rows: {bench.work / 'block_widths.json'}")
     return 0
 
