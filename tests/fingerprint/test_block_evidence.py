@@ -497,13 +497,8 @@ def test_latent_attention_is_read_through_its_latent(tmp_path: Path) -> None:
     from tg_verify.fingerprint.extract import fingerprint_artifact
     from tg_verify.tiny import save_model
 
-    heads, nope, rope, value, experts, width = 4, 8, 8, 16, 4, 64
-    deepseek = seeded(transformers.DeepseekV3Config(
-        vocab_size=512, hidden_size=width, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
-        num_attention_heads=heads, num_key_value_heads=heads, q_lora_rank=32, kv_lora_rank=16,
-        qk_rope_head_dim=rope, qk_nope_head_dim=nope, v_head_dim=value, head_dim=rope, n_routed_experts=experts,
-        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
-        max_position_embeddings=256))
+    heads, nope, rope, value, width = 4, 8, 8, 16, 64
+    deepseek = seeded(_deepseek_config())
     model, edited = deepseek(0), deepseek(0)
     prefixes = [f"model.layers.{i}." for i in range(3)]
     state = rescaled_through_norms(model, prefixes, {
@@ -538,3 +533,34 @@ def test_latent_attention_is_read_through_its_latent(tmp_path: Path) -> None:
     for n, layer in enumerate(recorded.layers):
         for mine, theirs in zip((recorded.ov[n], recorded.ud[n]), live[layer]):
             assert np.abs(mine - theirs.detach().numpy()).max() < 2e-3
+
+
+def _deepseek_config() -> Any:
+    """A tiny DeepSeek-V3: 4 heads of latent attention (nope 8, rope 8, value 16, latent 16), one dense block, then
+    two of 4 routed experts and a shared one."""
+    import transformers
+
+    return transformers.DeepseekV3Config(
+        vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, max_position_embeddings=256)
+
+
+def test_a_latent_rank_the_weights_do_not_have_reads_no_block(tmp_path: Path) -> None:
+    """config.json is untrusted: a kv_lora_rank of 2^40 (and no latent norm to size it) allocates nothing of that
+    size; the blocks say no layer fits, the rest of the fingerprint is made."""
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+    from tg_verify.tiny import save_model
+
+    directory = save_model(seeded(_deepseek_config())(0), tmp_path / "model")
+    config = json.loads((directory / "config.json").read_text())
+    config["kv_lora_rank"] = 1 << 40
+    (directory / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v for k, v in load_file(str(directory / "model.safetensors")).items() if "kv_a_layernorm" not in k}
+    save_file(state, str(directory / "model.safetensors"))
+    fingerprint = fingerprint_artifact(resolve(directory))
+    assert fingerprint.blocks is None
+    assert any("no layer has" in note for note in fingerprint.sketch["notes"])

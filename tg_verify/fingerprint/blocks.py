@@ -340,7 +340,7 @@ class _BlockSource:
         self.plan: dict[int, dict[tuple[str, int | None], TensorInfo]] = {}
         self.gains: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.latent = latent_of(artifact.config or {})
-        self.latent_gains: dict[int, torch.Tensor] = {}  # latent attention: the gain of the latent's norm
+        self.latent_gains: dict[int, torch.Tensor | None] = {}  # latent attention: its latent norm's gain, if any
         for layer, infos in sorted(by_layer.items()):
             parts: dict[tuple[str, int | None], TensorInfo] = {}
             norms: dict[str, TensorInfo] = {}
@@ -357,20 +357,20 @@ class _BlockSource:
             self.plan[layer] = parts
             self.gains[layer] = (self._gain(norms, naming.ATTN_NORMS, offset),
                                  self._gain(norms, naming.MLP_INPUT_NORMS, offset))
-            if self.latent is not None:
-                self.latent_gains[layer] = self._gain(norms, naming.LATENT_NORMS, offset, self.latent[3])
+            if self.latent is not None:  # no norm: ones, made once kv_b_proj's shape has confirmed the config's rank
+                latent_norm = naming.input_norm(norms, naming.LATENT_NORMS)
+                self.latent_gains[layer] = (None if latent_norm is None else
+                                            _finite(self.reader.float32(latent_norm), latent_norm, artifact) + offset)
         self.cache: dict[int, LayerFactors] = {}
         self.cache_bytes = 0
         self._local = threading.local()  # each thread's ResponseEngine (its conversion buffer)
         self.usable: list[int] = []
 
-    def _gain(self, norms: Mapping[str, TensorInfo], leaves: tuple[str, ...], offset: float, size: int = 0
-              ) -> torch.Tensor:
-        """The gain a block's attention or MLP (or a latent attention's expansion) reads its input through (ones, of
-        the residual width or `size`, where it has none)."""
+    def _gain(self, norms: Mapping[str, TensorInfo], leaves: tuple[str, ...], offset: float) -> torch.Tensor:
+        """The gain a block's attention or MLP reads its input through (ones where it has none)."""
         info = naming.input_norm(norms, leaves)
         if info is None:
-            return torch.ones(size or self.width)
+            return torch.ones(self.width)
         return _finite(self.reader.float32(info), info, self.artifact) + offset
 
     def _gather(self, layer: int, wanted: frozenset[str], fetch: Callable[[TensorInfo], torch.Tensor]
@@ -451,9 +451,11 @@ class _BlockSource:
             assert product is not None
             return product
 
+        latent_gain = self.latent_gains[layer]
         factors = latent_factors(layer, kv_latent[:self.latent[3]].to(torch.float32, copy=True),
                                  kv_up.to(torch.float32, copy=True), times_o,
-                                 (self.gains[layer][0], self.latent_gains[layer]), self.latent)
+                                 (self.gains[layer][0], torch.ones(self.latent[3]) if latent_gain is None
+                                  else latent_gain), self.latent)
         self._release(used)
         return factors
 
@@ -499,9 +501,11 @@ class _BlockSource:
 
         if self.latent is not None:
             heads, nope, value, rank = self.latent
+            gain = self.latent_gains[layer]
             return (shaped("kv_up", heads * (nope + value), rank) and shaped("o", self.width, heads * value)
                     and "kv_latent" in parts and parts["kv_latent"].shape[0] >= rank
-                    and parts["kv_latent"].shape[1] == self.width and self.latent_gains[layer].shape == (rank,))
+                    and parts["kv_latent"].shape[1] == self.width
+                    and (gain is None or tuple(gain.shape) == (rank,)))
         heads, kv, head_dim = self.shape
         return shaped("v", kv * head_dim, self.width) and shaped("o", self.width, heads * head_dim)
 
