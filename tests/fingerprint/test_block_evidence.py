@@ -564,3 +564,24 @@ def test_a_latent_rank_the_weights_do_not_have_reads_no_block(tmp_path: Path) ->
     fingerprint = fingerprint_artifact(resolve(directory))
     assert fingerprint.blocks is None
     assert any("no layer has" in note for note in fingerprint.sketch["notes"])
+
+
+def test_an_untrusted_width_from_config_json_allocates_nothing_of_its_size(tmp_path: Path) -> None:
+    """Without an embedding the blocks take the residual width from config.json: a hidden_size of 2^40 used to be
+    allocated as the gains' ones (an internal error, exit 3); now the weights' shapes refute it first."""
+    from safetensors.torch import save_file
+
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+
+    generator = torch.Generator().manual_seed(0)
+    p = "model.layers.0."
+    save_file({p + "self_attn.v_proj.weight": torch.randn(8, 16, generator=generator),
+               p + "self_attn.o_proj.weight": torch.randn(16, 16, generator=generator),
+               p + "mlp.up_proj.weight": torch.randn(32, 16, generator=generator),
+               p + "mlp.down_proj.weight": torch.randn(16, 32, generator=generator)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 1 << 40,
+                                                      "num_attention_heads": 2, "num_key_value_heads": 1,
+                                                      "head_dim": 8}))
+    fingerprint = fingerprint_artifact(resolve(tmp_path))
+    assert fingerprint.blocks is None
+    assert any("no layer has" in note for note in fingerprint.sketch["notes"])

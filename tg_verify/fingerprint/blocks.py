@@ -338,7 +338,9 @@ class _BlockSource:
         self.transposed = naming.transposed(artifact.config)
         # layer -> (part, expert index or None) -> tensor; a mixture of experts' MLPs are joined (sketch.with_experts)
         self.plan: dict[int, dict[tuple[str, int | None], TensorInfo]] = {}
-        self.gains: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # layer -> the stored gains its attention and MLP read through (None: no norm, ones once `width` is confirmed
+        # by the weights' shapes in check(): it may come from an untrusted config.json)
+        self.stored_gains: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self.latent = latent_of(artifact.config or {})
         self.latent_gains: dict[int, torch.Tensor | None] = {}  # latent attention: its latent norm's gain, if any
         for layer, infos in sorted(by_layer.items()):
@@ -355,8 +357,8 @@ class _BlockSource:
                 elif (fused := naming.fused_experts(info.name)) is not None and len(info.shape) == 3:
                     parts[(fused, ALL_EXPERTS)] = info
             self.plan[layer] = parts
-            self.gains[layer] = (self._gain(norms, naming.ATTN_NORMS, offset),
-                                 self._gain(norms, naming.MLP_INPUT_NORMS, offset))
+            self.stored_gains[layer] = (self._gain(norms, naming.ATTN_NORMS, offset),
+                                        self._gain(norms, naming.MLP_INPUT_NORMS, offset))
             if self.latent is not None:  # no norm: ones, made once kv_b_proj's shape has confirmed the config's rank
                 latent_norm = naming.input_norm(norms, naming.LATENT_NORMS)
                 self.latent_gains[layer] = (None if latent_norm is None else
@@ -366,12 +368,18 @@ class _BlockSource:
         self._local = threading.local()  # each thread's ResponseEngine (its conversion buffer)
         self.usable: list[int] = []
 
-    def _gain(self, norms: Mapping[str, TensorInfo], leaves: tuple[str, ...], offset: float) -> torch.Tensor:
-        """The gain a block's attention or MLP reads its input through (ones where it has none)."""
+    def _gain(self, norms: Mapping[str, TensorInfo], leaves: tuple[str, ...], offset: float) -> torch.Tensor | None:
+        """The gain a block's attention or MLP reads its input through (None where it has none)."""
         info = naming.input_norm(norms, leaves)
         if info is None:
-            return torch.ones(self.width)
+            return None
         return _finite(self.reader.float32(info), info, self.artifact) + offset
+
+    def gains(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's (attention, MLP) input gains, ones where it has no norm (a usable layer's width is real)."""
+        attention, mlp = self.stored_gains[layer]
+        return (torch.ones(self.width) if attention is None else attention,
+                torch.ones(self.width) if mlp is None else mlp)
 
     def _gather(self, layer: int, wanted: frozenset[str], fetch: Callable[[TensorInfo], torch.Tensor]
                 ) -> tuple[dict[str, torch.Tensor], dict[tuple[str, int], torch.Tensor], list[TensorInfo]]:
@@ -433,7 +441,7 @@ class _BlockSource:
             engine.unload()
         else:  # a transposed view (GPT-2's Conv1D): its rows are not stored rows
             grouped = group_heads(o.to(torch.float32, copy=True), heads, kv, head_dim)
-        value = v.to(torch.float32, copy=True) * self.gains[layer][0][None, :]
+        value = v.to(torch.float32, copy=True) * self.gains(layer)[0][None, :]
         self._release(used)
         return LayerFactors(layer, grouped, value)
 
@@ -454,7 +462,7 @@ class _BlockSource:
         latent_gain = self.latent_gains[layer]
         factors = latent_factors(layer, kv_latent[:self.latent[3]].to(torch.float32, copy=True),
                                  kv_up.to(torch.float32, copy=True), times_o,
-                                 (self.gains[layer][0], torch.ones(self.latent[3]) if latent_gain is None
+                                 (self.gains(layer)[0], torch.ones(self.latent[3]) if latent_gain is None
                                   else latent_gain), self.latent)
         self._release(used)
         return factors
@@ -467,7 +475,7 @@ class _BlockSource:
         if pieces is None:
             raise InternalError(f"block evidence: layer {layer}'s MLP passed the shape check but could not be read")
         engine = self._engine()
-        right = (self.gains[layer][1][:, None] * frame).contiguous()  # diag(g) V: the gain absorbed on the small side
+        right = (self.gains(layer)[1][:, None] * frame).contiguous()  # diag(g) V: the gain absorbed on the small side
         left = frame.T.contiguous()
         total = torch.zeros((frame.shape[1], frame.shape[1]), dtype=torch.float32)
         for down, up in pieces:
@@ -479,7 +487,7 @@ class _BlockSource:
         return total
 
     def factors(self, layer: int, mlp: bool) -> LayerFactors | None:
-        if any(g.shape != (self.width,) for g in self.gains[layer]):
+        if layer not in self.usable:
             return None
         factors = self.cache.get(layer)
         if factors is None:
@@ -520,7 +528,7 @@ class _BlockSource:
             has_mlp = pieces is not None and all(
                 up.dim() == 2 and up.shape[1] == self.width and tuple(down.shape) == (self.width, up.shape[0])
                 for down, up in pieces)
-            gains_fit = all(g.shape == (self.width,) for g in self.gains[layer])
+            gains_fit = all(g is None or tuple(g.shape) == (self.width,) for g in self.stored_gains[layer])
             if has_attention and has_mlp and gains_fit:
                 self.usable.append(layer)
             else:
