@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tg_verify.errors import AdapterError, ArtifactError, HeaderError
+from tg_verify.errors import AdapterError, ArtifactError, HeaderError, WeightValueError
 from tg_verify.escaping import shown as shown  # the one escaping module, re-exported for the artifact layer
 
 
@@ -142,6 +142,30 @@ class FileChangedError(ArtifactError):
     """A file whose size changed between validation and reading (modified while open)."""
 
     code = "TGV_FILE_CHANGED"
+
+
+# --- FP8 checkpoints: weights and their scales (artifact/fp8.py) -----------------------------------------
+
+
+class QuantizationConfigError(ArtifactError):
+    """config.json's quantization_config that tg-verify cannot read the float8 weights by: not an object, a
+    malformed `weight_block_size` or weight scheme, or a `quant_method` it does not dequantise."""
+
+    code = "TGV_QUANTIZATION_CONFIG"
+
+
+class ScaleTensorError(ArtifactError):
+    """A float8 weight without its scale, a scale without its float8 weight, or a scale whose dtype or shape does
+    not fit its weight and the configured blocks."""
+
+    code = "TGV_SCALE_TENSOR"
+
+
+class ScaleValueError(WeightValueError):
+    """A scale that is NaN, infinite, zero or negative (every FP8 quantiser writes amax / 448 > 0), or a zero point
+    that is not zero: found when the weight is dequantised."""
+
+    code = "TGV_SCALE_VALUES"
 
 
 # --- one safetensors header (checks 1-10 of the reference parser, plus tg-verify's own) ---------------

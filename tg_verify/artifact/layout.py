@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from tg_verify.artifact import fp8
 from tg_verify.artifact.errors import (
     AdapterLayoutError,
     AmbiguousLayoutError,
@@ -111,11 +112,19 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
     architecture = None
     components: tuple[str, ...] = ()
     text_config = None
+    quantisation = None
     if layout != "adapter":  # an adapter's own tensors are checked against its base when merged (peft.py)
-        loaded = classify(tensors, config, shown(root))
+        # an FP8 checkpoint's scales are set apart first: the grammar names weights, and each scale goes where its
+        # weight goes (loaded: applied to it when read; unexpected: reported with it)
+        scales = fp8.plan(tensors, config, root)
+        stored = [t for t in tensors if t.name not in scales.companion_names] if scales is not None else tensors
+        loaded = classify(stored, config, shown(root))
         tensors, unexpected, architecture = list(loaded.loaded), loaded.unexpected, loaded.architecture
         components, text_config = loaded.components, loaded.text_config
         notes.extend(loaded.notes)
+        if scales is not None:
+            unexpected, quantisation = scales.split(tensors, unexpected)
+            unexpected = tuple(sorted(unexpected, key=lambda t: natural_key(t.name)))
     role = "adapter-weights" if layout == "adapter" else "weights"
     files = [ArtifactFile(rel, h.file_size, role) for rel, h in weights.items()] + extra  # type: ignore[arg-type]
     files.sort(key=lambda f: natural_key(f.path))
@@ -125,7 +134,8 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
                     config=config, adapter_config=adapter_config,
                     metadata={rel: h.metadata for rel, h in weights.items() if h.metadata},
                     warnings=tuple(notes), unexpected=unexpected, architecture=architecture,
-                    other_weights=tuple(other_weights), components=components, text_config=text_config)
+                    other_weights=tuple(other_weights), components=components, text_config=text_config,
+                    quantisation=quantisation)
 
 
 def _config(root: Path, entries: set[str], extra: list[ArtifactFile]) -> dict[str, Any] | None:

@@ -84,7 +84,7 @@ class MergedReader(AbstractContextManager["MergedReader"]):
             warnings=adapter.warnings + tuple(f.message for f in plan.findings if f.severity == "warning"),
             format=base.format, unexpected=base.unexpected, architecture=base.architecture,
             other_weights=adapter.other_weights, vocabulary=base.vocabulary, components=base.components,
-            text_config=base.text_config)
+            text_config=base.text_config, quantisation=base.quantisation)
 
     def _adapter(self, info: TensorInfo) -> torch.Tensor:
         return self._adapter_reader.float32(info)
@@ -95,6 +95,8 @@ class MergedReader(AbstractContextManager["MergedReader"]):
         dtype = TORCH_DTYPES.get(base_info.dtype)
         if dtype is None and self.base.format == "gguf" and gguf_decodable(base_info.dtype):
             dtype = torch.float32  # a quantised GGUF base: the update is merged in float32, as llama.cpp applies LoRA
+        if self.base.quantisation is not None and base_info.name in self.base.quantisation.scaled:
+            dtype = torch.float32  # an FP8 base's weight is its values times its scale: merged in float32, not cast
         if dtype is None or not dtype.is_floating_point:
             raise AdapterMismatchError(f"{self.base.path_of(base_info.file)}: tensor '{info.name}' has dtype "
                                        f"{base_info.dtype}; an adapter can only be merged into floating-point weights",

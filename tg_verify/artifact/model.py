@@ -100,6 +100,32 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class ScaledWeight:
+    """How the runtime computes a stored low-precision weight: its values times `scale`, one scale value per block of
+    `block` = (rows, columns) of the weight's last two dimensions, edge blocks partial (artifact/fp8.py).
+
+    `kind` names the dequantiser (TensorReader's; "fp8": float8 values times float scales); `zero_point`, where the
+    format stores one, must hold zeros. A new scheme (MXFP4, say) is a kind, its planner and its dequantiser."""
+
+    scale: TensorInfo
+    block: tuple[int, int]
+    kind: str = "fp8"
+    zero_point: TensorInfo | None = None
+
+
+@dataclass(frozen=True)
+class Quantisation:
+    """A checkpoint whose weights the runtime dequantises (config.json's quantization_config): which stored weight
+    each scale multiplies. `companions` are every scale-like tensor the runtime loads beside its weights (weight
+    scales, activation/input scales, zero points): bound by digest with their files, never fingerprinted as weights.
+    """
+
+    method: str  # quantization_config.quant_method
+    scaled: dict[str, ScaledWeight]  # weight name -> how it is dequantised
+    companions: tuple[TensorInfo, ...]
+
+
+@dataclass(frozen=True)
 class ArtifactFile:
     """A file that belongs to the artifact, named by POSIX path relative to the root."""
 
@@ -138,6 +164,9 @@ class Artifact:
     # config (config.json's text_config): the fingerprint covers the language model alone (language_model()).
     components: tuple[str, ...] = ()
     text_config: dict[str, Any] | None = None
+    # FP8 checkpoints: each float8 weight's scale (artifact/fp8.py); the scales are not in `tensors`. None: the stored
+    # values are what the runtime computes with
+    quantisation: Quantisation | None = None
 
     @property
     def model_type(self) -> str | None:

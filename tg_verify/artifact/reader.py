@@ -1,6 +1,8 @@
 """Stream tensors from a resolved artifact: memory-mapped, one at a time, decoded to float32.
 
-Peak memory is about one tensor: `raw()` is a zero-copy view of the mapped file, `float32()` one copy.
+Peak memory is about one tensor: `raw()` is a zero-copy view of the mapped file, `float32()` one copy. A float8
+weight of an FP8 checkpoint (artifact/fp8.py) is read as the runtime computes with it: its values times its scale,
+dequantised once into a fresh float32 tensor.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from types import TracebackType
 
 import torch
 
-from tg_verify.artifact.errors import FileChangedError, shown
-from tg_verify.artifact.model import Artifact, TensorInfo
+from tg_verify.artifact.errors import FileChangedError, ScaleValueError, shown
+from tg_verify.artifact.model import Artifact, ScaledWeight, TensorInfo
 from tg_verify.artifact.safeio import drop_pages, open_regular, os_error
 from tg_verify.errors import InternalError, UnsupportedDtypeError, WeightValueError
 
@@ -53,6 +55,10 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         self._maps: dict[str, mmap.mmap] = {}
         self._sizes = {f.path: f.size for f in artifact.files}
         self._lock = threading.Lock()  # the extractor reads tensors from several threads
+        self._scaled = artifact.quantisation.scaled if artifact.quantisation is not None else {}
+        # the last weight `raw()` dequantised, until `release()`: code that slices raw(info)[a:b] block by block then
+        # dequantises the weight once, not once per block
+        self._dequantised: tuple[TensorInfo, torch.Tensor] | None = None
 
     def _map(self, relpath: str) -> mmap.mmap:
         with self._lock:
@@ -75,6 +81,64 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         return self._maps[relpath]
 
     def raw(self, info: TensorInfo) -> torch.Tensor:
+        """The tensor as the runtime computes with it: in its stored dtype, viewed (not copied) from the mapped file
+        when aligned; a scaled float8 weight dequantised to float32. Like a view, the result is shared: never modify
+        it in place."""
+        scaled = self._scaled.get(info.name)
+        if scaled is None:
+            return self.stored(info)
+        with self._lock:
+            recent = self._dequantised
+        if recent is not None and recent[0] == info:
+            return recent[1]
+        tensor = self._scaled_values(info, scaled)
+        with self._lock:
+            self._dequantised = (info, tensor)
+        return tensor
+
+    def _scaled_values(self, info: TensorInfo, scaled: ScaledWeight) -> torch.Tensor:
+        """A fresh float32 tensor: the stored values times the scale broadcast over each block of the last two
+        dimensions (edge blocks partial), as transformers' `_dequantize_fp8_weight` computes it. The scale must be
+        finite and positive, the zero point (where stored) zero: ScaleValueError otherwise."""
+        if scaled.kind != "fp8":  # a scheme's planner and its dequantiser come together (docs/artifact.md)
+            raise UnsupportedDtypeError(f"{shown(self.artifact.path_of(info.file))}: tensor '{shown(info.name)}' is "
+                                        f"quantised as {scaled.kind!r}, which this reader cannot dequantise",
+                                        file=str(self.artifact.path_of(info.file)))
+        scale = self._checked_scale(info, scaled)
+        weight = self.stored(info).to(torch.float32, copy=True)  # a fresh copy: the map is never written
+        if weight.numel() == 0:
+            return weight
+        *lead, rows, cols = weight.shape
+        bo, bi = scaled.block
+        grid = scale.reshape(*lead, -(-rows // bo), -(-cols // bi))
+        # the scales expanded over rows only, and broadcast over each block's columns through a view of the weight
+        per_row = grid.repeat_interleave(bo, dim=-2)[..., :rows, :]
+        full, rest = divmod(cols, bi)
+        if full:
+            weight[..., :full * bi].view(*weight.shape[:-1], full, bi).mul_(per_row[..., :full, None])
+        if rest:
+            weight[..., full * bi:].mul_(per_row[..., full:])
+        return weight
+
+    def _checked_scale(self, info: TensorInfo, scaled: ScaledWeight) -> torch.Tensor:
+        path = self.artifact.path_of(scaled.scale.file)
+        scale = self.stored(scaled.scale).to(torch.float32)
+        bad = int((~(torch.isfinite(scale) & (scale > 0))).sum())
+        if bad:
+            raise ScaleValueError(
+                f"{shown(path)}: scale tensor '{shown(scaled.scale.name)}' of '{shown(info.name)}' holds {bad} NaN, "
+                f"infinite, zero or negative value(s) of {scaled.scale.numel}; FP8 scales are positive (amax / 448)",
+                file=str(path))
+        if scaled.zero_point is not None:
+            zero = self.stored(scaled.zero_point)
+            if bool((zero != 0).any()):
+                where = self.artifact.path_of(scaled.zero_point.file)
+                raise ScaleValueError(
+                    f"{shown(where)}: zero point '{shown(scaled.zero_point.name)}' of '{shown(info.name)}' is not "
+                    f"zero; tg-verify dequantises symmetric float8 weights only", file=str(where))
+        return scale
+
+    def stored(self, info: TensorInfo) -> torch.Tensor:
         """The tensor in its stored dtype, viewed (not copied) from the mapped file when aligned."""
         dtype = TORCH_DTYPES.get(info.dtype)
         if dtype is None:
@@ -93,8 +157,16 @@ class TensorReader(AbstractContextManager["TensorReader"]):
 
     def float32(self, info: TensorInfo, *, finite: bool = False) -> torch.Tensor:
         """The tensor decoded to a fresh float32 tensor; with `finite=True`, NaN/Inf is a WeightValueError."""
-        raw = self.raw(info)
-        tensor = raw.clone() if raw.dtype == torch.float32 else raw.to(torch.float32)
+        if info.name in self._scaled:
+            with self._lock:
+                recent = self._dequantised
+            if recent is not None and recent[0] == info:
+                tensor = recent[1].clone()
+            else:
+                tensor = self._scaled_values(info, self._scaled[info.name])
+        else:
+            raw = self.stored(info)
+            tensor = raw.clone() if raw.dtype == torch.float32 else raw.to(torch.float32)
         if finite:
             bad = int((~torch.isfinite(tensor)).sum())
             if bad:
@@ -116,12 +188,16 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         The maps are private and never written, so the kernel re-reads the pages from the file if they
         are touched again: views stay valid, only resident memory (RSS) shrinks.
         """
+        with self._lock:
+            if self._dequantised is not None and self._dequantised[0] == info:
+                self._dequantised = None
         buffer = self._maps.get(info.file)
         if buffer is not None and info.end > info.begin:
             drop_pages(buffer, info.begin, info.end)
 
     def close(self) -> None:
         """Release the maps (a map still viewed by a live tensor is released when that tensor goes)."""
+        self._dequantised = None
         for buffer in self._maps.values():
             try:
                 buffer.close()

@@ -111,6 +111,10 @@ def describe(artifact: Artifact, digests: dict[str, str] | None = None) -> dict[
         "unexpected_tensors": [{"name": shown(t.name), "file": shown(t.file), "dtype": t.dtype, "shape": list(t.shape)}
                                for t in artifact.unexpected],
         "component_tensors": len(artifact.components),  # a wrapper's towers: bound by digest, not fingerprinted
+        # an FP8 checkpoint: its float8 weights are read times these scales, which are bound by digest, not weights
+        "quantization": None if artifact.quantisation is None else {
+            "method": artifact.quantisation.method, "scaled_weights": len(artifact.quantisation.scaled),
+            "scale_tensors": [shown(t.name) for t in artifact.quantisation.companions]},
         "other_weights": [shown(name) for name in artifact.other_weights],
         "metadata": {shown(k): v for k, v in sorted(artifact.metadata.items())},
         "validation": {"status": "valid", "header_only": True,

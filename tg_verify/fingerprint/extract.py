@@ -339,9 +339,13 @@ def _screen(run: _Pass) -> list[dict[str, Any]]:
     """A record for every tensor, in stored order; the tensors that are no weight matrix are done here: a real-valued
     1-D one must be finite (a NaN gain poisons the model as surely as a NaN matrix), then each is released."""
     records: list[dict[str, Any]] = []
+    quantisation = run.artifact.quantisation
+    scaled = quantisation.scaled if quantisation is not None else {}
     for info, kind in zip(run.artifact.tensors, run.kinds):
         records.append({"name": info.name, "shape": list(info.shape), "size": info.numel,
                         "category": categorize(info.name), "dtype": info.dtype, "analysis": kind})
+        if info.name in scaled:  # read as the runtime computes it: the stored values times this scale
+            records[-1]["scale"] = scaled[info.name].scale.name
         if kind == "gradient":
             continue
         if (kind == "one-dimensional" and real_valued(info.dtype, run.artifact.format)
@@ -409,8 +413,8 @@ def _require_analysed(run: _Pass, analysed: list[tuple[str, TensorStats]]) -> No
 def _summary(run: _Pass, records: list[dict[str, Any]], analysed: list[tuple[str, TensorStats]]
              ) -> tuple[dict[str, float], dict[str, Any]]:
     """The 16 features and the document's `extraction` record: what fed each feature, what was skipped and why,
-    the tensors stored but not loaded by the runtime and a wrapper's tower tensors (listed, never fingerprinted),
-    the strategies drawn."""
+    the tensors stored but not loaded by the runtime, a wrapper's tower tensors and an FP8 checkpoint's scales
+    (listed, never fingerprinted as weights), the strategies drawn."""
     artifact = run.artifact
     features, summary = aggregate(analysed, [info.name for info in artifact.tensors], artifact.total_params)
     summary["degenerate_tensors"] = [r["name"] for r in records if r["analysis"] == "degenerate"]
@@ -419,6 +423,9 @@ def _summary(run: _Pass, records: list[dict[str, Any]], analysed: list[tuple[str
         summary["unexpected_tensors"] = [info.name for info in artifact.unexpected]
     if run.components:
         summary["component_tensors"] = list(run.components)
+    if artifact.quantisation is not None:  # an FP8 checkpoint's scales: applied to their weights, bound by digest
+        summary["quantization_method"] = artifact.quantisation.method
+        summary["scale_tensors"] = [info.name for info in artifact.quantisation.companions]
     summary["strategies"] = {s: sum(1 for r in records if r.get("strategy") == s and r["analysis"] == "gradient")
                              for s in sorted({r["strategy"] for r in records if "strategy" in r})}
     return features, summary
