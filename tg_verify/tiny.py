@@ -147,6 +147,20 @@ def save_published_moe(model: torch.nn.Module, directory: str | os.PathLike[str]
     return directory
 
 
+def build_gpt_oss(seed: int = 0, experts: int = 4) -> torch.nn.Module:
+    """A randomly initialised tiny GPT-OSS: each block's experts in two 3-D parameters, [experts, in, out], gate and
+    up interleaved in gate_up_proj; attention with biases and sinks; sliding and full attention layers."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(
+        "gpt_oss", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=experts, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(seed)
+    model: torch.nn.Module = transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    return model.eval()
+
+
 def placeholder_tokens(vocab: int) -> list[str]:
     """The tiny models' vocabulary: one placeholder text per id, the same in vocab.json and in GGUF metadata."""
     return [f"<t{i}>" for i in range(vocab)]
