@@ -1,5 +1,6 @@
 """GPT-OSS: its experts ([experts, in, out], gate and up interleaved) are read by the block evidence as the sum over
-its experts, and function-preserving edits leave the evidence where it was."""
+its experts, function-preserving edits leave the evidence where it was, and an MXFP4 checkpoint fingerprints as the
+float values the runtime dequantises it into."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import pytest
 import torch
 
 from tg_verify.analysis.blocks import block_score, parse_blocks
+from tg_verify.analysis.lineage import lineage_test
 from tg_verify.artifact import resolve
 from tg_verify.fingerprint.blocks import LayerFactors, block_units, block_units_of_state, group_heads, in_memory
 from tg_verify.fingerprint.document import Fingerprint
 from tg_verify.fingerprint.extract import fingerprint_artifact
-from tg_verify.tiny import build_gpt_oss, one_thread, save_model
+from tg_verify.tiny import build_gpt_oss, one_thread, save_model, save_mxfp4
 
 WIDTH, LAYERS, HEADS, KV, HEAD_DIM = 64, 2, 4, 2, 16
 
@@ -126,3 +128,36 @@ def test_renumbered_experts_permuted_units_and_rescaled_norms_leave_the_evidence
         mine, theirs = (np.frombuffer(base64.b64decode(d[key]), "<f2").astype(np.float32)
                         for d in (units, edited_units))
         assert np.abs(mine - theirs).max() < 2e-3, key
+
+
+def dequantised_copy(model: torch.nn.Module, packed: Path) -> torch.nn.Module:
+    """`model` with its experts replaced by the values transformers loads from the MXFP4 checkpoint at `packed`."""
+    import transformers
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(packed, dtype=torch.float32)
+    copy = build_gpt_oss(seed=0)
+    copy.load_state_dict({**model.state_dict(), **{k: v for k, v in loaded.state_dict().items() if "experts" in k}})
+    return copy
+
+
+def test_an_mxfp4_checkpoint_fingerprints_as_the_floats_the_runtime_loads_and_derives_from_its_original(
+        tmp_path: Path) -> None:
+    """OpenAI's storage (U8 blocks and scales, never analysed as such) is read as the dequantised experts: the
+    features, sketch and block evidence equal those of a float checkpoint of the values transformers loads from it,
+    each expert tensor counts as analysed, and the lineage test calls the quantised model derived from its
+    original, not from another seed's."""
+    model = build_gpt_oss(seed=0)
+    packed = save_mxfp4(model, tmp_path / "mxfp4")
+    copy = save_model(dequantised_copy(model, packed), tmp_path / "copy")
+    mx, floats = fingerprint_artifact(resolve(packed)), fingerprint_artifact(resolve(copy))
+    experts = [r for r in mx.tensors if "experts" in r["name"] and not r["name"].endswith("_bias")]
+    assert len(experts) == 2 * LAYERS and all(r["dtype"] == "MXFP4" and r["analysis"] == "gradient" for r in experts)
+    assert mx.extraction["skipped_tensors"]["not-float"] == 0
+    assert mx.features == floats.features
+    assert mx.blocks is not None and floats.blocks is not None and mx.blocks["units"] == floats.blocks["units"]
+    assert mx.sketch["units"] == floats.sketch["units"]
+    original = fingerprint_artifact(resolve(save_model(model, tmp_path / "original")))
+    other = fingerprint_artifact(resolve(save_model(build_gpt_oss(seed=1), tmp_path / "other")))
+    result = lineage_test(mx, original)
+    assert result.derived and result.block_score > 0.9, result.to_dict()
+    assert not lineage_test(mx, other).derived

@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from tg_verify.artifact import mxfp4
 from tg_verify.artifact.errors import (
     AdapterLayoutError,
     AmbiguousLayoutError,
@@ -106,6 +107,7 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
             if tensor_name not in expected:
                 raise IndexMismatchError(f"{index_path}: tensor '{shown(tensor_name)}' stored in {shown(rel)} is "
                                          f"missing from weight_map", file=index_file)
+    tensors = mxfp4.pack(tensors, config, root)  # each MXFP4 pair as the float parameter it loads as
     tensors.sort(key=lambda t: natural_key(t.name))
     unexpected: tuple[TensorInfo, ...] = ()
     architecture = None
@@ -113,7 +115,7 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
     text_config = None
     if layout != "adapter":  # an adapter's own tensors are checked against its base when merged (peft.py)
         loaded = classify(tensors, config, shown(root))
-        tensors, unexpected, architecture = list(loaded.loaded), loaded.unexpected, loaded.architecture
+        tensors, unexpected, architecture = list(loaded.loaded), mxfp4.stored(loaded.unexpected), loaded.architecture
         components, text_config = loaded.components, loaded.text_config
         notes.extend(loaded.notes)
     role = "adapter-weights" if layout == "adapter" else "weights"

@@ -17,6 +17,7 @@ import torch
 
 from tg_verify.artifact.errors import FileChangedError, shown
 from tg_verify.artifact.model import Artifact, TensorInfo
+from tg_verify.artifact.mxfp4 import PackedTensor, dequantise
 from tg_verify.artifact.safeio import drop_pages, open_regular, os_error
 from tg_verify.errors import InternalError, UnsupportedDtypeError, WeightValueError
 
@@ -75,7 +76,10 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         return self._maps[relpath]
 
     def raw(self, info: TensorInfo) -> torch.Tensor:
-        """The tensor in its stored dtype, viewed (not copied) from the mapped file when aligned."""
+        """The tensor in its stored dtype, viewed (not copied) from the mapped file when aligned; MXFP4 experts
+        (artifact/mxfp4.py) dequantised from their stored pair, in the dtype the runtime gives them."""
+        if isinstance(info, PackedTensor):
+            return dequantise(self.raw, info, str(self.artifact.path_of(info.file)))
         dtype = TORCH_DTYPES.get(info.dtype)
         if dtype is None:
             raise UnsupportedDtypeError(
@@ -116,6 +120,10 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         The maps are private and never written, so the kernel re-reads the pages from the file if they
         are touched again: views stay valid, only resident memory (RSS) shrinks.
         """
+        if isinstance(info, PackedTensor):
+            for part in info.stored:
+                self.release(part)
+            return
         buffer = self._maps.get(info.file)
         if buffer is not None and info.end > info.begin:
             drop_pages(buffer, info.begin, info.end)
