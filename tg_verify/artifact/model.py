@@ -26,7 +26,7 @@ DTYPE_BITS: dict[str, int] = {
 # The dtypes TensorReader decodes to float32 (with torch >= 2.7; older torch lacks F8_E8M0 and the unsigned ones).
 DECODABLE_DTYPES: frozenset[str] = frozenset({
     "BOOL", "U8", "I8", "I16", "I32", "I64", "U16", "U32", "U64", "F16", "BF16", "F32", "F64",
-    "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "MXFP4"})
+    "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
 
 # Safetensors dtypes whose values are real numbers a gradient can be taken against. Integer tensors
 # (quantised packs, index buffers) have no Linear meaning and are not analysed. Formats extend this set.
