@@ -147,6 +147,63 @@ def save_published_moe(model: torch.nn.Module, directory: str | os.PathLike[str]
     return directory
 
 
+def build_gpt_oss(seed: int = 0, experts: int = 4) -> torch.nn.Module:
+    """A randomly initialised tiny GPT-OSS: each block's experts in two 3-D parameters, [experts, in, out], gate and
+    up interleaved in gate_up_proj; attention with biases and sinks; sliding and full attention layers."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(
+        "gpt_oss", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=experts, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(seed)
+    model: torch.nn.Module = transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    return model.eval()
+
+
+# FP4 (e2m1) values by nibble, as the MXFP4 format defines them (OCP Microscaling spec): sign bit 3
+FP4_VALUES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_pack(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GPT-OSS experts parameter [experts, in, out] as OpenAI's checkpoints store it: (blocks [experts, out, in/32,
+    16] U8, two FP4 values a byte, the low nibble first; scales [experts, out, in/32] U8, E8M0 exponents with bias
+    127). Each block of 32 values gets the smallest power-of-two scale under which it fits FP4's range (±6) and each
+    value its nearest FP4 value."""
+    weight = param.detach().transpose(1, 2).to(torch.float32)
+    experts, rows, columns = weight.shape
+    groups = weight.reshape(experts, rows, columns // 32, 32)
+    peak = groups.abs().amax(dim=-1).clamp_min(2.0 ** -126)
+    exponent = torch.ceil(torch.log2(peak / 6.0)).clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent)[..., None]
+    nibbles = (scaled[..., None] - torch.tensor(FP4_VALUES)).abs().argmin(dim=-1).to(torch.uint8)
+    blocks = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    return blocks.contiguous(), (exponent + 127).to(torch.uint8).contiguous()
+
+
+def save_mxfp4(model: torch.nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """A tiny GPT-OSS (build_gpt_oss) saved as openai/gpt-oss-20b is: every experts parameter as its MXFP4
+    `_blocks` + `_scales` pair (mxfp4_pack), config.json's quantization_config saying so."""
+    from safetensors.torch import save_file
+
+    state: dict[str, torch.Tensor] = {}
+    for name, value in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            state[name + "_blocks"], state[name + "_scales"] = mxfp4_pack(value)
+        else:
+            state[name] = value.detach().contiguous().clone()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config: Any = model.config
+    document = json.loads(config.to_json_string())
+    document["architectures"] = ["GptOssForCausalLM"]
+    document["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (directory / "config.json").write_text(json.dumps(document, indent=2))
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
 def placeholder_tokens(vocab: int) -> list[str]:
     """The tiny models' vocabulary: one placeholder text per id, the same in vocab.json and in GGUF metadata."""
     return [f"<t{i}>" for i in range(vocab)]

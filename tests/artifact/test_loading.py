@@ -50,6 +50,7 @@ FAMILIES: dict[str, tuple[str, list[dict[str, Any]]]] = {
     "cohere": ("CohereConfig", [{}, {"use_qk_norm": True}]),
     "gpt2": ("GPT2Config", [{}]),
     "gpt_neox": ("GPTNeoXConfig", [{}, {"attention_bias": False}]),
+    "gpt_oss": ("GptOssConfig", [{}, {"attention_bias": False}, {"tie_word_embeddings": True}]),
 }
 SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
          "num_key_value_heads": 2, "vocab_size": 256}

@@ -492,7 +492,6 @@ def test_latent_attention_is_read_through_its_latent(tmp_path: Path) -> None:
     of experts, has evidence; rescaling the input and latent norms into what they feed, permuting heads and experts
     (checked function-preserving) leaves it where it was; another seed's model scores low; the live units are the
     recorded ones."""
-    import transformers
 
     from tg_verify.fingerprint.extract import fingerprint_artifact
     from tg_verify.tiny import save_model
@@ -575,10 +574,11 @@ def test_an_untrusted_width_from_config_json_allocates_nothing_of_its_size(tmp_p
 
     generator = torch.Generator().manual_seed(0)
     p = "model.layers.0."
-    save_file({p + "self_attn.v_proj.weight": torch.randn(8, 16, generator=generator),
+    weights = {p + "self_attn.v_proj.weight": torch.randn(8, 16, generator=generator),
                p + "self_attn.o_proj.weight": torch.randn(16, 16, generator=generator),
                p + "mlp.up_proj.weight": torch.randn(32, 16, generator=generator),
-               p + "mlp.down_proj.weight": torch.randn(16, 32, generator=generator)}, str(tmp_path / "model.safetensors"))
+               p + "mlp.down_proj.weight": torch.randn(16, 32, generator=generator)}
+    save_file(weights, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 1 << 40,
                                                       "num_attention_heads": 2, "num_key_value_heads": 1,
                                                       "head_dim": 8}))

@@ -84,6 +84,13 @@ class AmbiguousTensorError(ArtifactError):
     code = "TGV_AMBIGUOUS_TENSOR"
 
 
+class PackedTensorError(ArtifactError):
+    """A quantised tensor stored as a pair (MXFP4's `_blocks` + `_scales`) whose partner is missing or whose dtype or
+    shape does not fit its partner or the config: there is no value a runtime would load for it."""
+
+    code = "TGV_PACKED_TENSOR"
+
+
 class TooManyTensorsError(ArtifactError):
     """More tensors than the configured cap (a CPU-amplification guard: each tensor costs work)."""
 

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from tg_verify.artifact import fp8
+from tg_verify.artifact import fp8, mxfp4
 from tg_verify.artifact.errors import (
     AdapterLayoutError,
     AmbiguousLayoutError,
@@ -107,6 +107,7 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
             if tensor_name not in expected:
                 raise IndexMismatchError(f"{index_path}: tensor '{shown(tensor_name)}' stored in {shown(rel)} is "
                                          f"missing from weight_map", file=index_file)
+    tensors = mxfp4.pack(tensors, config, root)  # each MXFP4 pair as the float parameter it loads as
     tensors.sort(key=lambda t: natural_key(t.name))
     unexpected: tuple[TensorInfo, ...] = ()
     architecture = None
@@ -119,7 +120,7 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
         scales = fp8.plan(tensors, config, root)
         stored = [t for t in tensors if t.name not in scales.companion_names] if scales is not None else tensors
         loaded = classify(stored, config, shown(root))
-        tensors, unexpected, architecture = list(loaded.loaded), loaded.unexpected, loaded.architecture
+        tensors, unexpected, architecture = list(loaded.loaded), mxfp4.stored(loaded.unexpected), loaded.architecture
         components, text_config = loaded.components, loaded.text_config
         notes.extend(loaded.notes)
         if scales is not None:

@@ -136,6 +136,18 @@ def _neox_block(config: Config) -> list[str]:
     return names
 
 
+def _gpt_oss_block(config: Config) -> list[str]:
+    """GPT-OSS: attention with biases and per-head sinks, a router, and every expert of the block in two 3-D
+    parameters with their biases (naming.INTERLEAVED_EXPERTS: [experts, in, out], gate and up interleaved). An MXFP4
+    checkpoint stores each as a `_blocks` + `_scales` pair that artifact/mxfp4.py presents under this name."""
+    experts = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    names = _w(*_ATTN, "mlp.router", "input_layernorm", "post_attention_layernorm") + _b("mlp.router")
+    names += ["self_attn.sinks", *experts, *(f"{e}_bias" for e in experts)]
+    if _flag(config, "attention_bias", True):
+        names += _b(*_ATTN)
+    return names
+
+
 def _decoder(family: str, cls: str, block: Callable[[Config], list[str]], layers: int, *,
              model_types: tuple[str, ...] = (), tied: bool = False,
              globals_: Callable[[Config], list[str]] = _decoder_globals,
@@ -164,6 +176,7 @@ GRAMMARS: tuple[Grammar, ...] = (
     _decoder("phi", "Phi", _phi_block, 24, heads=("lm_head.weight", "lm_head.bias"),
              globals_=lambda c: ["embed_tokens.weight", "final_layernorm.weight", "final_layernorm.bias"]),
     _decoder("cohere", "Cohere", _cohere_block, 40, tied=True),
+    _decoder("gpt_oss", "GptOss", _gpt_oss_block, 36),
     Grammar(family="gpt2", model_types=("gpt2",), causal_classes=("GPT2LMHeadModel",), base_classes=("GPT2Model",),
             prefix="transformer", stack="h", layers_key="n_layer",
             globals=lambda c: ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"], block=_gpt2_block,

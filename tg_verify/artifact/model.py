@@ -31,7 +31,9 @@ DECODABLE_DTYPES: frozenset[str] = frozenset({
 # Safetensors dtypes whose values are real numbers a gradient can be taken against. Integer tensors
 # (quantised packs, index buffers) have no Linear meaning and are not analysed. Formats extend this set.
 FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ",
-                                          "F8_E5M2FNUZ"})
+                                          "F8_E5M2FNUZ", "MXFP4"})
+# MXFP4 is no stored dtype: it is what an MXFP4 pair (`_blocks` U8 + `_scales` U8) presents as the float parameter
+# the runtime dequantises it into (artifact/mxfp4.py). No header can declare it (DTYPE_BITS lacks it).
 
 # Every tensor costs fixed work (header parsing, sorting, and above all the extractor's per-tensor pass), so
 # many tiny tensors are a CPU-amplification attack: 40,000 2x2 tensors in 4.8 MB took 22-30 s. An artifact may

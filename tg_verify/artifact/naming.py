@@ -83,6 +83,16 @@ def layer_of(name: str) -> int | None:
 
 # Every expert of a block in one 3-D tensor [experts, out, in], as transformers >= 5 holds (and saves) them.
 FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|up_proj|gate_proj|down_proj)$")
+# model_types whose all-experts tensors are [experts, in, out] with gate and up interleaved along `out` (GPT-OSS:
+# gate = [..., ::2], up = [..., 1::2]); every other model_type's are [experts, out, in], gate rows then up rows.
+# The same name holds either layout, so config.json decides, never a shape (d == 2f would leave a shape's guess
+# open, and a crafted one could steer it).
+INTERLEAVED_EXPERTS_MODEL_TYPES: tuple[str, ...] = ("gpt_oss",)
+
+
+def interleaved_experts(config: Mapping[str, object] | None) -> bool:
+    """Whether this architecture stores its all-experts tensors as [experts, in, out], gate and up interleaved."""
+    return (config or {}).get("model_type") in INTERLEAVED_EXPERTS_MODEL_TYPES
 
 
 def fused_experts(name: str) -> str | None:

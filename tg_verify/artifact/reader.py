@@ -19,6 +19,7 @@ import torch
 
 from tg_verify.artifact.errors import FileChangedError, ScaleValueError, shown
 from tg_verify.artifact.model import Artifact, ScaledWeight, TensorInfo
+from tg_verify.artifact.mxfp4 import PackedTensor, dequantise
 from tg_verify.artifact.safeio import drop_pages, open_regular, os_error
 from tg_verify.errors import InternalError, UnsupportedDtypeError, WeightValueError
 
@@ -82,8 +83,11 @@ class TensorReader(AbstractContextManager["TensorReader"]):
 
     def raw(self, info: TensorInfo) -> torch.Tensor:
         """The tensor as the runtime computes with it: in its stored dtype, viewed (not copied) from the mapped file
-        when aligned; a scaled float8 weight dequantised to float32. Like a view, the result is shared: never modify
-        it in place."""
+        when aligned; a scaled float8 weight dequantised to float32, MXFP4 experts (artifact/mxfp4.py) from their
+        stored pair, in the dtype the runtime gives them. Like a view, the result is shared: never modify it in
+        place."""
+        if isinstance(info, PackedTensor):
+            return dequantise(self.raw, info, str(self.artifact.path_of(info.file)))
         scaled = self._scaled.get(info.name)
         if scaled is None:
             return self.stored(info)
@@ -188,6 +192,10 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         The maps are private and never written, so the kernel re-reads the pages from the file if they
         are touched again: views stay valid, only resident memory (RSS) shrinks.
         """
+        if isinstance(info, PackedTensor):
+            for part in info.stored:
+                self.release(part)
+            return
         with self._lock:
             if self._dequantised is not None and self._dequantised[0] == info:
                 self._dequantised = None

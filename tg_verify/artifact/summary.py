@@ -14,6 +14,7 @@ from tg_verify.artifact.categories import CATEGORIES, categorize
 from tg_verify.artifact.digest import root_digest
 from tg_verify.artifact.errors import shown
 from tg_verify.artifact.model import DECODABLE_DTYPES, Artifact
+from tg_verify.artifact.mxfp4 import DTYPE as MXFP4
 from tg_verify.errors import TgVerifyError
 
 SCHEMA = "tg-verify/inspect/v1"
@@ -79,7 +80,7 @@ def describe(artifact: Artifact, digests: dict[str, str] | None = None) -> dict[
 
         undecodable = sorted(d for d in dtypes if not decodable(d))
     else:
-        undecodable = sorted(d for d in dtypes if d not in DECODABLE_DTYPES)
+        undecodable = sorted(d for d in dtypes if d not in DECODABLE_DTYPES and d != MXFP4)  # MXFP4: artifact/mxfp4.py
     warnings = list(artifact.warnings)
     if artifact.unexpected:
         names = [shown(t.name) for t in artifact.unexpected]

@@ -32,7 +32,14 @@ from tg_verify.artifact import naming
 from tg_verify.artifact.model import Artifact, TensorInfo
 from tg_verify.errors import InternalError, WeightValueError
 from tg_verify.fingerprint.responses import ResponseEngine
-from tg_verify.fingerprint.sketch import architecture_of, heads_of, joined_experts, split_fused, with_experts
+from tg_verify.fingerprint.sketch import (
+    architecture_of,
+    heads_of,
+    joined_experts,
+    split_experts,
+    split_fused,
+    with_experts,
+)
 
 BLOCKS_VERSION = "tgb2"
 RANK = 32  # r: the frame's width; 2 x r² float16 per layer (4 KiB)
@@ -336,6 +343,7 @@ class _BlockSource:
         self._lock = threading.Lock()
         offset = 1.0 if str((artifact.config or {}).get("model_type") or "").startswith("gemma") else 0.0
         self.transposed = naming.transposed(artifact.config)
+        self.config = artifact.config or {}
         # layer -> (part, expert index or None) -> tensor; a mixture of experts' MLPs are joined (sketch.with_experts)
         self.plan: dict[int, dict[tuple[str, int | None], TensorInfo]] = {}
         # layer -> the stored gains its attention and MLP read through (None: no norm, ones once `width` is confirmed
@@ -393,11 +401,11 @@ class _BlockSource:
                 continue
             stored = fetch(info)
             used.append(info)
-            weight = stored.T if self.transposed else stored
-            pieces = (list(enumerate(weight.unbind(0))) if expert == ALL_EXPERTS  # [experts, out, in]: by place
-                      else [(expert, weight)])
-            for number, one in pieces:
-                for name, value in (split_parts(part, one, None if number is not None else self.shape) or {}).items():
+            weight = stored.T if self.transposed and expert != ALL_EXPERTS else stored  # as nn.Linear's: [out, in]
+            pieces = (list(enumerate(split_experts(part, stored, self.config))) if expert == ALL_EXPERTS  # by place
+                      else [(expert, split_parts(part, weight, None if expert is not None else self.shape))])
+            for number, split in pieces:
+                for name, value in (split or {}).items():
                     if number is None and name in wanted:
                         parts[name] = value
                     elif number is not None and name in ("up", "down"):
@@ -579,9 +587,8 @@ def block_units_of_state(state: Mapping[str, torch.Tensor], config: Mapping[str,
             gains.setdefault(layer, {})[module] = tensor + offset
         fused = naming.fused_experts(name)
         if fused is not None and tensor.dim() == 3:
-            for number, one in enumerate(tensor.unbind(0)):
-                experts.setdefault(layer, {}).update({(n, number): v for n, v in (split_parts(fused, one, None) or {})
-                                                      .items() if n in ("up", "down")})
+            for number, pieces in enumerate(split_experts(fused, tensor, config)):
+                experts.setdefault(layer, {}).update({(n, number): v for n, v in pieces.items() if n in ("up", "down")})
             continue
         part = naming.projection(name) or (naming.latent_projection(name) if latent else None)
         if part is not None and tensor.dim() == 2:

@@ -227,6 +227,16 @@ def split_fused(part: str, product: torch.Tensor, shape: tuple[int, int, int] | 
     return {"q": product[:q_rows], "k": product[q_rows:q_rows + kv_rows], "v": product[q_rows + kv_rows:]}
 
 
+def split_experts(part: str, stored: torch.Tensor, config: Mapping[str, Any] | None) -> list[dict[str, torch.Tensor]]:
+    """An all-experts 3-D tensor (naming.fused_experts names its `part`) as each expert's parts, in stored order,
+    each as nn.Linear holds it ([out, in], views): GPT-OSS's [experts, in, out] transposed with its gate and up
+    de-interleaved (naming.interleaved_experts); every other family's [experts, out, in] split as split_fused does."""
+    if naming.interleaved_experts(config):
+        experts = [one.T for one in stored.unbind(0)]
+        return [{"gate": one[0::2], "up": one[1::2]} if part == "gate_up" else {part: one} for one in experts]
+    return [(split_fused(part, one, None) or {}) if part in naming.FUSED else {part: one} for one in stored.unbind(0)]
+
+
 MLP_AXES: dict[str, int] = {"gate": 0, "up": 0, "down": 1}  # the axis a projection's hidden units run along
 
 
