@@ -169,7 +169,7 @@ class TensorReader(AbstractContextManager["TensorReader"]):
             else:
                 tensor = self._scaled_values(info, self._scaled[info.name])
         else:
-            raw = self.stored(info)
+            raw = self.raw(info)  # the stored dtype, or MXFP4 experts dequantised
             tensor = raw.clone() if raw.dtype == torch.float32 else raw.to(torch.float32)
         if finite:
             bad = int((~torch.isfinite(tensor)).sum())
