@@ -12,7 +12,7 @@ Writes a synthetic Llama-shaped bf16 checkpoint (TinyLlama-1.1B shapes by defaul
   features     the same without hashing and without the lineage evidence, one thread (the TensorGuard
                computation alone)
   +sketch      features + lineage evidence (sketch and blocks), one thread, no hashing
-  blocks       the block evidence alone, as the CLI runs it (fingerprint/blocks.py: a second read of v, o, up, down)
+  blocks       the block evidence alone, as the CLI runs it (fingerprint/blocks.py: its own read of v, o, up, down)
   +sha256      features + sha256, threads as the CLI, no sketch
   baseline     transformers from_pretrained (float32) + literal L.backward() per repeat for the same
                statistics (skewness/kurtosis from 500k sampled entries, as the paper); backward passes
