@@ -240,6 +240,8 @@ def test_a_mixture_of_experts_is_read_as_the_sum_over_its_experts(tmp_path: Path
     # the same model as transformers >= 5 saves it, every block's experts in 3-D tensors: the same block evidence
     native = fingerprint_artifact(resolve(save_model(model, tmp_path / "native")))
     assert native.blocks is not None and score(native.blocks, moe.blocks) > 0.999
+    # and the same sketch: its MLP units read from the 3-D tensors, one expert at a time, as from the experts' own
+    assert same_sketch(native, moe)
     live_native = block_units_of_state(model.state_dict(), model.config.to_dict())
     assert moe.blocks is not None and renumbered.blocks is not None
     assert score(renumbered.blocks, moe.blocks) > 0.999  # the same sum, added in another order

@@ -161,3 +161,24 @@ def test_an_mxfp4_checkpoint_fingerprints_as_the_floats_the_runtime_loads_and_de
     result = lineage_test(mx, original)
     assert result.derived and result.block_score > 0.9, result.to_dict()
     assert not lineage_test(mx, other).derived
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_sketch_reads_every_experts_mlp_from_the_3d_tensors(threads: int, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-OSS's experts ([experts, in, out]) are sketched expert by expert: gate_up's product is taken on its left
+    (one probe per expert) and down's on its right, which is how nn.Linear's weights, their transposes, would be
+    read; small conversion blocks make an expert span several and a block several experts. The recorded units equal
+    the live ones (plain products of each expert's weight, differentiable), every layer has its MLP units."""
+    from tg_verify.fingerprint import responses
+    from tg_verify.fingerprint.sketch import sketch_units
+
+    monkeypatch.setattr(responses, "BLOCK_ELEMENTS", 3000)  # 64-wide rows: 46 rows a block, 64 or 128 an expert
+    model = build_gpt_oss(seed=0)
+    recorded = fingerprint_artifact(resolve(save_model(model, tmp_path / "model")), threads=threads).sketch
+    units = {(u["role"], u["layer"]): np.frombuffer(base64.b64decode(u["data"]), "<f2").astype(np.float32)
+             for u in recorded["units"]}
+    assert {("mlp_gate", i) for i in range(LAYERS)} | {("mlp_ud", i) for i in range(LAYERS)} <= set(units)
+    live = sketch_units(dict(model.named_parameters()), model.config.to_dict())
+    for key in [k for k in units if k[0].startswith("mlp")]:
+        assert np.allclose(live[key].detach().numpy().ravel(), units[key], atol=2e-3, rtol=2e-3), key

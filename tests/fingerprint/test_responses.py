@@ -86,3 +86,20 @@ def test_project_gives_both_products_without_responses(whole, dtype, monkeypatch
     assert got_right is not None and got_left is not None
     torch.testing.assert_close(got_right.double(), exact @ right.double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_left.double(), left.double() @ exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_left_probe_per_expert_multiplies_each_experts_rows_alone(whole, monkeypatch):
+    """`left_groups`: a 3-D tensor of 5 experts [5, 12, 7] taken as 60 rows; left [k, 12] multiplies each expert's
+    12 rows alone ([5, k, 7]); 40-element blocks (5 rows) cut experts apart and hold two at once."""
+    monkeypatch.setattr(responses, "BLOCK_ELEMENTS", 40)
+    generator = torch.Generator().manual_seed(4)
+    experts = torch.randn((5, 12, 7), generator=generator).to(torch.bfloat16)
+    left = torch.randn((3, 12), generator=generator)
+    inputs = np.random.default_rng(0).standard_normal((4, 7)).astype(np.float32)
+    engine = responses.ResponseEngine(CPU, experts.numel(), whole=whole)
+    engine.load(experts)
+    got, _, per_expert = engine.respond_and_project(inputs, left=left, left_groups=5)
+    assert per_expert is not None and per_expert.shape == (5, 3, 7)
+    torch.testing.assert_close(per_expert.double(), left.double() @ experts.double(), rtol=1e-5, atol=1e-5)
+    assert np.allclose(got, engine.respond(inputs))

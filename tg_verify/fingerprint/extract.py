@@ -91,9 +91,11 @@ def gradient_response(engine: ResponseEngine, source: TensorSource, info: Tensor
 
 def gradient_response_and_products(engine: ResponseEngine, source: TensorSource, info: TensorInfo,
                                    settings: FingerprintSettings, strategy: str, right: torch.Tensor | None = None,
-                                   left: torch.Tensor | None = None, right_rows: torch.Tensor | None = None
+                                   left: torch.Tensor | None = None, right_rows: torch.Tensor | None = None,
+                                   left_groups: int = 1
                                    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None, torch.Tensor | None]:
-    """`gradient_response`, plus the sketch's products W rightᵀ and left W computed in the same pass."""
+    """`gradient_response`, plus the sketch's products W rightᵀ and left W computed in the same pass (left W per
+    expert of a 3-D tensor with `left_groups` experts)."""
     width = info.shape[-1]
     if strategy == "adversarial":
         x0 = noise.base_inputs(settings, info.name, width)
@@ -105,7 +107,7 @@ def gradient_response_and_products(engine: ResponseEngine, source: TensorSource,
         x = noise.fgsm(x0.astype(np.float64), direction, settings.epsilon).astype(np.float32)
     else:
         x = tensor_inputs(settings, info.name, strategy, width)
-    responses, right_product, left_product = engine.respond_and_project(x, right, left, right_rows)
+    responses, right_product, left_product = engine.respond_and_project(x, right, left, right_rows, left_groups)
     if not np.isfinite(responses).all():
         raise _nonfinite_error(source, info, engine)
     return x.astype(np.float64), responses, right_product, left_product
@@ -244,7 +246,8 @@ def _tensor_result(engine: ResponseEngine, source: TensorSource, info: TensorInf
         right, left, rows = ((builder.right_probe(info), builder.left_probe(info), builder.right_rows(info))
                              if builder is not None else (None, None, None))
         x, responses, right_product, left_product = gradient_response_and_products(
-            engine, source, info, settings, strategy, right, left, rows)
+            engine, source, info, settings, strategy, right, left, rows,
+            builder.left_groups(info) if builder is not None else 1)
         return _TensorResult(strategy, tensor_statistics(responses, x), right_product, left_product)
     finally:
         engine.unload()

@@ -106,14 +106,15 @@ class ResponseEngine:
         return self.respond_and_project(inputs)[0]
 
     def respond_and_project(self, inputs: np.ndarray, right: torch.Tensor | None = None,
-                            left: torch.Tensor | None = None, right_rows: torch.Tensor | None = None
-                            ) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
+                            left: torch.Tensor | None = None, right_rows: torch.Tensor | None = None,
+                            left_groups: int = 1) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
         """Responses X Wᵀ, and in the same pass W rightᵀ ([out, k]) and left W ([k, in]) when given.
 
         `right` [k, in] is stacked beside the repeat inputs in one right-hand side, so one GEMM per
         block serves both; with `right_rows` (ascending row ids) only those rows are multiplied by it,
         giving [len(right_rows), k]. `left` [k, out] is multiplied by each block while it is in cache,
-        accumulated in block order.
+        accumulated in block order. With `left_groups` = G > 1 (a 3-D tensor of G experts, rows taken G-wise) `left`
+        is [k, out / G] and multiplies each group of rows alone: [G, k, in].
         The responses are bitwise those of `respond` alone (columns of one GEMM are independent).
         """
         assert self._raw is not None
@@ -135,14 +136,19 @@ class ResponseEngine:
                 rows, sampled = sample
                 right_product = (self._on_device[rows.to(self.device)] @ sampled.to(self.device).t()).cpu()
             if left is not None:
-                left_product = (left.to(self.device, torch.float32) @ self._on_device).cpu()
+                whole = self._on_device if left_groups == 1 else self._on_device.view(left_groups, -1,
+                                                                                      self._on_device.shape[1])
+                left_product = (left.to(self.device, torch.float32) @ whole).cpu()
         else:
             out = torch.empty((self._raw.shape[0], rhs.shape[1]), dtype=torch.float32)
             # what each block adds to: (rows, right, their product) and (left, its product)
             sampling = None if sample is None else (*sample, torch.empty((len(sample[0]), sample[1].shape[0]),
                                                                          dtype=torch.float32))
             accumulating = None if left is None else (
-                left.to(torch.float32), torch.zeros((left.shape[0], self._raw.shape[1]), dtype=torch.float32))
+                left.to(torch.float32), torch.zeros((left.shape[0], self._raw.shape[1]) if left_groups == 1 else
+                                                    (left_groups, left.shape[0], self._raw.shape[1]),
+                                                    dtype=torch.float32))
+            per_group = self._raw.shape[0] // left_groups
 
             def work(start: int, stop: int, block: torch.Tensor) -> None:
                 torch.mm(block, rhs, out=out[start:stop])
@@ -153,7 +159,13 @@ class ResponseEngine:
                         torch.mm(block[rows[lo:hi] - start], sampled.t(), out=product[lo:hi])
                 if accumulating is not None:
                     left32, product = accumulating
-                    product.addmm_(left32[:, start:stop], block)  # accumulated in block order
+                    if left_groups == 1:
+                        product.addmm_(left32[:, start:stop], block)  # accumulated in block order
+                        return
+                    for group in range(start // per_group, (stop - 1) // per_group + 1):  # the groups in this block
+                        lo, hi = max(start, group * per_group), min(stop, (group + 1) * per_group)
+                        product[group].addmm_(left32[:, lo - group * per_group:hi - group * per_group],
+                                              block[lo - start:hi - start])
 
             self.each_block(work)
             right_product = None if sampling is None else sampling[2]

@@ -355,10 +355,9 @@ class SketchBuilder:
         self._transposed = naming.transposed(self.config)
         self._layer_ids = sorted({i for t in artifact.tensors if (i := _layer_of(t.name)) is not None})
         # layers with experts close when the stream ends: only then are all of their experts in
-        self._moe_layers = {_layer_of(t.name) for t in artifact.tensors if naming.expert_of(t.name) is not None}
-        if any(naming.fused_experts(t.name) for t in artifact.tensors):
-            self.notes.append("experts fused in 3-D tensors: their MLP units are not sketched (only the block "
-                              "evidence can read them)")
+        self._moe_layers = {_layer_of(t.name) for t in artifact.tensors
+                            if naming.expert_of(t.name) is not None or naming.fused_experts(t.name) is not None}
+        self._interleaved = naming.interleaved_experts(self.config)  # GPT-OSS: experts stored [in, out]
         self._stored_layers = set(self._select_layers(self._layer_ids, layer_budget(self.k)))
         self._gains: dict[tuple[int | None, str], torch.Tensor] = {}
         for info in artifact.tensors:
@@ -456,8 +455,11 @@ class SketchBuilder:
         """How a tensor feeds the sketch: ("right" | "left", layer, part), or None when it does not. The side is
         the product of the projection as nn.Linear holds it (W [out, in]): input-side ones right, o and down left;
         a transposed architecture's weight is Wᵀ, so its product is taken on the other side (`_stored_side`)."""
-        if (self.probe is None or len(info.shape) != 2 or not info.name.endswith(".weight")
-                or info.name not in self._members):
+        if self.probe is None or info.name not in self._members:
+            return None
+        if len(info.shape) == 3:
+            return self._experts_role(info)
+        if len(info.shape) != 2 or not info.name.endswith(".weight"):
             return None
         layer = _layer_of(info.name)
         leaf = _leaf(info.name)
@@ -477,10 +479,24 @@ class SketchBuilder:
             return ("left", layer, part) if out == self.width else None
         return ("right", layer, part) if width == self.width else None
 
-    def _stored_side(self, role: tuple[str, int | None, str | None]) -> str:
-        """The side of the stored weight the extractor multiplies for this role."""
+    def _experts_role(self, info: TensorInfo) -> tuple[str, int | None, str | None] | None:
+        """The role of a 3-D all-experts tensor (naming.fused_experts): each expert's slice is a projection of its
+        part, [out, in] as stored ([in, out] where the experts are interleaved: GPT-OSS)."""
+        part, layer = naming.fused_experts(info.name), _layer_of(info.name)
+        if part is None or layer is None or layer not in self._stored_layers:
+            return None
+        _, rows, columns = info.shape
+        out, width = (columns, rows) if self._interleaved else (rows, columns)
+        if part == "down":
+            return ("left", layer, part) if out == self.width else None
+        return ("right", layer, part) if width == self.width else None
+
+    def _stored_side(self, info: TensorInfo, role: tuple[str, int | None, str | None]) -> str:
+        """The side of the stored weight the extractor multiplies for this role: the other one where the stored
+        matrix is the transpose of nn.Linear's (GPT-2's Conv1D, GPT-OSS's experts)."""
         side, layer, _ = role
-        if self._transposed and layer is not None:
+        flipped = self._interleaved if len(info.shape) == 3 else self._transposed and layer is not None
+        if flipped:
             return "left" if side == "right" else "right"
         return side
 
@@ -500,13 +516,17 @@ class SketchBuilder:
         input-side projections (q, k, v, gate, up, fused ones) and the output head, which read the residual stream
         through their norm's gain; P for a transposed o or down. The extractor returns it to `add_products`."""
         role = self._role(info)
-        return self._probe_for(role) if role is not None and self._stored_side(role) == "right" else None
+        return self._probe_for(role) if role is not None and self._stored_side(info, role) == "right" else None
 
     def left_probe(self, info: TensorInfo) -> torch.Tensor | None:
         """The [k, out] probe whose product (probe) W the sketch needs of the stored weight, or None: P for o_proj
         and down_proj, P diag(g) for a transposed input-side projection."""
         role = self._role(info)
-        return self._probe_for(role) if role is not None and self._stored_side(role) == "left" else None
+        return self._probe_for(role) if role is not None and self._stored_side(info, role) == "left" else None
+
+    def left_groups(self, info: TensorInfo) -> int:
+        """How many experts the left probe multiplies one at a time: a 3-D all-experts tensor's count, else 1."""
+        return info.shape[0] if len(info.shape) == 3 and self.left_probe(info) is not None else 1
 
     def right_rows(self, info: TensorInfo) -> torch.Tensor | None:
         """The rows of W (ascending) whose right product the sketch uses, when not all: the head's sample."""
@@ -530,10 +550,13 @@ class SketchBuilder:
         if role is None:
             return
         side, layer, part = role
-        stored_side = self._stored_side(role)
+        stored_side = self._stored_side(info, role)
         product = right if stored_side == "right" else left
         if product is None:
             raise InternalError(f"sketch: tensor '{info.name}' needs its {stored_side} probe product, none was given")
+        if len(info.shape) == 3:
+            self._add_experts(info, stored_side, product)
+            return
         if stored_side != side:
             product = product.T  # of a transposed weight: the product nn.Linear's W would have given
         if layer is None:
@@ -562,6 +585,20 @@ class SketchBuilder:
             block.parts.update(split)
         if {"q", "k", "v", "o", "gate", "up", "down"} <= set(block.parts) and layer not in self._moe_layers:
             self._close(layer)
+
+    def _add_experts(self, info: TensorInfo, stored_side: str, product: torch.Tensor) -> None:
+        """An all-experts tensor's products: the stored tensor with its multiplied axis replaced by the probe's k
+        ([experts, rows, k] on the right, [experts, k, columns] on the left), which split_experts reads like the
+        tensor itself into each expert's products as nn.Linear's weight would give them."""
+        part, layer = naming.fused_experts(info.name), _layer_of(info.name)
+        assert part is not None and layer is not None
+        experts = info.shape[0]
+        stacked = product.reshape(experts, -1, product.shape[-1]) if stored_side == "right" else product
+        if stacked.shape[0] != experts:
+            raise InternalError(f"sketch: tensor '{info.name}' needs a product per expert, got {tuple(product.shape)}")
+        block = self._blocks.setdefault(layer, _Block())
+        for number, split in enumerate(split_experts(part, stacked, self.config)):
+            block.experts.update({(name, number): value for name, value in split.items() if name in MLP_AXES})
 
     def _note_once(self, note: str) -> None:
         if note not in self.notes:
@@ -655,6 +692,17 @@ def sketch_units(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], k
     blocks: dict[int, _Block] = {}
     transposed = naming.transposed(config)
     for name, weight in state.items():
+        fused = naming.fused_experts(name)
+        if fused is not None and weight.dim() == 3 and (layer := _layer_of(name)) is not None:
+            mlp_probe = probe * gain(layer, naming.MLP_INPUT_NORMS)
+            block = blocks.setdefault(layer, _Block())
+            for number, expert_parts in enumerate(split_experts(fused, weight, config)):
+                for n, w in expert_parts.items():
+                    if n == "down" and w.shape[0] == width:
+                        block.experts[(n, number)] = probe @ w
+                    elif n in ("gate", "up") and w.shape[1] == width:
+                        block.experts[(n, number)] = w @ mlp_probe.T
+            continue
         layer, part = _layer_of(name), naming.projection(name)
         if layer is None or part is None or weight.dim() != 2 or not name.endswith(".weight"):
             continue
