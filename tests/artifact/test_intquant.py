@@ -209,6 +209,7 @@ RESOLVE_CASES: dict[str, tuple[str, Any, type[TgVerifyError], str]] = {
     "AWQ GEMV": ("awq", _set("version", "gemv"), QuantizationConfigError, "'gemv'"),
     "llm-awq backend": ("awq", _set("backend", "llm-awq"), QuantizationConfigError, "'llm-awq'"),
     "8-bit AWQ": ("awq", _set("bits", 8), QuantizationConfigError, "4-bit"),
+    "AWQ without zero points": ("awq", _set("zero_point", False), QuantizationConfigError, ".zero_point is false"),
 }
 
 
@@ -297,3 +298,35 @@ def test_an_adapter_merges_onto_the_dequantised_weight(llama: Any, tmp_path: Pat
     with open_model(adapter, base) as merged:
         update = merged.reader.float32(merged.artifact.tensor(name)) - expected[name].float()
     assert update.abs().max() > 0 and torch.isfinite(update).all()
+
+
+def test_parts_in_different_shards(llama: Any, tmp_path: Path) -> None:
+    """A layer's parts may lie in different shards: each is read from its own file, and an error about one names
+    that file."""
+    from safetensors.torch import load_file, save_file
+
+    directory, expected = save_intquant(llama, tmp_path / "m", desc_act=True)
+    state = load_file(str(directory / "model.safetensors"))
+    (directory / "model.safetensors").unlink()
+    second = {n: t for n, t in state.items() if n.endswith((".scales", ".g_idx"))}
+    first = {n: t for n, t in state.items() if n not in second}
+    names = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    for name, part in zip(names, (first, second)):
+        save_file(part, str(directory / name), metadata={"format": "pt"})
+    weight_map = dict.fromkeys(first, names[0]) | dict.fromkeys(second, names[1])
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    artifact = resolve(directory)
+    info = artifact.tensor(DOWN + ".weight")
+    assert isinstance(info, IntPackedTensor) and info.file == names[0] and info.scales.file == names[1]
+    with open_reader(artifact) as reader:
+        assert torch.equal(reader.raw(info), expected[DOWN + ".weight"])
+
+    def past_the_end(s: State) -> None:
+        s[DOWN + ".g_idx"][0] = 99
+
+    past_the_end(second)
+    save_file(second, str(directory / names[1]), metadata={"format": "pt"})
+    artifact = resolve(directory)
+    with open_reader(artifact) as reader, pytest.raises(PackedValueError) as raised:
+        reader.raw(artifact.tensor(DOWN + ".weight"))
+    assert raised.value.file == str(directory / names[1])

@@ -144,6 +144,9 @@ def _scheme(quant: Mapping[str, Any], method: str, where: str, file: str) -> _Sc
             shownfmt = "llm-awq" if backend == "llm-awq" else fmt
             raise _config_error(where, file, f" AWQ format {shown(repr(shownfmt), 40)} is not one tg-verify reads "
                                              f"({', '.join(AWQ_FORMATS)}: GEMV and llm-awq pack differently)")
+        if _flag(quant, "zero_point", True, where, file) is not True:
+            raise _config_error(where, file, ".zero_point is false: tg-verify reads AWQ weights with zero points "
+                                             "only (what a GEMM kernel makes of the others is not determined)")
         offset, act_order = 0, False
     group = _integer(quant, ("group_size", "q_group_size"), 128, where, file)
     if group != -1 and group <= 0:
@@ -309,6 +312,9 @@ def dequantise(stored: Callable[[TensorInfo], torch.Tensor], info: IntPackedTens
                 f"{shown(file)}: group index '{shown(info.g_idx.name)}' of '{shown(info.name)}' is not row // "
                 f"{info.group_size} although quantization_config.desc_act is false: some runtimes follow it, others "
                 f"ignore it, so the weight that runs is not determined", file=file)
-    values = (q - zeros.add_(info.zero_offset)[group]).to(torch.float32)
+    # in place where it can be: peak memory is about three int32/float32 copies of the weight
+    q.sub_(zeros.add_(info.zero_offset)[group])
+    values = q.to(torch.float32)
+    del q
     values.mul_(scales.to(torch.float32)[group])
     return values.t().to(scales.dtype).contiguous()
