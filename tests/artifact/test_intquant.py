@@ -330,3 +330,23 @@ def test_parts_in_different_shards(llama: Any, tmp_path: Path) -> None:
     with open_reader(artifact) as reader, pytest.raises(PackedValueError) as raised:
         reader.raw(artifact.tensor(DOWN + ".weight"))
     assert raised.value.file == str(directory / names[1])
+
+
+def test_compressed_tensors_integer_packs_are_refused_by_name(llama: Any, tmp_path: Path) -> None:
+    """compressed-tensors `pack-quantized` int4 (weight_packed, weight_scale, weight_shape) is not read: a typed
+    refusal that names the format, never a fingerprint of the packs."""
+    def pack_quantized(state: State, config: dict[str, Any]) -> None:
+        for name in [n for n in state if n.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))]:
+            stem, part = name.rsplit(".", 1)
+            state[stem + {"qweight": ".weight_packed", "qzeros": ".weight_zero_point", "scales": ".weight_scale",
+                          "g_idx": ".weight_g_idx"}[part]] = state.pop(name)
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
+                "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group",
+                                                   "group_size": 16, "symmetric": True}}}}
+
+    directory, _ = save_intquant(llama, tmp_path / "m", edit=pack_quantized)
+    with pytest.raises(QuantizationConfigError) as raised:
+        resolve(directory)
+    assert "int4 in format pack-quantized" in str(raised.value)
+    assert main(["fingerprint", str(directory), "-o", str(tmp_path / "out.json")]) == 2
