@@ -168,8 +168,6 @@ def pack(tensors: Sequence[TensorInfo], config: Mapping[str, Any] | None, root: 
     if method is None:
         return list(tensors)
     assert config is not None
-    config_path = root / "config.json"
-    scheme = _scheme(config["quantization_config"], method, shown(config_path), str(config_path))
     layers: dict[str, dict[str, TensorInfo]] = {}
     out: list[TensorInfo] = []
     for info in tensors:
@@ -178,6 +176,10 @@ def pack(tensors: Sequence[TensorInfo], config: Mapping[str, Any] | None, root: 
             out.append(info)
         else:
             layers.setdefault(match["stem"], {})[match["part"]] = info
+    if not layers:
+        return out  # nothing stored in this method's parts (float8 weights under it are fp8.plan's to refuse)
+    config_path = root / "config.json"
+    scheme = _scheme(config["quantization_config"], method, shown(config_path), str(config_path))
     plain = {info.name: info for info in out}
     for stem, parts in sorted(layers.items()):
         name = stem + "weight"
