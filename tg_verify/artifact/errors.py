@@ -85,8 +85,9 @@ class AmbiguousTensorError(ArtifactError):
 
 
 class PackedTensorError(ArtifactError):
-    """A quantised tensor stored as a pair (MXFP4's `_blocks` + `_scales`) whose partner is missing or whose dtype or
-    shape does not fit its partner or the config: there is no value a runtime would load for it."""
+    """A quantised tensor stored in parts (MXFP4's `_blocks` + `_scales`; GPTQ's and AWQ's `qweight`, `qzeros`,
+    `scales`, `g_idx`) with a part missing, an orphan part, or a dtype or shape that does not fit the other parts or
+    the config: there is no value a runtime would load for it."""
 
     code = "TGV_PACKED_TENSOR"
 
@@ -155,8 +156,9 @@ class FileChangedError(ArtifactError):
 
 
 class QuantizationConfigError(ArtifactError):
-    """config.json's quantization_config that tg-verify cannot read the float8 weights by: not an object, a
-    malformed `weight_block_size` or weight scheme, or a `quant_method` it does not dequantise."""
+    """config.json's quantization_config that tg-verify cannot read the quantised weights by: not an object, a
+    malformed `weight_block_size` or weight scheme, a `quant_method` it does not dequantise, or GPTQ/AWQ bits, group
+    size or format it does not read."""
 
     code = "TGV_QUANTIZATION_CONFIG"
 
@@ -173,6 +175,13 @@ class ScaleValueError(WeightValueError):
     that is not zero: found when the weight is dequantised."""
 
     code = "TGV_SCALE_VALUES"
+
+
+class PackedValueError(WeightValueError):
+    """A GPTQ group index (`g_idx`) naming a group that does not exist, or reordering rows where desc_act says it
+    does not (runtimes then compute different weights): found when the weight is dequantised."""
+
+    code = "TGV_PACKED_VALUES"
 
 
 # --- one safetensors header (checks 1-10 of the reference parser, plus tg-verify's own) ---------------

@@ -154,8 +154,13 @@ def _ct_scheme(config: Mapping[str, Any], where: str, file: str) -> _Scheme:
                                           f"weights asymmetrically, which tg-verify does not dequantise", file=file)
         strategies.append(_ct_strategy(weights, where, file, name))
     if not strategies:
+        declared = sorted({f"{w.get('type')}{w.get('num_bits')} in format {g.get('format') or config.get('format')}"
+                           for g in groups.values() if isinstance(g, dict)
+                           for w in (g.get("weights"),) if isinstance(w, dict)})
+        found = f" (it declares {shown(', '.join(declared), 120)})" if declared else ""
         raise QuantizationConfigError(f"{where}: quantization_config (compressed-tensors) declares no 8-bit float "
-                                      f"weight scheme in config_groups; tg-verify dequantises only those", file=file)
+                                      f"weight scheme in config_groups{found}; tg-verify dequantises only those "
+                                      f"(integer packs such as pack-quantized int4/int8 are not read)", file=file)
 
     def extras(name: str) -> tuple[str, ...]:
         stem = _stem(name)

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from tg_verify.artifact import fp8, mxfp4
+from tg_verify.artifact import fp8, intquant, mxfp4
 from tg_verify.artifact.errors import (
     AdapterLayoutError,
     AmbiguousLayoutError,
@@ -108,6 +108,7 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
                 raise IndexMismatchError(f"{index_path}: tensor '{shown(tensor_name)}' stored in {shown(rel)} is "
                                          f"missing from weight_map", file=index_file)
     tensors = mxfp4.pack(tensors, config, root)  # each MXFP4 pair as the float parameter it loads as
+    tensors = intquant.pack(tensors, config, root)  # each GPTQ/AWQ layer's parts as the float weight it loads as
     tensors.sort(key=lambda t: natural_key(t.name))
     unexpected: tuple[TensorInfo, ...] = ()
     architecture = None
@@ -120,12 +121,15 @@ def _assemble(root: Path, name: str, layout: str, weights: dict[str, Header], ex
         scales = fp8.plan(tensors, config, root)
         stored = [t for t in tensors if t.name not in scales.companion_names] if scales is not None else tensors
         loaded = classify(stored, config, shown(root))
-        tensors, unexpected, architecture = list(loaded.loaded), mxfp4.stored(loaded.unexpected), loaded.architecture
+        tensors, architecture = list(loaded.loaded), loaded.architecture
+        unexpected = intquant.stored(mxfp4.stored(loaded.unexpected))
         components, text_config = loaded.components, loaded.text_config
         notes.extend(loaded.notes)
         if scales is not None:
             unexpected, quantisation = scales.split(tensors, unexpected)
             unexpected = tuple(sorted(unexpected, key=lambda t: natural_key(t.name)))
+        else:
+            quantisation = intquant.quantisation(tensors)  # GPTQ/AWQ: each weight's parts, companions
     role = "adapter-weights" if layout == "adapter" else "weights"
     files = [ArtifactFile(rel, h.file_size, role) for rel, h in weights.items()] + extra  # type: ignore[arg-type]
     files.sort(key=lambda f: natural_key(f.path))

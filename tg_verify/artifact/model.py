@@ -106,8 +106,10 @@ class ScaledWeight:
     """How the runtime computes a stored low-precision weight: its values times `scale`, one scale value per block of
     `block` = (rows, columns) of the weight's last two dimensions, edge blocks partial (artifact/fp8.py).
 
-    `kind` names the dequantiser (TensorReader's; "fp8": float8 values times float scales); `zero_point`, where the
-    format stores one, must hold zeros. A new scheme (MXFP4, say) is a kind, its planner and its dequantiser."""
+    `kind` names the dequantiser (TensorReader's; "fp8": float8 values times float scales; "gptq", "awq": packed
+    integers, the weight an artifact/intquant.py IntPackedTensor that carries its parts, `block` (1, group size),
+    rows of a group in g_idx's order); `zero_point`, where an FP8 format stores one, must hold zeros. A new scheme is
+    a kind, its planner and its dequantiser."""
 
     scale: TensorInfo
     block: tuple[int, int]
@@ -166,8 +168,9 @@ class Artifact:
     # config (config.json's text_config): the fingerprint covers the language model alone (language_model()).
     components: tuple[str, ...] = ()
     text_config: dict[str, Any] | None = None
-    # FP8 checkpoints: each float8 weight's scale (artifact/fp8.py); the scales are not in `tensors`. None: the stored
-    # values are what the runtime computes with
+    # FP8 checkpoints: each float8 weight's scale (artifact/fp8.py); GPTQ/AWQ: each packed weight's parts
+    # (artifact/intquant.py); the scales and parts are not in `tensors`. None: the stored values are what the runtime
+    # computes with
     quantisation: Quantisation | None = None
 
     @property

@@ -17,6 +17,7 @@ from types import TracebackType
 
 import torch
 
+from tg_verify.artifact import intquant
 from tg_verify.artifact.errors import FileChangedError, ScaleValueError, shown
 from tg_verify.artifact.model import Artifact, ScaledWeight, TensorInfo
 from tg_verify.artifact.mxfp4 import PackedTensor, dequantise
@@ -84,12 +85,13 @@ class TensorReader(AbstractContextManager["TensorReader"]):
     def raw(self, info: TensorInfo) -> torch.Tensor:
         """The tensor as the runtime computes with it: in its stored dtype, viewed (not copied) from the mapped file
         when aligned; a scaled float8 weight dequantised to float32, MXFP4 experts (artifact/mxfp4.py) from their
-        stored pair, in the dtype the runtime gives them. Like a view, the result is shared: never modify it in
+        stored pair, in the dtype the runtime gives them, a GPTQ/AWQ weight (artifact/intquant.py) from its packed
+        integers, in its scales' dtype. Like a view, the result is shared: never modify it in
         place."""
         if isinstance(info, PackedTensor):
             return dequantise(self.raw, info, str(self.artifact.path_of(info.file)))
         scaled = self._scaled.get(info.name)
-        if scaled is None:
+        if scaled is None and not isinstance(info, intquant.IntPackedTensor):
             return self.stored(info)
         with self._lock:
             recent = self._dequantised
@@ -100,13 +102,17 @@ class TensorReader(AbstractContextManager["TensorReader"]):
             self._dequantised = (info, tensor)
         return tensor
 
-    def _scaled_values(self, info: TensorInfo, scaled: ScaledWeight) -> torch.Tensor:
+    def _scaled_values(self, info: TensorInfo, scaled: ScaledWeight | None) -> torch.Tensor:
         """A fresh float32 tensor: the stored values times the scale broadcast over each block of the last two
         dimensions (edge blocks partial), as transformers' `_dequantize_fp8_weight` computes it. The scale must be
-        finite and positive, the zero point (where stored) zero: ScaleValueError otherwise."""
-        if scaled.kind != "fp8":  # a scheme's planner and its dequantiser come together (docs/artifact.md)
+        finite and positive, the zero point (where stored) zero: ScaleValueError otherwise. A GPTQ/AWQ weight: its
+        packed integers dequantised (intquant.dequantise), in its scales' dtype."""
+        if isinstance(info, intquant.IntPackedTensor):
+            return intquant.dequantise(self.stored, info, lambda part: str(self.artifact.path_of(part.file)))
+        if scaled is None or scaled.kind != "fp8":  # a scheme's planner and its dequantiser come together
+            kind = scaled.kind if scaled is not None else None
             raise UnsupportedDtypeError(f"{shown(self.artifact.path_of(info.file))}: tensor '{shown(info.name)}' is "
-                                        f"quantised as {scaled.kind!r}, which this reader cannot dequantise",
+                                        f"quantised as {kind!r}, which this reader cannot dequantise",
                                         file=str(self.artifact.path_of(info.file)))
         scale = self._checked_scale(info, scaled)
         weight = self.stored(info).to(torch.float32, copy=True)  # a fresh copy: the map is never written
@@ -143,7 +149,10 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         return scale
 
     def stored(self, info: TensorInfo) -> torch.Tensor:
-        """The tensor in its stored dtype, viewed (not copied) from the mapped file when aligned."""
+        """The tensor in its stored dtype, viewed (not copied) from the mapped file when aligned. A tensor stored in
+        parts (MXFP4, GPTQ/AWQ) has no bytes of its own: it is read as `raw()` reads it."""
+        if isinstance(info, (PackedTensor, intquant.IntPackedTensor)):
+            return self.raw(info)
         dtype = TORCH_DTYPES.get(info.dtype)
         if dtype is None:
             raise UnsupportedDtypeError(
@@ -165,9 +174,9 @@ class TensorReader(AbstractContextManager["TensorReader"]):
             with self._lock:
                 recent = self._dequantised
             if recent is not None and recent[0] == info:
-                tensor = recent[1].clone()
+                tensor = recent[1].to(torch.float32, copy=True)
             else:
-                tensor = self._scaled_values(info, self._scaled[info.name])
+                tensor = self._scaled_values(info, self._scaled[info.name]).to(torch.float32)
         else:
             raw = self.raw(info)  # the stored dtype, or MXFP4 experts dequantised
             tensor = raw.clone() if raw.dtype == torch.float32 else raw.to(torch.float32)
@@ -192,13 +201,13 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         The maps are private and never written, so the kernel re-reads the pages from the file if they
         are touched again: views stay valid, only resident memory (RSS) shrinks.
         """
-        if isinstance(info, PackedTensor):
-            for part in info.stored:
-                self.release(part)
-            return
         with self._lock:
             if self._dequantised is not None and self._dequantised[0] == info:
                 self._dequantised = None
+        if isinstance(info, (PackedTensor, intquant.IntPackedTensor)):
+            for part in info.stored:
+                self.release(part)
+            return
         buffer = self._maps.get(info.file)
         if buffer is not None and info.end > info.begin:
             drop_pages(buffer, info.begin, info.end)
