@@ -147,6 +147,26 @@ def test_without_config_or_grammar_every_tensor_is_kept_with_a_warning_and_prefi
         resolve(tmp_path)
 
 
+def test_without_a_grammar_blocks_and_experts_past_the_configs_counts_are_not_loaded() -> None:
+    """A runtime built from config.json has no block past its layer count and no expert past its expert count:
+    without a grammar such tensors (a decoy expert 99 beside 4, a decoy layer 5 beside 2) are unexpected and said
+    so; a tower's own deeper stack is not counted against the decoder's layers."""
+    def names(layers: range, experts: range, stack: str = "model.layers") -> list[str]:
+        return [f"{stack}.{i}.block_sparse_moe.experts.{e}.{w}.weight" for i in layers for e in experts
+                for w in ("w1", "w2", "w3")]
+
+    config = {"model_type": "mixtral", "num_hidden_layers": 2, "num_local_experts": 4}
+    stored = ["model.embed_tokens.weight", *names(range(2), range(4))]
+    decoys = names(range(2), [99]) + names([5], range(4))
+    tower = [f"vision.blocks.{i}.attn.proj.weight" for i in range(6)]
+    result = classify(infos(stored + decoys + tower), config, "m")
+    assert {t.name for t in result.unexpected} == set(decoys)
+    assert {t.name for t in result.loaded} == set(stored + tower)
+    assert any("past config.json's counts (2 layers, 4 experts" in note for note in result.notes)
+    # no counts in config.json: nothing is ruled out
+    assert not classify(infos(stored + decoys), {"model_type": "mixtral"}, "m").unexpected
+
+
 def test_experts_are_units_of_their_own_and_their_decoys_are_still_twins() -> None:
     """Without a grammar (Mixtral, Qwen-MoE ...), expert 0's and expert 1's w1 of one block are two units, not twins;
     the same expert's w1 under a second stack is."""

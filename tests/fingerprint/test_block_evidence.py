@@ -256,6 +256,20 @@ def test_a_mixture_of_experts_is_read_as_the_sum_over_its_experts(tmp_path: Path
         assert np.abs(recorded.ud[n] - live[layer][1].numpy()).max() < 2e-3
         assert np.abs(recorded.ud[n] - live_native[layer][1].detach().numpy()).max() < 2e-3
     assert ("mlp_ud", 0) in sketch_units(state, config)
+    # a decoy expert no runtime loads (index 4 of 4, in every block): not read, both evidences where they were
+    decoyed = tmp_path / "decoyed"
+    decoyed.mkdir()
+    extra = {f"model.layers.{i}.block_sparse_moe.experts.4.{w}.weight":
+             5 * torch.randn_like(state[f"model.layers.{i}.block_sparse_moe.experts.0.{w}.weight"])
+             for i in range(config["num_hidden_layers"]) for w in ("w1", "w2", "w3")}
+    from safetensors.torch import save_file
+
+    save_file({**state, **extra}, str(decoyed / "model.safetensors"))
+    (decoyed / "config.json").write_text(json.dumps(config))
+    artifact = resolve(decoyed)
+    assert {t.name for t in artifact.unexpected} == set(extra)
+    decoy = fingerprint_artifact(artifact)
+    assert decoy.blocks is not None and score(decoy.blocks, moe.blocks) > 0.999 and same_sketch(decoy, moe)
 
 
 def assert_same_evidence(model: Any, edited: Any, directory: Path, other: Any = None) -> None:

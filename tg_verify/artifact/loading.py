@@ -349,7 +349,7 @@ def classify(tensors: Sequence[TensorInfo], config: Config | None, where: str) -
     grammar, causal, why = grammar_for(config)
     if grammar is None:
         assert why is not None
-        return _generic(tensors, why, where)
+        return _generic(tensors, why, where, config=config)
     return _by_grammar(tensors, grammar, config or {}, causal, where)
 
 
@@ -412,7 +412,7 @@ def _wrapped(tensors: Sequence[TensorInfo], config: Config, text: dict[str, Any]
     else:
         why = (f"text_config has no usable {grammar.layers_key} for model_type {grammar.family}" if grammar else
                f"text_config's model_type {shown(repr(model_type), 60)} has no tensor-name grammar in tg-verify")
-        language = _generic(rest, why, where, rename=_language_name)
+        language = _generic(rest, why, where, rename=_language_name, config=text)
     notes = list(language.notes)
     if components:
         roots = sorted({t.name.removeprefix("model.").split(".", 1)[0] for t in components})
@@ -438,11 +438,57 @@ def _missing(bound: _Bound, grammar: Grammar, config: Config, causal: bool, pres
     return missing
 
 
+# config.json keys that count a model's decoder blocks and its routed experts, across families: without a grammar,
+# what a runtime built from the config has no room for is all tg-verify can still rule out
+LAYER_COUNT_KEYS: tuple[str, ...] = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+EXPERT_COUNT_KEYS: tuple[str, ...] = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _count(config: Config | None, keys: tuple[str, ...]) -> int | None:
+    """The first of `keys` config.json states as a non-negative integer, or None."""
+    for key in keys:
+        value = (config or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+def _beyond_config(name: str, stack: str | None, layers: int | None, experts: int | None) -> bool:
+    """Whether a stored tensor sits in a block of the decoder `stack`, or an expert, that the config has no room
+    for (a runtime never loads it). Other stacks (a tower's) are not counted by the decoder's layer count."""
+    block, expert = naming.block_of(name), naming.expert_of(name)
+    return ((layers is not None and block is not None and block[0] == stack and block[1] >= layers)
+            or (experts is not None and expert is not None and expert >= experts))
+
+
+def _decoder_stack(names: Sequence[str]) -> str | None:
+    """The block prefix of the decoder: the stack beside the token embedding (`model.layers.` beside
+    `model.embed_tokens`), or None when there is no embedding or not exactly one such stack. Other stacks (a
+    tower's) are never counted against the decoder's layer count."""
+    embeddings = [name for name in names if naming.global_role(name) == "embed"]
+    if len(embeddings) != 1:
+        return None
+    parent = embeddings[0].rsplit(".", 2)[0] + "." if embeddings[0].count(".") >= 2 else ""
+    stacks = {block[0] for name in names if (block := naming.block_of(name)) is not None}
+    beside = [prefix for prefix in stacks if prefix.rsplit(".", 2)[0] + "." == parent
+              or (parent == "" and prefix.count(".") == 1)]
+    return beside[0] if len(beside) == 1 else None
+
+
 def _generic(tensors: Sequence[TensorInfo], why: str, where: str,
-             rename: Callable[[str], str] = lambda name: name) -> LoadedSet:
-    """No grammar: keep every tensor, refuse a stored key that equals another with one leading component
-    added (the base-prefix rule every transformers model applies; names read through `rename`, a wrapper's
-    roots), and say the loaded set is unchecked."""
+             rename: Callable[[str], str] = lambda name: name, config: Config | None = None) -> LoadedSet:
+    """No grammar: keep every tensor the config has room for, refuse a stored key that equals another with one
+    leading component added (the base-prefix rule every transformers model applies; names read through `rename`,
+    a wrapper's roots), and say the loaded set is unchecked.
+
+    A block index at or past config.json's layer count, or an expert index at or past its expert count, is a
+    parameter no runtime built from that config has: such tensors are unexpected, never fingerprinted (a decoy
+    expert 99 beside a mixture of 8 would otherwise be summed into the lineage evidence)."""
+    layers, experts = _count(config, LAYER_COUNT_KEYS), _count(config, EXPERT_COUNT_KEYS)
+    stack = _decoder_stack([rename(info.name) for info in tensors])
+    beyond = [info for info in tensors if _beyond_config(rename(info.name), stack, layers, experts)]
+    if beyond:
+        tensors = [info for info in tensors if info not in beyond]
     names: dict[str, str] = {}
     for info in tensors:
         name = rename(info.name)
@@ -463,7 +509,10 @@ def _generic(tensors: Sequence[TensorInfo], why: str, where: str,
                        "no tensor-name grammar says")
     notes = [f"{why}: which tensors a runtime loads cannot be checked, so all {len(tensors)} are fingerprinted "
              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"] if tensors else []
-    return LoadedSet(tuple(tensors), (), None, tuple(notes))
+    if beyond:
+        notes.append(f"{len(beyond)} tensor(s) in blocks or experts past config.json's counts ({layers} layers, "
+                     f"{experts} experts: {_listed([t.name for t in beyond])}) would not be loaded: not fingerprinted")
+    return LoadedSet(tuple(tensors), tuple(beyond), None, tuple(notes))
 
 
 def _role(name: str) -> tuple[object, ...] | None:
