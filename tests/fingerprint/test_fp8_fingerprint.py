@@ -9,33 +9,16 @@ from typing import Any
 import pytest
 import torch
 from fp8_helpers import save_fp8
+from lineage_helpers import blocks
 
-from tg_verify.analysis.blocks import block_score, parse_blocks
 from tg_verify.analysis.lineage import lineage_score, lineage_test
 from tg_verify.artifact import resolve
 from tg_verify.fingerprint.extract import fingerprint_artifact
-from tg_verify.tiny import build_model, one_thread, save_model
+from tg_verify.tiny import one_thread
 
 # (method, block): DeepSeek-V3-style blocks that tile the tiny matrices, blocks with partial edges, one scale per
 # tensor (weight_block_size null), and the two per-channel formats
 CASES = [("fp8", (16, 16)), ("fp8", (24, 40)), ("fp8", None), ("compressed-tensors", None), ("fbgemm_fp8", None)]
-
-
-@pytest.fixture(scope="module")
-def originals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A tiny llama, its float32 fingerprint, and another seed's (what unrelated scores look like)."""
-    root = tmp_path_factory.mktemp("fp8-originals")
-    with one_thread():
-        model, other = build_model("llama", seed=0), build_model("llama", seed=1)
-        return {"model": model, "root": root,
-                "original": fingerprint_artifact(resolve(save_model(model, root / "original"))),
-                "other": fingerprint_artifact(resolve(save_model(other, root / "other")))}
-
-
-def blocks(a: Any, b: Any) -> float:
-    result = block_score(parse_blocks(a.blocks, "a"), parse_blocks(b.blocks, "b"))
-    assert result.score is not None
-    return result.score
 
 
 @pytest.mark.parametrize("method, block", CASES, ids=[f"{m}-{b}" for m, b in CASES])

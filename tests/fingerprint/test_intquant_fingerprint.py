@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 from intquant_helpers import save_intquant
+from lineage_helpers import blocks
 
-from tg_verify.analysis.blocks import block_score, parse_blocks
 from tg_verify.analysis.lineage import lineage_score, lineage_test
 from tg_verify.artifact import resolve
 from tg_verify.fingerprint.extract import fingerprint_artifact
-from tg_verify.tiny import build_model, one_thread, save_model
+from tg_verify.tiny import one_thread
 
 # (id, save_intquant arguments): GPTQ v1 symmetric and asymmetric with act-order, one group, 8-bit v2; AWQ GEMM
 CASES: list[tuple[str, dict[str, Any]]] = [
@@ -26,23 +26,6 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("awq-g16", {"method": "awq"}),
     ("awq-g-1", {"method": "awq", "group_size": -1}),
 ]
-
-
-@pytest.fixture(scope="module")
-def originals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A tiny llama, its float32 fingerprint, and another seed's (what unrelated scores look like)."""
-    root = tmp_path_factory.mktemp("intquant-originals")
-    with one_thread():
-        model, other = build_model("llama", seed=0), build_model("llama", seed=1)
-        return {"model": model, "root": root,
-                "original": fingerprint_artifact(resolve(save_model(model, root / "original"))),
-                "other": fingerprint_artifact(resolve(save_model(other, root / "other")))}
-
-
-def blocks(a: Any, b: Any) -> float:
-    result = block_score(parse_blocks(a.blocks, "a"), parse_blocks(b.blocks, "b"))
-    assert result.score is not None
-    return result.score
 
 
 @pytest.mark.parametrize("case", [c for c, _ in CASES])
