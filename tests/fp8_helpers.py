@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,19 @@ def quantised(name: str) -> bool:
 Edit = Callable[[dict[str, torch.Tensor], dict[str, Any]], None]
 
 
+def projections(model: Any, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The decoder projections of `model` a quantised checkpoint stores packed, as (name, a contiguous copy); every
+    other tensor is put in `state` as it is (a tied head is not stored)."""
+    for name, value in model.state_dict().items():
+        value = value.detach().contiguous().clone()
+        if getattr(model.config, "tie_word_embeddings", False) and name == "lm_head.weight":
+            continue
+        if quantised(name):
+            yield name, value
+        else:
+            state[name] = value
+
+
 def save_fp8(model: Any, directory: Path, method: str = "fp8", block: tuple[int, int] | None = (16, 16),
              scale_dtype: torch.dtype = torch.float32, edit: Edit | None = None) -> Path:
     """Save `model` as an FP8 checkpoint of `method` ("fp8": block-wise `weight_scale_inv`, per-tensor with block
@@ -62,13 +75,7 @@ def save_fp8(model: Any, directory: Path, method: str = "fp8", block: tuple[int,
     directory.mkdir(parents=True, exist_ok=True)
     state: dict[str, torch.Tensor] = {}
     config: dict[str, Any] = model.config.to_dict()
-    for name, value in model.state_dict().items():
-        value = value.detach().contiguous().clone()
-        if getattr(model.config, "tie_word_embeddings", False) and name == "lm_head.weight":
-            continue
-        if not quantised(name):
-            state[name] = value
-            continue
+    for name, value in projections(model, state):
         stem = name[: -len("weight")]
         if method == "fp8":
             values, scale = quantise_blocks(value, block if block is not None else tuple(value.shape))

@@ -11,15 +11,14 @@ definitions (written here from the formats, independent of tg_verify/artifact/in
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from fp8_helpers import Edit, projections
 from safetensors.torch import save_file
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
@@ -91,11 +90,6 @@ def pack_columns(values: torch.Tensor, bits: int, order: tuple[int, ...] | None 
     return _int32(words)
 
 
-def quantised(name: str) -> bool:
-    return name.endswith(".weight") and name.rsplit(".", 2)[-2] in PROJECTIONS
-
-
-Edit = Callable[[dict[str, torch.Tensor], dict[str, Any]], None]
 
 
 def save_intquant(model: Any, directory: Path, method: str = "gptq", *, bits: int = 4, group_size: int = 16,
@@ -110,13 +104,7 @@ def save_intquant(model: Any, directory: Path, method: str = "gptq", *, bits: in
     expected: dict[str, torch.Tensor] = {}
     config: dict[str, Any] = model.config.to_dict()
     generator = torch.Generator().manual_seed(7)
-    for name, value in model.state_dict().items():
-        value = value.detach().contiguous().clone()
-        if getattr(model.config, "tie_word_embeddings", False) and name == "lm_head.weight":
-            continue
-        if not quantised(name):
-            state[name] = value
-            continue
+    for name, value in projections(model, state):
         stem = name[: -len("weight")]
         perm = torch.randperm(value.shape[1], generator=generator) if desc_act else None
         v1 = method == "gptq" and fmt == "gptq"
