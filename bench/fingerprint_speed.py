@@ -149,7 +149,7 @@ def measure_hashlib(directory: Path) -> dict[str, float]:
     return {"wall_s": time.perf_counter() - started}
 
 
-def measure_fingerprint(directory: Path, hashing: bool, sketch: bool) -> dict[str, float]:
+def measure_fingerprint(directory: Path, hashing: bool, sketch: bool, device: str = "cpu") -> dict[str, float]:
     from tg_verify.artifact import resolve
     from tg_verify.fingerprint.extract import fingerprint_artifact
     from tg_verify.fingerprint.settings import FingerprintSettings
@@ -158,7 +158,7 @@ def measure_fingerprint(directory: Path, hashing: bool, sketch: bool) -> dict[st
     artifact = resolve(directory)
     digests = None if hashing else {f.path: "0" * 64 for f in artifact.files}
     # Without hashing, one compute thread: the TensorGuard cost per core, not the machine's current load.
-    fingerprint = fingerprint_artifact(artifact, FingerprintSettings(device="cpu", sketch=sketch), digests=digests,
+    fingerprint = fingerprint_artifact(artifact, FingerprintSettings(device=device, sketch=sketch), digests=digests,
                                        threads=None if hashing else 1)
     wall = time.perf_counter() - started
     return {"wall_s": wall, "analysed": fingerprint.extraction["analysed_tensors"],
@@ -220,7 +220,7 @@ def measure_baseline(directory: Path, subset: int, repeats: int) -> dict[str, fl
             "tensors_timed": len(picks), "tensors_total": len(matrices), "repeats_timed": repeats}
 
 
-def child(kind: str, directory: Path, subset: int, repeats: int, params: float) -> None:
+def child(kind: str, directory: Path, subset: int, repeats: int, params: float, device: str = "cpu") -> None:
     if kind == "write":  # in a child too, so the parent stays small (fork copies its peak RSS)
         layers = layers_for(params)
         print(json.dumps({"params": write_checkpoint(directory, layers), "layers": layers}))
@@ -245,13 +245,13 @@ def child(kind: str, directory: Path, subset: int, repeats: int, params: float) 
     elif kind == "hashlib":
         result = measure_hashlib(directory)
     elif kind == "fingerprint":
-        result = measure_fingerprint(directory, hashing=True, sketch=True)
+        result = measure_fingerprint(directory, hashing=True, sketch=True, device=device)
     elif kind == "features":
-        result = measure_fingerprint(directory, hashing=False, sketch=False)
+        result = measure_fingerprint(directory, hashing=False, sketch=False, device=device)
     elif kind == "+sketch":
-        result = measure_fingerprint(directory, hashing=False, sketch=True)
+        result = measure_fingerprint(directory, hashing=False, sketch=True, device=device)
     elif kind == "+sha256":
-        result = measure_fingerprint(directory, hashing=True, sketch=False)
+        result = measure_fingerprint(directory, hashing=True, sketch=False, device=device)
     elif kind == "blocks":
         result = measure_blocks(directory)
     else:
@@ -303,9 +303,16 @@ def cold_rounds(directory: Path, args: argparse.Namespace) -> None:
     print(f"fingerprint / read from disk within each round: {', '.join(f'{x:.2f}' for x in ratios)}")
 
 
+def _gpu_name() -> str:
+    """' (<the GPU's name>)' as torch sees it, in this (parent) process."""
+    import torch
+
+    return f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else " (no CUDA device visible)"
+
+
 def run_child(kind: str, directory: Path, args: argparse.Namespace) -> dict[str, float]:
     command = [sys.executable, __file__, "--child", kind, "--dir", str(directory), "--subset", str(args.subset),
-               "--params", str(args.params)]
+               "--params", str(args.params), "--device", args.device]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
@@ -332,10 +339,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the quick steps (median)")
     parser.add_argument("--skip-baseline", action="store_true", help="leave out the transformers baseline")
     parser.add_argument("--cold", action="store_true", help="also time read and fingerprint from disk (cache evicted)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the fingerprint steps compute (`tg-verify fingerprint --device`); the block "
+                             "evidence and the hashing stay on the CPU")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.dir, args.subset, BASELINE_REPEATS, args.params)
+        child(args.child, args.dir, args.subset, BASELINE_REPEATS, args.params, args.device)
         return
     out = Path(__file__).resolve().parent / "out"
     out.mkdir(exist_ok=True)
@@ -349,7 +359,8 @@ def main() -> None:
         size = sum(p.stat().st_size for p in weight_files(directory))
         print(f"checkpoint: {params / 1e9:.3f}B parameters, {layers} layers, bf16, {len(weight_files(directory))} "
               f"shards, {size / 1e9:.2f} GB, written in {time.perf_counter() - started:.1f}s  ({directory})")
-        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; fingerprint steps on "
+              f"{args.device}{_gpu_name() if args.device == 'cuda' else ''}")
         measure_read(directory)  # warm the page cache
         # Interleaved rounds, median per step: a shared machine's load drifts within a minute.
         rounds: dict[str, list[dict[str, float]]] = {kind: [] for kind in QUICK_STEPS}

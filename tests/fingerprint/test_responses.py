@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,28 @@ def test_fingerprint_through_the_whole_tensor_path_matches(tiny_models, monkeypa
         assert whole.features[name] == pytest.approx(value, rel=1e-5, abs=1e-9), name
     assert whole.file_digests == blocked.file_digests
     assert [u["role"] for u in whole.sketch["units"]] == [u["role"] for u in blocked.sketch["units"]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it there)")
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_fingerprint_on_cuda_matches_the_cpus(name, tiny_models):
+    """--device cuda for real: the features, the sketch and the block evidence of a tiny model made on the GPU
+    agree with the CPU's (float32 both; the GPU sums in its own order), and the file digests are the same."""
+    from tg_verify.analysis.blocks import block_score, parse_blocks
+
+    artifact = resolve(tiny_models[name]["indexed-shards"])
+    cpu = fingerprint_artifact(artifact, FingerprintSettings(repeats=8, device="cpu"), threads=1)
+    cuda = fingerprint_artifact(artifact, FingerprintSettings(repeats=8, device="cuda"))
+    for feature, value in cpu.features.items():
+        assert cuda.features[feature] == pytest.approx(value, rel=1e-4, abs=1e-7), feature
+    assert cuda.file_digests == cpu.file_digests
+    mine = {(u["role"], u["layer"]): np.frombuffer(base64.b64decode(u["data"]), "<f2") for u in cuda.sketch["units"]}
+    theirs = {(u["role"], u["layer"]): np.frombuffer(base64.b64decode(u["data"]), "<f2") for u in cpu.sketch["units"]}
+    assert mine.keys() == theirs.keys()
+    assert all(np.abs(mine[k].astype(np.float32) - theirs[k].astype(np.float32)).max() < 2e-3 for k in mine)
+    assert cpu.blocks is not None and cuda.blocks is not None
+    result = block_score(parse_blocks(cuda.blocks, "cuda"), parse_blocks(cpu.blocks, "cpu"))
+    assert result.score is not None and result.score > 0.999
 
 
 @pytest.mark.parametrize("whole", [False, True])
