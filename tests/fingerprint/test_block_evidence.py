@@ -601,3 +601,31 @@ def test_an_untrusted_width_from_config_json_allocates_nothing_of_its_size(tmp_p
     fingerprint = fingerprint_artifact(resolve(tmp_path))
     assert fingerprint.blocks is None
     assert any("no layer has" in note for note in fingerprint.sketch["notes"])
+
+
+def test_dead_gated_units_are_caught_by_the_sketch_not_the_blocks(tmp_path: Path) -> None:
+    """An open hole, measured (docs/lineage.md, "What remains out of reach"): MLP units whose gate row is zero output
+    nothing (SiLU(0) = 0) whatever their up and down rows hold, yet UD = W_down W_up diag(g) counts them, so random
+    up/down rows on as many dead units as the block has take the block score from 1 to chance at no cost. The
+    sketch's other units are untouched and still call the model derived; this test keeps that so."""
+    from tg_verify.analysis.lineage import lineage_test
+    from tg_verify.fingerprint.extract import fingerprint_artifact
+
+    ck = T.from_model(build_model("llama", seed=0))
+    edited, generator, units = ck.clone(), torch.Generator().manual_seed(1), ck.config.intermediate_size
+    for i in range(ck.layers):
+        p = f"model.layers.{i}.mlp."
+        gate, up, down = (ck.state[p + f"{k}_proj.weight"] for k in ("gate", "up", "down"))
+        edited.state[p + "gate_proj.weight"] = torch.cat([gate, torch.zeros(units, gate.shape[1])])
+        edited.state[p + "up_proj.weight"] = torch.cat([up, 4 * up.std() * torch.randn(units, up.shape[1],
+                                                                                        generator=generator)])
+        edited.state[p + "down_proj.weight"] = torch.cat([down, 4 * down.std() * torch.randn(down.shape[0], units,
+                                                                                               generator=generator)], 1)
+    edited.config.intermediate_size = 2 * units
+    T.same_function(ck, edited)
+    base = fingerprint_artifact(resolve(ck.save(tmp_path / "base")))
+    dead = fingerprint_artifact(resolve(edited.save(tmp_path / "dead")))
+    assert base.blocks is not None and dead.blocks is not None
+    assert score(dead.blocks, base.blocks) < 0.3  # the hole: UD counts units that never open
+    result = lineage_test(dead, base)
+    assert result.derived and result.score is not None and result.score > 0.99

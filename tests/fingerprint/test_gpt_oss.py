@@ -182,3 +182,33 @@ def test_the_sketch_reads_every_experts_mlp_from_the_3d_tensors(threads: int, tm
     live = sketch_units(dict(model.named_parameters()), model.config.to_dict())
     for key in [k for k in units if k[0].startswith("mlp")]:
         assert np.allclose(live[key].detach().numpy().ravel(), units[key], atol=2e-3, rtol=2e-3), key
+
+
+def test_an_expert_the_router_never_picks_is_caught_by_the_sketch_not_the_blocks(tmp_path: Path) -> None:
+    """An open hole, measured (docs/lineage.md): a fifth expert whose router bias is -1e4 is never in the top k, so the
+    model computes exactly what the four-expert one does, yet the MLP evidence sums over every stored expert: the
+    block score drops. The sketch's other units still call it derived; this test keeps that so."""
+    import transformers
+
+    model = build_gpt_oss(seed=0, experts=4)
+    config = model.config.to_dict()
+    config["num_local_experts"] = 5
+    config.pop("architectures", None)
+    wider = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config)).eval()
+    generator, state = torch.Generator().manual_seed(3), {}
+    for name, value in wider.state_dict().items():
+        old = model.state_dict()[name]
+        if old.shape == value.shape:
+            state[name] = old.clone()
+            continue
+        extra = 3 * old.std() * torch.randn((1, *old.shape[1:]), generator=generator)
+        state[name] = torch.cat([old, torch.full_like(extra, -1e4) if name.endswith("router.bias") else extra])
+    wider.load_state_dict(state)
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, wider(tokens).logits)
+    base = fingerprint_artifact(resolve(save_model(model, tmp_path / "base")))
+    dead = fingerprint_artifact(resolve(save_model(wider, tmp_path / "dead")))
+    assert score(dead, base) < 0.5  # the hole: the MLP evidence counts an expert that is never used
+    result = lineage_test(dead, base)
+    assert result.derived and result.score is not None and result.score > 0.99
